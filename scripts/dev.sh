@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One entry point for the set-up contract: `scripts/dev.sh demo` and `scripts/dev.sh test`.
+# Installs what it needs (Debian servers, a virtualenv, the package) and is safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=.venv
+
+need_debs() {
+  local missing=()
+  command -v etcd >/dev/null || missing+=(etcd-server)
+  command -v etcdctl >/dev/null || missing+=(etcd-client)
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]] || missing+=(haproxy)
+  command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
+  command -v wrk >/dev/null || missing+=(wrk)
+  command -v socat >/dev/null || missing+=(socat)
+  if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+      echo "missing Debian packages: ${missing[*]} (run as root to install them)" >&2
+      return 0
+    fi
+    # Keep the packaged services from starting on their default ports during install.
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    fi
+    echo "installing Debian packages: ${missing[*]}" >&2
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+  fi
+}
+
+need_venv() {
+  if [[ ! -x $VENV/bin/python ]]; then
+    "$PY" -m venv "$VENV"
+  fi
+  local stamp=$VENV/.installed
+  if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]'
+    touch "$stamp"
+  fi
+}
+
+cmd=${1:-test}; shift || true
+case "$cmd" in
+  demo)
+    need_venv
+    exec "$VENV/bin/nodewatch" demo "$@"
+    ;;
+  test)
+    need_debs
+    need_venv
+    "$VENV/bin/ruff" check src tests bench
+    "$VENV/bin/mypy" --no-error-summary
+    set +e
+    "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+    rc=$?
+    set -e
+    # pytest's 5 means no test ran: that is a failure, not a pass.
+    [[ $rc -eq 5 ]] && { echo "no tests ran" >&2; exit 1; }
+    exit $rc
+    ;;
+  lint)
+    need_venv
+    "$VENV/bin/ruff" check src tests bench && "$VENV/bin/mypy"
+    ;;
+  *)
+    echo "usage: scripts/dev.sh demo|test|lint [args]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,3 @@
+from nodewatch.cli import main
+
+main()

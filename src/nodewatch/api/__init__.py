@@ -1,0 +1,1 @@
+"""api: the coordinator HTTP API, its schemas and the dashboard."""

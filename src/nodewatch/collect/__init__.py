@@ -1,0 +1,1 @@
+"""collect: what runs on every node: sampling, self-checks, identity and the agent HTTP API."""

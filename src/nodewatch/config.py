@@ -1,0 +1,351 @@
+"""The typed configuration model: one source for defaults, validation and the docs.
+
+A TOML file is optional; every key has a default. Validation happens once, at start-up, and a
+bad value stops the process with one line naming the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+__all__ = [
+    "ActionConfig",
+    "AgentCheckConfig",
+    "AgentConfig",
+    "AgentRuleConfig",
+    "BudgetConfig",
+    "Config",
+    "ConfigError",
+    "CoordinatorConfig",
+    "DetectionConfig",
+    "Duration",
+    "GuardConfig",
+    "NodeConfig",
+    "ReviewConfig",
+    "format_duration",
+    "load_config",
+    "parse_duration",
+]
+
+NODE_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+NODE_ID_RE = re.compile(NODE_ID_PATTERN)
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased as the one line an operator needs."""
+
+
+class Duration(float):
+    """Seconds, written in config as a string such as ``"250ms"``, ``"5s"`` or ``"1h"``."""
+
+
+def parse_duration(text: str) -> Duration:
+    """Parse ``"250ms"`` / ``"5s"`` / ``"1m"`` / ``"1h"``; a bare ``"0"`` means zero."""
+    if text.strip() == "0":
+        return Duration(0.0)
+    match = _DURATION_RE.match(text)
+    if match is None:
+        raise ValueError(f"expected a duration such as '250ms', '5s', '1m' or '1h', got {text!r}")
+    return Duration(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def format_duration(seconds: float) -> str:
+    """The inverse of :func:`parse_duration`, for docs and messages."""
+    if seconds and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    for unit, size in (("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _dec_hook(kind: type, value: Any) -> Any:
+    if kind is Duration:
+        if isinstance(value, str):
+            return parse_duration(value)
+        raise ValueError(f"expected a duration string such as '5s', got {type(value).__name__}")
+    raise NotImplementedError(f"no decoder for {kind}")
+
+
+def _enc_hook(value: Any) -> Any:
+    raise NotImplementedError(f"cannot encode {type(value).__name__}")
+
+
+Positive = Annotated[int, Meta(ge=1)]
+Fraction = Annotated[float, Meta(gt=0, le=1)]
+HostPort = Annotated[str, Meta(pattern=r"^\[?[A-Za-z0-9.:_-]*\]?:\d{1,5}$")]
+NodeId = Annotated[str, Meta(pattern=NODE_ID_PATTERN)]
+
+
+class _Table(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of every table: unknown keys are errors, every key has a default."""
+
+
+class CoordinatorConfig(_Table):
+    listen: HostPort = "127.0.0.1:7300"
+    store: str = "sqlite:///./nodewatch-data/state.db"
+    admin_token: str = ""
+    agent_token: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    dry_run: bool = False
+    max_loop_lag: Duration = Duration(1.0)
+    max_body: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    events_retained: Annotated[int, Meta(ge=100)] = 100_000
+
+
+class DetectionConfig(_Table):
+    healthy_interval: Duration = Duration(30.0)
+    unhealthy_interval: Duration = Duration(5.0)
+    timeout: Duration = Duration(3.0)
+    connect_timeout: Duration = Duration(1.0)
+    fall: Annotated[int, Meta(ge=1, le=100)] = 3
+    rise: Annotated[int, Meta(ge=1, le=100)] = 2
+    jitter: Annotated[float, Meta(ge=0, lt=1)] = 0.1
+    concurrency: Annotated[int, Meta(ge=1, le=100_000)] = 256
+    dead_after: Duration = Duration(3600.0)
+    history_ttl: Duration = Duration(3600.0)
+    startup_grace: Duration = Duration(45.0)
+    max_response: Annotated[int, Meta(ge=256, le=16 * 1024 * 1024)] = 64 * 1024
+
+    @property
+    def detection_window(self) -> float:
+        """How long a node may go unobserved before it could have been confirmed down."""
+        return self.healthy_interval + self.fall * self.unhealthy_interval
+
+
+class GuardConfig(_Table):
+    fraction: Fraction = 0.5
+    min_nodes: Positive = 4
+    indirect_probes: Annotated[int, Meta(ge=0, le=16)] = 2
+
+
+class ReviewConfig(_Table):
+    max_rejoins: Annotated[int, Meta(ge=0)] = 3
+    auto_approve: bool = False
+
+
+class BudgetConfig(_Table):
+    max_fraction: Fraction = 0.2
+    max_rate: Annotated[float, Meta(gt=0)] = 10.0
+    drain_deadline: Duration = Duration(600.0)
+
+
+class NodeConfig(_Table):
+    id: NodeId
+    address: HostPort
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+ActionKind = Literal["webhook", "exec", "haproxy", "nginx"]
+
+
+class ActionConfig(_Table):
+    type: ActionKind
+    on: list[str] = msgspec.field(default_factory=lambda: ["unhealthy", "dead", "recovered"])
+    url: str = ""
+    command: list[str] = msgspec.field(default_factory=list)
+    socket: str = ""
+    backend: str = ""
+    file: str = ""
+    reload: list[str] = msgspec.field(default_factory=list)
+    timeout: Duration = Duration(5.0)
+    retries: Annotated[int, Meta(ge=0, le=100)] = 5
+    secret: str = ""
+
+
+class AgentRuleConfig(_Table):
+    metric: str
+    above: float | None = None
+    below: float | None = None
+    # ``for`` is a Python keyword; the TOML key is ``for``.
+    for_: Duration = msgspec.field(default=Duration(30.0), name="for")
+    reason: str = ""
+
+
+class AgentCheckConfig(_Table):
+    type: Literal["http", "tcp", "command"]
+    target: str | list[str]
+    name: str = ""
+    interval: Duration = Duration(10.0)
+    timeout: Duration = Duration(2.0)
+
+
+def _default_rules() -> list[AgentRuleConfig]:
+    return [
+        AgentRuleConfig(metric="cpu_percent", above=95.0),
+        AgentRuleConfig(metric="mem_percent", above=95.0),
+    ]
+
+
+class AgentConfig(_Table):
+    node_id: str = ""
+    listen: HostPort = "0.0.0.0:7301"
+    advertise: str = ""
+    coordinator: str = ""
+    state_dir: str = "./nodewatch-agent"
+    sample_interval: Duration = Duration(5.0)
+    agent_token: str = ""
+    heartbeat_interval: Duration = Duration(0.0)
+    max_body: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    probe_timeout: Duration = Duration(3.0)
+    probe_connect_timeout: Duration = Duration(1.0)
+    rules: list[AgentRuleConfig] = msgspec.field(default_factory=_default_rules)
+    checks: list[AgentCheckConfig] = msgspec.field(default_factory=list)
+
+
+class Config(_Table):
+    coordinator: CoordinatorConfig = msgspec.field(default_factory=CoordinatorConfig)
+    detection: DetectionConfig = msgspec.field(default_factory=DetectionConfig)
+    guard: GuardConfig = msgspec.field(default_factory=GuardConfig)
+    review: ReviewConfig = msgspec.field(default_factory=ReviewConfig)
+    budget: BudgetConfig = msgspec.field(default_factory=BudgetConfig)
+    nodes: list[NodeConfig] = msgspec.field(default_factory=list)
+    actions: list[ActionConfig] = msgspec.field(default_factory=list)
+    agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
+
+
+_RULE_METRICS = {"cpu_percent", "mem_percent", "load1", "connections"}
+
+
+def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
+    """Cross-field rules that a type cannot express: (key, what is expected)."""
+    problems: list[tuple[str, str]] = []
+    det = cfg.detection
+    for key in ("healthy_interval", "unhealthy_interval", "timeout", "connect_timeout"):
+        if getattr(det, key) <= 0:
+            problems.append((f"detection.{key}", "expected a duration greater than 0"))
+    if det.connect_timeout > det.timeout:
+        problems.append(("detection.connect_timeout", "expected at most detection.timeout"))
+    if det.dead_after <= 0:
+        problems.append(("detection.dead_after", "expected a duration greater than 0"))
+    if det.history_ttl < 60:
+        problems.append(("detection.history_ttl", "expected at least 1m"))
+    agent = cfg.agent
+    if not 1.0 <= agent.sample_interval <= 15.0:
+        problems.append(("agent.sample_interval", "expected a duration between 1s and 15s"))
+    if agent.node_id and not NODE_ID_RE.match(agent.node_id):
+        problems.append(("agent.node_id", "expected 1-128 characters of [A-Za-z0-9._-]"))
+    for i, rule in enumerate(agent.rules):
+        if rule.metric not in _RULE_METRICS and not rule.metric.startswith("load."):
+            problems.append(
+                (f"agent.rules[{i}].metric",
+                 f"expected one of {sorted(_RULE_METRICS)} or load.NAME"),
+            )
+        if (rule.above is None) == (rule.below is None):
+            problems.append((f"agent.rules[{i}]", "expected exactly one of 'above' or 'below'"))
+    for i, check in enumerate(agent.checks):
+        if check.interval <= 0 or check.timeout <= 0:
+            problems.append((f"agent.checks[{i}]", "expected interval and timeout greater than 0"))
+        if check.type == "command" and not isinstance(check.target, list):
+            problems.append((f"agent.checks[{i}].target", "expected an argv list for a command"))
+        if check.type != "command" and not isinstance(check.target, str):
+            problems.append((f"agent.checks[{i}].target", "expected a string URL or HOST:PORT"))
+    seen: set[str] = set()
+    for i, node in enumerate(cfg.nodes):
+        if node.id in seen:
+            problems.append((f"nodes[{i}].id", f"expected a unique id, {node.id!r} repeats"))
+        seen.add(node.id)
+    for i, action in enumerate(cfg.actions):
+        need = {"webhook": "url", "exec": "command", "haproxy": "socket", "nginx": "file"}
+        if not getattr(action, need[action.type]):
+            problems.append((f"actions[{i}].{need[action.type]}", f"required for {action.type}"))
+        if action.type == "haproxy" and not action.backend:
+            problems.append((f"actions[{i}].backend", "required for haproxy"))
+    return problems
+
+
+def _key_from_path(message: str) -> tuple[str, str]:
+    """Turn msgspec's "... - at `$.a.b[0]`" into ("a.b[0]", "...")."""
+    text, sep, where = message.rpartition(" - at `")
+    if not sep:
+        return "", message
+    key = where.rstrip("`").removeprefix("$").removeprefix(".")
+    return key, text
+
+
+def _literal_choices(key: str) -> list[str]:
+    """The allowed values of a Literal-typed key, for a message that says what is expected."""
+    kind: Any = Config
+    for part in re.sub(r"\[\d+\]", "", key).split("."):
+        hints = typing.get_type_hints(kind, include_extras=True) if isinstance(kind, type) else {}
+        kind = hints.get(part)
+        while typing.get_origin(kind) in (list, Annotated):
+            kind = typing.get_args(kind)[0]
+    if typing.get_origin(kind) is Literal:
+        return [str(arg) for arg in typing.get_args(kind)]
+    return []
+
+
+def _from_mapping(raw: dict[str, Any], source: str) -> Config:
+    try:
+        cfg = msgspec.convert(raw, Config, dec_hook=_dec_hook, str_keys=True)
+    except msgspec.ValidationError as exc:
+        key, what = _key_from_path(str(exc))
+        what = what[:1].lower() + what[1:]
+        unknown = re.match(r"object contains unknown field `(.+)`", what)
+        if unknown:
+            key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+            what = "unknown key"
+        if what.startswith("invalid enum value"):
+            choices = _literal_choices(key)
+            if choices:
+                what += f"; expected one of {', '.join(choices)}"
+        raise ConfigError(f"{source}: {key or '(top level)'}: {what}") from None
+    problems = _check_semantics(cfg)
+    if problems:
+        key, what = problems[0]
+        raise ConfigError(f"{source}: {key}: {what}")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load the TOML file (if any), apply command-line overrides, validate everything once.
+
+    ``overrides`` maps dotted keys (``"agent.listen"``) to raw values as a user would write them
+    in the file, so flags and file go through the same checks.
+    """
+    raw: dict[str, Any] = {}
+    source = str(path) if path else "command line"
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        table = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            table = table.setdefault(part, {})
+        table[leaf] = value
+    return _from_mapping(raw, source)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """A plain, JSON-ready view (durations as seconds); secrets are masked."""
+    data: dict[str, Any] = msgspec.to_builtins(cfg, enc_hook=_enc_hook)
+    for table, key in (("coordinator", "admin_token"), ("coordinator", "agent_token"),
+                       ("agent", "agent_token")):
+        if data[table].get(key):
+            data[table][key] = "***"
+    for action in data["actions"]:
+        if action.get("secret"):
+            action["secret"] = "***"
+    return data

@@ -1,0 +1,1 @@
+"""detect: the pure node state machine and policies, the check scheduler, the poller."""

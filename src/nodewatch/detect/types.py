@@ -1,0 +1,239 @@
+"""Domain types shared by the detection core, the stores, the poller and the API.
+
+Plain slotted dataclasses and enums: the core never sees raw dicts or HTTP objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+
+class Health(StrEnum):
+    """The coordinator's observation of a node."""
+
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    SUSPECT = "suspect"
+    UNHEALTHY = "unhealthy"
+    DEAD = "dead"
+
+
+class NodeStatus(StrEnum):
+    """What the node says about itself."""
+
+    OK = "ok"
+    DEGRADED = "degraded"
+    DRAINING = "draining"
+
+
+class Admin(StrEnum):
+    """What the operator wants."""
+
+    ACTIVE = "active"
+    DRAINED = "drained"
+    REVIEW = "review"
+
+
+class FailureClass(StrEnum):
+    """Why a check failed; carried in every failure event's evidence."""
+
+    TIMEOUT = "timeout"
+    REFUSED = "refused"
+    HTTP_STATUS = "http_status"
+    BAD_BODY = "bad_body"
+    LEASE_EXPIRED = "lease_expired"
+    ERROR = "error"
+
+
+CheckSource = Literal["poll", "push", "lease"]
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A node's self-report, from a polled ``/health`` body or a pushed heartbeat."""
+
+    incarnation: int
+    seq: int
+    ts: float
+    status: NodeStatus = NodeStatus.OK
+    reasons: tuple[str, ...] = ()
+    system: dict[str, float] = field(default_factory=dict)
+    load: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """One observation of one node: a poll, a pushed heartbeat, or a lease expiry."""
+
+    node_id: str
+    ok: bool
+    at: float
+    latency: float = 0.0
+    failure: FailureClass | None = None
+    detail: str = ""
+    report: Report | None = None
+    source: CheckSource = "poll"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerVote:
+    """What one peer agent saw when asked to probe a suspect node (``GET /probe``)."""
+
+    peer_id: str
+    reachable: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A validated ``POST /v1/register`` body."""
+
+    node_id: str
+    address: str
+    incarnation: int
+    last_seq: int
+    last_ts: float
+    version: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+RegisterDecision = Literal["new", "rejoin", "review"]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A transition or notable happening; ids are opaque strings that sort in order."""
+
+    id: str
+    ts: float
+    node_id: str
+    kind: str
+    from_: str = ""
+    to: str = ""
+    reason: str = ""
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "ts": self.ts,
+            "node_id": self.node_id,
+            "kind": self.kind,
+            "from": self.from_,
+            "to": self.to,
+            "reason": self.reason,
+            "evidence": self.evidence,
+        }
+
+
+def event_id(number: int) -> str:
+    """Opaque, sortable event id: zero-padded so string order is numeric order."""
+    return f"{number:016d}"
+
+
+def event_number(eid: str) -> int:
+    return int(eid)
+
+
+@dataclass(slots=True)
+class DrainState:
+    """An ongoing soft offline: what it waits for and when it gives up waiting."""
+
+    reason: str
+    started: float
+    deadline: float
+    by: Literal["operator", "node"] = "operator"
+    complete: bool = False
+
+
+@dataclass(slots=True)
+class NodeState:
+    """Everything the coordinator knows about one node; the unit the stores persist."""
+
+    node_id: str
+    address: str
+    labels: dict[str, str] = field(default_factory=dict)
+    health: Health = Health.UNKNOWN
+    node_status: NodeStatus = NodeStatus.OK
+    admin: Admin = Admin.ACTIVE
+    incarnation: int = 0
+    seq: int = 0
+    last_ts: float = 0.0  # the node's own clock, from its last report
+    last_seen: float = 0.0  # coordinator clock of the last successful observation
+    since: float = 0.0  # coordinator clock of the last health change
+    consecutive_failures: int = 0
+    consecutive_successes: int = 0
+    system: dict[str, float] = field(default_factory=dict)
+    load: dict[str, float] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+    health_reason: str = ""
+    version: str = ""
+    registered_at: float = 0.0
+    rejoins: list[float] = field(default_factory=list)
+    drain: DrainState | None = None
+    cleaned_up: bool = False  # cleanup actions ran for the current outage
+    revision: int = 0  # store revision, for compare-and-swap; not part of the node's story
+
+    @property
+    def schedulable(self) -> bool:
+        return (
+            self.health is Health.HEALTHY
+            and self.node_status is NodeStatus.OK
+            and self.admin is Admin.ACTIVE
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The public shape of ``GET /v1/nodes`` entries."""
+        return {
+            "node_id": self.node_id,
+            "address": self.address,
+            "health": self.health.value,
+            "node_status": self.node_status.value,
+            "admin": self.admin.value,
+            "schedulable": self.schedulable,
+            "incarnation": self.incarnation,
+            "seq": self.seq,
+            "last_seen": self.last_seen,
+            "since": self.since,
+            "consecutive_failures": self.consecutive_failures,
+            "system": self.system,
+            "load": self.load,
+            "labels": self.labels,
+            "reasons": list(self.reasons) + ([self.health_reason] if self.health_reason else []),
+            "version": self.version,
+            "drain": None
+            if self.drain is None
+            else {
+                "reason": self.drain.reason,
+                "started": self.drain.started,
+                "deadline": self.drain.deadline,
+                "by": self.drain.by,
+                "complete": self.drain.complete,
+                "waiting_for": None
+                if self.drain.complete
+                else {"pending_tasks": self.load.get("pending_tasks")},
+            },
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class HistorySample:
+    """One point of a node's last hour."""
+
+    node_id: str
+    ts: float
+    seq: int
+    health: str
+    system: dict[str, float]
+    load: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ts": self.ts,
+            "seq": self.seq,
+            "health": self.health,
+            "system": self.system,
+            "load": self.load,
+        }

@@ -1,0 +1,1 @@
+"""respond: actions on events (webhook, exec, haproxy, nginx), drains, recovery."""

@@ -1,0 +1,1 @@
+"""store: one Store protocol with SQLite (default), etcd and Redis backends."""

@@ -1,0 +1,77 @@
+"""Small aiohttp helpers shared by the agent and the coordinator: JSON errors, capped bodies,
+bearer tokens compared in constant time."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+JSON = "application/json"
+_encoder = msgspec.json.Encoder()
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_encoder.encode(data), status=status, content_type=JSON)
+
+
+class HTTPProblem(Exception):
+    """A client error with the message the caller should read; becomes ``{"error": ...}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return json_response({"error": message}, status=status)
+
+
+async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, Any]:
+    """Read and parse a JSON object body, refusing anything over ``max_bytes`` with 413."""
+    length = request.content_length
+    if length is not None and length > max_bytes:
+        raise HTTPProblem(413, f"request body is {length} bytes; the limit is {max_bytes}")
+    body = await request.content.read(max_bytes + 1)
+    if len(body) > max_bytes:
+        raise HTTPProblem(413, f"request body exceeds the limit of {max_bytes} bytes")
+    if not body.strip():
+        raise HTTPProblem(400, "request body is empty; expected a JSON object")
+    try:
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise HTTPProblem(400, f"malformed JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise HTTPProblem(400, f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def token_ok(request: web.Request, expected: str) -> bool:
+    """True when no token is configured, or the bearer token matches (constant time)."""
+    if not expected:
+        return True
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.strip().encode(), expected.encode())
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Turn HTTPProblem and aiohttp's own HTTP errors into ``{"error": ...}`` JSON."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except HTTPProblem as exc:
+        return error_response(exc.status, exc.message)
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.content_type != JSON:
+            reason = exc.reason or "error"
+            if exc.status == 413:
+                reason = "request body too large"
+            return error_response(exc.status, reason)
+        raise

@@ -1,0 +1,68 @@
+"""Helpers for tests that run real processes: free ports, waiting on conditions, binaries."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
+
+
+def require_binary(name: str) -> str:
+    """Path of a server binary; a missing one skips on a laptop and fails under CI."""
+    found = shutil.which(name) or next(
+        (str(Path(d) / name) for d in SBIN if (Path(d) / name).exists()), None
+    )
+    if found is None:
+        message = f"{name} is not installed (scripts/dev.sh test installs it)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
+               message: str = "condition") -> object:
+    """Poll a condition until it is truthy; fail with ``message`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+async def async_wait_until(condition: Callable[[], Awaitable[object]], within: float = 10.0,
+                           interval: float = 0.02, message: str = "condition") -> object:
+    deadline = time.monotonic() + within
+    while True:
+        value = await condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {message}")
+        await asyncio.sleep(interval)
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nodewatch.config import ConfigError, format_duration, load_config, parse_duration
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "nodewatch.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_need_no_file() -> None:
+    cfg = load_config()
+    assert cfg.detection.healthy_interval == 30.0
+    assert cfg.detection.unhealthy_interval == 5.0
+    assert cfg.detection.fall == 3 and cfg.detection.rise == 2
+    assert cfg.guard.fraction == 0.5 and cfg.guard.min_nodes == 4
+    assert cfg.agent.sample_interval == 5.0
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("250ms", 0.25), ("5s", 5.0), ("1m", 60.0), ("1h", 3600.0), ("0", 0.0)]
+)
+def test_durations_parse(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_duration_round_trips_through_format() -> None:
+    for seconds in (0.25, 5.0, 60.0, 3600.0, 90.0):
+        assert parse_duration(format_duration(seconds)) == seconds
+
+
+def test_file_values_and_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, '[detection]\nfall = 5\nhealthy_interval = "10s"\n')
+    cfg = load_config(path, {"detection.rise": 4})
+    assert (cfg.detection.fall, cfg.detection.rise, cfg.detection.healthy_interval) == (5, 4, 10.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "expected"),
+    [
+        ("[detection]\nfall = 0\n", "detection.fall", ">= 1"),
+        ('[detection]\nfall = "3"\n', "detection.fall", "int"),
+        ('[detection]\ntimeout = "-1s"\n', "detection.timeout", "duration"),
+        ('[detection]\ntimeout = 5\n', "detection.timeout", "duration"),
+        ("[detection]\nfalls = 3\n", "detection.falls", "unknown key"),
+        ("[nonsense]\n", "nonsense", "unknown key"),
+        ('[agent]\nsample_interval = "30s"\n', "agent.sample_interval", "between 1s and 15s"),
+        ('[[agent.rules]]\nmetric = "cpu_percent"\n', "agent.rules[0]", "above"),
+        ('[[actions]]\ntype = "webhook"\n', "actions[0].url", "required"),
+        ('[[actions]]\ntype = "pager"\nurl = "x"\n', "actions[0].type", "webhook"),
+        ('[guard]\nfraction = 1.5\n', "guard.fraction", "<= 1"),
+    ],
+)
+def test_bad_values_name_file_key_and_expectation(
+    tmp_path: Path, text: str, key: str, expected: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: {key}:"), message
+    assert expected in message
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[detection\n"))
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "absent.toml")
