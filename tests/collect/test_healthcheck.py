@@ -1,0 +1,151 @@
+"""The shared /health check: every failure class, the body cap, and a good report."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from nodewatch.detect.types import CheckResult, FailureClass, NodeStatus
+from nodewatch.healthcheck import check_health, parse_health_body
+from tests.helpers import free_port
+
+GOOD = (b'{"status":"degraded","node_id":"n1","uptime":1.0,"version":"0.1.0","incarnation":4,'
+        b'"seq":18,"ts":1764000000.5,"reasons":["cpu"],"system":{"cpu_percent":12.5},'
+        b'"load":{"qps":42}}')
+
+
+class Target:
+    """A tiny server whose /health answer each test scripts."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.body = GOOD
+        self.chunked = False
+        self.hang = asyncio.Event()
+        self.hanging = False
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        if self.hanging:
+            await self.hang.wait()
+        if self.chunked:
+            response = web.StreamResponse(status=self.status)
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for i in range(0, len(self.body), 100):
+                await response.write(self.body[i:i + 100])
+            await response.write_eof()
+            return response
+        return web.Response(body=self.body, status=self.status, content_type="application/json")
+
+
+@pytest.fixture
+async def target() -> AsyncIterator[tuple[Target, str]]:
+    state = Target()
+    app = web.Application()
+    app.router.add_get("/health", state.health)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    yield state, f"127.0.0.1:{port}"
+    state.hang.set()
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def check(session: aiohttp.ClientSession, address: str, node_id: str = "n1",
+                total: float = 2.0, max_bytes: int = 65536) -> CheckResult:
+    return await check_health(session, node_id, address, timeout=total, connect_timeout=1.0,
+                              max_bytes=max_bytes, clock=time.monotonic)
+
+
+async def test_good_body_becomes_a_report(target: tuple[Target, str],
+                                          session: aiohttp.ClientSession) -> None:
+    _, address = target
+    result = await check(session, address)
+    assert result.ok and result.failure is None and result.latency >= 0
+    assert result.report is not None
+    assert (result.report.incarnation, result.report.seq) == (4, 18)
+    assert result.report.status is NodeStatus.DEGRADED
+    assert result.report.reasons == ("cpu",)
+    assert result.report.load == {"qps": 42.0}
+
+
+async def test_non_200_is_http_status(target: tuple[Target, str],
+                                      session: aiohttp.ClientSession) -> None:
+    state, address = target
+    state.status = 503
+    result = await check(session, address)
+    assert not result.ok and result.failure is FailureClass.HTTP_STATUS
+    assert "503" in result.detail
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[1,2]", b'{"seq":1}', b'{"incarnation":-1,'
+                                  b'"seq":1,"ts":1}', b'{"incarnation":1,"seq":1,"ts":1,'
+                                  b'"status":"weird"}'])
+async def test_bad_body_is_bad_body(target: tuple[Target, str], session: aiohttp.ClientSession,
+                                    body: bytes) -> None:
+    state, address = target
+    state.body = body
+    result = await check(session, address)
+    assert not result.ok and result.failure is FailureClass.BAD_BODY and result.detail
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_body_over_the_cap_is_bad_body(target: tuple[Target, str],
+                                             session: aiohttp.ClientSession,
+                                             chunked: bool) -> None:
+    state, address = target
+    state.chunked = chunked
+    state.body = GOOD[:-1] + b', "pad":"' + b"x" * 5000 + b'"}'
+    result = await check(session, address, max_bytes=1024)
+    assert not result.ok and result.failure is FailureClass.BAD_BODY
+    assert "1024" in result.detail
+    state.body = GOOD
+    assert (await check(session, address, max_bytes=1024)).ok
+
+
+async def test_chunked_good_body_is_read_whole(target: tuple[Target, str],
+                                               session: aiohttp.ClientSession) -> None:
+    state, address = target
+    state.chunked = True
+    assert (await check(session, address)).ok
+
+
+async def test_body_naming_another_node_is_bad_body(target: tuple[Target, str],
+                                                    session: aiohttp.ClientSession) -> None:
+    _, address = target
+    result = await check(session, address, node_id="other")
+    assert not result.ok and result.failure is FailureClass.BAD_BODY
+    assert "n1" in result.detail
+
+
+async def test_closed_port_is_refused(session: aiohttp.ClientSession) -> None:
+    result = await check(session, f"127.0.0.1:{free_port()}")
+    assert not result.ok and result.failure is FailureClass.REFUSED
+
+
+async def test_slow_answer_is_timeout(target: tuple[Target, str],
+                                      session: aiohttp.ClientSession) -> None:
+    state, address = target
+    state.hanging = True
+    result = await check(session, address, total=0.2)
+    assert not result.ok and result.failure is FailureClass.TIMEOUT
+
+
+def test_parse_health_body_raises_value_error_with_a_message() -> None:
+    with pytest.raises(ValueError, match="health"):
+        parse_health_body(b'{"incarnation": "x"}')
+    report = parse_health_body(GOOD)
+    assert report.seq == 18 and report.system == {"cpu_percent": 12.5}
