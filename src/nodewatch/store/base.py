@@ -1,0 +1,103 @@
+"""The Store protocol every backend satisfies, and ``open_store(url)`` that picks one.
+
+The coordinator's event loop is the only caller; every method is async and no backend may block
+the loop. One contract suite (tests/store/test_contract.py) runs against every backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from nodewatch.detect.types import Event, HistorySample, NodeState
+
+__all__ = ["DEFAULT_SQLITE_PATH", "Store", "open_store", "sqlite_path"]
+
+DEFAULT_SQLITE_PATH = Path("nodewatch-data") / "state.db"
+
+
+class Store(Protocol):
+    """Current node state, the event log, 1 h of history per node and small coordinator meta."""
+
+    async def open(self) -> None:
+        """Connect and create what is missing; nothing else may be called before."""
+
+    async def close(self) -> None:
+        """Flush pending writes, then release connections; the store cannot be reused."""
+
+    async def flush(self) -> None:
+        """Return once every write queued before this call is durable (survives kill -9)."""
+
+    async def load_nodes(self) -> list[NodeState]:
+        """Every stored node with its current ``revision``, ordered by node_id."""
+        ...
+
+    async def get_node(self, node_id: str) -> NodeState | None: ...
+
+    async def save_nodes(self, nodes: Sequence[NodeState]) -> list[str]:
+        """Compare-and-swap each node on ``revision``; return the node_ids that lost.
+
+        A node is written only if the stored revision equals ``node.revision`` (0: must not
+        exist yet); on success ``node.revision`` is set to the new, larger store revision. A
+        write whose content equals the stored content succeeds without a change (replay-safe)
+        and takes the stored revision. Losers are left untouched: re-read and retry.
+        """
+        ...
+
+    async def delete_node(self, node_id: str) -> bool:
+        """Remove a node whatever its revision; True if it existed. History ages out by TTL."""
+        ...
+
+    async def append_events(self, events: Sequence[Event]) -> None:
+        """Store events (an id already stored is ignored) and drop the oldest over retention."""
+
+    async def events_after(self, after: str | None, limit: int = 1000) -> list[Event]:
+        """Events with id > ``after`` in id order; ``None`` starts at the oldest retained."""
+        ...
+
+    async def last_event_id(self) -> str | None: ...
+
+    async def add_samples(self, samples: Sequence[HistorySample]) -> None:
+        """Append history; a sample already stored (same node_id, ts, seq) is ignored."""
+
+    async def history(self, node_id: str, since: float) -> list[HistorySample]:
+        """One node's samples with ``ts >= since``, ordered by ts."""
+        ...
+
+    async def prune(self, now: float, history_ttl: float) -> int:
+        """Delete samples older than ``now - history_ttl`` in short steps; rows deleted."""
+        ...
+
+    async def get_meta(self, key: str) -> str | None: ...
+
+    async def put_meta(self, key: str, value: str) -> None: ...
+
+
+def sqlite_path(url: str) -> Path:
+    """``sqlite:///rel/state.db`` is relative, ``sqlite:////abs/state.db`` absolute (as in
+    SQLAlchemy, so the config default ``sqlite:///./nodewatch-data/state.db`` reads naturally);
+    ``sqlite://`` alone means the default path."""
+    rest = url.removeprefix("sqlite://")
+    if rest in ("", "/"):
+        return DEFAULT_SQLITE_PATH
+    if not rest.startswith("/"):
+        raise ValueError(f"expected sqlite:///path/to/state.db, got {url!r}")
+    path = rest[1:]
+    if path in (":memory:", ""):
+        raise ValueError(f"the sqlite store needs a file path, got {url!r}")
+    return Path(path)
+
+
+def open_store(url: str, *, events_retained: int = 100_000) -> Store:
+    """Build the (not yet opened) store a ``--store`` URL names; ``await store.open()`` next."""
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme == "sqlite":
+        from nodewatch.store.sqlite import SqliteStore
+
+        return SqliteStore(sqlite_path(url), events_retained=events_retained)
+    if scheme == "etcd":
+        raise ValueError("etcd store not available yet")
+    if scheme == "redis":
+        raise ValueError("redis store not available yet")
+    raise ValueError(f"unknown store URL {url!r}: expected sqlite:///path, etcd://… or redis://…")

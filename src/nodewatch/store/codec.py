@@ -1,0 +1,122 @@
+"""NodeState / Event / HistorySample <-> compact JSON bytes, shared by every store backend.
+
+Records are msgspec Structs mirroring the domain dataclasses with defaults omitted, so a stored
+node is about a third smaller than its full JSON and decoding ignores fields it does not know
+(an older coordinator can read a newer one's records). ``NodeState.revision`` is never encoded:
+it belongs to the store (a column, an etcd mod_revision), not to the node's story.
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter
+from typing import Any
+
+import msgspec
+
+from nodewatch.detect.types import (
+    Admin,
+    DrainState,
+    Event,
+    Health,
+    HistorySample,
+    NodeState,
+    NodeStatus,
+)
+
+__all__ = [
+    "decode_event",
+    "decode_node",
+    "decode_sample",
+    "encode_event",
+    "encode_node",
+    "encode_sample",
+]
+
+
+class NodeRecord(msgspec.Struct, omit_defaults=True):
+    """Stored shape of a NodeState; field order and defaults follow the dataclass."""
+
+    node_id: str
+    address: str
+    labels: dict[str, str] = {}
+    health: Health = Health.UNKNOWN
+    node_status: NodeStatus = NodeStatus.OK
+    admin: Admin = Admin.ACTIVE
+    incarnation: int = 0
+    seq: int = 0
+    last_ts: float = 0.0
+    last_seen: float = 0.0
+    since: float = 0.0
+    consecutive_failures: int = 0
+    consecutive_successes: int = 0
+    system: dict[str, float] = {}
+    load: dict[str, float] = {}
+    reasons: list[str] = []
+    health_reason: str = ""
+    version: str = ""
+    registered_at: float = 0.0
+    rejoins: list[float] = []
+    drain: DrainState | None = None
+    cleaned_up: bool = False
+
+
+class EventRecord(msgspec.Struct, omit_defaults=True, rename={"from_": "from"}):
+    """Stored shape of an Event (``from`` on the wire, as in the API)."""
+
+    id: str
+    ts: float
+    node_id: str
+    kind: str
+    from_: str = ""
+    to: str = ""
+    reason: str = ""
+    evidence: dict[str, Any] = {}
+
+
+class SampleRecord(msgspec.Struct):
+    """Stored shape of a HistorySample."""
+
+    node_id: str
+    ts: float
+    seq: int
+    health: str
+    system: dict[str, float]
+    load: dict[str, float]
+
+
+# attrgetter built from the record's own fields keeps the positional order right by construction.
+_node_fields = attrgetter(*NodeRecord.__struct_fields__)
+_event_fields = attrgetter(*EventRecord.__struct_fields__)
+_sample_fields = attrgetter(*SampleRecord.__struct_fields__)
+
+_encoder = msgspec.json.Encoder()
+_node_decoder = msgspec.json.Decoder(NodeState)
+_event_decoder = msgspec.json.Decoder(EventRecord)
+_sample_decoder = msgspec.json.Decoder(HistorySample)
+
+
+def encode_node(node: NodeState) -> bytes:
+    """The node's content without its store revision; equal content gives equal bytes."""
+    return _encoder.encode(NodeRecord(*_node_fields(node)))
+
+
+def decode_node(data: bytes, revision: int = 0) -> NodeState:
+    node = _node_decoder.decode(data)
+    node.revision = revision
+    return node
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(EventRecord(*_event_fields(event)))
+
+
+def decode_event(data: bytes) -> Event:
+    return Event(*_event_fields(_event_decoder.decode(data)))
+
+
+def encode_sample(sample: HistorySample) -> bytes:
+    return _encoder.encode(SampleRecord(*_sample_fields(sample)))
+
+
+def decode_sample(data: bytes) -> HistorySample:
+    return _sample_decoder.decode(data)

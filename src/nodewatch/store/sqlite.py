@@ -1,0 +1,459 @@
+"""The embedded default store: one SQLite file in WAL mode, written by one group-committing thread.
+
+Writes are queued to a dedicated writer thread that drains the queue and commits everything it
+found in one transaction (group commit), so many small awaits cost one fsync-free WAL commit and
+the event loop never waits on SQLite. Reads use a second connection on their own thread; WAL
+lets them run while the writer commits. With ``synchronous=NORMAL`` a committed transaction
+survives a crash of the process (kill -9); only an OS crash or power loss may lose the last few.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from nodewatch.detect.types import Event, HistorySample, NodeState
+from nodewatch.store.codec import (
+    decode_event,
+    decode_node,
+    decode_sample,
+    encode_event,
+    encode_node,
+    encode_sample,
+)
+
+__all__ = ["SqliteStore"]
+
+T = TypeVar("T")
+WriteFn = Callable[[sqlite3.Connection], Any]
+Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY, revision INTEGER NOT NULL, body BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (id TEXT PRIMARY KEY, body BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS history (
+    node_id TEXT NOT NULL, ts REAL NOT NULL, seq INTEGER NOT NULL, body BLOB NOT NULL,
+    PRIMARY KEY (node_id, ts, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS store_info (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+"""
+# history is clustered by (node_id, ts): one node's hour is one contiguous range, so reading
+# it touches a few pages, and pruning deletes per-node ranges without a second index on ts.
+
+_MAX_BATCH: Final = 512  # queued operations per transaction; bounds one commit's duration
+_STOP: Final = object()
+
+
+class _Write:
+    """One queued write: the function the writer thread runs and the future it resolves."""
+
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: WriteFn, future: asyncio.Future[Any]) -> None:
+        self.fn = fn
+        self.future = future
+
+
+def _resolve(outcomes: list[Outcome]) -> None:
+    for future, result, error in outcomes:
+        if future.cancelled():
+            continue
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+
+def _connect(path: Path, *, cache_mb: int) -> sqlite3.Connection:
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves (one transaction per group).
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(f"PRAGMA cache_size=-{cache_mb * 1024}")
+    conn.execute("PRAGMA temp_store=MEMORY")
+    return conn
+
+
+class SqliteStore:
+    """The :class:`~nodewatch.store.base.Store` on one SQLite file (default backend)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        events_retained: int = 100_000,
+        prune_chunk: int = 5_000,
+        cache_mb: int = 64,
+    ) -> None:
+        if events_retained < 1 or prune_chunk < 1:
+            raise ValueError("events_retained and prune_chunk must be at least 1")
+        self.path = Path(path)
+        self.events_retained = events_retained
+        self.prune_chunk = prune_chunk
+        self.cache_mb = cache_mb
+        self._queue: queue.SimpleQueue[_Write | object] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._writer_ready: asyncio.Future[None] | None = None
+        self._writer_done: asyncio.Future[None] | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._read_conn: sqlite3.Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Owned by the writer thread only:
+        self._revision = 0  # last store revision handed out; monotonic across deletes
+        self._event_count = 0
+        self._closed = False
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._loop is not None:
+            raise RuntimeError("store already opened")
+        self._loop = loop = asyncio.get_running_loop()
+        self._writer_ready = loop.create_future()
+        self._writer_done = loop.create_future()
+        self._writer = threading.Thread(
+            target=self._writer_main, name=f"nodewatch-store-writer:{self.path.name}", daemon=True
+        )
+        self._writer.start()
+        await self._writer_ready  # schema exists before the reader opens
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="nodewatch-store-reader")
+        self._read_conn = await loop.run_in_executor(self._reader, self._open_reader)
+
+    def _open_reader(self) -> sqlite3.Connection:
+        conn = _connect(self.path, cache_mb=self.cache_mb)
+        conn.execute("PRAGMA query_only=ON")
+        return conn
+
+    async def close(self) -> None:
+        if self._loop is None or self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)  # FIFO: everything queued before is committed first
+        assert self._writer_done is not None
+        await self._writer_done
+        if self._reader is not None:
+            conn = self._read_conn
+            if conn is not None:
+                await self._loop.run_in_executor(self._reader, conn.close)
+            self._reader.shutdown(wait=False)
+
+    async def __aenter__(self) -> SqliteStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- the writer thread ------------------------------------------------------------------
+
+    def _writer_main(self) -> None:
+        loop = self._loop
+        assert loop is not None and self._writer_ready is not None and self._writer_done is not None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = _connect(self.path, cache_mb=self.cache_mb)
+            conn.executescript(_SCHEMA)
+            self._revision = max(
+                conn.execute("SELECT coalesce(max(revision), 0) FROM nodes").fetchone()[0],
+                conn.execute(
+                    "SELECT coalesce(max(value), 0) FROM store_info WHERE key = 'revision'"
+                ).fetchone()[0],
+            )
+            self._event_count = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+        except BaseException as error:  # noqa: BLE001 - reported to open()'s caller
+            failed: list[Outcome] = [
+                (self._writer_ready, None, error),
+                (self._writer_done, None, None),
+            ]
+            loop.call_soon_threadsafe(_resolve, failed)
+            return
+        ready: list[Outcome] = [(self._writer_ready, None, None)]
+        loop.call_soon_threadsafe(_resolve, ready)
+        try:
+            stopping = False
+            while not stopping:
+                batch: list[_Write] = []
+                item = self._queue.get()
+                while True:
+                    if item is _STOP:
+                        stopping = True
+                        break
+                    assert isinstance(item, _Write)
+                    batch.append(item)
+                    if len(batch) >= _MAX_BATCH:
+                        break
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                if batch:
+                    loop.call_soon_threadsafe(_resolve, self._commit(conn, batch))
+        finally:
+            conn.close()
+            done: list[Outcome] = [(self._writer_done, None, None)]
+            loop.call_soon_threadsafe(_resolve, done)
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Write]) -> list[Outcome]:
+        """Run a group of writes in one transaction; one failing write fails alone."""
+        outcomes: list[Outcome] = []
+        revision_before, events_before = self._revision, self._event_count
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for write in batch:
+                conn.execute("SAVEPOINT write")
+                try:
+                    result = write.fn(conn)
+                except Exception as error:  # noqa: BLE001 - handed to the awaiting caller
+                    conn.execute("ROLLBACK TO write")
+                    conn.execute("RELEASE write")
+                    outcomes.append((write.future, None, error))
+                else:
+                    conn.execute("RELEASE write")
+                    outcomes.append((write.future, result, None))
+            if self._revision != revision_before:
+                conn.execute(
+                    "INSERT OR REPLACE INTO store_info(key, value) VALUES ('revision', ?)",
+                    (self._revision,),
+                )
+            if self._event_count > self.events_retained:
+                self._trim_events(conn)
+            conn.execute("COMMIT")
+        except Exception as error:  # noqa: BLE001 - the whole group failed to commit
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            # Revisions already handed out stay burnt (only monotonicity matters).
+            self._event_count = events_before
+            return [(write.future, None, error) for write in batch]
+        return outcomes
+
+    def _trim_events(self, conn: sqlite3.Connection) -> None:
+        excess = self._event_count - self.events_retained
+        conn.execute(
+            "DELETE FROM events WHERE id <= (SELECT id FROM events ORDER BY id LIMIT 1 OFFSET ?)",
+            (excess - 1,),
+        )
+        self._event_count = self.events_retained
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._loop is None or self._closed:
+            raise RuntimeError("store is not open")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put(_Write(fn, future))
+        return await future
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._read_conn
+        if self._loop is None or conn is None or self._closed:
+            raise RuntimeError("store is not open")
+        return await self._loop.run_in_executor(self._reader, fn, conn)
+
+    async def flush(self) -> None:
+        await self._write(lambda conn: None)
+
+    # -- nodes ------------------------------------------------------------------------------
+
+    async def load_nodes(self) -> list[NodeState]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT revision, body FROM nodes ORDER BY node_id"
+            ).fetchall()
+        )
+        return [decode_node(body, revision) for revision, body in rows]
+
+    async def get_node(self, node_id: str) -> NodeState | None:
+        row = await self._read(
+            lambda conn: conn.execute(
+                "SELECT revision, body FROM nodes WHERE node_id = ?", (node_id,)
+            ).fetchone()
+        )
+        return None if row is None else decode_node(row[1], row[0])
+
+    async def save_nodes(self, nodes: Sequence[NodeState]) -> list[str]:
+        if not nodes:
+            return []
+        # Encode on the loop: the snapshot is taken now, whatever the caller changes next.
+        items = [(node.node_id, node.revision, encode_node(node)) for node in nodes]
+        revisions = await self._write(lambda conn: self._save_nodes(conn, items))
+        conflicts = []
+        for node, revision in zip(nodes, revisions, strict=True):
+            if revision is None:
+                conflicts.append(node.node_id)
+            else:
+                node.revision = revision
+        return conflicts
+
+    def _save_nodes(
+        self, conn: sqlite3.Connection, items: list[tuple[str, int, bytes]]
+    ) -> list[int | None]:
+        """Writer thread: new revision per node, or None for a lost compare-and-swap."""
+        base = self._revision
+        self._revision += len(items)
+        new = [base + i + 1 for i in range(len(items))]
+        # Fast path: every compare succeeds, checked by the total row count of two executemany.
+        conn.execute("SAVEPOINT cas")
+        updates = [
+            (body, rev, node_id, old)
+            for (node_id, old, body), rev in zip(items, new, strict=True)
+            if old > 0
+        ]
+        inserts = [
+            (node_id, rev, body)
+            for (node_id, old, body), rev in zip(items, new, strict=True)
+            if old == 0
+        ]
+        changed = 0
+        if updates:
+            changed += conn.executemany(
+                "UPDATE nodes SET body = ?, revision = ? WHERE node_id = ? AND revision = ?",
+                updates,
+            ).rowcount
+        if inserts:
+            changed += conn.executemany(
+                "INSERT OR IGNORE INTO nodes(node_id, revision, body) VALUES (?, ?, ?)", inserts
+            ).rowcount
+        if changed == len(items):
+            conn.execute("RELEASE cas")
+            return list(new)
+        conn.execute("ROLLBACK TO cas")
+        conn.execute("RELEASE cas")
+        # Slow path, one node at a time: find the losers and the replays of stored content.
+        result: list[int | None] = []
+        for (node_id, old, body), rev in zip(items, new, strict=True):
+            row = conn.execute(
+                "SELECT revision, body FROM nodes WHERE node_id = ?", (node_id,)
+            ).fetchone()
+            stored = 0 if row is None else row[0]
+            if stored == old:
+                conn.execute(
+                    "INSERT OR REPLACE INTO nodes(node_id, revision, body) VALUES (?, ?, ?)",
+                    (node_id, rev, body),
+                )
+                result.append(rev)
+            elif row is not None and row[1] == body:
+                result.append(stored)  # the same content again: nothing to change
+            else:
+                result.append(None)
+        return result
+
+    async def delete_node(self, node_id: str) -> bool:
+        def delete(conn: sqlite3.Connection) -> bool:
+            return conn.execute("DELETE FROM nodes WHERE node_id = ?", (node_id,)).rowcount > 0
+
+        return await self._write(delete)
+
+    # -- events -----------------------------------------------------------------------------
+
+    async def append_events(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        rows = [(event.id, encode_event(event)) for event in events]
+
+        def append(conn: sqlite3.Connection) -> None:
+            added = conn.executemany(
+                "INSERT OR IGNORE INTO events(id, body) VALUES (?, ?)", rows
+            ).rowcount
+            self._event_count += added
+
+        await self._write(append)
+
+    async def events_after(self, after: str | None, limit: int = 1000) -> list[Event]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT body FROM events WHERE id > ? ORDER BY id LIMIT ?", (after or "", limit)
+            ).fetchall()
+        )
+        return [decode_event(body) for (body,) in rows]
+
+    async def last_event_id(self) -> str | None:
+        row = await self._read(
+            lambda conn: conn.execute("SELECT id FROM events ORDER BY id DESC LIMIT 1").fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    # -- history ----------------------------------------------------------------------------
+
+    async def add_samples(self, samples: Sequence[HistorySample]) -> None:
+        if not samples:
+            return
+        rows = [(s.node_id, s.ts, s.seq, encode_sample(s)) for s in samples]
+
+        def add(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT OR IGNORE INTO history(node_id, ts, seq, body) VALUES (?, ?, ?, ?)", rows
+            )
+
+        await self._write(add)
+
+    async def history(self, node_id: str, since: float) -> list[HistorySample]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT body FROM history WHERE node_id = ? AND ts >= ? ORDER BY ts, seq",
+                (node_id, since),
+            ).fetchall()
+        )
+        return [decode_sample(body) for (body,) in rows]
+
+    async def prune(self, now: float, history_ttl: float) -> int:
+        """Each step is its own short transaction of at most ``prune_chunk`` rows, so queued
+        writes get in between steps and no commit grows with the backlog."""
+        cutoff = now - history_ttl
+        total = 0
+        start: str | None = ""
+        while start is not None:
+            deleted, start = await self._write(
+                partial(self._prune_step, cutoff=cutoff, start=start)
+            )
+            total += deleted
+        return total
+
+    def _prune_step(
+        self, conn: sqlite3.Connection, *, cutoff: float, start: str
+    ) -> tuple[int, str | None]:
+        """Writer thread: delete expired rows node by node from ``start`` (inclusive) until
+        ``prune_chunk`` rows are gone; return the count and where to resume (None: done)."""
+        budget = self.prune_chunk
+        deleted = 0
+        node_id: str | None = start
+        first = True
+        while node_id is not None:
+            row = conn.execute(
+                "SELECT node_id FROM history WHERE node_id >= ? ORDER BY node_id LIMIT 1"
+                if first
+                else "SELECT node_id FROM history WHERE node_id > ? ORDER BY node_id LIMIT 1",
+                (node_id,),
+            ).fetchone()
+            first = False
+            if row is None:
+                return deleted, None
+            node_id = str(row[0])
+            count = conn.execute(
+                "DELETE FROM history WHERE (node_id, ts, seq) IN (SELECT node_id, ts, seq "
+                "FROM history WHERE node_id = ? AND ts < ? ORDER BY ts LIMIT ?)",
+                (node_id, cutoff, budget - deleted),
+            ).rowcount
+            deleted += count
+            if deleted >= budget:
+                return deleted, node_id  # this node may have more: resume at it
+        return deleted, None
+
+    # -- meta -------------------------------------------------------------------------------
+
+    async def get_meta(self, key: str) -> str | None:
+        row = await self._read(
+            lambda conn: conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    async def put_meta(self, key: str, value: str) -> None:
+        def put(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+        await self._write(put)
