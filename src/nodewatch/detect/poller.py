@@ -1,0 +1,420 @@
+"""The poller: the coordinator's HTTP edge, running due health checks for the pure core.
+
+One shared keep-alive ``ClientSession``, one timer for the earliest due time (the scheduler's
+heap decides who is next, not a sleeping task per node), and a fixed pool of ``concurrency``
+worker coroutines. A worker that finishes a check takes the next due node straight from the
+heap, so under load there is no hand-off at all; idle workers wait on a future that the timer
+resolves. Nothing here decides health: results go to ``on_result``, the next interval comes
+from ``interval_for``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import aiohttp
+
+from nodewatch.config import DetectionConfig
+from nodewatch.detect.scheduler import CheckScheduler
+from nodewatch.detect.types import CheckResult, FailureClass
+from nodewatch.healthcheck import check_health
+
+__all__ = ["ClosableProbe", "HttpProbe", "Poller", "Probe"]
+
+log = logging.getLogger(__name__)
+
+_TIMER_SLACK = 0.001
+
+
+class Probe(Protocol):
+    """The seam between the poller and the network: one check of one node, never raising for a
+    network problem (it is a failed :class:`CheckResult` instead)."""
+
+    async def check(self, node_id: str, address: str) -> CheckResult: ...
+
+
+@runtime_checkable
+class ClosableProbe(Protocol):
+    """A probe that owns resources (a session, sockets) that ``Poller.stop`` releases."""
+
+    async def aclose(self) -> None: ...
+
+
+class HttpProbe:
+    """``GET http://ADDRESS/health`` on one shared ``aiohttp.ClientSession``.
+
+    The connector is sized for the poller's concurrency so that a check never queues for a
+    connection slot (that wait would eat into its connect timeout and look like a slow node).
+    Keep-alive outlives the check interval so that a healthy node costs no TCP handshake per
+    check; a connection the node closed meanwhile is retried once by aiohttp (GET is
+    idempotent), so it does not turn into a false failure. Cookies are never stored and bodies
+    are asked for uncompressed: health bodies are small, and decompression would be CPU spent on
+    every check plus a way around the size cap.
+
+    Each idle kept-alive connection holds one file descriptor: watching N nodes needs about N
+    descriptors (``ulimit -n``).
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout: float,
+        connect_timeout: float,
+        max_bytes: int,
+        concurrency: int,
+        clock: Callable[[], float] = time.time,
+        keepalive_timeout: float = 75.0,
+        dns_cache_ttl: float = 300.0,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.timeout = timeout
+        self.connect_timeout = min(connect_timeout, timeout)
+        self.max_bytes = max_bytes
+        self.concurrency = concurrency
+        self.keepalive_timeout = keepalive_timeout
+        self.dns_cache_ttl = dns_cache_ttl
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_config(cls, detection: DetectionConfig,
+                    clock: Callable[[], float] = time.time) -> HttpProbe:
+        """The probe for a ``[detection]`` table. Keep-alive covers two healthy intervals, so
+        a connection survives the longest normal gap between two checks of one node."""
+        return cls(
+            timeout=detection.timeout,
+            connect_timeout=detection.connect_timeout,
+            max_bytes=detection.max_response,
+            concurrency=detection.concurrency,
+            clock=clock,
+            keepalive_timeout=max(15.0, 2.0 * detection.healthy_interval),
+        )
+
+    @property
+    def session(self) -> aiohttp.ClientSession | None:
+        """The shared session, once opened (tests inspect its connector)."""
+        return self._session
+
+    async def open(self) -> aiohttp.ClientSession:
+        """Create the shared session (idempotent); it must be made inside the running loop."""
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self.concurrency,
+                limit_per_host=0,
+                use_dns_cache=True,
+                ttl_dns_cache=int(self.dns_cache_ttl),
+                keepalive_timeout=self.keepalive_timeout,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                headers={"Accept-Encoding": "identity", "User-Agent": "nodewatch-coordinator"},
+                trust_env=False,
+                raise_for_status=False,
+            )
+        return self._session
+
+    async def check(self, node_id: str, address: str) -> CheckResult:
+        session = self._session
+        if session is None:
+            session = await self.open()
+        return await check_health(
+            session,
+            node_id,
+            address,
+            timeout=self.timeout,
+            connect_timeout=self.connect_timeout,
+            max_bytes=self.max_bytes,
+            clock=self._clock,
+        )
+
+    async def aclose(self) -> None:
+        """Close the session and every pooled connection."""
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            await session.close()
+
+
+class _Node:
+    """The poller's view of one watched node: where to reach it and what to do after its check."""
+
+    __slots__ = ("address", "busy", "recheck")
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.busy = False  # a check is in flight
+        self.recheck = False  # check again right after the one in flight (check_now, new address)
+
+
+class Poller:
+    """Runs due checks with at most ``concurrency`` in flight and reschedules each node at
+    ``completed_at + interval_for(node_id)``.
+
+    ``on_result`` is called synchronously on the event loop, one result at a time, before the
+    node is rescheduled, so the core can change the node's interval (healthy vs unhealthy, with
+    jitter) and ``interval_for`` already sees it. A node is never checked twice at once.
+    """
+
+    def __init__(
+        self,
+        probe: Probe,
+        scheduler: CheckScheduler,
+        *,
+        concurrency: int,
+        on_result: Callable[[CheckResult], None],
+        interval_for: Callable[[str], float],
+        clock: Callable[[], float] = time.time,
+        fallback_interval: float = 5.0,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self._probe = probe
+        self._scheduler = scheduler
+        self._concurrency = concurrency
+        self._on_result = on_result
+        self._interval_for = interval_for
+        self._clock = clock
+        self._fallback_interval = fallback_interval
+        self._nodes: dict[str, _Node] = {}
+        self._idle: deque[asyncio.Future[tuple[str, float]]] = deque()
+        self._workers: list[asyncio.Task[None]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.checks_done = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.failures: Counter[FailureClass] = Counter()
+
+    # ----- the watched node set -------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._nodes
+
+    def address_of(self, node_id: str) -> str | None:
+        node = self._nodes.get(node_id)
+        return None if node is None else node.address
+
+    def add(self, node_id: str, address: str, first_due: float | None = None) -> None:
+        """Watch a node (or replace its address). Without ``first_due`` the first check lands at
+        a random point of the node's interval, so a freshly loaded set is never synchronised."""
+        if node_id in self._nodes:
+            self.update_address(node_id, address)
+            if first_due is not None:
+                self._schedule(node_id, first_due, soon=True)
+            return
+        self._nodes[node_id] = _Node(address)
+        if first_due is None:
+            interval = self._safe_interval(node_id)
+            first_due = self._clock() + self._scheduler.rng.uniform(0.0, interval)
+        self._schedule(node_id, first_due)
+
+    def remove(self, node_id: str) -> bool:
+        """Stop watching a node; a check in flight finishes but its result is dropped."""
+        node = self._nodes.pop(node_id, None)
+        self._scheduler.remove(node_id)
+        return node is not None
+
+    def update_address(self, node_id: str, address: str) -> None:
+        """Point future checks at a new address; a check in flight at the old address is
+        followed at once by one at the new address, so the core does not wait a full interval
+        to learn whether the node is reachable where it now says it is."""
+        node = self._nodes.get(node_id)
+        if node is None:
+            raise KeyError(node_id)
+        if node.address == address:
+            return
+        node.address = address
+        if node.busy:
+            node.recheck = True
+
+    def check_now(self, node_id: str) -> None:
+        """Check the node as soon as a worker is free (e.g. after a lease expired), without
+        waiting for its due time; if a check is in flight, another follows right after it."""
+        node = self._nodes.get(node_id)
+        if node is None:
+            raise KeyError(node_id)
+        if node.busy:
+            node.recheck = True
+        else:
+            self._schedule(node_id, self._clock(), soon=True)
+
+    # ----- statistics -----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for metrics and benchmarks; lateness is due time vs. actual start."""
+        lateness = self._scheduler.lateness
+        return {
+            "nodes": len(self._nodes),
+            "checks_done": self.checks_done,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "failures": {cls.value: n for cls, n in self.failures.items()},
+            "lateness_count": lateness.count,
+            "lateness_p50": lateness.percentile(50),
+            "lateness_p99": lateness.percentile(99),
+            "lateness_max": lateness.max,
+        }
+
+    # ----- life cycle -----------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return bool(self._workers)
+
+    async def start(self) -> None:
+        """Start the worker pool and the timer; idempotent."""
+        if self._workers:
+            return
+        self._loop = asyncio.get_running_loop()
+        if isinstance(self._probe, HttpProbe):
+            await self._probe.open()
+        self._workers = [
+            self._loop.create_task(self._worker(), name=f"nodewatch-poller-{i}")
+            for i in range(self._concurrency)
+        ]
+
+    async def stop(self) -> None:
+        """Cancel the workers (checks in flight are abandoned, their results dropped), cancel
+        the timer and close the probe's session. The node set and schedule are kept."""
+        workers, self._workers = self._workers, []
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for worker in workers:
+            worker.cancel()
+        if workers:
+            await asyncio.gather(*workers, return_exceptions=True)
+        while self._idle:
+            self._idle.popleft().cancel()
+        self.in_flight = 0
+        if isinstance(self._probe, ClosableProbe):
+            await self._probe.aclose()
+
+    async def __aenter__(self) -> Poller:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # ----- internals ------------------------------------------------------------------------
+
+    def _safe_interval(self, node_id: str) -> float:
+        try:
+            return float(self._interval_for(node_id))
+        except Exception:
+            log.exception("interval_for(%r) failed; using %ss", node_id, self._fallback_interval)
+            return self._fallback_interval
+
+    def _schedule(self, node_id: str, due: float, *, soon: bool = False) -> None:
+        if soon:
+            self._scheduler.schedule_soon(node_id, due)
+        else:
+            self._scheduler.schedule(node_id, due)
+        # Only idle workers wait on the timer; busy ones pull from the heap when they finish.
+        if self._idle and (self._timer is None or due < self._timer_due):
+            self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """Make sure the timer fires at the earliest due time (one timer for all nodes)."""
+        loop = self._loop
+        if loop is None or not self._workers:
+            return
+        due = self._scheduler.next_due()
+        if due is None:
+            return
+        if self._timer is not None:
+            if self._timer_due <= due:
+                return
+            self._timer.cancel()
+        self._timer_due = due
+        self._timer = loop.call_later(max(0.0, due - self._clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        """Hand every node due now to an idle worker; re-arm if idle workers are left."""
+        self._timer = None
+        idle = self._idle
+        pop_one = self._scheduler.pop_one
+        # Timers may fire a hair early (the loop's clock is not ours and libuv rounds to
+        # milliseconds); starting a check 1 ms early beats re-arming for the remainder.
+        now = self._clock() + _TIMER_SLACK
+        while idle:
+            waiter = idle[0]
+            if waiter.done():  # cancelled by stop()
+                idle.popleft()
+                continue
+            item = pop_one(now)
+            if item is None:
+                break
+            idle.popleft()
+            waiter.set_result(item)
+        if idle:
+            self._arm_timer()
+
+    async def _worker(self) -> None:
+        """Check due nodes, one at a time, until cancelled."""
+        loop = asyncio.get_running_loop()
+        scheduler = self._scheduler
+        pop_one = scheduler.pop_one
+        lateness = scheduler.lateness
+        nodes = self._nodes
+        probe_check = self._probe.check
+        clock = self._clock
+        idle = self._idle
+        while True:
+            item = pop_one(clock())
+            if item is None:
+                waiter: asyncio.Future[tuple[str, float]] = loop.create_future()
+                idle.append(waiter)
+                self._arm_timer()
+                item = await waiter
+            node_id, due = item
+            node = nodes.get(node_id)
+            if node is None:
+                continue  # removed between the pop and now
+            node.busy = True
+            self.in_flight += 1
+            if self.in_flight > self.max_in_flight:
+                self.max_in_flight = self.in_flight
+            started = clock()
+            lateness.record(started - due)
+            try:
+                result = await probe_check(node_id, node.address)
+            except asyncio.CancelledError:
+                # Stopped mid-check: the node is due again at once after a restart.
+                node.busy = False
+                self.in_flight -= 1
+                if nodes.get(node_id) is node:
+                    scheduler.schedule(node_id, clock())
+                raise
+            except Exception as exc:  # a probe bug must not lose the node or kill the worker
+                log.exception("probe failed on %s", node_id)
+                result = CheckResult(node_id, False, clock(), clock() - started,
+                                     FailureClass.ERROR, f"probe error: {exc!r}"[:300])
+            node.busy = False
+            self.in_flight -= 1
+            self.checks_done += 1
+            if nodes.get(node_id) is not node:
+                continue  # removed (or removed and re-added) while in flight: stale result
+            if not result.ok and result.failure is not None:
+                self.failures[result.failure] += 1
+            try:
+                self._on_result(result)
+            except Exception:
+                log.exception("on_result failed for %s", node_id)
+            if node.recheck:
+                node.recheck = False
+                self._schedule(node_id, clock(), soon=True)
+            else:
+                self._schedule(node_id, clock() + self._safe_interval(node_id))
