@@ -1,0 +1,159 @@
+"""SQLite specifics: WAL settings, the default path, kill -9 durability, prune that never
+stalls the event loop, and the indexes that keep one node's hour a short range read."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from nodewatch.detect.types import HistorySample, NodeState, event_id
+from nodewatch.store.base import DEFAULT_SQLITE_PATH, open_store
+from nodewatch.store.sqlite import SqliteStore
+
+
+async def test_database_runs_in_wal_mode_with_normal_sync(tmp_path: Path) -> None:
+    async with SqliteStore(tmp_path / "state.db") as store:
+        await store.flush()
+        conn = sqlite3.connect(tmp_path / "state.db")
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.close()
+        synchronous = await store._read(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+        assert synchronous == 1  # NORMAL
+
+
+async def test_default_url_creates_the_data_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = open_store("sqlite://")
+    await store.open()
+    await store.put_meta("k", "v")
+    await store.close()
+    assert (tmp_path / DEFAULT_SQLITE_PATH).is_file()
+
+
+async def test_a_failing_write_fails_alone_in_its_group(tmp_path: Path) -> None:
+    def broken(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO meta(key, value) VALUES ('half', 'done')")
+        raise RuntimeError("boom")
+
+    async with SqliteStore(tmp_path / "state.db") as store:
+        results = await asyncio.gather(
+            store.put_meta("before", "1"), store._write(broken), store.put_meta("after", "2"),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], RuntimeError)
+        assert await store.get_meta("before") == "1" and await store.get_meta("after") == "2"
+        assert await store.get_meta("half") is None  # its partial work was rolled back
+
+
+async def test_concurrent_saves_are_all_committed(tmp_path: Path) -> None:
+    async with SqliteStore(tmp_path / "state.db") as store:
+        batches = [[NodeState(f"n{b}-{i}", "h:1") for i in range(20)] for b in range(50)]
+        results = await asyncio.gather(*(store.save_nodes(batch) for batch in batches))
+        assert results == [[]] * 50
+        revisions = [n.revision for batch in batches for n in batch]
+        assert len(set(revisions)) == 1000
+        assert len(await store.load_nodes()) == 1000
+
+
+async def test_history_read_is_a_primary_key_range(tmp_path: Path) -> None:
+    async with SqliteStore(tmp_path / "state.db") as store:
+        plan = await store._read(lambda c: c.execute(
+            "EXPLAIN QUERY PLAN SELECT body FROM history WHERE node_id = ? AND ts >= ? "
+            "ORDER BY ts, seq", ("a", 0.0)).fetchall())
+    detail = " ".join(str(row[-1]) for row in plan)
+    assert "SEARCH history USING PRIMARY KEY (node_id=? AND ts>?)" in detail
+    assert "TEMP B-TREE" not in detail  # no sort: rows come out in ts order
+
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from nodewatch.detect.types import Event, HistorySample, NodeState, event_id
+    from nodewatch.store.sqlite import SqliteStore
+
+    async def main():
+        store = SqliteStore(sys.argv[1])
+        await store.open()
+        nodes = [NodeState(f"web-{i}", "10.0.0.1:7301", seq=i) for i in range(200)]
+        await store.save_nodes(nodes)
+        nodes[0].seq = 1000
+        await store.save_nodes(nodes[:1])
+        await store.append_events(
+            [Event(event_id(i), float(i), "web-1", "healthy") for i in range(1, 101)])
+        await store.add_samples([HistorySample(f"web-{i}", float(t), t, "healthy", {}, {})
+                                 for i in range(200) for t in range(10)])
+        await store.put_meta("leader", "c-1")
+        await store.flush()
+        print("acked", flush=True)
+        await asyncio.Event().wait()  # stay alive, mid-life, until killed
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(db)], stdout=subprocess.PIPE,
+                             env=env, text=True)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "acked"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+    assert child.returncode == -signal.SIGKILL
+
+    async def check() -> None:
+        async with SqliteStore(db) as store:
+            nodes = await store.load_nodes()
+            assert len(nodes) == 200
+            assert next(n for n in nodes if n.node_id == "web-0").seq == 1000
+            assert len(await store.events_after(None, limit=1000)) == 100
+            assert await store.last_event_id() == event_id(100)
+            assert len(await store.history("web-199", 0.0)) == 10
+            assert await store.get_meta("leader") == "c-1"
+
+    asyncio.run(check())
+
+
+async def test_pruning_200k_rows_never_blocks_the_loop_for_50ms(tmp_path: Path) -> None:
+    async with SqliteStore(tmp_path / "state.db") as store:
+        for part in range(20):  # 200 nodes x 1,000 old samples + 100 fresh ones each
+            await store.add_samples([
+                HistorySample(f"n{i:03d}", float(t), t, "healthy", {"cpu_percent": 1.0}, {})
+                for i in range(part * 10, part * 10 + 10) for t in range(1100)
+            ])
+        longest = 0.0
+        pruning = True
+
+        async def tick() -> None:
+            nonlocal longest
+            last = time.perf_counter()
+            while pruning:
+                await asyncio.sleep(0)
+                now = time.perf_counter()
+                longest = max(longest, now - last)
+                last = now
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0)
+        deleted = await store.prune(now=4600.0, history_ttl=3600.0)
+        pruning = False
+        await ticker
+        assert deleted == 200_000
+        assert len(await store.history("n123", 0.0)) == 100
+        print(f"longest loop block while pruning: {longest * 1000:.1f} ms")
+        assert longest < 0.050, f"event loop blocked {longest * 1000:.1f} ms while pruning"
