@@ -11,3 +11,50 @@ from nodewatch import __version__
 @click.version_option(__version__, prog_name="nodewatch")
 def main() -> None:
     """nodewatch keeps a cluster's view of its nodes true."""
+
+
+@main.command()
+@click.option("--listen", help="HOST:PORT to serve the API on [127.0.0.1:7300]")
+@click.option("--store", help="sqlite:///path, etcd://host:2379/prefix or redis://host:6379/0")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="TOML configuration file")
+@click.option("--log-level", default="info",
+              type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
+def coordinator(listen: str | None, store: str | None, config_path: str | None,
+                log_level: str) -> None:
+    """Watch nodes, keep their state, respond to failures, serve the API."""
+    import asyncio
+    import logging
+    import os
+
+    from nodewatch.api.server import serve
+    from nodewatch.config import ConfigError, load_config
+
+    overrides = {
+        "coordinator.listen": listen,
+        "coordinator.store": store,
+        "coordinator.admin_token": os.environ.get("NODEWATCH_ADMIN_TOKEN") or None,
+        "coordinator.agent_token": os.environ.get("NODEWATCH_AGENT_TOKEN") or None,
+    }
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as exc:
+        click.echo(f"nodewatch: {exc}", err=True)
+        raise SystemExit(2) from None
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        asyncio.run(serve(cfg))
+    except OSError as exc:
+        click.echo(f"nodewatch: cannot serve on {cfg.coordinator.listen}: {exc.strerror}",
+                   err=True)
+        raise SystemExit(1) from None
+    except ValueError as exc:
+        click.echo(f"nodewatch: {exc}", err=True)
+        raise SystemExit(2) from None

@@ -1,0 +1,328 @@
+"""The coordinator's HTTP API: a thin edge that validates input and asks the coordinator.
+
+Every error is ``{"error": "..."}`` with a 4xx that names the problem; a rejected request
+changes nothing. Tokens are compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from nodewatch import __version__
+from nodewatch.api.metrics import CoordinatorMetrics
+from nodewatch.api.schemas import DrainBody, HeartbeatBody, RegisterBody, convert
+from nodewatch.config import NODE_ID_RE
+from nodewatch.coordinator import Coordinator
+from nodewatch.detect.machine import Conflict, UnknownNode
+from nodewatch.detect.types import (
+    CheckResult,
+    Health,
+    NodeState,
+    NodeStatus,
+    Registration,
+    Report,
+)
+from nodewatch.web import (
+    HTTPProblem,
+    json_response,
+    problem_middleware,
+    read_json_object,
+    token_ok,
+)
+
+COORDINATOR_KEY: web.AppKey[Coordinator] = web.AppKey("coordinator", Coordinator)
+METRICS_KEY: web.AppKey[CoordinatorMetrics] = web.AppKey("metrics", CoordinatorMetrics)
+_EVENT_ID_RE = re.compile(r"^\d{1,20}$")
+MAX_WAIT = 60.0
+SSE_KEEPALIVE = 15.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _coordinator(request: web.Request) -> Coordinator:
+    return request.app[COORDINATOR_KEY]
+
+
+def _require(request: web.Request, token: str, what: str) -> None:
+    if not token_ok(request, token):
+        raise HTTPProblem(401, f"missing or wrong bearer token ({what} token required)")
+
+
+def _node_id(request: web.Request) -> str:
+    node_id = request.match_info["node_id"]
+    if not NODE_ID_RE.match(node_id):
+        raise HTTPProblem(400, "node id must be 1-128 characters of [A-Za-z0-9._-]")
+    return node_id
+
+
+def _node(coord: Coordinator, node_id: str) -> NodeState:
+    node = coord.cluster.nodes.get(node_id)
+    if node is None:
+        raise HTTPProblem(404, f"unknown node {node_id!r}")
+    return node
+
+
+def _float_param(request: web.Request, name: str, default: float, low: float,
+                 high: float) -> float:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise HTTPProblem(400, f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value) or not low <= value <= high:
+        raise HTTPProblem(400, f"{name} must be between {low:g} and {high:g}, got {raw!r}")
+    return value
+
+
+def _bool_param(request: web.Request, name: str) -> bool | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    lowered = raw.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise HTTPProblem(400, f"{name} must be true or false, got {raw!r}")
+
+
+def load_score(node: NodeState) -> float:
+    """One number to order nodes by how busy they are (lower takes work first)."""
+    cpu = node.system.get("cpu_percent", 0.0) / 100.0
+    mem = node.system.get("mem_percent", 0.0) / 100.0
+    pending = node.load.get("pending_tasks", 0.0)
+    return round(max(cpu, mem) + pending / 1000.0, 6)
+
+
+# ---------------------------------------------------------------------- agent-facing
+
+
+async def register(request: web.Request) -> web.Response:
+    coord = _coordinator(request)
+    _require(request, coord.config.coordinator.agent_token, "agent")
+    body = convert(await read_json_object(request, coord.config.coordinator.max_body),
+                   RegisterBody)
+    decision, node = coord.register(Registration(
+        node_id=body.node_id, address=body.address, incarnation=body.incarnation,
+        last_seq=body.last_seq, last_ts=body.last_ts, version=body.version,
+        labels=dict(body.labels)))
+    await coord.persist()
+    interval = coord.config.agent.heartbeat_interval
+    return json_response({
+        "decision": decision,
+        "node": node.to_json(),
+        "heartbeat_interval": interval,
+        "heartbeat_phase": coord.heartbeat_phase(node.node_id, interval),
+    })
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    coord = _coordinator(request)
+    _require(request, coord.config.coordinator.agent_token, "agent")
+    body = convert(await read_json_object(request, coord.config.coordinator.max_body),
+                   HeartbeatBody)
+    if body.node_id not in coord.cluster.nodes:
+        raise HTTPProblem(404, f"unknown node {body.node_id!r}: register first")
+    report = Report(incarnation=body.incarnation, seq=body.seq, ts=body.ts,
+                    status=NodeStatus(body.status), reasons=tuple(body.reasons),
+                    system=dict(body.system), load=dict(body.load))
+    try:
+        outcome = coord.heartbeat(CheckResult(node_id=body.node_id, ok=True, at=coord.clock(),
+                                              report=report, source="push"))
+    except UnknownNode:
+        raise HTTPProblem(404, f"unknown node {body.node_id!r}: register first") from None
+    if outcome.stale:
+        node = coord.cluster.nodes[body.node_id]
+        raise HTTPProblem(409, f"stale report: ({body.incarnation}, {body.seq}) is not newer "
+                               f"than the stored ({node.incarnation}, {node.seq})")
+    if body.final:
+        await coord.persist()
+    return web.Response(status=204)
+
+
+# ---------------------------------------------------------------------- reads
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    coord = _coordinator(request)
+    nodes: list[NodeState] = list(coord.cluster.nodes.values())
+    schedulable = _bool_param(request, "schedulable")
+    if schedulable is not None:
+        nodes = [n for n in nodes if n.schedulable is schedulable]
+    health = request.query.get("health")
+    if health is not None:
+        wanted = set(health.split(","))
+        unknown = wanted - {h.value for h in Health}
+        if unknown:
+            raise HTTPProblem(400, f"unknown health {sorted(unknown)}; expected any of "
+                                   f"{', '.join(h.value for h in Health)}")
+        nodes = [n for n in nodes if n.health.value in wanted]
+    for label in request.query.getall("label", []):
+        key, sep, value = label.partition("=")
+        if not sep or not key:
+            raise HTTPProblem(400, f"label filter must be key=value, got {label!r}")
+        nodes = [n for n in nodes if n.labels.get(key) == value]
+    sort = request.query.get("sort", "node_id")
+    if sort == "load":
+        nodes.sort(key=lambda n: (load_score(n), n.node_id))
+    elif sort == "node_id":
+        nodes.sort(key=lambda n: n.node_id)
+    else:
+        raise HTTPProblem(400, f"sort must be load or node_id, got {sort!r}")
+    items = []
+    for node in nodes:
+        item = node.to_json()
+        item["load_score"] = load_score(node)
+        items.append(item)
+    return json_response({"nodes": items})
+
+
+async def get_node(request: web.Request) -> web.Response:
+    coord = _coordinator(request)
+    node = _node(coord, _node_id(request))
+    item = node.to_json()
+    item["load_score"] = load_score(node)
+    return json_response(item)
+
+
+async def node_history(request: web.Request) -> web.Response:
+    coord = _coordinator(request)
+    node = _node(coord, _node_id(request))
+    now = coord.clock()
+    since = _float_param(request, "since", now - coord.config.detection.history_ttl, 0, 1e11)
+    await coord.persist()
+    samples = await coord.store.history(node.node_id, since)
+    return json_response({"node_id": node.node_id, "samples": [s.to_json() for s in samples]})
+
+
+def _after_param(request: web.Request) -> str | None:
+    after = request.query.get("after") or request.headers.get("Last-Event-ID") or None
+    if after is not None and not _EVENT_ID_RE.match(after):
+        raise HTTPProblem(400, f"after must be an event id as returned in last_id, got {after!r}")
+    return after.zfill(16) if after is not None else None
+
+
+async def list_events(request: web.Request) -> web.Response:
+    coord = _coordinator(request)
+    after = _after_param(request)
+    wait = _float_param(request, "wait", 0.0, 0.0, MAX_WAIT)
+    limit = int(_float_param(request, "limit", 1000, 1, 10_000))
+    events = await coord.wait_for_events(after, wait, limit)
+    last_id = events[-1].id if events else (after or coord.last_event_id())
+    return json_response({"events": [e.to_json() for e in events], "last_id": last_id})
+
+
+async def event_stream(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: every event as it happens, resumable with Last-Event-ID."""
+    coord = _coordinator(request)
+    after = _after_param(request)
+    if after is None and "after" not in request.query:
+        after = coord.last_event_id()  # a fresh stream starts at "now"
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    })
+    await response.prepare(request)
+    encoder = msgspec.json.Encoder()
+    await response.write(b": nodewatch event stream\nretry: 2000\n\n")
+    try:
+        while True:
+            events = await coord.wait_for_events(after, SSE_KEEPALIVE, 500)
+            if not events:
+                await response.write(b": keep-alive\n\n")
+                continue
+            chunk = bytearray()
+            for event in events:
+                chunk += f"id: {event.id}\nevent: {event.kind}\ndata: ".encode()
+                chunk += encoder.encode(event.to_json()) + b"\n\n"
+            await response.write(bytes(chunk))
+            after = events[-1].id
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    return response
+
+
+# ---------------------------------------------------------------------- operator commands
+
+
+def _command(name: str) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        coord = _coordinator(request)
+        _require(request, coord.config.coordinator.admin_token, "admin")
+        node_id = _node_id(request)
+        reason = ""
+        if name == "drain" and request.can_read_body:
+            raw = await request.content.read(coord.config.coordinator.max_body + 1)
+            if len(raw) > coord.config.coordinator.max_body:
+                raise HTTPProblem(413, "request body exceeds the limit of "
+                                       f"{coord.config.coordinator.max_body} bytes")
+            if raw.strip():
+                try:
+                    data = msgspec.json.decode(raw)
+                except msgspec.DecodeError as exc:
+                    raise HTTPProblem(400, f"malformed JSON: {exc}") from None
+                reason = convert(data, DrainBody).reason
+        _node(coord, node_id)
+        try:
+            outcome = coord.command(name, node_id, reason)
+        except UnknownNode:
+            raise HTTPProblem(404, f"unknown node {node_id!r}") from None
+        except Conflict as exc:
+            raise HTTPProblem(409, str(exc)) from None
+        await coord.persist()
+        if name == "remove":
+            return json_response({"removed": node_id,
+                                  "events": [e.to_json() for e in outcome.events]})
+        node = coord.cluster.nodes[node_id]
+        return json_response({"node": node.to_json(),
+                              "events": [e.to_json() for e in outcome.events]})
+
+    handler.__name__ = f"{name}_node"
+    return handler
+
+
+# ---------------------------------------------------------------------- the coordinator itself
+
+
+async def healthz(request: web.Request) -> web.Response:
+    coord = _coordinator(request)
+    body: dict[str, Any] = coord.status()
+    body["version"] = __version__
+    return json_response(body)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    text = request.app[METRICS_KEY].render()
+    return web.Response(body=text, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+def build_app(coord: Coordinator) -> web.Application:
+    """The aiohttp application; the caller owns the coordinator's start and stop."""
+    app = web.Application(middlewares=[problem_middleware],
+                          client_max_size=coord.config.coordinator.max_body)
+    app[COORDINATOR_KEY] = coord
+    app[METRICS_KEY] = CoordinatorMetrics(coord)
+    r = app.router
+    r.add_post("/v1/register", register)
+    r.add_post("/v1/heartbeat", heartbeat)
+    r.add_get("/v1/nodes", list_nodes)
+    r.add_get("/v1/nodes/{node_id}", get_node)
+    r.add_get("/v1/nodes/{node_id}/history", node_history)
+    for name in ("drain", "undrain", "approve"):
+        r.add_post(f"/v1/nodes/{{node_id}}/{name}", _command(name))
+    r.add_delete("/v1/nodes/{node_id}", _command("remove"))
+    r.add_get("/v1/events", list_events)
+    r.add_get("/v1/events/stream", event_stream)
+    r.add_get("/healthz", healthz)
+    r.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,70 @@
+"""Prometheus exposition for the coordinator, read from its state at scrape time.
+
+A custom collector rather than gauges updated on every check: the hot path stays free of
+metric bookkeeping and a scrape costs one pass over counters the coordinator keeps anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from nodewatch.coordinator import Coordinator
+
+
+class _CoordinatorCollector(Collector):
+    def __init__(self, coord: Coordinator) -> None:
+        self.coord = coord
+
+    def collect(self) -> Iterator[Metric]:
+        coord = self.coord
+        counts = coord.cluster.counts()
+        nodes = GaugeMetricFamily("nodewatch_nodes", "Watched nodes by health", labels=["health"])
+        for health, count in counts.items():
+            if health not in ("total", "schedulable"):
+                nodes.add_metric([health], count)
+        yield nodes
+        yield GaugeMetricFamily("nodewatch_nodes_schedulable", "Nodes that may take new work",
+                                value=counts["schedulable"])
+        checks = CounterMetricFamily("nodewatch_checks", "Health checks completed")
+        checks.add_metric([], coord.checks)
+        yield checks
+        failures = CounterMetricFamily("nodewatch_check_failures", "Failed checks by class",
+                                       labels=["class"])
+        for kind, count in sorted(coord.check_failures.items()):
+            failures.add_metric([kind], count)
+        yield failures
+        events = CounterMetricFamily("nodewatch_events", "Events emitted by kind",
+                                     labels=["kind"])
+        for kind, count in sorted(coord.event_counts.items()):
+            events.add_metric([kind], count)
+        yield events
+        stale = CounterMetricFamily("nodewatch_stale_reports", "Pushed reports ignored as stale")
+        stale.add_metric([], coord.stale_reports)
+        yield stale
+        yield GaugeMetricFamily("nodewatch_loop_lag_seconds", "Coordinator event-loop lag",
+                                value=coord.loop_lag)
+        yield GaugeMetricFamily("nodewatch_guard_on", "1 while the mass-failure guard holds",
+                                value=float(coord.cluster.guard_on))
+        stats = coord.poller.stats()
+        yield GaugeMetricFamily("nodewatch_checks_in_flight", "Checks running now",
+                                value=stats["in_flight"])
+        yield GaugeMetricFamily("nodewatch_check_lateness_p99_seconds",
+                                "p99 of check start time against its due time",
+                                value=stats["lateness_p99"])
+
+
+class CoordinatorMetrics:
+    def __init__(self, coord: Coordinator) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_CoordinatorCollector(coord))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

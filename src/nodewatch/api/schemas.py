@@ -1,0 +1,78 @@
+"""Request models of the coordinator API: validated once at the edge, also the OpenAPI source."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta
+
+from nodewatch.config import NODE_ID_PATTERN
+from nodewatch.web import HTTPProblem
+
+NodeId = Annotated[str, Meta(pattern=NODE_ID_PATTERN, description="[A-Za-z0-9._-]{1,128}")]
+Address = Annotated[
+    str,
+    Meta(pattern=r"^[A-Za-z0-9.\[\]:_-]{1,253}:\d{1,5}$", description="HOST:PORT of the agent"),
+]
+Counter = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+Seq = Annotated[int, Meta(ge=-1, le=2**63 - 1)]
+Timestamp = Annotated[float, Meta(ge=0, le=1e11)]
+Metric = Annotated[float, Meta(ge=-1e15, le=1e15)]
+ShortText = Annotated[str, Meta(max_length=1024)]
+Label = Annotated[str, Meta(max_length=256)]
+
+
+class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class RegisterBody(_Body):
+    node_id: NodeId
+    address: Address
+    incarnation: Counter
+    last_seq: Seq = -1
+    last_ts: Timestamp = 0.0
+    version: Annotated[str, Meta(max_length=64)] = ""
+    labels: Annotated[dict[Label, Label], Meta(max_length=64)] = msgspec.field(
+        default_factory=dict
+    )
+
+
+class HeartbeatBody(_Body):
+    node_id: NodeId
+    incarnation: Counter
+    seq: Counter
+    ts: Timestamp
+    status: Literal["ok", "degraded", "draining"] = "ok"
+    reasons: Annotated[list[ShortText], Meta(max_length=64)] = msgspec.field(default_factory=list)
+    system: Annotated[dict[Label, Metric], Meta(max_length=64)] = msgspec.field(
+        default_factory=dict
+    )
+    load: Annotated[dict[Label, Metric], Meta(max_length=256)] = msgspec.field(
+        default_factory=dict
+    )
+    final: bool = False
+
+
+class DrainBody(_Body):
+    reason: ShortText = ""
+
+
+T = TypeVar("T")
+
+
+def convert(data: object, model: type[T]) -> T:
+    """Validate a decoded JSON object into ``model``; a mismatch is a 422 naming the field."""
+    try:
+        return msgspec.convert(data, model)
+    except msgspec.ValidationError as exc:
+        text, sep, where = str(exc).rpartition(" - at `")
+        if not sep:
+            raise HTTPProblem(422, str(exc)) from None
+        field = where.rstrip("`").removeprefix("$").removeprefix(".") or "body"
+        message = text[:1].lower() + text[1:]
+        if message.startswith("object contains unknown field"):
+            raise HTTPProblem(422, f"{message.replace('object contains ', '')} in {field}"
+                              if field != "body" else message) from None
+        raise HTTPProblem(422, f"{field}: {message}") from None

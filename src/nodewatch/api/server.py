@@ -1,0 +1,74 @@
+"""Run a coordinator process: store + core + poller + HTTP API, stopped cleanly by a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+
+from aiohttp import web
+
+from nodewatch.api.app import build_app
+from nodewatch.config import Config
+from nodewatch.coordinator import ActionSink, Coordinator
+from nodewatch.store.base import open_store
+
+log = logging.getLogger("nodewatch.coordinator")
+
+
+def split_host_port(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """Server TLS from ``[coordinator] tls_cert/tls_key``; client certificates if a CA is set."""
+    cc = config.coordinator
+    if not cc.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cc.tls_cert, cc.tls_key or None)
+    if cc.tls_client_ca:
+        context.load_verify_locations(cc.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def build_actions(config: Config) -> ActionSink | None:
+    """The respond stage for the configured ``[[actions]]`` (None when there are none)."""
+    if config.actions:
+        log.warning("%d [[actions]] configured, but this build runs none yet: events only",
+                    len(config.actions))
+    return None
+
+
+async def serve(config: Config, stop: asyncio.Event | None = None,
+                ready: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives."""
+    stop = stop or asyncio.Event()
+    store = open_store(config.coordinator.store,
+                       events_retained=config.coordinator.events_retained)
+    coord = Coordinator(config, store, actions=build_actions(config))
+    await coord.start()
+    runner = web.AppRunner(build_app(coord), access_log=None, handle_signals=False)
+    await runner.setup()
+    host, port = split_host_port(config.coordinator.listen)
+    site = web.TCPSite(runner, host, port, ssl_context=tls_context(config), reuse_address=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        await site.start()
+        log.info("coordinator listening on %s (store %s)", config.coordinator.listen,
+                 config.coordinator.store.split("@")[-1])
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+    finally:
+        log.info("coordinator stopping")
+        await runner.cleanup()
+        await coord.stop()

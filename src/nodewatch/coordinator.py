@@ -1,0 +1,403 @@
+"""The coordinator service: wires the pure core to its edges (poller, store, actions, API).
+
+Everything that decides lives in ``detect.machine.Cluster``; this module only moves inputs in
+and outcomes out: results to the core, events and node state to the store, action requests to
+the respond stage, indirect probes to peer agents, new events to API waiters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import aiohttp
+
+from nodewatch.config import Config
+from nodewatch.detect.machine import ActionRequest, Cluster, Outcome, ProbeRequest
+from nodewatch.detect.policy import Policy
+from nodewatch.detect.poller import HttpProbe, Poller, Probe
+from nodewatch.detect.scheduler import CheckScheduler
+from nodewatch.detect.types import (
+    CheckResult,
+    Event,
+    Health,
+    HistorySample,
+    NodeState,
+    PeerVote,
+    RegisterDecision,
+    Registration,
+    event_number,
+)
+from nodewatch.store.base import Store
+
+log = logging.getLogger("nodewatch.coordinator")
+
+RECENT_EVENTS = 10_000
+PERSIST_INTERVAL = 0.5
+LAG_BEAT = 0.1
+
+
+class ActionSink(Protocol):
+    """The respond stage as the coordinator sees it: takes requests, never blocks."""
+
+    def submit(self, request: ActionRequest, event: Event | None) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class NoActions:
+    """Used when no ``[[actions]]`` are configured: requests are only recorded in events."""
+
+    def submit(self, request: ActionRequest, event: Event | None) -> None:
+        log.debug("no action configured for %s on %s", request.kind, request.node_id)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class Coordinator:
+    """One coordinator process's state and background tasks."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.time,
+        probe: Probe | None = None,
+        actions: ActionSink | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.policy = Policy.from_config(config)
+        self.rng = rng or random.Random()
+        self.probe: Probe = probe or HttpProbe.from_config(config.detection, clock=clock)
+        self.actions: ActionSink = actions or NoActions()
+        self.cluster = Cluster(self.policy, now=clock(), rng=self.rng)
+        self.poller = Poller(
+            self.probe,
+            CheckScheduler(clock, self.rng),
+            concurrency=config.detection.concurrency,
+            on_result=self.on_result,
+            interval_for=self.interval_for,
+            clock=clock,
+            fallback_interval=config.detection.unhealthy_interval,
+        )
+        self.started_at = clock()
+        self.recent: deque[Event] = deque(maxlen=RECENT_EVENTS)
+        self._new_events = asyncio.Event()
+        self._pending_events: list[Event] = []
+        self._pending_samples: list[HistorySample] = []
+        self._persist_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._last_beat = clock()
+        self.loop_lag = 0.0
+        self.checks = 0
+        self.check_failures: dict[str, int] = {}
+        self.event_counts: dict[str, int] = {}
+        self.stale_reports = 0
+        self._running = False
+        self._last_stored_event: str | None = None
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        """Restore everything from the store, then start watching with a grace period."""
+        await self.store.open()
+        nodes = await self.store.load_nodes()
+        last = await self.store.last_event_id()
+        now = self.clock()
+        self.cluster = Cluster(self.policy, now=now, rng=self.rng, nodes=nodes,
+                               next_event=(event_number(last) + 1) if last else 1)
+        self.cluster.take_dirty()  # freshly loaded: nothing to write back
+        self._last_stored_event = last
+        self.cluster.restart_grace(now)
+        for static in self.config.nodes:
+            self._handle(self.cluster.add_static(static.id, static.address, static.labels, now))
+        for node in self.cluster.nodes.values():
+            if node.health is not Health.DEAD and node.node_id not in self.poller:
+                self.poller.add(node.node_id, node.address)
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.config.detection.timeout * 2,
+                                          connect=self.config.detection.connect_timeout),
+            trust_env=False,
+        )
+        self._running = True
+        self._last_beat = self.clock()
+        await self.poller.start()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._lag_monitor(), name="nodewatch-lag"),
+            loop.create_task(self._ticker(), name="nodewatch-tick"),
+            loop.create_task(self._retention(), name="nodewatch-retention"),
+        ]
+        await self.persist()
+        log.info("coordinator started: %d nodes restored, grace %.1fs", len(nodes),
+                 self.policy.startup_grace)
+
+    async def stop(self) -> None:
+        """Stop watching, write what is pending, close the store. Idempotent."""
+        if not self._running:
+            return
+        self._running = False
+        await self.poller.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        await self.actions.aclose()
+        if self._session is not None:
+            await self._session.close()
+        await self.persist()
+        await self.store.close()
+
+    # ------------------------------------------------------------------ inputs
+
+    def interval_for(self, node_id: str) -> float:
+        return self.cluster.interval_for(node_id)
+
+    def _gate_on_stall(self) -> None:
+        """If the lag monitor has not run for a while, the loop itself stalled: results that
+        arrive now may be timeouts we caused, so the gate must know before they are judged."""
+        stalled = self.clock() - self._last_beat - LAG_BEAT
+        if stalled > self.policy.max_loop_lag and stalled > self.cluster.loop_lag:
+            self.cluster.set_loop_lag(stalled)
+
+    def on_result(self, result: CheckResult) -> None:
+        """A poll finished (called by the poller on the loop)."""
+        if result.node_id not in self.cluster.nodes:
+            return
+        self._gate_on_stall()
+        self.checks += 1
+        if not result.ok and result.failure is not None:
+            key = result.failure.value
+            self.check_failures[key] = self.check_failures.get(key, 0) + 1
+        self._observe(result)
+
+    def _observe(self, result: CheckResult) -> Outcome:
+        node = self.cluster.nodes[result.node_id]
+        seq_before = (node.incarnation, node.seq)
+        outcome = self.cluster.observe(result)
+        if outcome.stale:
+            self.stale_reports += 1
+            return outcome
+        if result.report is not None and (node.incarnation, node.seq) != seq_before:
+            self._pending_samples.append(HistorySample(
+                node_id=node.node_id, ts=result.at, seq=node.seq, health=node.health.value,
+                system=dict(node.system), load=dict(node.load)))
+        self._handle(outcome)
+        return outcome
+
+    def heartbeat(self, result: CheckResult) -> Outcome:
+        """A pushed heartbeat; raises UnknownNode, returns an outcome with ``stale`` set."""
+        self._gate_on_stall()
+        return self._observe(result)
+
+    def register(self, reg: Registration) -> tuple[RegisterDecision, NodeState]:
+        decision, outcome = self.cluster.register(reg, self.clock())
+        node = self.cluster.nodes[reg.node_id]
+        if node.node_id in self.poller:
+            self.poller.update_address(node.node_id, node.address)
+        else:
+            self.poller.add(node.node_id, node.address, first_due=self.clock())
+        self._handle(outcome)
+        return decision, node
+
+    def heartbeat_phase(self, node_id: str, interval: float) -> float:
+        """Where in its interval a node should push: spread by a hash, never synchronized."""
+        if interval <= 0:
+            return 0.0
+        return (zlib.crc32(node_id.encode()) / 2**32) * interval
+
+    def command(self, name: str, node_id: str, reason: str = "") -> Outcome:
+        """drain / undrain / approve / remove; raises UnknownNode or Conflict."""
+        now = self.clock()
+        if name == "drain":
+            outcome = self.cluster.drain(node_id, reason, now)
+        elif name == "undrain":
+            outcome = self.cluster.undrain(node_id, now)
+        elif name == "approve":
+            outcome = self.cluster.approve(node_id, now)
+        elif name == "remove":
+            outcome = self.cluster.remove(node_id, now)
+        else:
+            raise ValueError(f"unknown command {name!r}")
+        self._handle(outcome)
+        return outcome
+
+    # ------------------------------------------------------------------ outcomes
+
+    def _handle(self, outcome: Outcome) -> None:
+        if not outcome:
+            return
+        if outcome.events:
+            self._pending_events.extend(outcome.events)
+            self.recent.extend(outcome.events)
+            for event in outcome.events:
+                self.event_counts[event.kind] = self.event_counts.get(event.kind, 0) + 1
+                log.info("event %s %s %s->%s: %s", event.node_id or "-", event.kind,
+                         event.from_, event.to, event.reason)
+            self._new_events.set()
+            self._new_events = asyncio.Event()
+        by_id = {e.id: e for e in outcome.events}
+        for request in outcome.actions:
+            self.actions.submit(request, by_id.get(request.event_id))
+        for probe in outcome.probes:
+            asyncio.get_running_loop().create_task(self._indirect_probe(probe))
+        for node_id in outcome.check_now:
+            if node_id in self.poller:
+                self.poller.check_now(node_id)
+        for node_id in outcome.removed:
+            self.poller.remove(node_id)
+            asyncio.get_running_loop().create_task(self._delete(node_id))
+        for event in outcome.events:
+            if event.kind == "dead":
+                self.poller.remove(event.node_id)
+
+    async def _delete(self, node_id: str) -> None:
+        await self.store.delete_node(node_id)
+
+    async def _indirect_probe(self, request: ProbeRequest) -> None:
+        """Ask healthy peers to check the suspect node; unanswered peers cast no vote."""
+        session = self._session
+        if session is None:
+            return
+
+        async def ask(peer_id: str, peer_address: str) -> PeerVote | None:
+            url = f"http://{peer_address}/probe"
+            try:
+                async with session.get(url, params={"target": request.address}) as resp:
+                    if resp.status != 200:
+                        return None
+                    body = await resp.json(content_type=None)
+                return PeerVote(peer_id=peer_id, reachable=bool(body.get("reachable")),
+                                detail=str(body.get("failure") or body.get("detail") or ""))
+            except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+                return None
+
+        answers = await asyncio.gather(*(ask(p, a) for p, a in request.peers))
+        votes = [vote for vote in answers if vote is not None]
+        if not self._running:
+            return
+        self._handle(self.cluster.peer_votes(request.node_id, votes, self.clock()))
+
+    # ------------------------------------------------------------------ persistence
+
+    async def persist(self) -> None:
+        """Write changed nodes, new events and history; serialized so CAS revisions chain."""
+        async with self._persist_lock:
+            dirty = self.cluster.take_dirty()
+            nodes = [self.cluster.nodes[i] for i in sorted(dirty) if i in self.cluster.nodes]
+            events, self._pending_events = self._pending_events, []
+            samples, self._pending_samples = self._pending_samples, []
+            if nodes:
+                conflicts = await self.store.save_nodes(nodes)
+                if conflicts:
+                    log.warning("store refused stale writes for %d nodes: %s", len(conflicts),
+                                ", ".join(conflicts[:10]))
+                    await self._reload(conflicts)
+            if events:
+                await self.store.append_events(events)
+            if samples:
+                await self.store.add_samples(samples)
+            if nodes or events or samples:
+                await self.store.flush()
+
+    async def _reload(self, node_ids: Sequence[str]) -> None:
+        """After losing a compare-and-swap, take the stored revision and write ours again."""
+        for node_id in node_ids:
+            stored = await self.store.get_node(node_id)
+            node = self.cluster.nodes.get(node_id)
+            if stored is not None and node is not None:
+                node.revision = stored.revision
+                self.cluster._dirty.add(node_id)
+
+    # ------------------------------------------------------------------ background tasks
+
+    async def _lag_monitor(self) -> None:
+        """Measure event-loop lag: how late a short sleep wakes up. Feeds the self-health gate."""
+        window: deque[float] = deque(maxlen=10)
+        while True:
+            before = self.clock()
+            await asyncio.sleep(LAG_BEAT)
+            now = self.clock()
+            self._last_beat = now
+            window.append(max(0.0, now - before - LAG_BEAT))
+            self.loop_lag = max(window)
+            self.cluster.set_loop_lag(self.loop_lag)
+
+    async def _ticker(self) -> None:
+        interval = min(PERSIST_INTERVAL, self.policy.unhealthy_interval / 2)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self._handle(self.cluster.tick(self.clock()))
+                await self.persist()
+            except Exception:
+                log.exception("tick failed; retrying")
+
+    async def _retention(self) -> None:
+        ttl = self.config.detection.history_ttl
+        while True:
+            await asyncio.sleep(min(60.0, ttl / 10))
+            try:
+                removed = await self.store.prune(self.clock(), ttl)
+                if removed:
+                    log.debug("retention removed %d history samples", removed)
+            except Exception:
+                log.exception("retention failed; retrying")
+
+    # ------------------------------------------------------------------ reads
+
+    async def wait_for_events(self, after: str | None, wait: float, limit: int) -> list[Event]:
+        """Events after ``after``; if none yet, wait up to ``wait`` seconds for the next ones."""
+        deadline = self.clock() + wait
+        while True:
+            events = await self.events_after(after, limit)
+            remaining = deadline - self.clock()
+            if events or remaining <= 0:
+                return events
+            waiter = self._new_events
+            try:
+                await asyncio.wait_for(waiter.wait(), timeout=remaining)
+            except TimeoutError:
+                return []
+
+    async def events_after(self, after: str | None, limit: int) -> list[Event]:
+        recent = self.recent
+        if recent and after is not None and after >= recent[0].id:
+            out: list[Event] = []
+            for event in reversed(recent):
+                if event.id <= after:
+                    break
+                out.append(event)
+            out.reverse()
+            return out[:limit]
+        await self.persist()
+        return await self.store.events_after(after, limit)
+
+    def last_event_id(self) -> str | None:
+        return self.recent[-1].id if self.recent else self._last_stored_event
+
+    def status(self) -> dict[str, Any]:
+        counts = self.cluster.counts()
+        return {
+            "status": "ok",
+            "uptime": round(self.clock() - self.started_at, 3),
+            "loop_lag": round(self.loop_lag, 4),
+            "guard": self.cluster.guard_on,
+            "in_grace": self.clock() < self.cluster.started_at + self.policy.startup_grace,
+            "dry_run": self.policy.dry_run,
+            "nodes": counts,
+            "checks": self.checks,
+            "poller": self.poller.stats(),
+        }

@@ -1,0 +1,752 @@
+"""The pure detection core: per-node state machine plus cluster policies.
+
+No I/O and no clock of its own: every method takes ``now``. Observations (polls, heartbeats,
+lease expiries, peer votes, registrations, operator commands, ticks) go in; events, indirect
+probe requests and cleanup requests come out. The coordinator, the simulation and the tests
+drive the same code.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nodewatch.detect.policy import Policy
+from nodewatch.detect.types import (
+    Admin,
+    CheckResult,
+    DrainState,
+    Event,
+    Health,
+    NodeState,
+    NodeStatus,
+    PeerVote,
+    RegisterDecision,
+    Registration,
+    Report,
+    event_id,
+)
+
+# Health states in which a node counts as failing for the guard.
+_FAILING = frozenset({Health.SUSPECT})
+_OUT = frozenset({Health.UNHEALTHY, Health.DEAD})
+_REJOIN_MEMORY = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeRequest:
+    """Ask these healthy peers whether they can still reach a suspect node."""
+
+    node_id: str
+    address: str
+    peers: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ActionRequest:
+    """Run the actions configured for ``kind`` on this node (the respond stage's input)."""
+
+    kind: str
+    node_id: str
+    address: str
+    event_id: str
+    reason: str
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one input caused; empty for the common case of a healthy node staying healthy."""
+
+    events: list[Event] = field(default_factory=list)
+    probes: list[ProbeRequest] = field(default_factory=list)
+    actions: list[ActionRequest] = field(default_factory=list)
+    check_now: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    stale: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.events or self.probes or self.actions or self.check_now or self.removed)
+
+    def merge(self, other: Outcome) -> None:
+        self.events += other.events
+        self.probes += other.probes
+        self.actions += other.actions
+        self.check_now += other.check_now
+        self.removed += other.removed
+
+
+class UnknownNode(KeyError):
+    """The node id is not known to the coordinator."""
+
+
+class Conflict(ValueError):
+    """The command does not apply to the node's current state."""
+
+
+@dataclass(slots=True)
+class _Failure:
+    at: float
+    failure: str
+    detail: str
+    latency: float
+    source: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "class": self.failure,
+            "detail": self.detail,
+            "latency": round(self.latency, 4),
+            "source": self.source,
+        }
+
+
+class Cluster:
+    """All nodes' state machines and the cluster-wide policies (guard, gate, budget)."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        now: float,
+        rng: random.Random | None = None,
+        nodes: Iterable[NodeState] = (),
+        next_event: int = 1,
+    ) -> None:
+        self.policy = policy
+        self.rng = rng or random.Random()
+        self.nodes: dict[str, NodeState] = {n.node_id: n for n in nodes}
+        self._next_event = next_event
+        self.started_at = now
+        self.loop_lag = 0.0
+        self.guard_on = False
+        self._failures: dict[str, deque[_Failure]] = {}
+        self._suspect_since: dict[str, float] = {}
+        self._probing: set[str] = set()
+        self._held_cleanup: dict[str, str] = {}  # node_id -> event id of the unhealthy event
+        self._cleanup_times: deque[float] = deque()
+        self._went_suspect: deque[float] = deque()  # times of entries into suspect, for the guard
+        self._dirty: set[str] = set(self.nodes)
+        # Indexes kept in step with health so that no per-observation path scans all nodes.
+        self._unhealthy: set[str] = set()
+        self._draining: set[str] = set()
+        self._dead_count = 0
+        self._out_count = 0
+        self._id_list: list[str] | None = None
+        for node in self.nodes.values():
+            if node.health is Health.SUSPECT:
+                self._suspect_since[node.node_id] = now
+            elif node.health is Health.UNHEALTHY:
+                self._unhealthy.add(node.node_id)
+                if not node.cleaned_up:
+                    self._held_cleanup[node.node_id] = ""
+            elif node.health is Health.DEAD:
+                self._dead_count += 1
+            if node.drain is not None and not node.drain.complete:
+                self._draining.add(node.node_id)
+            self._out_count += node.cleaned_up
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def take_dirty(self) -> set[str]:
+        """Node ids changed since the last call: what the coordinator must persist."""
+        dirty, self._dirty = self._dirty, set()
+        return dirty
+
+    @property
+    def next_event_number(self) -> int:
+        return self._next_event
+
+    def _emit(
+        self,
+        out: Outcome,
+        now: float,
+        node_id: str,
+        kind: str,
+        from_: str = "",
+        to: str = "",
+        reason: str = "",
+        evidence: dict[str, Any] | None = None,
+    ) -> Event:
+        event = Event(
+            id=event_id(self._next_event),
+            ts=now,
+            node_id=node_id,
+            kind=kind,
+            from_=from_,
+            to=to,
+            reason=reason,
+            evidence=evidence or {},
+        )
+        self._next_event += 1
+        out.events.append(event)
+        return event
+
+    def _set_health(
+        self,
+        out: Outcome,
+        node: NodeState,
+        health: Health,
+        now: float,
+        reason: str,
+        evidence: dict[str, Any],
+        kind: str | None = None,
+    ) -> Event:
+        before = node.health
+        self._index_health(node, health)
+        node.since = now
+        node.health_reason = reason if health is not Health.HEALTHY else ""
+        if health is Health.SUSPECT:
+            self._suspect_since[node.node_id] = now
+            self._went_suspect.append(now)
+        else:
+            self._suspect_since.pop(node.node_id, None)
+            self._probing.discard(node.node_id)
+        return self._emit(
+            out, now, node.node_id, kind or health.value, before.value, health.value, reason,
+            evidence,
+        )
+
+    def _index_health(self, node: NodeState, health: Health) -> None:
+        before = node.health
+        node.health = health
+        if before is Health.UNHEALTHY:
+            self._unhealthy.discard(node.node_id)
+        elif before is Health.DEAD:
+            self._dead_count -= 1
+        if health is Health.UNHEALTHY:
+            self._unhealthy.add(node.node_id)
+        elif health is Health.DEAD:
+            self._dead_count += 1
+
+    def _set_cleaned_up(self, node: NodeState, value: bool) -> None:
+        if node.cleaned_up != value:
+            self._out_count += 1 if value else -1
+            node.cleaned_up = value
+
+    def _gate_reason(self, now: float) -> str:
+        """Why the coordinator must not confirm failures right now ('' when it may)."""
+        if now < self.started_at + self.policy.startup_grace:
+            left = self.started_at + self.policy.startup_grace - now
+            return f"held: startup grace ({left:.1f}s left)"
+        if self.loop_lag > self.policy.max_loop_lag:
+            return f"held: coordinator loop lag {self.loop_lag:.2f}s"
+        return ""
+
+    def interval_for(self, node_id: str) -> float:
+        """Seconds until the node's next check: slow while healthy, fast otherwise, jittered."""
+        node = self.nodes.get(node_id)
+        p = self.policy
+        healthy = node is not None and node.health is Health.HEALTHY
+        base = p.healthy_interval if healthy else p.unhealthy_interval
+        return p.jittered(base, self.rng)
+
+    # ------------------------------------------------------------------ gate
+
+    def restart_grace(self, now: float) -> None:
+        """A (re)start or a leader change: observe, but confirm nothing for ``startup_grace``."""
+        self.started_at = now
+
+    def set_loop_lag(self, lag: float) -> None:
+        self.loop_lag = lag
+
+    # ------------------------------------------------------------------ observations
+
+    def is_stale(self, node: NodeState, report: Report) -> bool:
+        return (report.incarnation, report.seq) <= (node.incarnation, node.seq)
+
+    def observe(self, result: CheckResult) -> Outcome:
+        """One poll / heartbeat / lease expiry. A stale pushed report changes nothing."""
+        node = self.nodes.get(result.node_id)
+        if node is None:
+            raise UnknownNode(result.node_id)
+        out = Outcome()
+        now = result.at
+        report = result.report
+        if result.ok and report is not None:
+            if self.is_stale(node, report):
+                if result.source == "push":
+                    out.stale = True
+                    return out
+            else:
+                self._apply_report(out, node, report, now)
+        if node.health is Health.DEAD:
+            # Dead is final until the node registers again.
+            return out
+        if result.ok:
+            self._on_success(out, node, result)
+        else:
+            self._on_failure(out, node, result)
+        self._dirty.add(node.node_id)
+        if out.events:
+            self._update_guard(out, now)
+        return out
+
+    def _apply_report(self, out: Outcome, node: NodeState, report: Report, now: float) -> None:
+        node.incarnation = report.incarnation
+        node.seq = report.seq
+        node.last_ts = report.ts
+        node.system = report.system
+        node.load = report.load
+        node.reasons = list(report.reasons)
+        if report.status is not node.node_status:
+            before = node.node_status
+            node.node_status = report.status
+            reason = "; ".join(report.reasons) or f"node reports {report.status.value}"
+            kind = "status_ok" if report.status is NodeStatus.OK else report.status.value
+            self._emit(out, now, node.node_id, kind, before.value, report.status.value, reason,
+                       {"reasons": list(report.reasons)})
+            if report.status is NodeStatus.DRAINING and node.drain is None:
+                node.drain = DrainState(reason=reason, started=now,
+                                        deadline=now + self.policy.drain_deadline, by="node")
+                self._draining.add(node.node_id)
+            elif before is NodeStatus.DRAINING and node.drain and node.drain.by == "node":
+                node.drain = None
+                self._draining.discard(node.node_id)
+        if node.drain is not None and not node.drain.complete:
+            self._check_drain(out, node, now)
+
+    def _on_success(self, out: Outcome, node: NodeState, result: CheckResult) -> None:
+        now = result.at
+        node.last_seen = now
+        node.consecutive_failures = 0
+        node.consecutive_successes += 1
+        self._failures.pop(node.node_id, None)
+        self._probing.discard(node.node_id)
+        if node.health is Health.HEALTHY:
+            return
+        if node.consecutive_successes < self.policy.rise:
+            return
+        before = node.health
+        evidence = {"successes": node.consecutive_successes, "source": result.source,
+                    "latency": round(result.latency, 4)}
+        if before in _OUT:
+            self._set_health(out, node, Health.HEALTHY, now,
+                             f"{node.consecutive_successes} consecutive good checks", evidence,
+                             kind="recovered")
+            self._held_cleanup.pop(node.node_id, None)
+            if node.cleaned_up:
+                self._set_cleaned_up(node, False)
+                self._action(out, "recovered", node, out.events[-1])
+        else:
+            self._set_health(out, node, Health.HEALTHY, now,
+                             f"{node.consecutive_successes} consecutive good checks", evidence)
+
+    def _on_failure(self, out: Outcome, node: NodeState, result: CheckResult) -> None:
+        now = result.at
+        node.consecutive_successes = 0
+        node.consecutive_failures += 1
+        failures = self._failures.get(node.node_id)
+        if failures is None:
+            failures = self._failures[node.node_id] = deque(maxlen=max(self.policy.fall, 3))
+        failures.append(_Failure(now, result.failure.value if result.failure else "error",
+                                 result.detail, result.latency, result.source))
+        if node.health in (Health.HEALTHY, Health.UNKNOWN):
+            self._set_health(out, node, Health.SUSPECT, now,
+                             f"check failed: {self._describe(failures[-1])}",
+                             {"checks": [f.to_json() for f in failures]})
+            out.check_now.append(node.node_id)
+        if node.health is Health.SUSPECT and node.consecutive_failures >= self.policy.fall:
+            self._try_confirm(out, node, now)
+
+    @staticmethod
+    def _describe(failure: _Failure) -> str:
+        return f"{failure.failure} ({failure.detail})" if failure.detail else failure.failure
+
+    def _hold(self, out: Outcome, node: NodeState, now: float, reason: str,
+              evidence: dict[str, Any]) -> None:
+        """Keep a node suspect, telling why once per change of reason rather than every check."""
+        if node.health_reason != reason:
+            node.health_reason = reason
+            self._emit(out, now, node.node_id, "suspect", Health.SUSPECT.value,
+                       Health.SUSPECT.value, reason, evidence)
+
+    def _try_confirm(self, out: Outcome, node: NodeState, now: float) -> None:
+        failures = self._failures.get(node.node_id, deque())
+        evidence: dict[str, Any] = {"checks": [f.to_json() for f in failures],
+                                    "loop_lag": round(self.loop_lag, 4)}
+        gate = self._gate_reason(now)
+        if gate:
+            self._hold(out, node, now, gate, evidence)
+            return
+        if self.guard_on:
+            self._hold(out, node, now, "held: guard (many nodes failing at once)", evidence)
+            return
+        if node.node_id in self._probing:
+            return
+        peers = self._pick_peers(node)
+        if peers:
+            self._probing.add(node.node_id)
+            out.probes.append(ProbeRequest(node.node_id, node.address, peers))
+            self._hold(out, node, now, "confirming through peers", evidence)
+            return
+        self._confirm(out, node, now, evidence)
+
+    def _pick_peers(self, node: NodeState) -> tuple[tuple[str, str], ...]:
+        want = self.policy.indirect_probes
+        if want <= 0:
+            return ()
+        if self._id_list is None or len(self._id_list) != len(self.nodes):
+            self._id_list = list(self.nodes)
+        ids = self._id_list
+        chosen: dict[str, str] = {}
+        # Random draws instead of a scan: a confirmation must not cost O(cluster size).
+        for _ in range(min(len(ids), want * 8)):
+            peer = self.nodes.get(ids[self.rng.randrange(len(ids))])
+            if (peer is not None and peer.health is Health.HEALTHY
+                    and peer.node_id != node.node_id and peer.address):
+                chosen[peer.node_id] = peer.address
+                if len(chosen) >= want:
+                    break
+        return tuple(chosen.items())
+
+    def peer_votes(self, node_id: str, votes: list[PeerVote], now: float) -> Outcome:
+        """Answers of the indirect probe; no answer at all means the peers could not help."""
+        out = Outcome()
+        node = self.nodes.get(node_id)
+        if node is None or node_id not in self._probing:
+            return out
+        self._probing.discard(node_id)
+        if node.health is not Health.SUSPECT:
+            return out
+        failures = self._failures.get(node_id, deque())
+        evidence: dict[str, Any] = {
+            "checks": [f.to_json() for f in failures],
+            "peers": [{"peer": v.peer_id, "reachable": v.reachable, "detail": v.detail}
+                      for v in votes],
+            "loop_lag": round(self.loop_lag, 4),
+        }
+        reachable = [v.peer_id for v in votes if v.reachable]
+        if reachable:
+            self._hold(out, node, now, f"reachable from peers ({', '.join(sorted(reachable))})",
+                       evidence)
+            self._dirty.add(node_id)
+            return out
+        gate = self._gate_reason(now)
+        if gate or self.guard_on:
+            self._hold(out, node, now, gate or "held: guard (many nodes failing at once)",
+                       evidence)
+            return out
+        self._confirm(out, node, now, evidence)
+        self._dirty.add(node_id)
+        self._update_guard(out, now)
+        return out
+
+    def _confirm(self, out: Outcome, node: NodeState, now: float,
+                 evidence: dict[str, Any]) -> None:
+        failures = self._failures.get(node.node_id)
+        last = self._describe(failures[-1]) if failures else "checks failed"
+        reason = f"{node.consecutive_failures} consecutive failed checks, last: {last}"
+        event = self._set_health(out, node, Health.UNHEALTHY, now, reason, evidence)
+        self._request_cleanup(out, node, event, now)
+
+    # ------------------------------------------------------------------ budget
+
+    def _budget_block(self, now: float) -> str:
+        while self._cleanup_times and self._cleanup_times[0] <= now - 60.0:
+            self._cleanup_times.popleft()
+        if len(self._cleanup_times) >= self.policy.max_rate:
+            return f"held: budget (rate {self.policy.max_rate:g}/min reached)"
+        limit = self.policy.budget_limit(len(self.nodes))
+        if self._out_count >= limit:
+            return f"held: budget ({limit} of {len(self.nodes)} nodes already out)"
+        return ""
+
+    def _request_cleanup(self, out: Outcome, node: NodeState, event: Event, now: float) -> None:
+        block = self._budget_block(now)
+        if block:
+            self._held_cleanup[node.node_id] = event.id
+            self._emit(out, now, node.node_id, "held", node.health.value, node.health.value,
+                       block, {"for_event": event.id})
+            return
+        self._held_cleanup.pop(node.node_id, None)
+        self._cleanup_times.append(now)
+        self._set_cleaned_up(node, True)
+        self._action(out, "unhealthy", node, event)
+
+    def _action(self, out: Outcome, kind: str, node: NodeState, event: Event) -> None:
+        out.actions.append(ActionRequest(kind, node.node_id, node.address, event.id,
+                                         event.reason))
+
+    # ------------------------------------------------------------------ guard
+
+    def _update_guard(self, out: Outcome, now: float) -> None:
+        p = self.policy
+        total = len(self.nodes) - self._dead_count
+        if total < p.guard_min_nodes:
+            if self.guard_on:
+                self.guard_on = False
+                self._emit(out, now, "", "guard_off", "on", "off",
+                           f"only {total} nodes watched (min_nodes {p.guard_min_nodes})")
+            return
+        if not self.guard_on:
+            window_start = now - p.guard_window
+            while self._went_suspect and self._went_suspect[0] < window_start:
+                self._went_suspect.popleft()
+            recent = len(self._went_suspect)
+            if recent >= p.guard_fraction * total:
+                self.guard_on = True
+                self._emit(out, now, "", "guard_on", "off", "on",
+                           f"{recent} of {total} nodes went suspect within "
+                           f"{p.guard_window:g}s: assuming a fault on the coordinator's side",
+                           {"suspect": recent, "total": total, "fraction": p.guard_fraction})
+        else:
+            failing = len(self._suspect_since)
+            if failing < p.guard_fraction * total:
+                self.guard_on = False
+                self._emit(out, now, "", "guard_off", "on", "off",
+                           f"{failing} of {total} nodes failing, below {p.guard_fraction:g}",
+                           {"suspect": failing, "total": total})
+
+    # ------------------------------------------------------------------ registration
+
+    def register(self, reg: Registration, now: float) -> tuple[RegisterDecision, Outcome]:
+        """Decide new / rejoin / review for an agent that (re)started, per SPEC's rules."""
+        out = Outcome()
+        node = self.nodes.get(reg.node_id)
+        if node is None:
+            node = NodeState(node_id=reg.node_id, address=reg.address, labels=dict(reg.labels),
+                             incarnation=reg.incarnation, seq=-1, last_ts=reg.last_ts,
+                             version=reg.version, registered_at=now, since=now)
+            self.nodes[reg.node_id] = node
+            self._id_list = None
+            self._dirty.add(reg.node_id)
+            self._emit(out, now, reg.node_id, "registered", "", Health.UNKNOWN.value,
+                       "new node", {"decision": "new", "incarnation": reg.incarnation})
+            out.check_now.append(reg.node_id)
+            return "new", out
+        decision, reason, evidence = self._judge_return(node, reg, now)
+        if decision == "review" and self.policy.auto_approve:
+            evidence["auto_approved"] = reason
+            decision, reason = "rejoin", f"auto-approved: {reason}"
+        node.address = reg.address
+        node.labels = dict(reg.labels) or node.labels
+        node.version = reg.version or node.version
+        node.registered_at = now
+        if reg.incarnation != node.incarnation:
+            node.incarnation = reg.incarnation
+            node.seq = -1
+            node.rejoins.append(now)
+        node.last_ts = max(node.last_ts, reg.last_ts)
+        node.consecutive_successes = 0
+        self._held_cleanup.pop(node.node_id, None)
+        before = node.health
+        if before is Health.DEAD:
+            self._index_health(node, Health.UNKNOWN)
+            self._set_cleaned_up(node, False)
+            node.since = now
+        self._dirty.add(node.node_id)
+        if decision == "review":
+            prev_admin = node.admin
+            node.admin = Admin.REVIEW
+            self._emit(out, now, node.node_id, "review", prev_admin.value, Admin.REVIEW.value,
+                       reason, evidence)
+        else:
+            self._emit(out, now, node.node_id, "registered", before.value, node.health.value,
+                       reason, evidence)
+        out.check_now.append(node.node_id)
+        return decision, out
+
+    def _judge_return(
+        self, node: NodeState, reg: Registration, now: float
+    ) -> tuple[RegisterDecision, str, dict[str, Any]]:
+        p = self.policy
+        evidence: dict[str, Any] = {
+            "stored_incarnation": node.incarnation,
+            "stored_seq": node.seq,
+            "stored_last_ts": node.last_ts,
+            "incarnation": reg.incarnation,
+            "last_seq": reg.last_seq,
+            "last_ts": reg.last_ts,
+        }
+        if reg.incarnation < node.incarnation:
+            return "review", "incarnation went back: the node lost its state", evidence
+        if reg.incarnation == node.incarnation:
+            # Same process registering again (e.g. after a coordinator restart).
+            if reg.last_seq < node.seq:
+                return "review", "seq went back within one incarnation", evidence
+            evidence["decision"] = "rejoin"
+            return "rejoin", "registered again without a restart", evidence
+        if reg.incarnation == node.incarnation + 1 and reg.last_seq < node.seq:
+            return "review", (f"seq went back ({reg.last_seq} < {node.seq}): "
+                              "the node lost its state"), evidence
+        unobserved = reg.last_ts - node.last_ts if node.last_ts else 0.0
+        evidence["unobserved_s"] = round(unobserved, 3)
+        if unobserved > p.detection_window and node.health in (Health.UNHEALTHY, Health.DEAD,
+                                                               Health.SUSPECT):
+            return "review", (f"ran unobserved for {unobserved:.0f}s while thought down "
+                              f"(window {p.detection_window:g}s)"), evidence
+        if unobserved > p.detection_window:
+            return "review", (f"ran unobserved for {unobserved:.0f}s "
+                              f"(window {p.detection_window:g}s)"), evidence
+        recent = [t for t in node.rejoins if t > now - _REJOIN_MEMORY]
+        node.rejoins = recent
+        if len(recent) >= p.max_rejoins:
+            return "review", (f"flapping: {len(recent) + 1} restarts within an hour "
+                              f"(max_rejoins {p.max_rejoins})"), evidence
+        evidence["decision"] = "rejoin"
+        return "rejoin", "restart within the detection window", evidence
+
+    # ------------------------------------------------------------------ operator commands
+
+    def _get(self, node_id: str) -> NodeState:
+        node = self.nodes.get(node_id)
+        if node is None:
+            raise UnknownNode(node_id)
+        return node
+
+    def add_static(self, node_id: str, address: str, labels: dict[str, str], now: float) -> Outcome:
+        """A node from the config file: watched without registering."""
+        out = Outcome()
+        node = self.nodes.get(node_id)
+        if node is not None:
+            if node.address != address or node.labels != labels:
+                node.address, node.labels = address, dict(labels)
+                self._dirty.add(node_id)
+            return out
+        self.nodes[node_id] = NodeState(node_id=node_id, address=address, labels=dict(labels),
+                                        registered_at=now, since=now, seq=-1)
+        self._id_list = None
+        self._dirty.add(node_id)
+        self._emit(out, now, node_id, "registered", "", Health.UNKNOWN.value,
+                   "static node from the configuration", {"decision": "new"})
+        out.check_now.append(node_id)
+        return out
+
+    def drain(self, node_id: str, reason: str, now: float) -> Outcome:
+        node = self._get(node_id)
+        out = Outcome()
+        if node.admin is Admin.DRAINED:
+            return out  # idempotent
+        before = node.admin
+        node.admin = Admin.DRAINED
+        node.drain = DrainState(reason=reason or "operator drain", started=now,
+                                deadline=now + self.policy.drain_deadline)
+        self._draining.add(node_id)
+        self._dirty.add(node_id)
+        event = self._emit(out, now, node_id, "drained", before.value, Admin.DRAINED.value,
+                           node.drain.reason,
+                           {"waiting_for": {"pending_tasks": node.load.get("pending_tasks")},
+                            "deadline": node.drain.deadline})
+        self._action(out, "drained", node, event)
+        self._check_drain(out, node, now)
+        return out
+
+    def _check_drain(self, out: Outcome, node: NodeState, now: float) -> None:
+        drain = node.drain
+        if drain is None or drain.complete:
+            return
+        pending = node.load.get("pending_tasks")
+        if pending is None or pending <= 0:
+            drain.complete = True
+            self._draining.discard(node.node_id)
+            self._emit(out, now, node.node_id, "drain_complete", "draining", "drained",
+                       "no pending tasks" if pending is not None else "node reports no tasks",
+                       {"pending_tasks": pending})
+            self._dirty.add(node.node_id)
+        elif now >= drain.deadline:
+            drain.complete = True
+            self._draining.discard(node.node_id)
+            event = self._emit(out, now, node.node_id, "drain_deadline", "draining", "drained",
+                               f"drain_deadline reached with {pending:g} tasks still pending",
+                               {"pending_tasks": pending})
+            self._action(out, "drain_deadline", node, event)
+            self._dirty.add(node.node_id)
+
+    def undrain(self, node_id: str, now: float) -> Outcome:
+        node = self._get(node_id)
+        out = Outcome()
+        if node.admin is not Admin.DRAINED:
+            if node.admin is Admin.REVIEW:
+                raise Conflict(f"node {node_id} is in review; approve it instead")
+            return out
+        node.admin = Admin.ACTIVE
+        node.drain = None
+        self._draining.discard(node_id)
+        self._dirty.add(node_id)
+        event = self._emit(out, now, node_id, "undrained", Admin.DRAINED.value,
+                           Admin.ACTIVE.value, "operator undrain")
+        self._action(out, "undrained", node, event)
+        return out
+
+    def approve(self, node_id: str, now: float) -> Outcome:
+        node = self._get(node_id)
+        out = Outcome()
+        if node.admin is not Admin.REVIEW:
+            raise Conflict(f"node {node_id} is not in review (admin is {node.admin.value})")
+        node.admin = Admin.ACTIVE
+        node.rejoins.clear()
+        self._dirty.add(node_id)
+        event = self._emit(out, now, node_id, "approved", Admin.REVIEW.value,
+                           Admin.ACTIVE.value, "operator approved")
+        self._action(out, "approved", node, event)
+        return out
+
+    def remove(self, node_id: str, now: float) -> Outcome:
+        node = self._get(node_id)
+        out = Outcome()
+        self._index_health(node, Health.UNKNOWN)
+        self._set_cleaned_up(node, False)
+        del self.nodes[node_id]
+        self._id_list = None
+        for table in (self._failures, self._suspect_since, self._held_cleanup):
+            table.pop(node_id, None)
+        self._probing.discard(node_id)
+        self._draining.discard(node_id)
+        self._dirty.discard(node_id)
+        event = self._emit(out, now, node_id, "removed", node.health.value, "",
+                           "operator removed the node")
+        self._action(out, "removed", node, event)
+        out.removed.append(node_id)
+        self._update_guard(out, now)
+        return out
+
+    # ------------------------------------------------------------------ time
+
+    def tick(self, now: float) -> Outcome:
+        """Timers: dead_after, drain deadlines, held cleanups, the guard's window."""
+        out = Outcome()
+        p = self.policy
+        for node_id in [i for i in self._unhealthy if now - self.nodes[i].since >= p.dead_after]:
+            node = self.nodes[node_id]
+            event = self._set_health(out, node, Health.DEAD, now,
+                                     f"unhealthy for {now - node.since:.0f}s "
+                                     f"(dead_after {p.dead_after:g}s)", {})
+            self._dirty.add(node_id)
+            if node.cleaned_up:
+                self._action(out, "dead", node, event)
+        for node_id in list(self._draining):
+            self._check_drain(out, self.nodes[node_id], now)
+        if self._held_cleanup and not self.guard_on:
+            for node_id in list(self._held_cleanup):
+                held = self.nodes.get(node_id)
+                if held is None or held.health not in _OUT:
+                    self._held_cleanup.pop(node_id, None)
+                    continue
+                if self._budget_block(now):
+                    break
+                event = self._emit(out, now, node_id, "cleanup", held.health.value,
+                                   held.health.value, "budget allows cleanup now",
+                                   {"for_event": self._held_cleanup[node_id]})
+                self._held_cleanup.pop(node_id, None)
+                self._cleanup_times.append(now)
+                self._set_cleaned_up(held, True)
+                self._dirty.add(node_id)
+                self._action(out, "unhealthy", held, event)
+        self._update_guard(out, now)
+        return out
+
+    # ------------------------------------------------------------------ views
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {h.value: 0 for h in Health}
+        schedulable = 0
+        for node in self.nodes.values():
+            counts[node.health.value] += 1
+            schedulable += node.schedulable
+        counts["schedulable"] = schedulable
+        counts["total"] = len(self.nodes)
+        return counts

@@ -1,0 +1,71 @@
+"""Detection policy: every threshold the core needs, decided once from the config."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from nodewatch.config import Config
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    healthy_interval: float = 30.0
+    unhealthy_interval: float = 5.0
+    jitter: float = 0.1
+    fall: int = 3
+    rise: int = 2
+    dead_after: float = 3600.0
+    startup_grace: float = 45.0
+    max_loop_lag: float = 1.0
+    guard_fraction: float = 0.5
+    guard_min_nodes: int = 4
+    indirect_probes: int = 2
+    max_rejoins: int = 3
+    auto_approve: bool = False
+    max_fraction: float = 0.2
+    max_rate: float = 10.0  # cleanups per minute
+    drain_deadline: float = 600.0
+    dry_run: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Policy:
+        det = cfg.detection
+        return cls(
+            healthy_interval=det.healthy_interval,
+            unhealthy_interval=det.unhealthy_interval,
+            jitter=det.jitter,
+            fall=det.fall,
+            rise=det.rise,
+            dead_after=det.dead_after,
+            startup_grace=det.startup_grace,
+            max_loop_lag=cfg.coordinator.max_loop_lag,
+            guard_fraction=cfg.guard.fraction,
+            guard_min_nodes=cfg.guard.min_nodes,
+            indirect_probes=cfg.guard.indirect_probes,
+            max_rejoins=cfg.review.max_rejoins,
+            auto_approve=cfg.review.auto_approve,
+            max_fraction=cfg.budget.max_fraction,
+            max_rate=cfg.budget.max_rate,
+            drain_deadline=cfg.budget.drain_deadline,
+            dry_run=cfg.coordinator.dry_run,
+        )
+
+    @property
+    def detection_window(self) -> float:
+        """How long a node can go unobserved before the coordinator could have confirmed it."""
+        return self.healthy_interval + self.fall * self.unhealthy_interval
+
+    @property
+    def guard_window(self) -> float:
+        return self.unhealthy_interval * self.fall
+
+    def jittered(self, interval: float, rng: random.Random) -> float:
+        """``interval`` spread by ±jitter so that checks never synchronize."""
+        if not self.jitter:
+            return interval
+        return interval * (1.0 + self.jitter * (2.0 * rng.random() - 1.0))
+
+    def budget_limit(self, total_nodes: int) -> int:
+        """Most nodes that may be out (cleaned up) at once: a fraction, never fewer than one."""
+        return max(1, int(total_nodes * self.max_fraction))
