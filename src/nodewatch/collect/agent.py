@@ -1,0 +1,523 @@
+"""The node agent: samples the host, evaluates self-checks, serves the agent HTTP API, keeps
+its identity across restarts and (optionally) registers with a coordinator and pushes
+heartbeats. Runs inside any asyncio loop: ``async with Agent(node_id="web-1"): ...``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import socket
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from nodewatch import __version__
+from nodewatch.collect.checks import CustomCheck, build_check, split_host_port
+from nodewatch.collect.coordinator_client import CoordinatorClient, RegisterAnswer
+from nodewatch.collect.identity import PersistedState, StateFile
+from nodewatch.collect.metrics import MetricsRenderer
+from nodewatch.collect.report import HealthDoc, derive_status, encode_health, heartbeat_payload
+from nodewatch.collect.rules import RuleState, build_rules, evaluate_rules
+from nodewatch.collect.sampler import HostSampler, Sampler, SystemSample
+from nodewatch.config import NODE_ID_RE, AgentConfig, ConfigError
+from nodewatch.detect.types import NodeStatus
+from nodewatch.healthcheck import check_health
+
+__all__ = ["Agent"]
+
+log = logging.getLogger("nodewatch.agent")
+
+SEQ_BLOCK = 1000  # seqs reserved per state-file write (hi/lo); see identity.py
+BUILTIN_LOAD = ("qps", "pending_tasks", "error_rate")
+MAX_LOAD_KEYS = 256
+PROBE_MAX_BYTES = 64 * 1024
+FINAL_HEARTBEAT_TIMEOUT = aiohttp.ClientTimeout(total=2.0, connect=1.0)
+
+
+class Agent:
+    """One node's agent. Configure with an :class:`AgentConfig` and/or keyword overrides.
+
+    ``clock`` (wall time) and ``sampler`` are injectable for tests; ``run_sampler=False``
+    leaves sampling to the caller (``await agent.sample_now()``).
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig | None = None,
+        *,
+        node_id: str | None = None,
+        listen: str | None = None,
+        advertise: str | None = None,
+        coordinator: str | None = None,
+        state_dir: str | Path | None = None,
+        sample_interval: float | None = None,
+        heartbeat_interval: float | None = None,
+        agent_token: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
+        sampler: Sampler | None = None,
+        proc_root: str | Path = "/proc",
+        run_sampler: bool = True,
+        version: str = __version__,
+    ) -> None:
+        overrides: dict[str, Any] = {
+            key: value for key, value in {
+                "node_id": node_id, "listen": listen, "advertise": advertise,
+                "coordinator": coordinator,
+                "state_dir": None if state_dir is None else str(state_dir),
+                "sample_interval": sample_interval, "heartbeat_interval": heartbeat_interval,
+                "agent_token": agent_token,
+            }.items() if value is not None
+        }
+        cfg = msgspec.structs.replace(config or AgentConfig(), **overrides)
+        if not cfg.node_id or not NODE_ID_RE.match(cfg.node_id):
+            raise ConfigError("agent.node_id: expected 1-128 characters of [A-Za-z0-9._-]")
+        if not 1.0 <= cfg.sample_interval <= 15.0:
+            raise ConfigError("agent.sample_interval: expected a duration between 1s and 15s")
+        if cfg.heartbeat_interval < 0:
+            raise ConfigError("agent.heartbeat_interval: expected a duration of at least 0")
+        self.config = cfg
+        self.node_id = cfg.node_id
+        self.labels = dict(labels or {})
+        self.version = version
+        self._clock = clock
+        self._sampler: Sampler = sampler or HostSampler(proc_root)
+        self._run_sampler = run_sampler
+        self._state_file = StateFile(cfg.state_dir, cfg.node_id)
+        self._rules = build_rules(cfg.rules)
+        self._rule_states = [RuleState() for _ in self._rules]
+        self._rule_reasons: list[str] = []
+        self._check_reasons: dict[str, str] = {}
+        self._manual: NodeStatus | None = None
+        self._manual_reason = ""
+        self._status = NodeStatus.OK
+        self._reasons: list[str] = []
+        self._system: dict[str, float] = SystemSample(0.0, 0.0, 0.0, 0).as_dict()
+        self._load: dict[str, float] = dict.fromkeys(BUILTIN_LOAD, 0)
+        self._incarnation = 0
+        self._seq = 0
+        self._reserved = 0
+        self._ts = 0.0
+        self._uptime = 0.0
+        self._started_at = 0.0
+        self._previous: PersistedState | None = None
+        self.last_seq_before_start = 0
+        self.last_ts_before_start = 0.0
+        self._doc: HealthDoc | None = None
+        self._doc_bytes: bytes | None = None
+        self._doc_version = 0
+        self._metrics = MetricsRenderer(self._current_doc)
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._probe_slots = asyncio.Semaphore(32)
+        self._coordinator: CoordinatorClient | None = None
+        self.registration: RegisterAnswer | None = None
+        self.registered = asyncio.Event()
+        self._beat_now = asyncio.Event()
+        self._last_beat_seq = -1
+        self._bound: tuple[str, int] | None = None
+        self._running = False
+        self._stopped = False
+
+    # -- public state ---------------------------------------------------------------------
+
+    @property
+    def incarnation(self) -> int:
+        return self._incarnation
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    @property
+    def status(self) -> NodeStatus:
+        return self._status
+
+    @property
+    def reasons(self) -> list[str]:
+        return list(self._reasons)
+
+    @property
+    def load(self) -> dict[str, float]:
+        return dict(self._load)
+
+    @property
+    def system(self) -> dict[str, float]:
+        return dict(self._system)
+
+    @property
+    def listen_address(self) -> str:
+        """``host:port`` actually bound (the port is known after ``start()`` for port 0)."""
+        if self._bound is None:
+            raise RuntimeError("the agent is not started")
+        host, port = self._bound
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def url(self) -> str:
+        host, port = self._bound or ("127.0.0.1", 0)
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    @property
+    def advertise_address(self) -> str:
+        if self.config.advertise:
+            return self.config.advertise
+        host, port = self._bound or split_host_port(self.config.listen)
+        if host in ("0.0.0.0", "::", ""):
+            # A wildcard listen address means nothing to a coordinator: name the host.
+            host = socket.gethostname()
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def health(self) -> dict[str, Any]:
+        """The current ``/health`` body as a dict."""
+        result: dict[str, Any] = msgspec.to_builtins(self._current_doc())
+        return result
+
+    def health_bytes(self) -> bytes:
+        """The encoded ``/health`` body, encoded once per change."""
+        body = self._doc_bytes
+        if body is None:
+            body = self._doc_bytes = encode_health(self._current_doc())
+        return body
+
+    def metrics_bytes(self) -> bytes:
+        """Prometheus text, rendered once per change."""
+        self._current_doc()
+        return self._metrics.render(self._doc_version)
+
+    # -- in-process API -------------------------------------------------------------------
+
+    def set_load(self, values: Mapping[str, float | None] | None = None,
+                 **more: float | None) -> None:
+        """Merge business load (``qps``, ``pending_tasks``, ``error_rate``, custom numbers).
+
+        ``None`` drops a custom key (a built-in one goes back to 0). Invalid input raises
+        ``ValueError`` and changes nothing. Load is not a new sample: it rides on the next one.
+        """
+        update = {**(values or {}), **more}
+        for key, value in update.items():
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"load value {key!r} must be a number, got "
+                                 f"{type(value).__name__}")
+            if not math.isfinite(value):
+                raise ValueError(f"load value {key!r} must be finite")
+        new_keys = {key for key, value in update.items() if value is not None} - set(self._load)
+        if len(self._load) + len(new_keys) > MAX_LOAD_KEYS:
+            raise ValueError(f"at most {MAX_LOAD_KEYS} load values are kept")
+        for key, value in update.items():
+            if value is not None:
+                self._load[key] = value
+            elif key in BUILTIN_LOAD:
+                self._load[key] = 0
+            else:
+                self._load.pop(key, None)
+        self._invalidate()
+
+    async def set_status(self, status: NodeStatus | str, reason: str = "") -> None:
+        """Set (degraded, draining) or clear (ok) the manual status; a change is a new seq."""
+        value = NodeStatus(status)
+        manual = None if value is NodeStatus.OK else value
+        reason = reason if manual is not None else ""
+        if (manual, reason) == (self._manual, self._manual_reason):
+            return
+        self._manual, self._manual_reason = manual, reason
+        await self._publish()
+
+    async def sample_now(self) -> None:
+        """Take one sample, step the rules and publish it (the sampler task's body)."""
+        sample = await self._sampler.sample()
+        now = self._clock()
+        self._system = sample.as_dict()
+        metrics: dict[str, float] = dict(self._system)
+        for key, value in self._load.items():
+            metrics[f"load.{key}"] = value
+        self._rule_states, self._rule_reasons = evaluate_rules(
+            self._rules, self._rule_states, now, metrics)
+        await self._publish(now)
+        # last_ts must stay within about one sample of the truth, even after a crash.
+        await self._persist()
+
+    async def probe(self, target: str) -> dict[str, Any]:
+        """Check a peer's ``/health`` the way the coordinator does (``GET /probe``)."""
+        async with self._probe_slots:
+            result = await check_health(
+                self._client(), target, target, timeout=self.config.probe_timeout,
+                connect_timeout=self.config.probe_connect_timeout, max_bytes=PROBE_MAX_BYTES,
+                clock=time.monotonic, verify_node_id=False)
+        return {
+            "target": target,
+            "reachable": result.ok,
+            "latency": round(result.latency, 6),
+            "failure": None if result.failure is None else result.failure.value,
+            "detail": result.detail,
+            "status": None if result.report is None else result.report.status.value,
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Agent:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Take the next incarnation, serve the API, start sampling, checks and registration."""
+        if self._running or self._stopped:
+            raise RuntimeError("an Agent starts once")
+        self._started_at = self._clock()
+        previous = await asyncio.to_thread(self._state_file.load)
+        self._previous = previous
+        if previous is not None:
+            self._incarnation = previous.incarnation + 1
+            # After a clean stop the seq is exact; after a crash the reservation ceiling is the
+            # only value known to be at or past every seq that was exposed.
+            last_seq = previous.seq if previous.clean else max(previous.seq, previous.reserved)
+            self.last_seq_before_start = last_seq
+            self.last_ts_before_start = previous.last_ts
+            self._seq = last_seq
+            self._ts = previous.last_ts
+        else:
+            self._incarnation = 1
+        await self._persist()
+        self._sampler.prime()
+        self._running = True
+        try:
+            await self.sample_now()
+            await self._serve()
+        except BaseException:
+            self._running = False
+            await self._close_io()
+            raise
+        if self._run_sampler:
+            self._spawn(self._sample_loop(), "sampler")
+        for check_cfg in self.config.checks:
+            self._spawn(self._check_loop(build_check(check_cfg, self._client)), "check")
+        if self.config.coordinator:
+            self._coordinator = CoordinatorClient(self.config.coordinator,
+                                                  self.config.agent_token, self._client)
+            self._spawn(self._coordinator_loop(), "coordinator")
+        log.info("agent %s listening on %s (incarnation %d)", self.node_id,
+                 self.listen_address, self._incarnation)
+
+    async def stop(self) -> None:
+        """Stop serving, persist the final state, send it as a final heartbeat. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if not self._running:
+            return
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            self._running = True
+            self._seq = await self._reserve_next()
+            self._ts = self._clock()
+            self._uptime = self._ts - self._started_at
+            self._invalidate()
+            await self._persist(clean=True)
+            if self._coordinator is not None and self.registered.is_set():
+                payload = heartbeat_payload(self._current_doc())
+                payload["final"] = True
+                outcome = await self._coordinator.heartbeat(payload, FINAL_HEARTBEAT_TIMEOUT)
+                if outcome.status == 0 or outcome.status >= 300:
+                    log.warning("final heartbeat not accepted: %s %s", outcome.status,
+                                outcome.detail)
+        finally:
+            self._running = False
+            await self._close_io()
+        log.info("agent %s stopped at seq %d", self.node_id, self._seq)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
+                skip_auto_headers=("User-Agent",),
+            )
+        return self._session
+
+    async def _close_io(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _serve(self) -> None:
+        from nodewatch.collect.app import build_app
+
+        host, port = split_host_port(self.config.listen) if not self.config.listen.startswith(
+            ":") else ("", int(self.config.listen[1:]))
+        runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runner = runner
+        site = web.TCPSite(runner, host or None, port, shutdown_timeout=1.0,
+                           reuse_address=True)
+        await site.start()
+        bound = runner.addresses[0]
+        self._bound = (host or "0.0.0.0", int(bound[1]))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=f"nodewatch-agent-{name}")
+        self._tasks.append(task)
+
+    def _current_doc(self) -> HealthDoc:
+        doc = self._doc
+        if doc is None:
+            doc = self._doc = HealthDoc(
+                status=self._status, node_id=self.node_id, uptime=round(self._uptime, 3),
+                version=self.version, incarnation=self._incarnation, seq=self._seq,
+                ts=self._ts, reasons=list(self._reasons), system=dict(self._system),
+                load=dict(self._load),
+            )
+        return doc
+
+    def _invalidate(self) -> None:
+        self._doc = None
+        self._doc_bytes = None
+        self._doc_version += 1
+
+    async def _reserve_next(self) -> int:
+        """The next seq, persisting a new reservation first when the block is used up, so the
+        state file is never behind a seq anyone has seen."""
+        while self._seq + 1 > self._reserved:
+            await self._persist()
+        self._seq += 1
+        return self._seq
+
+    async def _publish(self, now: float | None = None) -> None:
+        """A new report: derive status, take the next seq, re-encode lazily."""
+        if not self._running:
+            return
+        status, reasons = derive_status(self._manual, self._manual_reason, self._rule_reasons,
+                                        list(self._check_reasons.values()))
+        changed = status is not self._status
+        self._seq = await self._reserve_next()
+        self._status, self._reasons = status, reasons
+        self._ts = self._clock() if now is None else now
+        self._uptime = self._ts - self._started_at
+        self._invalidate()
+        if changed:
+            log.info("status %s: %s", status.value, "; ".join(reasons) or "all clear")
+            self._beat_now.set()
+
+    async def _persist(self, clean: bool = False) -> None:
+        reserved = self._seq if clean else max(self._reserved, self._seq + SEQ_BLOCK)
+        state = PersistedState(node_id=self.node_id, incarnation=self._incarnation,
+                               seq=self._seq, reserved=max(reserved, self._reserved),
+                               last_ts=self._ts, clean=clean)
+        await self._state_file.save_async(state)
+        self._reserved = max(self._reserved, state.reserved)
+
+    async def _sample_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = float(self.config.sample_interval)
+        due = loop.time() + interval
+        while True:
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            due += interval
+            if due < loop.time():
+                due = loop.time() + interval
+            try:
+                await self.sample_now()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("sampling failed; keeping the previous sample")
+
+    async def _check_loop(self, check: CustomCheck) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            reason = await check.run()
+            await self.set_check_result(check.name, reason)
+            await asyncio.sleep(max(0.0, check.interval - (loop.time() - started)))
+
+    async def set_check_result(self, name: str, failure: str | None) -> None:
+        """Record one custom check's outcome; a change is a new report."""
+        text = None if failure is None else f"check {name} failed: {failure}"
+        if self._check_reasons.get(name) == text:
+            return
+        if text is None:
+            self._check_reasons.pop(name, None)
+        else:
+            self._check_reasons[name] = text
+        await self._publish()
+
+    def _register_payload(self, first: bool) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "address": self.advertise_address,
+            "incarnation": self._incarnation,
+            "last_seq": self.last_seq_before_start if first else self._seq,
+            "last_ts": self.last_ts_before_start if first else self._ts,
+            "version": self.version,
+            "labels": self.labels,
+        }
+
+    async def _coordinator_loop(self) -> None:
+        client = self._coordinator
+        assert client is not None
+        first = True
+        while True:
+            answer = await client.register_until_done(
+                functools.partial(self._register_payload, first))
+            first = False
+            self.registration = answer
+            self.registered.set()
+            log.info("registered with %s: %s", client.url, answer.decision)
+            interval = float(self.config.heartbeat_interval or answer.heartbeat_interval or 0)
+            if interval <= 0:
+                return
+            phase = answer.heartbeat_phase if 0 <= answer.heartbeat_phase < interval else 0.0
+            if await self._heartbeat_loop(client, interval, phase) == "unknown":
+                self.registered.clear()
+                log.warning("coordinator does not know this node any more; registering again")
+
+    async def _heartbeat_loop(self, client: CoordinatorClient, interval: float,
+                              phase: float) -> str:
+        loop = asyncio.get_running_loop()
+        due = loop.time() + phase
+        self._beat_now.clear()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, due - loop.time())):
+                    await self._beat_now.wait()
+            self._beat_now.clear()
+            if loop.time() >= due:
+                due += interval
+                if due < loop.time():
+                    due = loop.time() + interval
+            if self._seq == self._last_beat_seq:
+                await self._publish()  # every heartbeat carries a newer seq than the last
+            payload = heartbeat_payload(self._current_doc())
+            self._last_beat_seq = self._seq
+            outcome = await client.heartbeat(payload)
+            if outcome.status == 404:
+                return "unknown"
+            if outcome.status == 0 or outcome.status >= 300:
+                log.debug("heartbeat: %s %s", outcome.status, outcome.detail)

@@ -1,0 +1,109 @@
+"""The agent's side of the coordinator API: register on start (retrying with backoff while
+the coordinator is down) and push heartbeats; never blocks the agent's own HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import msgspec
+
+__all__ = ["CoordinatorClient", "HeartbeatOutcome", "RegisterAnswer", "RegistrationRejected"]
+
+log = logging.getLogger("nodewatch.agent")
+
+_encoder = msgspec.json.Encoder()
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+class RegisterAnswer(msgspec.Struct, kw_only=True):
+    decision: str = "new"
+    node: dict[str, Any] = msgspec.field(default_factory=dict)
+    heartbeat_interval: float = 0.0
+    heartbeat_phase: float = 0.0
+
+
+_answer_decoder = msgspec.json.Decoder(RegisterAnswer)
+
+
+class RegistrationRejected(Exception):
+    """The coordinator answered with a 4xx other than a passing problem: retrying won't help
+    until something changes, so retry slowly."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatOutcome:
+    status: int  # HTTP status, or 0 when the coordinator could not be reached
+    detail: str = ""
+
+
+class CoordinatorClient:
+    """POSTs to ``{url}/v1/register`` and ``{url}/v1/heartbeat`` with the agent token."""
+
+    def __init__(self, url: str, token: str, session: Callable[[], aiohttp.ClientSession],
+                 *, request_timeout: float = 5.0) -> None:
+        self.url = url.rstrip("/")
+        self._session = session
+        self._headers = dict(JSON_HEADERS)
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout,
+                                              connect=min(2.0, request_timeout))
+
+    async def register(self, payload: dict[str, Any]) -> RegisterAnswer:
+        """One attempt; raises on any failure (the caller retries)."""
+        async with self._session().post(f"{self.url}/v1/register", data=_encoder.encode(payload),
+                                        headers=self._headers,
+                                        timeout=self._timeout) as response:
+            body = await response.content.read(1 << 20)
+            if response.status >= 500:
+                raise ConnectionError(f"coordinator answered HTTP {response.status}")
+            if response.status >= 400:
+                raise RegistrationRejected(
+                    f"coordinator refused registration: HTTP {response.status} "
+                    f"{body[:200].decode(errors='replace')}")
+            try:
+                return _answer_decoder.decode(body) if body.strip() else RegisterAnswer()
+            except msgspec.DecodeError as exc:
+                raise ConnectionError(f"unreadable register answer: {exc}") from None
+
+    async def register_until_done(self, payload: Callable[[], dict[str, Any]],
+                                  *, first_delay: float = 0.2,
+                                  max_delay: float = 10.0) -> RegisterAnswer:
+        """Retry with jittered exponential backoff until the coordinator accepts."""
+        delay = first_delay
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self.register(payload())
+            except RegistrationRejected as exc:
+                log.warning("%s; retrying in %.0fs", exc, max_delay)
+                await asyncio.sleep(max_delay)
+                continue
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                if attempt == 1 or attempt % 10 == 0:
+                    log.warning("cannot register with %s (%s); retrying", self.url,
+                                type(exc).__name__ if not str(exc) else exc)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(max_delay, delay * 2)
+
+    async def heartbeat(self, payload: dict[str, Any],
+                        client_timeout: aiohttp.ClientTimeout | None = None
+                        ) -> HeartbeatOutcome:
+        """One heartbeat; never raises for network trouble (the next one will follow)."""
+        try:
+            async with self._session().post(f"{self.url}/v1/heartbeat",
+                                            data=_encoder.encode(payload), headers=self._headers,
+                                            timeout=client_timeout or self._timeout) as response:
+                detail = "" if response.status < 300 else (await response.content.read(300)
+                                                             ).decode(errors="replace")
+                return HeartbeatOutcome(response.status, detail)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return HeartbeatOutcome(0, str(exc) or type(exc).__name__)
+

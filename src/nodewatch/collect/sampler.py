@@ -1,0 +1,78 @@
+"""System sampling for the agent: CPU on the loop thread (psutil keeps its per-thread
+baseline), everything that reads files off the loop, one call per sample interval."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import psutil
+
+from nodewatch.collect.proc import count_established, count_established_psutil, read_load1
+
+__all__ = ["HostSampler", "Sampler", "SystemSample"]
+
+
+@dataclass(frozen=True, slots=True)
+class SystemSample:
+    """One reading of the host: the ``system`` block of ``/health``."""
+
+    cpu_percent: float
+    mem_percent: float
+    load1: float
+    connections: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "cpu_percent": self.cpu_percent,
+            "mem_percent": self.mem_percent,
+            "load1": self.load1,
+            "connections": self.connections,
+        }
+
+
+class Sampler(Protocol):
+    """Where system samples come from; tests pass a scripted one."""
+
+    def prime(self) -> None:
+        """Start whatever baseline the next sample measures against (on the loop thread)."""
+
+    async def sample(self) -> SystemSample:
+        """Read the host without blocking the event loop."""
+        ...
+
+
+class HostSampler:
+    """The real host: psutil for CPU and memory, ``/proc`` for load and connections."""
+
+    def __init__(self, proc_root: str | Path = "/proc") -> None:
+        self.proc_root = Path(proc_root)
+        self._has_proc = (self.proc_root / "net" / "tcp").exists()
+
+    def prime(self) -> None:
+        psutil.cpu_percent(interval=None)
+
+    def _read_files(self) -> tuple[float, float, int]:
+        mem = psutil.virtual_memory().percent
+        try:
+            load1 = read_load1(self.proc_root) if self._has_proc else os.getloadavg()[0]
+        except OSError:
+            load1 = os.getloadavg()[0]
+        if self._has_proc:
+            try:
+                connections = count_established(self.proc_root)
+            except FileNotFoundError:
+                connections = count_established_psutil()
+        else:
+            connections = count_established_psutil()
+        return float(mem), float(load1), connections
+
+    async def sample(self) -> SystemSample:
+        # Called from the one sampler task on the loop thread: psutil's CPU baseline is kept
+        # per thread, so this call must never move into the thread pool.
+        cpu = float(psutil.cpu_percent(interval=None))
+        mem, load1, connections = await asyncio.to_thread(self._read_files)
+        return SystemSample(cpu, mem, load1, connections)
