@@ -10,7 +10,14 @@ import msgspec
 from aiohttp import web
 
 JSON = "application/json"
-_encoder = msgspec.json.Encoder()
+def _enc_hook(value: Any) -> Any:
+    # Config durations are float subclasses; encode them as plain seconds.
+    if isinstance(value, float):
+        return float(value)
+    raise NotImplementedError(f"cannot encode {type(value).__name__}")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
