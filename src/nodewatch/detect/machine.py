@@ -8,6 +8,7 @@ drive the same code.
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections import deque
 from collections.abc import Iterable
@@ -30,10 +31,11 @@ from nodewatch.detect.types import (
     event_id,
 )
 
-# Health states in which a node counts as failing for the guard.
-_FAILING = frozenset({Health.SUSPECT})
 _OUT = frozenset({Health.UNHEALTHY, Health.DEAD})
 _REJOIN_MEMORY = 3600.0
+_GUARD_HOLD = "held: guard (many nodes failing at once)"
+_REACHABLE = "reachable from peers"
+_CONFIRMING = "confirming through peers"
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +130,12 @@ class Cluster:
         self._probing: set[str] = set()
         self._held_cleanup: dict[str, str] = {}  # node_id -> event id of the unhealthy event
         self._cleanup_times: deque[float] = deque()
-        self._went_suspect: deque[float] = deque()  # times of entries into suspect, for the guard
+        # Entries into suspect within the guard window: (time, node), and each node's latest
+        # entry, so that the guard counts nodes rather than flaps of one node.
+        self._went_suspect: deque[tuple[float, str]] = deque()
+        self._suspect_entry: dict[str, float] = {}
+        # (since, node_id) of unhealthy nodes, for dead_after without scanning; lazy deletion.
+        self._dead_due: list[tuple[float, str]] = []
         self._dirty: set[str] = set(self.nodes)
         # Indexes kept in step with health so that no per-observation path scans all nodes.
         self._unhealthy: set[str] = set()
@@ -141,6 +148,7 @@ class Cluster:
                 self._suspect_since[node.node_id] = now
             elif node.health is Health.UNHEALTHY:
                 self._unhealthy.add(node.node_id)
+                self._dead_due.append((node.since, node.node_id))
                 if not node.cleaned_up:
                     self._held_cleanup[node.node_id] = ""
             elif node.health is Health.DEAD:
@@ -148,6 +156,7 @@ class Cluster:
             if node.drain is not None and not node.drain.complete:
                 self._draining.add(node.node_id)
             self._out_count += node.cleaned_up
+        heapq.heapify(self._dead_due)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -196,12 +205,13 @@ class Cluster:
         kind: str | None = None,
     ) -> Event:
         before = node.health
-        self._index_health(node, health)
         node.since = now
+        self._index_health(node, health)
         node.health_reason = reason if health is not Health.HEALTHY else ""
         if health is Health.SUSPECT:
             self._suspect_since[node.node_id] = now
-            self._went_suspect.append(now)
+            self._went_suspect.append((now, node.node_id))
+            self._suspect_entry[node.node_id] = now
         else:
             self._suspect_since.pop(node.node_id, None)
             self._probing.discard(node.node_id)
@@ -219,6 +229,7 @@ class Cluster:
             self._dead_count -= 1
         if health is Health.UNHEALTHY:
             self._unhealthy.add(node.node_id)
+            heapq.heappush(self._dead_due, (node.since, node.node_id))
         elif health is Health.DEAD:
             self._dead_count += 1
 
@@ -228,20 +239,29 @@ class Cluster:
             node.cleaned_up = value
 
     def _gate_reason(self, now: float) -> str:
-        """Why the coordinator must not confirm failures right now ('' when it may)."""
+        """Why the coordinator must not confirm failures right now ('' when it may).
+
+        The reason is a fixed string per cause (figures go to the evidence) so that a held
+        node gets one event when the cause changes, not one per check as a countdown ticks.
+        """
         if now < self.started_at + self.policy.startup_grace:
-            left = self.started_at + self.policy.startup_grace - now
-            return f"held: startup grace ({left:.1f}s left)"
+            return "held: startup grace"
         if self.loop_lag > self.policy.max_loop_lag:
-            return f"held: coordinator loop lag {self.loop_lag:.2f}s"
+            return "held: coordinator loop lag"
         return ""
 
+    def _gate_evidence(self, now: float) -> dict[str, Any]:
+        grace_left = self.started_at + self.policy.startup_grace - now
+        return {"loop_lag": round(self.loop_lag, 4), "max_loop_lag": self.policy.max_loop_lag,
+                "grace_left": round(max(0.0, grace_left), 3)}
+
     def interval_for(self, node_id: str) -> float:
-        """Seconds until the node's next check: slow while healthy, fast otherwise, jittered."""
+        """Seconds until the node's next check, jittered: fast while unknown, suspect or
+        unhealthy; slow while healthy, and for dead nodes (final until they register again)."""
         node = self.nodes.get(node_id)
         p = self.policy
-        healthy = node is not None and node.health is Health.HEALTHY
-        base = p.healthy_interval if healthy else p.unhealthy_interval
+        slow = node is not None and node.health in (Health.HEALTHY, Health.DEAD)
+        base = p.healthy_interval if slow else p.unhealthy_interval
         return p.jittered(base, self.rng)
 
     # ------------------------------------------------------------------ gate
@@ -273,6 +293,7 @@ class Cluster:
                     return out
             else:
                 self._apply_report(out, node, report, now)
+                self._dirty.add(node.node_id)
         if node.health is Health.DEAD:
             # Dead is final until the node registers again.
             return out
@@ -323,7 +344,9 @@ class Cluster:
         before = node.health
         evidence = {"successes": node.consecutive_successes, "source": result.source,
                     "latency": round(result.latency, 4)}
-        if before in _OUT:
+        if before in _OUT or node.cleaned_up:
+            # Back from an outage: from unhealthy, or from dead through a new registration
+            # (the cleanup still holds the node out, so it must be put back).
             self._set_health(out, node, Health.HEALTHY, now,
                              f"{node.consecutive_successes} consecutive good checks", evidence,
                              kind="recovered")
@@ -349,6 +372,8 @@ class Cluster:
                              f"check failed: {self._describe(failures[-1])}",
                              {"checks": [f.to_json() for f in failures]})
             out.check_now.append(node.node_id)
+            # The node that tips the guard must itself be held: decide the guard first.
+            self._update_guard(out, now)
         if node.health is Health.SUSPECT and node.consecutive_failures >= self.policy.fall:
             self._try_confirm(out, node, now)
 
@@ -361,19 +386,19 @@ class Cluster:
         """Keep a node suspect, telling why once per change of reason rather than every check."""
         if node.health_reason != reason:
             node.health_reason = reason
+            self._dirty.add(node.node_id)
             self._emit(out, now, node.node_id, "suspect", Health.SUSPECT.value,
                        Health.SUSPECT.value, reason, evidence)
 
     def _try_confirm(self, out: Outcome, node: NodeState, now: float) -> None:
-        failures = self._failures.get(node.node_id, deque())
-        evidence: dict[str, Any] = {"checks": [f.to_json() for f in failures],
-                                    "loop_lag": round(self.loop_lag, 4)}
+        evidence: dict[str, Any] = {"checks": self._checks(node.node_id),
+                                    **self._gate_evidence(now)}
         gate = self._gate_reason(now)
         if gate:
             self._hold(out, node, now, gate, evidence)
             return
         if self.guard_on:
-            self._hold(out, node, now, "held: guard (many nodes failing at once)", evidence)
+            self._hold(out, node, now, _GUARD_HOLD, evidence)
             return
         if node.node_id in self._probing:
             return
@@ -381,9 +406,15 @@ class Cluster:
         if peers:
             self._probing.add(node.node_id)
             out.probes.append(ProbeRequest(node.node_id, node.address, peers))
-            self._hold(out, node, now, "confirming through peers", evidence)
+            if node.health_reason != _REACHABLE:
+                # Asking again about a node the peers still reach is no news.
+                self._hold(out, node, now, _CONFIRMING, evidence)
             return
         self._confirm(out, node, now, evidence)
+
+    def _checks(self, node_id: str) -> list[dict[str, Any]]:
+        """The recent failed checks with their class: the evidence of every failure event."""
+        return [f.to_json() for f in self._failures.get(node_id, ())]
 
     def _pick_peers(self, node: NodeState) -> tuple[tuple[str, str], ...]:
         want = self.policy.indirect_probes
@@ -393,9 +424,10 @@ class Cluster:
             self._id_list = list(self.nodes)
         ids = self._id_list
         chosen: dict[str, str] = {}
-        # Random draws instead of a scan: a confirmation must not cost O(cluster size).
-        for _ in range(min(len(ids), want * 8)):
-            peer = self.nodes.get(ids[self.rng.randrange(len(ids))])
+        # A bounded random sample instead of a scan: a confirmation must not cost O(cluster
+        # size). Without replacement, so that a small cluster is searched completely.
+        for index in self.rng.sample(range(len(ids)), min(len(ids), want * 8)):
+            peer = self.nodes.get(ids[index])
             if (peer is not None and peer.health is Health.HEALTHY
                     and peer.node_id != node.node_id and peer.address):
                 chosen[peer.node_id] = peer.address
@@ -412,23 +444,19 @@ class Cluster:
         self._probing.discard(node_id)
         if node.health is not Health.SUSPECT:
             return out
-        failures = self._failures.get(node_id, deque())
         evidence: dict[str, Any] = {
-            "checks": [f.to_json() for f in failures],
+            "checks": self._checks(node_id),
             "peers": [{"peer": v.peer_id, "reachable": v.reachable, "detail": v.detail}
                       for v in votes],
-            "loop_lag": round(self.loop_lag, 4),
+            "reachable_from": sorted(v.peer_id for v in votes if v.reachable),
+            **self._gate_evidence(now),
         }
-        reachable = [v.peer_id for v in votes if v.reachable]
-        if reachable:
-            self._hold(out, node, now, f"reachable from peers ({', '.join(sorted(reachable))})",
-                       evidence)
-            self._dirty.add(node_id)
+        if evidence["reachable_from"]:
+            self._hold(out, node, now, _REACHABLE, evidence)
             return out
         gate = self._gate_reason(now)
         if gate or self.guard_on:
-            self._hold(out, node, now, gate or "held: guard (many nodes failing at once)",
-                       evidence)
+            self._hold(out, node, now, gate or _GUARD_HOLD, evidence)
             return out
         self._confirm(out, node, now, evidence)
         self._dirty.add(node_id)
@@ -456,11 +484,16 @@ class Cluster:
         return ""
 
     def _request_cleanup(self, out: Outcome, node: NodeState, event: Event, now: float) -> None:
+        if node.cleaned_up:
+            # Still out from an earlier outage (dead, registered again, failed again): the
+            # cleanup is repeated but draws nothing more from the budget.
+            self._action(out, "unhealthy", node, event)
+            return
         block = self._budget_block(now)
         if block:
             self._held_cleanup[node.node_id] = event.id
             self._emit(out, now, node.node_id, "held", node.health.value, node.health.value,
-                       block, {"for_event": event.id})
+                       block, {"for_event": event.id, "checks": self._checks(node.node_id)})
             return
         self._held_cleanup.pop(node.node_id, None)
         self._cleanup_times.append(now)
@@ -475,6 +508,11 @@ class Cluster:
 
     def _update_guard(self, out: Outcome, now: float) -> None:
         p = self.policy
+        window_start = now - p.guard_window
+        while self._went_suspect and self._went_suspect[0][0] < window_start:
+            at, node_id = self._went_suspect.popleft()
+            if self._suspect_entry.get(node_id) == at:
+                del self._suspect_entry[node_id]
         total = len(self.nodes) - self._dead_count
         if total < p.guard_min_nodes:
             if self.guard_on:
@@ -483,11 +521,8 @@ class Cluster:
                            f"only {total} nodes watched (min_nodes {p.guard_min_nodes})")
             return
         if not self.guard_on:
-            window_start = now - p.guard_window
-            while self._went_suspect and self._went_suspect[0] < window_start:
-                self._went_suspect.popleft()
-            recent = len(self._went_suspect)
-            if recent >= p.guard_fraction * total:
+            recent = len(self._suspect_entry)  # distinct nodes, not flaps
+            if recent and recent >= p.guard_fraction * total:
                 self.guard_on = True
                 self._emit(out, now, "", "guard_on", "off", "on",
                            f"{recent} of {total} nodes went suspect within "
@@ -529,14 +564,19 @@ class Cluster:
         if reg.incarnation != node.incarnation:
             node.incarnation = reg.incarnation
             node.seq = -1
+            node.rejoins = [t for t in node.rejoins if t > now - _REJOIN_MEMORY]
             node.rejoins.append(now)
         node.last_ts = max(node.last_ts, reg.last_ts)
+        # A registration proves the agent alive: fall and rise both count afresh from here.
         node.consecutive_successes = 0
-        self._held_cleanup.pop(node.node_id, None)
+        node.consecutive_failures = 0
+        self._failures.pop(node.node_id, None)
+        self._probing.discard(node.node_id)
         before = node.health
         if before is Health.DEAD:
+            # Watched again from scratch. cleaned_up stays: the node is still out of the load
+            # balancers, and returning to healthy emits ``recovered`` to put it back.
             self._index_health(node, Health.UNKNOWN)
-            self._set_cleaned_up(node, False)
             node.since = now
         self._dirty.add(node.node_id)
         if decision == "review":
@@ -564,17 +604,20 @@ class Cluster:
         }
         if reg.incarnation < node.incarnation:
             return "review", "incarnation went back: the node lost its state", evidence
+        unobserved = reg.last_ts - node.last_ts if node.last_ts else 0.0
+        evidence["unobserved_s"] = round(unobserved, 3)
         if reg.incarnation == node.incarnation:
-            # Same process registering again (e.g. after a coordinator restart).
+            # Same process registering again (e.g. after a coordinator restart or a partition).
             if reg.last_seq < node.seq:
                 return "review", "seq went back within one incarnation", evidence
+            if unobserved > p.detection_window and node.health in _OUT:
+                return "review", (f"ran unobserved for {unobserved:.0f}s while thought down "
+                                  f"(window {p.detection_window:g}s): a partition"), evidence
             evidence["decision"] = "rejoin"
             return "rejoin", "registered again without a restart", evidence
         if reg.incarnation == node.incarnation + 1 and reg.last_seq < node.seq:
             return "review", (f"seq went back ({reg.last_seq} < {node.seq}): "
                               "the node lost its state"), evidence
-        unobserved = reg.last_ts - node.last_ts if node.last_ts else 0.0
-        evidence["unobserved_s"] = round(unobserved, 3)
         if unobserved > p.detection_window and node.health in (Health.UNHEALTHY, Health.DEAD,
                                                                Health.SUSPECT):
             return "review", (f"ran unobserved for {unobserved:.0f}s while thought down "
@@ -621,6 +664,9 @@ class Cluster:
         out = Outcome()
         if node.admin is Admin.DRAINED:
             return out  # idempotent
+        if node.admin is Admin.REVIEW:
+            # Draining would replace review, and undrain would then skip the approval.
+            raise Conflict(f"node {node_id} is in review; approve it first")
         before = node.admin
         node.admin = Admin.DRAINED
         node.drain = DrainState(reason=reason or "operator drain", started=now,
@@ -688,16 +734,18 @@ class Cluster:
     def remove(self, node_id: str, now: float) -> Outcome:
         node = self._get(node_id)
         out = Outcome()
+        before = node.health
         self._index_health(node, Health.UNKNOWN)
         self._set_cleaned_up(node, False)
         del self.nodes[node_id]
         self._id_list = None
-        for table in (self._failures, self._suspect_since, self._held_cleanup):
+        for table in (self._failures, self._suspect_since, self._held_cleanup,
+                      self._suspect_entry):
             table.pop(node_id, None)
         self._probing.discard(node_id)
         self._draining.discard(node_id)
         self._dirty.discard(node_id)
-        event = self._emit(out, now, node_id, "removed", node.health.value, "",
+        event = self._emit(out, now, node_id, "removed", before.value, "",
                            "operator removed the node")
         self._action(out, "removed", node, event)
         out.removed.append(node_id)
@@ -709,35 +757,56 @@ class Cluster:
     def tick(self, now: float) -> Outcome:
         """Timers: dead_after, drain deadlines, held cleanups, the guard's window."""
         out = Outcome()
+        # While the gate or the guard holds, the coordinator evicts nobody: no dead_after and
+        # no release of held cleanups (a restored outage may have ended while it was down).
+        evicting = not self.guard_on and not self._gate_reason(now)
+        if evicting:
+            self._declare_dead(out, now)
+        for node_id in list(self._draining):
+            self._check_drain(out, self.nodes[node_id], now)
+        if evicting and self._held_cleanup:
+            self._release_held(out, now)
+        self._update_guard(out, now)
+        return out
+
+    def _declare_dead(self, out: Outcome, now: float) -> None:
         p = self.policy
-        for node_id in [i for i in self._unhealthy if now - self.nodes[i].since >= p.dead_after]:
-            node = self.nodes[node_id]
+        due = self._dead_due
+        while due and now - due[0][0] >= p.dead_after:
+            since, node_id = heapq.heappop(due)
+            node = self.nodes.get(node_id)
+            if node is None or node.health is not Health.UNHEALTHY or node.since != since:
+                continue  # stale entry: the node recovered, was removed or went down again
             event = self._set_health(out, node, Health.DEAD, now,
-                                     f"unhealthy for {now - node.since:.0f}s "
-                                     f"(dead_after {p.dead_after:g}s)", {})
+                                     f"unhealthy for {now - since:.0f}s "
+                                     f"(dead_after {p.dead_after:g}s)",
+                                     {"checks": self._checks(node_id), "since": since})
             self._dirty.add(node_id)
             if node.cleaned_up:
                 self._action(out, "dead", node, event)
-        for node_id in list(self._draining):
-            self._check_drain(out, self.nodes[node_id], now)
-        if self._held_cleanup and not self.guard_on:
-            for node_id in list(self._held_cleanup):
-                held = self.nodes.get(node_id)
-                if held is None or held.health not in _OUT:
-                    self._held_cleanup.pop(node_id, None)
-                    continue
-                if self._budget_block(now):
-                    break
-                event = self._emit(out, now, node_id, "cleanup", held.health.value,
-                                   held.health.value, "budget allows cleanup now",
-                                   {"for_event": self._held_cleanup[node_id]})
+
+    def _release_held(self, out: Outcome, now: float) -> None:
+        if self._budget_block(now):
+            return  # the common case during an outage: no copy of a long waiting list
+        for node_id in list(self._held_cleanup):
+            held = self.nodes.get(node_id)
+            if held is None or held.health not in _OUT:
                 self._held_cleanup.pop(node_id, None)
-                self._cleanup_times.append(now)
-                self._set_cleaned_up(held, True)
-                self._dirty.add(node_id)
-                self._action(out, "unhealthy", held, event)
-        self._update_guard(out, now)
-        return out
+                continue
+            if self._budget_block(now):
+                break
+            event = self._emit(out, now, node_id, "cleanup", held.health.value,
+                               held.health.value, "budget allows cleanup now",
+                               {"for_event": self._held_cleanup[node_id],
+                                "checks": self._checks(node_id)})
+            self._held_cleanup.pop(node_id, None)
+            self._cleanup_times.append(now)
+            self._set_cleaned_up(held, True)
+            self._dirty.add(node_id)
+            self._action(out, "unhealthy", held, event)
+            if held.health is Health.DEAD:
+                # Went dead while its cleanup waited: deregister it for good now.
+                self._action(out, "dead", held, event)
 
     # ------------------------------------------------------------------ views
 
