@@ -299,18 +299,28 @@ class Coordinator:
             nodes = [self.cluster.nodes[i] for i in sorted(dirty) if i in self.cluster.nodes]
             events, self._pending_events = self._pending_events, []
             samples, self._pending_samples = self._pending_samples, []
-            if nodes:
-                conflicts = await self.store.save_nodes(nodes)
-                if conflicts:
-                    log.warning("store refused stale writes for %d nodes: %s", len(conflicts),
-                                ", ".join(conflicts[:10]))
-                    await self._reload(conflicts)
-            if events:
-                await self.store.append_events(events)
-            if samples:
-                await self.store.add_samples(samples)
-            if nodes or events or samples:
-                await self.store.flush()
+            wrote = bool(nodes or events or samples)
+            try:
+                if nodes:
+                    conflicts = await self.store.save_nodes(nodes)
+                    if conflicts:
+                        log.warning("store refused stale writes for %d nodes: %s",
+                                    len(conflicts), ", ".join(conflicts[:10]))
+                        await self._reload(conflicts)
+                if events:
+                    await self.store.append_events(events)
+                    events = []
+                if samples:
+                    await self.store.add_samples(samples)
+                    samples = []
+                if wrote:
+                    await self.store.flush()
+            except BaseException:
+                # Nothing is dropped on a store error: it is all written on the next try.
+                self.cluster.mark_dirty(n.node_id for n in nodes)
+                self._pending_events[:0] = events
+                self._pending_samples[:0] = samples
+                raise
 
     async def _reload(self, node_ids: Sequence[str]) -> None:
         """After losing a compare-and-swap, take the stored revision and write ours again."""
@@ -319,7 +329,7 @@ class Coordinator:
             node = self.cluster.nodes.get(node_id)
             if stored is not None and node is not None:
                 node.revision = stored.revision
-                self.cluster._dirty.add(node_id)
+                self.cluster.mark_dirty([node_id])
 
     # ------------------------------------------------------------------ background tasks
 

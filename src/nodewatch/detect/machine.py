@@ -165,6 +165,10 @@ class Cluster:
         dirty, self._dirty = self._dirty, set()
         return dirty
 
+    def mark_dirty(self, node_ids: Iterable[str]) -> None:
+        """Ask for these nodes to be written again (after a failed or lost write)."""
+        self._dirty.update(i for i in node_ids if i in self.nodes)
+
     @property
     def next_event_number(self) -> int:
         return self._next_event

@@ -32,14 +32,14 @@ class Policy:
     def from_config(cls, cfg: Config) -> Policy:
         det = cfg.detection
         return cls(
-            healthy_interval=det.healthy_interval,
-            unhealthy_interval=det.unhealthy_interval,
+            healthy_interval=float(det.healthy_interval),
+            unhealthy_interval=float(det.unhealthy_interval),
             jitter=det.jitter,
             fall=det.fall,
             rise=det.rise,
-            dead_after=det.dead_after,
-            startup_grace=det.startup_grace,
-            max_loop_lag=cfg.coordinator.max_loop_lag,
+            dead_after=float(det.dead_after),
+            startup_grace=float(det.startup_grace),
+            max_loop_lag=float(cfg.coordinator.max_loop_lag),
             guard_fraction=cfg.guard.fraction,
             guard_min_nodes=cfg.guard.min_nodes,
             indirect_probes=cfg.guard.indirect_probes,
@@ -47,7 +47,7 @@ class Policy:
             auto_approve=cfg.review.auto_approve,
             max_fraction=cfg.budget.max_fraction,
             max_rate=cfg.budget.max_rate,
-            drain_deadline=cfg.budget.drain_deadline,
+            drain_deadline=float(cfg.budget.drain_deadline),
             dry_run=cfg.coordinator.dry_run,
         )
 
