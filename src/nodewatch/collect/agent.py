@@ -372,11 +372,11 @@ class Agent:
 
         host, port = split_host_port(self.config.listen) if not self.config.listen.startswith(
             ":") else ("", int(self.config.listen[1:]))
-        runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
+        runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False,
+                               shutdown_timeout=1.0)
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, host or None, port, shutdown_timeout=1.0,
-                           reuse_address=True)
+        site = web.TCPSite(runner, host or None, port, reuse_address=True)
         await site.start()
         bound = runner.addresses[0]
         self._bound = (host or "0.0.0.0", int(bound[1]))
