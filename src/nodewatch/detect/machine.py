@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,6 +134,8 @@ class Cluster:
         # entry, so that the guard counts nodes rather than flaps of one node.
         self._went_suspect: deque[tuple[float, str]] = deque()
         self._suspect_entry: dict[str, float] = {}
+        # Health of the nodes in _suspect_entry, counted, so the guard never scans nodes.
+        self._recent_health: Counter[Health] = Counter()
         # (since, node_id) of unhealthy nodes, for dead_after without scanning; lazy deletion.
         self._dead_due: list[tuple[float, str]] = []
         self._dirty: set[str] = set(self.nodes)
@@ -215,6 +217,8 @@ class Cluster:
         if health is Health.SUSPECT:
             self._suspect_since[node.node_id] = now
             self._went_suspect.append((now, node.node_id))
+            if node.node_id not in self._suspect_entry:
+                self._recent_health[health] += 1
             self._suspect_entry[node.node_id] = now
         else:
             self._suspect_since.pop(node.node_id, None)
@@ -227,6 +231,9 @@ class Cluster:
     def _index_health(self, node: NodeState, health: Health) -> None:
         before = node.health
         node.health = health
+        if node.node_id in self._suspect_entry:
+            self._recent_health[before] -= 1
+            self._recent_health[health] += 1
         if before is Health.UNHEALTHY:
             self._unhealthy.discard(node.node_id)
         elif before is Health.DEAD:
@@ -516,7 +523,7 @@ class Cluster:
         while self._went_suspect and self._went_suspect[0][0] < window_start:
             at, node_id = self._went_suspect.popleft()
             if self._suspect_entry.get(node_id) == at:
-                del self._suspect_entry[node_id]
+                self._forget_suspect_entry(node_id)
         total = len(self.nodes) - self._dead_count
         if total < p.guard_min_nodes:
             if self.guard_on:
@@ -524,8 +531,11 @@ class Cluster:
                 self._emit(out, now, "", "guard_off", "on", "off",
                            f"only {total} nodes watched (min_nodes {p.guard_min_nodes})")
             return
+        # Nodes that went suspect within the window and are still failing (suspect, or
+        # confirmed before the guard could see them): distinct nodes, not flaps of one.
+        recent_unhealthy = self._recent_health[Health.UNHEALTHY]
         if not self.guard_on:
-            recent = len(self._suspect_entry)  # distinct nodes, not flaps
+            recent = self._recent_health[Health.SUSPECT] + recent_unhealthy
             if recent and recent >= p.guard_fraction * total:
                 self.guard_on = True
                 self._emit(out, now, "", "guard_on", "off", "on",
@@ -533,12 +543,20 @@ class Cluster:
                            f"{p.guard_window:g}s: assuming a fault on the coordinator's side",
                            {"suspect": recent, "total": total, "fraction": p.guard_fraction})
         else:
-            failing = len(self._suspect_since)
+            # Every suspect node (held ones stay suspect past the window), plus the recent
+            # ones already confirmed: never fewer than turned the guard on.
+            failing = len(self._suspect_since) + recent_unhealthy
             if failing < p.guard_fraction * total:
                 self.guard_on = False
                 self._emit(out, now, "", "guard_off", "on", "off",
                            f"{failing} of {total} nodes failing, below {p.guard_fraction:g}",
                            {"suspect": failing, "total": total})
+
+    def _forget_suspect_entry(self, node_id: str) -> None:
+        del self._suspect_entry[node_id]
+        node = self.nodes.get(node_id)
+        if node is not None:
+            self._recent_health[node.health] -= 1
 
     # ------------------------------------------------------------------ registration
 
@@ -743,8 +761,10 @@ class Cluster:
         self._set_cleaned_up(node, False)
         del self.nodes[node_id]
         self._id_list = None
-        for table in (self._failures, self._suspect_since, self._held_cleanup,
-                      self._suspect_entry):
+        if node_id in self._suspect_entry:
+            del self._suspect_entry[node_id]
+            self._recent_health[Health.UNKNOWN] -= 1  # _index_health counted it as unknown
+        for table in (self._failures, self._suspect_since, self._held_cleanup):
             table.pop(node_id, None)
         self._probing.discard(node_id)
         self._draining.discard(node_id)
