@@ -32,9 +32,12 @@ class AgentProcess:
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self, http: aiohttp.ClientSession) -> AgentProcess:
-        with open(self.stderr_path, "wb") as stderr:
+        stderr = self.stderr_path.open("wb")  # noqa: ASYNC230 - a local log file, once
+        try:
             self.process = await asyncio.create_subprocess_exec(
                 *self.argv, stdout=asyncio.subprocess.DEVNULL, stderr=stderr, env=self.env)
+        finally:
+            stderr.close()
 
         async def up() -> bool:
             try:
