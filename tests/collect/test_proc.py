@@ -65,3 +65,18 @@ async def test_host_sampler_reads_fixture_root_off_the_loop() -> None:
     assert sample.connections == 5
     assert sample.load1 == 0.42
     assert 0.0 <= sample.cpu_percent <= 100.0 and 0.0 < sample.mem_percent <= 100.0
+
+
+async def test_expensive_connection_counts_are_spaced_by_the_cpu_budget(tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "proc"
+    shutil.copytree(PROC, root)
+    header_only = (PROC / "net" / "tcp").read_bytes().split(b"\n", 1)[0] + b"\n"
+    thrifty = HostSampler(root, connections_budget=1e-12)  # any read "costs" too much
+    eager = HostSampler(root, connections_budget=0)  # no budget: count on every sample
+    assert (await thrifty.sample()).connections == 5
+    assert (await eager.sample()).connections == 5
+    (root / "net" / "tcp").write_bytes(header_only)
+    assert (await thrifty.sample()).connections == 5  # the previous count, until due
+    assert (await eager.sample()).connections == 2
