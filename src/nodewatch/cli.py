@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, NoReturn
+
 import click
 
 from nodewatch import __version__
+
+if TYPE_CHECKING:
+    from nodewatch.client import Client
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -87,3 +92,247 @@ def agent_command(node_id: str | None, listen: str | None, advertise: str | None
         click.echo(f"nodewatch agent: {exc}", err=True)
         raise SystemExit(2) from None
     raise SystemExit(run_agent(cfg))
+
+
+# ---------------------------------------------------------------------- client commands
+#
+# Every client command turns a failure into one line on stderr and exit status 1; click's
+# own usage errors keep exit status 2. Nothing here ever shows a traceback for a network,
+# token or unknown-node problem.
+
+COORDINATOR_HELP = ("Coordinator URL [NODEWATCH_COORDINATOR, else http://127.0.0.1:7300]; "
+                    "admin token from NODEWATCH_ADMIN_TOKEN.")
+_HEALTH_STYLE = {"healthy": "green", "suspect": "yellow", "unhealthy": "red", "dead": "red dim",
+                 "unknown": "dim"}
+_EVENT_STYLE = {"healthy": "green", "recovered": "green", "approved": "green",
+                "undrained": "green", "registered": "cyan", "suspect": "yellow",
+                "degraded": "yellow", "drained": "yellow", "review": "magenta",
+                "unhealthy": "red", "dead": "red", "removed": "red", "guard_on": "red",
+                "guard_off": "green", "action_failed": "red"}
+
+
+def make_console() -> Any:
+    """A rich console; wide when piped so tables stay whole in logs and scripts."""
+    import sys
+
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"nodewatch: {message}", err=True)
+    raise SystemExit(1)
+
+
+def _client(coordinator: str | None) -> Client:
+    from nodewatch.client import Client
+
+    return Client.from_env(coordinator)
+
+
+def _fmt_num(value: object, digits: int = 1) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:.{digits}f}".rstrip("0").rstrip(".") if digits else f"{value:.0f}"
+    return "-"
+
+
+def _ago(ts: float, now: float) -> str:
+    if not ts:
+        return "never"
+    delta = max(0.0, now - ts)
+    if delta < 60:
+        return f"{delta:.0f}s ago"
+    if delta < 3600:
+        return f"{delta / 60:.0f}m ago"
+    return f"{delta / 3600:.1f}h ago"
+
+
+def event_line(event: dict[str, Any], markup: bool = True) -> str:
+    """One human line per event; shared by ``events`` and the demo's live log."""
+    import datetime as _dt
+
+    when = _dt.datetime.fromtimestamp(float(event.get("ts", 0))).strftime("%H:%M:%S")
+    kind = str(event.get("kind", "?"))
+    change = ""
+    if event.get("from") or event.get("to"):
+        change = f" {event.get('from') or '-'} -> {event.get('to') or '-'}"
+    reason = f"  {event['reason']}" if event.get("reason") else ""
+    node = event.get("node_id") or "(cluster)"
+    if not markup:
+        return f"{when} {node:<12} {kind:<13}{change}{reason}"
+    from rich.markup import escape
+
+    style = _EVENT_STYLE.get(kind, "white")
+    return (f"[dim]{when}[/] {escape(str(node)):<12} [{style}]{kind:<13}[/]"
+            f"{escape(change)}[dim]{escape(reason)}[/]")
+
+
+def nodes_table(nodes: list[dict[str, Any]], now: float) -> Any:
+    """The ``status`` table: one row per node, coloured by health."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("NODE", "ADDRESS", "HEALTH", "STATUS", "ADMIN", "SCHED", "CPU%", "MEM%",
+                   "QPS", "PENDING", "LAST SEEN", "REASONS"):
+        numeric = column in {"CPU%", "MEM%", "QPS", "PENDING"}
+        table.add_column(column, justify="right" if numeric else "left",
+                         no_wrap=column != "REASONS")
+    for node in nodes:
+        health = str(node.get("health", "?"))
+        system = node.get("system") or {}
+        load = node.get("load") or {}
+        status = str(node.get("node_status", "?"))
+        admin = str(node.get("admin", "?"))
+        table.add_row(
+            escape(str(node.get("node_id"))), escape(str(node.get("address", ""))),
+            f"[{_HEALTH_STYLE.get(health, 'white')}]{health}[/]",
+            status if status == "ok" else f"[yellow]{status}[/]",
+            admin if admin == "active" else f"[magenta]{admin}[/]",
+            "[green]yes[/]" if node.get("schedulable") else "[red]no[/]",
+            _fmt_num(system.get("cpu_percent")), _fmt_num(system.get("mem_percent")),
+            _fmt_num(load.get("qps")), _fmt_num(load.get("pending_tasks"), 0),
+            _ago(float(node.get("last_seen") or 0), now),
+            escape("; ".join(node.get("reasons") or [])),
+        )
+    return table
+
+
+def summary_line(nodes: list[dict[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for node in nodes:
+        counts[str(node.get("health"))] = counts.get(str(node.get("health")), 0) + 1
+    parts = ", ".join(f"{n} {h}" for h, n in sorted(counts.items()))
+    schedulable = sum(1 for n in nodes if n.get("schedulable"))
+    return f"{len(nodes)} nodes ({parts or 'none'}); {schedulable} schedulable"
+
+
+@main.command()
+@click.option("--coordinator", help=COORDINATOR_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON instead of a table.")
+def status(coordinator: str | None, as_json: bool) -> None:
+    """Show every node: health, self-reported status, admin state, load."""
+    import json
+    import time
+
+    from nodewatch.client import ClientError
+
+    try:
+        nodes = _client(coordinator).nodes()
+    except ClientError as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps({"nodes": nodes}, indent=2, sort_keys=True))
+        return
+    console = make_console()
+    console.print(nodes_table(nodes, time.time()))
+    console.print(f"[dim]{summary_line(nodes)}[/]")
+
+
+def _node_command(name: str, verb: str, help_text: str) -> None:
+    """Register one operator command (drain, undrain, approve, remove) on the group."""
+
+    @main.command(name, help=help_text)
+    @click.argument("node_id")
+    @click.option("--coordinator", help=COORDINATOR_HELP)
+    def command(node_id: str, coordinator: str | None, reason: str = "") -> None:
+        from nodewatch.client import ClientError
+
+        try:
+            result = _client(coordinator).command(name, node_id, reason)
+        except ClientError as exc:
+            _fail(str(exc))
+        if name == "remove":
+            click.echo(f"{node_id} removed")
+            return
+        node = result.get("node") or {}
+        click.echo(f"{node_id} {verb}: health {node.get('health')}, status "
+                   f"{node.get('node_status')}, admin {node.get('admin')}, schedulable "
+                   f"{'yes' if node.get('schedulable') else 'no'}")
+
+    if name == "drain":
+        click.option("--reason", default="", help="Why; kept in the drained event.")(command)
+
+
+_node_command("drain", "drained", "Take NODE out softly: no new work, running work finishes.")
+_node_command("undrain", "undrained", "Return a drained NODE to service.")
+_node_command("approve", "approved", "Approve a NODE held for review after a suspicious rejoin.")
+_node_command("remove", "removed", "Forget NODE (it registers again if its agent still runs).")
+
+
+@main.command()
+@click.option("--coordinator", help=COORDINATOR_HELP)
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events as they happen.")
+@click.option("--last", "last", default=20, show_default=True, type=click.IntRange(0, 100_000),
+              help="How many past events to print first.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def events(coordinator: str | None, follow: bool, last: int, as_json: bool) -> None:
+    """Print recent events; with --follow, stream new ones (Server-Sent Events)."""
+    import collections
+    import json
+
+    from nodewatch.client import ClientError
+
+    console = make_console()
+
+    def show(event: dict[str, Any]) -> None:
+        if as_json:
+            click.echo(json.dumps(event, sort_keys=True))
+        else:
+            console.print(event_line(event))
+
+    client = _client(coordinator)
+    backlog: collections.deque[dict[str, Any]] = collections.deque(maxlen=max(last, 1))
+    after: str | None = None
+    try:
+        # Page through the retained events; bounded by what the store keeps (events_retained).
+        for _ in range(1000):
+            page = client.events(after=after, limit=1000)
+            backlog.extend(page["events"])
+            if not page["events"]:
+                after = page.get("last_id") or after
+                break
+            after = page["events"][-1]["id"]
+        for event in list(backlog)[-last:] if last else []:
+            show(event)
+        if not follow:
+            return
+        for event in client.stream_events(after=after):
+            show(event)
+    except ClientError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        return
+
+
+@main.command()
+@click.option("--nodes", default=5, show_default=True, type=click.IntRange(1, 50),
+              help="How many local agents to start.")
+@click.option("--listen", default="127.0.0.1:7300", show_default=True,
+              help="Loopback HOST:PORT for the coordinator and dashboard.")
+@click.option("--duration", default=None,
+              help="Stop by itself after this long (e.g. 30s, 5m); default: until Ctrl-C.")
+@click.option("--dir", "workdir", default="./nodewatch-data/demo", show_default=True,
+              type=click.Path(file_okay=False), help="Where demo state and logs go.")
+def demo(nodes: int, listen: str, duration: str | None, workdir: str) -> None:
+    """Run a coordinator and N agents locally, with a fast detection profile, to try things.
+
+    Type `help` at the prompt (or pipe commands on stdin) to kill, hang, degrade or load a
+    node and watch detection and recovery live on the dashboard.
+    """
+    from pathlib import Path
+
+    from nodewatch.config import parse_duration
+    from nodewatch.demo import DemoError, run_demo
+
+    seconds: float | None = None
+    if duration is not None:
+        try:
+            seconds = float(parse_duration(duration))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--duration") from None
+    try:
+        raise SystemExit(run_demo(nodes, listen, Path(workdir), seconds))
+    except DemoError as exc:
+        _fail(str(exc))
