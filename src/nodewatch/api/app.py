@@ -10,6 +10,7 @@ import asyncio
 import math
 import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -306,6 +307,23 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=text, headers={"Content-Type": "text/plain; version=0.0.4"})
 
 
+# ---------------------------------------------------------------------- documents and dashboard
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    from nodewatch.api.openapi import openapi_document
+
+    return json_response(openapi_document())
+
+
+async def dashboard(request: web.Request) -> web.FileResponse:
+    """The single-page dashboard; its assets ship in the package, no network needed."""
+    return web.FileResponse(STATIC_DIR / "index.html",
+                            headers={"Cache-Control": "no-cache"})
+
+
 def build_app(coord: Coordinator) -> web.Application:
     """The aiohttp application; the caller owns the coordinator's start and stop."""
     app = web.Application(middlewares=[problem_middleware],
@@ -325,4 +343,7 @@ def build_app(coord: Coordinator) -> web.Application:
     r.add_get("/v1/events/stream", event_stream)
     r.add_get("/healthz", healthz)
     r.add_get("/metrics", metrics)
+    r.add_get("/v1/openapi.json", openapi_json)
+    r.add_get("/", dashboard)
+    r.add_static("/static/", STATIC_DIR, append_version=False)
     return app

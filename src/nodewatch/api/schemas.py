@@ -76,3 +76,113 @@ def convert(data: object, model: type[T]) -> T:
             raise HTTPProblem(422, f"{message.replace('object contains ', '')} in {field}"
                               if field != "body" else message) from None
         raise HTTPProblem(422, f"{field}: {message}") from None
+
+
+# ---------------------------------------------------------------------- response models
+#
+# The handlers build responses from ``NodeState.to_json()`` and friends; these structs
+# describe those shapes for the OpenAPI document, and tests/api/test_openapi.py decodes real
+# responses into them, so a drift between the two fails a test.
+
+HealthValue = Literal["unknown", "healthy", "suspect", "unhealthy", "dead"]
+StatusValue = Literal["ok", "degraded", "draining"]
+AdminValue = Literal["active", "drained", "review"]
+
+
+class _View(msgspec.Struct, kw_only=True):
+    pass
+
+
+class DrainView(_View):
+    reason: str
+    started: float
+    deadline: float
+    by: Literal["operator", "node"]
+    complete: bool
+    waiting_for: dict[str, float | None] | None = None
+
+
+class NodeView(_View):
+    node_id: str
+    address: str
+    health: HealthValue
+    node_status: StatusValue
+    admin: AdminValue
+    schedulable: bool
+    incarnation: int
+    seq: int
+    last_seen: float
+    since: float
+    consecutive_failures: int
+    system: dict[str, float]
+    load: dict[str, float]
+    labels: dict[str, str]
+    reasons: list[str]
+    version: str = ""
+    drain: DrainView | None = None
+    load_score: Annotated[float | None, Meta(description="lower takes work first")] = None
+
+
+class NodesResponse(_View):
+    nodes: list[NodeView]
+
+
+class RegisterResponse(_View):
+    decision: Literal["new", "rejoin", "review"]
+    node: NodeView
+    heartbeat_interval: float = 0.0
+    heartbeat_phase: float = 0.0
+
+
+class EventView(_View):
+    id: Annotated[str, Meta(description="opaque; sorts in order")]
+    ts: float
+    node_id: str
+    kind: str
+    from_: str = msgspec.field(default="", name="from")
+    to: str = ""
+    reason: str = ""
+    evidence: dict[str, object] = msgspec.field(default_factory=dict)
+
+
+class EventsResponse(_View):
+    events: list[EventView]
+    last_id: str | None
+
+
+class HistorySampleView(_View):
+    ts: float
+    seq: int
+    health: str
+    system: dict[str, float]
+    load: dict[str, float]
+
+
+class HistoryResponse(_View):
+    node_id: str
+    samples: list[HistorySampleView]
+
+
+class CommandResponse(_View):
+    node: NodeView
+    events: list[EventView]
+
+
+class RemoveResponse(_View):
+    removed: str
+    events: list[EventView]
+
+
+class CoordinatorHealth(_View):
+    status: str
+    version: str
+    uptime: float
+    loop_lag: float
+    guard: bool
+    in_grace: bool
+    dry_run: bool
+    nodes: dict[str, int]
+
+
+class ErrorResponse(_View):
+    error: Annotated[str, Meta(description="what is wrong, for a human")]
