@@ -230,8 +230,8 @@ def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
         problems.append(("detection.connect_timeout", "expected at most detection.timeout"))
     if det.dead_after <= 0:
         problems.append(("detection.dead_after", "expected a duration greater than 0"))
-    if det.history_ttl < 60:
-        problems.append(("detection.history_ttl", "expected at least 1m"))
+    if det.history_ttl < 1:
+        problems.append(("detection.history_ttl", "expected at least 1s"))
     agent = cfg.agent
     if not 1.0 <= agent.sample_interval <= 15.0:
         problems.append(("agent.sample_interval", "expected a duration between 1s and 15s"))

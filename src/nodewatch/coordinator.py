@@ -13,8 +13,8 @@ import random
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 
@@ -49,6 +49,14 @@ class ActionSink(Protocol):
     def submit(self, request: ActionRequest, event: Event | None) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class BindableSink(Protocol):
+    """A sink that reports back (e.g. ``action_failed``) and reads the nodes it acts on."""
+
+    def bind(self, emit: Callable[[str, str, str, dict[str, Any]], None],
+             nodes: Callable[[], Mapping[str, NodeState]]) -> None: ...
 
 
 class NoActions:
@@ -133,6 +141,8 @@ class Coordinator:
         )
         self._running = True
         self._last_beat = self.clock()
+        if isinstance(self.actions, BindableSink):
+            self.actions.bind(self.record_event, lambda: self.cluster.nodes)
         await self.poller.start()
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -233,6 +243,11 @@ class Coordinator:
             raise ValueError(f"unknown command {name!r}")
         self._handle(outcome)
         return outcome
+
+    def record_event(self, kind: str, node_id: str, reason: str,
+                     evidence: dict[str, Any]) -> None:
+        """An event from an edge (the respond stage's ``action_failed``, dry runs)."""
+        self._handle(self.cluster.record(kind, node_id, reason, evidence, self.clock()))
 
     # ------------------------------------------------------------------ outcomes
 

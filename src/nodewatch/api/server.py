@@ -12,6 +12,7 @@ from aiohttp import web
 from nodewatch.api.app import build_app
 from nodewatch.config import Config
 from nodewatch.coordinator import ActionSink, Coordinator
+from nodewatch.respond.runner import ActionRunner
 from nodewatch.store.base import open_store
 
 log = logging.getLogger("nodewatch.coordinator")
@@ -37,10 +38,12 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 
 def build_actions(config: Config) -> ActionSink | None:
     """The respond stage for the configured ``[[actions]]`` (None when there are none)."""
-    if config.actions:
-        log.warning("%d [[actions]] configured, but this build runs none yet: events only",
-                    len(config.actions))
-    return None
+    if not config.actions:
+        return None
+    runner = ActionRunner.from_config(config)
+    log.info("%d [[actions]] configured%s", len(config.actions),
+             " (dry run: recorded, never run)" if config.coordinator.dry_run else "")
+    return runner
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None,

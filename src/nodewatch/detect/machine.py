@@ -331,13 +331,17 @@ class Cluster:
             kind = "status_ok" if report.status is NodeStatus.OK else report.status.value
             self._emit(out, now, node.node_id, kind, before.value, report.status.value, reason,
                        {"reasons": list(report.reasons)})
+            event = out.events[-1]
             if report.status is NodeStatus.DRAINING and node.drain is None:
                 node.drain = DrainState(reason=reason, started=now,
                                         deadline=now + self.policy.drain_deadline, by="node")
                 self._draining.add(node.node_id)
+                # Handled like an operator drain: load balancers stop sending new work.
+                self._action(out, "drained", node, event)
             elif before is NodeStatus.DRAINING and node.drain and node.drain.by == "node":
                 node.drain = None
                 self._draining.discard(node.node_id)
+                self._action(out, "undrained", node, event)
         if node.drain is not None and not node.drain.complete:
             self._check_drain(out, node, now)
 
@@ -774,6 +778,14 @@ class Cluster:
         self._action(out, "removed", node, event)
         out.removed.append(node_id)
         self._update_guard(out, now)
+        return out
+
+    def record(self, kind: str, node_id: str, reason: str, evidence: dict[str, Any],
+               now: float) -> Outcome:
+        """An event reported by an edge (e.g. ``action_failed`` from the respond stage): the
+        core only mints it, so that ids stay in one sequence; it changes no state."""
+        out = Outcome()
+        self._emit(out, now, node_id, kind, "", "", reason, evidence)
         return out
 
     # ------------------------------------------------------------------ time

@@ -1,0 +1,206 @@
+"""Runs configured actions for the coordinator's action requests without ever blocking it.
+
+``submit`` only schedules: each matching action becomes one job, bounded in number (beyond
+``max_pending`` a job is refused with an ``action_failed`` event). Jobs for the same node and
+action run one after another in submission order (a ``recovered`` never overtakes the
+``unhealthy`` before it); different nodes run concurrently up to ``concurrency``. Each attempt
+has the action's timeout; failures are retried with exponential backoff and jitter up to the
+action's ``retries``, then reported as ``action_failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from nodewatch.config import Config
+from nodewatch.detect.machine import ActionRequest
+from nodewatch.detect.types import Event, NodeState
+from nodewatch.respond.actions import Action, ActionCall, ActionError, build_action
+
+__all__ = ["ActionRunner", "Emit"]
+
+log = logging.getLogger("nodewatch.respond")
+
+
+class Emit(Protocol):
+    """How the runner reports back: the coordinator mints and stores an event."""
+
+    def __call__(self, kind: str, node_id: str, reason: str, evidence: dict[str, Any]) -> None:
+        ...
+
+
+def _no_emit(kind: str, node_id: str, reason: str, evidence: dict[str, Any]) -> None:
+    log.info("%s %s: %s", kind, node_id, reason)
+
+
+def _no_nodes() -> Mapping[str, NodeState]:
+    return {}
+
+
+class ActionRunner:
+    """The respond stage behind the coordinator's ``ActionSink`` protocol."""
+
+    def __init__(
+        self,
+        actions: Sequence[Action],
+        *,
+        dry_run: bool = False,
+        max_pending: int = 10_000,
+        concurrency: int = 16,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        close_grace: float = 5.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.actions = list(actions)
+        self.dry_run = dry_run
+        self.max_pending = max_pending
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.close_grace = close_grace
+        self.rng = rng or random.Random()
+        self._emit: Emit = _no_emit
+        self._nodes: Callable[[], Mapping[str, NodeState]] = _no_nodes
+        self._slots = asyncio.Semaphore(concurrency)
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._key_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+        self._by_kind: dict[str, list[Action]] = {}
+        for action in self.actions:
+            for kind in action.on:
+                self._by_kind.setdefault(kind, []).append(action)
+        # Decided once: the dry run path never builds a job.
+        self._dispatch = self._record_dry_run if dry_run else self._schedule
+        self.succeeded = 0
+        self.failed = 0
+        self.refused = 0
+
+    @classmethod
+    def from_config(cls, config: Config) -> ActionRunner:
+        actions = [build_action(cfg, i) for i, cfg in enumerate(config.actions)]
+        return cls(actions, dry_run=config.coordinator.dry_run)
+
+    def bind(self, emit: Emit, nodes: Callable[[], Mapping[str, NodeState]]) -> None:
+        """Connect to the coordinator: where events go, and a read-only view of the nodes."""
+        self._emit = emit
+        self._nodes = nodes
+
+    @property
+    def pending(self) -> int:
+        return len(self._jobs)
+
+    # ------------------------------------------------------------------ ActionSink
+
+    def submit(self, request: ActionRequest, event: Event | None) -> None:
+        """Never blocks and never raises: at worst the request is refused with an event."""
+        matching = self._by_kind.get(request.kind)
+        if not matching:
+            return
+        node = self._nodes().get(request.node_id)
+        call = ActionCall(request=request, event=event.to_json() if event else None,
+                          node=dataclasses.replace(node) if node is not None else None,
+                          nodes=self._nodes)
+        self._dispatch(call, matching)
+
+    async def aclose(self) -> None:
+        """Give running jobs a moment (``close_grace``) to finish, cancel the rest, close
+        sessions."""
+        if self._jobs:
+            _, still = await asyncio.wait(set(self._jobs), timeout=self.close_grace)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+        for action in self.actions:
+            await action.close()
+
+    async def join(self) -> None:
+        """Wait until every submitted job has finished (callers bound it with a timeout)."""
+        while self._jobs:
+            await asyncio.gather(*set(self._jobs), return_exceptions=True)
+
+    # ------------------------------------------------------------------ paths
+
+    def _record_dry_run(self, call: ActionCall, matching: list[Action]) -> None:
+        req = call.request
+        would_run = [{"action": a.name, **a.describe(call)} for a in matching]
+        # call_soon: the coordinator is in the middle of handling the outcome that asked.
+        asyncio.get_running_loop().call_soon(
+            self._emit, "action_dry_run", req.node_id,
+            f"dry run: would run {len(matching)} action(s) for {req.kind}",
+            {"dry_run": True, "would_run": would_run, "for_event": req.event_id,
+             "on": req.kind})
+
+    def _schedule(self, call: ActionCall, matching: list[Action]) -> None:
+        loop = asyncio.get_running_loop()
+        for action in matching:
+            if len(self._jobs) >= self.max_pending:
+                self.refused += 1
+                loop.call_soon(self._emit, "action_failed", call.request.node_id,
+                               f"{action.name} for {call.request.kind} not run: "
+                               f"{self.max_pending} actions already pending",
+                               self._evidence(action, call, 0, "queue full"))
+                continue
+            key = (action.name, call.request.node_id)
+            lock, users = self._key_locks.get(key) or (asyncio.Lock(), 0)
+            self._key_locks[key] = (lock, users + 1)
+            task = loop.create_task(self._job(action, call, key, lock),
+                                    name=f"nodewatch-action-{action.name}")
+            self._jobs.add(task)
+            task.add_done_callback(self._jobs.discard)
+
+    async def _job(self, action: Action, call: ActionCall, key: tuple[str, str],
+                   lock: asyncio.Lock) -> None:
+        try:
+            # Tasks start in creation order and the lock is FIFO: per node, submission order.
+            async with lock:
+                await self._attempts(action, call)
+        finally:
+            held, users = self._key_locks[key]
+            if users <= 1:
+                del self._key_locks[key]
+            else:
+                self._key_locks[key] = (held, users - 1)
+
+    async def _attempts(self, action: Action, call: ActionCall) -> None:
+        req = call.request
+        attempts = action.retries + 1
+        error = ""
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self._slots:
+                    async with asyncio.timeout(action.timeout):
+                        await action.run(call)
+                self.succeeded += 1
+                log.info("%s for %s on %s done (attempt %d)", action.name, req.kind,
+                         req.node_id, attempt)
+                return
+            except TimeoutError:
+                error = f"timed out after {action.timeout:g}s"
+            except ActionError as exc:
+                error = str(exc)
+            except Exception as exc:  # a bug in an action must not kill the runner
+                error = f"{type(exc).__name__}: {exc}"[:300]
+                log.exception("%s raised unexpectedly", action.name)
+            if attempt < attempts:
+                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+                delay *= 0.5 + 0.5 * self.rng.random()  # jitter: retries never synchronize
+                log.warning("%s for %s on %s failed (attempt %d of %d): %s; retry in %.2fs",
+                            action.name, req.kind, req.node_id, attempt, attempts, error, delay)
+                await asyncio.sleep(delay)
+        self.failed += 1
+        log.warning("%s for %s on %s failed after %d attempts: %s", action.name, req.kind,
+                    req.node_id, attempts, error)
+        self._emit("action_failed", req.node_id,
+                   f"{action.name} for {req.kind} failed after {attempts} attempts: {error}",
+                   self._evidence(action, call, attempts, error))
+
+    @staticmethod
+    def _evidence(action: Action, call: ActionCall, attempts: int, error: str
+                  ) -> dict[str, Any]:
+        return {"action": action.name, "on": call.request.kind,
+                "for_event": call.request.event_id, "attempts": attempts, "error": error,
+                **action.describe(call)}
