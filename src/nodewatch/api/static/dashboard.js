@@ -184,17 +184,31 @@ async function refreshHistory() {
   renderCharts(now);
 }
 
-function line(samples, pick, scale, start, cls) {
+function line(samples, pick, scale, start, width, cls) {
   const points = samples.map((s) => {
-    const x = ((s.ts - start) / HOUR) * 600;
+    const x = ((s.ts - start) / width) * 600;
     const y = 100 - Math.min(100, (pick(s) / scale) * 100);
     return `${x.toFixed(1)},${y.toFixed(1)}`;
   });
   return svg("polyline", { class: cls, points: points.join(" ") });
 }
 
+function spanText(seconds) {
+  if (seconds >= HOUR - 1) return "(1 h)";
+  return seconds >= 120 ? `(${(seconds / 60).toFixed(0)} min so far)` :
+    `(${seconds.toFixed(0)} s so far)`;
+}
+
 function renderCharts(now) {
-  const start = now - HOUR;
+  // The x axis is the last hour, or the time since the first sample when that is shorter,
+  // so a fresh cluster does not draw its first minute as a sliver at the right edge.
+  let first = now;
+  for (const entry of history.values()) {
+    if (entry.samples.length) first = Math.min(first, entry.samples[0].ts);
+  }
+  const start = Math.max(now - HOUR, first);
+  const width = Math.max(10, now - start);
+  document.getElementById("span").textContent = spanText(width);
   const cards = nodes.map((n) => {
     const samples = (history.get(n.node_id) || { samples: [] }).samples;
     const qps = (s) => (s.load && s.load.qps) || 0;
@@ -208,15 +222,21 @@ function renderCharts(now) {
     for (let i = 0; i < samples.length; i += 1) {
       if (samples[i].health === "healthy") continue;
       const next = samples[i + 1] ? samples[i + 1].ts : now;
-      const x = ((samples[i].ts - start) / HOUR) * 600;
-      const w = Math.max(0.5, ((next - samples[i].ts) / HOUR) * 600);
+      const x = ((samples[i].ts - start) / width) * 600;
+      const w = Math.max(0.5, ((next - samples[i].ts) / width) * 600);
       chart.append(svg("rect", { class: "outage", x, y: 0, width: w, height: 100 }));
     }
+    // A hung or dead node sends no samples: shade from its last sample to now as well.
+    if (n.health !== "healthy" && samples.length) {
+      const x = ((samples[samples.length - 1].ts - start) / width) * 600;
+      chart.append(svg("rect", { class: "outage", x, y: 0, width: Math.max(0.5, 600 - x),
+        height: 100 }));
+    }
     chart.append(line(samples, (s) => (s.system && s.system.cpu_percent) || 0, 100, start,
-      "cpu"));
+      width, "cpu"));
     chart.append(line(samples, (s) => (s.system && s.system.mem_percent) || 0, 100, start,
-      "mem"));
-    chart.append(line(samples, qps, qpsMax, start, "qps"));
+      width, "mem"));
+    chart.append(line(samples, qps, qpsMax, start, width, "qps"));
     const last = samples[samples.length - 1];
     const label = last
       ? `cpu ${num(last.system.cpu_percent)} · mem ${num(last.system.mem_percent)} · ` +
@@ -226,6 +246,14 @@ function renderCharts(now) {
       el("h3", {}, n.node_id, el("span", {}, label)), chart);
   });
   document.getElementById("charts").replaceChildren(...cards);
+}
+
+let historyTimer = null;
+function soonHistory() {
+  // An event means a chart is about to change colour: redraw within a second, at most once.
+  if (historyTimer === null) {
+    historyTimer = setTimeout(() => { historyTimer = null; refreshHistory(); }, 1000);
+  }
 }
 
 // ------------------------------------------------------------------ events
@@ -284,6 +312,7 @@ async function followStream(after) {
           after = event.id;
           addEvent(event);
           refreshNodes();
+          soonHistory();
         }
       }
     } catch (_) { /* the coordinator restarted or the network blinked: retry below */ }
