@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -142,7 +142,7 @@ class EventView(_View):
     from_: str = msgspec.field(default="", name="from")
     to: str = ""
     reason: str = ""
-    evidence: dict[str, object] = msgspec.field(default_factory=dict)
+    evidence: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class EventsResponse(_View):
