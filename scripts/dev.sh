@@ -15,6 +15,9 @@ need_debs() {
   command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
   command -v wrk >/dev/null || missing+=(wrk)
   command -v socat >/dev/null || missing+=(socat)
+  # Headless browser for the dashboard test (tests/api/test_dashboard.py).
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v chromedriver >/dev/null || missing+=(chromium-driver)
   if ((${#missing[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
       echo "missing Debian packages: ${missing[*]} (run as root to install them)" >&2
