@@ -8,6 +8,8 @@ import pytest
 
 from nodewatch.config import CoordinatorConfig
 from nodewatch.store.base import DEFAULT_SQLITE_PATH, open_store, sqlite_path
+from nodewatch.store.etcd import EtcdStore, parse_etcd_url
+from nodewatch.store.redis import RedisStore
 from nodewatch.store.sqlite import SqliteStore
 
 
@@ -36,11 +38,25 @@ def test_events_retained_reaches_the_store() -> None:
     assert isinstance(store, SqliteStore) and store.events_retained == 500
 
 
+def test_etcd_url_lists_endpoints_and_a_prefix() -> None:
+    store = open_store("etcd://10.0.0.1:2379,etcd-2,10.0.0.3:2381/prod/nw", history_ttl=60.0)
+    assert isinstance(store, EtcdStore)
+    assert store.endpoints == ["10.0.0.1:2379", "etcd-2:2379", "10.0.0.3:2381"]
+    assert store.prefix == "/prod/nw" and store.history_ttl == 60.0
+    assert parse_etcd_url("etcd://h")[1] == "/nodewatch"
+
+
+def test_redis_url_takes_an_optional_prefix() -> None:
+    store = open_store("redis://127.0.0.1:6380/2?prefix=nw1", events_retained=7)
+    assert isinstance(store, RedisStore)
+    assert store.url == "redis://127.0.0.1:6380/2" and store.prefix == "nw1"
+    assert store.events_retained == 7
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("etcd://127.0.0.1:2379/nodewatch", "etcd store not available yet"),
-        ("redis://127.0.0.1:6379/0", "redis store not available yet"),
+        ("etcd:///nodewatch", "no etcd endpoint"),
         ("postgres://db/x", "unknown store URL"),
         ("state.db", "unknown store URL"),
         ("sqlite:///:memory:", "needs a file path"),

@@ -89,7 +89,8 @@ def sqlite_path(url: str) -> Path:
     return Path(path)
 
 
-def open_store(url: str, *, events_retained: int = 100_000) -> Store:
+def open_store(url: str, *, events_retained: int = 100_000,
+               history_ttl: float = 3600.0) -> Store:
     """Build the (not yet opened) store a ``--store`` URL names; ``await store.open()`` next."""
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme == "sqlite":
@@ -97,7 +98,11 @@ def open_store(url: str, *, events_retained: int = 100_000) -> Store:
 
         return SqliteStore(sqlite_path(url), events_retained=events_retained)
     if scheme == "etcd":
-        raise ValueError("etcd store not available yet")
-    if scheme == "redis":
-        raise ValueError("redis store not available yet")
+        from nodewatch.store.etcd import EtcdStore
+
+        return EtcdStore.from_url(url, events_retained=events_retained, history_ttl=history_ttl)
+    if scheme in ("redis", "rediss"):
+        from nodewatch.store.redis import RedisStore
+
+        return RedisStore(url, events_retained=events_retained)
     raise ValueError(f"unknown store URL {url!r}: expected sqlite:///path, etcd://… or redis://…")

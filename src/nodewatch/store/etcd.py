@@ -1,0 +1,489 @@
+"""The etcd v3 store (etcd3aio over gRPC) and the etcd primitives HA is built on.
+
+Keys under the URL's prefix ``P``: ``P/nodes/<id>`` (compare-and-swap on mod_revision, which is
+the node's ``revision``), ``P/events/<id>``, ``P/history/<id>/<ts>/<seq>`` (attached to a lease
+per time bucket, so history expires by itself even with no coordinator running), ``P/meta/<k>``,
+``P/agents/<id>`` (an agent's liveness key on its own lease) and ``P/leader`` (the election).
+Writes are batched into transactions of up to 128 operations (etcd's default ``max-txn-ops``)
+with a bounded number in flight. Several endpoints are load-balanced by gRPC; a lost member's
+calls fail over to the others (transient errors are retried by the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit
+
+from etcd3aio import Etcd3Client, EtcdError, SortOrder, SortTarget, prefix_range_end
+from etcd3aio._protobuf import Compare  # the MOD target has no helper in etcd3aio 0.3
+from etcd3aio.kv import KVService
+
+from nodewatch.detect.types import Event, HistorySample, NodeState
+from nodewatch.store.codec import (
+    decode_event,
+    decode_node,
+    decode_sample,
+    encode_event,
+    encode_node,
+    encode_sample,
+)
+
+__all__ = ["EtcdStore", "KeepAlive", "WatchEvent", "parse_etcd_url"]
+
+log = logging.getLogger("nodewatch.store.etcd")
+T = TypeVar("T")
+
+TXN_OPS: Final = 128  # etcd's default --max-txn-ops
+PAGE: Final = 2_000  # keys per range read: stays far below gRPC's 4 MiB message limit
+HISTORY_BUCKET: Final = 60.0  # seconds of samples sharing one history lease
+
+
+def parse_etcd_url(url: str) -> tuple[list[str], str]:
+    """``etcd://h1:2379,h2:2379/prefix`` -> (["h1:2379", "h2:2379"], "/prefix")."""
+    if not url.startswith("etcd://"):
+        raise ValueError(f"expected etcd://host:port[,host:port...]/prefix, got {url!r}")
+    rest = url.removeprefix("etcd://")
+    hosts, _, path = rest.partition("/")
+    endpoints = []
+    for host in hosts.split(","):
+        host = host.strip()
+        if not host:
+            continue
+        endpoints.append(host if ":" in host.rsplit("]", 1)[-1] else f"{host}:2379")
+    if not endpoints:
+        raise ValueError(f"no etcd endpoint in {url!r}")
+    prefix = "/" + path.strip("/") if path.strip("/") else "/nodewatch"
+    return endpoints, prefix
+
+
+def _resolve(endpoint: str) -> str:
+    """gRPC's ``ipv4:`` target (used for several endpoints) takes addresses, not names."""
+    parts = urlsplit(f"//{endpoint}")
+    host, port = parts.hostname or "127.0.0.1", parts.port or 2379
+    try:
+        socket.inet_aton(host)
+        return f"{host}:{port}"
+    except OSError:
+        address = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+        return f"{address}:{port}"
+
+
+def _ts_key(ts: float) -> str:
+    return f"{max(ts, 0.0):020.6f}"
+
+
+def _mod_revision_is(key: bytes, revision: int) -> Any:
+    if revision == 0:
+        return KVService.txn_compare_create_revision(key, 0)
+    return Compare(result=Compare.EQUAL, target=Compare.MOD, key=key, mod_revision=revision)
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """One change under a watched prefix: ``put`` or ``delete`` of ``key`` (prefix stripped)."""
+
+    kind: str
+    key: str
+    value: bytes
+    revision: int
+
+
+class KeepAlive:
+    """Keeps one lease alive, refreshing about every TTL/3; ``lost`` is set when it expired
+    (a refresh answered TTL <= 0) or could not be refreshed for a whole TTL."""
+
+    def __init__(self, client: Etcd3Client, lease_id: int, ttl: int) -> None:
+        self.client = client
+        self.lease_id = lease_id
+        self.ttl = ttl
+        self.lost = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> KeepAlive:
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"nodewatch-lease-{self.lease_id:x}")
+        return self
+
+    async def _refresh(self) -> int:
+        lease = self.client.lease
+        assert lease is not None
+        call = lease.keep_alive(self.lease_id)
+        try:
+            async with asyncio.timeout(max(1.0, self.ttl / 3)):
+                async for reply in call:
+                    return int(reply.TTL)
+        finally:
+            call.cancel()
+        return 0
+
+    async def _run(self) -> None:
+        last_ok = time.monotonic()
+        interval = max(0.2, self.ttl / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                ttl = await self._refresh()
+            except (EtcdError, TimeoutError, Exception) as error:  # noqa: BLE001 - retried
+                if time.monotonic() - last_ok >= self.ttl:
+                    log.warning("lease %x not refreshed for %ss: lost (%s)", self.lease_id,
+                                self.ttl, error)
+                    self.lost.set()
+                    return
+                interval = 0.2
+                continue
+            if ttl <= 0:
+                self.lost.set()
+                return
+            last_ok = time.monotonic()
+            interval = max(0.2, self.ttl / 3)
+
+    async def stop(self, revoke: bool = True) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if revoke and self.client.lease is not None:
+            with contextlib.suppress(Exception):
+                await self.client.lease.revoke(self.lease_id, timeout=2.0, max_attempts=1)
+
+
+class EtcdStore:
+    """The :class:`~nodewatch.store.base.Store` on etcd v3 (3.4+)."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        prefix: str = "/nodewatch",
+        *,
+        events_retained: int = 100_000,
+        history_ttl: float = 3600.0,
+        timeout: float = 5.0,
+        in_flight: int = 64,
+    ) -> None:
+        if events_retained < 1:
+            raise ValueError("events_retained must be at least 1")
+        self.endpoints = list(endpoints)
+        self.prefix = prefix.rstrip("/")
+        self.events_retained = events_retained
+        self.history_ttl = history_ttl
+        self.timeout = timeout
+        self.in_flight = in_flight
+        self.client: Etcd3Client | None = None
+        self._kv: KVService | None = None
+        self._sem = asyncio.Semaphore(in_flight)
+        self._event_estimate = 0
+        self._history_lease: tuple[int, int] | None = None  # (bucket, lease id)
+        self._lease_lock = asyncio.Lock()
+        self._writes = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> EtcdStore:
+        endpoints, prefix = parse_etcd_url(url)
+        return cls(endpoints, prefix, **options)
+
+    def key(self, *parts: str) -> bytes:
+        return "/".join((self.prefix, *parts)).encode()
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self.client is not None:
+            raise RuntimeError("store already opened")
+        loop = asyncio.get_running_loop()
+        targets = [await loop.run_in_executor(None, _resolve, e) for e in self.endpoints]
+        self.client = Etcd3Client(targets, rpc_max_attempts=max(3, 2 * len(targets)))
+        await self.client.connect()
+        self._kv = self.client.kv
+        self._event_estimate = await self._count(self.key("events", ""))
+
+    async def close(self) -> None:
+        if self.client is None or self._closed:
+            return
+        await self._idle.wait()  # writes issued before close() finish first
+        self._closed = True  # writes issued before close() finish first
+        await self.client.close()
+
+    async def __aenter__(self) -> EtcdStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def kv(self) -> KVService:
+        if self._kv is None or self._closed:
+            raise RuntimeError("store is not open")
+        return self._kv
+
+    async def _writing(self, work: Awaitable[T]) -> T:
+        """Count a write in flight so that close() waits for it."""
+        self._writes += 1
+        self._idle.clear()
+        try:
+            return await work
+        finally:
+            self._writes -= 1
+            if self._writes == 0:
+                self._idle.set()
+
+    async def _bounded(self, work: Callable[[], Awaitable[T]]) -> T:
+        async with self._sem:
+            return await work()
+
+    async def flush(self) -> None:
+        """Every etcd write is durable (on a quorum) when its call returns."""
+        await self._idle.wait()
+
+    async def _count(self, prefix: bytes) -> int:
+        response = await self.kv.get(prefix, prefix_range_end(prefix), count_only=True,
+                                     timeout=self.timeout)
+        return int(response.count)
+
+    async def _range(self, start: bytes, end: bytes, *, limit: int = 0,
+                     keys_only: bool = False, descend: bool = False) -> list[Any]:
+        response = await self.kv.get(
+            start, end, limit=limit, keys_only=keys_only,
+            sort_order=SortOrder.DESCEND if descend else SortOrder.ASCEND,
+            sort_target=SortTarget.KEY, timeout=self.timeout)
+        return list(response.kvs)
+
+    async def _range_all(self, prefix: bytes) -> tuple[list[Any], int]:
+        """Every key under a prefix, paged; and the store revision of the first page."""
+        end = prefix_range_end(prefix)
+        out: list[Any] = []
+        start = prefix
+        revision = 0
+        while True:
+            response = await self.kv.get(start, end, limit=PAGE, revision=revision,
+                                         timeout=self.timeout)
+            revision = revision or int(response.header.revision)
+            out.extend(response.kvs)
+            if not response.more or not response.kvs:
+                return out, revision
+            start = bytes(response.kvs[-1].key) + b"\0"
+
+    # -- nodes ------------------------------------------------------------------------------
+
+    async def load_nodes(self) -> list[NodeState]:
+        return (await self.load_nodes_at())[0]
+
+    async def load_nodes_at(self) -> tuple[list[NodeState], int]:
+        """Every node and the store revision they were read at (to watch from revision + 1)."""
+        kvs, revision = await self._range_all(self.key("nodes", ""))
+        return [decode_node(bytes(kv.value), int(kv.mod_revision)) for kv in kvs], revision
+
+    async def get_node(self, node_id: str) -> NodeState | None:
+        response = await self.kv.get(self.key("nodes", node_id), timeout=self.timeout)
+        if not response.kvs:
+            return None
+        kv = response.kvs[0]
+        return decode_node(bytes(kv.value), int(kv.mod_revision))
+
+    async def save_nodes(self, nodes: Sequence[NodeState]) -> list[str]:
+        if not nodes:
+            return []
+        items = [(self.key("nodes", n.node_id), n.revision, encode_node(n)) for n in nodes]
+        groups = [items[at:at + TXN_OPS] for at in range(0, len(items), TXN_OPS)]
+        results = await self._writing(asyncio.gather(
+            *(self._bounded(partial(self._cas_group, group)) for group in groups)))
+        conflicts = []
+        for node, revision in zip(nodes, (r for rs in results for r in rs), strict=True):
+            if revision is None:
+                conflicts.append(node.node_id)
+            else:
+                node.revision = revision
+        return conflicts
+
+    async def _cas_group(self, items: list[tuple[bytes, int, bytes]]) -> list[int | None]:
+        """One transaction for the group; if any compare fails, node by node."""
+        response = await self.kv.txn(
+            [_mod_revision_is(key, old) for key, old, _ in items],
+            [KVService.txn_op_put(key, body) for key, _, body in items],
+            timeout=self.timeout)
+        if response.succeeded:
+            return [int(response.header.revision)] * len(items)
+        return list(await asyncio.gather(*(self._cas_one(*item) for item in items)))
+
+    async def _cas_one(self, key: bytes, old: int, body: bytes) -> int | None:
+        response = await self.kv.txn(
+            [_mod_revision_is(key, old)], [KVService.txn_op_put(key, body)],
+            [KVService.txn_op_get(key)], timeout=self.timeout)
+        if response.succeeded:
+            return int(response.header.revision)
+        kvs = response.responses[0].response_range.kvs
+        if kvs and bytes(kvs[0].value) == body:
+            return int(kvs[0].mod_revision)  # the same content again: replay-safe
+        return None
+
+    async def delete_node(self, node_id: str) -> bool:
+        response = await self._writing(
+            self.kv.delete(self.key("nodes", node_id), timeout=self.timeout))
+        return int(response.deleted) > 0
+
+    # -- events -----------------------------------------------------------------------------
+
+    async def append_events(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        ops = [KVService.txn_op_put(self.key("events", e.id), encode_event(e)) for e in events]
+
+        async def append() -> None:
+            await self._put_ops(ops)
+            self._event_estimate += len(events)  # an upper bound: replays count twice
+            if self._event_estimate > self.events_retained:
+                await self._trim_events()
+
+        await self._writing(append())
+
+    async def _put_ops(self, ops: list[Any]) -> None:
+        groups = [ops[at:at + TXN_OPS] for at in range(0, len(ops), TXN_OPS)]
+        await asyncio.gather(*(self._bounded(partial(self.kv.txn, [], group,
+                                                     timeout=self.timeout))
+                               for group in groups))
+
+    async def _trim_events(self) -> None:
+        prefix = self.key("events", "")
+        count = await self._count(prefix)
+        excess = count - self.events_retained
+        if excess > 0:
+            oldest = await self._range(prefix, prefix_range_end(prefix), limit=excess,
+                                       keys_only=True)
+            await self.kv.delete(prefix, bytes(oldest[-1].key) + b"\0", timeout=self.timeout)
+        self._event_estimate = min(count, self.events_retained)
+
+    async def events_after(self, after: str | None, limit: int = 1000) -> list[Event]:
+        prefix = self.key("events", "")
+        start = self.key("events", after) + b"\0" if after is not None else prefix
+        kvs = await self._range(start, prefix_range_end(prefix), limit=limit)
+        return [decode_event(bytes(kv.value)) for kv in kvs]
+
+    async def last_event_id(self) -> str | None:
+        prefix = self.key("events", "")
+        kvs = await self._range(prefix, prefix_range_end(prefix), limit=1, keys_only=True,
+                                descend=True)
+        return bytes(kvs[0].key)[len(prefix):].decode() if kvs else None
+
+    # -- history ----------------------------------------------------------------------------
+
+    async def _lease_for_history(self) -> int:
+        """One lease per HISTORY_BUCKET seconds of wall time, living ttl + one bucket."""
+        bucket = int(time.time() // HISTORY_BUCKET)
+        current = self._history_lease
+        if current is not None and current[0] == bucket:
+            return current[1]
+        async with self._lease_lock:
+            current = self._history_lease
+            if current is not None and current[0] == bucket:
+                return current[1]
+            lease = self.client.lease if self.client is not None else None
+            assert lease is not None
+            ttl = math.ceil(self.history_ttl + HISTORY_BUCKET)
+            granted = await lease.grant(ttl, timeout=self.timeout)
+            self._history_lease = (bucket, int(granted.ID))
+            return int(granted.ID)
+
+    def _history_key(self, sample: HistorySample) -> bytes:
+        return self.key("history", sample.node_id, _ts_key(sample.ts), f"{sample.seq:020d}")
+
+    async def add_samples(self, samples: Sequence[HistorySample]) -> None:
+        if not samples:
+            return
+
+        async def add() -> None:
+            lease = await self._lease_for_history()
+            await self._put_ops([KVService.txn_op_put(self._history_key(s), encode_sample(s),
+                                                      lease=lease) for s in samples])
+
+        await self._writing(add())
+
+    async def history(self, node_id: str, since: float) -> list[HistorySample]:
+        prefix = self.key("history", node_id, "")
+        kvs = await self._range(prefix + _ts_key(since).encode(), prefix_range_end(prefix))
+        return [decode_sample(bytes(kv.value)) for kv in kvs]
+
+    async def prune(self, now: float, history_ttl: float) -> int:
+        """Per node, one range delete of what is older than the cutoff (etcd applies each as
+        one raft entry); leases remove the rest by themselves. Never blocks the loop."""
+        root = self.key("history", "")
+        end = prefix_range_end(root)
+        cutoff = _ts_key(now - history_ttl).encode()
+        total = 0
+        start = root
+        while True:
+            first = await self._range(start, end, limit=1, keys_only=True)
+            if not first:
+                return total
+            rest = bytes(first[0].key)[len(root):]
+            node_prefix = root + rest.split(b"/", 1)[0] + b"/"
+            response = await self._writing(
+                self.kv.delete(node_prefix, node_prefix + cutoff, timeout=self.timeout))
+            total += int(response.deleted)
+            start = prefix_range_end(node_prefix)
+
+    # -- meta -------------------------------------------------------------------------------
+
+    async def get_meta(self, key: str) -> str | None:
+        response = await self.kv.get(self.key("meta", key), timeout=self.timeout)
+        return bytes(response.kvs[0].value).decode() if response.kvs else None
+
+    async def put_meta(self, key: str, value: str) -> None:
+        await self._writing(self.kv.put(self.key("meta", key), value.encode(),
+                                        timeout=self.timeout))
+
+    # -- leases and watches (agent lease mode, leader election, followers) ------------------
+
+    async def grant(self, ttl: int) -> int:
+        assert self.client is not None and self.client.lease is not None
+        return int((await self.client.lease.grant(ttl, timeout=self.timeout)).ID)
+
+    def keepalive(self, lease_id: int, ttl: int) -> KeepAlive:
+        assert self.client is not None
+        return KeepAlive(self.client, lease_id, ttl).start()
+
+    async def create_with_lease(self, key: bytes, value: bytes, lease_id: int) -> bool:
+        """Put ``key`` only if it does not exist (an election, a first publication)."""
+        response = await self.kv.txn([KVService.txn_compare_create_revision(key, 0)],
+                                     [KVService.txn_op_put(key, value, lease=lease_id)],
+                                     timeout=self.timeout)
+        return bool(response.succeeded)
+
+    async def get_raw(self, key: bytes) -> tuple[bytes, int] | None:
+        response = await self.kv.get(key, timeout=self.timeout)
+        if not response.kvs:
+            return None
+        return bytes(response.kvs[0].value), int(response.kvs[0].mod_revision)
+
+    async def list_raw(self, sub: str) -> tuple[list[tuple[str, bytes]], int]:
+        prefix = self.key(sub, "")
+        kvs, revision = await self._range_all(prefix)
+        return [(bytes(kv.key)[len(prefix):].decode(), bytes(kv.value)) for kv in kvs], revision
+
+    async def watch(self, sub: str, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
+        """Changes under ``P/<sub>/`` from ``start_revision``, one list per etcd response.
+
+        etcd3aio resumes a broken stream from the last revision + 1; a compacted start
+        revision raises LookupError so that the caller reloads and watches again."""
+        assert self.client is not None and self.client.watch is not None
+        prefix = self.key(sub, "")
+        stream = self.client.watch.watch(prefix, prefix_range_end(prefix),
+                                         start_revision=start_revision)
+        async for response in stream:
+            if response.compact_revision > 0:
+                raise LookupError(f"watch of {sub} compacted at {response.compact_revision}")
+            if response.events:
+                yield [WatchEvent("delete" if ev.type == 1 else "put",
+                                  bytes(ev.kv.key)[len(prefix):].decode(), bytes(ev.kv.value),
+                                  int(ev.kv.mod_revision)) for ev in response.events]
