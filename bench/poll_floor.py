@@ -88,10 +88,10 @@ class HealthProtocol(asyncio.Protocol):
         self.buffer = buffer[-65536:]
 
 
-async def serve(nodes: int) -> None:
+async def serve(first: int, count: int) -> None:
     loop = asyncio.get_running_loop()
     addresses = []
-    for i in range(nodes):
+    for i in range(first, first + count):
         host = loopback(i)
         response = response_for(f"n{i}")
         server = await loop.create_server(partial(HealthProtocol, response), host, 0,
@@ -129,6 +129,11 @@ class Figures:
                 f"failures {self.failures}{'  ' + self.extra if self.extra else ''}")
 
 
+# --gc-freeze: move everything alive after the warm-up (the kept-alive connections) out of the
+# collector's reach, as a coordinator can do once its node set is loaded and connected.
+GC_FREEZE = False
+
+
 def cpu_time() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -139,14 +144,21 @@ async def measure(name: str, counter: Callable[[], tuple[int, int]], warmup: flo
                   on_warm: Callable[[], None] | None = None) -> Figures:
     """Wait out the warm-up (connections get established), then count over ``duration``."""
     await asyncio.sleep(warmup)
+    # A full collection stalls the loop (about 180 ms with 10,000 kept-alive connections here):
+    # do it before the window and let the backlog it causes drain before lateness is reset.
+    gc.collect()
+    if GC_FREEZE:
+        gc.freeze()
+    await asyncio.sleep(1.0)
     if on_warm is not None:
         on_warm()
-    gc.collect()
     checks0, failures0 = counter()
     cpu0, wall0 = cpu_time(), time.perf_counter()
     await asyncio.sleep(duration)
     checks1, failures1 = counter()
     cpu1, wall1 = cpu_time(), time.perf_counter()
+    if GC_FREEZE:
+        gc.unfreeze()
     return Figures(name, checks1 - checks0, failures1 - failures0, wall1 - wall0, cpu1 - cpu0,
                    extra() if extra else "")
 
@@ -219,10 +231,11 @@ async def run_bare_paced(addresses: list[str], concurrency: int, rate: float, wa
             done[0] += 1
             done[1] += not ok
 
+        tasks: set[asyncio.Task[None]] = set()
+
         async def ticker() -> None:
             started = time.perf_counter()
             issued = 0
-            tasks: set[asyncio.Task[None]] = set()
             while True:
                 due = int((time.perf_counter() - started) * rate)
                 for _ in range(due - issued):
@@ -236,7 +249,7 @@ async def run_bare_paced(addresses: list[str], concurrency: int, rate: float, wa
         try:
             return await measure("bare/pc", lambda: (done[0], done[1]), warmup, duration)
         finally:
-            await cancel_all([task])
+            await cancel_all([task, *tasks])
 
 
 async def run_poller(addresses: list[str], concurrency: int, interval: float, warmup: float,
@@ -329,28 +342,49 @@ def main() -> None:
                         help="checks/s for the paced comparison; 0 skips it")
     parser.add_argument("--no-uvloop", action="store_true")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--serve", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--gc-threshold0", type=int, default=0,
+                        help="gc.set_threshold(N, 20, 10): fewer young collections, far fewer "
+                             "objects promoted to the old generation, rare full collections")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="gc.freeze() after each warm-up (long-lived connection objects)")
+    parser.add_argument("--serve", default="", help=argparse.SUPPRESS)  # FIRST:COUNT
     args = parser.parse_args()
+    global GC_FREEZE
+    GC_FREEZE = args.gc_freeze
+    if args.gc_threshold0:
+        gc.set_threshold(args.gc_threshold0, 20, 10)
     run: Callable[[Coroutine[Any, Any, None]], None] = (
         uvloop.run if HAVE_UVLOOP and not args.no_uvloop else asyncio.run)
     if args.serve:
-        run(serve(args.serve))
+        first, count = (int(part) for part in args.serve.split(":"))
+        run(serve(first, count))
         return
-    # The servers live in a child process so that their CPU is not counted as the client's.
-    child = subprocess.Popen([sys.executable, __file__, "--serve", str(args.nodes)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    # The servers live in child processes so that their CPU is not counted as the client's;
+    # several of them above a few thousand nodes, because each child holds two descriptors per
+    # node (listening + accepted) and ``ulimit -n`` is often 20,000 or less.
+    per_child = 4000
+    children = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--serve", f"{first}:{min(per_child, args.nodes - first)}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for first in range(0, args.nodes, per_child)
+    ]
     try:
-        assert child.stdout is not None
-        addresses: list[str] = json.loads(child.stdout.readline())
+        addresses: list[str] = []
+        for child in children:
+            assert child.stdout is not None
+            addresses += json.loads(child.stdout.readline())
         run(main_async(args, addresses))
     finally:
-        if child.stdin is not None:
-            child.stdin.close()  # the child exits when its stdin closes
-        try:
-            child.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        for child in children:
+            if child.stdin is not None:
+                child.stdin.close()  # a child exits when its stdin closes
+        for child in children:
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
 
 
 if __name__ == "__main__":
