@@ -415,9 +415,28 @@ async def test_stop_closes_the_session_and_cancels_cleanly(servers: list[Server]
     stats = poller.stats()
     assert stats["in_flight"] == 0 and stats["lateness_count"] >= done
     assert "n1" in poller  # the node set survives a stop; a restart resumes it
+    assert poller._scheduler.due_of("n1") is not None
     await poller.start()
     await eventually(lambda: poller.stats()["checks_done"] > done, message="resumed checks")
     await poller.stop()
+
+
+async def test_stop_during_checks_leaves_every_node_scheduled_for_a_restart() -> None:
+    gate = asyncio.Event()
+
+    class HeldProbe:
+        async def check(self, node_id: str, address: str) -> CheckResult:
+            await gate.wait()
+            return CheckResult(node_id, True, time.monotonic())
+
+    poller = make_poller(HeldProbe(), concurrency=2, interval=60.0)  # type: ignore[arg-type]
+    await poller.start()
+    for i in range(5):
+        poller.add(f"n{i}", "127.0.0.1:1", first_due=time.monotonic())
+    await eventually(lambda: poller.stats()["in_flight"] == 2, message="two checks in flight")
+    await poller.stop()
+    assert all(poller._scheduler.due_of(f"n{i}") is not None for i in range(5))
+    assert poller.stats()["checks_done"] == 0
 
 
 async def test_lateness_is_recorded_per_check(servers: list[Server]) -> None:

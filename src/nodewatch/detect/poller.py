@@ -298,6 +298,14 @@ class Poller:
         while self._idle:
             self._idle.popleft().cancel()
         self.in_flight = 0
+        # A node whose check was abandoned, or that the timer had just handed to a worker, is
+        # in neither the heap nor flight: make it due at once so a restart checks it again.
+        now = self._clock()
+        for node_id, node in self._nodes.items():
+            node.busy = False
+            node.recheck = False
+            if node_id not in self._scheduler:
+                self._scheduler.schedule(node_id, now)
         if isinstance(self._probe, ClosableProbe):
             await self._probe.aclose()
 
@@ -392,11 +400,8 @@ class Poller:
             try:
                 result = await probe_check(node_id, node.address)
             except asyncio.CancelledError:
-                # Stopped mid-check: the node is due again at once after a restart.
-                node.busy = False
+                node.busy = False  # stop() makes the node due again for a restart
                 self.in_flight -= 1
-                if nodes.get(node_id) is node:
-                    scheduler.schedule(node_id, clock())
                 raise
             except Exception as exc:  # a probe bug must not lose the node or kill the worker
                 log.exception("probe failed on %s", node_id)
