@@ -75,9 +75,11 @@ def coordinator(listen: str | None, store: str | None, config_path: str | None,
               help="TOML config file; flags override it.")
 @click.option("--sample-interval", help="Sampling interval, 1s-15s (default 5s).")
 @click.option("--heartbeat-interval", help="Push heartbeats this often (0 = pull only).")
+@click.option("--store", help="etcd://host:2379/prefix: publish liveness under an etcd lease.")
 def agent_command(node_id: str | None, listen: str | None, advertise: str | None,
                   coordinator: str | None, state_dir: str | None, config_path: str | None,
-                  sample_interval: str | None, heartbeat_interval: str | None) -> None:
+                  sample_interval: str | None, heartbeat_interval: str | None,
+                  store: str | None) -> None:
     """Run the node agent (token from NODEWATCH_AGENT_TOKEN or [agent] agent_token)."""
     from nodewatch.collect.run import load_agent_config, run_agent
     from nodewatch.config import ConfigError
@@ -87,6 +89,7 @@ def agent_command(node_id: str | None, listen: str | None, advertise: str | None
             "node_id": node_id, "listen": listen, "advertise": advertise,
             "coordinator": coordinator, "state_dir": state_dir,
             "sample_interval": sample_interval, "heartbeat_interval": heartbeat_interval,
+            "store": store,
         })
     except ConfigError as exc:
         click.echo(f"nodewatch agent: {exc}", err=True)

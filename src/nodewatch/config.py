@@ -103,6 +103,7 @@ class CoordinatorConfig(_Table):
     max_loop_lag: Duration = Duration(1.0)
     max_body: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     events_retained: Annotated[int, Meta(ge=100)] = 100_000
+    leader_ttl: Duration = Duration(5.0)  # etcd election lease: a dead leader's replacement time
 
 
 class DetectionConfig(_Table):
@@ -198,6 +199,8 @@ class AgentConfig(_Table):
     sample_interval: Duration = Duration(5.0)
     agent_token: str = ""
     heartbeat_interval: Duration = Duration(0.0)
+    store: str = ""  # etcd://...: publish liveness under a lease (etcd lease mode)
+    lease_ttl: Duration = Duration(15.0)
     max_body: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     probe_timeout: Duration = Duration(3.0)
     probe_connect_timeout: Duration = Duration(1.0)
@@ -230,6 +233,12 @@ def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
         problems.append(("detection.connect_timeout", "expected at most detection.timeout"))
     if det.dead_after <= 0:
         problems.append(("detection.dead_after", "expected a duration greater than 0"))
+    if cfg.coordinator.leader_ttl < 1:
+        problems.append(("coordinator.leader_ttl", "expected at least 1s (an etcd lease)"))
+    if cfg.agent.lease_ttl < 1:
+        problems.append(("agent.lease_ttl", "expected at least 1s (an etcd lease)"))
+    if cfg.agent.store and not cfg.agent.store.startswith("etcd://"):
+        problems.append(("agent.store", "expected an etcd://host:2379/prefix URL"))
     if det.history_ttl < 1:
         problems.append(("detection.history_ttl", "expected at least 1s"))
     agent = cfg.agent

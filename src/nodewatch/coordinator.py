@@ -14,7 +14,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import aiohttp
 
@@ -26,6 +26,7 @@ from nodewatch.detect.scheduler import CheckScheduler
 from nodewatch.detect.types import (
     CheckResult,
     Event,
+    FailureClass,
     Health,
     HistorySample,
     NodeState,
@@ -35,12 +36,24 @@ from nodewatch.detect.types import (
     event_number,
 )
 from nodewatch.store.base import Store
+from nodewatch.web import HTTPProblem
+
+if TYPE_CHECKING:
+    from nodewatch.leader import AgentLease, Leadership
 
 log = logging.getLogger("nodewatch.coordinator")
 
 RECENT_EVENTS = 10_000
 PERSIST_INTERVAL = 0.5
 LAG_BEAT = 0.1
+
+
+class NotLeader(HTTPProblem):
+    """A follower refuses what only the leader may do (503, naming the leader)."""
+
+    def __init__(self, leader: str) -> None:
+        super().__init__(503, f"this coordinator is a follower; the leader is "
+                              f"{leader or 'being elected'}")
 
 
 class ActionSink(Protocol):
@@ -81,8 +94,15 @@ class Coordinator:
         probe: Probe | None = None,
         actions: ActionSink | None = None,
         rng: random.Random | None = None,
+        leadership: Leadership | None = None,
     ) -> None:
         self.config = config
+        # With several coordinators on etcd, only the elected leader polls, confirms failures,
+        # runs actions and writes node state; a follower mirrors the store and serves reads.
+        self.leadership = leadership
+        self.role = "leader" if leadership is None else "follower"
+        self.leader = ""
+        self._lead_tasks: list[asyncio.Task[None]] = []
         self.store = store
         self.clock = clock
         self.policy = Policy.from_config(config)
@@ -119,21 +139,10 @@ class Coordinator:
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
-        """Restore everything from the store, then start watching with a grace period."""
+        """Restore everything from the store, then start watching with a grace period (or,
+        with an election, follow until elected)."""
         await self.store.open()
-        nodes = await self.store.load_nodes()
-        last = await self.store.last_event_id()
-        now = self.clock()
-        self.cluster = Cluster(self.policy, now=now, rng=self.rng, nodes=nodes,
-                               next_event=(event_number(last) + 1) if last else 1)
-        self.cluster.take_dirty()  # freshly loaded: nothing to write back
-        self._last_stored_event = last
-        self.cluster.restart_grace(now)
-        for static in self.config.nodes:
-            self._handle(self.cluster.add_static(static.id, static.address, static.labels, now))
-        for node in self.cluster.nodes.values():
-            if node.health is not Health.DEAD and node.node_id not in self.poller:
-                self.poller.add(node.node_id, node.address)
+        nodes = await self._restore()
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.detection.timeout * 2,
                                           connect=self.config.detection.connect_timeout),
@@ -143,27 +152,129 @@ class Coordinator:
         self._last_beat = self.clock()
         if isinstance(self.actions, BindableSink):
             self.actions.bind(self.record_event, lambda: self.cluster.nodes)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._lag_monitor(), name="nodewatch-lag")]
+        if self.leadership is not None:
+            self.leadership.start(self)
+            log.info("coordinator started as a follower: %d nodes loaded, campaigning",
+                     len(nodes))
+            return
+        await self._lead()
+        log.info("coordinator started: %d nodes restored, grace %.1fs", len(nodes),
+                 self.policy.startup_grace)
+
+    async def _restore(self) -> list[NodeState]:
+        """A fresh core from the store's nodes and last event, in startup grace."""
+        nodes = await self.store.load_nodes()
+        last = await self.store.last_event_id()
+        now = self.clock()
+        self.cluster = Cluster(self.policy, now=now, rng=self.rng, nodes=nodes,
+                               next_event=(event_number(last) + 1) if last else 1)
+        self.cluster.take_dirty()  # freshly loaded: nothing to write back
+        self._last_stored_event = last
+        self.cluster.restart_grace(now)
+        return nodes
+
+    async def _lead(self) -> None:
+        """Poll every watched node, tick the core's timers, prune history; write it all."""
+        self.role = "leader"
+        now = self.clock()
+        for static in self.config.nodes:
+            self._handle(self.cluster.add_static(static.id, static.address, static.labels, now))
+        for node in self.cluster.nodes.values():
+            if node.health is not Health.DEAD and node.node_id not in self.poller:
+                self.poller.add(node.node_id, node.address)
         await self.poller.start()
         loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._lag_monitor(), name="nodewatch-lag"),
+        self._lead_tasks = [
             loop.create_task(self._ticker(), name="nodewatch-tick"),
             loop.create_task(self._retention(), name="nodewatch-retention"),
         ]
         await self.persist()
-        log.info("coordinator started: %d nodes restored, grace %.1fs", len(nodes),
+
+    async def become_leader(self) -> None:
+        """Elected: reload everything from the store (the old leader's last word), observe
+        through ``startup_grace``, then lead. What the old leader did is in the node state
+        (``cleaned_up``, drains), so no action runs twice."""
+        await self._restore()
+        self.leader = self.config.coordinator.listen
+        await self._lead()
+        log.info("elected leader: %d nodes, grace %.1fs", len(self.cluster.nodes),
                  self.policy.startup_grace)
+
+    async def become_follower(self, leader: str) -> None:
+        """Not (or no longer) the leader: stop polling, ticking and writing node state."""
+        was_leader = self.role == "leader"
+        self.role, self.leader = "follower", leader
+        if not was_leader:
+            return
+        tasks, self._lead_tasks = self._lead_tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.poller.stop()
+        for node_id in list(self.cluster.nodes):
+            self.poller.remove(node_id)  # the next term polls what the store then holds
+        log.warning("now a follower (leader: %s)", leader or "being elected")
+
+    def mirror_nodes(self, nodes: list[NodeState], deleted: list[str], reset: bool) -> None:
+        """A follower's copy of the leader's node state, kept by watch (reads only)."""
+        if self.role == "leader":
+            return
+        if reset:
+            self.cluster.nodes.clear()
+        for node in nodes:
+            self.cluster.nodes[node.node_id] = node
+        for node_id in deleted:
+            self.cluster.nodes.pop(node_id, None)
+        self.cluster.take_dirty()
+
+    def mirror_events(self, events: list[Event]) -> None:
+        if self.role == "leader" or not events:
+            return
+        self.recent.extend(events)
+        self._last_stored_event = events[-1].id
+        self._new_events.set()
+        self._new_events = asyncio.Event()
+
+    def agent_published(self, lease: AgentLease) -> None:
+        """An agent in etcd lease mode announced itself: register it if it is new or was
+        restarted (the poller then confirms it as usual)."""
+        node = self.cluster.nodes.get(lease.node_id)
+        if self.role != "leader" or (node is not None and node.incarnation >= lease.incarnation
+                                     and node.address == lease.address):
+            return
+        self.register(Registration(node_id=lease.node_id, address=lease.address,
+                                   incarnation=lease.incarnation, last_seq=lease.last_seq,
+                                   last_ts=lease.last_ts, version=lease.version,
+                                   labels=dict(lease.labels)))
+
+    def agent_lease_expired(self, node_id: str) -> None:
+        """An agent's liveness key expired: a failed check, then confirm by polling."""
+        if self.role != "leader" or node_id not in self.cluster.nodes:
+            return
+        self.on_result(CheckResult(node_id=node_id, ok=False, at=self.clock(),
+                                   failure=FailureClass.LEASE_EXPIRED,
+                                   detail="agent lease expired", source="lease"))
+        if node_id in self.poller:
+            self.poller.check_now(node_id)
+
+    def _require_leader(self) -> None:
+        if self.role != "leader":
+            raise NotLeader(self.leader)
 
     async def stop(self) -> None:
         """Stop watching, write what is pending, close the store. Idempotent."""
         if not self._running:
             return
         self._running = False
+        if self.leadership is not None:
+            await self.leadership.stop()
         await self.poller.stop()
-        for task in self._tasks:
+        for task in self._tasks + self._lead_tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        await asyncio.gather(*self._tasks, *self._lead_tasks, return_exceptions=True)
+        self._tasks, self._lead_tasks = [], []
         await self.actions.aclose()
         if self._session is not None:
             await self._session.close()
@@ -209,10 +320,12 @@ class Coordinator:
 
     def heartbeat(self, result: CheckResult) -> Outcome:
         """A pushed heartbeat; raises UnknownNode, returns an outcome with ``stale`` set."""
+        self._require_leader()
         self._gate_on_stall()
         return self._observe(result)
 
     def register(self, reg: Registration) -> tuple[RegisterDecision, NodeState]:
+        self._require_leader()
         decision, outcome = self.cluster.register(reg, self.clock())
         node = self.cluster.nodes[reg.node_id]
         if node.node_id in self.poller:
@@ -230,6 +343,7 @@ class Coordinator:
 
     def command(self, name: str, node_id: str, reason: str = "") -> Outcome:
         """drain / undrain / approve / remove; raises UnknownNode or Conflict."""
+        self._require_leader()
         now = self.clock()
         if name == "drain":
             outcome = self.cluster.drain(node_id, reason, now)
@@ -254,6 +368,10 @@ class Coordinator:
     def _handle(self, outcome: Outcome) -> None:
         if not outcome:
             return
+        if self.role != "leader":
+            # Only the leader acts; a follower's core is a read-only mirror.
+            outcome.actions.clear()
+            outcome.probes.clear()
         if outcome.events:
             self._pending_events.extend(outcome.events)
             self.recent.extend(outcome.events)
@@ -309,6 +427,8 @@ class Coordinator:
 
     async def persist(self) -> None:
         """Write changed nodes, new events and history; serialized so CAS revisions chain."""
+        if self.role != "leader":
+            return  # the leader writes; a follower's state comes from the store
         async with self._persist_lock:
             dirty = self.cluster.take_dirty()
             nodes = [self.cluster.nodes[i] for i in sorted(dirty) if i in self.cluster.nodes]
@@ -417,6 +537,9 @@ class Coordinator:
         counts = self.cluster.counts()
         return {
             "status": "ok",
+            "role": self.role,
+            "leader": self.leader or (self.config.coordinator.listen
+                                      if self.role == "leader" else ""),
             "uptime": round(self.clock() - self.started_at, 3),
             "loop_lag": round(self.loop_lag, 4),
             "guard": self.cluster.guard_on,

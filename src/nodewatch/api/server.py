@@ -12,8 +12,10 @@ from aiohttp import web
 from nodewatch.api.app import build_app
 from nodewatch.config import Config
 from nodewatch.coordinator import ActionSink, Coordinator
+from nodewatch.leader import Leadership
 from nodewatch.respond.runner import ActionRunner
 from nodewatch.store.base import open_store
+from nodewatch.store.etcd import EtcdStore
 
 log = logging.getLogger("nodewatch.coordinator")
 
@@ -51,8 +53,12 @@ async def serve(config: Config, stop: asyncio.Event | None = None,
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives."""
     stop = stop or asyncio.Event()
     store = open_store(config.coordinator.store,
-                       events_retained=config.coordinator.events_retained)
-    coord = Coordinator(config, store, actions=build_actions(config))
+                       events_retained=config.coordinator.events_retained,
+                       history_ttl=config.detection.history_ttl)
+    leadership = None
+    if isinstance(store, EtcdStore):  # several coordinators may share it: elect a leader
+        leadership = Leadership(store, config.coordinator.listen, config.coordinator.leader_ttl)
+    coord = Coordinator(config, store, actions=build_actions(config), leadership=leadership)
     await coord.start()
     runner = web.AppRunner(build_app(coord), access_log=None, handle_signals=False)
     await runner.setup()

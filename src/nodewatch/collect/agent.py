@@ -313,6 +313,13 @@ class Agent:
             self._coordinator = CoordinatorClient(self.config.coordinator,
                                                   self.config.agent_token, self._client)
             self._spawn(self._coordinator_loop(), "coordinator")
+        if self.config.store:
+            from nodewatch.collect.lease import publish_under_lease
+
+            self._spawn(publish_under_lease(
+                self.config.store, self.node_id,
+                functools.partial(self._register_payload, False), self.config.lease_ttl),
+                "lease")
         log.info("agent %s listening on %s (incarnation %d)", self.node_id,
                  self.listen_address, self._incarnation)
 
