@@ -138,6 +138,8 @@ class Cluster:
         self._recent_health: Counter[Health] = Counter()
         # (since, node_id) of unhealthy nodes, for dead_after without scanning; lazy deletion.
         self._dead_due: list[tuple[float, str]] = []
+        # node_id -> (incarnation, seq, last_ts) from before a restart that a poll saw first.
+        self._before_restart: dict[str, tuple[int, int, float]] = {}
         self._dirty: set[str] = set(self.nodes)
         # Indexes kept in step with health so that no per-observation path scans all nodes.
         self._unhealthy: set[str] = set()
@@ -318,6 +320,11 @@ class Cluster:
         return out
 
     def _apply_report(self, out: Outcome, node: NodeState, report: Report, now: float) -> None:
+        if report.incarnation > node.incarnation > 0:
+            # A restart seen by a poll before its registration arrived: keep what was stored
+            # before it, so that the registration is judged against the previous incarnation.
+            self._before_restart.setdefault(node.node_id,
+                                            (node.incarnation, node.seq, node.last_ts))
         node.incarnation = report.incarnation
         node.seq = report.seq
         node.last_ts = report.ts
@@ -579,6 +586,9 @@ class Cluster:
                        "new node", {"decision": "new", "incarnation": reg.incarnation})
             out.check_now.append(reg.node_id)
             return "new", out
+        prior = self._before_restart.pop(reg.node_id, None)
+        if prior is not None and reg.incarnation == node.incarnation > prior[0]:
+            node.incarnation, node.seq, node.last_ts = prior
         decision, reason, evidence = self._judge_return(node, reg, now)
         if decision == "review" and self.policy.auto_approve:
             evidence["auto_approved"] = reason
@@ -768,7 +778,8 @@ class Cluster:
         if node_id in self._suspect_entry:
             del self._suspect_entry[node_id]
             self._recent_health[Health.UNKNOWN] -= 1  # _index_health counted it as unknown
-        for table in (self._failures, self._suspect_since, self._held_cleanup):
+        for table in (self._failures, self._suspect_since, self._held_cleanup,
+                      self._before_restart):
             table.pop(node_id, None)
         self._probing.discard(node_id)
         self._draining.discard(node_id)
