@@ -1,0 +1,100 @@
+"""etcd specifics beyond the contract: a 3-member cluster losing a member, leases, watches."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nodewatch.detect.types import Health, HistorySample, NodeState
+from nodewatch.store.etcd import EtcdStore, WatchEvent
+from nodewatch.store.localservers import EtcdCluster
+from tests.helpers import async_wait_until, require_binary
+
+
+@pytest.fixture(scope="module")
+def three_members(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    binary = require_binary("etcd")
+    with EtcdCluster(tmp_path_factory.mktemp("etcd3"), size=3, spread=True,
+                     binary=binary) as cluster:
+        yield cluster
+
+
+def node(i: int, **fields: object) -> NodeState:
+    return NodeState(f"web-{i:02d}", f"10.0.0.{i}:7301", health=Health.HEALTHY, **fields)  # type: ignore[arg-type]
+
+
+async def test_store_rides_over_the_loss_of_one_member(three_members: EtcdCluster) -> None:
+    url = three_members.url("/member-loss")
+    assert url.count(",") == 2
+    store = EtcdStore.from_url(url, timeout=3.0)
+    await store.open()
+    try:
+        nodes = [node(i) for i in range(20)]
+        assert await store.save_nodes(nodes) == []
+        three_members.members[0].kill()  # maybe the raft leader, maybe the client's endpoint
+        for round_ in range(1, 4):  # every call keeps working through the re-election
+            for n in nodes:
+                n.seq = round_
+            assert await asyncio.wait_for(store.save_nodes(nodes), 15) == []
+            await store.add_samples([HistorySample(n.node_id, float(round_), round_, "healthy",
+                                                   {}, {}) for n in nodes])
+        stored = await store.load_nodes()
+        assert [n.seq for n in stored] == [3] * 20
+        assert len(await store.history("web-07", 0.0)) == 3
+    finally:
+        await store.close()
+
+
+async def test_a_lease_key_expires_by_itself_and_a_watch_sees_it(tmp_path: Path) -> None:
+    binary = require_binary("etcd")
+    with EtcdCluster(tmp_path / "etcd", binary=binary) as cluster:
+        store = EtcdStore.from_url(cluster.url("/lease"))
+        await store.open()
+        try:
+            lease = await store.grant(1)
+            key = store.key("agents", "web-1")
+            assert await store.create_with_lease(key, b"{}", lease)
+            assert not await store.create_with_lease(key, b"{}", lease)
+            _, revision = await store.list_raw("agents")
+            seen: list[WatchEvent] = []
+
+            async def watch() -> None:
+                async for batch in store.watch("agents", revision + 1):
+                    seen.extend(batch)
+
+            watcher = asyncio.create_task(watch())
+            try:
+                await async_wait_until(
+                    lambda: asyncio.sleep(0, [e for e in seen if e.kind == "delete"]),
+                    within=10, message="the lease to expire")
+            finally:
+                watcher.cancel()
+            assert seen[-1].key == "web-1"
+            assert await store.get_raw(key) is None
+        finally:
+            await store.close()
+
+
+async def test_keepalive_keeps_a_short_lease_alive(tmp_path: Path) -> None:
+    binary = require_binary("etcd")
+    with EtcdCluster(tmp_path / "etcd", binary=binary) as cluster:
+        store = EtcdStore.from_url(cluster.url("/keepalive"))
+        await store.open()
+        try:
+            lease = await store.grant(1)
+            key = store.key("agents", "web-1")
+            await store.create_with_lease(key, b"{}", lease)
+            keepalive = store.keepalive(lease, 1)
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 3.0  # three TTLs
+            while loop.time() < until:
+                assert await store.get_raw(key) is not None
+                assert not keepalive.lost.is_set()
+                await asyncio.sleep(0.2)
+            await keepalive.stop(revoke=True)
+            assert await store.get_raw(key) is None  # a revoked lease takes its keys along
+        finally:
+            await store.close()
