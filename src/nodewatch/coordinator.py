@@ -507,11 +507,12 @@ class Coordinator:
         """Events after ``after``; if none yet, wait up to ``wait`` seconds for the next ones."""
         deadline = self.clock() + wait
         while True:
+            # Take the waiter before reading: an event that lands while we read still wakes us.
+            waiter = self._new_events
             events = await self.events_after(after, limit)
             remaining = deadline - self.clock()
             if events or remaining <= 0:
                 return events
-            waiter = self._new_events
             try:
                 await asyncio.wait_for(waiter.wait(), timeout=remaining)
             except TimeoutError:
