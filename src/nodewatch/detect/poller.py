@@ -422,4 +422,6 @@ class Poller:
                 node.recheck = False
                 self._schedule(node_id, clock(), soon=True)
             else:
-                self._schedule(node_id, clock() + self._safe_interval(node_id))
+                # soon=True: a check_now from on_result (a node just went suspect) must not be
+                # pushed back by a whole interval.
+                self._schedule(node_id, clock() + self._safe_interval(node_id), soon=True)
