@@ -4,30 +4,38 @@ Prints figures beside a raw baseline measured in the same run, so the ratio mean
 any machine. Goals: snapshot writes >= 50 % of raw sqlite3 executemany with 1,000-row
 transactions, reading one node's last hour < 20 ms, prune never blocking the loop > 50 ms.
 
-    .venv/bin/python bench/store_throughput.py [--backend sqlite] [--nodes 1000] [--samples 720]
+    .venv/bin/python bench/store_throughput.py [--backend sqlite|etcd|redis|all] [--nodes 1000]
+        [--samples 720]
+
+etcd and Redis run as throwaway servers on loopback started by the script (Debian's etcd and
+redis-server); their baselines are the client's plain puts with 64 in flight (etcd) and
+pipelined SETs (Redis), on the same server in the same run.
 
 A snapshot is what the coordinator writes per node per observation: the NodeState (a
-compare-and-swap upsert) plus one HistorySample. etcd and Redis join as new ``--backend``
-choices with their own ``make_store`` and raw baseline; the measurements are shared.
+compare-and-swap upsert) plus one HistorySample.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import sqlite3
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from nodewatch.detect.types import Health, HistorySample, NodeState
 from nodewatch.store.base import Store
 from nodewatch.store.codec import encode_sample
+from nodewatch.store.etcd import EtcdStore
+from nodewatch.store.localservers import EtcdCluster, RedisServer, find_binary
+from nodewatch.store.redis import RedisStore
 from nodewatch.store.sqlite import SqliteStore
 
 SAMPLE_INTERVAL = 5.0  # seconds between one node's samples: 720 of them make an hour
@@ -50,7 +58,61 @@ def snapshot(node: NodeState, ts: float) -> HistorySample:
     return HistorySample(node.node_id, ts, node.seq, node.health.value, node.system, node.load)
 
 
-def sqlite_baseline(workdir: Path, rows: int, body: bytes) -> Baseline:
+async def sqlite_baseline(workdir: Path, url: str, rows: int, body: bytes) -> Baseline:
+    return _sqlite_baseline(workdir, rows, body)
+
+
+async def etcd_baseline(workdir: Path, url: str, rows: int, body: bytes) -> Baseline:
+    """etcd3aio plain puts of the same rows: 64 in flight, then one at a time."""
+    store = EtcdStore.from_url(url.replace("/bench", "/raw"))
+    await store.open()
+    try:
+        kv = store.kv
+        rows = min(rows, 40_000)
+        sem = asyncio.Semaphore(64)
+
+        async def put(i: int) -> None:
+            async with sem:
+                await kv.put(f"/raw/{i % 1000:04d}/{i:09d}".encode(), body)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(put(i) for i in range(rows)))
+        batched = rows / (time.perf_counter() - start)
+        single_rows = 2_000
+        start = time.perf_counter()
+        for i in range(single_rows):
+            await kv.put(f"/raw1/{i:09d}".encode(), body)
+        single = single_rows / (time.perf_counter() - start)
+    finally:
+        await store.close()
+    return Baseline(batched=batched, single=single)
+
+
+async def redis_baseline(workdir: Path, url: str, rows: int, body: bytes) -> Baseline:
+    """redis-py SETs of the same rows: 1,000 per pipeline, then one per round trip."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url.split("?")[0], socket_timeout=30.0)
+    try:
+        start = time.perf_counter()
+        for at in range(0, rows, 1000):
+            async with client.pipeline(transaction=False) as pipe:
+                for i in range(at, min(rows, at + 1000)):
+                    pipe.set(f"raw:{i}", body)
+                await pipe.execute()
+        batched = rows / (time.perf_counter() - start)
+        single_rows = 5_000
+        start = time.perf_counter()
+        for i in range(single_rows):
+            await client.set(f"raw1:{i}", body)
+        single = single_rows / (time.perf_counter() - start)
+        await client.flushdb()
+    finally:
+        await client.aclose()
+    return Baseline(batched=batched, single=single)
+
+
+def _sqlite_baseline(workdir: Path, rows: int, body: bytes) -> Baseline:
     """sqlite3 executemany into a plain table, same PRAGMAs and row size as the store."""
     conn = sqlite3.connect(workdir / "raw.db", isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -127,36 +189,86 @@ async def measure_prune(store: Store, now: float, ttl: float) -> tuple[int, floa
     return deleted, took, longest
 
 
+@contextlib.contextmanager
+def no_server(workdir: Path) -> Iterator[str]:
+    yield ""
+
+
+@contextlib.contextmanager
+def etcd_server(workdir: Path) -> Iterator[str]:
+    binary = find_binary("etcd")
+    if binary is None:
+        raise SystemExit("etcd is not installed (apt-get install etcd-server)")
+    with EtcdCluster(workdir / "etcd", binary=binary) as cluster:
+        yield cluster.url("/bench")
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    binary = find_binary("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    with RedisServer(workdir / "redis", binary=binary) as server:
+        yield server.url(prefix="bench")
+
+
 @dataclass
 class Backend:
-    make_store: Callable[[Path], Store]
-    baseline: Callable[[Path, int, bytes], Baseline]
+    server: Callable[[Path], contextlib.AbstractContextManager[str]]
+    make_store: Callable[[Path, str], Store]
+    baseline: Callable[[Path, str, int, bytes], Awaitable[Baseline]]
     baseline_name: str
+    batched_name: str
 
 
-BACKENDS = {
+BACKENDS: dict[str, Backend] = {
     "sqlite": Backend(
-        make_store=lambda workdir: SqliteStore(workdir / "state.db"),
+        server=no_server,
+        make_store=lambda workdir, url: SqliteStore(workdir / "state.db"),
         baseline=sqlite_baseline,
         baseline_name="sqlite3 executemany, plain table",
+        batched_name="1,000-row transactions",
+    ),
+    "etcd": Backend(
+        server=etcd_server,
+        make_store=lambda workdir, url: EtcdStore.from_url(url),
+        baseline=etcd_baseline,
+        baseline_name="etcd3aio plain puts",
+        batched_name="64 puts in flight",
+    ),
+    "redis": Backend(
+        server=redis_server,
+        make_store=lambda workdir, url: RedisStore(url),
+        baseline=redis_baseline,
+        baseline_name="redis-py SETs",
+        batched_name="1,000 per pipeline",
     ),
 }
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> None:
-    backend = BACKENDS[args.backend]
+    for name in sorted(BACKENDS) if args.backend == "all" else [args.backend]:
+        backend = BACKENDS[name]
+        here = workdir / name
+        here.mkdir(parents=True, exist_ok=True)
+        with backend.server(here) as url:
+            await run_backend(name, backend, args, here, url)
+
+
+async def run_backend(name: str, backend: Backend, args: argparse.Namespace, workdir: Path,
+                      url: str) -> None:
     nodes = [NodeState(f"node-{i:04d}", f"10.0.{i // 250}.{i % 250}:7301",
                        labels={"zone": "abc"[i % 3]}, health=Health.HEALTHY, incarnation=1)
              for i in range(args.nodes)]
     body = encode_sample(snapshot(NodeState("node-0000", "x"), 0.0))
-    raw = backend.baseline(workdir, 200_000, body)
-    print(f"backend {args.backend}: {args.nodes} nodes x {args.samples} samples, "
+    raw = await backend.baseline(workdir, url, 200_000, body)
+    print(f"backend {name}: {args.nodes} nodes x {args.samples} samples, "
           f"{len(body)} B/sample")
     print(f"  raw baseline ({backend.baseline_name}, {len(body)} B rows):")
-    print(f"    1,000-row transactions   {raw.batched:>10,.0f} rows/s")
-    print(f"    one-row transactions     {raw.single:>10,.0f} rows/s")
+    print(f"    {backend.batched_name:<24} {raw.batched:>10,.0f} rows/s")
+    print(f"    one row per round trip   {raw.single:>10,.0f} rows/s")
 
-    store = backend.make_store(workdir)
+    store = backend.make_store(workdir, url)
     await store.open()
     try:
         rate = await measure_writes(store, nodes, args.samples)
@@ -182,7 +294,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", choices=sorted(BACKENDS), default="sqlite")
+    parser.add_argument("--backend", choices=[*sorted(BACKENDS), "all"], default="sqlite")
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--samples", type=int, default=720, help="samples per node (720 = 1 h)")
     parser.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")

@@ -182,6 +182,7 @@ class EtcdStore:
         self._sem = asyncio.Semaphore(in_flight)
         self._event_estimate = 0
         self._history_lease: tuple[int, int] | None = None  # (bucket, lease id)
+        self._history_nodes: set[str] = set()  # listed under P/hnodes/ by this process
         self._lease_lock = asyncio.Lock()
         self._writes = 0
         self._idle = asyncio.Event()
@@ -256,7 +257,9 @@ class EtcdStore:
                      keys_only: bool = False, descend: bool = False) -> list[Any]:
         response = await self.kv.get(
             start, end, limit=limit, keys_only=keys_only,
-            sort_order=SortOrder.DESCEND if descend else SortOrder.ASCEND,
+            # NONE is key order already; asking for ASCEND makes etcd 3.4 read and sort the
+            # whole range before applying the limit (a prune walk took a minute).
+            sort_order=SortOrder.DESCEND if descend else SortOrder.NONE,
             sort_target=SortTarget.KEY, timeout=self.timeout)
         return list(response.kvs)
 
@@ -404,8 +407,13 @@ class EtcdStore:
 
         async def add() -> None:
             lease = await self._lease_for_history()
-            await self._put_ops([KVService.txn_op_put(self._history_key(s), encode_sample(s),
-                                                      lease=lease) for s in samples])
+            ops = [KVService.txn_op_put(self._history_key(s), encode_sample(s), lease=lease)
+                   for s in samples]
+            new = {s.node_id for s in samples} - self._history_nodes
+            # P/hnodes/<id> lists the nodes with history, so that prune never scans history.
+            ops += [KVService.txn_op_put(self.key("hnodes", node_id), b"") for node_id in new]
+            await self._put_ops(ops)
+            self._history_nodes |= new
 
         await self._writing(add())
 
@@ -415,23 +423,22 @@ class EtcdStore:
         return [decode_sample(bytes(kv.value)) for kv in kvs]
 
     async def prune(self, now: float, history_ttl: float) -> int:
-        """Per node, one range delete of what is older than the cutoff (etcd applies each as
-        one raft entry); leases remove the rest by themselves. Never blocks the loop."""
-        root = self.key("history", "")
-        end = prefix_range_end(root)
+        """Per node with history, one range delete of what is older than the cutoff (one raft
+        entry each, 16 in flight; the loop runs between them); leases remove the rest by
+        themselves. Never a scan of the history keys: etcd 3.4 counts every key of a range
+        even with a limit, so walking the history prefix costs O(all samples) per step."""
         cutoff = _ts_key(now - history_ttl).encode()
-        total = 0
-        start = root
-        while True:
-            first = await self._range(start, end, limit=1, keys_only=True)
-            if not first:
-                return total
-            rest = bytes(first[0].key)[len(root):]
-            node_prefix = root + rest.split(b"/", 1)[0] + b"/"
-            response = await self._writing(
-                self.kv.delete(node_prefix, node_prefix + cutoff, timeout=self.timeout))
-            total += int(response.deleted)
-            start = prefix_range_end(node_prefix)
+        listed, _ = await self.list_raw("hnodes")
+        sem = asyncio.Semaphore(16)
+
+        async def prune_node(node_id: str) -> int:
+            prefix = self.key("history", node_id, "")
+            async with sem:
+                response = await self.kv.delete(prefix, prefix + cutoff, timeout=self.timeout)
+            return int(response.deleted)
+
+        counts = await self._writing(asyncio.gather(*(prune_node(n) for n, _ in listed)))
+        return sum(counts)
 
     # -- meta -------------------------------------------------------------------------------
 
