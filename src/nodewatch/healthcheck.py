@@ -37,6 +37,8 @@ class HealthBody(msgspec.Struct, kw_only=True):
     reasons: tuple[str, ...] = ()
     system: dict[str, float] = msgspec.field(default_factory=dict)
     load: dict[str, float] = msgspec.field(default_factory=dict)
+    sample_interval: float = 0.0
+    samples: int = -1
 
 
 _decoder = msgspec.json.Decoder(HealthBody)
@@ -66,6 +68,8 @@ def parse_health_body(body: bytes) -> Report:
         reasons=parsed.reasons,
         system=parsed.system,
         load=parsed.load,
+        sample_interval=parsed.sample_interval,
+        samples=parsed.samples,
     )
 
 
@@ -165,5 +169,5 @@ async def check_health(
         return CheckResult(node_id, False, now, latency, FailureClass.BAD_BODY,
                            f"answered as node {parsed.node_id!r}")
     report = Report(parsed.incarnation, parsed.seq, parsed.ts, parsed.status, parsed.reasons,
-                    parsed.system, parsed.load)
+                    parsed.system, parsed.load, parsed.sample_interval, parsed.samples)
     return CheckResult(node_id, True, now, latency, None, "", report)

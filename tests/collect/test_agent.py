@@ -55,7 +55,7 @@ async def test_heartbeats_follow_the_answer_and_carry_increasing_seqs(
                                message="three heartbeats")
         beats = coordinator.heartbeats[:3]
         assert set(beats[0]) == {"node_id", "incarnation", "seq", "ts", "status", "reasons",
-                                 "system", "load"}
+                                 "system", "load", "sample_interval", "samples"}
         seqs = [beat["seq"] for beat in beats]
         assert seqs == sorted(set(seqs)) and all(b["incarnation"] == 1 for b in beats)
         await agent.set_status("degraded", "slow disk")

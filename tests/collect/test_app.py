@@ -39,7 +39,7 @@ async def test_health_has_every_field_and_comes_from_the_latest_sample(
         status, body = await get_json(http, f"{agent.url}/health")
         assert status == 200
     assert sampler.calls == calls  # serving never samples
-    assert set(body) == HEALTH_FIELDS
+    assert set(body) == HEALTH_FIELDS | {"sample_interval", "samples"}  # SPEC's + extensions
     assert body["status"] == "ok" and body["node_id"] == "node-a"
     assert body["incarnation"] == 1 and body["seq"] == agent.seq
     assert set(body["system"]) == {"cpu_percent", "mem_percent", "load1", "connections"}

@@ -848,3 +848,68 @@ def test_counts_sum_to_total(clock: FakeClock) -> None:
     counts = cluster.counts()
     assert sum(counts[h.value] for h in Health) == counts["total"] == 4
     assert counts["schedulable"] == 1
+
+
+def _partition_cluster(auto_approve: bool = False) -> tuple[Cluster, FakeClock]:
+    clock = FakeClock()
+    policy = Policy(healthy_interval=1.0, unhealthy_interval=0.25, fall=3, rise=2, jitter=0.0,
+                    startup_grace=0.0, indirect_probes=0, guard_min_nodes=100,
+                    auto_approve=auto_approve)
+    cluster = Cluster(policy, now=clock())
+    cluster.register(Registration("p1", "127.0.0.1:1", 1, 0, clock()), clock())
+    return cluster, clock
+
+
+def _report_ok(cluster: Cluster, clock: FakeClock, seq: int, samples: int) -> Outcome:
+    report = Report(incarnation=1, seq=seq, ts=clock(), sample_interval=1.0, samples=samples)
+    return cluster.observe(CheckResult("p1", True, clock(), report=report))
+
+
+def _confirm_down(cluster: Cluster, clock: FakeClock) -> None:
+    for _ in range(3):
+        clock.advance(0.25)
+        cluster.observe(CheckResult("p1", False, clock(), failure=FailureClass.TIMEOUT))
+    assert cluster.nodes["p1"].health is Health.UNHEALTHY
+
+
+def test_node_that_kept_sampling_while_confirmed_down_goes_to_review() -> None:
+    cluster, clock = _partition_cluster()
+    for i in range(1, 3):
+        clock.advance(1)
+        _report_ok(cluster, clock, seq=i, samples=i)
+    _confirm_down(cluster, clock)
+    clock.advance(60)
+    # 60 more samples at 1 s: it ran through a minute nobody could see (window is 1.75 s).
+    out = _report_ok(cluster, clock, seq=70, samples=62)
+    assert cluster.nodes["p1"].admin is Admin.REVIEW
+    [review] = [e for e in out.events if e.kind == "review"]
+    assert "partition" in review.reason and review.evidence["ran_s"] == 60.0
+    clock.advance(1)
+    _report_ok(cluster, clock, seq=71, samples=63)
+    assert cluster.nodes["p1"].health is Health.HEALTHY
+    assert not cluster.nodes["p1"].schedulable
+
+
+def test_frozen_node_that_resumes_recovers_without_review() -> None:
+    cluster, clock = _partition_cluster()
+    for i in range(1, 3):
+        clock.advance(1)
+        _report_ok(cluster, clock, seq=i, samples=i)
+    _confirm_down(cluster, clock)
+    clock.advance(60)
+    _report_ok(cluster, clock, seq=3, samples=3)  # SIGSTOP then SIGCONT: one new sample
+    clock.advance(1)
+    _report_ok(cluster, clock, seq=4, samples=4)
+    node = cluster.nodes["p1"]
+    assert node.admin is Admin.ACTIVE and node.health is Health.HEALTHY and node.schedulable
+
+
+def test_partition_review_respects_auto_approve() -> None:
+    cluster, clock = _partition_cluster(auto_approve=True)
+    clock.advance(1)
+    _report_ok(cluster, clock, seq=1, samples=1)
+    _confirm_down(cluster, clock)
+    clock.advance(60)
+    out = _report_ok(cluster, clock, seq=70, samples=61)
+    assert cluster.nodes["p1"].admin is Admin.ACTIVE
+    assert any(e.kind == "approved" and "auto-approved" in e.reason for e in out.events)

@@ -313,6 +313,26 @@ max_rejoins = 1
                        message="rec-c schedulable after approve")
             assert events_of(c, "rec-c", "approved")
 
+            # The same partition, but the agent never restarts: when the relays heal, its
+            # polled reports show it kept sampling the whole time it was thought down, so it
+            # returns in review instead of taking work again on its own.
+            mark = last_event_id(c)
+            relay_in.cut()
+            relay_out.cut()
+            wait_health(c, "rec-c", "unhealthy")
+            samples_at_cut = node(c, "rec-c")["seq"]
+            wait_until(lambda: http_json(f"http://{c_addr}/health")[1]["seq"]
+                       > samples_at_cut + 3, timeout=15,
+                       message="the agent kept sampling through the partition")
+            relay_in.restore()
+            relay_out.restore()
+            wait_health(c, "rec-c", "healthy")
+            [review] = [e for e in c.events(mark) if e["node_id"] == "rec-c"
+                        and e["kind"] == "review"]
+            assert "partition" in review["reason"], review
+            assert node(c, "rec-c")["admin"] == "review"
+            assert node(c, "rec-c")["schedulable"] is False
+
 
 # ---------------------------------------------------------------------- guard and budget
 

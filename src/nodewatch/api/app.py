@@ -135,7 +135,8 @@ async def heartbeat(request: web.Request) -> web.Response:
         raise HTTPProblem(404, f"unknown node {body.node_id!r}: register first")
     report = Report(incarnation=body.incarnation, seq=body.seq, ts=body.ts,
                     status=NodeStatus(body.status), reasons=tuple(body.reasons),
-                    system=dict(body.system), load=dict(body.load))
+                    system=dict(body.system), load=dict(body.load),
+                    sample_interval=body.sample_interval, samples=body.samples)
     try:
         outcome = coord.heartbeat(CheckResult(node_id=body.node_id, ok=True, at=coord.clock(),
                                               report=report, source="push"))

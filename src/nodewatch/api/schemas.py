@@ -53,6 +53,8 @@ class HeartbeatBody(_Body):
         default_factory=dict
     )
     final: bool = False
+    sample_interval: Annotated[float, Meta(ge=0, le=3600)] = 0.0
+    samples: Annotated[int, Meta(ge=-1, le=2**63 - 1)] = -1
 
 
 class DrainBody(_Body):

@@ -105,6 +105,7 @@ class Agent:
         self._load: dict[str, float] = dict.fromkeys(BUILTIN_LOAD, 0)
         self._incarnation = 0
         self._seq = 0
+        self._samples = 0  # samples taken this incarnation: tells a partition from a hang
         self._reserved = 0
         self._ts = 0.0
         self._uptime = 0.0
@@ -242,6 +243,7 @@ class Agent:
         sample = await self._sampler.sample()
         now = self._clock()
         self._system = sample.as_dict()
+        self._samples += 1
         metrics: dict[str, float] = dict(self._system)
         for key, value in self._load.items():
             metrics[f"load.{key}"] = value
@@ -399,7 +401,8 @@ class Agent:
                 status=self._status, node_id=self.node_id, uptime=round(self._uptime, 3),
                 version=self.version, incarnation=self._incarnation, seq=self._seq,
                 ts=self._ts, reasons=list(self._reasons), system=dict(self._system),
-                load=dict(self._load),
+                load=dict(self._load), sample_interval=float(self.config.sample_interval),
+                samples=self._samples,
             )
         return doc
 

@@ -25,6 +25,10 @@ class HealthDoc(msgspec.Struct, kw_only=True):
     reasons: list[str]
     system: dict[str, float]
     load: dict[str, float]
+    # Extensions: how often the agent samples and how many samples it took this incarnation,
+    # so a coordinator can tell "kept running while unreachable" from "was frozen".
+    sample_interval: float = 0.0
+    samples: int = 0
 
 
 _encoder = msgspec.json.Encoder()
@@ -59,4 +63,6 @@ def heartbeat_payload(doc: HealthDoc) -> dict[str, Any]:
         "reasons": doc.reasons,
         "system": doc.system,
         "load": doc.load,
+        "sample_interval": doc.sample_interval,
+        "samples": doc.samples,
     }

@@ -140,6 +140,9 @@ class Cluster:
         self._dead_due: list[tuple[float, str]] = []
         # node_id -> (incarnation, seq, last_ts) from before a restart that a poll saw first.
         self._before_restart: dict[str, tuple[int, int, float]] = {}
+        # Samples count of the last report seen per node (same incarnation): after an outage,
+        # how far it moved says whether the node kept running while it was thought down.
+        self._samples_seen: dict[str, tuple[int, int]] = {}
         self._dirty: set[str] = set(self.nodes)
         # Indexes kept in step with health so that no per-observation path scans all nodes.
         self._unhealthy: set[str] = set()
@@ -320,6 +323,8 @@ class Cluster:
         return out
 
     def _apply_report(self, out: Outcome, node: NodeState, report: Report, now: float) -> None:
+        if report.samples >= 0:
+            self._judge_unobserved_run(out, node, report, now)
         if report.incarnation > node.incarnation > 0:
             # A restart seen by a poll before its registration arrived: keep what was stored
             # before it, so that the registration is judged against the previous incarnation.
@@ -351,6 +356,34 @@ class Cluster:
                 self._action(out, "undrained", node, event)
         if node.drain is not None and not node.drain.complete:
             self._check_drain(out, node, now)
+
+    def _judge_unobserved_run(self, out: Outcome, node: NodeState, report: Report,
+                              now: float) -> None:
+        """A node confirmed down that answers again in the same incarnation: if it took more
+        samples meanwhile than fit in one detection window, it kept running while unreachable
+        (a partition, not a crash or a freeze) and needs a human before it takes work."""
+        seen = self._samples_seen.get(node.node_id)
+        self._samples_seen[node.node_id] = (report.incarnation, report.samples)
+        if (seen is None or seen[0] != report.incarnation or report.sample_interval <= 0
+                or node.health not in _OUT or node.admin is not Admin.ACTIVE):
+            return
+        ran = (report.samples - seen[1]) * report.sample_interval
+        window = self.policy.detection_window
+        if ran <= window:
+            return
+        reason = (f"kept running for about {ran:.0f}s while unreachable and thought down "
+                  f"(window {window:g}s): a partition")
+        evidence: dict[str, Any] = {
+            "samples_before": seen[1], "samples_now": report.samples,
+            "sample_interval": report.sample_interval, "ran_s": round(ran, 3)}
+        if self.policy.auto_approve:
+            self._emit(out, now, node.node_id, "approved", Admin.ACTIVE.value,
+                       Admin.ACTIVE.value, f"auto-approved: {reason}", evidence)
+            return
+        node.admin = Admin.REVIEW
+        self._dirty.add(node.node_id)
+        self._emit(out, now, node.node_id, "review", Admin.ACTIVE.value, Admin.REVIEW.value,
+                   reason, evidence)
 
     def _on_success(self, out: Outcome, node: NodeState, result: CheckResult) -> None:
         now = result.at
@@ -779,7 +812,7 @@ class Cluster:
             del self._suspect_entry[node_id]
             self._recent_health[Health.UNKNOWN] -= 1  # _index_health counted it as unknown
         for table in (self._failures, self._suspect_since, self._held_cleanup,
-                      self._before_restart):
+                      self._before_restart, self._samples_seen):
             table.pop(node_id, None)
         self._probing.discard(node_id)
         self._draining.discard(node_id)

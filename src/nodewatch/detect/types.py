@@ -61,6 +61,8 @@ class Report:
     reasons: tuple[str, ...] = ()
     system: dict[str, float] = field(default_factory=dict)
     load: dict[str, float] = field(default_factory=dict)
+    sample_interval: float = 0.0  # 0: the node does not say
+    samples: int = -1  # samples taken this incarnation; -1: the node does not say
 
 
 @dataclass(frozen=True, slots=True)
