@@ -23,7 +23,15 @@ from functools import partial
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
-from etcd3aio import Etcd3Client, EtcdError, SortOrder, SortTarget, prefix_range_end
+from etcd3aio import (
+    Etcd3Client,
+    EtcdConnectionError,
+    EtcdError,
+    EtcdTransientError,
+    SortOrder,
+    SortTarget,
+    prefix_range_end,
+)
 from etcd3aio._protobuf import Compare  # the MOD target has no helper in etcd3aio 0.3
 from etcd3aio.kv import KVService
 
@@ -240,9 +248,20 @@ class EtcdStore:
             if self._writes == 0:
                 self._idle.set()
 
-    async def _bounded(self, work: Callable[[], Awaitable[T]]) -> T:
-        async with self._sem:
-            return await work()
+    async def _bounded(self, work: Callable[[], Awaitable[T]], attempts: int = 3) -> T:
+        """At most ``in_flight`` at once; a timed-out or unavailable call is tried again (a
+        member died mid-call or the cluster was electing): every batched write is replay-safe
+        (puts of the same bytes, compare-and-swap that accepts equal content)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self._sem:
+                    return await work()
+            except (TimeoutError, EtcdTransientError, EtcdConnectionError):
+                if attempt == attempts:
+                    raise
+                log.warning("etcd call failed (attempt %d of %d); trying again", attempt,
+                            attempts)
+        raise AssertionError("unreachable")
 
     async def flush(self) -> None:
         """Every etcd write is durable (on a quorum) when its call returns."""
