@@ -150,11 +150,16 @@ class NodeConfig(_Table):
 
 
 ActionKind = Literal["webhook", "exec", "haproxy", "nginx"]
+# Every kind the core requests actions for (detect.machine emits exactly these).
+ACTION_EVENTS = ("unhealthy", "recovered", "dead", "drained", "undrained", "approved",
+                 "removed", "drain_deadline", "degraded", "status_ok", "review")
 
 
 class ActionConfig(_Table):
     type: ActionKind
-    on: list[str] = msgspec.field(default_factory=lambda: ["unhealthy", "dead", "recovered"])
+    # Empty means the type's default: notifications (webhook, exec) on unhealthy / dead /
+    # recovered; load balancers (haproxy, nginx) on every change of where a node belongs.
+    on: list[str] = msgspec.field(default_factory=list)
     url: str = ""
     command: list[str] = msgspec.field(default_factory=list)
     socket: str = ""
@@ -270,6 +275,11 @@ def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
         need = {"webhook": "url", "exec": "command", "haproxy": "socket", "nginx": "file"}
         if not getattr(action, need[action.type]):
             problems.append((f"actions[{i}].{need[action.type]}", f"required for {action.type}"))
+        unknown = [kind for kind in action.on if kind not in ACTION_EVENTS]
+        if unknown:
+            problems.append((f"actions[{i}].on",
+                             f"unknown event {unknown[0]!r}; expected any of "
+                             f"{', '.join(ACTION_EVENTS)}"))
         if action.type == "haproxy" and not action.backend:
             problems.append((f"actions[{i}].backend", "required for haproxy"))
     return problems

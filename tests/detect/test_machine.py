@@ -200,7 +200,7 @@ def test_unhealthy_node_goes_dead_after_dead_after_with_dead_action(clock: FakeC
     assert out.events[0].evidence["checks"][0]["class"] == "timeout"
 
 
-def test_dead_without_cleanup_runs_no_dead_action(clock: FakeClock) -> None:
+def test_dead_node_frees_its_budget_slot_for_a_held_cleanup(clock: FakeClock) -> None:
     # 10 nodes, max_fraction 0.1: one may be out; the second one's cleanup is held.
     cluster = make(clock, nodes=10, fall=1, dead_after=600.0, max_fraction=0.1)
     healthy(cluster, clock, "n0", "n1")
@@ -208,6 +208,22 @@ def test_dead_without_cleanup_runs_no_dead_action(clock: FakeClock) -> None:
     out = fail(cluster, clock, "n1")
     assert "held" in kinds(out)
     clock.advance(600)
+    out = cluster.tick(clock())
+    assert sorted(e.node_id for e in out.events if e.kind == "dead") == ["n0", "n1"]
+    # n0 is gone for good and no longer uses the budget: n1's held cleanup runs now, and as
+    # n1 is dead too it is deregistered at once. No dead action ran for n1 before its cleanup.
+    assert [(a.kind, a.node_id) for a in out.actions] == [
+        ("dead", "n0"), ("unhealthy", "n1"), ("dead", "n1")]
+
+
+def test_dead_without_cleanup_runs_no_dead_action(clock: FakeClock) -> None:
+    # The rate limit (one cleanup a minute) holds n1's cleanup past its death.
+    cluster = make(clock, nodes=10, fall=1, dead_after=30.0, max_rate=1.0)
+    healthy(cluster, clock, "n0", "n1")
+    fail(cluster, clock, "n0")
+    out = fail(cluster, clock, "n1")
+    assert "held" in kinds(out)
+    clock.advance(30)
     out = cluster.tick(clock())
     assert sorted(e.node_id for e in out.events if e.kind == "dead") == ["n0", "n1"]
     assert [(a.kind, a.node_id) for a in out.actions] == [("dead", "n0")]
@@ -522,10 +538,9 @@ def test_held_cleanup_of_a_node_that_went_dead_also_deregisters_it(clock: FakeCl
     fail(cluster, clock, "n0")
     fail(cluster, clock, "n1")  # held
     clock.advance(60)
-    cluster.tick(clock())  # both dead; n0 took the only slot
-    cluster.remove("n0", clock())
-    out = cluster.tick(clock())
-    assert [(a.kind, a.node_id) for a in out.actions] == [("unhealthy", "n1"), ("dead", "n1")]
+    out = cluster.tick(clock())  # both dead; dead n0 frees the only slot for n1's cleanup
+    assert [(a.kind, a.node_id) for a in out.actions] == [
+        ("dead", "n0"), ("unhealthy", "n1"), ("dead", "n1")]
 
 
 # ---------------------------------------------------------------- register
@@ -677,8 +692,10 @@ def test_self_reported_degraded_makes_the_node_unschedulable(clock: FakeClock) -
     assert kinds(out) == ["degraded"] and out.events[0].reason == "cpu_percent > 95 for 30s"
     node = cluster.nodes["n0"]
     assert node.health is Health.HEALTHY and not node.schedulable
-    ok(cluster, clock, report=report(1, 13))
+    assert [a.kind for a in out.actions] == ["degraded"]  # load balancers drain it softly
+    out = ok(cluster, clock, report=report(1, 13))
     assert node.schedulable
+    assert kinds(out) == ["status_ok"] and [a.kind for a in out.actions] == ["status_ok"]
 
 
 # ---------------------------------------------------------------- drains

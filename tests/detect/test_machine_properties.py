@@ -128,17 +128,20 @@ class ClusterMachine(RuleBasedStateMachine):
         for node_id in out.removed:
             self.fails.pop(node_id, None)
             self.goods.pop(node_id, None)
-        cleaned = {n.node_id for n in self.cluster.nodes.values() if n.cleaned_up}
+        cleaned = {n.node_id for n in self.cluster.nodes.values()
+                   if n.cleaned_up and n.health is not Health.DEAD}
         newly = cleaned - before_cleaned
         if newly:
-            limit = p.budget_limit(len(self.cluster.nodes))
+            watched = sum(n.health is not Health.DEAD for n in self.cluster.nodes.values())
+            limit = p.budget_limit(watched)
             assert len(cleaned) <= limit, f"{len(cleaned)} nodes out, budget {limit}"
             self.cleanup_times += [self.clock()] * len(newly)
         recent = [t for t in self.cleanup_times if t > self.clock() - 60.0]
         assert len(recent) <= p.max_rate, f"{len(recent)} cleanups within a minute"
 
     def _cleaned(self) -> set[str]:
-        return {n.node_id for n in self.cluster.nodes.values() if n.cleaned_up}
+        return {n.node_id for n in self.cluster.nodes.values()
+                if n.cleaned_up and n.health is not Health.DEAD}
 
     def _register(self, reg: Registration) -> None:
         before = self._cleaned()
@@ -291,7 +294,7 @@ class ClusterMachine(RuleBasedStateMachine):
     def indexes_agree_with_the_nodes(self) -> None:
         c: Any = self.cluster
         nodes = c.nodes.values()
-        assert c._out_count == sum(n.cleaned_up for n in nodes)
+        assert c._out_count == sum(n.cleaned_up and n.health is not Health.DEAD for n in nodes)
         assert c._dead_count == sum(n.health is Health.DEAD for n in nodes)
         assert c._unhealthy == {n.node_id for n in nodes if n.health is Health.UNHEALTHY}
         assert set(c._suspect_since) == {n.node_id for n in nodes if n.health is Health.SUSPECT}

@@ -59,6 +59,9 @@ def test_lb_state_follows_the_node_not_only_the_event() -> None:
     assert lb_state("recovered", node("a", admin=Admin.REVIEW)) == "maint"
     assert lb_state("drained", node("a", admin=Admin.DRAINED)) == "drain"
     assert lb_state("drained", node("a", status=NodeStatus.DRAINING)) == "drain"
+    # Degraded: alive but should get no new work, so drained softly, back on status_ok.
+    assert lb_state("degraded", node("a", status=NodeStatus.DEGRADED)) == "drain"
+    assert lb_state("status_ok", node("a")) == "ready"
     assert lb_state("drain_deadline", node("a", admin=Admin.DRAINED)) == "maint"
     assert lb_state("dead", node("a", health=Health.DEAD, cleaned_up=True)) is None
     assert lb_state("removed", None) is None

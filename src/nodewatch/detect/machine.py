@@ -162,7 +162,7 @@ class Cluster:
                 self._dead_count += 1
             if node.drain is not None and not node.drain.complete:
                 self._draining.add(node.node_id)
-            self._out_count += node.cleaned_up
+            self._out_count += node.cleaned_up and node.health is not Health.DEAD
         heapq.heapify(self._dead_due)
 
     # ------------------------------------------------------------------ bookkeeping
@@ -243,15 +243,18 @@ class Cluster:
             self._unhealthy.discard(node.node_id)
         elif before is Health.DEAD:
             self._dead_count -= 1
+            self._out_count += node.cleaned_up
         if health is Health.UNHEALTHY:
             self._unhealthy.add(node.node_id)
             heapq.heappush(self._dead_due, (node.since, node.node_id))
         elif health is Health.DEAD:
             self._dead_count += 1
+            self._out_count -= node.cleaned_up
 
     def _set_cleaned_up(self, node: NodeState, value: bool) -> None:
         if node.cleaned_up != value:
-            self._out_count += 1 if value else -1
+            if node.health is not Health.DEAD:
+                self._out_count += 1 if value else -1
             node.cleaned_up = value
 
     def _gate_reason(self, now: float) -> str:
@@ -354,6 +357,10 @@ class Cluster:
                 node.drain = None
                 self._draining.discard(node.node_id)
                 self._action(out, "undrained", node, event)
+            elif report.status is NodeStatus.DEGRADED:
+                self._action(out, "degraded", node, event)  # no new work: drain it softly
+            else:
+                self._action(out, "status_ok", node, event)
         if node.drain is not None and not node.drain.complete:
             self._check_drain(out, node, now)
 
@@ -382,8 +389,9 @@ class Cluster:
             return
         node.admin = Admin.REVIEW
         self._dirty.add(node.node_id)
-        self._emit(out, now, node.node_id, "review", Admin.ACTIVE.value, Admin.REVIEW.value,
-                   reason, evidence)
+        event = self._emit(out, now, node.node_id, "review", Admin.ACTIVE.value,
+                           Admin.REVIEW.value, reason, evidence)
+        self._action(out, "review", node, event)  # out of load balancers until approved
 
     def _on_success(self, out: Outcome, node: NodeState, result: CheckResult) -> None:
         now = result.at
@@ -533,9 +541,12 @@ class Cluster:
             self._cleanup_times.popleft()
         if len(self._cleanup_times) >= self.policy.max_rate:
             return f"held: budget (rate {self.policy.max_rate:g}/min reached)"
-        limit = self.policy.budget_limit(len(self.nodes))
+        # Dead nodes are gone for good: they neither use the budget nor size it, so a cluster
+        # that lost nodes long ago can still clean up a new failure.
+        watched = len(self.nodes) - self._dead_count
+        limit = self.policy.budget_limit(watched)
         if self._out_count >= limit:
-            return f"held: budget ({limit} of {len(self.nodes)} nodes already out)"
+            return f"held: budget ({limit} of {watched} nodes already out)"
         return ""
 
     def _request_cleanup(self, out: Outcome, node: NodeState, event: Event, now: float) -> None:
@@ -651,8 +662,9 @@ class Cluster:
         if decision == "review":
             prev_admin = node.admin
             node.admin = Admin.REVIEW
-            self._emit(out, now, node.node_id, "review", prev_admin.value, Admin.REVIEW.value,
-                       reason, evidence)
+            event = self._emit(out, now, node.node_id, "review", prev_admin.value,
+                               Admin.REVIEW.value, reason, evidence)
+            self._action(out, "review", node, event)  # out of load balancers until approved
         else:
             self._emit(out, now, node.node_id, "registered", before.value, node.health.value,
                        reason, evidence)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import aiohttp
 from yarl import URL
 
-from nodewatch.config import ActionConfig
+from nodewatch.config import ACTION_EVENTS, ActionConfig
 from nodewatch.detect.machine import ActionRequest
 from nodewatch.detect.types import Admin, Health, NodeState, NodeStatus
 
@@ -79,11 +79,18 @@ async def _nothing_to_close() -> None:
     return None
 
 
+NOTIFY_KINDS = ("unhealthy", "dead", "recovered")
+LB_KINDS = ACTION_EVENTS
+DEFAULT_ON = {"webhook": NOTIFY_KINDS, "exec": NOTIFY_KINDS, "haproxy": LB_KINDS,
+              "nginx": LB_KINDS}
+
+
 def build_action(cfg: ActionConfig, index: int = 0) -> Action:
     """The action for one config entry; the type is decided here, never on the hot path."""
     builders = {"webhook": webhook, "exec": exec_command, "haproxy": haproxy, "nginx": nginx}
     run, describe, close = builders[cfg.type](cfg)
-    return Action(name=f"{cfg.type}[{index}]", on=frozenset(cfg.on), timeout=float(cfg.timeout),
+    kinds = frozenset(cfg.on or DEFAULT_ON[cfg.type])
+    return Action(name=f"{cfg.type}[{index}]", on=kinds, timeout=float(cfg.timeout),
                   retries=cfg.retries, run=run, describe=describe, close=close)
 
 
@@ -103,8 +110,9 @@ def lb_state(kind: str, node: NodeState | None) -> LbState | None:
         return "maint"
     if node.health is Health.UNKNOWN:
         return "maint"  # registered, never seen healthy yet
-    if node.admin is Admin.DRAINED or node.node_status is NodeStatus.DRAINING:
-        return "drain"
+    if node.admin is Admin.DRAINED or node.node_status in (NodeStatus.DRAINING,
+                                                           NodeStatus.DEGRADED):
+        return "drain"  # alive, keeps its connections, gets no new work
     return "ready"
 
 
