@@ -133,6 +133,7 @@ class Coordinator:
         self.check_failures: dict[str, int] = {}
         self.event_counts: dict[str, int] = {}
         self.stale_reports = 0
+        self.pushes = 0
         self._running = False
         self._last_stored_event: str | None = None
 
@@ -319,10 +320,18 @@ class Coordinator:
         return outcome
 
     def heartbeat(self, result: CheckResult) -> Outcome:
-        """A pushed heartbeat; raises UnknownNode, returns an outcome with ``stale`` set."""
+        """A pushed heartbeat; raises UnknownNode, returns an outcome with ``stale`` set.
+
+        An accepted push stands in for the next poll: the poll is pushed back by one interval,
+        so a pushing node costs no polls while its pushes arrive and is polled once they stop.
+        """
         self._require_leader()
         self._gate_on_stall()
-        return self._observe(result)
+        self.pushes += 1
+        outcome = self._observe(result)
+        if not outcome.stale and result.node_id in self.poller:
+            self.poller.defer(result.node_id, result.at + self.interval_for(result.node_id))
+        return outcome
 
     def register(self, reg: Registration) -> tuple[RegisterDecision, NodeState]:
         self._require_leader()

@@ -284,3 +284,47 @@ async def test_healthz_and_metrics(api: Any) -> None:
     text = await (await client.get("/metrics")).text()
     assert 'nodewatch_nodes{health="unknown"} 1.0' in text
     assert "nodewatch_loop_lag_seconds" in text
+
+
+async def test_register_answer_spreads_heartbeat_phases(api: Any) -> None:
+    client, _ = api
+    phases = []
+    for i in range(8):
+        resp = await client.post("/v1/register", json=reg_body(f"hb-{i}", heartbeat_interval=5),
+                                 headers=AGENT)
+        data = await resp.json()
+        assert data["heartbeat_interval"] == 5
+        assert 0 <= data["heartbeat_phase"] < 5
+        phases.append(data["heartbeat_phase"])
+    assert len(set(phases)) == 8  # never synchronized
+
+
+async def test_pushed_heartbeats_stand_in_for_polls(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, **{"detection.unhealthy_interval": "500ms",
+                                   "detection.healthy_interval": "500ms"})
+    probe = FakeProbe(time.time)  # type: ignore[arg-type]
+    coord = Coordinator(cfg, open_store(cfg.coordinator.store), probe=probe)
+    await coord.start()
+    client = TestClient(TestServer(build_app(coord)))
+    await client.start_server()
+    try:
+        await client.post("/v1/register", json=reg_body(), headers=AGENT)
+        await async_wait_until(lambda: _polled(probe), message="the first poll")
+        polls_before = len(probe.calls)
+        # Push every 20 ms for 1.5 s (three intervals): no poll is due while pushes arrive.
+        for seq in range(1, 76):
+            resp = await client.post("/v1/heartbeat", json=beat(seq=seq), headers=AGENT)
+            assert resp.status == 204
+            await asyncio.sleep(0.02)
+        assert len(probe.calls) == polls_before
+        assert coord.pushes == 75
+        # When pushes stop, polling takes over again.
+        await async_wait_until(lambda: _polled(probe, polls_before + 1), within=5,
+                               message="a poll after the pushes stopped")
+    finally:
+        await client.close()
+        await coord.stop()
+
+
+async def _polled(probe: FakeProbe, count: int = 1) -> bool:
+    return len(probe.calls) >= count

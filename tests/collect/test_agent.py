@@ -29,7 +29,7 @@ async def test_registers_on_start_with_identity_and_token(
         (payload,) = coordinator.registrations
         assert payload == {"node_id": "node-a", "address": "10.1.2.3:7301", "incarnation": 1,
                            "last_seq": 0, "last_ts": 0.0, "version": agent.version,
-                           "labels": {"zone": "a"}}
+                           "labels": {"zone": "a"}, "heartbeat_interval": 0.0}
         assert coordinator.auth == ["Bearer tok-1"]
         assert coordinator.heartbeats == []  # interval 0 on both sides: pull only
     finally:

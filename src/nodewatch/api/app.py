@@ -117,7 +117,8 @@ async def register(request: web.Request) -> web.Response:
         last_seq=body.last_seq, last_ts=body.last_ts, version=body.version,
         labels=dict(body.labels)))
     await coord.persist()
-    interval = coord.config.agent.heartbeat_interval
+    # The agent's own interval wins; the coordinator's [agent] setting is the fallback.
+    interval = body.heartbeat_interval or float(coord.config.agent.heartbeat_interval)
     return json_response({
         "decision": decision,
         "node": node.to_json(),

@@ -46,6 +46,9 @@ class _CoordinatorCollector(Collector):
         for kind, count in sorted(coord.event_counts.items()):
             events.add_metric([kind], count)
         yield events
+        pushes = CounterMetricFamily("nodewatch_heartbeats", "Pushed heartbeats received")
+        pushes.add_metric([], coord.pushes)
+        yield pushes
         stale = CounterMetricFamily("nodewatch_stale_reports", "Pushed reports ignored as stale")
         stale.add_metric([], coord.stale_reports)
         yield stale

@@ -34,6 +34,7 @@ class RegisterBody(_Body):
     last_seq: Seq = -1
     last_ts: Timestamp = 0.0
     version: Annotated[str, Meta(max_length=64)] = ""
+    heartbeat_interval: Annotated[float, Meta(ge=0, le=3600)] = 0.0
     labels: Annotated[dict[Label, Label], Meta(max_length=64)] = msgspec.field(
         default_factory=dict
     )

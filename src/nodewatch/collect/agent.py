@@ -487,6 +487,7 @@ class Agent:
             "last_ts": self.last_ts_before_start if first else self._ts,
             "version": self.version,
             "labels": self.labels,
+            "heartbeat_interval": float(self.config.heartbeat_interval),
         }
 
     async def _coordinator_loop(self) -> None:

@@ -238,6 +238,14 @@ class Poller:
         if node.busy:
             node.recheck = True
 
+    def defer(self, node_id: str, due: float) -> None:
+        """Move the node's next check to ``due`` (later or earlier): a node that pushes
+        heartbeats is polled only when its pushes stop. No effect while a check is in flight."""
+        node = self._nodes.get(node_id)
+        if node is None or node.busy:
+            return
+        self._schedule(node_id, due)
+
     def check_now(self, node_id: str) -> None:
         """Check the node as soon as a worker is free (e.g. after a lease expired), without
         waiting for its due time; if a check is in flight, another follows right after it."""
