@@ -104,6 +104,8 @@ class CoordinatorConfig(_Table):
     max_body: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     events_retained: Annotated[int, Meta(ge=100)] = 100_000
     leader_ttl: Duration = Duration(5.0)  # etcd election lease: a dead leader's replacement time
+    # HOST:PORT for UDP heartbeats (HMAC-signed with agent_token); empty = HTTP pushes only.
+    heartbeat_udp: str = ""
 
 
 class DetectionConfig(_Table):
@@ -204,6 +206,8 @@ class AgentConfig(_Table):
     sample_interval: Duration = Duration(5.0)
     agent_token: str = ""
     heartbeat_interval: Duration = Duration(0.0)
+    # "udp": push over the coordinator's UDP port when its register answer offers one.
+    heartbeat_transport: Literal["http", "udp"] = "http"
     store: str = ""  # etcd://...: publish liveness under a lease (etcd lease mode)
     lease_ttl: Duration = Duration(15.0)
     max_body: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
@@ -227,6 +231,14 @@ class Config(_Table):
 _RULE_METRICS = {"cpu_percent", "mem_percent", "load1", "connections"}
 
 
+_HOST_PORT_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$")
+
+
+def _valid_host_port(text: str) -> bool:
+    match = _HOST_PORT_RE.match(text)
+    return match is not None and int(match.group(2)) <= 65535
+
+
 def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
     """Cross-field rules that a type cannot express: (key, what is expected)."""
     problems: list[tuple[str, str]] = []
@@ -240,6 +252,9 @@ def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
         problems.append(("detection.dead_after", "expected a duration greater than 0"))
     if cfg.coordinator.leader_ttl < 1:
         problems.append(("coordinator.leader_ttl", "expected at least 1s (an etcd lease)"))
+    if cfg.coordinator.heartbeat_udp and not _valid_host_port(cfg.coordinator.heartbeat_udp):
+        problems.append(("coordinator.heartbeat_udp",
+                         "expected HOST:PORT (port 0-65535), or empty for no UDP heartbeats"))
     if cfg.agent.lease_ttl < 1:
         problems.append(("agent.lease_ttl", "expected at least 1s (an etcd lease)"))
     if cfg.agent.store and not cfg.agent.store.startswith("etcd://"):

@@ -19,16 +19,14 @@ from aiohttp import web
 from nodewatch import __version__
 from nodewatch.api.metrics import CoordinatorMetrics
 from nodewatch.api.schemas import DrainBody, HeartbeatBody, RegisterBody, convert
+from nodewatch.api.udp import UdpHeartbeats, push_result
 from nodewatch.config import NODE_ID_RE
 from nodewatch.coordinator import Coordinator
 from nodewatch.detect.machine import Conflict, UnknownNode
 from nodewatch.detect.types import (
-    CheckResult,
     Health,
     NodeState,
-    NodeStatus,
     Registration,
-    Report,
 )
 from nodewatch.web import (
     HTTPProblem,
@@ -40,6 +38,7 @@ from nodewatch.web import (
 
 COORDINATOR_KEY: web.AppKey[Coordinator] = web.AppKey("coordinator", Coordinator)
 METRICS_KEY: web.AppKey[CoordinatorMetrics] = web.AppKey("metrics", CoordinatorMetrics)
+HEARTBEAT_UDP_KEY: web.AppKey[str] = web.AppKey("heartbeat_udp", str)
 _EVENT_ID_RE = re.compile(r"^\d{1,20}$")
 MAX_WAIT = 60.0
 SSE_KEEPALIVE = 15.0
@@ -107,6 +106,13 @@ def load_score(node: NodeState) -> float:
 # ---------------------------------------------------------------------- agent-facing
 
 
+def _udp_offer(udp: UdpHeartbeats) -> str:
+    """HOST:PORT for register answers, as bound: a wildcard host tells agents to use their
+    coordinator URL's host."""
+    host, port = udp.address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 async def register(request: web.Request) -> web.Response:
     coord = _coordinator(request)
     _require(request, coord.config.coordinator.agent_token, "agent")
@@ -119,12 +125,16 @@ async def register(request: web.Request) -> web.Response:
     await coord.persist()
     # The agent's own interval wins; the coordinator's [agent] setting is the fallback.
     interval = body.heartbeat_interval or float(coord.config.agent.heartbeat_interval)
-    return json_response({
+    answer: dict[str, Any] = {
         "decision": decision,
         "node": node.to_json(),
         "heartbeat_interval": interval,
         "heartbeat_phase": coord.heartbeat_phase(node.node_id, interval),
-    })
+    }
+    udp = request.app[HEARTBEAT_UDP_KEY]
+    if udp:
+        answer["heartbeat_udp"] = udp  # agents with heartbeat_transport = "udp" push there
+    return json_response(answer)
 
 
 async def heartbeat(request: web.Request) -> web.Response:
@@ -134,13 +144,8 @@ async def heartbeat(request: web.Request) -> web.Response:
                    HeartbeatBody)
     if body.node_id not in coord.cluster.nodes:
         raise HTTPProblem(404, f"unknown node {body.node_id!r}: register first")
-    report = Report(incarnation=body.incarnation, seq=body.seq, ts=body.ts,
-                    status=NodeStatus(body.status), reasons=tuple(body.reasons),
-                    system=dict(body.system), load=dict(body.load),
-                    sample_interval=body.sample_interval, samples=body.samples)
     try:
-        outcome = coord.heartbeat(CheckResult(node_id=body.node_id, ok=True, at=coord.clock(),
-                                              report=report, source="push"))
+        outcome = coord.heartbeat(push_result(body, coord.clock()))
     except UnknownNode:
         raise HTTPProblem(404, f"unknown node {body.node_id!r}: register first") from None
     if outcome.stale:
@@ -326,12 +331,14 @@ async def dashboard(request: web.Request) -> web.FileResponse:
                             headers={"Cache-Control": "no-cache"})
 
 
-def build_app(coord: Coordinator) -> web.Application:
-    """The aiohttp application; the caller owns the coordinator's start and stop."""
+def build_app(coord: Coordinator, udp: UdpHeartbeats | None = None) -> web.Application:
+    """The aiohttp application; the caller owns the coordinator's start and stop (and the UDP
+    heartbeat endpoint's, whose address register answers then offer)."""
     app = web.Application(middlewares=[problem_middleware],
                           client_max_size=coord.config.coordinator.max_body)
     app[COORDINATOR_KEY] = coord
-    app[METRICS_KEY] = CoordinatorMetrics(coord)
+    app[METRICS_KEY] = CoordinatorMetrics(coord, None if udp is None else udp.counts)
+    app[HEARTBEAT_UDP_KEY] = "" if udp is None else _udp_offer(udp)
     r = app.router
     r.add_post("/v1/register", register)
     r.add_post("/v1/heartbeat", heartbeat)

@@ -6,7 +6,7 @@ metric bookkeeping and a scrape costs one pass over counters the coordinator kee
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 
 
 class _CoordinatorCollector(Collector):
-    def __init__(self, coord: Coordinator) -> None:
+    def __init__(self, coord: Coordinator, udp_counts: Mapping[str, int] | None) -> None:
         self.coord = coord
+        self.udp_counts = udp_counts
 
     def collect(self) -> Iterator[Metric]:
         coord = self.coord
@@ -52,6 +53,12 @@ class _CoordinatorCollector(Collector):
         stale = CounterMetricFamily("nodewatch_stale_reports", "Pushed reports ignored as stale")
         stale.add_metric([], coord.stale_reports)
         yield stale
+        if self.udp_counts is not None:
+            udp = CounterMetricFamily("nodewatch_udp_heartbeats",
+                                      "UDP heartbeat datagrams by result", labels=["result"])
+            for result, count in self.udp_counts.items():
+                udp.add_metric([result], count)
+            yield udp
         yield GaugeMetricFamily("nodewatch_loop_lag_seconds", "Coordinator event-loop lag",
                                 value=coord.loop_lag)
         yield GaugeMetricFamily("nodewatch_guard_on", "1 while the mass-failure guard holds",
@@ -65,9 +72,9 @@ class _CoordinatorCollector(Collector):
 
 
 class CoordinatorMetrics:
-    def __init__(self, coord: Coordinator) -> None:
+    def __init__(self, coord: Coordinator, udp_counts: Mapping[str, int] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_CoordinatorCollector(coord))
+        self.registry.register(_CoordinatorCollector(coord, udp_counts))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -135,6 +135,7 @@ class RegisterResponse(_View):
     node: NodeView
     heartbeat_interval: float = 0.0
     heartbeat_phase: float = 0.0
+    heartbeat_udp: Annotated[str, Meta(description="HOST:PORT for UDP heartbeats")] = ""
 
 
 class EventView(_View):

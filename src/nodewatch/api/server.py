@@ -11,6 +11,7 @@ import ssl
 from aiohttp import web
 
 from nodewatch.api.app import build_app
+from nodewatch.api.udp import start_udp_heartbeats
 from nodewatch.config import Config
 from nodewatch.coordinator import ActionSink, Coordinator
 from nodewatch.leader import Leadership
@@ -71,7 +72,15 @@ async def serve(config: Config, stop: asyncio.Event | None = None,
     coord = Coordinator(config, store, actions=build_actions(config), leadership=leadership)
     await coord.start()
     tune_gc()
-    runner = web.AppRunner(build_app(coord), access_log=None, handle_signals=False)
+    udp = None
+    if config.coordinator.heartbeat_udp:
+        try:
+            udp = await start_udp_heartbeats(coord)
+        except BaseException:
+            await coord.stop()
+            raise
+        log.info("UDP heartbeats on %s:%d", *udp.address)
+    runner = web.AppRunner(build_app(coord, udp), access_log=None, handle_signals=False)
     await runner.setup()
     host, port = split_host_port(config.coordinator.listen)
     site = web.TCPSite(runner, host, port, ssl_context=tls_context(config), reuse_address=True)
@@ -90,5 +99,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None,
         await stop.wait()
     finally:
         log.info("coordinator stopping")
+        if udp is not None:
+            udp.close()
         await runner.cleanup()
         await coord.stop()

@@ -22,7 +22,11 @@ from aiohttp import web
 
 from nodewatch import __version__
 from nodewatch.collect.checks import CustomCheck, build_check, split_host_port
-from nodewatch.collect.coordinator_client import CoordinatorClient, RegisterAnswer
+from nodewatch.collect.coordinator_client import (
+    CoordinatorClient,
+    RegisterAnswer,
+    UdpHeartbeatSender,
+)
 from nodewatch.collect.identity import PersistedState, StateFile
 from nodewatch.collect.metrics import MetricsRenderer
 from nodewatch.collect.report import HealthDoc, derive_status, encode_health, heartbeat_payload
@@ -41,6 +45,9 @@ BUILTIN_LOAD = ("qps", "pending_tasks", "error_rate")
 MAX_LOAD_KEYS = 256
 PROBE_MAX_BYTES = 64 * 1024
 FINAL_HEARTBEAT_TIMEOUT = aiohttp.ClientTimeout(total=2.0, connect=1.0)
+# Over UDP nothing answers: one heartbeat in this many seconds goes over HTTP instead, so that
+# a coordinator that lost this node (404) or holds a newer seq (409) is heard from.
+UDP_CONFIRM_INTERVAL = 30.0
 
 
 class Agent:
@@ -61,6 +68,7 @@ class Agent:
         state_dir: str | Path | None = None,
         sample_interval: float | None = None,
         heartbeat_interval: float | None = None,
+        heartbeat_transport: str | None = None,
         agent_token: str | None = None,
         labels: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
@@ -75,7 +83,7 @@ class Agent:
                 "coordinator": coordinator,
                 "state_dir": None if state_dir is None else str(state_dir),
                 "sample_interval": sample_interval, "heartbeat_interval": heartbeat_interval,
-                "agent_token": agent_token,
+                "agent_token": agent_token, "heartbeat_transport": heartbeat_transport,
             }.items() if value is not None
         }
         cfg = msgspec.structs.replace(config or AgentConfig(), **overrides)
@@ -85,6 +93,8 @@ class Agent:
             raise ConfigError("agent.sample_interval: expected a duration between 1s and 15s")
         if cfg.heartbeat_interval < 0:
             raise ConfigError("agent.heartbeat_interval: expected a duration of at least 0")
+        if cfg.heartbeat_transport not in ("http", "udp"):
+            raise ConfigError("agent.heartbeat_transport: expected one of http, udp")
         self.config = cfg
         self.node_id = cfg.node_id
         self.labels = dict(labels or {})
@@ -126,6 +136,7 @@ class Agent:
         self.registered = asyncio.Event()
         self._beat_now = asyncio.Event()
         self._last_beat_seq = -1
+        self.heartbeats_sent = {"http": 0, "udp": 0}
         self._bound: tuple[str, int] | None = None
         self._running = False
         self._stopped = False
@@ -505,15 +516,38 @@ class Agent:
             if interval <= 0:
                 return
             phase = answer.heartbeat_phase if 0 <= answer.heartbeat_phase < interval else 0.0
-            if await self._heartbeat_loop(client, interval, phase) == "unknown":
+            if await self._heartbeat_loop(client, interval, phase,
+                                          answer.heartbeat_udp) == "unknown":
                 self.registered.clear()
                 log.warning("coordinator does not know this node any more; registering again")
 
+    async def _open_udp(self, client: CoordinatorClient, offer: str) -> UdpHeartbeatSender | None:
+        """A UDP sender when this agent wants UDP and the coordinator offers it, else None."""
+        if not offer or self.config.heartbeat_transport != "udp":
+            return None
+        try:
+            return await UdpHeartbeatSender.open(offer, client.url, self.config.agent_token)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot send UDP heartbeats to %s (%s); using HTTP", offer,
+                        type(exc).__name__)
+            return None
+
     async def _heartbeat_loop(self, client: CoordinatorClient, interval: float,
-                              phase: float) -> str:
+                              phase: float, udp_offer: str = "") -> str:
+        udp = await self._open_udp(client, udp_offer)
+        try:
+            return await self._beat(client, interval, phase, udp)
+        finally:
+            if udp is not None:
+                udp.close()
+
+    async def _beat(self, client: CoordinatorClient, interval: float, phase: float,
+                    udp: UdpHeartbeatSender | None) -> str:
         loop = asyncio.get_running_loop()
         due = loop.time() + phase
         self._beat_now.clear()
+        http_every = max(1, math.ceil(UDP_CONFIRM_INTERVAL / interval))
+        until_http = http_every
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, due - loop.time())):
@@ -527,7 +561,14 @@ class Agent:
                 await self._publish()  # every heartbeat carries a newer seq than the last
             payload = heartbeat_payload(self._current_doc())
             self._last_beat_seq = self._seq
+            if udp is not None:
+                until_http -= 1
+                if until_http > 0 and udp.send(payload):
+                    self.heartbeats_sent["udp"] += 1
+                    continue
+                until_http = http_every
             outcome = await client.heartbeat(payload)
+            self.heartbeats_sent["http"] += 1
             if outcome.status == 404:
                 return "unknown"
             if outcome.status == 0 or outcome.status >= 300:

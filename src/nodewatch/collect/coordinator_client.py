@@ -12,8 +12,12 @@ from typing import Any
 
 import aiohttp
 import msgspec
+from yarl import URL
 
-__all__ = ["CoordinatorClient", "HeartbeatOutcome", "RegisterAnswer", "RegistrationRejected"]
+from nodewatch.collect.report import MAX_DATAGRAM, encode_heartbeat_datagram, heartbeat_key
+
+__all__ = ["CoordinatorClient", "HeartbeatOutcome", "RegisterAnswer", "RegistrationRejected",
+           "UdpHeartbeatSender"]
 
 log = logging.getLogger("nodewatch.agent")
 
@@ -26,6 +30,7 @@ class RegisterAnswer(msgspec.Struct, kw_only=True):
     node: dict[str, Any] = msgspec.field(default_factory=dict)
     heartbeat_interval: float = 0.0
     heartbeat_phase: float = 0.0
+    heartbeat_udp: str = ""  # HOST:PORT when the coordinator takes UDP heartbeats
 
 
 _answer_decoder = msgspec.json.Decoder(RegisterAnswer)
@@ -107,3 +112,51 @@ class CoordinatorClient:
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             return HeartbeatOutcome(0, str(exc) or type(exc).__name__)
 
+
+
+class UdpHeartbeatSender(asyncio.DatagramProtocol):
+    """Fire-and-forget heartbeats to the coordinator's UDP port, signed with the agent token.
+
+    ``send`` never waits: it returns False (send this one over HTTP) only when the datagram
+    would be over the size cap or the socket is gone.
+    """
+
+    def __init__(self, token: str) -> None:
+        self._key = heartbeat_key(token)
+        self._transport: asyncio.DatagramTransport | None = None
+        self.sent = 0
+
+    @classmethod
+    async def open(cls, offer: str, coordinator_url: str, token: str) -> UdpHeartbeatSender:
+        """Connect to the offered HOST:PORT; a wildcard host means the coordinator URL's host."""
+        host, _, port = offer.rpartition(":")
+        host = host.strip("[]")
+        if host in ("", "0.0.0.0", "::"):
+            host = URL(coordinator_url).host or "127.0.0.1"
+        sender = cls(token)
+        loop = asyncio.get_running_loop()
+        await loop.create_datagram_endpoint(lambda: sender, remote_addr=(host, int(port)))
+        return sender
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self._transport = transport
+
+    def error_received(self, exc: Exception) -> None:
+        # e.g. ICMP port unreachable while the coordinator restarts: the next beats go on.
+        log.debug("UDP heartbeat: %s", type(exc).__name__)
+
+    def send(self, payload: dict[str, Any]) -> bool:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return False
+        datagram = encode_heartbeat_datagram(payload, self._key)
+        if len(datagram) > MAX_DATAGRAM:
+            return False
+        transport.sendto(datagram)
+        self.sent += 1
+        return True
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()

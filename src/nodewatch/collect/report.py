@@ -3,13 +3,16 @@ encoded ``/health`` body so that serving it costs no work beyond the HTTP respon
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Any
 
 import msgspec
 
 from nodewatch.detect.types import NodeStatus
 
-__all__ = ["HealthDoc", "derive_status", "encode_health"]
+__all__ = ["MAX_DATAGRAM", "TAG_SIZE", "HealthDoc", "derive_status", "encode_health",
+           "encode_heartbeat_datagram", "heartbeat_key", "heartbeat_payload"]
 
 
 class HealthDoc(msgspec.Struct, kw_only=True):
@@ -66,3 +69,28 @@ def heartbeat_payload(doc: HealthDoc) -> dict[str, Any]:
         "sample_interval": doc.sample_interval,
         "samples": doc.samples,
     }
+
+
+# ---------------------------------------------------------------------- UDP heartbeats
+#
+# One datagram = the heartbeat payload as msgpack (the coordinator also reads JSON), then, when
+# an agent token is configured, a 32-byte HMAC-SHA256 tag over those bytes. api/udp.py reads it.
+
+MAX_DATAGRAM = 8 * 1024
+TAG_SIZE = 32
+_CONTEXT = b"nodewatch udp heartbeat v1"
+_msgpack_encoder = msgspec.msgpack.Encoder()
+
+
+def heartbeat_key(token: str) -> bytes:
+    """The HMAC key for a token, bound to this use (a tag is valid nowhere else); empty when no
+    token is configured (datagrams then carry no tag)."""
+    if not token:
+        return b""
+    return hmac.new(token.encode(), _CONTEXT, hashlib.sha256).digest()
+
+
+def encode_heartbeat_datagram(payload: Any, key: bytes) -> bytes:
+    """A heartbeat payload (dict or struct) as one datagram, tagged when ``key`` is set."""
+    body = _msgpack_encoder.encode(payload)
+    return body + hmac.digest(key, body, "sha256") if key else body
