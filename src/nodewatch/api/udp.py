@@ -14,7 +14,7 @@ import asyncio
 import hmac
 import logging
 import socket
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -65,8 +65,7 @@ class UdpHeartbeats(asyncio.DatagramProtocol):
         return str(host), int(port)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         try:
@@ -126,10 +125,10 @@ async def start_udp_heartbeats(coord: Coordinator, listen: str | None = None) ->
     cc = coord.config.coordinator
     host, port = split_udp_address(listen or cc.heartbeat_udp)
     loop = asyncio.get_running_loop()
-    _, protocol = await loop.create_datagram_endpoint(
+    transport, protocol = await loop.create_datagram_endpoint(
         lambda: UdpHeartbeats(coord, cc.agent_token), local_addr=(host, port))
-    assert protocol.transport is not None
-    sock = protocol.transport.get_extra_info("socket")
+    protocol.transport = transport
+    sock = transport.get_extra_info("socket")
     if sock is not None:
         try:  # best effort: the kernel caps it at net.core.rmem_max
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)

@@ -1,0 +1,237 @@
+"""UDP heartbeats: a real Coordinator with its UDP endpoint on 127.0.0.1 and real sockets,
+and real agents pushing over UDP (or falling back to HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from nodewatch.api.app import build_app
+from nodewatch.api.udp import UdpHeartbeats, start_udp_heartbeats
+from nodewatch.collect import agent as agent_module
+from nodewatch.collect.agent import Agent
+from nodewatch.collect.report import MAX_DATAGRAM, encode_heartbeat_datagram, heartbeat_key
+from nodewatch.coordinator import Coordinator
+from nodewatch.store.base import open_store
+from nodewatch.testing import FakeProbe
+from tests.api.test_app import AGENT, beat, make_config, reg_body
+from tests.helpers import async_wait_until, free_port
+
+TOKEN = "agent-secret"
+KEY = heartbeat_key(TOKEN)
+
+
+@dataclass
+class Rig:
+    client: TestClient[Any, Any]
+    coord: Coordinator
+    udp: UdpHeartbeats
+    probe: FakeProbe
+    sock: socket.socket
+
+    def send(self, datagram: bytes) -> None:
+        self.sock.sendto(datagram, self.udp.address)
+
+    async def wait_counted(self, result: str, count: int = 1) -> None:
+        await async_wait_until(lambda: asyncio.sleep(0, self.udp.counts[result] >= count),
+                               within=5, message=f"{count} datagram(s) counted {result}")
+
+
+@contextlib.asynccontextmanager
+async def _rig(tmp_path: Path, **overrides: Any) -> AsyncIterator[Rig]:
+    cfg = make_config(tmp_path, **{"coordinator.heartbeat_udp": "127.0.0.1:0", **overrides})
+    probe = FakeProbe(time.time)  # type: ignore[arg-type]
+    coord = Coordinator(cfg, open_store(cfg.coordinator.store), probe=probe)
+    await coord.start()
+    udp = await start_udp_heartbeats(coord)
+    client = TestClient(TestServer(build_app(coord, udp), host="127.0.0.1"))
+    await client.start_server()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        yield Rig(client, coord, udp, probe, sock)
+    finally:
+        sock.close()
+        udp.close()
+        await client.close()
+        await coord.stop()
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    async with _rig(tmp_path) as value:
+        yield value
+
+
+async def _register(rig: Rig, node_id: str = "web-1") -> dict[str, Any]:
+    resp = await rig.client.post("/v1/register", json=reg_body(node_id), headers=AGENT)
+    assert resp.status == 200
+    answer: dict[str, Any] = await resp.json()
+    return answer
+
+
+def _signed(body: dict[str, Any] | bytes, key: bytes = KEY) -> bytes:
+    if isinstance(body, bytes):
+        return body + hmac.digest(key, body, "sha256")
+    return encode_heartbeat_datagram(body, key)
+
+
+async def test_register_answer_offers_the_bound_udp_address(rig: Rig) -> None:
+    answer = await _register(rig)
+    assert answer["heartbeat_udp"] == f"127.0.0.1:{rig.udp.address[1]}"
+
+
+async def test_signed_msgpack_and_json_datagrams_are_applied_like_http(rig: Rig) -> None:
+    await _register(rig)
+    rig.send(_signed(beat(seq=3, load={"qps": 7})))
+    await rig.wait_counted("ok")
+    node = rig.coord.cluster.nodes["web-1"]
+    assert (node.seq, node.load["qps"]) == (3, 7)
+    rig.send(_signed(msgspec.json.encode(beat(seq=4, status="degraded",
+                                              reasons=["disk almost full"]))))
+    await rig.wait_counted("ok", 2)
+    assert node.seq == 4 and node.node_status.value == "degraded"
+    assert rig.coord.pushes == 2
+    text = await (await rig.client.get("/metrics")).text()
+    assert 'nodewatch_udp_heartbeats_total{result="ok"} 2.0' in text
+
+
+@pytest.mark.parametrize(("make", "result"), [
+    (lambda: encode_heartbeat_datagram(beat(seq=9), b""), "bad_tag"),  # no tag at all
+    (lambda: _signed(beat(seq=9), heartbeat_key("wrong-token")), "bad_tag"),
+    (lambda: _signed(beat(seq=9))[:-1] + b"\x00", "bad_tag"),  # tag altered
+    (lambda: b"short", "bad_tag"),
+    (lambda: _signed(b"\x93\x01\x02"), "malformed"),  # msgpack, but not a heartbeat
+    (lambda: _signed(b"{not json"), "malformed"),
+    (lambda: _signed(beat(seq=9, node_id="bad id!")), "malformed"),  # HeartbeatBody's pattern
+    (lambda: _signed(beat(seq=-5)), "malformed"),
+    (lambda: _signed(beat(seq=9, surprise=1)), "malformed"),  # unknown field
+    (lambda: _signed(beat(seq=9, reasons=["x" * 1000] * 10)), "oversize"),
+    (lambda: _signed(beat(seq=1)), "stale"),  # the stored seq is already 1
+    (lambda: _signed(beat("ghost", seq=9)), "unknown"),
+], ids=["untagged", "wrong-key", "altered", "short", "not-a-heartbeat", "bad-json", "bad-id",
+        "negative-seq", "unknown-field", "oversize", "stale", "unknown-node"])
+async def test_bad_datagrams_are_dropped_counted_and_change_nothing(
+        rig: Rig, make: Callable[[], bytes], result: str) -> None:
+    await _register(rig)
+    rig.send(_signed(beat(seq=1)))
+    await rig.wait_counted("ok")
+    before = rig.coord.cluster.nodes["web-1"].to_json()
+    datagram = make()
+    assert (len(datagram) > MAX_DATAGRAM) is (result == "oversize")
+    rig.send(datagram)
+    await rig.wait_counted(result)
+    assert rig.coord.cluster.nodes["web-1"].to_json() == before
+    assert sum(rig.udp.counts.values()) == 2
+    assert "ghost" not in rig.coord.cluster.nodes
+
+
+async def test_a_dropped_datagram_is_never_logged_with_its_content(
+        rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    await _register(rig)
+    rig.send(_signed(beat(seq=2, reasons=["secret-canary"]), heartbeat_key("wrong")))
+    rig.send(_signed(b'{"secret-canary": 1}'))
+    await rig.wait_counted("bad_tag")
+    await rig.wait_counted("malformed")
+    assert "secret-canary" not in caplog.text and TOKEN not in caplog.text
+
+
+async def test_without_a_token_datagrams_carry_no_tag(tmp_path: Path) -> None:
+    async with _rig(tmp_path, **{"coordinator.agent_token": ""}) as rig:
+        await rig.client.post("/v1/register", json=reg_body())
+        rig.send(encode_heartbeat_datagram(beat(seq=5), b""))
+        await rig.wait_counted("ok")
+        assert rig.coord.cluster.nodes["web-1"].seq == 5
+
+
+async def test_udp_pushes_stand_in_for_polls(tmp_path: Path) -> None:
+    async with _rig(tmp_path, **{"detection.healthy_interval": "500ms",
+                                 "detection.unhealthy_interval": "500ms"}) as rig:
+        await _register(rig)
+        await async_wait_until(lambda: asyncio.sleep(0, len(rig.probe.calls) >= 1),
+                               message="the first poll")
+        polls_before = len(rig.probe.calls)
+        # A push every 50 ms for 1.5 s (three intervals): no poll falls due meanwhile.
+        for seq in range(1, 31):
+            rig.send(_signed(beat(seq=seq)))
+            await asyncio.sleep(0.05)
+        await rig.wait_counted("ok", 30)
+        assert len(rig.probe.calls) == polls_before
+        await async_wait_until(lambda: asyncio.sleep(0, len(rig.probe.calls) > polls_before),
+                               within=5, message="a poll once the pushes stopped")
+
+
+# ---------------------------------------------------------------------- real agents
+
+
+async def _agent(tmp_path: Path, rig: Rig, **kwargs: Any) -> Agent:
+    agent = Agent(node_id=kwargs.pop("node_id", "node-a"), listen=f"127.0.0.1:{free_port()}",
+                  coordinator=str(rig.client.make_url("")), state_dir=tmp_path / "agent",
+                  agent_token=TOKEN, heartbeat_interval=0.05, run_sampler=False, **kwargs)
+    await agent.start()
+    return agent
+
+
+async def test_agent_with_udp_transport_pushes_over_udp(tmp_path: Path, rig: Rig) -> None:
+    agent = await _agent(tmp_path, rig, heartbeat_transport="udp")
+    try:
+        await rig.wait_counted("ok", 5)
+        node = rig.coord.cluster.nodes["node-a"]
+        assert node.seq >= 5 and node.incarnation == agent.incarnation
+        assert agent.heartbeats_sent["udp"] >= 5
+        assert agent.heartbeats_sent["http"] == 0
+    finally:
+        await agent.stop()
+    # The final heartbeat of a clean stop goes over HTTP (it must be acknowledged): applied.
+    assert rig.coord.cluster.nodes["node-a"].seq == agent.seq
+
+
+async def test_agent_falls_back_to_http_when_udp_is_not_offered(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    coord = Coordinator(cfg, open_store(cfg.coordinator.store),
+                        probe=FakeProbe(time.time))  # type: ignore[arg-type]
+    await coord.start()
+    client = TestClient(TestServer(build_app(coord), host="127.0.0.1"))
+    await client.start_server()
+    agent = Agent(node_id="node-b", listen=f"127.0.0.1:{free_port()}",
+                  coordinator=str(client.make_url("")), state_dir=tmp_path / "agent",
+                  agent_token=TOKEN, heartbeat_interval=0.05, heartbeat_transport="udp",
+                  run_sampler=False)
+    await agent.start()
+    try:
+        await async_wait_until(lambda: asyncio.sleep(0, coord.pushes >= 3),
+                               message="three HTTP heartbeats")
+        assert agent.registration is not None and agent.registration.heartbeat_udp == ""
+        assert agent.heartbeats_sent["udp"] == 0 and agent.heartbeats_sent["http"] >= 3
+    finally:
+        await agent.stop()
+        await client.close()
+        await coord.stop()
+
+
+async def test_udp_agent_hears_a_forgotten_node_through_its_periodic_http_heartbeat(
+        tmp_path: Path, rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent_module, "UDP_CONFIRM_INTERVAL", 0.25)  # every 5th beat
+    agent = await _agent(tmp_path, rig, heartbeat_transport="udp")
+    try:
+        await rig.wait_counted("ok", 3)
+        rig.coord.command("remove", "node-a")
+        assert "node-a" not in rig.coord.cluster.nodes
+        # UDP has no 404: the unknown datagrams are dropped until the HTTP beat learns it.
+        await async_wait_until(lambda: asyncio.sleep(0, "node-a" in rig.coord.cluster.nodes),
+                               within=5, message="the agent registering again")
+        assert agent.heartbeats_sent["http"] >= 1
+        ok = rig.udp.counts["ok"]
+        await rig.wait_counted("ok", ok + 3)  # and UDP heartbeats are applied again
+    finally:
+        await agent.stop()
