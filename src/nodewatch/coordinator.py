@@ -145,7 +145,7 @@ class Coordinator:
         await self.store.open()
         nodes = await self._restore()
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.config.detection.timeout * 2,
+            timeout=aiohttp.ClientTimeout(total=self.config.detection.timeout * 2 + 0.25,
                                           connect=self.config.detection.connect_timeout),
             trust_env=False,
         )
@@ -409,22 +409,35 @@ class Coordinator:
         await self.store.delete_node(node_id)
 
     async def _indirect_probe(self, request: ProbeRequest) -> None:
-        """Ask healthy peers to check the suspect node; unanswered peers cast no vote."""
+        """Ask healthy peers to check the suspect node.
+
+        A peer we cannot reach votes ``None`` (that is evidence about our own side); a peer
+        that answers without a usable verdict (no ``/probe``, a bad body) casts no vote.
+        """
         session = self._session
         if session is None:
             return
 
+        det = self.config.detection
+        params = {"target": request.address, "timeout": f"{det.timeout:g}",
+                  "connect_timeout": f"{det.connect_timeout:g}"}
+
         async def ask(peer_id: str, peer_address: str) -> PeerVote | None:
             url = f"http://{peer_address}/probe"
             try:
-                async with session.get(url, params={"target": request.address}) as resp:
+                async with session.get(url, params=params) as resp:
                     if resp.status != 200:
                         return None
                     body = await resp.json(content_type=None)
-                return PeerVote(peer_id=peer_id, reachable=bool(body.get("reachable")),
-                                detail=str(body.get("failure") or body.get("detail") or ""))
-            except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                return PeerVote(peer_id=peer_id, reachable=None,
+                                detail=f"peer unreachable: {type(exc).__name__}")
+            except (aiohttp.ClientError, ValueError):
                 return None
+            if not isinstance(body, dict) or not isinstance(body.get("reachable"), bool):
+                return None
+            return PeerVote(peer_id=peer_id, reachable=body["reachable"],
+                            detail=str(body.get("failure") or body.get("detail") or ""))
 
         answers = await asyncio.gather(*(ask(p, a) for p, a in request.peers))
         votes = [vote for vote in answers if vote is not None]

@@ -160,6 +160,13 @@ async def test_probe_uses_the_configured_timeouts(
         status, body = await get_json(http, f"{agent.url}/probe?target=127.0.0.1:{port}")
         assert body["reachable"] is False and body["failure"] == "timeout"
         assert body["latency"] < 2.0
+        # The coordinator passes its own (shorter) timeout; a longer one is clamped.
+        status, body = await get_json(
+            http, f"{agent.url}/probe?target=127.0.0.1:{port}&timeout=0.05&connect_timeout=0.05")
+        assert status == 200 and body["failure"] == "timeout" and body["latency"] < 0.2
+        status, body = await get_json(
+            http, f"{agent.url}/probe?target=127.0.0.1:{port}&timeout=600")
+        assert status == 200 and body["latency"] < 2.0
     finally:
         never.set()
         await runner.cleanup()
@@ -183,6 +190,8 @@ BAD_INPUTS = [
     ("GET", "/probe?target=nohost", None, 400, "HOST:PORT"),
     ("GET", "/probe?target=127.0.0.1:99999", None, 400, "port"),
     ("GET", "/probe?target=a/b:80", None, 400, "host"),
+    ("GET", "/probe?target=127.0.0.1:80&timeout=soon", None, 400, "timeout"),
+    ("GET", "/probe?target=127.0.0.1:80&timeout=-1", None, 400, "timeout"),
 ]
 
 

@@ -343,9 +343,19 @@ def test_guard_turns_on_when_half_the_nodes_go_suspect_in_the_window(clock: Fake
 def test_guard_ignores_suspects_outside_the_window(clock: FakeClock) -> None:
     cluster = guarded(clock, fall=3)
     fail(cluster, clock, "n0")
-    clock.advance(16)  # unhealthy_interval 5 x fall 3
+    clock.advance(46)  # one detection window: healthy_interval 30 + unhealthy_interval 5 x 3
     fail(cluster, clock, "n1")
     assert not cluster.guard_on
+
+
+def test_guard_window_spans_a_healthy_interval(clock: FakeClock) -> None:
+    # Healthy nodes are polled every 30 s, so a partition is discovered over that long:
+    # suspects 20 s apart are still one event for the guard.
+    cluster = guarded(clock, fall=3)
+    fail(cluster, clock, "n0")
+    clock.advance(20)
+    fail(cluster, clock, "n1")
+    assert cluster.guard_on
 
 
 def test_guard_counts_nodes_not_flaps_of_one_node(clock: FakeClock) -> None:
@@ -455,6 +465,31 @@ def test_all_unreachable_votes_confirm_with_votes_in_evidence(clock: FakeClock) 
     assert kinds(out) == ["unhealthy"] and [a.kind for a in out.actions] == ["unhealthy"]
     assert [v["reachable"] for v in out.events[0].evidence["peers"]] == [False, False]
     assert out.events[0].evidence["checks"][-1]["class"] == "timeout"
+
+
+def test_peers_we_cannot_reach_either_hold_and_the_next_failure_asks_again(
+        clock: FakeClock) -> None:
+    cluster = probing(clock)
+    fail(cluster, clock)
+    (probe,) = fail(cluster, clock).probes
+    votes = [PeerVote(p, reachable=None, detail="peer unreachable") for p, _ in probe.peers]
+    out = cluster.peer_votes("n0", votes, clock())
+    assert kinds(out) == ["suspect"] and not out.actions
+    assert out.events[0].reason.startswith("held: peers unreachable too")
+    assert health(cluster) is Health.SUSPECT
+    (again,) = fail(cluster, clock).probes  # asks (other) peers on the next failed check
+    out = cluster.peer_votes("n0", [PeerVote(p, False, "refused") for p, _ in again.peers],
+                             clock())
+    assert kinds(out) == ["unhealthy"]
+
+
+def test_one_real_unreachable_vote_outweighs_peers_we_cannot_reach(clock: FakeClock) -> None:
+    cluster = probing(clock)
+    fail(cluster, clock)
+    (probe,) = fail(cluster, clock).probes
+    (first, _), (second, _) = probe.peers
+    votes = [PeerVote(first, None, "peer unreachable"), PeerVote(second, False, "refused")]
+    assert kinds(cluster.peer_votes("n0", votes, clock())) == ["unhealthy"]
 
 
 def test_no_votes_at_all_confirm(clock: FakeClock) -> None:

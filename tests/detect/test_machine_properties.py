@@ -249,7 +249,8 @@ class ClusterMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def answer_probe(self, data: st.DataObject) -> None:
         probe = self.probes.pop(data.draw(st.integers(0, len(self.probes) - 1)))
-        votes = [PeerVote(peer, data.draw(st.booleans())) for peer, _ in probe.peers
+        verdicts = st.sampled_from([True, False, None])  # None: we could not reach the peer
+        votes = [PeerVote(peer, data.draw(verdicts)) for peer, _ in probe.peers
                  if data.draw(st.booleans())]
         before = self._cleaned()
         self._apply(self.cluster.peer_votes(probe.node_id, votes, self.clock()), before)

@@ -264,12 +264,15 @@ class Agent:
         # last_ts must stay within about one sample of the truth, even after a crash.
         await self._persist()
 
-    async def probe(self, target: str) -> dict[str, Any]:
-        """Check a peer's ``/health`` the way the coordinator does (``GET /probe``)."""
+    async def probe(self, target: str, *, limits: tuple[float, float] | None = None
+                    ) -> dict[str, Any]:
+        """Check a peer's ``/health`` the way the coordinator does (``GET /probe``);
+        ``limits`` is (timeout, connect_timeout), the agent's configured ones by default."""
+        total, connect = limits or (self.config.probe_timeout, self.config.probe_connect_timeout)
         async with self._probe_slots:
             result = await check_health(
-                self._client(), target, target, timeout=self.config.probe_timeout,
-                connect_timeout=self.config.probe_connect_timeout, max_bytes=PROBE_MAX_BYTES,
+                self._client(), target, target, timeout=total, connect_timeout=connect,
+                max_bytes=PROBE_MAX_BYTES,
                 clock=time.monotonic, verify_node_id=False)
         return {
             "target": target,

@@ -166,6 +166,19 @@ def build_app(agent: Agent) -> web.Application:
     async def get_metrics(request: web.Request) -> web.Response:
         return web.Response(body=agent.metrics_bytes(), headers=metrics_headers)
 
+    def _seconds(request: web.Request, name: str, ceiling: float) -> float:
+        raw = request.query.get(name)
+        if raw is None:
+            return float(ceiling)
+        try:
+            value = float(raw)
+        except ValueError:
+            raise HTTPProblem(400, f"{name} must be seconds as a number, got {raw[:40]!r}") \
+                from None
+        if not 0 < value < 3600:
+            raise HTTPProblem(400, f"{name} must be between 0 and 3600 seconds, got {raw[:40]!r}")
+        return min(value, float(ceiling))
+
     async def get_probe(request: web.Request) -> web.Response:
         target = request.query.get("target", "")
         if not target:
@@ -177,7 +190,11 @@ def build_app(agent: Agent) -> web.Application:
         if not re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", host):
             raise HTTPProblem(400, f"bad probe target: host {host[:80]!r} is not a host name "
                                    "or IP address")
-        return json_response(await agent.probe(target))
+        # The coordinator passes its own timeouts so that a peer judges exactly like it does;
+        # the agent's configured ones are the ceiling (a caller cannot make it wait longer).
+        timeout = _seconds(request, "timeout", agent.config.probe_timeout)
+        connect = _seconds(request, "connect_timeout", agent.config.probe_connect_timeout)
+        return json_response(await agent.probe(target, limits=(timeout, min(connect, timeout))))
 
     app = web.Application(middlewares=[problem_middleware], client_max_size=max_body)
     app.router.add_get("/health", get_health, allow_head=False)

@@ -35,6 +35,7 @@ _OUT = frozenset({Health.UNHEALTHY, Health.DEAD})
 _REJOIN_MEMORY = 3600.0
 _GUARD_HOLD = "held: guard (many nodes failing at once)"
 _REACHABLE = "reachable from peers"
+_PEERS_UNREACHABLE = "held: peers unreachable too (fault near the coordinator?)"
 _CONFIRMING = "confirming through peers"
 
 
@@ -499,7 +500,14 @@ class Cluster:
         return tuple(chosen.items())
 
     def peer_votes(self, node_id: str, votes: list[PeerVote], now: float) -> Outcome:
-        """Answers of the indirect probe; no answer at all means the peers could not help."""
+        """Answers of the indirect probe.
+
+        A peer that still reaches the node holds it. If the coordinator could not reach any
+        asked peer either, the fault is as likely on its own side (a partition cutting off
+        the node and the peers alike): the node is held and the next failed check asks other
+        peers. Peers that answered without a usable vote (no ``/probe``) are ignored; with no
+        votes at all the peers could not help and the node is confirmed.
+        """
         out = Outcome()
         node = self.nodes.get(node_id)
         if node is None or node_id not in self._probing:
@@ -516,6 +524,10 @@ class Cluster:
         }
         if evidence["reachable_from"]:
             self._hold(out, node, now, _REACHABLE, evidence)
+            return out
+        if votes and all(v.reachable is None for v in votes):
+            self._hold(out, node, now, _PEERS_UNREACHABLE, evidence)
+            self._dirty.add(node_id)
             return out
         gate = self._gate_reason(now)
         if gate or self.guard_on:

@@ -79,7 +79,9 @@ class SimSettings:
     timeout: float = 3.0  # [detection] timeout: a slower answer is a TIMEOUT failure
     probe_timeout: float = 3.0  # [agent] probe_timeout: how long a peer waits for the target
     heartbeat_interval: float = 0.0  # [agent] heartbeat_interval; 0 = pull only
-    heartbeat_grace: float = 2.5  # silence of this many heartbeat intervals counts as a failure
+    # Silence of this many heartbeat intervals counts as a failure (a lease); 0 = no lease, as
+    # with HTTP/UDP pushes: only the poll that the pushes kept deferring finds the silence.
+    heartbeat_grace: float = 2.5
     partition_s: float | None = None  # how long the partition lasts (default: a third of the run)
 
     def __post_init__(self) -> None:
@@ -461,9 +463,11 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
             j = index[peer_id]
             peer_state = state_at(j, now) if has_script[j] else _UP
             if peer_state == _CRASHED:
-                answered = max(answered, now + _REFUSED_LATENCY)  # no vote
+                answered = max(answered, now + _REFUSED_LATENCY)
+                votes.append(PeerVote(peer_id, None, "peer unreachable"))
             elif peer_state == _HUNG or (partitioned[j] and cut_off(j, now)):
                 answered = max(answered, now + 2.0 * timeout)  # the session's total timeout
+                votes.append(PeerVote(peer_id, None, "peer unreachable"))
             elif target_state == _CRASHED:
                 answered = max(answered, now + 2 * _NET_RTT)
                 votes.append(PeerVote(peer_id, False, "refused"))
@@ -490,8 +494,9 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
             heartbeat_sent[i] = at
             push_other(at + _NET_RTT, i, _HEARTBEAT)
             last_heartbeat[i] = at
-            push_other(at + grace, i, _EXPIRY)
-            expiry_armed[i] = 1
+            if grace > 0:
+                push_other(at + grace, i, _EXPIRY)
+                expiry_armed[i] = 1
     for at, i in script.restarts:
         push_other(at, i, _SCRIPT)
 
@@ -558,8 +563,12 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
                     incarnation[i], seq[i], sent, ok_status, (), empty, empty), "push"))
                 if out:
                     handle(out, t)
+                if not out.stale and watched[i] and started[i] > t:
+                    # As Coordinator.heartbeat: an accepted push defers the node's next poll
+                    # by one interval (a check in flight is left alone).
+                    start_check(i, t + interval_for(ids[i]))
                 last_heartbeat[i] = t
-                if not expiry_armed[i]:
+                if grace > 0 and not expiry_armed[i]:
                     expiry_armed[i] = 1
                     push_other(t + grace, i, _EXPIRY)
             sent += hb

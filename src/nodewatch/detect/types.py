@@ -84,7 +84,7 @@ class PeerVote:
     """What one peer agent saw when asked to probe a suspect node (``GET /probe``)."""
 
     peer_id: str
-    reachable: bool
+    reachable: bool | None  # None: the coordinator could not reach the peer to ask it
     detail: str = ""
 
 
