@@ -1,9 +1,10 @@
-"""SQLite specifics: WAL settings, the default path, kill -9 durability, prune that never
-stalls the event loop, and the indexes that keep one node's hour a short range read."""
+"""SQLite specifics: WAL settings, the default path, kill -9 durability, prune in bounded steps,
+the key that keeps one node's hour a few seeks, and samples kept across the bucket migration."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import sqlite3
@@ -17,7 +18,8 @@ import pytest
 
 from nodewatch.detect.types import HistorySample, NodeState, event_id
 from nodewatch.store.base import DEFAULT_SQLITE_PATH, open_store
-from nodewatch.store.sqlite import SqliteStore
+from nodewatch.store.codec import encode_sample
+from nodewatch.store.sqlite import HISTORY_QUERY, SqliteStore
 
 
 async def test_database_runs_in_wal_mode_with_normal_sync(tmp_path: Path) -> None:
@@ -66,14 +68,38 @@ async def test_concurrent_saves_are_all_committed(tmp_path: Path) -> None:
         assert len(await store.load_nodes()) == 1000
 
 
-async def test_history_read_is_a_primary_key_range(tmp_path: Path) -> None:
+async def test_history_read_is_one_primary_key_seek_per_bucket(tmp_path: Path) -> None:
     async with SqliteStore(tmp_path / "state.db") as store:
         plan = await store._read(lambda c: c.execute(
-            "EXPLAIN QUERY PLAN SELECT body FROM history WHERE node_id = ? AND ts >= ? "
-            "ORDER BY ts, seq", ("a", 0.0)).fetchall())
+            "EXPLAIN QUERY PLAN " + HISTORY_QUERY, ("a", 0.0, 0)).fetchall())
     detail = " ".join(str(row[-1]) for row in plan)
-    assert "SEARCH history USING PRIMARY KEY (node_id=? AND ts>?)" in detail
+    assert "SEARCH b USING INTEGER PRIMARY KEY (rowid>?)" in detail
+    assert "SEARCH s USING PRIMARY KEY (bucket=? AND node_id=? AND ts>?)" in detail
     assert "TEMP B-TREE" not in detail  # no sort: rows come out in ts order
+
+
+async def test_samples_of_the_layout_before_buckets_are_kept(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    conn = sqlite3.connect(db)
+    conn.executescript("""
+        CREATE TABLE history (node_id TEXT NOT NULL, ts REAL NOT NULL, seq INTEGER NOT NULL,
+            body BLOB NOT NULL, PRIMARY KEY (node_id, ts, seq)) WITHOUT ROWID;
+        CREATE TABLE history_log (node_id TEXT NOT NULL, ts REAL NOT NULL,
+            seq INTEGER NOT NULL, body BLOB NOT NULL);
+    """)
+    old = [HistorySample("web-1", float(t), t, "healthy", {"cpu_percent": t}, {})
+           for t in range(20)]
+    for table, part in (("history", old[:12]), ("history_log", old[12:])):
+        conn.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?)",
+                         [(s.node_id, s.ts, s.seq, encode_sample(s)) for s in part])
+    conn.commit()
+    conn.close()
+    async with SqliteStore(db) as store:
+        assert await store.history("web-1", 0.0) == old
+        assert await store.history("web-1", 13.0) == old[13:]
+        tables = await store._read(lambda c: c.execute(
+            "SELECT name FROM sqlite_master WHERE name LIKE 'history%'").fetchall())
+        assert tables == []
 
 
 CHILD = textwrap.dedent(
@@ -129,31 +155,51 @@ def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
     asyncio.run(check())
 
 
-async def test_pruning_200k_rows_never_blocks_the_loop_for_50ms(tmp_path: Path) -> None:
-    async with SqliteStore(tmp_path / "state.db") as store:
+async def test_pruning_200k_rows_goes_in_bounded_steps_with_the_loop_running_between(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """How long the loop may wait is a goal measured by bench/store_throughput.py; this pins
+    what makes it short: many small steps, each its own write, the loop ticking in between."""
+    async with SqliteStore(tmp_path / "state.db", prune_chunk=5_000) as store:
         for part in range(20):  # 200 nodes x 1,000 old samples + 100 fresh ones each
             await store.add_samples([
                 HistorySample(f"n{i:03d}", float(t), t, "healthy", {"cpu_percent": 1.0}, {})
                 for i in range(part * 10, part * 10 + 10) for t in range(1100)
             ])
-        longest = 0.0
+        steps: list[int] = []
+        ticks_before_step: list[int] = []
+        ticks = 0
+        prune_step = store._prune_step
+
+        def counted_step(conn: sqlite3.Connection, *, cutoff: float) -> tuple[int, bool]:
+            ticks_before_step.append(ticks)
+            deleted, done = prune_step(conn, cutoff=cutoff)
+            steps.append(deleted)
+            return deleted, done
+
+        monkeypatch.setattr(store, "_prune_step", counted_step)
         pruning = True
 
         async def tick() -> None:
-            nonlocal longest
-            last = time.perf_counter()
+            nonlocal ticks
             while pruning:
                 await asyncio.sleep(0)
-                now = time.perf_counter()
-                longest = max(longest, now - last)
-                last = now
+                ticks += 1
 
         ticker = asyncio.create_task(tick())
         await asyncio.sleep(0)
+        start = time.perf_counter()
         deleted = await store.prune(now=4600.0, history_ttl=3600.0)
+        took = time.perf_counter() - start
         pruning = False
         await ticker
-        assert deleted == 200_000
-        assert len(await store.history("n123", 0.0)) == 100
-        print(f"longest loop block while pruning: {longest * 1000:.1f} ms")
-        assert longest < 0.050, f"event loop blocked {longest * 1000:.1f} ms while pruning"
+
+        assert deleted == 200_000 == sum(steps)
+        assert len(steps) >= 40 and max(steps) <= 5_000  # bounded steps, not one big delete
+        # The loop ran between every two steps (each step is a separate write it awaited).
+        assert all(b > a for a, b in itertools.pairwise(ticks_before_step))
+        for node in ("n000", "n123", "n199"):
+            kept = await store.history(node, 0.0)
+            assert [s.ts for s in kept] == [float(t) for t in range(1000, 1100)]
+        assert await store.prune(now=4600.0, history_ttl=3600.0) == 0
+        assert took < 1.0, f"prune of 200k rows took {took:.2f} s"  # sanity, not a goal

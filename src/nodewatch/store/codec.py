@@ -27,9 +27,11 @@ __all__ = [
     "decode_event",
     "decode_node",
     "decode_sample",
+    "decode_sample_body",
     "encode_event",
     "encode_node",
     "encode_sample",
+    "encode_sample_body",
 ]
 
 
@@ -84,6 +86,15 @@ class SampleRecord(msgspec.Struct):
     load: dict[str, float]
 
 
+class SampleBody(msgspec.Struct):
+    """A HistorySample without what a store keeps in its key (node_id, ts, seq): about a
+    fifth fewer bytes per sample. Decodes a full SampleRecord too (extra fields are ignored)."""
+
+    health: str
+    system: dict[str, float]
+    load: dict[str, float]
+
+
 # attrgetter built from the record's own fields keeps the positional order right by construction.
 _node_fields = attrgetter(*NodeRecord.__struct_fields__)
 _event_fields = attrgetter(*EventRecord.__struct_fields__)
@@ -93,6 +104,7 @@ _encoder = msgspec.json.Encoder()
 _node_decoder = msgspec.json.Decoder(NodeState)
 _event_decoder = msgspec.json.Decoder(EventRecord)
 _sample_decoder = msgspec.json.Decoder(HistorySample)
+_body_decoder = msgspec.json.Decoder(SampleBody)
 
 
 def encode_node(node: NodeState) -> bytes:
@@ -120,3 +132,13 @@ def encode_sample(sample: HistorySample) -> bytes:
 
 def decode_sample(data: bytes) -> HistorySample:
     return _sample_decoder.decode(data)
+
+
+def encode_sample_body(sample: HistorySample) -> bytes:
+    """The sample without node_id, ts and seq, for a store whose key holds them exactly."""
+    return _encoder.encode(SampleBody(sample.health, sample.system, sample.load))
+
+
+def decode_sample_body(node_id: str, ts: float, seq: int, data: bytes) -> HistorySample:
+    body = _body_decoder.decode(data)
+    return HistorySample(node_id, ts, seq, body.health, body.system, body.load)

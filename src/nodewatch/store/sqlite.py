@@ -1,21 +1,24 @@
 """The embedded default store: one SQLite file in WAL mode, written by one group-committing thread.
 
-Writes are queued to a dedicated writer thread that drains the queue and commits everything it
-found in one transaction (group commit), so many small awaits cost one fsync-free WAL commit and
-the event loop never waits on SQLite. Reads use a second connection on their own thread; WAL
-lets them run while the writer commits. With ``synchronous=NORMAL`` a committed transaction
-survives a crash of the process (kill -9); only an OS crash or power loss may lose the last few.
+Writes issued in one turn of the event loop are handed together to a dedicated writer thread,
+which commits everything it finds queued in one transaction (group commit), so many small awaits
+cost one fsync-free WAL commit and the event loop never waits on SQLite. Reads use a second
+connection on their own thread; WAL lets them run while the writer commits. With
+``synchronous=NORMAL`` a committed transaction survives a crash of the process (kill -9); only
+an OS crash or power loss may lose the last few.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -23,10 +26,10 @@ from nodewatch.detect.types import Event, HistorySample, NodeState
 from nodewatch.store.codec import (
     decode_event,
     decode_node,
-    decode_sample,
+    decode_sample_body,
     encode_event,
     encode_node,
-    encode_sample,
+    encode_sample_body,
 )
 
 __all__ = ["SqliteStore"]
@@ -39,24 +42,30 @@ _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY, revision INTEGER NOT NULL, body BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (id TEXT PRIMARY KEY, body BLOB NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS history (
-    node_id TEXT NOT NULL, ts REAL NOT NULL, seq INTEGER NOT NULL, body BLOB NOT NULL,
-    PRIMARY KEY (node_id, ts, seq)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS history_log (
-    node_id TEXT NOT NULL, ts REAL NOT NULL, seq INTEGER NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS samples (
+    bucket INTEGER NOT NULL, node_id TEXT NOT NULL, ts REAL NOT NULL, seq INTEGER NOT NULL,
+    body BLOB NOT NULL, PRIMARY KEY (bucket, node_id, ts, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sample_buckets (bucket INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS store_info (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
-# history is clustered by (node_id, ts): one node's hour is one contiguous range, so reading
-# it touches a few pages, and pruning deletes per-node ranges without a second index on ts.
-# But inserting one sample per node into it dirties one page per node per commit (a 1,000-node
-# round wrote 4 MB of WAL and ran at ~25k rows/s), so samples land first in history_log, an
-# append-only heap (raw insert speed), and move into history in one sorted pass once the log
-# holds ``log_rows``. Reads look at both in one statement, so they see one consistent snapshot;
-# the log is small enough to scan.
+# samples is clustered by (bucket, node_id, ts, seq), bucket = floor(ts / BUCKET_SECONDS): time
+# first, so a commit's samples land at the right edge of the tree next to each other (close to
+# a plain append; a table keyed (node_id, ts) dirtied one page per node per commit and ran at
+# ~25k rows/s, and a heap log moved into it every 20k rows at ~40-80k), and pruning deletes
+# from the left edge. One node's hour is one primary-key seek per bucket (720 for an hour),
+# driven by sample_buckets, the list of buckets that hold samples. Bodies leave out node_id,
+# ts and seq, which the key holds.
 
 _MAX_BATCH: Final = 512  # queued operations per transaction; bounds one commit's duration
+BUCKET_SECONDS: Final = 5.0  # stored in every row's key: changing it needs a migration
 _STOP: Final = object()
+# One seek per listed bucket; rows come out in (bucket, ts, seq) order, which is ts order.
+HISTORY_QUERY: Final = (
+    "SELECT s.ts, s.seq, s.body FROM sample_buckets AS b JOIN samples AS s "
+    "ON s.bucket = b.bucket AND s.node_id = ?1 AND s.ts >= ?2 "
+    "WHERE b.bucket >= ?3 ORDER BY b.bucket, s.ts, s.seq"
+)
 
 
 class _Write:
@@ -79,6 +88,10 @@ def _resolve(outcomes: list[Outcome]) -> None:
             future.set_exception(error)
 
 
+def _bucket(ts: float) -> int:
+    return math.floor(ts / BUCKET_SECONDS)
+
+
 def _connect(path: Path, *, cache_mb: int) -> sqlite3.Connection:
     # isolation_level=None: we issue BEGIN/COMMIT ourselves (one transaction per group).
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
@@ -87,6 +100,28 @@ def _connect(path: Path, *, cache_mb: int) -> sqlite3.Connection:
     conn.execute(f"PRAGMA cache_size=-{cache_mb * 1024}")
     conn.execute("PRAGMA temp_store=MEMORY")
     return conn
+
+
+def _migrate_history(conn: sqlite3.Connection) -> None:
+    """Move samples from the layout before buckets (history + history_log) into ``samples``;
+    their bodies still hold node_id, ts and seq, which the body decoder ignores."""
+    old = {row[0] for row in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('history', 'history_log')"
+    )}
+    if not old:
+        return
+    conn.create_function("nodewatch_bucket", 1, _bucket, deterministic=True)
+    conn.execute("BEGIN IMMEDIATE")
+    for table in sorted(old):
+        conn.execute(
+            f"INSERT OR IGNORE INTO samples(bucket, node_id, ts, seq, body) SELECT "
+            f"nodewatch_bucket(ts), node_id, ts, seq, body FROM {table}"
+        )
+        conn.execute(f"DROP TABLE {table}")
+    conn.execute(
+        "INSERT OR IGNORE INTO sample_buckets(bucket) SELECT DISTINCT bucket FROM samples"
+    )
+    conn.execute("COMMIT")
 
 
 class SqliteStore:
@@ -99,7 +134,6 @@ class SqliteStore:
         events_retained: int = 100_000,
         prune_chunk: int = 5_000,
         cache_mb: int = 64,
-        log_rows: int = 20_000,
     ) -> None:
         if events_retained < 1 or prune_chunk < 1:
             raise ValueError("events_retained and prune_chunk must be at least 1")
@@ -107,8 +141,8 @@ class SqliteStore:
         self.events_retained = events_retained
         self.prune_chunk = prune_chunk
         self.cache_mb = cache_mb
-        self.log_rows = log_rows
-        self._queue: queue.SimpleQueue[_Write | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[_Write] | object] = queue.SimpleQueue()
+        self._pending: list[_Write] = []  # issued in this turn of the loop, not yet handed over
         self._writer: threading.Thread | None = None
         self._writer_ready: asyncio.Future[None] | None = None
         self._writer_done: asyncio.Future[None] | None = None
@@ -118,7 +152,7 @@ class SqliteStore:
         # Owned by the writer thread only:
         self._revision = 0  # last store revision handed out; monotonic across deletes
         self._event_count = 0
-        self._log_count = 0
+        self._buckets: set[int] = set()  # the newest few buckets known to be listed
         self._closed = False
 
     # -- life cycle -------------------------------------------------------------------------
@@ -146,6 +180,7 @@ class SqliteStore:
         if self._loop is None or self._closed:
             return
         self._closed = True
+        self._hand_over()
         self._queue.put(_STOP)  # FIFO: everything queued before is committed first
         assert self._writer_done is not None
         await self._writer_done
@@ -171,6 +206,7 @@ class SqliteStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = _connect(self.path, cache_mb=self.cache_mb)
             conn.executescript(_SCHEMA)
+            _migrate_history(conn)
             self._revision = max(
                 conn.execute("SELECT coalesce(max(revision), 0) FROM nodes").fetchone()[0],
                 conn.execute(
@@ -178,7 +214,6 @@ class SqliteStore:
                 ).fetchone()[0],
             )
             self._event_count = conn.execute("SELECT count(*) FROM events").fetchone()[0]
-            self._log_count = conn.execute("SELECT count(*) FROM history_log").fetchone()[0]
         except BaseException as error:  # noqa: BLE001 - reported to open()'s caller
             failed: list[Outcome] = [
                 (self._writer_ready, None, error),
@@ -197,8 +232,8 @@ class SqliteStore:
                     if item is _STOP:
                         stopping = True
                         break
-                    assert isinstance(item, _Write)
-                    batch.append(item)
+                    assert isinstance(item, list)
+                    batch.extend(item)
                     if len(batch) >= _MAX_BATCH:
                         break
                     try:
@@ -207,8 +242,6 @@ class SqliteStore:
                         break
                 if batch:
                     loop.call_soon_threadsafe(_resolve, self._commit(conn, batch))
-                if self._log_count >= self.log_rows:
-                    self._move_log(conn)
         finally:
             conn.close()
             done: list[Outcome] = [(self._writer_done, None, None)]
@@ -217,11 +250,8 @@ class SqliteStore:
     def _commit(self, conn: sqlite3.Connection, batch: list[_Write]) -> list[Outcome]:
         """Run a group of writes in one transaction; one failing write fails alone."""
         outcomes: list[Outcome] = []
-        revision_before, events_before, log_before = (
-            self._revision,
-            self._event_count,
-            self._log_count,
-        )
+        events_before, buckets_before = self._event_count, set(self._buckets)
+        revision_before = self._revision
         try:
             conn.execute("BEGIN IMMEDIATE")
             for write in batch:
@@ -247,26 +277,9 @@ class SqliteStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             # Revisions already handed out stay burnt (only monotonicity matters).
-            self._event_count, self._log_count = events_before, log_before
+            self._event_count, self._buckets = events_before, buckets_before
             return [(write.future, None, error) for write in batch]
         return outcomes
-
-    def _move_log(self, conn: sqlite3.Connection) -> None:
-        """Writer thread, own transaction: log rows into the clustered table in key order, so
-        each node's tail page is written once per move instead of once per commit."""
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute(
-                "INSERT OR IGNORE INTO history(node_id, ts, seq, body) SELECT node_id, ts, seq, "
-                "body FROM history_log ORDER BY node_id, ts, seq"
-            )
-            conn.execute("DELETE FROM history_log")
-            conn.execute("COMMIT")
-            self._log_count = 0
-        except sqlite3.Error:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
     def _trim_events(self, conn: sqlite3.Connection) -> None:
         excess = self._event_count - self.events_retained
@@ -277,11 +290,22 @@ class SqliteStore:
         self._event_count = self.events_retained
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._loop is None or self._closed:
+        loop = self._loop
+        if loop is None or self._closed:
             raise RuntimeError("store is not open")
-        future: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put(_Write(fn, future))
+        future: asyncio.Future[T] = loop.create_future()
+        self._pending.append(_Write(fn, future))
+        if len(self._pending) == 1:
+            loop.call_soon(self._hand_over)
         return await future
+
+    def _hand_over(self) -> None:
+        """Queue this turn's writes as one item, so that the writer (woken by the first put)
+        does not start a transaction with only part of them (the bench's save_nodes and
+        add_samples, awaited together, went into two commits)."""
+        if self._pending:
+            writes, self._pending = self._pending, []
+            self._queue.put(writes)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._read_conn
@@ -417,73 +441,66 @@ class SqliteStore:
     async def add_samples(self, samples: Sequence[HistorySample]) -> None:
         if not samples:
             return
-        rows = [(s.node_id, s.ts, s.seq, encode_sample(s)) for s in samples]
+        rows = [(_bucket(s.ts), s.node_id, s.ts, s.seq, encode_sample_body(s)) for s in samples]
+        await self._write(partial(self._add_samples, rows=rows))
 
-        def add(conn: sqlite3.Connection) -> None:
+    def _add_samples(
+        self, conn: sqlite3.Connection, *, rows: list[tuple[int, str, float, int, bytes]]
+    ) -> None:
+        """Writer thread: rows sorted by key, so the tree sees an in-order run of inserts."""
+        rows.sort(key=itemgetter(0, 1, 2, 3))
+        conn.executemany(
+            "INSERT OR IGNORE INTO samples(bucket, node_id, ts, seq, body) VALUES (?, ?, ?, ?, ?)",
+            rows,
+        )
+        new = {row[0] for row in rows} - self._buckets
+        if new:
             conn.executemany(
-                "INSERT INTO history_log(node_id, ts, seq, body) VALUES (?, ?, ?, ?)", rows
+                "INSERT OR IGNORE INTO sample_buckets(bucket) VALUES (?)", [(b,) for b in new]
             )
-            self._log_count += len(rows)
-
-        await self._write(add)
+            self._buckets |= new
+            if len(self._buckets) > 64:  # only the newest matter: samples come in time order
+                self._buckets = set(sorted(self._buckets)[-16:])
 
     async def history(self, node_id: str, since: float) -> list[HistorySample]:
         rows = await self._read(
-            lambda conn: conn.execute(
-                # UNION (not ALL): a sample added twice is one sample.
-                "SELECT ts, seq, body FROM history WHERE node_id = ?1 AND ts >= ?2 UNION "
-                "SELECT ts, seq, body FROM history_log WHERE node_id = ?1 AND ts >= ?2 "
-                "ORDER BY ts, seq",
-                (node_id, since),
-            ).fetchall()
+            lambda conn: conn.execute(HISTORY_QUERY, (node_id, since, _bucket(since))).fetchall()
         )
-        return [decode_sample(body) for (_, _, body) in rows]
+        return [decode_sample_body(node_id, ts, seq, body) for ts, seq, body in rows]
 
     async def prune(self, now: float, history_ttl: float) -> int:
         """Each step is its own short transaction of at most ``prune_chunk`` rows, so queued
         writes get in between steps and no commit grows with the backlog."""
         cutoff = now - history_ttl
         total = 0
-        start: str | None = ""
-        while start is not None:
-            deleted, start = await self._write(
-                partial(self._prune_step, cutoff=cutoff, start=start)
-            )
+        done = False
+        while not done:
+            deleted, done = await self._write(partial(self._prune_step, cutoff=cutoff))
             total += deleted
         return total
 
-    def _prune_step(
-        self, conn: sqlite3.Connection, *, cutoff: float, start: str
-    ) -> tuple[int, str | None]:
-        """Writer thread: delete expired rows node by node from ``start`` (inclusive) until
-        ``prune_chunk`` rows are gone; return the count and where to resume (None: done)."""
+    def _prune_step(self, conn: sqlite3.Connection, *, cutoff: float) -> tuple[int, bool]:
+        """Writer thread: delete up to ``prune_chunk`` expired rows from the oldest buckets
+        (the left edge of the tree); return the count and whether nothing expired is left."""
         budget = self.prune_chunk
         deleted = 0
-        if start == "":  # first step: the log is small, one statement clears its expired rows
-            deleted = conn.execute("DELETE FROM history_log WHERE ts < ?", (cutoff,)).rowcount
-            self._log_count -= deleted
-        node_id: str | None = start
-        first = True
-        while node_id is not None:
-            row = conn.execute(
-                "SELECT node_id FROM history WHERE node_id >= ? ORDER BY node_id LIMIT 1"
-                if first
-                else "SELECT node_id FROM history WHERE node_id > ? ORDER BY node_id LIMIT 1",
-                (node_id,),
-            ).fetchone()
-            first = False
-            if row is None:
-                return deleted, None
-            node_id = str(row[0])
+        last = _bucket(cutoff)  # the bucket holding the cutoff keeps its newer rows
+        buckets = conn.execute(
+            "SELECT bucket FROM sample_buckets WHERE bucket <= ? ORDER BY bucket", (last,)
+        ).fetchall()
+        for (bucket,) in buckets:
             count = conn.execute(
-                "DELETE FROM history WHERE (node_id, ts, seq) IN (SELECT node_id, ts, seq "
-                "FROM history WHERE node_id = ? AND ts < ? ORDER BY ts LIMIT ?)",
-                (node_id, cutoff, budget - deleted),
+                "DELETE FROM samples WHERE bucket = ?1 AND (node_id, ts, seq) IN ("
+                "SELECT node_id, ts, seq FROM samples WHERE bucket = ?1 AND ts < ?2 LIMIT ?3)",
+                (bucket, cutoff, budget - deleted),
             ).rowcount
             deleted += count
             if deleted >= budget:
-                return deleted, node_id  # this node may have more: resume at it
-        return deleted, None
+                return deleted, False  # this bucket may hold more: the next step looks again
+            if bucket < last:
+                conn.execute("DELETE FROM sample_buckets WHERE bucket = ?", (bucket,))
+                self._buckets.discard(bucket)
+        return deleted, True
 
     # -- meta -------------------------------------------------------------------------------
 
