@@ -26,8 +26,10 @@ from nodewatch.store.codec import (
     decode_sample_body,
     encode_event,
     encode_node,
+    encode_node_packed,
     encode_sample,
     encode_sample_body,
+    encode_sample_body_packed,
 )
 
 text = st.text(max_size=20)
@@ -107,6 +109,15 @@ def test_sample_body_round_trips_with_the_key_fields_given_back(sample: HistoryS
     full = encode_sample(sample)
     assert decode_sample_body(sample.node_id, sample.ts, sample.seq, full) == sample
     assert len(body) < len(full)
+    packed = encode_sample_body_packed(sample)
+    assert decode_sample_body(sample.node_id, sample.ts, sample.seq, packed) == sample
+
+
+@given(nodes)
+def test_packed_node_round_trips_and_bytes_follow_content_only(node: NodeState) -> None:
+    data = encode_node_packed(node)
+    assert decode_node(data, node.revision) == node
+    assert encode_node_packed(dataclasses.replace(node, revision=node.revision + 1)) == data
 
 
 def test_unknown_fields_from_a_newer_writer_are_ignored() -> None:

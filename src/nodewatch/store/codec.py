@@ -1,5 +1,9 @@
 """NodeState / Event / HistorySample <-> compact JSON bytes, shared by every store backend.
 
+SQLite stores nodes and sample bodies as MessagePack instead (``*_packed``: the same records,
+about twice as fast to encode, a few bytes smaller); the decoders take either, told apart by
+the first byte (a JSON record starts with ``{``, a MessagePack map never does).
+
 Records are msgspec Structs mirroring the domain dataclasses with defaults omitted, so a stored
 node is about a third smaller than its full JSON and decoding ignores fields it does not know
 (an older coordinator can read a newer one's records). ``NodeState.revision`` is never encoded:
@@ -30,8 +34,10 @@ __all__ = [
     "decode_sample_body",
     "encode_event",
     "encode_node",
+    "encode_node_packed",
     "encode_sample",
     "encode_sample_body",
+    "encode_sample_body_packed",
 ]
 
 
@@ -101,10 +107,14 @@ _event_fields = attrgetter(*EventRecord.__struct_fields__)
 _sample_fields = attrgetter(*SampleRecord.__struct_fields__)
 
 _encoder = msgspec.json.Encoder()
+_packer = msgspec.msgpack.Encoder()
 _node_decoder = msgspec.json.Decoder(NodeState)
+_node_unpacker = msgspec.msgpack.Decoder(NodeState)
 _event_decoder = msgspec.json.Decoder(EventRecord)
 _sample_decoder = msgspec.json.Decoder(HistorySample)
 _body_decoder = msgspec.json.Decoder(SampleBody)
+_body_unpacker = msgspec.msgpack.Decoder(SampleBody)
+_JSON_OBJECT = ord("{")
 
 
 def encode_node(node: NodeState) -> bytes:
@@ -112,8 +122,12 @@ def encode_node(node: NodeState) -> bytes:
     return _encoder.encode(NodeRecord(*_node_fields(node)))
 
 
+def encode_node_packed(node: NodeState) -> bytes:
+    return _packer.encode(NodeRecord(*_node_fields(node)))
+
+
 def decode_node(data: bytes, revision: int = 0) -> NodeState:
-    node = _node_decoder.decode(data)
+    node = (_node_decoder if data[0] == _JSON_OBJECT else _node_unpacker).decode(data)
     node.revision = revision
     return node
 
@@ -139,6 +153,10 @@ def encode_sample_body(sample: HistorySample) -> bytes:
     return _encoder.encode(SampleBody(sample.health, sample.system, sample.load))
 
 
+def encode_sample_body_packed(sample: HistorySample) -> bytes:
+    return _packer.encode(SampleBody(sample.health, sample.system, sample.load))
+
+
 def decode_sample_body(node_id: str, ts: float, seq: int, data: bytes) -> HistorySample:
-    body = _body_decoder.decode(data)
+    body = (_body_decoder if data[0] == _JSON_OBJECT else _body_unpacker).decode(data)
     return HistorySample(node_id, ts, seq, body.health, body.system, body.load)
