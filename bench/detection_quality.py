@@ -4,9 +4,11 @@ profiles, with what each profile costs the coordinator.
 For each profile and scenario: p50/p99/max time from a fault (a crash, or a hang in ``hang``)
 to ``unhealthy``, false positives (alive nodes confirmed unhealthy), and the coordinator CPU the
 profile's traffic would cost per 1,000 nodes, from the simulated polls and heartbeats per node
-times the CPU per poll and per heartbeat that ``bench/coordinator_scale.py`` measured (pass
-yours with ``--cpu-per-poll-us`` / ``--cpu-per-heartbeat-us``). Prints a table next to the
-default detection times of Kubernetes, Nomad and HAProxy; nothing is asserted.
+times the CPU per poll and per heartbeat that ``bench/heartbeat_cost.py`` measured (pass
+yours with ``--cpu-per-poll-us`` / ``--cpu-per-heartbeat-us`` / ``--cpu-per-udp-heartbeat-us``).
+A UDP profile sends one heartbeat in every 30 s over HTTP (the agent's check for 404/409), and
+the cost counts it so. Prints a table next to the default detection times of Kubernetes, Nomad
+and HAProxy; nothing is asserted.
 
     .venv/bin/python bench/detection_quality.py --nodes 2000 --duration 10m
 """
@@ -14,8 +16,10 @@ default detection times of Kubernetes, Nomad and HAProxy; nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
+from nodewatch.collect.agent import UDP_CONFIRM_INTERVAL
 from nodewatch.config import parse_duration
 from nodewatch.detect.policy import Policy
 from nodewatch.detect.simulate import SCENARIOS, SimSettings, simulate
@@ -29,6 +33,19 @@ class Profile:
     heartbeat_interval: float = 0.0
     heartbeat_grace: float = 2.5
     note: str = ""
+    transport: str = "http"
+
+    @property
+    def udp_share(self) -> float:
+        """The share of heartbeats sent over UDP (the rest: the agent's periodic HTTP one)."""
+        if self.transport != "udp" or self.heartbeat_interval <= 0:
+            return 0.0
+        return 1.0 - 1.0 / max(1, math.ceil(UDP_CONFIRM_INTERVAL / self.heartbeat_interval))
+
+
+# The fast push profile: heartbeats every 1 s defer the poll by healthy_interval = 1.5 s, so a
+# node is polled only once its pushes stop; then 3 failed checks 500 ms apart confirm it.
+FAST_PUSH = Policy(healthy_interval=1.5, unhealthy_interval=0.5)
 
 
 PROFILES = [
@@ -41,7 +58,19 @@ PROFILES = [
     Profile("push-2s", Policy(healthy_interval=30.0, unhealthy_interval=1.0), 1.0,
             heartbeat_interval=2.0, heartbeat_grace=1.6,
             note="heartbeat 2s, silent 3.2s = failure, poll 30s / 1s, timeout 1s"),
+    Profile("push-http-1s", FAST_PUSH, 1.0, heartbeat_interval=1.0, heartbeat_grace=0.0,
+            note="HTTP heartbeat 1s defers polls 1.5s; then poll 500ms, fall 3, timeout 1s"),
+    Profile("push-udp-1s", FAST_PUSH, 1.0, heartbeat_interval=1.0, heartbeat_grace=0.0,
+            transport="udp",
+            note="UDP heartbeat 1s (+1 HTTP per 30s) defers polls 1.5s; then poll 500ms, "
+                 "fall 3, timeout 1s"),
+    Profile("push-udp-3s", Policy(healthy_interval=3.5, unhealthy_interval=0.5), 1.0,
+            heartbeat_interval=3.0, heartbeat_grace=0.0, transport="udp",
+            note="UDP heartbeat 3s (+1 HTTP per 30s) defers polls 3.5s; then poll 500ms, "
+                 "fall 3, timeout 1s"),
 ]
+
+UDP_DEFAULT_US = 74.0  # bench/heartbeat_cost.py, 1,000 nodes (48 us at 5,000)
 
 OTHERS = [("Kubernetes (node-monitor-grace-period)", "40-50 s"),
           ("Nomad (heartbeat TTL)", "about 20 s"),
@@ -60,17 +89,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--cpu-per-poll-us", type=float, default=150.0,
                         help="coordinator CPU per poll (bench/coordinator_scale.py)")
-    parser.add_argument("--cpu-per-heartbeat-us", type=float, default=75.0,
-                        help="coordinator CPU per pushed heartbeat (coordinator_scale.py push)")
+    parser.add_argument("--cpu-per-heartbeat-us", type=float, default=146.0,
+                        help="coordinator CPU per HTTP heartbeat (heartbeat_cost.py)")
+    parser.add_argument("--cpu-per-udp-heartbeat-us", type=float, default=UDP_DEFAULT_US,
+                        help="coordinator CPU per UDP heartbeat (heartbeat_cost.py)")
     parser.add_argument("--profiles", default=",".join(p.name for p in PROFILES))
     args = parser.parse_args()
     duration = float(parse_duration(args.duration))
     wanted = set(args.profiles.split(","))
     runs = [(s, None) for s in SCENARIOS] + [("partition", 0.6)]
     print(f"{args.nodes} nodes x {duration:g}s simulated per run; CPU model: "
-          f"{args.cpu_per_poll_us:g} us/poll, {args.cpu_per_heartbeat_us:g} us/heartbeat")
+          f"{args.cpu_per_poll_us:g} us/poll, {args.cpu_per_heartbeat_us:g} us/HTTP heartbeat, "
+          f"{args.cpu_per_udp_heartbeat_us:g} us/UDP heartbeat")
     print(f"{'profile':<10} {'scenario':<20} {'faults':>6} {'p50':>6} {'p99':>6} {'max':>6} "
-          f"{'missed':>6} {'FP':>4} {'core%/1k':>8} {'wall':>6}  held by")
+          f"{'missed':>6} {'FP':>4} {'polls/n/s':>9} {'core%/1k':>8} {'wall':>6}  held by")
     for profile in PROFILES:
         if profile.name not in wanted:
             continue
@@ -81,8 +113,11 @@ def main() -> None:
                 probe_timeout=profile.timeout, heartbeat_interval=profile.heartbeat_interval,
                 heartbeat_grace=profile.heartbeat_grace))
             per_node_s = 1.0 / (args.nodes * duration)
+            udp = profile.udp_share
+            per_heartbeat = (udp * args.cpu_per_udp_heartbeat_us
+                             + (1.0 - udp) * args.cpu_per_heartbeat_us)
             cost = (result.checks * args.cpu_per_poll_us
-                    + result.heartbeats * args.cpu_per_heartbeat_us) * per_node_s * 1e-6
+                    + result.heartbeats * per_heartbeat) * per_node_s * 1e-6
             held = ", ".join(f"{k.removeprefix('held: ')} {v}"
                              for k, v in sorted(result.held.items())
                              if k != "confirming through peers")
@@ -92,7 +127,8 @@ def main() -> None:
             print(f"{profile.name:<10} {label:<20} {result.faults:>6} "
                   f"{fmt(result.percentile(50)):>6} {fmt(result.percentile(99)):>6} "
                   f"{fmt(max(result.detection) if result.detection else None):>6} "
-                  f"{result.missed:>6} {result.false_positives:>4} {cost * 1000 * 100:>7.2f}% "
+                  f"{result.missed:>6} {result.false_positives:>4} "
+                  f"{result.checks * per_node_s:>9.3f} {cost * 1000 * 100:>7.2f}% "
                   f"{result.wall_s:>5.1f}s  {held}", flush=True)
         print(f"{'':<10} ({profile.note})")
     print("default detection times elsewhere, for comparison:")

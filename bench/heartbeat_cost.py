@@ -1,0 +1,284 @@
+"""Coordinator CPU per poll, per HTTP heartbeat and per UDP heartbeat, in one run.
+
+A real coordinator process (``nodewatch coordinator``: uvloop, SQLite store in a temp dir,
+agent token, ``heartbeat_udp``) watches N static nodes served by one nginx on N loopback
+addresses (see coordinator_scale.py) with the fast push profile (``healthy_interval`` 1.5 s).
+Three phases, each measured over ``--window`` seconds from the coordinator's own CPU time
+(/proc/PID/stat, all its threads):
+
+1. ``poll``: nobody pushes; the coordinator polls every node every 1.5 s: CPU per poll;
+2. ``udp``: a separate sender process pushes a signed msgpack heartbeat per node per second
+   over UDP: accepted pushes defer the polls, so what remains is the pushes' cost;
+3. ``http``: the same over ``POST /v1/heartbeat`` (keep-alive aiohttp client, bearer token).
+
+Polls still made during a push phase are taken off at the per-poll cost of phase 1. Prints
+figures and the share of one core per 1,000 nodes at one heartbeat per node per second; nothing
+is asserted. Every loop is bounded in time.
+
+    .venv/bin/python bench/heartbeat_cost.py --nodes 1000,5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from coordinator_scale import addresses, raise_nofile, start_nginx
+
+TOKEN = "bench-agent-token"
+INTERVAL = 1.5  # healthy_interval of the fast push profile
+HEARTBEAT = 1.0  # seconds between two heartbeats of one node
+_TICK = 0.01
+
+
+def payload(node: str, seq: int) -> dict[str, Any]:
+    """What an agent's heartbeat carries (collect.report.heartbeat_payload)."""
+    return {"node_id": node, "incarnation": 1, "seq": seq, "ts": time.time(), "status": "ok",
+            "reasons": [], "system": {"cpu_percent": 12.5, "mem_percent": 41.0, "load1": 0.42,
+                                      "connections": 17.0},
+            "load": {"qps": 42.0, "pending_tasks": 3.0, "error_rate": 0.002},
+            "sample_interval": 5.0, "samples": seq}
+
+
+def paced(n: int, seconds: float) -> Any:
+    """Yield lists of node indexes so that each node comes up once per HEARTBEAT, evenly."""
+    start = time.monotonic()
+    sent = 0
+    while True:
+        elapsed = time.monotonic() - start
+        if elapsed >= seconds:
+            return
+        due = int(elapsed / HEARTBEAT * n)
+        if due > sent:
+            yield [i % n for i in range(sent, due)]
+            sent = due
+        time.sleep(_TICK)
+
+
+def udp_sender(args: argparse.Namespace) -> None:
+    from nodewatch.collect.report import encode_heartbeat_datagram, heartbeat_key
+
+    key = heartbeat_key(TOKEN)
+    host, port = args.target.rsplit(":", 1)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.connect((host, int(port)))
+    sent = 0
+    for batch in paced(args.nodes, args.seconds):
+        seq = int(time.time() * 100)  # grows across phases and processes
+        for i in batch:
+            try:
+                sock.send(encode_heartbeat_datagram(payload(f"n{i}", seq), key))
+                sent += 1
+            except OSError:
+                pass
+    print(json.dumps({"sent": sent}), flush=True)
+
+
+async def http_sender(args: argparse.Namespace) -> None:
+    import aiohttp
+    import msgspec
+
+    encoder = msgspec.json.Encoder()
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    url = f"http://{args.target}/v1/heartbeat"
+    statuses: dict[int, int] = {}
+    connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=60)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def post(i: int, seq: int) -> None:
+            try:
+                async with session.post(url, data=encoder.encode(payload(f"n{i}", seq)),
+                                        headers=headers) as response:
+                    await response.read()
+                    statuses[response.status] = statuses.get(response.status, 0) + 1
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                statuses[0] = statuses.get(0, 0) + 1
+
+        loop = asyncio.get_running_loop()
+        pending: set[asyncio.Task[None]] = set()
+        start = loop.time()
+        sent = 0
+        while loop.time() - start < args.seconds:
+            due = int((loop.time() - start) / HEARTBEAT * args.nodes)
+            seq = int(time.time() * 100)
+            for k in range(sent, due):
+                task = loop.create_task(post(k % args.nodes, seq))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            sent = max(sent, due)
+            await asyncio.sleep(_TICK)
+        await asyncio.gather(*pending)
+    print(json.dumps({"sent": sent, "statuses": statuses}), flush=True)
+
+
+# ----- the parent --------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scrape(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    wanted = {"nodewatch_checks_total": "checks", "nodewatch_heartbeats_total": "pushes",
+              'nodewatch_udp_heartbeats_total{result="ok"}': "udp_ok",
+              'nodewatch_nodes{health="healthy"}': "healthy"}
+    out = dict.fromkeys(wanted.values(), 0.0)
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in wanted:
+            out[wanted[name]] = float(value)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_coordinator(n: int, tmp: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+    http, udp = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    nodes = "\n".join(f'[[nodes]]\nid = "n{i}"\naddress = "{a}"\n'
+                      for i, a in enumerate(addresses(n)))
+    config = tmp / "coordinator.toml"
+    config.write_text(f"""
+[coordinator]
+store = "sqlite:///{tmp}/state.db"
+agent_token = "{TOKEN}"
+heartbeat_udp = "{udp}"
+
+[detection]
+healthy_interval = "1500ms"
+unhealthy_interval = "500ms"
+timeout = "1s"
+connect_timeout = "500ms"
+startup_grace = "1s"
+concurrency = 512
+
+{nodes}
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "nodewatch", "coordinator", "--listen", http,
+                             "--config", str(config), "--log-level", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=(tmp / "coordinator.log").open("wb"))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("coordinator exited:\n" + (tmp / "coordinator.log").read_text())
+        try:
+            scrape(f"http://{http}")
+            return proc, http, udp
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("coordinator not up within 60 s")
+
+
+def measure(pid: int, url: str, window: float) -> dict[str, float]:
+    before, cpu0, t0 = scrape(url), cpu_seconds(pid), time.monotonic()
+    time.sleep(window)
+    after, cpu1, t1 = scrape(url), cpu_seconds(pid), time.monotonic()
+    out = {k: after[k] - before[k] for k in ("checks", "pushes", "udp_ok")}
+    out.update(cpu=cpu1 - cpu0, wall=t1 - t0, healthy=after["healthy"])
+    return out
+
+
+def sender(kind: str, n: int, target: str, seconds: float) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, __file__, "--role", f"{kind}-sender", "--nodes",
+                             str(n), "--target", target, "--seconds", str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="nw-hbcost-"))
+    proc, http, udp = start_coordinator(n, tmp)
+    url = f"http://{http}"
+    try:
+        time.sleep(args.warmup)  # every node polled (and healthy) a few times
+        poll = measure(proc.pid, url, args.window)
+        phases: dict[str, Any] = {"poll": poll}
+        for kind, target in (("udp", udp), ("http", http)):
+            child = sender(kind, n, target, args.warmup + args.window + 1.0)
+            time.sleep(args.warmup)  # pushes have deferred every poll
+            phases[kind] = measure(proc.pid, url, args.window)
+            out, _ = child.communicate(timeout=args.window + args.warmup + 60)
+            phases[kind]["sender"] = json.loads(out.strip().splitlines()[-1])
+        return phases
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", default="1000,5000")
+    parser.add_argument("--window", type=float, default=10.0, help="measured seconds per phase")
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--role", choices=["udp-sender", "http-sender"], help=argparse.SUPPRESS)
+    parser.add_argument("--target", help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "udp-sender":
+        args.nodes = int(args.nodes)
+        udp_sender(args)
+        return
+    if args.role == "http-sender":
+        import uvloop
+
+        raise_nofile()
+        args.nodes = int(args.nodes)
+        uvloop.run(http_sender(args))
+        return
+    sizes = [int(x) for x in args.nodes.split(",")]
+    raise_nofile()
+    nginx, prefix = start_nginx(max(sizes), 1)
+    print(f"real coordinator process, healthy_interval {INTERVAL:g}s, one heartbeat per node "
+          f"per {HEARTBEAT:g}s, window {args.window:g}s; {os.cpu_count()} cores", flush=True)
+    print(f"{'nodes':>6} {'phase':>5} {'pushes/s':>9} {'polls/s':>8} {'core%':>6} "
+          f"{'us/poll':>8} {'us/push':>8} {'core%/1k nodes @1/s':>20}", flush=True)
+    try:
+        for n in sizes:
+            phases = run_size(n, args)
+            poll = phases["poll"]
+            per_poll = poll["cpu"] / max(poll["checks"], 1)
+            print(f"{n:>6} {'poll':>5} {0:>9.0f} {poll['checks'] / poll['wall']:>8.0f} "
+                  f"{poll['cpu'] / poll['wall'] * 100:>5.1f}% {per_poll * 1e6:>8.1f} "
+                  f"{'-':>8} {per_poll * 1000 / INTERVAL * 100:>19.2f}%  (polled every "
+                  f"{INTERVAL:g}s; {poll['healthy']:.0f} healthy)", flush=True)
+            for kind in ("udp", "http"):
+                p = phases[kind]
+                pushes = p["udp_ok"] if kind == "udp" else p["pushes"] - p["udp_ok"]
+                per_push = (p["cpu"] - p["checks"] * per_poll) / max(pushes, 1)
+                print(f"{n:>6} {kind:>5} {pushes / p['wall']:>9.0f} "
+                      f"{p['checks'] / p['wall']:>8.1f} {p['cpu'] / p['wall'] * 100:>5.1f}% "
+                      f"{'-':>8} {per_push * 1e6:>8.1f} {per_push * 1000 / HEARTBEAT * 100:>19.2f}%"
+                      f"  (sender: {json.dumps(p['sender'])})", flush=True)
+    finally:
+        nginx.send_signal(signal.SIGQUIT)
+        try:
+            nginx.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            nginx.kill()
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
