@@ -33,6 +33,7 @@ from nodewatch.detect.types import (
     PeerVote,
     RegisterDecision,
     Registration,
+    Report,
     event_number,
 )
 from nodewatch.store.base import Store
@@ -45,6 +46,7 @@ log = logging.getLogger("nodewatch.coordinator")
 
 RECENT_EVENTS = 10_000
 PERSIST_INTERVAL = 0.5
+ROUTINE_PERSIST_INTERVAL = 5.0
 LAG_BEAT = 0.1
 
 
@@ -54,6 +56,10 @@ class NotLeader(HTTPProblem):
     def __init__(self, leader: str) -> None:
         super().__init__(503, f"this coordinator is a follower; the leader is "
                               f"{leader or 'being elected'}")
+
+
+async def _nothing() -> list[str]:
+    return []
 
 
 class ActionSink(Protocol):
@@ -134,6 +140,8 @@ class Coordinator:
         self.event_counts: dict[str, int] = {}
         self.stale_reports = 0
         self.pushes = 0
+        self._sample_marks: dict[str, tuple[int, int]] = {}
+        self._last_routine_write = clock()
         self._running = False
         self._last_stored_event: str | None = None
 
@@ -279,7 +287,7 @@ class Coordinator:
         await self.actions.aclose()
         if self._session is not None:
             await self._session.close()
-        await self.persist()
+        await self.persist(routine=True)
         await self.store.close()
 
     # ------------------------------------------------------------------ inputs
@@ -312,12 +320,25 @@ class Coordinator:
         if outcome.stale:
             self.stale_reports += 1
             return outcome
-        if result.report is not None and (node.incarnation, node.seq) != seq_before:
+        if result.report is not None and self._new_sample(node, result.report, seq_before):
             self._pending_samples.append(HistorySample(
                 node_id=node.node_id, ts=result.at, seq=node.seq, health=node.health.value,
                 system=dict(node.system), load=dict(node.load)))
         self._handle(outcome)
         return outcome
+
+    def _new_sample(self, node: NodeState, report: Report, seq_before: tuple[int, int]) -> bool:
+        """History gets one point per sample the agent took, not one per heartbeat or poll
+        (a heartbeat takes a new seq even between samples)."""
+        if (node.incarnation, node.seq) == seq_before:
+            return False
+        if report.samples < 0:
+            return True  # the node does not count its samples: every new seq is one
+        key = (report.incarnation, report.samples)
+        if self._sample_marks.get(node.node_id) == key:
+            return False
+        self._sample_marks[node.node_id] = key
+        return True
 
     def heartbeat(self, result: CheckResult) -> Outcome:
         """A pushed heartbeat; raises UnknownNode, returns an outcome with ``stale`` set.
@@ -447,29 +468,34 @@ class Coordinator:
 
     # ------------------------------------------------------------------ persistence
 
-    async def persist(self) -> None:
-        """Write changed nodes, new events and history; serialized so CAS revisions chain."""
+    async def persist(self, routine: bool = False) -> None:
+        """Write changed nodes, new events and history; serialized so CAS revisions chain.
+
+        Transitions and commands are written every time; nodes that only saw routine
+        observations (a new seq, load figures) are written when ``routine`` is set, every
+        ``ROUTINE_PERSIST_INTERVAL`` and on stop. A crash loses at most that much of them, and
+        nothing any decision depends on: a new seq is never behind what an agent will claim.
+        """
         if self.role != "leader":
             return  # the leader writes; a follower's state comes from the store
         async with self._persist_lock:
-            dirty = self.cluster.take_dirty()
+            dirty = self.cluster.take_dirty(routine=routine)
             nodes = [self.cluster.nodes[i] for i in sorted(dirty) if i in self.cluster.nodes]
             events, self._pending_events = self._pending_events, []
             samples, self._pending_samples = self._pending_samples, []
             wrote = bool(nodes or events or samples)
             try:
-                if nodes:
-                    conflicts = await self.store.save_nodes(nodes)
-                    if conflicts:
-                        log.warning("store refused stale writes for %d nodes: %s",
-                                    len(conflicts), ", ".join(conflicts[:10]))
-                        await self._reload(conflicts)
-                if events:
-                    await self.store.append_events(events)
-                    events = []
-                if samples:
-                    await self.store.add_samples(samples)
-                    samples = []
+                # Issued together, so a store that groups writes commits them as one.
+                conflicts, _, _ = await asyncio.gather(
+                    self.store.save_nodes(nodes) if nodes else _nothing(),
+                    self.store.append_events(events) if events else _nothing(),
+                    self.store.add_samples(samples) if samples else _nothing(),
+                )
+                events, samples = [], []
+                if conflicts:
+                    log.warning("store refused stale writes for %d nodes: %s",
+                                len(conflicts), ", ".join(conflicts[:10]))
+                    await self._reload(conflicts)
                 if wrote:
                     await self.store.flush()
             except BaseException:
@@ -508,7 +534,11 @@ class Coordinator:
             await asyncio.sleep(interval)
             try:
                 self._handle(self.cluster.tick(self.clock()))
-                await self.persist()
+                now = self.clock()
+                routine = now - self._last_routine_write >= ROUTINE_PERSIST_INTERVAL
+                await self.persist(routine=routine)
+                if routine:
+                    self._last_routine_write = now
             except Exception:
                 log.exception("tick failed; retrying")
 

@@ -128,9 +128,11 @@ class ClusterMachine(RuleBasedStateMachine):
         for node_id in out.removed:
             self.fails.pop(node_id, None)
             self.goods.pop(node_id, None)
+        # A new cleanup is a node newly taken out; a dead node that registers again was out
+        # already. The budget counts the nodes out that are not dead (gone for good).
+        newly = self._cleaned() - before_cleaned
         cleaned = {n.node_id for n in self.cluster.nodes.values()
                    if n.cleaned_up and n.health is not Health.DEAD}
-        newly = cleaned - before_cleaned
         if newly:
             watched = sum(n.health is not Health.DEAD for n in self.cluster.nodes.values())
             limit = p.budget_limit(watched)
@@ -140,8 +142,7 @@ class ClusterMachine(RuleBasedStateMachine):
         assert len(recent) <= p.max_rate, f"{len(recent)} cleanups within a minute"
 
     def _cleaned(self) -> set[str]:
-        return {n.node_id for n in self.cluster.nodes.values()
-                if n.cleaned_up and n.health is not Health.DEAD}
+        return {n.node_id for n in self.cluster.nodes.values() if n.cleaned_up}
 
     def _register(self, reg: Registration) -> None:
         before = self._cleaned()

@@ -145,6 +145,7 @@ class Cluster:
         # how far it moved says whether the node kept running while it was thought down.
         self._samples_seen: dict[str, tuple[int, int]] = {}
         self._dirty: set[str] = set(self.nodes)
+        self._routine: set[str] = set()
         # Indexes kept in step with health so that no per-observation path scans all nodes.
         self._unhealthy: set[str] = set()
         self._draining: set[str] = set()
@@ -168,9 +169,16 @@ class Cluster:
 
     # ------------------------------------------------------------------ bookkeeping
 
-    def take_dirty(self) -> set[str]:
-        """Node ids changed since the last call: what the coordinator must persist."""
+    def take_dirty(self, routine: bool = True) -> set[str]:
+        """Node ids changed since the last call: what the coordinator must persist.
+
+        With ``routine=False`` only nodes with a transition or a command are taken; nodes that
+        merely saw routine observations stay pending for a later full write.
+        """
         dirty, self._dirty = self._dirty, set()
+        if routine:
+            dirty |= self._routine
+            self._routine = set()
         return dirty
 
     def mark_dirty(self, node_ids: Iterable[str]) -> None:
@@ -313,15 +321,14 @@ class Cluster:
                     return out
             else:
                 self._apply_report(out, node, report, now)
-                self._dirty.add(node.node_id)
-        if node.health is Health.DEAD:
-            # Dead is final until the node registers again.
-            return out
-        if result.ok:
-            self._on_success(out, node, result)
-        else:
-            self._on_failure(out, node, result)
-        self._dirty.add(node.node_id)
+        if node.health is not Health.DEAD:  # dead is final until the node registers again
+            if result.ok:
+                self._on_success(out, node, result)
+            else:
+                self._on_failure(out, node, result)
+        # A transition must be written at once; a routine observation (new seq, load, counters)
+        # may wait for the next full write, so a heartbeat is not a store write every time.
+        (self._dirty if out.events else self._routine).add(node.node_id)
         if out.events:
             self._update_guard(out, now)
         return out
@@ -841,6 +848,7 @@ class Cluster:
         self._probing.discard(node_id)
         self._draining.discard(node_id)
         self._dirty.discard(node_id)
+        self._routine.discard(node_id)
         event = self._emit(out, now, node_id, "removed", before.value, "",
                            "operator removed the node")
         self._action(out, "removed", node, event)
