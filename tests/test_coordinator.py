@@ -1,0 +1,79 @@
+"""The coordinator edge: what it writes to the store, and when."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from nodewatch.config import load_config
+from nodewatch.coordinator import Coordinator
+from nodewatch.detect.types import CheckResult, Registration, Report
+from nodewatch.store.base import open_store
+from nodewatch.testing import FakeProbe
+
+
+async def make(tmp_path: Path) -> Coordinator:
+    cfg = load_config(None, {"coordinator.store": f"sqlite:///{tmp_path}/state.db",
+                             "detection.startup_grace": "0"})
+    coord = Coordinator(cfg, open_store(cfg.coordinator.store),
+                        probe=FakeProbe(time.time))  # type: ignore[arg-type]
+    await coord.start()
+    coord.register(Registration("n1", "127.0.0.1:1", 1, 0, time.time()))
+    await coord.persist()
+    return coord
+
+
+def push(coord: Coordinator, seq: int, samples: int) -> None:
+    report = Report(incarnation=1, seq=seq, ts=time.time(), sample_interval=5.0,
+                    samples=samples, system={"cpu_percent": float(seq)})
+    coord.heartbeat(CheckResult("n1", True, time.time(), report=report, source="push"))
+
+
+async def test_history_gets_one_point_per_agent_sample_not_per_heartbeat(tmp_path: Path) -> None:
+    coord = await make(tmp_path)
+    try:
+        for seq, samples in ((1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 3)):
+            push(coord, seq, samples)
+        await coord.persist()
+        history = await coord.store.history("n1", 0)
+        assert [s.seq for s in history] == [1, 4, 6]
+    finally:
+        await coord.stop()
+
+
+async def test_routine_observations_wait_for_the_full_write_transitions_do_not(
+        tmp_path: Path) -> None:
+    coord = await make(tmp_path)
+    try:
+        push(coord, 1, 1)
+        push(coord, 2, 2)  # with the register's poll: at least `rise` good checks
+        await coord.persist()
+        stored = await coord.store.get_node("n1")
+        assert stored is not None and stored.health.value == "healthy" and stored.seq == 2
+        push(coord, 3, 3)  # routine: a new seq, no transition
+        await coord.persist()
+        stored = await coord.store.get_node("n1")
+        assert stored is not None and stored.seq == 2  # not written yet
+        await coord.persist(routine=True)
+        stored = await coord.store.get_node("n1")
+        assert stored is not None and stored.seq == 3
+        coord.command("drain", "n1", "maintenance")  # a command: written at once
+        push(coord, 4, 4)
+        await coord.persist()
+        stored = await coord.store.get_node("n1")
+        assert stored is not None and stored.admin.value == "drained"
+    finally:
+        await coord.stop()
+
+
+async def test_stop_writes_routine_observations(tmp_path: Path) -> None:
+    coord = await make(tmp_path)
+    push(coord, 7, 1)
+    await coord.stop()
+    store = open_store(f"sqlite:///{tmp_path}/state.db")
+    await store.open()
+    try:
+        stored = await store.get_node("n1")
+        assert stored is not None and stored.seq == 7
+    finally:
+        await store.close()
