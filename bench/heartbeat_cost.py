@@ -49,7 +49,7 @@ def payload(node: str, seq: int) -> dict[str, Any]:
             "reasons": [], "system": {"cpu_percent": 12.5, "mem_percent": 41.0, "load1": 0.42,
                                       "connections": 17.0},
             "load": {"qps": 42.0, "pending_tasks": 3.0, "error_rate": 0.002},
-            "sample_interval": 5.0, "samples": seq}
+            "sample_interval": 5.0, "samples": seq // 5}  # default sampling: 5 s
 
 
 def paced(n: int, seconds: float) -> Any:

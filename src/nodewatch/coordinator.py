@@ -350,8 +350,9 @@ class Coordinator:
         self._gate_on_stall()
         self.pushes += 1
         outcome = self._observe(result)
-        if not outcome.stale and result.node_id in self.poller:
-            self.poller.defer(result.node_id, result.at + self.interval_for(result.node_id))
+        if not outcome.stale:
+            node_id = result.node_id
+            self.poller.defer(node_id, result.at + self.cluster.poll_deadline(node_id))
         return outcome
 
     def register(self, reg: Registration) -> tuple[RegisterDecision, NodeState]:

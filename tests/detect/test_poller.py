@@ -449,3 +449,20 @@ async def test_lateness_is_recorded_per_check(servers: list[Server]) -> None:
     stats = poller.stats()
     assert stats["lateness_count"] >= 10
     assert 0.0 <= stats["lateness_p50"] <= stats["lateness_p99"] <= stats["lateness_max"] < 0.5
+
+
+async def test_deferred_node_is_not_checked_until_its_deferral_but_check_now_wins() -> None:
+    probe = FakeProbe(FakeClock())
+    results: list[CheckResult] = []
+    poller = make_poller(probe, interval=0.05, results=results)
+    async with poller:
+        poller.add("n1", "127.0.0.1:1", first_due=time.monotonic() + 0.05)
+        poller.defer("n1", time.monotonic() + 60.0)  # a push stands in for the coming checks
+        poller.add("n2", "127.0.0.1:2", first_due=time.monotonic())
+        await eventually(lambda: sum(r.node_id == "n2" for r in results) >= 4,
+                         message="n2 checked several times meanwhile")
+        assert not [r for r in results if r.node_id == "n1"]
+        assert poller._scheduler.due_of("n1") is not None  # moved, not lost
+        poller.check_now("n1")  # e.g. a lease expired: no deferral stands in for this
+        await eventually(lambda: any(r.node_id == "n1" for r in results),
+                         message="n1 checked at once")

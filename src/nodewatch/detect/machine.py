@@ -283,6 +283,14 @@ class Cluster:
         return {"loop_lag": round(self.loop_lag, 4), "max_loop_lag": self.policy.max_loop_lag,
                 "grace_left": round(max(0.0, grace_left), 3)}
 
+    def poll_deadline(self, node_id: str) -> float:
+        """How long an accepted push puts off the node's next poll: its current interval,
+        unjittered (the pushes are already spread by their assigned phases)."""
+        node = self.nodes.get(node_id)
+        p = self.policy
+        return p.healthy_interval if node is not None and node.health is Health.HEALTHY \
+            else p.unhealthy_interval
+
     def interval_for(self, node_id: str) -> float:
         """Seconds until the node's next check, jittered: fast while unknown, suspect or
         unhealthy; slow while healthy, and for dead nodes (final until they register again)."""

@@ -145,12 +145,13 @@ class HttpProbe:
 class _Node:
     """The poller's view of one watched node: where to reach it and what to do after its check."""
 
-    __slots__ = ("address", "busy", "recheck")
+    __slots__ = ("address", "busy", "deferred", "recheck")
 
     def __init__(self, address: str) -> None:
         self.address = address
         self.busy = False  # a check is in flight
         self.recheck = False  # check again right after the one in flight (check_now, new address)
+        self.deferred = 0.0  # pushes arrived: when its due time comes, move it to this instead
 
 
 class Poller:
@@ -239,12 +240,12 @@ class Poller:
             node.recheck = True
 
     def defer(self, node_id: str, due: float) -> None:
-        """Move the node's next check to ``due`` (later or earlier): a node that pushes
-        heartbeats is polled only when its pushes stop. No effect while a check is in flight."""
+        """Put off the node's next check until ``due``: a node that pushes heartbeats is polled
+        only once its pushes stop. O(1): the heap entry is moved only when it comes due, so a
+        heartbeat costs one attribute write, not a heap operation."""
         node = self._nodes.get(node_id)
-        if node is None or node.busy:
-            return
-        self._schedule(node_id, due)
+        if node is not None:
+            node.deferred = due
 
     def check_now(self, node_id: str) -> None:
         """Check the node as soon as a worker is free (e.g. after a lease expired), without
@@ -252,6 +253,7 @@ class Poller:
         node = self._nodes.get(node_id)
         if node is None:
             raise KeyError(node_id)
+        node.deferred = 0.0  # asked for now: no push stands in for this check
         if node.busy:
             node.recheck = True
         else:
@@ -399,6 +401,10 @@ class Poller:
             node = nodes.get(node_id)
             if node is None:
                 continue  # removed between the pop and now
+            if node.deferred > due:
+                scheduler.schedule(node_id, node.deferred)  # pushes stood in for this check
+                node.deferred = 0.0
+                continue
             node.busy = True
             self.in_flight += 1
             if self.in_flight > self.max_in_flight:
