@@ -23,13 +23,17 @@ need_debs() {
       echo "missing Debian packages: ${missing[*]} (run as root to install them)" >&2
       return 0
     fi
-    # Keep the packaged services from starting on their default ports during install.
+    # Keep the packaged services from starting on their default ports during install (the
+    # tests start their own on free loopback ports); the block is lifted again afterwards.
+    local made_policy=0
     if [[ ! -e /usr/sbin/policy-rc.d ]]; then
       printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+      made_policy=1
     fi
     echo "installing Debian packages: ${missing[*]}" >&2
     apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+    ((made_policy)) && rm -f /usr/sbin/policy-rc.d
   fi
 }
 
