@@ -33,7 +33,7 @@ need_debs() {
     echo "installing Debian packages: ${missing[*]}" >&2
     apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
-    ((made_policy)) && rm -f /usr/sbin/policy-rc.d
+    if ((made_policy)); then rm -f /usr/sbin/policy-rc.d; fi
   fi
 }
 
