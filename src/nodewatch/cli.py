@@ -60,7 +60,7 @@ def coordinator(listen: str | None, store: str | None, config_path: str | None,
         click.echo(f"nodewatch: cannot serve on {cfg.coordinator.listen}: {exc.strerror}",
                    err=True)
         raise SystemExit(1) from None
-    except ValueError as exc:
+    except (ConfigError, ValueError) as exc:
         click.echo(f"nodewatch: {exc}", err=True)
         raise SystemExit(2) from None
 
@@ -76,10 +76,14 @@ def coordinator(listen: str | None, store: str | None, config_path: str | None,
 @click.option("--sample-interval", help="Sampling interval, 1s-15s (default 5s).")
 @click.option("--heartbeat-interval", help="Push heartbeats this often (0 = pull only).")
 @click.option("--store", help="etcd://host:2379/prefix: publish liveness under an etcd lease.")
+@click.option("--tls-ca", help="CA bundle that signed an https coordinator's certificate.")
+@click.option("--tls-cert", help="Client certificate (PEM) for a coordinator that requires one.")
+@click.option("--tls-key", help="Private key (PEM) of --tls-cert.")
 def agent_command(node_id: str | None, listen: str | None, advertise: str | None,
                   coordinator: str | None, state_dir: str | None, config_path: str | None,
                   sample_interval: str | None, heartbeat_interval: str | None,
-                  store: str | None) -> None:
+                  store: str | None, tls_ca: str | None, tls_cert: str | None,
+                  tls_key: str | None) -> None:
     """Run the node agent (token from NODEWATCH_AGENT_TOKEN or [agent] agent_token)."""
     from nodewatch.collect.run import load_agent_config, run_agent
     from nodewatch.config import ConfigError
@@ -89,7 +93,7 @@ def agent_command(node_id: str | None, listen: str | None, advertise: str | None
             "node_id": node_id, "listen": listen, "advertise": advertise,
             "coordinator": coordinator, "state_dir": state_dir,
             "sample_interval": sample_interval, "heartbeat_interval": heartbeat_interval,
-            "store": store,
+            "store": store, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key,
         })
     except ConfigError as exc:
         click.echo(f"nodewatch agent: {exc}", err=True)
@@ -105,6 +109,18 @@ def agent_command(node_id: str | None, listen: str | None, advertise: str | None
 
 COORDINATOR_HELP = ("Coordinator URL [NODEWATCH_COORDINATOR, else http://127.0.0.1:7300]; "
                     "admin token from NODEWATCH_ADMIN_TOKEN.")
+
+
+def tls_options(command: Any) -> Any:
+    """--ca / --cert / --key for an https coordinator (environment variables as fallback)."""
+    for flag, env, text in (
+        ("--key", "NODEWATCH_CLIENT_KEY", "Private key (PEM) of --cert."),
+        ("--cert", "NODEWATCH_CLIENT_CERT", "Client certificate (PEM), when the coordinator "
+                                            "requires one."),
+        ("--ca", "NODEWATCH_CA", "CA bundle (PEM) that signed the coordinator's certificate."),
+    ):
+        command = click.option(flag, metavar="FILE", help=f"{text} [{env}]")(command)
+    return command
 _HEALTH_STYLE = {"healthy": "green", "suspect": "yellow", "unhealthy": "red", "dead": "red dim",
                  "unknown": "dim"}
 _EVENT_STYLE = {"healthy": "green", "recovered": "green", "approved": "green",
@@ -128,10 +144,17 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(1)
 
 
-def _client(coordinator: str | None) -> Client:
+def _client(coordinator: str | None, ca: str | None = None, cert: str | None = None,
+            key: str | None = None) -> Client:
+    """The coordinator client; a TLS file that cannot work is one line and exit status 2."""
     from nodewatch.client import Client
+    from nodewatch.config import ConfigError
 
-    return Client.from_env(coordinator)
+    try:
+        return Client.from_env(coordinator, ca=ca, cert=cert, key=key)
+    except ConfigError as exc:
+        click.echo(f"nodewatch: {exc}", err=True)
+        raise SystemExit(2) from None
 
 
 def _fmt_num(value: object, digits: int = 1) -> str:
@@ -213,16 +236,19 @@ def summary_line(nodes: list[dict[str, Any]]) -> str:
 
 @main.command()
 @click.option("--coordinator", help=COORDINATOR_HELP)
+@tls_options
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON instead of a table.")
-def status(coordinator: str | None, as_json: bool) -> None:
+def status(coordinator: str | None, ca: str | None, cert: str | None, key: str | None,
+           as_json: bool) -> None:
     """Show every node: health, self-reported status, admin state, load."""
     import json
     import time
 
     from nodewatch.client import ClientError
 
+    client = _client(coordinator, ca, cert, key)
     try:
-        nodes = _client(coordinator).nodes()
+        nodes = client.nodes()
     except ClientError as exc:
         _fail(str(exc))
     if as_json:
@@ -239,11 +265,14 @@ def _node_command(name: str, verb: str, help_text: str) -> None:
     @main.command(name, help=help_text)
     @click.argument("node_id")
     @click.option("--coordinator", help=COORDINATOR_HELP)
-    def command(node_id: str, coordinator: str | None, reason: str = "") -> None:
+    @tls_options
+    def command(node_id: str, coordinator: str | None, ca: str | None, cert: str | None,
+                key: str | None, reason: str = "") -> None:
         from nodewatch.client import ClientError
 
+        client = _client(coordinator, ca, cert, key)
         try:
-            result = _client(coordinator).command(name, node_id, reason)
+            result = client.command(name, node_id, reason)
         except ClientError as exc:
             _fail(str(exc))
         if name == "remove":
@@ -266,11 +295,13 @@ _node_command("remove", "removed", "Forget NODE (it registers again if its agent
 
 @main.command()
 @click.option("--coordinator", help=COORDINATOR_HELP)
+@tls_options
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events as they happen.")
 @click.option("--last", "last", default=20, show_default=True, type=click.IntRange(0, 100_000),
               help="How many past events to print first.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-def events(coordinator: str | None, follow: bool, last: int, as_json: bool) -> None:
+def events(coordinator: str | None, ca: str | None, cert: str | None, key: str | None,
+           follow: bool, last: int, as_json: bool) -> None:
     """Print recent events; with --follow, stream new ones (Server-Sent Events)."""
     import collections
     import json
@@ -285,7 +316,7 @@ def events(coordinator: str | None, follow: bool, last: int, as_json: bool) -> N
         else:
             console.print(event_line(event))
 
-    client = _client(coordinator)
+    client = _client(coordinator, ca, cert, key)
     backlog: collections.deque[dict[str, Any]] = collections.deque(maxlen=max(last, 1))
     after: str | None = None
     try:
@@ -374,7 +405,7 @@ def simulate(nodes: int, duration: str, scenario: str, fraction: float | None, s
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--duration") from None
     try:
-        cfg = load_config(config_path)
+        cfg = load_config(config_path, check_files=False)  # thresholds only: no TLS files
         settings = settings_from_config(cfg, nodes=nodes, duration=seconds, scenario=scenario,
                                         fraction=fraction, seed=seed)
     except (ConfigError, ValueError) as exc:

@@ -8,16 +8,31 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from nodewatch.tls import client_context, explain_tls_failure, probe_handshake
 
 DEFAULT_COORDINATOR = "http://127.0.0.1:7300"
 ENV_COORDINATOR = "NODEWATCH_COORDINATOR"
 ENV_ADMIN_TOKEN = "NODEWATCH_ADMIN_TOKEN"
+ENV_CA = "NODEWATCH_CA"
+ENV_CLIENT_CERT = "NODEWATCH_CLIENT_CERT"
+ENV_CLIENT_KEY = "NODEWATCH_CLIENT_KEY"
+# How the CLI names each setting in a message: the flag and its environment variable.
+TLS_KEYS = (f"--ca ({ENV_CA})", f"--cert ({ENV_CLIENT_CERT})", f"--key ({ENV_CLIENT_KEY})")
+_TLS_HINTS = {
+    "untrusted": f"pass --ca FILE or set {ENV_CA} to the CA that signed it",
+    "client_cert_required": f"pass --cert and --key, or set {ENV_CLIENT_CERT} and "
+                            f"{ENV_CLIENT_KEY}",
+    "client_cert_rejected": "it must be a client certificate (extendedKeyUsage clientAuth) "
+                            "signed by the coordinator's tls_client_ca",
+}
 
 __all__ = ["DEFAULT_COORDINATOR", "Client", "ClientError", "resolve_coordinator"]
 
@@ -40,16 +55,36 @@ def resolve_coordinator(flag: str | None) -> str:
 
 @dataclass
 class Client:
-    """Calls one coordinator; the admin token is sent only when one is given."""
+    """Calls one coordinator; the admin token is sent only when one is given.
+
+    ``ca`` (trusted instead of the system CAs) and ``cert``/``key`` (a client certificate) are
+    for an https coordinator; the files are checked and the TLS context built once, here,
+    raising :class:`nodewatch.tls.TlsSetupError` for a file that cannot work.
+    """
 
     base_url: str
     token: str = ""
     timeout: float = 5.0
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    _opener: urllib.request.OpenerDirector = field(init=False, repr=False)
+    _context: ssl.SSLContext | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._context = client_context(self.ca, self.cert, self.key, keys=TLS_KEYS)
+        handlers = [urllib.request.HTTPSHandler(context=self._context)] if self._context else []
+        self._opener = urllib.request.build_opener(*handlers)
 
     @classmethod
-    def from_env(cls, coordinator: str | None, timeout: float = 5.0) -> Client:
-        return cls(resolve_coordinator(coordinator), os.environ.get(ENV_ADMIN_TOKEN, ""),
-                   timeout)
+    def from_env(cls, coordinator: str | None, timeout: float = 5.0, *, ca: str | None = None,
+                 cert: str | None = None, key: str | None = None) -> Client:
+        """Flags first, then ``NODEWATCH_COORDINATOR`` / ``NODEWATCH_CA`` /
+        ``NODEWATCH_CLIENT_CERT`` / ``NODEWATCH_CLIENT_KEY``, then the defaults."""
+        env = os.environ.get
+        return cls(resolve_coordinator(coordinator), env(ENV_ADMIN_TOKEN, ""), timeout,
+                   ca=ca or env(ENV_CA, ""), cert=cert or env(ENV_CLIENT_CERT, ""),
+                   key=key or env(ENV_CLIENT_KEY, ""))
 
     # ------------------------------------------------------------------ plumbing
 
@@ -64,7 +99,7 @@ class Client:
         request = urllib.request.Request(self.base_url + path, data=data, method=method,
                                          headers=headers)
         try:
-            resp = urllib.request.urlopen(request, timeout=timeout or self.timeout)
+            resp = self._opener.open(request, timeout=timeout or self.timeout)
         except urllib.error.HTTPError as exc:
             raise self._http_error(exc) from None
         except (urllib.error.URLError, OSError) as exc:
@@ -83,6 +118,15 @@ class Client:
                               "is it a nodewatch coordinator?") from None
 
     def _unreachable(self, exc: BaseException) -> ClientError:
+        failure = explain_tls_failure(exc)
+        if failure is None and self.base_url.startswith("https://"):
+            # A rejected client certificate arrives as a bare "closed without response".
+            failure = probe_handshake(self.base_url, self._context,
+                                      presents_certificate=bool(self.cert), timeout=self.timeout)
+        if failure is not None:
+            hint = _TLS_HINTS.get(failure.kind)
+            return ClientError(failure.describe(f"the coordinator at {self.base_url}")
+                               + (f" ({hint})" if hint else ""))
         reason: object = getattr(exc, "reason", exc)
         if isinstance(reason, OSError) and reason.strerror:
             why = reason.strerror.lower()
@@ -146,7 +190,7 @@ class Client:
         headers = {"Accept": "text/event-stream"}
         request = urllib.request.Request(self.base_url + path, headers=headers)
         try:
-            resp = urllib.request.urlopen(request, timeout=idle_timeout)
+            resp = self._opener.open(request, timeout=idle_timeout)
         except urllib.error.HTTPError as exc:
             raise self._http_error(exc) from None
         except (urllib.error.URLError, OSError) as exc:

@@ -205,6 +205,11 @@ class AgentConfig(_Table):
     state_dir: str = "./nodewatch-agent"
     sample_interval: Duration = Duration(5.0)
     agent_token: str = ""
+    # TLS to an https coordinator: tls_ca verifies it (instead of the system CAs); tls_cert and
+    # tls_key are this agent's client certificate when the coordinator sets tls_client_ca.
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
     heartbeat_interval: Duration = Duration(0.0)
     # "udp": push over the coordinator's UDP port when its register answer offers one.
     heartbeat_transport: Literal["http", "udp"] = "http"
@@ -344,11 +349,25 @@ def _from_mapping(raw: dict[str, Any], source: str) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+def _check_tls_files(cfg: Config, source: str) -> None:
+    """Build the TLS contexts once to prove the files: readable PEM, each key its cert's."""
+    from nodewatch.tls import TlsSetupError, client_context, server_context
+
+    agent = cfg.agent
+    try:
+        server_context(cfg.coordinator)
+        client_context(agent.tls_ca, agent.tls_cert, agent.tls_key)
+    except TlsSetupError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                *, check_files: bool = True) -> Config:
     """Load the TOML file (if any), apply command-line overrides, validate everything once.
 
     ``overrides`` maps dotted keys (``"agent.listen"``) to raw values as a user would write them
-    in the file, so flags and file go through the same checks.
+    in the file, so flags and file go through the same checks. ``check_files`` also opens the
+    TLS files it names (off for tools that only read thresholds, such as ``simulate``).
     """
     raw: dict[str, Any] = {}
     source = str(path) if path else "command line"
@@ -369,7 +388,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         for part in parents:
             table = table.setdefault(part, {})
         table[leaf] = value
-    return _from_mapping(raw, source)
+    cfg = _from_mapping(raw, source)
+    if check_files:
+        _check_tls_files(cfg, source)
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import ctypes
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -32,7 +33,8 @@ def _die_with_parent() -> None:
 
 
 def http_json(url: str, method: str = "GET", body: dict[str, Any] | None = None,
-              timeout: float = 2.0, token: str = "") -> tuple[int, Any]:
+              timeout: float = 2.0, token: str = "",
+              context: ssl.SSLContext | None = None) -> tuple[int, Any]:
     """A tiny blocking JSON client for harness code (tests, demo), never used on a hot path."""
     data = json.dumps(body).encode() if body is not None else None
     headers = {"Content-Type": "application/json"} if data else {}
@@ -40,7 +42,7 @@ def http_json(url: str, method: str = "GET", body: dict[str, Any] | None = None,
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as resp:
             raw = resp.read()
             return resp.status, json.loads(raw) if raw else None
     except urllib.error.HTTPError as exc:
@@ -51,9 +53,9 @@ def http_json(url: str, method: str = "GET", body: dict[str, Any] | None = None,
             return exc.code, raw.decode(errors="replace")
 
 
-def reachable(url: str) -> bool:
+def reachable(url: str, context: ssl.SSLContext | None = None) -> bool:
     try:
-        status, _ = http_json(url, timeout=0.5)
+        status, _ = http_json(url, timeout=0.5, context=context)
     except (OSError, ValueError):
         return False
     return status < 500
@@ -112,10 +114,12 @@ class LocalCluster:
     env: dict[str, str] = field(default_factory=dict)
     coordinator: Proc | None = None
     agents: dict[str, Proc] = field(default_factory=dict)
+    # Set when the coordinator serves https: the harness's own client context (CA, client cert).
+    tls: ssl.SSLContext | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.coordinator_listen}"
+        return f"{'https' if self.tls else 'http'}://{self.coordinator_listen}"
 
     def _spawn(self, proc: Proc) -> Proc:
         log = proc.log_path.open("ab")
@@ -138,7 +142,7 @@ class LocalCluster:
                 self.coordinator_listen, "--config", str(self.config_path()), *extra]
         proc = self._spawn(Proc("coordinator", argv, self.workdir / "coordinator.log"))
         self.coordinator = proc
-        self._wait_up(proc, f"{self.url}/healthz", wait)
+        self._wait_up(proc, f"{self.url}/healthz", wait, self.tls)
         return proc
 
     def start_agent(self, node_id: str, address: str, *extra: str, wait: float = 20.0,
@@ -156,9 +160,10 @@ class LocalCluster:
         return proc
 
     @staticmethod
-    def _wait_up(proc: Proc, url: str, wait: float) -> None:
+    def _wait_up(proc: Proc, url: str, wait: float,
+                 context: ssl.SSLContext | None = None) -> None:
         deadline = time.monotonic() + wait
-        while not reachable(url):
+        while not reachable(url, context):
             if not proc.alive():
                 raise RuntimeError(f"{proc.name} exited early:\n{proc.log()[-3000:]}")
             if time.monotonic() > deadline:
@@ -166,16 +171,16 @@ class LocalCluster:
             time.sleep(0.05)
 
     def node(self, node_id: str) -> dict[str, Any] | None:
-        status, body = http_json(f"{self.url}/v1/nodes/{node_id}")
+        status, body = http_json(f"{self.url}/v1/nodes/{node_id}", context=self.tls)
         return body if status == 200 and isinstance(body, dict) else None
 
     def nodes(self) -> list[dict[str, Any]]:
-        status, body = http_json(f"{self.url}/v1/nodes")
+        status, body = http_json(f"{self.url}/v1/nodes", context=self.tls)
         return list(body["nodes"]) if status == 200 else []
 
     def events(self, after: str | None = None) -> list[dict[str, Any]]:
         query = f"?after={after}" if after else ""
-        status, body = http_json(f"{self.url}/v1/events{query}")
+        status, body = http_json(f"{self.url}/v1/events{query}", context=self.tls)
         return list(body["events"]) if status == 200 else []
 
     def stop(self) -> None:

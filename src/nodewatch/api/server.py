@@ -18,6 +18,7 @@ from nodewatch.leader import Leadership
 from nodewatch.respond.runner import ActionRunner
 from nodewatch.store.base import open_store
 from nodewatch.store.etcd import EtcdStore
+from nodewatch.tls import server_context
 
 log = logging.getLogger("nodewatch.coordinator")
 
@@ -37,16 +38,9 @@ def split_host_port(listen: str) -> tuple[str, int]:
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
-    """Server TLS from ``[coordinator] tls_cert/tls_key``; client certificates if a CA is set."""
-    cc = config.coordinator
-    if not cc.tls_cert:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cc.tls_cert, cc.tls_key or None)
-    if cc.tls_client_ca:
-        context.load_verify_locations(cc.tls_client_ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
+    """Server TLS (1.2 or newer) from ``[coordinator] tls_cert/tls_key``; with
+    ``tls_client_ca`` every client must present a certificate that CA signed."""
+    return server_context(config.coordinator)
 
 
 def build_actions(config: Config) -> ActionSink | None:
@@ -63,6 +57,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None,
                 ready: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives."""
     stop = stop or asyncio.Event()
+    ssl_context = tls_context(config)  # first: a bad TLS file stops start-up before any I/O
     store = open_store(config.coordinator.store,
                        events_retained=config.coordinator.events_retained,
                        history_ttl=config.detection.history_ttl)
@@ -83,7 +78,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None,
     runner = web.AppRunner(build_app(coord, udp), access_log=None, handle_signals=False)
     await runner.setup()
     host, port = split_host_port(config.coordinator.listen)
-    site = web.TCPSite(runner, host, port, ssl_context=tls_context(config), reuse_address=True)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -92,7 +87,9 @@ async def serve(config: Config, stop: asyncio.Event | None = None,
             pass
     try:
         await site.start()
-        log.info("coordinator listening on %s (store %s)", config.coordinator.listen,
+        log.info("coordinator listening on %s%s (store %s)", config.coordinator.listen,
+                 (" with TLS, client certificates required" if config.coordinator.tls_client_ca
+                  else " with TLS") if ssl_context else "",
                  config.coordinator.store.split("@")[-1])
         if ready is not None:
             ready.set()

@@ -35,6 +35,7 @@ from nodewatch.collect.sampler import HostSampler, Sampler, SystemSample
 from nodewatch.config import NODE_ID_RE, AgentConfig, ConfigError
 from nodewatch.detect.types import NodeStatus
 from nodewatch.healthcheck import check_health
+from nodewatch.tls import client_context
 
 __all__ = ["Agent"]
 
@@ -95,6 +96,8 @@ class Agent:
             raise ConfigError("agent.heartbeat_interval: expected a duration of at least 0")
         if cfg.heartbeat_transport not in ("http", "udp"):
             raise ConfigError("agent.heartbeat_transport: expected one of http, udp")
+        # Decided once: the context for an https coordinator (None: library defaults).
+        self._coordinator_tls = client_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
         self.config = cfg
         self.node_id = cfg.node_id
         self.labels = dict(labels or {})
@@ -326,8 +329,14 @@ class Agent:
         for check_cfg in self.config.checks:
             self._spawn(self._check_loop(build_check(check_cfg, self._client)), "check")
         if self.config.coordinator:
+            if self._coordinator_tls is not None and \
+                    not self.config.coordinator.startswith("https://"):
+                log.warning("[agent] tls_ca/tls_cert/tls_key are set but the coordinator URL "
+                            "%s is not https: they are not used", self.config.coordinator)
             self._coordinator = CoordinatorClient(self.config.coordinator,
-                                                  self.config.agent_token, self._client)
+                                                  self.config.agent_token, self._client,
+                                                  ssl_context=self._coordinator_tls,
+                                                  client_certificate=bool(self.config.tls_cert))
             self._spawn(self._coordinator_loop(), "coordinator")
         if self.config.store:
             from nodewatch.collect.lease import publish_under_lease

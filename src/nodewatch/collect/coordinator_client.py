@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -15,6 +16,7 @@ import msgspec
 from yarl import URL
 
 from nodewatch.collect.report import MAX_DATAGRAM, encode_heartbeat_datagram, heartbeat_key
+from nodewatch.tls import TlsFailure, explain_tls_failure, probe_handshake
 
 __all__ = ["CoordinatorClient", "HeartbeatOutcome", "RegisterAnswer", "RegistrationRejected",
            "UdpHeartbeatSender"]
@@ -47,13 +49,37 @@ class HeartbeatOutcome:
     detail: str = ""
 
 
+_TLS_HINTS = {
+    "untrusted": "set [agent] tls_ca to the CA that signed the coordinator's certificate",
+    "client_cert_required": "set [agent] tls_cert and tls_key",
+    "client_cert_rejected": "[agent] tls_cert must be a client certificate (extendedKeyUsage "
+                            "clientAuth) signed by the coordinator's tls_client_ca",
+}
+
+
+def tls_problem(failure: TlsFailure, url: str) -> str:
+    """One log line for a failed TLS handshake, with the [agent] keys that fix it."""
+    hint = _TLS_HINTS.get(failure.kind)
+    return failure.describe(url) + (f" ({hint})" if hint else "")
+
+
 class CoordinatorClient:
-    """POSTs to ``{url}/v1/register`` and ``{url}/v1/heartbeat`` with the agent token."""
+    """POSTs to ``{url}/v1/register`` and ``{url}/v1/heartbeat`` with the agent token.
+
+    ``ssl_context`` (from ``[agent] tls_ca/tls_cert/tls_key``) is used for every request to
+    an https coordinator; None keeps the library default (system CAs, no client certificate).
+    ``client_certificate`` says whether that context presents one (for failure messages).
+    """
 
     def __init__(self, url: str, token: str, session: Callable[[], aiohttp.ClientSession],
-                 *, request_timeout: float = 5.0) -> None:
+                 *, request_timeout: float = 5.0, ssl_context: ssl.SSLContext | None = None,
+                 client_certificate: bool = False) -> None:
         self.url = url.rstrip("/")
         self._session = session
+        self._ssl_context = ssl_context
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        self._client_certificate = client_certificate
+        self._https = self.url.startswith("https://")
         self._headers = dict(JSON_HEADERS)
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
@@ -63,8 +89,8 @@ class CoordinatorClient:
     async def register(self, payload: dict[str, Any]) -> RegisterAnswer:
         """One attempt; raises on any failure (the caller retries)."""
         async with self._session().post(f"{self.url}/v1/register", data=_encoder.encode(payload),
-                                        headers=self._headers,
-                                        timeout=self._timeout) as response:
+                                        headers=self._headers, timeout=self._timeout,
+                                        ssl=self._ssl) as response:
             body = await response.content.read(1 << 20)
             if response.status >= 500:
                 raise ConnectionError(f"coordinator answered HTTP {response.status}")
@@ -92,11 +118,29 @@ class CoordinatorClient:
                 await asyncio.sleep(max_delay)
                 continue
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                failure = await self._tls_failure(exc)
+                if failure is not None:
+                    # A configuration problem on one side: say so each time, retry slowly.
+                    log.warning("cannot register: %s; retrying in %.0fs",
+                                tls_problem(failure, self.url), max_delay)
+                    await asyncio.sleep(max_delay)
+                    continue
                 if attempt == 1 or attempt % 10 == 0:
                     log.warning("cannot register with %s (%s); retrying", self.url,
                                 type(exc).__name__ if not str(exc) else exc)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(max_delay, delay * 2)
+
+    async def _tls_failure(self, exc: BaseException) -> TlsFailure | None:
+        """Why a request to an https coordinator failed, when TLS is the reason."""
+        if not self._https:
+            return None
+        failure = explain_tls_failure(exc)
+        if failure is None:
+            # A rejected client certificate reaches aiohttp as a bare "server disconnected".
+            failure = await asyncio.to_thread(probe_handshake, self.url, self._ssl_context,
+                                              presents_certificate=self._client_certificate)
+        return failure
 
     async def heartbeat(self, payload: dict[str, Any],
                         client_timeout: aiohttp.ClientTimeout | None = None
@@ -105,11 +149,15 @@ class CoordinatorClient:
         try:
             async with self._session().post(f"{self.url}/v1/heartbeat",
                                             data=_encoder.encode(payload), headers=self._headers,
-                                            timeout=client_timeout or self._timeout) as response:
+                                            timeout=client_timeout or self._timeout,
+                                            ssl=self._ssl) as response:
                 detail = "" if response.status < 300 else (await response.content.read(300)
                                                              ).decode(errors="replace")
                 return HeartbeatOutcome(response.status, detail)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            failure = explain_tls_failure(exc)
+            if failure is not None:
+                return HeartbeatOutcome(0, tls_problem(failure, self.url))
             return HeartbeatOutcome(0, str(exc) or type(exc).__name__)
 
 
