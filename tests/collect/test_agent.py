@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from nodewatch.collect.agent import SEQ_BLOCK
 from nodewatch.collect.identity import StateFile
@@ -223,3 +224,18 @@ async def test_command_check_timeout_kills_the_command(make_agent: AgentFactory)
     await async_wait_until(lambda: asyncio.sleep(0, bool(agent.reasons)), within=10,
                            message="timeout reason")
     assert agent.reasons == ["check slow failed: timed out after 0.3s"]
+
+
+async def test_a_crashed_background_task_is_logged(make_agent: AgentFactory,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    agent = await make_agent()
+
+    async def broken() -> None:
+        raise RuntimeError("sampler exploded")
+
+    with caplog.at_level("ERROR", logger="nodewatch.agent"):
+        agent._spawn(broken(), "broken")
+        await asyncio.sleep(0)  # let it run and fail
+        await asyncio.sleep(0)
+    assert any("nodewatch-agent-broken" in r.getMessage() and "sampler exploded" in r.getMessage()
+               for r in caplog.records)

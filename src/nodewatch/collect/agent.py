@@ -51,6 +51,15 @@ FINAL_HEARTBEAT_TIMEOUT = aiohttp.ClientTimeout(total=2.0, connect=1.0)
 UDP_CONFIRM_INTERVAL = 30.0
 
 
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    """A background task (sampler, checks, coordinator loop) must never die silently."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("agent task %s stopped: %r", task.get_name(), exc, exc_info=exc)
+
 class Agent:
     """One node's agent. Configure with an :class:`AgentConfig` and/or keyword overrides.
 
@@ -415,6 +424,7 @@ class Agent:
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=f"nodewatch-agent-{name}")
+        task.add_done_callback(_report_crash)
         self._tasks.append(task)
 
     def _current_doc(self) -> HealthDoc:
