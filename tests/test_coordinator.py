@@ -7,7 +7,8 @@ from pathlib import Path
 
 from nodewatch.config import load_config
 from nodewatch.coordinator import Coordinator
-from nodewatch.detect.types import CheckResult, Registration, Report
+from nodewatch.detect.machine import ActionRequest
+from nodewatch.detect.types import CheckResult, Event, Registration, Report
 from nodewatch.store.base import open_store
 from nodewatch.testing import FakeProbe
 
@@ -77,3 +78,40 @@ async def test_stop_writes_routine_observations(tmp_path: Path) -> None:
         assert stored is not None and stored.seq == 7
     finally:
         await store.close()
+
+
+class RecordingActions:
+    """An ActionSink that records what it was handed, and what the store held at that time."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+
+    def submit(self, request: ActionRequest, event: Event | None) -> None:
+        self.submitted.append(f"{request.kind}:{request.node_id}")
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_actions_run_only_after_their_transition_is_stored(tmp_path: Path) -> None:
+    cfg = load_config(None, {"coordinator.store": f"sqlite:///{tmp_path}/state.db",
+                             "detection.startup_grace": "0"})
+    sink = RecordingActions()
+    coord = Coordinator(cfg, open_store(cfg.coordinator.store), actions=sink,
+                        probe=FakeProbe(time.time))  # type: ignore[arg-type]
+    await coord.start()
+    try:
+        coord.register(Registration("n1", "127.0.0.1:1", 1, 0, time.time()))
+        coord.command("drain", "n1", "maintenance")
+        # Decided, not yet stored: a leader dying now must leave the action to its successor.
+        assert sink.submitted == []
+        await coord.persist()
+        assert sink.submitted == ["drained:n1"]
+        stored = await coord.store.get_node("n1")
+        assert stored is not None and stored.admin.value == "drained"
+        # A leader that steps down drops decisions it had not stored yet.
+        coord.command("undrain", "n1")
+        await coord.become_follower("someone-else")
+        assert sink.submitted == ["drained:n1"]
+    finally:
+        await coord.stop()

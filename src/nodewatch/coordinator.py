@@ -140,6 +140,7 @@ class Coordinator:
         self.event_counts: dict[str, int] = {}
         self.stale_reports = 0
         self.pushes = 0
+        self._pending_actions: list[tuple[ActionRequest, Event | None]] = []
         self._sample_marks: dict[str, tuple[int, int]] = {}
         self._last_routine_write = clock()
         self._running = False
@@ -217,6 +218,8 @@ class Coordinator:
         self.role, self.leader = "follower", leader
         if not was_leader:
             return
+        # Decisions not stored yet are the next leader's to make: never act on them later.
+        self._pending_actions.clear()
         tasks, self._lead_tasks = self._lead_tasks, []
         for task in tasks:
             task.cancel()
@@ -284,10 +287,11 @@ class Coordinator:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._lead_tasks, return_exceptions=True)
         self._tasks, self._lead_tasks = [], []
+        await self.persist(routine=True)  # hands the last stored decisions' actions over
         await self.actions.aclose()
         if self._session is not None:
             await self._session.close()
-        await self.persist(routine=True)
+        await self.persist()  # what the actions reported meanwhile (action_failed)
         await self.store.close()
 
     # ------------------------------------------------------------------ inputs
@@ -414,7 +418,9 @@ class Coordinator:
             self._new_events = asyncio.Event()
         by_id = {e.id: e for e in outcome.events}
         for request in outcome.actions:
-            self.actions.submit(request, by_id.get(request.event_id))
+            # Run only once the transition behind it is stored: a leader that dies before the
+            # write leaves the decision to its successor, which then acts once, not twice.
+            self._pending_actions.append((request, by_id.get(request.event_id)))
         for probe in outcome.probes:
             asyncio.get_running_loop().create_task(self._indirect_probe(probe))
         for node_id in outcome.check_now:
@@ -484,6 +490,7 @@ class Coordinator:
             nodes = [self.cluster.nodes[i] for i in sorted(dirty) if i in self.cluster.nodes]
             events, self._pending_events = self._pending_events, []
             samples, self._pending_samples = self._pending_samples, []
+            actions, self._pending_actions = self._pending_actions, []
             wrote = bool(nodes or events or samples)
             try:
                 # Issued together, so a store that groups writes commits them as one.
@@ -504,7 +511,10 @@ class Coordinator:
                 self.cluster.mark_dirty(n.node_id for n in nodes)
                 self._pending_events[:0] = events
                 self._pending_samples[:0] = samples
+                self._pending_actions[:0] = actions
                 raise
+            for request, event in actions:  # their transitions are durable now
+                self.actions.submit(request, event)
 
     async def _reload(self, node_ids: Sequence[str]) -> None:
         """After losing a compare-and-swap, take the stored revision and write ours again."""
