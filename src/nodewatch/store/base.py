@@ -6,9 +6,10 @@ the loop. One contract suite (tests/store/test_contract.py) runs against every b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from nodewatch.detect.types import Event, HistorySample, NodeState
 
@@ -72,6 +73,32 @@ class Store(Protocol):
     async def get_meta(self, key: str) -> str | None: ...
 
     async def put_meta(self, key: str, value: str) -> None: ...
+
+
+T = TypeVar("T")
+
+
+class WritesInFlight:
+    """Counts a backend's writes in flight, so ``flush()`` and ``close()`` can wait for every
+    write issued before them (shared by the network backends)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def run(self, work: Awaitable[T]) -> T:
+        self._count += 1
+        self._idle.clear()
+        try:
+            return await work
+        finally:
+            self._count -= 1
+            if self._count == 0:
+                self._idle.set()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
 
 
 def sqlite_path(url: str) -> Path:

@@ -36,6 +36,7 @@ from etcd3aio._protobuf import Compare  # the MOD target has no helper in etcd3a
 from etcd3aio.kv import KVService
 
 from nodewatch.detect.types import Event, HistorySample, NodeState
+from nodewatch.store.base import WritesInFlight
 from nodewatch.store.codec import (
     decode_event,
     decode_node,
@@ -192,9 +193,7 @@ class EtcdStore:
         self._history_lease: tuple[int, int] | None = None  # (bucket, lease id)
         self._history_nodes: set[str] = set()  # listed under P/hnodes/ by this process
         self._lease_lock = asyncio.Lock()
-        self._writes = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._in_flight = WritesInFlight()
         self._closed = False
 
     @classmethod
@@ -220,7 +219,7 @@ class EtcdStore:
     async def close(self) -> None:
         if self.client is None or self._closed:
             return
-        await self._idle.wait()  # writes issued before close() finish first
+        await self._in_flight.idle()  # writes issued before close() finish first
         self._closed = True  # writes issued before close() finish first
         await self.client.close()
 
@@ -239,14 +238,7 @@ class EtcdStore:
 
     async def _writing(self, work: Awaitable[T]) -> T:
         """Count a write in flight so that close() waits for it."""
-        self._writes += 1
-        self._idle.clear()
-        try:
-            return await work
-        finally:
-            self._writes -= 1
-            if self._writes == 0:
-                self._idle.set()
+        return await self._in_flight.run(work)
 
     async def _bounded(self, work: Callable[[], Awaitable[T]], attempts: int = 3) -> T:
         """At most ``in_flight`` at once; a timed-out or unavailable call is tried again (a
@@ -265,7 +257,7 @@ class EtcdStore:
 
     async def flush(self) -> None:
         """Every etcd write is durable (on a quorum) when its call returns."""
-        await self._idle.wait()
+        await self._in_flight.idle()
 
     async def _count(self, prefix: bytes) -> int:
         response = await self.kv.get(prefix, prefix_range_end(prefix), count_only=True,

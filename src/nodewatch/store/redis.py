@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 
 from nodewatch.detect.types import Event, HistorySample, NodeState, event_id, event_number
+from nodewatch.store.base import WritesInFlight
 from nodewatch.store.codec import (
     decode_event,
     decode_node,
@@ -98,9 +99,7 @@ class RedisStore:
         self._redis: aioredis.Redis | None = None
         self._cas: Any = None
         self._append: Any = None
-        self._writes = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._in_flight = WritesInFlight()
         self._closed = False
         self.k_nodes, self.k_rev, self.k_counter = f"{prefix}:nodes", f"{prefix}:rev", \
             f"{prefix}:revision"
@@ -126,7 +125,7 @@ class RedisStore:
     async def close(self) -> None:
         if self._redis is None or self._closed:
             return
-        await self._idle.wait()  # writes issued before close() finish first
+        await self._in_flight.idle()  # writes issued before close() finish first
         self._closed = True
         await self._redis.aclose()
 
@@ -138,18 +137,11 @@ class RedisStore:
 
     async def _writing(self, work: Awaitable[T]) -> T:
         self.redis  # noqa: B018 - raises when closed
-        self._writes += 1
-        self._idle.clear()
-        try:
-            return await work
-        finally:
-            self._writes -= 1
-            if self._writes == 0:
-                self._idle.set()
+        return await self._in_flight.run(work)
 
     async def flush(self) -> None:
         """A write is in Redis when its call returns (durability is Redis's own config)."""
-        await self._idle.wait()
+        await self._in_flight.idle()
 
     # -- nodes ------------------------------------------------------------------------------
 
