@@ -78,6 +78,33 @@ def cell(browser: Any, node_id: str, column: str) -> str:
         return ""
 
 
+def click(browser: Any, selector: str) -> None:
+    """Click a button of the live table; a row redrawn between finding and clicking is found
+    again (the table refreshes every second)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def attempt() -> bool:
+        try:
+            browser.find_element("css selector", selector).click()
+            return True
+        except StaleElementReferenceException:
+            return False
+
+    wait_until(attempt, timeout=10, message=f"a click on {selector}")
+
+
+def cpu_points(browser: Any, node_id: str) -> list[str]:
+    """The points of a node's CPU line; the chart is redrawn live, so a stale one reads as
+    empty and the caller's wait simply tries again."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    try:
+        line = browser.find_element("css selector", f'.chart[data-node="{node_id}"] polyline.cpu')
+        return str(line.get_attribute("points") or "").split()
+    except (NoSuchElementException, StaleElementReferenceException):
+        return []
+
+
 def test_dashboard_drain_asks_for_token_and_the_row_changes(
     cluster: LocalCluster, browser: Any
 ) -> None:
@@ -89,8 +116,7 @@ def test_dashboard_drain_asks_for_token_and_the_row_changes(
                            for i in range(1, 4)), timeout=15, message="three healthy rows")
     assert "3 nodes" in browser.find_element("id", "summary").text
 
-    browser.find_element("css selector",
-                         'tr[data-node="web-2"] button[data-action="drain"]').click()
+    click(browser, 'tr[data-node="web-2"] button[data-action="drain"]')
 
     def alert() -> Any:
         try:
@@ -115,14 +141,11 @@ def test_dashboard_drain_asks_for_token_and_the_row_changes(
     wait_until(lambda: browser.find_elements(
         "css selector", '#events li[data-kind="drained"]'), timeout=10,
         message="drained event in the timeline")
-    wait_until(lambda: all(
-        len((browser.find_element("css selector", f'.chart[data-node="web-{i}"] polyline.cpu')
-             .get_attribute("points") or "").split()) >= 2 for i in range(1, 4)),
-        timeout=15, message="cpu lines with at least two points for every node")
+    wait_until(lambda: all(len(cpu_points(browser, f"web-{i}")) >= 2 for i in range(1, 4)),
+               timeout=15, message="cpu lines with at least two points for every node")
 
     # Undrain with the remembered token: no second prompt.
-    browser.find_element("css selector",
-                         'tr[data-node="web-2"] button[data-action="undrain"]').click()
+    click(browser, 'tr[data-node="web-2"] button[data-action="undrain"]')
     wait_until(lambda: cell(browser, "web-2", "admin") == "active", timeout=10,
                message="web-2 row back to active")
     assert alert() is None
