@@ -106,6 +106,8 @@ class CoordinatorConfig(_Table):
     leader_ttl: Duration = Duration(5.0)  # etcd election lease: a dead leader's replacement time
     # HOST:PORT for UDP heartbeats (HMAC-signed with agent_token); empty = HTTP pushes only.
     heartbeat_udp: str = ""
+    # Worker processes that run the HTTP checks (0 or 1: in the coordinator process itself).
+    poller_processes: Annotated[int, Meta(ge=0, le=64)] = 0
 
 
 class DetectionConfig(_Table):

@@ -88,6 +88,15 @@ class NoActions:
         return None
 
 
+def _probe_for(config: Config, clock: Callable[[], float]) -> Probe:
+    """In-process HTTP checks, or ``[coordinator] poller_processes`` worker processes."""
+    if config.coordinator.poller_processes > 1:
+        from nodewatch.detect.probe_pool import ProcessProbe
+
+        return ProcessProbe.from_config(config, clock=clock)
+    return HttpProbe.from_config(config.detection, clock=clock)
+
+
 class Coordinator:
     """One coordinator process's state and background tasks."""
 
@@ -113,7 +122,7 @@ class Coordinator:
         self.clock = clock
         self.policy = Policy.from_config(config)
         self.rng = rng or random.Random()
-        self.probe: Probe = probe or HttpProbe.from_config(config.detection, clock=clock)
+        self.probe: Probe = probe or _probe_for(config, clock)
         self.actions: ActionSink = actions or NoActions()
         self.cluster = Cluster(self.policy, now=clock(), rng=self.rng)
         self.poller = Poller(

@@ -24,18 +24,32 @@ from nodewatch.detect.scheduler import CheckScheduler
 from nodewatch.detect.types import CheckResult, FailureClass
 from nodewatch.healthcheck import check_health
 
-__all__ = ["ClosableProbe", "HttpProbe", "Poller", "Probe"]
+__all__ = ["CheckLost", "ClosableProbe", "HttpProbe", "OpenableProbe", "Poller", "Probe"]
 
 log = logging.getLogger(__name__)
 
 _TIMER_SLACK = 0.001
 
 
+class CheckLost(Exception):
+    """The check reached no verdict for a reason on the coordinator's side (a probe worker
+    process died or stalled): it says nothing about the node, so the poller passes nothing on
+    and checks the node again at its interval."""
+
+
 class Probe(Protocol):
     """The seam between the poller and the network: one check of one node, never raising for a
-    network problem (it is a failed :class:`CheckResult` instead)."""
+    network problem (it is a failed :class:`CheckResult` instead); :class:`CheckLost` when the
+    coordinator itself could not check."""
 
     async def check(self, node_id: str, address: str) -> CheckResult: ...
+
+
+@runtime_checkable
+class OpenableProbe(Protocol):
+    """A probe that sets up resources (a session, worker processes) in ``Poller.start``."""
+
+    async def open(self) -> object: ...
 
 
 @runtime_checkable
@@ -189,7 +203,11 @@ class Poller:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
+        # A probe whose checks start in another process says so: lateness is then measured
+        # from the start its result reports, which includes the hand-over.
+        self._late_from_result = bool(getattr(probe, "measures_start", False))
         self.checks_done = 0
+        self.checks_lost = 0
         self.in_flight = 0
         self.max_in_flight = 0
         self.failures: Counter[FailureClass] = Counter()
@@ -270,6 +288,7 @@ class Poller:
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "failures": {cls.value: n for cls, n in self.failures.items()},
+            "checks_lost": self.checks_lost,
             "lateness_count": lateness.count,
             "lateness_p50": lateness.percentile(50),
             "lateness_p99": lateness.percentile(99),
@@ -287,7 +306,7 @@ class Poller:
         if self._workers:
             return
         self._loop = asyncio.get_running_loop()
-        if isinstance(self._probe, HttpProbe):
+        if isinstance(self._probe, OpenableProbe):
             await self._probe.open()
         self._workers = [
             self._loop.create_task(self._worker(), name=f"nodewatch-poller-{i}")
@@ -390,6 +409,7 @@ class Poller:
         probe_check = self._probe.check
         clock = self._clock
         idle = self._idle
+        late_from_result = self._late_from_result
         while True:
             item = pop_one(clock())
             if item is None:
@@ -410,17 +430,32 @@ class Poller:
             if self.in_flight > self.max_in_flight:
                 self.max_in_flight = self.in_flight
             started = clock()
-            lateness.record(started - due)
+            if not late_from_result:
+                lateness.record(started - due)
             try:
                 result = await probe_check(node_id, node.address)
             except asyncio.CancelledError:
                 node.busy = False  # stop() makes the node due again for a restart
                 self.in_flight -= 1
                 raise
+            except CheckLost:
+                node.busy = False
+                self.in_flight -= 1
+                self.checks_lost += 1
+                if nodes.get(node_id) is node:
+                    # Asked for again meanwhile (check_now, a new address): once more at once;
+                    # otherwise at its interval, so a worker in restart backoff is not a busy loop.
+                    retry = node.recheck
+                    node.recheck = False
+                    due = clock() if retry else clock() + self._safe_interval(node_id)
+                    self._schedule(node_id, due, soon=True)
+                continue
             except Exception as exc:  # a probe bug must not lose the node or kill the worker
                 log.exception("probe failed on %s", node_id)
                 result = CheckResult(node_id, False, clock(), clock() - started,
                                      FailureClass.ERROR, f"probe error: {exc!r}"[:300])
+            if late_from_result:
+                lateness.record(result.at - result.latency - due)
             node.busy = False
             self.in_flight -= 1
             self.checks_done += 1
