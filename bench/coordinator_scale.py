@@ -7,7 +7,9 @@ its node id, which the coordinator verifies). Then, against the same servers and
 1. ``coordinator``: the real ``Coordinator`` (uvloop, SQLite store in a temp dir, static nodes)
    at ``healthy_interval`` = ``--interval``, in a fresh child process per N so that CPU and RSS
    are its own: achieved checks/s against the configured rate, CPU per 1,000 checks, RSS, p99
-   lateness of checks against their due time;
+   lateness of checks against their due time. With ``--poller-processes K`` (K > 1) the checks
+   run in K probe worker processes: CPU and RSS are then the coordinator's plus its workers',
+   and ``main us`` is the coordinator process's own share per check;
 2. ``bare``: a bare aiohttp loop (``--concurrency`` coroutines GET + read + msgspec decode,
    round-robin, saturated): the floor any Python coordinator pays per check;
 3. ``wrk``: the machine's ceiling against one nginx address;
@@ -17,6 +19,7 @@ its node id, which the coordinator verifies). Then, against the same servers and
 Prints figures and ratios; nothing is asserted. Every load loop is bounded in time.
 
     .venv/bin/python bench/coordinator_scale.py --nodes 1000,5000,10000 --interval 5s
+    .venv/bin/python bench/coordinator_scale.py --nodes 10000 --interval 2s --poller-processes 2
 """
 
 from __future__ import annotations
@@ -68,11 +71,28 @@ def cpu_time() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def rss_mb(pid: int | str = "self") -> float:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    for line in text.splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of another (live) process, from /proc/PID/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker_pids(coord: Any) -> list[int]:
+    return [pid for pid in getattr(coord.probe, "pids", []) if pid is not None]
 
 
 # ----- nginx --------------------------------------------------------------------------------
@@ -133,10 +153,12 @@ http {{
 # ----- phases (each in its own child process) ----------------------------------------------
 
 
-def make_config(n: int, interval: float, tmp: str, listen: str = "127.0.0.1:0") -> Any:
+def make_config(n: int, interval: float, tmp: str, listen: str = "127.0.0.1:0",
+                poller_processes: int = 0) -> Any:
     from nodewatch.config import NodeConfig, format_duration, load_config
 
     cfg = load_config(None, {
+        "coordinator.poller_processes": poller_processes,
         "detection.healthy_interval": format_duration(interval),
         "detection.unhealthy_interval": format_duration(min(5.0, interval)),
         "detection.startup_grace": "1s",
@@ -152,7 +174,7 @@ async def coordinator_phase(args: argparse.Namespace) -> dict[str, Any]:
     from nodewatch.store.base import open_store
 
     tmp = tempfile.mkdtemp(prefix="nw-coord-")
-    cfg = make_config(args.nodes, args.interval, tmp)
+    cfg = make_config(args.nodes, args.interval, tmp, poller_processes=args.poller_processes)
     coord = Coordinator(cfg, open_store(cfg.coordinator.store))
     await coord.start()
     try:
@@ -166,13 +188,20 @@ async def coordinator_phase(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(args.warmup)
         scheduler = coord.poller._scheduler
         scheduler.lateness.reset()
+        pids = worker_pids(coord)
+        restarts0 = getattr(coord.probe, "restarts", 0)
+        workers0 = sum(process_cpu(pid) for pid in pids)
         checks0, cpu0, t0 = coord.checks, cpu_time(), time.perf_counter()
         await asyncio.sleep(args.window)
         checks, cpu, wall = coord.checks - checks0, cpu_time() - cpu0, time.perf_counter() - t0
+        workers_cpu = sum(process_cpu(pid) for pid in pids) - workers0
         stats = coord.poller.stats()
         counts = coord.cluster.counts()
         return {"phase": "coordinator", "nodes": args.nodes, "rate": args.nodes / args.interval,
-                "checks": checks, "wall": wall, "cpu": cpu, "rss_mb": rss_mb(),
+                "checks": checks, "wall": wall, "cpu": cpu + workers_cpu, "main_cpu": cpu,
+                "rss_mb": rss_mb() + sum(rss_mb(pid) for pid in pids),
+                "processes": len(pids) or 1, "checks_lost": stats["checks_lost"],
+                "restarts": getattr(coord.probe, "restarts", 0) - restarts0,
                 "lateness_p50": stats["lateness_p50"], "lateness_p99": stats["lateness_p99"],
                 "lateness_max": stats["lateness_max"], "healthy": counts["healthy"],
                 "failures": stats["failures"]}
@@ -296,7 +325,8 @@ def child(phase: str, nodes: int, args: argparse.Namespace, interval: float) -> 
            "--interval", str(interval), "--window", str(args.window), "--warmup",
            str(args.warmup if phase != "coordinator" else max(args.warmup, 2.5 * interval)),
            "--concurrency", str(args.concurrency),
-           "--push-connections", str(args.push_connections)]
+           "--push-connections", str(args.push_connections),
+           "--poller-processes", str(args.poller_processes)]
     limit = args.window + args.warmup + 5 * interval + 120
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
     if proc.returncode != 0:
@@ -329,6 +359,8 @@ def main() -> None:
     parser.add_argument("--push-connections", type=int, default=64)
     parser.add_argument("--push-nodes", type=int, default=1000)
     parser.add_argument("--nginx-workers", type=int, default=1)
+    parser.add_argument("--poller-processes", type=int, default=0,
+                        help="[coordinator] poller_processes (0 or 1: checks in-process)")
     parser.add_argument("--phase", choices=["coordinator", "bare", "push"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.interval = parse_seconds(str(args.interval))
@@ -344,8 +376,10 @@ def main() -> None:
     try:
         print(f"nginx on {max(sizes)} loopback addresses (:{PORT}, {args.nginx_workers} "
               f"worker); healthy_interval {args.interval:g}s; window {args.window:g}s; "
+              f"poller_processes {args.poller_processes}; "
               f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}", flush=True)
-        header = (f"{'nodes':>6} {'rate':>6} {'achieved':>9} {'us/check':>9} "
+        header = (f"{'nodes':>6} {'procs':>5} {'rate':>6} {'achieved':>9} {'us/check':>9} "
+                  f"{'main us':>8} "
                   f"{'ms/1k checks':>12} {'lateness p99':>12} {'RSS MB':>7} {'bare/s':>7} "
                   f"{'bare us':>8} {'CPU ratio':>9} {'core%/1k nodes':>14}")
         print(header, flush=True)
@@ -356,11 +390,14 @@ def main() -> None:
             bare_per_check = b["cpu"] / max(b["checks"], 1) * 1e6
             achieved = c["checks"] / c["wall"]
             core_share = per_check * 1e-6 * (1000 / args.interval) * 100
-            print(f"{n:>6} {c['rate']:>6.0f} {achieved:>9.0f} {per_check:>9.1f} "
+            main_per_check = c["main_cpu"] / max(c["checks"], 1) * 1e6
+            print(f"{n:>6} {c['processes']:>5} {c['rate']:>6.0f} {achieved:>9.0f} "
+                  f"{per_check:>9.1f} {main_per_check:>8.1f} "
                   f"{per_check:>12.1f} {c['lateness_p99'] * 1000:>10.0f}ms "
                   f"{c['rss_mb']:>7.0f} {b['checks'] / b['wall']:>7.0f} {bare_per_check:>8.1f} "
                   f"{per_check / bare_per_check:>8.2f}x {core_share:>13.2f}%", flush=True)
-            extra = {k: c[k] for k in ("healthy", "failures", "lateness_p50", "lateness_max")}
+            extra = {k: c[k] for k in ("healthy", "failures", "lateness_p50", "lateness_max",
+                                       "checks_lost", "restarts")}
             print(f"       detail: {json.dumps(extra)}; bare failures {b['failures']}",
                   flush=True)
         push = child("push", args.push_nodes, args, max(args.interval, 5.0))

@@ -54,6 +54,7 @@ def test_file_values_and_overrides(tmp_path: Path) -> None:
         ('[[actions]]\ntype = "webhook"\n', "actions[0].url", "required"),
         ('[[actions]]\ntype = "pager"\nurl = "x"\n', "actions[0].type", "webhook"),
         ('[guard]\nfraction = 1.5\n', "guard.fraction", "<= 1"),
+        ('[coordinator]\npoller_processes = -1\n', "coordinator.poller_processes", ">= 0"),
         ('[[actions]]\ntype = "exec"\ncommand = ["true"]\non = ["unhealty"]\n',
          "actions[0].on", "unknown event 'unhealty'"),
     ],

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from nodewatch.detect.poller import HttpProbe, Poller
+from nodewatch.detect.poller import CheckLost, HttpProbe, Poller
 from nodewatch.detect.scheduler import CheckScheduler
 from nodewatch.detect.types import CheckResult, FailureClass
 from nodewatch.testing import FakeClock, FakeProbe
@@ -466,3 +466,22 @@ async def test_deferred_node_is_not_checked_until_its_deferral_but_check_now_win
         poller.check_now("n1")  # e.g. a lease expired: no deferral stands in for this
         await eventually(lambda: any(r.node_id == "n1" for r in results),
                          message="n1 checked at once")
+
+
+async def test_a_lost_check_reaches_nobody_and_the_node_is_tried_at_its_interval() -> None:
+    """CheckLost (the coordinator could not check) is no observation: no result, no failure."""
+    calls: list[float] = []
+
+    class LosingProbe:
+        async def check(self, node_id: str, address: str) -> CheckResult:
+            calls.append(time.monotonic())
+            raise CheckLost("worker died")
+
+    results: list[CheckResult] = []
+    poller = make_poller(LosingProbe(), interval=0.05, results=results)  # type: ignore[arg-type]
+    async with poller:
+        poller.add("n1", "127.0.0.1:1", first_due=time.monotonic())
+        await eventually(lambda: len(calls) >= 3, message="tried again")
+    assert results == [] and poller.checks_lost >= 3
+    assert poller.stats()["failures"] == {} and poller.stats()["checks_done"] == 0
+    assert min(b - a for a, b in itertools.pairwise(calls)) >= 0.045  # at the interval, no spin
