@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 _encode = msgspec.msgpack.Encoder().encode
 _decode_results = msgspec.msgpack.Decoder(list[tuple[int, CheckResult | None]]).decode
 
-_HANG_GRACE = 5.0  # beyond the check timeout, before a silent worker is taken for hung
 _YOUNG = 5.0  # a worker that dies sooner than this after its start is restarted with backoff
 _MAX_BACKOFF = 5.0
 
@@ -111,7 +110,7 @@ class ProcessProbe:
     connection slot would eat its connect timeout. Backpressure is the poller's: it never has
     more than ``concurrency`` checks in flight, so no queue here can hold more than that.
 
-    A worker that dies (or answers nothing for ``timeout`` + 5 s, and is then killed) is
+    A worker that dies (or answers nothing for ``timeout + hang_grace``, and is killed) is
     replaced at once, or after a growing backoff if it keeps dying young. Its checks in flight
     raise :class:`CheckLost`, and so do checks of its nodes during a backoff: the poller passes
     nothing to the core for them and tries the node again at its interval. A lost check is the
@@ -139,6 +138,7 @@ class ProcessProbe:
         clock: Callable[[], float] = time.time,
         python: str = sys.executable,
         start_timeout: float = 30.0,
+        hang_grace: float = 5.0,
     ) -> None:
         if processes < 1:
             raise ValueError("processes must be at least 1")
@@ -156,6 +156,7 @@ class ProcessProbe:
             "--clock", clock_name,
         ]
         self._start_timeout = start_timeout
+        self._hang_grace = hang_grace  # beyond the timeout, before a silent worker is hung
         self._workers = [_Worker(self, i) for i in range(processes)]
         self._next_id = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -302,9 +303,9 @@ class ProcessProbe:
     async def _watch(self) -> None:
         """Kill a worker that has held a check far past its timeout: a hung worker would
         otherwise keep the poller's slots forever, and polling would silently stop."""
-        limit = self.timeout + _HANG_GRACE
+        limit = self.timeout + self._hang_grace
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(min(1.0, self._hang_grace / 4))
             now = time.monotonic()
             for worker in self._workers:
                 oldest = next(iter(worker.pending.values()), None)
