@@ -13,7 +13,9 @@ its node id, which the coordinator verifies). Then, against the same servers and
 2. ``bare``: a bare aiohttp loop (``--concurrency`` coroutines GET + read + msgspec decode,
    round-robin, saturated): the floor any Python coordinator pays per check;
 3. ``wrk``: the machine's ceiling against one nginx address;
-4. ``push``: coordinator CPU per pushed heartbeat (``POST /v1/heartbeat`` driven by wrk) next to
+4. ``handoff`` (with ``--poller-processes`` > 1): the bare loop through the process probe,
+   for the coordinator process's CPU per hand-off next to the workers' CPU per check;
+5. ``push``: coordinator CPU per pushed heartbeat (``POST /v1/heartbeat`` driven by wrk) next to
    its CPU per poll, for the detection-quality cost model.
 
 Prints figures and ratios; nothing is asserted. Every load loop is bounded in time.
@@ -250,6 +252,43 @@ async def bare_phase(args: argparse.Namespace) -> dict[str, Any]:
             "rss_mb": rss_mb(), "failures": failures}
 
 
+async def handoff_phase(args: argparse.Namespace) -> dict[str, Any]:
+    """The bare loop through ``ProcessProbe.check``: what one hand-off costs the coordinator
+    process, without the core, next to what the workers pay for the HTTP check itself."""
+    from nodewatch.detect.probe_pool import ProcessProbe
+
+    targets = addresses(args.nodes)
+    probe = ProcessProbe(processes=args.poller_processes, timeout=3.0, connect_timeout=1.0,
+                         max_bytes=65536, concurrency=args.concurrency, keepalive_timeout=300)
+    await probe.open()
+    pids = [pid for pid in probe.pids if pid is not None]
+    done = failures = position = 0
+    stop_at = time.perf_counter() + args.warmup + args.window
+
+    async def worker() -> None:
+        nonlocal done, failures, position
+        while time.perf_counter() < stop_at:
+            i = position % len(targets)
+            position += 1
+            result = await probe.check(f"n{i}", targets[i])
+            done += 1
+            failures += not result.ok
+
+    try:
+        tasks = [asyncio.create_task(worker()) for _ in range(args.concurrency)]
+        await asyncio.sleep(args.warmup)
+        workers0 = sum(process_cpu(pid) for pid in pids)
+        done0, cpu0, t0 = done, cpu_time(), time.perf_counter()
+        await asyncio.sleep(args.window)
+        checks, cpu, wall = done - done0, cpu_time() - cpu0, time.perf_counter() - t0
+        workers_cpu = sum(process_cpu(pid) for pid in pids) - workers0
+        await asyncio.gather(*tasks)
+    finally:
+        await probe.aclose()
+    return {"phase": "handoff", "nodes": args.nodes, "checks": checks, "wall": wall,
+            "cpu": cpu, "workers_cpu": workers_cpu, "failures": failures}
+
+
 HEARTBEAT_LUA = """
 counter = 0
 request = function()
@@ -315,7 +354,8 @@ def run_phase(args: argparse.Namespace) -> None:
     import uvloop
 
     raise_nofile()
-    phase = {"coordinator": coordinator_phase, "bare": bare_phase, "push": push_phase}
+    phase = {"coordinator": coordinator_phase, "bare": bare_phase, "push": push_phase,
+             "handoff": handoff_phase}
     result = uvloop.run(phase[args.phase](args))
     print(json.dumps(result), flush=True)
 
@@ -361,7 +401,8 @@ def main() -> None:
     parser.add_argument("--nginx-workers", type=int, default=1)
     parser.add_argument("--poller-processes", type=int, default=0,
                         help="[coordinator] poller_processes (0 or 1: checks in-process)")
-    parser.add_argument("--phase", choices=["coordinator", "bare", "push"], help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=["coordinator", "bare", "push", "handoff"],
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.interval = parse_seconds(str(args.interval))
     if args.phase:
@@ -400,6 +441,13 @@ def main() -> None:
                                        "checks_lost", "restarts")}
             print(f"       detail: {json.dumps(extra)}; bare failures {b['failures']}",
                   flush=True)
+        if args.poller_processes > 1:
+            h = child("handoff", max(sizes), args, args.interval)
+            print(f"handoff {args.poller_processes} workers, bare loop through ProcessProbe: "
+                  f"{h['checks'] / h['wall']:.0f} checks/s, coordinator process "
+                  f"{h['cpu'] / max(h['checks'], 1) * 1e6:.1f} us per check (the hand-off "
+                  f"alone), workers {h['workers_cpu'] / max(h['checks'], 1) * 1e6:.1f} us per "
+                  f"check; failures {h['failures']}", flush=True)
         push = child("push", args.push_nodes, args, max(args.interval, 5.0))
         print(f"push   {push['nodes']} nodes: {push['heartbeats_per_s']:.0f} heartbeats/s "
               f"(wrk, {args.push_connections} conns, non-2xx {push['non_2xx']}): "

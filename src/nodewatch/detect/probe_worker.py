@@ -5,7 +5,8 @@ Started by :class:`nodewatch.detect.probe_pool.ProcessProbe` as
 arrive as length-prefixed msgpack batches of ``(id, node_id, address)``; each is checked by an
 ordinary :class:`HttpProbe` and answered, in batches, as ``(id, CheckResult)``, the result
 exactly as this process measured it (``at`` and ``latency`` are taken here, on a clock that is
-the same system-wide). End of file on the socket means "stop".
+the same system-wide), or ``(id, None)`` for a failure while this loop stalled (lost, not a
+verdict). End of file on the socket means "stop".
 """
 
 from __future__ import annotations
@@ -182,9 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="time")
     args = parser.parse_args(argv)
     _die_with_parent(args.parent)
-    # The coordinator stops its workers by closing the socket; Ctrl-C in a terminal reaches
-    # the whole process group, and the parent decides when its workers go.
+    # The coordinator stops its workers by closing the socket (and they die with it): Ctrl-C
+    # in a terminal or systemd's SIGTERM to the whole group must not take them from under a
+    # coordinator that is still writing its last state, nor look like crashes to restart.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
