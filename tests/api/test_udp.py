@@ -21,7 +21,15 @@ from nodewatch.api.app import build_app
 from nodewatch.api.udp import UdpHeartbeats, start_udp_heartbeats
 from nodewatch.collect import agent as agent_module
 from nodewatch.collect.agent import Agent
-from nodewatch.collect.report import MAX_DATAGRAM, encode_heartbeat_datagram, heartbeat_key
+from nodewatch.collect.coordinator_client import UdpHeartbeatSender
+from nodewatch.collect.report import (
+    MAX_DATAGRAM,
+    UdpReply,
+    decode_udp_reply,
+    encode_heartbeat_datagram,
+    encode_udp_reply,
+    heartbeat_key,
+)
 from nodewatch.coordinator import Coordinator
 from nodewatch.store.base import open_store
 from nodewatch.testing import FakeProbe
@@ -222,12 +230,14 @@ async def test_agent_falls_back_to_http_when_udp_is_not_offered(tmp_path: Path) 
 async def test_udp_agent_hears_a_forgotten_node_through_its_periodic_http_heartbeat(
         tmp_path: Path, rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(agent_module, "UDP_CONFIRM_INTERVAL", 0.25)  # every 5th beat
+    # Every "unknown" reply is lost on the way back (as UDP may): the HTTP beat must find out.
+    monkeypatch.setattr(UdpHeartbeats, "_reply_unknown", lambda self, body, addr: None)
     agent = await _agent(tmp_path, rig, heartbeat_transport="udp")
     try:
         await rig.wait_counted("ok", 3)
         rig.coord.command("remove", "node-a")
         assert "node-a" not in rig.coord.cluster.nodes
-        # UDP has no 404: the unknown datagrams are dropped until the HTTP beat learns it.
+        # The unknown datagrams are dropped until the periodic HTTP beat learns it.
         await async_wait_until(lambda: asyncio.sleep(0, "node-a" in rig.coord.cluster.nodes),
                                within=5, message="the agent registering again")
         assert agent.heartbeats_sent["http"] >= 1
@@ -235,3 +245,72 @@ async def test_udp_agent_hears_a_forgotten_node_through_its_periodic_http_heartb
         await rig.wait_counted("ok", ok + 3)  # and UDP heartbeats are applied again
     finally:
         await agent.stop()
+
+
+async def test_udp_agent_hears_a_forgotten_node_from_the_coordinators_reply(
+        tmp_path: Path, rig: Rig) -> None:
+    agent = await _agent(tmp_path, rig, heartbeat_transport="udp")
+    try:
+        await rig.wait_counted("ok", 3)
+        http_before = agent.heartbeats_sent["http"]
+        rig.coord.command("remove", "node-a")
+        # The default periodic HTTP beat is minutes away: only the UDP reply can bring it back.
+        await async_wait_until(lambda: asyncio.sleep(0, "node-a" in rig.coord.cluster.nodes),
+                               within=5, message="the agent registering again")
+        assert rig.udp.replies >= 1
+        assert agent.heartbeats_sent["http"] - http_before <= 2  # the one asking, maybe one more
+        ok = rig.udp.counts["ok"]
+        await rig.wait_counted("ok", ok + 3)
+    finally:
+        await agent.stop()
+
+
+async def test_only_a_tagged_unknown_node_heartbeat_gets_a_tagged_reply(rig: Rig) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(5)
+        sock.sendto(_signed(beat("ghost", seq=7), heartbeat_key("wrong")), rig.udp.address)
+        sock.sendto(_signed(b"\x93\x01\x02"), rig.udp.address)  # malformed
+        sock.sendto(_signed(beat("ghost", seq=8)), rig.udp.address)
+        data = await asyncio.to_thread(sock.recv, 2048)
+    # The first reply is for seq 8: neither the forged nor the malformed datagram had one.
+    reply = decode_udp_reply(data, KEY)
+    assert reply == UdpReply(404, "ghost", 1, 8)
+    assert decode_udp_reply(data, heartbeat_key("wrong")) is None
+    assert rig.udp.counts["bad_tag"] == 1 and rig.udp.counts["unknown"] == 1
+    assert rig.udp.replies == 1
+
+
+def test_the_agent_acts_only_on_a_reply_for_itself() -> None:
+    heard: list[bool] = []
+    sender = UdpHeartbeatSender(TOKEN, "node-a", 3, on_unknown=lambda: heard.append(True))
+    for forged in (encode_udp_reply(UdpReply(404, "node-a", 3, 5), heartbeat_key("wrong")),
+                   encode_udp_reply(UdpReply(404, "node-b", 3, 5), KEY),
+                   encode_udp_reply(UdpReply(404, "node-a", 2, 5), KEY),
+                   encode_udp_reply(UdpReply(200, "node-a", 3, 5), KEY),
+                   b"\x00" * 40, b""):
+        sender.datagram_received(forged, ("127.0.0.1", 1))
+    assert not heard and not sender.unknown_heard
+    sender.datagram_received(encode_udp_reply(UdpReply(404, "node-a", 3, 5), KEY),
+                             ("127.0.0.1", 1))
+    assert heard == [True] and sender.unknown_heard
+
+
+async def test_a_burst_is_taken_in_batches_and_every_datagram_counted(rig: Rig) -> None:
+    await _register(rig)
+    # Bursts of 100 (well within even an unprivileged receive buffer), each sent before the
+    # loop can read any of them: a wake-up must drain every one, across batch windows.
+    for start in range(1, 2001, 100):
+        for seq in range(start, start + 100):
+            rig.send(_signed(beat(seq=seq)))
+        await rig.wait_counted("ok", start + 99)
+    assert rig.coord.cluster.nodes["web-1"].seq == 2000
+
+
+async def test_closing_the_endpoint_releases_its_port(tmp_path: Path) -> None:
+    async with _rig(tmp_path) as rig:
+        host, port = rig.udp.address
+        rig.udp.close()
+        rig.udp.close()  # twice is fine
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((host, port))  # free again

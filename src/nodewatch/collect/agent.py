@@ -46,9 +46,10 @@ BUILTIN_LOAD = ("qps", "pending_tasks", "error_rate")
 MAX_LOAD_KEYS = 256
 PROBE_MAX_BYTES = 64 * 1024
 FINAL_HEARTBEAT_TIMEOUT = aiohttp.ClientTimeout(total=2.0, connect=1.0)
-# Over UDP nothing answers: one heartbeat in this many seconds goes over HTTP instead, so that
-# a coordinator that lost this node (404) or holds a newer seq (409) is heard from.
-UDP_CONFIRM_INTERVAL = 30.0
+# Over UDP the coordinator answers only "unknown node" (and a datagram can be lost): one
+# heartbeat in this many seconds goes over HTTP anyway, so a lost reply or a one-way UDP path
+# is found out. Rare on purpose: every HTTP heartbeat costs the coordinator 3-4 UDP ones.
+UDP_CONFIRM_INTERVAL = 300.0
 
 
 
@@ -548,7 +549,9 @@ class Agent:
         if not offer or self.config.heartbeat_transport != "udp":
             return None
         try:
-            return await UdpHeartbeatSender.open(offer, client.url, self.config.agent_token)
+            return await UdpHeartbeatSender.open(offer, client.url, self.config.agent_token,
+                                                 self.node_id, self._incarnation,
+                                                 on_unknown=self._beat_now.set)
         except (OSError, ValueError) as exc:
             log.warning("cannot send UDP heartbeats to %s (%s); using HTTP", offer,
                         type(exc).__name__)
@@ -585,6 +588,9 @@ class Agent:
             self._last_beat_seq = self._seq
             if udp is not None:
                 until_http -= 1
+                if udp.unknown_heard:  # the coordinator forgot us: ask it over HTTP now
+                    udp.unknown_heard = False
+                    until_http = 0
                 if until_http > 0 and udp.send(payload):
                     self.heartbeats_sent["udp"] += 1
                     continue

@@ -15,7 +15,12 @@ import aiohttp
 import msgspec
 from yarl import URL
 
-from nodewatch.collect.report import MAX_DATAGRAM, encode_heartbeat_datagram, heartbeat_key
+from nodewatch.collect.report import (
+    MAX_DATAGRAM,
+    decode_udp_reply,
+    encode_heartbeat_datagram,
+    heartbeat_key,
+)
 from nodewatch.tls import TlsFailure, explain_tls_failure, probe_handshake
 
 __all__ = ["CoordinatorClient", "HeartbeatOutcome", "RegisterAnswer", "RegistrationRejected",
@@ -166,28 +171,48 @@ class UdpHeartbeatSender(asyncio.DatagramProtocol):
     """Fire-and-forget heartbeats to the coordinator's UDP port, signed with the agent token.
 
     ``send`` never waits: it returns False (send this one over HTTP) only when the datagram
-    would be over the size cap or the socket is gone.
+    would be over the size cap or the socket is gone. The coordinator answers only when it does
+    not know the node; a reply with a good tag for this node and incarnation sets
+    ``unknown_heard`` and calls ``on_unknown``, and the agent then sends its next heartbeat over
+    HTTP at once, whose 404 is the authoritative answer (so a replayed reply can cost one HTTP
+    heartbeat, never a wrong decision).
     """
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, node_id: str = "", incarnation: int = 0,
+                 on_unknown: Callable[[], None] | None = None) -> None:
         self._key = heartbeat_key(token)
         self._transport: asyncio.DatagramTransport | None = None
+        self.node_id = node_id
+        self.incarnation = incarnation
+        self.on_unknown = on_unknown
+        self.unknown_heard = False
         self.sent = 0
 
     @classmethod
-    async def open(cls, offer: str, coordinator_url: str, token: str) -> UdpHeartbeatSender:
+    async def open(cls, offer: str, coordinator_url: str, token: str, node_id: str = "",
+                   incarnation: int = 0, on_unknown: Callable[[], None] | None = None
+                   ) -> UdpHeartbeatSender:
         """Connect to the offered HOST:PORT; a wildcard host means the coordinator URL's host."""
         host, _, port = offer.rpartition(":")
         host = host.strip("[]")
         if host in ("", "0.0.0.0", "::"):
             host = URL(coordinator_url).host or "127.0.0.1"
-        sender = cls(token)
+        sender = cls(token, node_id, incarnation, on_unknown)
         loop = asyncio.get_running_loop()
         await loop.create_datagram_endpoint(lambda: sender, remote_addr=(host, int(port)))
         return sender
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        reply = decode_udp_reply(data, self._key)
+        if (reply is None or reply.status != 404 or reply.node_id != self.node_id
+                or reply.incarnation != self.incarnation):
+            return  # not for us, or forged: ignored (the periodic HTTP heartbeat remains)
+        self.unknown_heard = True
+        if self.on_unknown is not None:
+            self.on_unknown()
 
     def error_received(self, exc: Exception) -> None:
         # e.g. ICMP port unreachable while the coordinator restarts: the next beats go on.

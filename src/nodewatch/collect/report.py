@@ -11,8 +11,9 @@ import msgspec
 
 from nodewatch.detect.types import NodeStatus
 
-__all__ = ["MAX_DATAGRAM", "TAG_SIZE", "HealthDoc", "derive_status", "encode_health",
-           "encode_heartbeat_datagram", "heartbeat_key", "heartbeat_payload"]
+__all__ = ["MAX_DATAGRAM", "TAG_SIZE", "HealthDoc", "UdpReply", "decode_udp_reply",
+           "derive_status", "encode_health", "encode_heartbeat_datagram", "encode_udp_reply",
+           "heartbeat_key", "heartbeat_payload"]
 
 
 class HealthDoc(msgspec.Struct, kw_only=True):
@@ -94,3 +95,38 @@ def encode_heartbeat_datagram(payload: Any, key: bytes) -> bytes:
     """A heartbeat payload (dict or struct) as one datagram, tagged when ``key`` is set."""
     body = _msgpack_encoder.encode(payload)
     return body + hmac.digest(key, body, "sha256") if key else body
+
+
+class UdpReply(msgspec.Struct, array_like=True):
+    """The coordinator's only answer over UDP: "I do not know this node" (status 404), so that
+    an agent pushing over UDP hears it at once instead of at its next periodic HTTP heartbeat.
+    Tagged like a heartbeat; ``seq`` echoes the heartbeat it answers, so an old reply replayed
+    to the agent later is recognised and ignored."""
+
+    status: int
+    node_id: str
+    incarnation: int
+    seq: int
+
+
+_reply_decoder = msgspec.msgpack.Decoder(UdpReply)
+
+
+def encode_udp_reply(reply: UdpReply, key: bytes) -> bytes:
+    body = _msgpack_encoder.encode(reply)
+    return body + hmac.digest(key, body, "sha256") if key else body
+
+
+def decode_udp_reply(data: bytes, key: bytes) -> UdpReply | None:
+    """The reply in ``data``, or None when it is not one (bad tag, not msgpack, wrong shape)."""
+    body: bytes | memoryview = data
+    if key:
+        if len(data) <= TAG_SIZE:
+            return None
+        body = memoryview(data)[:-TAG_SIZE]
+        if not hmac.compare_digest(hmac.digest(key, body, "sha256"), data[-TAG_SIZE:]):
+            return None
+    try:
+        return _reply_decoder.decode(body)
+    except msgspec.DecodeError:
+        return None
