@@ -29,6 +29,7 @@ __all__ = ["CheckLost", "ClosableProbe", "HttpProbe", "OpenableProbe", "Poller",
 log = logging.getLogger(__name__)
 
 _TIMER_SLACK = 0.001
+_DEFER_AHEAD = 0.25  # deferred entries are moved on up to this early, in batches
 
 
 class CheckLost(Exception):
@@ -379,20 +380,40 @@ class Poller:
         self._timer = loop.call_later(max(0.0, due - self._clock()), self._on_timer)
 
     def _on_timer(self) -> None:
-        """Hand every node due now to an idle worker; re-arm if idle workers are left."""
+        """Hand every node due now to an idle worker; re-arm if idle workers are left.
+
+        Entries that pushes deferred are moved to their new time here, without waking a worker,
+        and those due within ``_DEFER_AHEAD`` are moved now too: with every node pushing, heap
+        entries come due as often as nodes are watched, and one timer wake-up (plus a worker's)
+        per entry was most of what a pushed heartbeat cost. Real checks keep their due time.
+        """
         self._timer = None
         idle = self._idle
-        pop_one = self._scheduler.pop_one
+        scheduler = self._scheduler
+        pop_one = scheduler.pop_one
+        nodes = self._nodes
         # Timers may fire a hair early (the loop's clock is not ours and libuv rounds to
         # milliseconds); starting a check 1 ms early beats re-arming for the remainder.
-        now = self._clock() + _TIMER_SLACK
+        now = self._clock()
+        start_by = now + _TIMER_SLACK
         while idle:
             waiter = idle[0]
             if waiter.done():  # cancelled by stop()
                 idle.popleft()
                 continue
-            item = pop_one(now)
+            item = pop_one(now + _DEFER_AHEAD)
             if item is None:
+                break
+            node_id, due = item
+            node = nodes.get(node_id)
+            if node is None:
+                continue  # removed since it was scheduled
+            if node.deferred > due:
+                scheduler.schedule(node_id, node.deferred)  # pushes stood in for this check
+                node.deferred = 0.0
+                continue
+            if due > start_by:
+                scheduler.schedule(node_id, due)  # a real check, not due yet: keep its time
                 break
             idle.popleft()
             waiter.set_result(item)
