@@ -35,7 +35,7 @@ async def test_history_gets_one_point_per_agent_sample_not_per_heartbeat(tmp_pat
     try:
         for seq, samples in ((1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 3)):
             push(coord, seq, samples)
-        await coord.persist()
+        await coord.persist(history=True)
         history = await coord.store.history("n1", 0)
         assert [s.seq for s in history] == [1, 4, 6]
     finally:
@@ -63,6 +63,25 @@ async def test_routine_observations_wait_for_the_full_write_transitions_do_not(
         await coord.persist()
         stored = await coord.store.get_node("n1")
         assert stored is not None and stored.admin.value == "drained"
+    finally:
+        await coord.stop()
+
+
+async def test_history_points_wait_for_the_routine_write_or_a_reader(tmp_path: Path) -> None:
+    coord = await make(tmp_path)
+    try:
+        push(coord, 1, 1)
+        push(coord, 2, 2)
+        await coord.persist()  # the transition to healthy takes the points along with it
+        assert [s.seq for s in await coord.store.history("n1", 0)] == [1, 2]
+        push(coord, 3, 3)  # routine: no commit of its own on the next tick
+        await coord.persist()
+        assert [s.seq for s in await coord.store.history("n1", 0)] == [1, 2]
+        await coord.persist(routine=True)
+        assert [s.seq for s in await coord.store.history("n1", 0)] == [1, 2, 3]
+        push(coord, 4, 4)
+        await coord.persist(history=True)  # what GET /v1/nodes/{id}/history asks for
+        assert [s.seq for s in await coord.store.history("n1", 0)] == [1, 2, 3, 4]
     finally:
         await coord.stop()
 

@@ -484,13 +484,16 @@ class Coordinator:
 
     # ------------------------------------------------------------------ persistence
 
-    async def persist(self, routine: bool = False) -> None:
+    async def persist(self, routine: bool = False, history: bool = False) -> None:
         """Write changed nodes, new events and history; serialized so CAS revisions chain.
 
         Transitions and commands are written every time; nodes that only saw routine
-        observations (a new seq, load figures) are written when ``routine`` is set, every
-        ``ROUTINE_PERSIST_INTERVAL`` and on stop. A crash loses at most that much of them, and
-        nothing any decision depends on: a new seq is never behind what an agent will claim.
+        observations (a new seq, load figures) and new history points are written when
+        ``routine`` is set, every ``ROUTINE_PERSIST_INTERVAL`` and on stop, or along with a
+        transition. A crash loses at most that much of them, and nothing any decision depends
+        on: a new seq is never behind what an agent will claim. (Writing history on every tick
+        made a commit and an fsync four times a second for data that changes every 5 s.)
+        ``history`` writes the pending history points now, for a reader of history.
         """
         if self.role != "leader":
             return  # the leader writes; a follower's state comes from the store
@@ -498,7 +501,9 @@ class Coordinator:
             dirty = self.cluster.take_dirty(routine=routine)
             nodes = [self.cluster.nodes[i] for i in sorted(dirty) if i in self.cluster.nodes]
             events, self._pending_events = self._pending_events, []
-            samples, self._pending_samples = self._pending_samples, []
+            samples: list[HistorySample] = []
+            if routine or history or nodes or events:
+                samples, self._pending_samples = self._pending_samples, []
             actions, self._pending_actions = self._pending_actions, []
             wrote = bool(nodes or events or samples)
             try:

@@ -207,7 +207,7 @@ async def node_history(request: web.Request) -> web.Response:
     node = _node(coord, _node_id(request))
     now = coord.clock()
     since = _float_param(request, "since", now - coord.config.detection.history_ttl, 0, 1e11)
-    await coord.persist()
+    await coord.persist(history=True)
     samples = await coord.store.history(node.node_id, since)
     return json_response({"node_id": node.node_id, "samples": [s.to_json() for s in samples]})
 
