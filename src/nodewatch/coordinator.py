@@ -47,7 +47,10 @@ log = logging.getLogger("nodewatch.coordinator")
 RECENT_EVENTS = 10_000
 PERSIST_INTERVAL = 0.5
 ROUTINE_PERSIST_INTERVAL = 5.0
-LAG_BEAT = 0.1
+# How often the lag monitor wakes. The lag is how late a sleep wakes, so the beat only sets how
+# quickly a stall is seen (well within max_loop_lag, 1 s by default); each wake-up of an
+# otherwise idle coordinator costs about what 10 heartbeats do, so it is not 10 a second.
+LAG_BEAT = 0.25
 
 
 class NotLeader(HTTPProblem):

@@ -38,7 +38,7 @@ __all__ = ["RESULTS", "UdpHeartbeats", "push_result", "split_udp_address",
 log = logging.getLogger("nodewatch.coordinator")
 
 RECEIVE_BUFFER = 4 * 1024 * 1024  # absorbs a loop stall at thousands of heartbeats/s
-BATCH_WINDOW = 0.05  # seconds the socket rests after a drain, so that wake-ups come in batches
+BATCH_WINDOW = 0.1  # seconds the socket rests after a drain, so that wake-ups come in batches
 MAX_BATCH = 1024  # datagrams per wake-up, so that a flood cannot starve the loop
 RESULTS = ("ok", "stale", "unknown", "bad_tag", "malformed", "oversize", "not_leader", "error")
 _JSON_START = ord("{")

@@ -29,7 +29,7 @@ __all__ = ["CheckLost", "ClosableProbe", "HttpProbe", "OpenableProbe", "Poller",
 log = logging.getLogger(__name__)
 
 _TIMER_SLACK = 0.001
-_DEFER_AHEAD = 0.25  # deferred entries are moved on up to this early, in batches
+_DEFER_AHEAD = 1.0  # deferred entries are moved on up to this early, in batches
 
 
 class CheckLost(Exception):
