@@ -12,6 +12,9 @@ from nodewatch.collect.run import load_agent_config
 from nodewatch.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from detection_quality import FAST_PROFILE, PROFILES  # noqa: E402
+
 README = ROOT / "README.md"
 
 
@@ -43,6 +46,16 @@ def test_deploy_examples_load_and_units_run_real_commands() -> None:
     assert cfg.detection.healthy_interval == 30 and cfg.actions
     agent = load_agent_config(str(ROOT / "deploy" / "agent.toml"), {})
     assert agent.node_id == "web-1" and agent.checks
+    fast = load_config(ROOT / "deploy" / "coordinator-fast-push.toml")
+    fast_agent = load_agent_config(str(ROOT / "deploy" / "agent-fast-push.toml"), {})
+    # The example is the profile that bench/detection_quality.py and heartbeat_cost.py measure.
+    measured = next(p for p in PROFILES if p.name == FAST_PROFILE)
+    assert (fast.detection.healthy_interval, fast.detection.unhealthy_interval,
+            fast.detection.fall, fast.detection.timeout) == (
+        measured.policy.healthy_interval, measured.policy.unhealthy_interval,
+        measured.policy.fall, measured.timeout)
+    assert fast.coordinator.heartbeat_udp and fast_agent.heartbeat_transport == "udp"
+    assert fast_agent.heartbeat_interval == measured.heartbeat_interval
     for unit, command in (("nodewatch-coordinator.service", "coordinator"),
                           ("nodewatch-agent.service", "agent")):
         text = (ROOT / "deploy" / unit).read_text()

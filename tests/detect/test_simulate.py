@@ -87,6 +87,26 @@ def test_pushed_heartbeats_confirm_a_crash_within_five_seconds() -> None:
     assert max(result.detection) < 5.0
 
 
+# The fast push profile of deploy/coordinator-fast-push.toml (bench/detection_quality.py's
+# FAST_PROFILE): UDP heartbeats every 3.5 s defer polls 4 s, then fall 2 at 500 ms.
+FAST_PUSH = Policy(healthy_interval=4.0, unhealthy_interval=0.5, fall=2)
+FAST_PUSH_EDGE = {"heartbeat_interval": 3.5, "heartbeat_grace": 0.0, "timeout": 1.0,
+                  "probe_timeout": 1.0}
+
+
+def test_the_fast_push_profile_confirms_a_crash_within_five_seconds() -> None:
+    result = run("crash", policy=FAST_PUSH, fraction=0.05, **FAST_PUSH_EDGE)
+    assert result.faults >= 15 and result.detected == result.faults
+    assert result.false_positives == 0 and max(result.detection) < 5.0
+    assert result.heartbeats > 0
+
+
+@pytest.mark.parametrize("scenario", ["slow", "slow-coordinator", "partition"])
+def test_the_fast_push_profile_confirms_nobody_alive(scenario: str) -> None:
+    result = run(scenario, policy=FAST_PUSH, **FAST_PUSH_EDGE)
+    assert result.false_positives == 0 and result.missed == 0
+
+
 def test_same_seed_same_figures() -> None:
     a, b = run("crash", policy=FAST, duration=120.0), run("crash", policy=FAST, duration=120.0)
     assert a.detection == b.detection and a.events == b.events
