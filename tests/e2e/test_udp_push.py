@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nodewatch.procs import LocalCluster
+from nodewatch.procs import LocalCluster, http_json
 from tests.helpers import free_port, wait_until
 
 TOKEN = "e2e-udp-token"
@@ -84,3 +84,16 @@ def test_udp_pushes_arrive_and_a_killed_agent_is_confirmed_within_seconds(
     assert {c["class"] for c in unhealthy["evidence"]["checks"]} == {"refused"}
     for node_id in ("udp-1", "udp-3"):
         assert (cluster.node(node_id) or {}).get("health") == "healthy"
+
+
+def test_a_udp_agent_the_coordinator_forgot_registers_again_within_a_heartbeat(
+        cluster: LocalCluster) -> None:
+    # The agent's periodic HTTP heartbeat is 5 minutes away: only the coordinator's UDP
+    # "unknown node" reply can bring it back this soon.
+    status, _ = http_json(f"{cluster.url}/v1/nodes/udp-1", method="DELETE")
+    assert status == 200
+    wait_until(lambda: (cluster.node("udp-1") or {}).get("health") == "healthy", timeout=10,
+               message="udp-1 registered again and healthy")
+    assert metric(cluster, 'nodewatch_udp_heartbeats_total{result="unknown"}') >= 1
+    kinds = [e["kind"] for e in cluster.events() if e["node_id"] == "udp-1"]
+    assert "removed" in kinds and kinds.index("removed") < len(kinds) - 1
