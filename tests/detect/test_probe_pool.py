@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from nodewatch.api.metrics import CoordinatorMetrics
 from nodewatch.config import NodeConfig, load_config
 from nodewatch.coordinator import Coordinator
 from nodewatch.detect.poller import CheckLost, HttpProbe
@@ -274,6 +275,12 @@ async def test_a_coordinator_with_two_poller_processes_detects_a_killed_node(
         assert all(nodes[f"n{i}"].health is Health.HEALTHY for i in (0, 2, 3))
         assert coord.check_failures.get("refused", 0) >= 2
         pids = [pid for pid in coord.probe.pids if pid is not None]
+        os.kill(pids[0], signal.SIGKILL)  # a worker dies: replaced, and counted in /metrics
+        await eventually(lambda: coord.probe.restarts == 1, message="the worker replaced")
+        text = CoordinatorMetrics(coord).render().decode()
+        assert "nodewatch_poller_process_restarts_total 1.0" in text
+        assert "nodewatch_checks_lost_total" in text
+        assert all(nodes[f"n{i}"].health is Health.HEALTHY for i in (0, 2, 3))
     finally:
         await coord.stop()
     assert not any(alive(pid) for pid in pids)

@@ -69,6 +69,14 @@ class _CoordinatorCollector(Collector):
         yield GaugeMetricFamily("nodewatch_check_lateness_p99_seconds",
                                 "p99 of check start time against its due time",
                                 value=stats["lateness_p99"])
+        yield CounterMetricFamily(
+            "nodewatch_checks_lost", "Checks lost with a poller process that died; they count "
+            "neither for nor against their node", value=stats["checks_lost"])
+        restarts = getattr(coord.probe, "restarts", None)
+        if isinstance(restarts, int):
+            yield CounterMetricFamily("nodewatch_poller_process_restarts",
+                                      "Poller processes replaced after they died or hung",
+                                      value=restarts)
 
 
 class CoordinatorMetrics:
