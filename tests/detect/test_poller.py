@@ -83,6 +83,18 @@ async def start_server(handler: Handler | None = None, node_id: str = "n1") -> S
     return server
 
 
+async def start_hanging_server() -> tuple[Server, asyncio.Event]:
+    """A node that accepts the request and answers only once the event is set (a hung
+    process); set it before the server is cleaned up."""
+    never = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.StreamResponse:
+        await never.wait()
+        return web.Response()
+
+    return await start_server(hang), never
+
+
 @pytest.fixture
 async def servers() -> AsyncIterator[list[Server]]:
     started: list[Server] = []
@@ -148,13 +160,8 @@ async def test_healthy_body_gives_ok_with_report(servers: list[Server]) -> None:
 
 async def test_handler_that_never_answers_times_out_within_timeout(
         servers: list[Server]) -> None:
-    never = asyncio.Event()
-
-    async def hang(request: web.Request) -> web.StreamResponse:
-        await never.wait()
-        return web.Response()
-
-    servers.append(server := await start_server(hang))
+    server, never = await start_hanging_server()
+    servers.append(server)
     started = time.monotonic()
     result = await check_once(server.address, timeout=0.3, connect_timeout=0.2)
     assert not result.ok and result.failure is FailureClass.TIMEOUT

@@ -34,6 +34,7 @@ from tests.detect.test_poller import (
     health_body,
     make_poller,
     servers,
+    start_hanging_server,
     start_server,
     text_handler,
 )
@@ -181,13 +182,8 @@ async def test_a_hung_worker_is_killed_and_replaced(servers: list[Server]) -> No
 
 async def test_failures_while_the_worker_loop_stalled_are_lost_not_reported(
         servers: list[Server]) -> None:
-    never = asyncio.Event()
-
-    async def hang(request: web.Request) -> web.StreamResponse:
-        await never.wait()
-        return web.Response()
-
-    servers.append(server := await start_server(hang))
+    server, never = await start_hanging_server()
+    servers.append(server)
     probe = ProcessProbe(processes=1, clock=time.monotonic, max_loop_lag=0.05,
                          **PROBE_KW)  # type: ignore[arg-type]
     await probe.open()
