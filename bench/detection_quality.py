@@ -67,10 +67,12 @@ PROFILES = [
             transport="udp",
             note=f"UDP heartbeat 1s (+1 HTTP per {UDP_CONFIRM_INTERVAL:g}s) defers polls 1.5s; "
                  "then poll 500ms, fall 3, timeout 1s"),
-    Profile("push-udp-3.5s-f2", Policy(healthy_interval=4.0, unhealthy_interval=0.5, fall=2),
-            1.0, heartbeat_interval=3.5, heartbeat_grace=0.0, transport="udp",
+    Profile("push-udp-3.5s-f2", Policy(healthy_interval=4.0, unhealthy_interval=0.5, fall=2,
+                                       down_interval=4.0), 1.0,
+            heartbeat_interval=3.5, heartbeat_grace=0.0, transport="udp",
             note=f"UDP heartbeat 3.5s (+1 HTTP per {UDP_CONFIRM_INTERVAL:g}s) defers polls 4s; "
-                 "then poll 500ms, fall 2 (the missed heartbeat was the first sign), timeout 1s"),
+                 "then poll 500ms, fall 2 (the missed heartbeat was the first sign), timeout 1s; "
+                 "a node confirmed down is polled every 4s"),
     Profile("push-udp-3s", Policy(healthy_interval=3.5, unhealthy_interval=0.5), 1.0,
             heartbeat_interval=3.0, heartbeat_grace=0.0, transport="udp",
             note=f"UDP heartbeat 3s (+1 HTTP per {UDP_CONFIRM_INTERVAL:g}s) defers polls 3.5s; "

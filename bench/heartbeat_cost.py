@@ -165,7 +165,8 @@ def free_port() -> int:
 
 
 def start_coordinator(n: int, tmp: Path, healthy: float = INTERVAL, unhealthy: float = 0.5,
-                      fall: int = 3) -> tuple[subprocess.Popen[bytes], str, str]:
+                      fall: int = 3, down: float = 0.0
+                      ) -> tuple[subprocess.Popen[bytes], str, str]:
     http, udp = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     nodes = "\n".join(f'[[nodes]]\nid = "n{i}"\naddress = "{a}"\n'
                       for i, a in enumerate(addresses(n)))
@@ -179,6 +180,7 @@ heartbeat_udp = "{udp}"
 [detection]
 healthy_interval = "{healthy * 1000:.0f}ms"
 unhealthy_interval = "{unhealthy * 1000:.0f}ms"
+down_interval = "{down * 1000:.0f}ms"
 fall = {fall}
 timeout = "1s"
 connect_timeout = "500ms"
@@ -235,7 +237,8 @@ def run_profile(n: int, args: argparse.Namespace, profile: Any) -> dict[str, Any
     tmp = Path(tempfile.mkdtemp(prefix="nw-hbprofile-"))
     policy = profile.policy
     proc, http, udp = start_coordinator(n, tmp, policy.healthy_interval,
-                                        policy.unhealthy_interval, policy.fall)
+                                        policy.unhealthy_interval, policy.fall,
+                                        policy.down_interval)
     url = f"http://{http}"
     seconds = args.warmup + args.window + 1.0
     try:

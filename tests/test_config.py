@@ -55,6 +55,7 @@ def test_file_values_and_overrides(tmp_path: Path) -> None:
         ('[[actions]]\ntype = "pager"\nurl = "x"\n', "actions[0].type", "webhook"),
         ('[guard]\nfraction = 1.5\n', "guard.fraction", "<= 1"),
         ('[coordinator]\npoller_processes = -1\n', "coordinator.poller_processes", ">= 0"),
+        ('[detection]\ndown_interval = "-4s"\n', "detection.down_interval", "duration"),
         ('[[actions]]\ntype = "exec"\ncommand = ["true"]\non = ["unhealty"]\n',
          "actions[0].on", "unknown event 'unhealty'"),
     ],

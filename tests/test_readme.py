@@ -51,9 +51,9 @@ def test_deploy_examples_load_and_units_run_real_commands() -> None:
     # The example is the profile that bench/detection_quality.py and heartbeat_cost.py measure.
     measured = next(p for p in PROFILES if p.name == FAST_PROFILE)
     assert (fast.detection.healthy_interval, fast.detection.unhealthy_interval,
-            fast.detection.fall, fast.detection.timeout) == (
+            fast.detection.down_interval, fast.detection.fall, fast.detection.timeout) == (
         measured.policy.healthy_interval, measured.policy.unhealthy_interval,
-        measured.policy.fall, measured.timeout)
+        measured.policy.down_interval, measured.policy.fall, measured.timeout)
     assert fast.coordinator.heartbeat_udp and fast_agent.heartbeat_transport == "udp"
     assert fast_agent.heartbeat_interval == measured.heartbeat_interval
     for unit, command in (("nodewatch-coordinator.service", "coordinator"),

@@ -113,6 +113,9 @@ class CoordinatorConfig(_Table):
 class DetectionConfig(_Table):
     healthy_interval: Duration = Duration(30.0)
     unhealthy_interval: Duration = Duration(5.0)
+    # How often a node confirmed unhealthy is checked (HAProxy's downinter); 0: as often as
+    # unhealthy_interval. Where agents push, their first push after a recovery is a check.
+    down_interval: Duration = Duration(0.0)
     timeout: Duration = Duration(3.0)
     connect_timeout: Duration = Duration(1.0)
     fall: Annotated[int, Meta(ge=1, le=100)] = 3

@@ -174,6 +174,22 @@ def test_interval_for_is_slow_while_healthy_and_fast_otherwise(clock: FakeClock)
     assert cluster.interval_for("n0") == 5.0
 
 
+def test_a_confirmed_down_node_is_checked_at_down_interval(clock: FakeClock) -> None:
+    cluster = make(clock, down_interval=60.0)
+    healthy(cluster, clock)
+    fail(cluster, clock)
+    assert cluster.nodes["n0"].health is Health.SUSPECT
+    assert cluster.interval_for("n0") == 5.0  # still being confirmed: fast
+    for _ in range(cluster.policy.fall - 1):
+        fail(cluster, clock)
+    assert cluster.nodes["n0"].health is Health.UNHEALTHY
+    assert cluster.interval_for("n0") == 60.0
+    for _ in range(cluster.policy.rise):  # its recovery is seen as quickly as ever
+        ok(cluster, clock)
+    assert cluster.nodes["n0"].health is Health.HEALTHY
+    assert make(clock).policy.confirmed_down_interval == 5.0  # 0: as unhealthy_interval
+
+
 def test_interval_for_stays_within_jitter_bounds(clock: FakeClock) -> None:
     cluster = make(clock, jitter=0.1)
     healthy(cluster, clock)

@@ -88,8 +88,9 @@ def test_pushed_heartbeats_confirm_a_crash_within_five_seconds() -> None:
 
 
 # The fast push profile of deploy/coordinator-fast-push.toml (bench/detection_quality.py's
-# FAST_PROFILE): UDP heartbeats every 3.5 s defer polls 4 s, then fall 2 at 500 ms.
-FAST_PUSH = Policy(healthy_interval=4.0, unhealthy_interval=0.5, fall=2)
+# FAST_PROFILE): UDP heartbeats every 3.5 s defer polls 4 s, then fall 2 at 500 ms; a node
+# confirmed down is polled every 4 s.
+FAST_PUSH = Policy(healthy_interval=4.0, unhealthy_interval=0.5, fall=2, down_interval=4.0)
 FAST_PUSH_EDGE = {"heartbeat_interval": 3.5, "heartbeat_grace": 0.0, "timeout": 1.0,
                   "probe_timeout": 1.0}
 

@@ -292,12 +292,19 @@ class Cluster:
             else p.unhealthy_interval
 
     def interval_for(self, node_id: str) -> float:
-        """Seconds until the node's next check, jittered: fast while unknown, suspect or
-        unhealthy; slow while healthy, and for dead nodes (final until they register again)."""
+        """Seconds until the node's next check, jittered: fast while unknown or suspect;
+        ``down_interval`` once confirmed unhealthy; slow while healthy, and for dead nodes
+        (final until they register again)."""
         node = self.nodes.get(node_id)
         p = self.policy
-        slow = node is not None and node.health in (Health.HEALTHY, Health.DEAD)
-        base = p.healthy_interval if slow else p.unhealthy_interval
+        if node is None:
+            base = p.unhealthy_interval
+        elif node.health in (Health.HEALTHY, Health.DEAD):
+            base = p.healthy_interval
+        elif node.health is Health.UNHEALTHY:
+            base = p.confirmed_down_interval
+        else:
+            base = p.unhealthy_interval
         return p.jittered(base, self.rng)
 
     # ------------------------------------------------------------------ gate

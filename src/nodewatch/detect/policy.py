@@ -12,6 +12,7 @@ from nodewatch.config import Config
 class Policy:
     healthy_interval: float = 30.0
     unhealthy_interval: float = 5.0
+    down_interval: float = 0.0  # 0: unhealthy_interval
     jitter: float = 0.1
     fall: int = 3
     rise: int = 2
@@ -34,6 +35,7 @@ class Policy:
         return cls(
             healthy_interval=float(det.healthy_interval),
             unhealthy_interval=float(det.unhealthy_interval),
+            down_interval=float(det.down_interval),
             jitter=det.jitter,
             fall=det.fall,
             rise=det.rise,
@@ -50,6 +52,12 @@ class Policy:
             drain_deadline=float(cfg.budget.drain_deadline),
             dry_run=cfg.coordinator.dry_run,
         )
+
+    @property
+    def confirmed_down_interval(self) -> float:
+        """Between checks of a node confirmed unhealthy: it costs polls for as long as it is
+        down, and a node that pushes announces its own recovery."""
+        return self.down_interval or self.unhealthy_interval
 
     @property
     def detection_window(self) -> float:
