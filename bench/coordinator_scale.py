@@ -145,9 +145,16 @@ http {{
             raise SystemExit(f"nginx failed: {proc.stderr.read().decode() if proc.stderr else ''}")
         try:
             with socket.create_connection((loopback(n - 1), PORT), timeout=0.5):
-                return proc, prefix
+                pass
         except OSError:
             time.sleep(0.1)
+            continue
+        # Up, and ours: an older nginx still draining on the same port would answer the
+        # connect while this one failed to bind, and every check would then be refused.
+        pid_file = prefix / "nginx.pid"
+        if pid_file.exists() and pid_file.read_text().strip() == str(proc.pid):
+            return proc, prefix
+        time.sleep(0.1)
     proc.kill()
     raise SystemExit("nginx did not start within 30 s")
 
