@@ -1,8 +1,9 @@
 """Coordinator at scale: the real Coordinator polling 1,000-10,000 nginx health endpoints.
 
-One Debian nginx (temp prefix, one worker) listens on N loopback addresses 127.0.x.y:PORT and
-answers ``/health`` with a per-address body (a ``map`` on ``$server_addr`` gives each address
-its node id, which the coordinator verifies). Then, against the same servers and in one run:
+One Debian nginx (temp prefix, one worker, more when the descriptor limit needs it) listens on
+N loopback addresses 127.0.x.y:PORT and answers ``/health`` with a per-address body (a ``map``
+on ``$server_addr`` gives each address its node id, which the coordinator verifies). Then,
+against the same servers and in one run:
 
 1. ``coordinator``: the real ``Coordinator`` (uvloop, SQLite store in a temp dir, static nodes)
    at ``healthy_interval`` = ``--interval``, in a fresh child process per N so that CPU and RSS
@@ -57,15 +58,18 @@ def addresses(n: int) -> list[str]:
     return [f"{loopback(i)}:{PORT}" for i in range(n)]
 
 
-def raise_nofile() -> int:
-    """10,000 kept-alive connections need 10,000 descriptors (plus nginx's listeners)."""
+def raise_nofile(want: int = 65_536) -> int:
+    """10,000 kept-alive connections need 10,000 descriptors, and nginx (which inherits the
+    limit) needs them plus one per listening address: at 10,000 nodes a 20,000 limit left the
+    last 7 nodes unanswered. Root may raise the hard limit too; others get the hard limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else 1_048_576
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    except (ValueError, OSError):
-        return soft
-    return want
+    for limits in ((want, max(want, hard)), (max(soft, hard), hard)):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+            return limits[0]
+        except (ValueError, OSError):
+            continue
+    return soft
 
 
 def cpu_time() -> float:
@@ -100,7 +104,21 @@ def worker_pids(coord: Any) -> list[int]:
 # ----- nginx --------------------------------------------------------------------------------
 
 
+def nginx_workers_for(n: int, wanted: int) -> int:
+    """Each nginx worker holds all n listening sockets plus its share of the n kept-alive
+    connections, within this process's descriptor limit (which nginx inherits; raising it
+    needs a privilege a container may lack). Too few and the last nodes are never answered."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    spare = limit - n - 256
+    if spare <= 0:
+        raise SystemExit(f"{n} listening addresses do not fit in {limit} descriptors")
+    return max(wanted, -(-n // spare))
+
+
 def start_nginx(n: int, workers: int) -> tuple[subprocess.Popen[bytes], Path]:
+    """nginx on n loopback addresses with at least ``workers`` workers (more when the
+    descriptor limit asks for it: ``nginx_workers_for``)."""
+    workers = nginx_workers_for(n, workers)
     prefix = Path(tempfile.mkdtemp(prefix="nw-nginx-"))
     (prefix / "logs").mkdir()
     lines = [f"    {loopback(i)} n{i};" for i in range(n)]
@@ -422,8 +440,9 @@ def main() -> None:
         print(f"warning: RLIMIT_NOFILE is {limit}; {max(sizes)} nodes need more", flush=True)
     nginx, prefix = start_nginx(max(sizes), args.nginx_workers)
     try:
-        print(f"nginx on {max(sizes)} loopback addresses (:{PORT}, {args.nginx_workers} "
-              f"worker); healthy_interval {args.interval:g}s; window {args.window:g}s; "
+        workers = nginx_workers_for(max(sizes), args.nginx_workers)
+        print(f"nginx on {max(sizes)} loopback addresses (:{PORT}, {workers} "
+              f"worker(s)); healthy_interval {args.interval:g}s; window {args.window:g}s; "
               f"poller_processes {args.poller_processes}; "
               f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}", flush=True)
         header = (f"{'nodes':>6} {'procs':>5} {'rate':>6} {'achieved':>9} {'us/check':>9} "
