@@ -92,9 +92,15 @@ class UdpHeartbeats:
         return str(host), int(port)
 
     def _readable(self) -> None:
-        if self._drain() and self.batch_window > 0 and not self._closed:
+        handled = self._drain()
+        if handled and self.batch_window > 0 and not self._closed:
             self._loop.remove_reader(self._fd)
-            self._resume = self._loop.call_later(self.batch_window, self._resume_reading)
+            self._resume = self._loop.call_later(self._rest(handled), self._resume_reading)
+
+    def _rest(self, handled: int) -> float:
+        """A full batch means more is waiting: take it on the next loop turn, not a window
+        later, so the window never caps how many heartbeats a second get in."""
+        return 0.0 if handled >= MAX_BATCH else self.batch_window
 
     def _resume_reading(self) -> None:
         """After a window: take what arrived meanwhile; keep resting while heartbeats keep
@@ -102,8 +108,9 @@ class UdpHeartbeats:
         self._resume = None
         if self._closed:
             return
-        if self._drain():
-            self._resume = self._loop.call_later(self.batch_window, self._resume_reading)
+        handled = self._drain()
+        if handled:
+            self._resume = self._loop.call_later(self._rest(handled), self._resume_reading)
         else:
             self._loop.add_reader(self._fd, self._readable)
 
