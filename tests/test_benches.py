@@ -1,0 +1,39 @@
+"""The benchmarks that back issue 4's figures still run end to end (tiny sizes, a few seconds):
+their numbers are printed, never asserted, but a bench that no longer starts is a broken
+promise."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import require_binary
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run(script: str, *args: str, timeout: float = 110.0) -> str:
+    result = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=BENCH,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_heartbeat_cost_measures_each_phase_and_the_fast_profile() -> None:
+    require_binary("nginx")
+    out = run("heartbeat_cost.py", "--nodes", "30", "--window", "1", "--warmup", "1.5",
+              "--repeat", "1")
+    lines = out.splitlines()
+    for phase in ("poll", "udp", "http"):
+        assert any(line.split()[:2] == ["30", phase] for line in lines), out
+    assert "profile push-udp-3.5s-f2" in out
+    [row] = [line for line in lines if line.split()[:1] == ["30"] and "HTTP heartbeat every"
+             in line]
+    assert "30 healthy" in row  # every node stayed healthy on pushes alone
+
+
+def test_fast_profile_e2e_times_a_real_kill() -> None:
+    out = run("fast_profile_e2e.py", "--agents", "3", "--kills", "1")
+    assert "kill   1 fast-0: unhealthy after" in out and "(checks: refused)" in out
+    assert "kill -9 to unhealthy over 1 kills" in out
