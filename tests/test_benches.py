@@ -37,3 +37,20 @@ def test_fast_profile_e2e_times_a_real_kill() -> None:
     out = run("fast_profile_e2e.py", "--agents", "3", "--kills", "1")
     assert "kill   1 fast-0: unhealthy after" in out and "(checks: refused)" in out
     assert "kill -9 to unhealthy over 1 kills" in out
+
+
+def test_detection_quality_prints_every_scenario_beside_the_others() -> None:
+    out = run("detection_quality.py", "--nodes", "200", "--duration", "5m", "--profiles",
+              "default,push-udp-3.5s-f2")
+    for scenario in ("crash", "hang", "flap", "slow", "partition", "slow-coordinator"):
+        assert f"push-udp-3.5s-f2 {scenario}" in out, out
+    assert "Kubernetes" in out and "Nomad" in out and "HAProxy" in out
+
+
+def test_coordinator_scale_runs_the_coordinator_the_bare_loop_and_wrk() -> None:
+    require_binary("nginx")
+    require_binary("wrk")
+    out = run("coordinator_scale.py", "--nodes", "50", "--interval", "1", "--window", "2",
+              "--warmup", "1")
+    assert '"healthy": 50' in out, out
+    assert "wrk    ceiling against one nginx address" in out
