@@ -177,6 +177,16 @@ http {{
     raise SystemExit("nginx did not start within 30 s")
 
 
+def stop_nginx(nginx: subprocess.Popen[bytes], prefix: Path) -> None:
+    """Graceful quit (it waits for nothing: the benches are done with it), then its files."""
+    nginx.send_signal(signal.SIGQUIT)
+    try:
+        nginx.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        nginx.kill()
+    shutil.rmtree(prefix, ignore_errors=True)
+
+
 # ----- phases (each in its own child process) ----------------------------------------------
 
 
@@ -482,12 +492,7 @@ def main() -> None:
         ceiling = run_wrk(min(args.window, 10.0))
         print(f"wrk    ceiling against one nginx address: {ceiling:,.0f} requests/s", flush=True)
     finally:
-        nginx.send_signal(signal.SIGQUIT)
-        try:
-            nginx.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            nginx.kill()
-        shutil.rmtree(prefix, ignore_errors=True)
+        stop_nginx(nginx, prefix)
 
 
 if __name__ == "__main__":

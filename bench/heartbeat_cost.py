@@ -45,7 +45,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from coordinator_scale import addresses, raise_nofile, start_nginx
+from coordinator_scale import addresses, raise_nofile, start_nginx, stop_nginx
 from detection_quality import FAST_PROFILE, PROFILES
 
 TOKEN = "bench-agent-token"
@@ -344,12 +344,7 @@ def main() -> None:
                       f"{p['cpu'] / max(p['pushes'], 1) * 1e6:>13.1f}  ({p['healthy']:.0f} "
                       f"healthy; HTTP heartbeat every {p['confirm']:g}s)", flush=True)
     finally:
-        nginx.send_signal(signal.SIGQUIT)
-        try:
-            nginx.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            nginx.kill()
-        shutil.rmtree(prefix, ignore_errors=True)
+        stop_nginx(nginx, prefix)
 
 
 if __name__ == "__main__":
