@@ -13,7 +13,6 @@ result, in ``/metrics``), never logged with its content. Replays are stale by
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import socket
 from typing import Any
@@ -23,10 +22,10 @@ import msgspec
 from nodewatch.api.schemas import HeartbeatBody
 from nodewatch.collect.report import (
     MAX_DATAGRAM,
-    TAG_SIZE,
     UdpReply,
     encode_udp_reply,
     heartbeat_key,
+    untagged,
 )
 from nodewatch.coordinator import Coordinator, NotLeader
 from nodewatch.detect.machine import UnknownNode
@@ -141,14 +140,9 @@ class UdpHeartbeats:
             return "oversize"
         if not data:
             return "malformed"
-        payload: bytes | memoryview = data
-        key = self._key
-        if key:
-            if len(data) <= TAG_SIZE:
-                return "bad_tag"
-            payload = memoryview(data)[:-TAG_SIZE]
-            if not hmac.compare_digest(hmac.digest(key, payload, "sha256"), data[-TAG_SIZE:]):
-                return "bad_tag"
+        payload = untagged(data, self._key)
+        if payload is None:
+            return "bad_tag"
         try:
             if data[0] == _JSON_START:
                 body = self._json.decode(payload)

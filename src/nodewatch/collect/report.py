@@ -13,7 +13,7 @@ from nodewatch.detect.types import NodeStatus
 
 __all__ = ["MAX_DATAGRAM", "TAG_SIZE", "HealthDoc", "UdpReply", "decode_udp_reply",
            "derive_status", "encode_health", "encode_heartbeat_datagram", "encode_udp_reply",
-           "heartbeat_key", "heartbeat_payload"]
+           "heartbeat_key", "heartbeat_payload", "tagged", "untagged"]
 
 
 class HealthDoc(msgspec.Struct, kw_only=True):
@@ -91,10 +91,27 @@ def heartbeat_key(token: str) -> bytes:
     return hmac.new(token.encode(), _CONTEXT, hashlib.sha256).digest()
 
 
+def tagged(body: bytes, key: bytes) -> bytes:
+    """``body`` followed by its HMAC-SHA256 tag; untouched when no key is configured."""
+    return body + hmac.digest(key, body, "sha256") if key else body
+
+
+def untagged(data: bytes, key: bytes) -> bytes | memoryview | None:
+    """The body of a tagged datagram, or None when its tag is missing or wrong (constant
+    time); ``data`` itself when no key is configured."""
+    if not key:
+        return data
+    if len(data) <= TAG_SIZE:
+        return None
+    body = memoryview(data)[:-TAG_SIZE]
+    if not hmac.compare_digest(hmac.digest(key, body, "sha256"), data[-TAG_SIZE:]):
+        return None
+    return body
+
+
 def encode_heartbeat_datagram(payload: Any, key: bytes) -> bytes:
     """A heartbeat payload (dict or struct) as one datagram, tagged when ``key`` is set."""
-    body = _msgpack_encoder.encode(payload)
-    return body + hmac.digest(key, body, "sha256") if key else body
+    return tagged(_msgpack_encoder.encode(payload), key)
 
 
 class UdpReply(msgspec.Struct, array_like=True):
@@ -113,19 +130,14 @@ _reply_decoder = msgspec.msgpack.Decoder(UdpReply)
 
 
 def encode_udp_reply(reply: UdpReply, key: bytes) -> bytes:
-    body = _msgpack_encoder.encode(reply)
-    return body + hmac.digest(key, body, "sha256") if key else body
+    return tagged(_msgpack_encoder.encode(reply), key)
 
 
 def decode_udp_reply(data: bytes, key: bytes) -> UdpReply | None:
     """The reply in ``data``, or None when it is not one (bad tag, not msgpack, wrong shape)."""
-    body: bytes | memoryview = data
-    if key:
-        if len(data) <= TAG_SIZE:
-            return None
-        body = memoryview(data)[:-TAG_SIZE]
-        if not hmac.compare_digest(hmac.digest(key, body, "sha256"), data[-TAG_SIZE:]):
-            return None
+    body = untagged(data, key)
+    if body is None:
+        return None
     try:
         return _reply_decoder.decode(body)
     except msgspec.DecodeError:
