@@ -163,13 +163,15 @@ async def test_without_a_token_datagrams_carry_no_tag(tmp_path: Path) -> None:
 
 
 async def test_udp_pushes_stand_in_for_polls(tmp_path: Path) -> None:
-    async with _rig(tmp_path, **{"detection.healthy_interval": "500ms",
-                                 "detection.unhealthy_interval": "500ms"}) as rig:
+    # 1 s intervals against a push every 50 ms (and 100 ms UDP batch windows): a busy machine
+    # would have to stall this loop for most of a second before a poll fell due.
+    async with _rig(tmp_path, **{"detection.healthy_interval": "1s",
+                                 "detection.unhealthy_interval": "1s"}) as rig:
         await _register(rig)
         await async_wait_until(lambda: asyncio.sleep(0, len(rig.probe.calls) >= 1),
                                message="the first poll")
         polls_before = len(rig.probe.calls)
-        # A push every 50 ms for 1.5 s (three intervals): no poll falls due meanwhile.
+        # A push every 50 ms for 1.5 s (one and a half intervals): no poll falls due meanwhile.
         for seq in range(1, 31):
             rig.send(_signed(beat(seq=seq)))
             await asyncio.sleep(0.05)

@@ -165,8 +165,10 @@ async def test_handler_that_never_answers_times_out_within_timeout(
     started = time.monotonic()
     result = await check_once(server.address, timeout=0.3, connect_timeout=0.2)
     assert not result.ok and result.failure is FailureClass.TIMEOUT
-    assert time.monotonic() - started < 1.5
-    assert 0.25 <= result.latency < 0.8
+    # The lower bound is the behaviour (it waited for the timeout); the upper ones only catch
+    # a hang, with ten times the expected 0.3 s.
+    assert time.monotonic() - started < 3.0
+    assert 0.25 <= result.latency < 3.0
     never.set()
 
 

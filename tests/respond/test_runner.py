@@ -109,7 +109,7 @@ async def test_slow_action_times_out_each_attempt() -> None:
     runner.submit(request(), event())
     await settle(runner)
     assert started == 2
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 20.0  # a hang bound: the attempts, not the 30 s sleeps
     [(kind, _, reason, evidence)] = emitted
     assert kind == "action_failed" and "timed out after 0.1s" in reason
     assert evidence["error"] == "timed out after 0.1s"
@@ -160,7 +160,9 @@ async def test_submit_never_blocks_and_refuses_beyond_the_bound() -> None:
     for i in range(1000):
         runner.submit(request(node_id=f"n{i}", n=i), event(n=i))
     elapsed = time.perf_counter() - t0
-    assert elapsed < 0.5, f"submit blocked the caller for {elapsed:.3f}s"
+    # submit() is synchronous and the actions never finish: a blocking submit would hang here,
+    # so the bound only has to tell "returned" from "waited on an action" (hang bound).
+    assert elapsed < 10.0, f"submit blocked the caller for {elapsed:.3f}s"
     assert runner.pending == 100
     await asyncio.sleep(0)
     refused = [e for e in emitted if e[0] == "action_failed"]

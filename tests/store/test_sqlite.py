@@ -202,4 +202,5 @@ async def test_pruning_200k_rows_goes_in_bounded_steps_with_the_loop_running_bet
             kept = await store.history(node, 0.0)
             assert [s.ts for s in kept] == [float(t) for t in range(1000, 1100)]
         assert await store.prune(now=4600.0, history_ttl=3600.0) == 0
-        assert took < 1.0, f"prune of 200k rows took {took:.2f} s"  # sanity, not a goal
+        # Only a hang bound (about 1 s is expected); the speed is bench/store_throughput.py's.
+        assert took < 30.0, f"prune of 200k rows took {took:.2f} s"
