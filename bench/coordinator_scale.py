@@ -207,15 +207,15 @@ def make_config(n: int, interval: float, tmp: str, listen: str = "127.0.0.1:0",
 
 
 async def coordinator_phase(args: argparse.Namespace) -> dict[str, Any]:
-    from nodewatch.coordinator import Coordinator
-    from nodewatch.store.base import open_store
+    from nodewatch.coordinator.service import Coordinator
+    from nodewatch.store.open import open_store
 
     tmp = tempfile.mkdtemp(prefix="nw-coord-")
     cfg = make_config(args.nodes, args.interval, tmp, poller_processes=args.poller_processes)
     coord = Coordinator(cfg, open_store(cfg.coordinator.store))
     await coord.start()
     try:
-        from nodewatch.api.server import tune_gc
+        from nodewatch.coordinator.run import tune_gc
 
         tune_gc()  # what the coordinator process does after loading its state
     except ImportError:
@@ -252,7 +252,7 @@ async def bare_phase(args: argparse.Namespace) -> dict[str, Any]:
     import msgspec
     from yarl import URL
 
-    from nodewatch.healthcheck import HealthBody
+    from nodewatch.coordinator.probes import HealthBody
 
     decoder = msgspec.json.Decoder(HealthBody)
     urls = [URL(f"http://{a}/health", encoded=True) for a in addresses(args.nodes)]
@@ -290,7 +290,7 @@ async def bare_phase(args: argparse.Namespace) -> dict[str, Any]:
 async def handoff_phase(args: argparse.Namespace) -> dict[str, Any]:
     """The bare loop through ``ProcessProbe.check``: what one hand-off costs the coordinator
     process, without the core, next to what the workers pay for the HTTP check itself."""
-    from nodewatch.detect.probe_pool import ProcessProbe
+    from nodewatch.coordinator.probe_pool import ProcessProbe
 
     targets = addresses(args.nodes)
     probe = ProcessProbe(processes=args.poller_processes, timeout=3.0, connect_timeout=1.0,
@@ -342,8 +342,8 @@ async def push_phase(args: argparse.Namespace) -> dict[str, Any]:
     from aiohttp import web
 
     from nodewatch.api.app import build_app
-    from nodewatch.coordinator import Coordinator
-    from nodewatch.store.base import open_store
+    from nodewatch.coordinator.service import Coordinator
+    from nodewatch.store.open import open_store
 
     tmp = tempfile.mkdtemp(prefix="nw-push-")
     cfg = make_config(args.nodes, args.interval, tmp)

@@ -24,18 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nodewatch.cli.processes import LocalCluster
 from nodewatch.collect.run import load_agent_config
 from nodewatch.config import format_duration, load_config
-from nodewatch.procs import LocalCluster
+from nodewatch.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-fast-profile"
-
-
-def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def config_text() -> str:

@@ -48,6 +48,8 @@ from typing import Any
 from coordinator_scale import addresses, raise_nofile, start_nginx, stop_nginx
 from detection_quality import FAST_PROFILE, PROFILES
 
+from nodewatch.testing import free_port
+
 TOKEN = "bench-agent-token"
 INTERVAL = 1.5  # healthy_interval of the phases that measure one heartbeat's cost
 HEARTBEAT = 1.0  # seconds between two heartbeats of one node in those phases
@@ -81,7 +83,7 @@ def paced(n: int, seconds: float, every: float) -> Any:
 
 
 def udp_sender(args: argparse.Namespace) -> None:
-    from nodewatch.collect.report import encode_heartbeat_datagram, heartbeat_key
+    from nodewatch.protocol import encode_heartbeat_datagram, heartbeat_key
 
     key = heartbeat_key(TOKEN)
     host, port = args.target.rsplit(":", 1)
@@ -156,12 +158,6 @@ def scrape(url: str) -> dict[str, float]:
         if name in wanted:
             out[wanted[name]] = float(value)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_coordinator(n: int, tmp: Path, healthy: float = INTERVAL, unhealthy: float = 0.5,

@@ -37,9 +37,9 @@ import aiohttp
 import msgspec
 from yarl import URL
 
-from nodewatch.detect.poller import HttpProbe, Poller
+from nodewatch.coordinator.poller import HttpProbe, Poller
 from nodewatch.detect.scheduler import CheckScheduler
-from nodewatch.detect.types import CheckResult
+from nodewatch.model import CheckResult
 
 try:
     import uvloop

@@ -35,14 +35,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from nodewatch.api.server import tune_gc
-from nodewatch.detect.types import Health, HistorySample, NodeState
+from nodewatch.coordinator.run import tune_gc
+from nodewatch.model import Health, HistorySample, NodeState
 from nodewatch.store.base import Store
 from nodewatch.store.codec import encode_sample
 from nodewatch.store.etcd import EtcdStore
-from nodewatch.store.localservers import EtcdCluster, RedisServer, find_binary
 from nodewatch.store.redis import RedisStore
 from nodewatch.store.sqlite import SqliteStore
+from nodewatch.testing import EtcdCluster, RedisServer, find_binary
 
 SAMPLE_INTERVAL = 5.0  # seconds between one node's samples: 720 of them make an hour
 

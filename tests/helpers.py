@@ -4,35 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import socket
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import pytest
 
+from nodewatch.testing import find_binary, free_port, port_open
+
+__all__ = ["IN_CI", "async_wait_until", "free_port", "port_open", "require_binary", "wait_until"]
+
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 
 
 def require_binary(name: str) -> str:
     """Path of a server binary; a missing one skips on a laptop and fails under CI."""
-    found = shutil.which(name) or next(
-        (str(Path(d) / name) for d in SBIN if (Path(d) / name).exists()), None
-    )
+    found = find_binary(name)
     if found is None:
         message = f"{name} is not installed (scripts/dev.sh test installs it)"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
     return found
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
@@ -59,10 +51,3 @@ async def async_wait_until(condition: Callable[[], Awaitable[object]], within: f
             raise AssertionError(f"timed out after {within}s waiting for {message}")
         await asyncio.sleep(interval)
 
-
-def port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from nodewatch.cli import main
+from nodewatch.cli.commands import main
+from nodewatch.cli.processes import LocalCluster
 from nodewatch.collect.agent import Agent
-from nodewatch.config import AgentConfig, ConfigError, CoordinatorConfig, load_config
-from nodewatch.procs import LocalCluster
+from nodewatch.config import AgentConfig, ConfigError, load_config
 from nodewatch.tls import client_context, server_context
 from tests.helpers import free_port, require_binary, wait_until
 
@@ -296,16 +296,13 @@ def test_in_process_agent_checks_its_tls_files_at_construction(tmp_path: Path) -
 
 
 def test_server_context_is_tls12_or_newer_and_requires_client_certificates(pki: Pki) -> None:
-    context = server_context(CoordinatorConfig(tls_cert=str(pki.server_cert),
-                                               tls_key=str(pki.server_key),
-                                               tls_client_ca=str(pki.ca)))
+    context = server_context(str(pki.server_cert), str(pki.server_key), str(pki.ca))
     assert context is not None
     assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
     assert context.verify_mode == ssl.CERT_REQUIRED
-    open_context = server_context(CoordinatorConfig(tls_cert=str(pki.server_cert),
-                                                    tls_key=str(pki.server_key)))
+    open_context = server_context(str(pki.server_cert), str(pki.server_key), "")
     assert open_context is not None and open_context.verify_mode == ssl.CERT_NONE
-    assert server_context(CoordinatorConfig()) is None
+    assert server_context("", "", "") is None
     assert client_context("", "", "") is None
 
 

@@ -1,3 +1,3 @@
-from nodewatch.cli import main
+from nodewatch.cli.commands import main
 
 main()

@@ -15,24 +15,12 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-__all__ = [
-    "ActionConfig",
-    "AgentCheckConfig",
-    "AgentConfig",
-    "AgentRuleConfig",
-    "BudgetConfig",
-    "Config",
-    "ConfigError",
-    "CoordinatorConfig",
-    "DetectionConfig",
-    "Duration",
-    "GuardConfig",
-    "NodeConfig",
-    "ReviewConfig",
-    "format_duration",
-    "load_config",
-    "parse_duration",
-]
+from nodewatch.tls import TlsSetupError, client_context, server_context
+
+__all__ = ["ActionConfig", "AgentCheckConfig", "AgentConfig", "AgentRuleConfig", "BudgetConfig",
+           "Config", "ConfigError", "CoordinatorConfig", "DetectionConfig", "Duration",
+           "GuardConfig", "NodeConfig", "ReviewConfig", "check_agent_config", "format_duration",
+           "load_config", "parse_duration"]
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 NODE_ID_RE = re.compile(NODE_ID_PATTERN)
@@ -249,29 +237,17 @@ def _valid_host_port(text: str) -> bool:
     return match is not None and int(match.group(2)) <= 65535
 
 
-def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
-    """Cross-field rules that a type cannot express: (key, what is expected)."""
+def _agent_problems(agent: AgentConfig) -> list[tuple[str, str]]:
+    """The agent's cross-field rules, shared by ``load_config`` and ``Agent(...)`` overrides."""
     problems: list[tuple[str, str]] = []
-    det = cfg.detection
-    for key in ("healthy_interval", "unhealthy_interval", "timeout", "connect_timeout"):
-        if getattr(det, key) <= 0:
-            problems.append((f"detection.{key}", "expected a duration greater than 0"))
-    if det.connect_timeout > det.timeout:
-        problems.append(("detection.connect_timeout", "expected at most detection.timeout"))
-    if det.dead_after <= 0:
-        problems.append(("detection.dead_after", "expected a duration greater than 0"))
-    if cfg.coordinator.leader_ttl < 1:
-        problems.append(("coordinator.leader_ttl", "expected at least 1s (an etcd lease)"))
-    if cfg.coordinator.heartbeat_udp and not _valid_host_port(cfg.coordinator.heartbeat_udp):
-        problems.append(("coordinator.heartbeat_udp",
-                         "expected HOST:PORT (port 0-65535), or empty for no UDP heartbeats"))
-    if cfg.agent.lease_ttl < 1:
+    if agent.heartbeat_interval < 0:
+        problems.append(("agent.heartbeat_interval", "expected a duration of at least 0"))
+    if agent.heartbeat_transport not in ("http", "udp"):
+        problems.append(("agent.heartbeat_transport", "expected one of http, udp"))
+    if agent.lease_ttl < 1:
         problems.append(("agent.lease_ttl", "expected at least 1s (an etcd lease)"))
-    if cfg.agent.store and not cfg.agent.store.startswith("etcd://"):
+    if agent.store and not agent.store.startswith("etcd://"):
         problems.append(("agent.store", "expected an etcd://host:2379/prefix URL"))
-    if det.history_ttl < 1:
-        problems.append(("detection.history_ttl", "expected at least 1s"))
-    agent = cfg.agent
     if not 1.0 <= agent.sample_interval <= 15.0:
         problems.append(("agent.sample_interval", "expected a duration between 1s and 15s"))
     if agent.node_id and not NODE_ID_RE.match(agent.node_id):
@@ -291,6 +267,39 @@ def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
             problems.append((f"agent.checks[{i}].target", "expected an argv list for a command"))
         if check.type != "command" and not isinstance(check.target, str):
             problems.append((f"agent.checks[{i}].target", "expected a string URL or HOST:PORT"))
+    return problems
+
+
+def check_agent_config(agent: AgentConfig) -> None:
+    """Validate an agent config built in code (the ``Agent`` constructor's overrides skip the
+    decoder's type checks); the first problem raises ``ConfigError`` naming its key."""
+    problems = _agent_problems(agent)
+    if not agent.node_id:
+        problems.insert(0, ("agent.node_id", "expected 1-128 characters of [A-Za-z0-9._-]"))
+    if problems:
+        key, what = problems[0]
+        raise ConfigError(f"{key}: {what}")
+
+
+def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
+    """Cross-field rules that a type cannot express: (key, what is expected)."""
+    problems: list[tuple[str, str]] = []
+    det = cfg.detection
+    for key in ("healthy_interval", "unhealthy_interval", "timeout", "connect_timeout"):
+        if getattr(det, key) <= 0:
+            problems.append((f"detection.{key}", "expected a duration greater than 0"))
+    if det.connect_timeout > det.timeout:
+        problems.append(("detection.connect_timeout", "expected at most detection.timeout"))
+    if det.dead_after <= 0:
+        problems.append(("detection.dead_after", "expected a duration greater than 0"))
+    if cfg.coordinator.leader_ttl < 1:
+        problems.append(("coordinator.leader_ttl", "expected at least 1s (an etcd lease)"))
+    if cfg.coordinator.heartbeat_udp and not _valid_host_port(cfg.coordinator.heartbeat_udp):
+        problems.append(("coordinator.heartbeat_udp",
+                         "expected HOST:PORT (port 0-65535), or empty for no UDP heartbeats"))
+    if det.history_ttl < 1:
+        problems.append(("detection.history_ttl", "expected at least 1s"))
+    problems.extend(_agent_problems(cfg.agent))
     seen: set[str] = set()
     for i, node in enumerate(cfg.nodes):
         if node.id in seen:
@@ -356,11 +365,9 @@ def _from_mapping(raw: dict[str, Any], source: str) -> Config:
 
 def _check_tls_files(cfg: Config, source: str) -> None:
     """Build the TLS contexts once to prove the files: readable PEM, each key its cert's."""
-    from nodewatch.tls import TlsSetupError, client_context, server_context
-
-    agent = cfg.agent
+    agent, coordinator = cfg.agent, cfg.coordinator
     try:
-        server_context(cfg.coordinator)
+        server_context(coordinator.tls_cert, coordinator.tls_key, coordinator.tls_client_ca)
         client_context(agent.tls_ca, agent.tls_cert, agent.tls_key)
     except TlsSetupError as exc:
         raise ConfigError(f"{source}: {exc}") from None

@@ -13,16 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from nodewatch.config import ConfigError, CoordinatorConfig
-
 __all__ = ["TlsFailure", "TlsSetupError", "client_context", "explain_tls_failure",
            "probe_handshake", "server_context"]
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 
 
-class TlsSetupError(ConfigError):
-    """A TLS setting that cannot work: ``key`` is the setting, ``what`` what is expected."""
+class TlsSetupError(ValueError):
+    """A TLS setting that cannot work: ``key`` is the setting, ``what`` what is expected.
+
+    A ``ValueError`` rather than a ``ConfigError``: this module takes plain paths so that it
+    needs nothing from ``config`` (which calls it to prove the files at load time)."""
 
     def __init__(self, key: str, what: str) -> None:
         super().__init__(f"{key}: {what}")
@@ -84,20 +85,19 @@ def _load_chain(context: ssl.SSLContext, keys: tuple[str, str], cert: str, key: 
                                      f"private key of {cert}") from None
 
 
-def server_context(config: CoordinatorConfig) -> ssl.SSLContext | None:
+def server_context(tls_cert: str, tls_key: str, tls_client_ca: str) -> ssl.SSLContext | None:
     """The coordinator's context from ``tls_cert``/``tls_key``, TLS 1.2 at least; with
     ``tls_client_ca`` every client must present a certificate signed by that CA."""
-    if not config.tls_cert:
-        if config.tls_key or config.tls_client_ca:
-            key = "coordinator.tls_key" if config.tls_key else "coordinator.tls_client_ca"
+    if not tls_cert:
+        if tls_key or tls_client_ca:
+            key = "coordinator.tls_key" if tls_key else "coordinator.tls_client_ca"
             raise TlsSetupError(key, "requires coordinator.tls_cert (the server certificate)")
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = MINIMUM_VERSION
-    _load_chain(context, ("coordinator.tls_cert", "coordinator.tls_key"), config.tls_cert,
-                config.tls_key)
-    if config.tls_client_ca:
-        _load_verify(context, "coordinator.tls_client_ca", config.tls_client_ca)
+    _load_chain(context, ("coordinator.tls_cert", "coordinator.tls_key"), tls_cert, tls_key)
+    if tls_client_ca:
+        _load_verify(context, "coordinator.tls_client_ca", tls_client_ca)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
 

@@ -9,6 +9,9 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+__all__ = ["HTTPProblem", "JSON", "error_response", "json_response", "problem_middleware",
+           "read_json_object", "token_ok"]
+
 JSON = "application/json"
 def _enc_hook(value: Any) -> Any:
     # Config durations are float subclasses; encode them as plain seconds.

@@ -13,8 +13,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from nodewatch.api.app import build_app
 from nodewatch.config import Config, load_config
-from nodewatch.coordinator import Coordinator
-from nodewatch.store.base import open_store
+from nodewatch.coordinator.service import Coordinator
+from nodewatch.store.open import open_store
 from nodewatch.testing import FakeProbe
 from tests.helpers import async_wait_until
 

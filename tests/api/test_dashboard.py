@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from nodewatch.procs import LocalCluster, http_json
+from nodewatch.cli.processes import LocalCluster, http_json
 from tests.helpers import free_port, require_binary, wait_until
 
 pytestmark = pytest.mark.slow

@@ -26,8 +26,8 @@ from nodewatch.api import schemas
 from nodewatch.api.app import build_app
 from nodewatch.api.openapi import OPERATIONS, REF, openapi_document
 from nodewatch.config import load_config
-from nodewatch.coordinator import Coordinator
-from nodewatch.store.base import open_store
+from nodewatch.coordinator.service import Coordinator
+from nodewatch.store.open import open_store
 from nodewatch.testing import FakeProbe
 from tests.helpers import free_port
 

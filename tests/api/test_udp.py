@@ -22,7 +22,8 @@ from nodewatch.api.udp import MAX_BATCH, UdpHeartbeats, start_udp_heartbeats
 from nodewatch.collect import agent as agent_module
 from nodewatch.collect.agent import Agent
 from nodewatch.collect.coordinator_client import UdpHeartbeatSender
-from nodewatch.collect.report import (
+from nodewatch.coordinator.service import Coordinator
+from nodewatch.protocol import (
     MAX_DATAGRAM,
     UdpReply,
     decode_udp_reply,
@@ -30,8 +31,7 @@ from nodewatch.collect.report import (
     encode_udp_reply,
     heartbeat_key,
 )
-from nodewatch.coordinator import Coordinator
-from nodewatch.store.base import open_store
+from nodewatch.store.open import open_store
 from nodewatch.testing import FakeProbe
 from tests.api.test_app import AGENT, beat, make_config, reg_body
 from tests.helpers import async_wait_until, free_port

@@ -13,7 +13,7 @@ import pytest
 from nodewatch.collect.agent import SEQ_BLOCK
 from nodewatch.collect.identity import StateFile
 from nodewatch.config import AgentCheckConfig, AgentConfig, Duration
-from nodewatch.detect.types import NodeStatus
+from nodewatch.model import NodeStatus
 from nodewatch.testing import FakeClock
 from tests.collect.conftest import AgentFactory
 from tests.collect.coordinator_stub import RecordingCoordinator

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from nodewatch.collect.rules import RuleState, build_rule, build_rules, evaluate_rules
 from nodewatch.config import AgentRuleConfig, Duration
-from nodewatch.detect.types import NodeStatus
+from nodewatch.model import NodeStatus
 from nodewatch.testing import FakeClock
 from tests.collect.conftest import AgentFactory, FakeSampler
 

@@ -11,7 +11,7 @@ import pytest
 
 from nodewatch.detect.machine import Cluster, Conflict, Outcome, UnknownNode
 from nodewatch.detect.policy import Policy
-from nodewatch.detect.types import (
+from nodewatch.model import (
     Admin,
     CheckResult,
     FailureClass,

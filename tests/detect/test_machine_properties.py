@@ -22,7 +22,7 @@ from hypothesis.stateful import (
 
 from nodewatch.detect.machine import Cluster, Conflict, Outcome, ProbeRequest, UnknownNode
 from nodewatch.detect.policy import Policy
-from nodewatch.detect.types import (
+from nodewatch.model import (
     CheckResult,
     FailureClass,
     Health,

@@ -9,12 +9,12 @@ import random
 import pytest
 from click.testing import CliRunner
 
-from nodewatch.cli import main
+from nodewatch.cli.commands import main
+from nodewatch.coordinator.poller import Poller
 from nodewatch.detect.policy import Policy
-from nodewatch.detect.poller import Poller
 from nodewatch.detect.scheduler import CheckScheduler
 from nodewatch.detect.simulate import SCENARIOS, SimResult, SimSettings, simulate
-from nodewatch.detect.types import CheckResult, FailureClass
+from nodewatch.model import CheckResult, FailureClass
 from nodewatch.testing import FakeClock
 
 DEFAULT = Policy()

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from nodewatch.procs import LocalCluster, http_json
-from nodewatch.store.localservers import EtcdCluster
+from nodewatch.cli.processes import LocalCluster, http_json
+from nodewatch.testing import EtcdCluster
 from tests.helpers import free_port, require_binary, wait_until
 
 LEADER_TTL = 2.0

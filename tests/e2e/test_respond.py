@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from nodewatch.procs import LocalCluster, Proc, http_json
+from nodewatch.cli.processes import LocalCluster, Proc, http_json
 from tests.helpers import free_port, wait_until
 from tests.relay import Relay
 from tests.respond.servers import Haproxy, Nginx, WebhookReceiver, running, wait_states

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nodewatch.procs import LocalCluster, http_json
+from nodewatch.cli.processes import LocalCluster, http_json
 from tests.helpers import free_port, wait_until
 
 TOKEN = "e2e-udp-token"

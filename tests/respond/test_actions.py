@@ -13,7 +13,7 @@ import pytest
 
 from nodewatch.config import ActionConfig, Duration
 from nodewatch.detect.machine import ActionRequest
-from nodewatch.detect.types import Admin, Health, NodeState, NodeStatus
+from nodewatch.model import Admin, Health, NodeState, NodeStatus
 from nodewatch.respond.actions import (
     ActionCall,
     ActionError,

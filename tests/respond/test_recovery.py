@@ -6,7 +6,7 @@ import random
 
 from nodewatch.detect.machine import Cluster
 from nodewatch.detect.policy import Policy
-from nodewatch.detect.types import CheckResult, Registration, Report
+from nodewatch.model import CheckResult, Registration, Report
 from nodewatch.testing import FakeClock
 
 POLICY = Policy(startup_grace=0.0, jitter=0.0, indirect_probes=0, guard_min_nodes=100,

@@ -13,7 +13,7 @@ import pytest
 
 from nodewatch.config import ActionConfig, Config
 from nodewatch.detect.machine import ActionRequest
-from nodewatch.detect.types import Event, NodeState
+from nodewatch.model import Event, NodeState
 from nodewatch.respond.actions import Action, ActionCall, ActionError
 from nodewatch.respond.runner import ActionRunner
 from tests.respond.servers import WebhookReceiver, verify_signature

@@ -15,9 +15,9 @@ import pytest
 
 from nodewatch.store.base import Store
 from nodewatch.store.etcd import EtcdStore
-from nodewatch.store.localservers import EtcdCluster, RedisServer
 from nodewatch.store.redis import RedisStore
 from nodewatch.store.sqlite import SqliteStore
+from nodewatch.testing import EtcdCluster, RedisServer
 from tests.helpers import require_binary
 
 StoreFactory = Callable[..., Store]

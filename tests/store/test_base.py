@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from nodewatch.config import CoordinatorConfig
-from nodewatch.store.base import DEFAULT_SQLITE_PATH, open_store, sqlite_path
 from nodewatch.store.etcd import EtcdStore, parse_etcd_url
+from nodewatch.store.open import DEFAULT_SQLITE_PATH, open_store, sqlite_path
 from nodewatch.store.redis import RedisStore
 from nodewatch.store.sqlite import SqliteStore
 

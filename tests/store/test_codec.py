@@ -7,7 +7,7 @@ import dataclasses
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodewatch.detect.types import (
+from nodewatch.model import (
     Admin,
     DrainState,
     Event,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from nodewatch.detect.types import (
+from nodewatch.model import (
     Admin,
     DrainState,
     Event,

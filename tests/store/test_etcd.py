@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from nodewatch.detect.types import Health, HistorySample, NodeState
+from nodewatch.model import Health, HistorySample, NodeState
 from nodewatch.store.etcd import EtcdStore, WatchEvent
-from nodewatch.store.localservers import EtcdCluster
+from nodewatch.testing import EtcdCluster
 from tests.helpers import async_wait_until, require_binary
 
 

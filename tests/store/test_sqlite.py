@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from nodewatch.detect.types import HistorySample, NodeState, event_id
-from nodewatch.store.base import DEFAULT_SQLITE_PATH, open_store
+from nodewatch.model import HistorySample, NodeState, event_id
 from nodewatch.store.codec import encode_sample
+from nodewatch.store.open import DEFAULT_SQLITE_PATH, open_store
 from nodewatch.store.sqlite import HISTORY_QUERY, SqliteStore
 
 
@@ -105,7 +105,7 @@ async def test_samples_of_the_layout_before_buckets_are_kept(tmp_path: Path) -> 
 CHILD = textwrap.dedent(
     """
     import asyncio, sys
-    from nodewatch.detect.types import Event, HistorySample, NodeState, event_id
+    from nodewatch.model import Event, HistorySample, NodeState, event_id
     from nodewatch.store.sqlite import SqliteStore
 
     async def main():

@@ -16,18 +16,18 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from nodewatch import __version__
 from nodewatch.api.metrics import CoordinatorMetrics
 from nodewatch.api.schemas import DrainBody, HeartbeatBody, RegisterBody, convert
 from nodewatch.api.udp import UdpHeartbeats, push_result
 from nodewatch.config import NODE_ID_RE
-from nodewatch.coordinator import Coordinator
+from nodewatch.coordinator.service import Coordinator
 from nodewatch.detect.machine import Conflict, UnknownNode
-from nodewatch.detect.types import (
+from nodewatch.model import (
     Health,
     NodeState,
     Registration,
 )
+from nodewatch.protocol import VERSION
 from nodewatch.web import (
     HTTPProblem,
     json_response,
@@ -35,6 +35,9 @@ from nodewatch.web import (
     read_json_object,
     token_ok,
 )
+
+__all__ = ["COORDINATOR_KEY", "HEARTBEAT_UDP_KEY", "MAX_WAIT", "METRICS_KEY", "SSE_KEEPALIVE",
+           "STATIC_DIR", "build_app"]
 
 COORDINATOR_KEY: web.AppKey[Coordinator] = web.AppKey("coordinator", Coordinator)
 METRICS_KEY: web.AppKey[CoordinatorMetrics] = web.AppKey("metrics", CoordinatorMetrics)
@@ -305,7 +308,7 @@ def _command(name: str) -> Handler:
 async def healthz(request: web.Request) -> web.Response:
     coord = _coordinator(request)
     body: dict[str, Any] = coord.status()
-    body["version"] = __version__
+    body["version"] = VERSION
     return json_response(body)
 
 

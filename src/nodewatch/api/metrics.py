@@ -16,7 +16,9 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from nodewatch.coordinator import Coordinator
+    from nodewatch.coordinator.service import Coordinator
+
+__all__ = ["CoordinatorMetrics"]
 
 
 class _CoordinatorCollector(Collector):

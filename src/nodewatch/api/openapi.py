@@ -13,9 +13,11 @@ from typing import Any
 
 import msgspec
 
-from nodewatch import __version__
 from nodewatch.api import schemas as s
 from nodewatch.config import NODE_ID_PATTERN
+from nodewatch.protocol import VERSION
+
+__all__ = ["OPERATIONS", "Operation", "REF", "openapi_document"]
 
 REF = "#/components/schemas/{name}"
 
@@ -137,7 +139,7 @@ def openapi_document() -> dict[str, Any]:
         paths.setdefault(op.path, {})[op.method] = entry
     return {
         "openapi": "3.1.0",
-        "info": {"title": "nodewatch coordinator", "version": __version__,
+        "info": {"title": "nodewatch coordinator", "version": VERSION,
                  "description": "Node liveness, load and schedulability. Errors are "
                                 "{\"error\": \"message\"} with a 4xx."},
         "paths": paths,

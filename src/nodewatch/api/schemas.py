@@ -10,6 +10,11 @@ from msgspec import Meta
 from nodewatch.config import NODE_ID_PATTERN
 from nodewatch.web import HTTPProblem
 
+__all__ = ["CommandResponse", "CoordinatorHealth", "DrainBody", "DrainView", "ErrorResponse",
+           "EventView", "EventsResponse", "HeartbeatBody", "HistoryResponse", "HistorySampleView",
+           "NodeView", "NodesResponse", "RegisterBody", "RegisterResponse", "RemoveResponse",
+           "convert"]
+
 NodeId = Annotated[str, Meta(pattern=NODE_ID_PATTERN, description="[A-Za-z0-9._-]{1,128}")]
 Address = Annotated[
     str,

@@ -20,18 +20,19 @@ from typing import Any
 import msgspec
 
 from nodewatch.api.schemas import HeartbeatBody
-from nodewatch.collect.report import (
+from nodewatch.coordinator.service import Coordinator, NotLeader
+from nodewatch.detect.machine import UnknownNode
+from nodewatch.model import CheckResult, NodeStatus, Report
+from nodewatch.protocol import (
     MAX_DATAGRAM,
     UdpReply,
     encode_udp_reply,
     heartbeat_key,
+    split_host_port,
     untagged,
 )
-from nodewatch.coordinator import Coordinator, NotLeader
-from nodewatch.detect.machine import UnknownNode
-from nodewatch.detect.types import CheckResult, NodeStatus, Report
 
-__all__ = ["RESULTS", "UdpHeartbeats", "push_result", "split_udp_address",
+__all__ = ["RESULTS", "UdpHeartbeats", "push_result", 
            "start_udp_heartbeats"]
 
 log = logging.getLogger("nodewatch.coordinator")
@@ -187,17 +188,12 @@ class UdpHeartbeats:
         self._sock.close()
 
 
-def split_udp_address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 async def start_udp_heartbeats(coord: Coordinator, listen: str | None = None,
                                batch_window: float = BATCH_WINDOW) -> UdpHeartbeats:
     """Bind ``listen`` (default ``[coordinator] heartbeat_udp``) and feed ``coord``; the caller
     closes the returned endpoint (``close()``) before stopping the coordinator."""
     cc = coord.config.coordinator
-    host, port = split_udp_address(listen or cc.heartbeat_udp)
+    host, port = split_host_port(listen or cc.heartbeat_udp, default_host="0.0.0.0")
     infos = await asyncio.get_running_loop().getaddrinfo(
         host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
     family, kind, proto, _, sockaddr = infos[0]

@@ -20,8 +20,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from nodewatch import __version__
-from nodewatch.collect.checks import CustomCheck, build_check, split_host_port
+from nodewatch.collect.checks import CustomCheck, build_check
 from nodewatch.collect.coordinator_client import (
     CoordinatorClient,
     RegisterAnswer,
@@ -29,12 +28,19 @@ from nodewatch.collect.coordinator_client import (
 )
 from nodewatch.collect.identity import PersistedState, StateFile
 from nodewatch.collect.metrics import MetricsRenderer
-from nodewatch.collect.report import HealthDoc, derive_status, encode_health, heartbeat_payload
 from nodewatch.collect.rules import RuleState, build_rules, evaluate_rules
 from nodewatch.collect.sampler import HostSampler, Sampler, SystemSample
-from nodewatch.config import NODE_ID_RE, AgentConfig, ConfigError
-from nodewatch.detect.types import NodeStatus
-from nodewatch.healthcheck import check_health
+from nodewatch.config import AgentConfig, check_agent_config
+from nodewatch.coordinator.probes import check_health
+from nodewatch.model import NodeStatus
+from nodewatch.protocol import (
+    VERSION,
+    HealthDoc,
+    derive_status,
+    encode_health,
+    heartbeat_payload,
+    split_host_port,
+)
 from nodewatch.tls import client_context
 
 __all__ = ["Agent"]
@@ -86,7 +92,7 @@ class Agent:
         sampler: Sampler | None = None,
         proc_root: str | Path = "/proc",
         run_sampler: bool = True,
-        version: str = __version__,
+        version: str = VERSION,
     ) -> None:
         overrides: dict[str, Any] = {
             key: value for key, value in {
@@ -98,14 +104,7 @@ class Agent:
             }.items() if value is not None
         }
         cfg = msgspec.structs.replace(config or AgentConfig(), **overrides)
-        if not cfg.node_id or not NODE_ID_RE.match(cfg.node_id):
-            raise ConfigError("agent.node_id: expected 1-128 characters of [A-Za-z0-9._-]")
-        if not 1.0 <= cfg.sample_interval <= 15.0:
-            raise ConfigError("agent.sample_interval: expected a duration between 1s and 15s")
-        if cfg.heartbeat_interval < 0:
-            raise ConfigError("agent.heartbeat_interval: expected a duration of at least 0")
-        if cfg.heartbeat_transport not in ("http", "udp"):
-            raise ConfigError("agent.heartbeat_transport: expected one of http, udp")
+        check_agent_config(cfg)
         # Decided once: the context for an https coordinator (None: library defaults).
         self._coordinator_tls = client_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
         self.config = cfg

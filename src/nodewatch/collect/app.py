@@ -6,13 +6,15 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from aiohttp import web
 
-from nodewatch.collect.checks import split_host_port
+from nodewatch.collect.checks import split_target
 from nodewatch.collect.metrics import CONTENT_TYPE_LATEST
-from nodewatch.detect.types import NodeStatus
+from nodewatch.config import AgentConfig
+from nodewatch.model import NodeStatus
 from nodewatch.web import (
     JSON,
     HTTPProblem,
@@ -22,10 +24,28 @@ from nodewatch.web import (
     token_ok,
 )
 
-if TYPE_CHECKING:
-    from nodewatch.collect.agent import Agent
 
-__all__ = ["build_app", "is_loopback", "mutation_allowed", "parse_status_update"]
+class AgentSurface(Protocol):
+    """What the HTTP edge needs of the agent: its cached state and its few verbs (the agent
+    builds this app, so the app names this narrow protocol instead of importing the agent)."""
+
+    @property
+    def config(self) -> AgentConfig: ...
+    @property
+    def status(self) -> NodeStatus: ...
+    @property
+    def load(self) -> dict[str, float]: ...
+    @property
+    def system(self) -> dict[str, float]: ...
+    def health_bytes(self) -> bytes: ...
+    def metrics_bytes(self) -> bytes: ...
+    def set_load(self, values: Mapping[str, float | None] | None = None,
+                 **more: float | None) -> None: ...
+    async def set_status(self, status: NodeStatus | str, reason: str = "") -> None: ...
+    async def probe(self, target: str, *, limits: tuple[float, float] | None = None
+                    ) -> dict[str, Any]: ...
+
+__all__ = ["AgentSurface", "build_app", "is_loopback", "mutation_allowed", "parse_status_update"]
 
 _STATUS_WORDS = ", ".join(repr(s.value) for s in NodeStatus)
 _MAX_REASON = 512
@@ -112,7 +132,7 @@ def parse_load_update(data: dict[str, Any]) -> dict[str, float | None]:
     return update
 
 
-def build_app(agent: Agent) -> web.Application:
+def build_app(agent: AgentSurface) -> web.Application:
     """Routes over one agent; handlers read its cached state and never sample."""
     token = agent.config.agent_token
     max_body = agent.config.max_body
@@ -184,7 +204,7 @@ def build_app(agent: Agent) -> web.Application:
         if not target:
             raise HTTPProblem(400, "missing ?target=HOST:PORT")
         try:
-            host, port = split_host_port(target)
+            host, port = split_target(target)
         except ValueError as exc:
             raise HTTPProblem(400, f"bad probe target: {exc}") from None
         if not re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", host):

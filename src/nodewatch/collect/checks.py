@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import aiohttp
 
 from nodewatch.config import AgentCheckConfig
+from nodewatch.protocol import split_host_port
 
-__all__ = ["CustomCheck", "build_check", "split_host_port"]
+__all__ = ["CustomCheck", "build_check", "split_target"]
 
 CheckFn = Callable[[], Awaitable[str | None]]
 
@@ -28,13 +29,12 @@ class CustomCheck:
     run: CheckFn
 
 
-def split_host_port(target: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[::1]:port"`` into its parts; ``ValueError`` says what is wrong."""
-    host, sep, port_text = target.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+def split_target(target: str) -> tuple[str, int]:
+    """A check or probe target: a HOST:PORT whose port cannot be 0."""
+    host, port = split_host_port(target)
+    if port == 0:
         raise ValueError(f"expected HOST:PORT with a port of 1-65535, got {target!r}")
-    return host, int(port_text)
+    return host, port
 
 
 def _describe(exc: BaseException) -> str:
@@ -60,7 +60,7 @@ def _http_check(url: str, timeout: float, session: Callable[[], aiohttp.ClientSe
 
 
 def _tcp_check(target: str, timeout: float) -> CheckFn:
-    host, port = split_host_port(target)
+    host, port = split_target(target)
 
     async def run() -> str | None:
         try:

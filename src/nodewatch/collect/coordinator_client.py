@@ -15,11 +15,12 @@ import aiohttp
 import msgspec
 from yarl import URL
 
-from nodewatch.collect.report import (
+from nodewatch.protocol import (
     MAX_DATAGRAM,
     decode_udp_reply,
     encode_heartbeat_datagram,
     heartbeat_key,
+    split_host_port,
 )
 from nodewatch.tls import TlsFailure, explain_tls_failure, probe_handshake
 
@@ -193,13 +194,12 @@ class UdpHeartbeatSender(asyncio.DatagramProtocol):
                    incarnation: int = 0, on_unknown: Callable[[], None] | None = None
                    ) -> UdpHeartbeatSender:
         """Connect to the offered HOST:PORT; a wildcard host means the coordinator URL's host."""
-        host, _, port = offer.rpartition(":")
-        host = host.strip("[]")
-        if host in ("", "0.0.0.0", "::"):
+        host, port = split_host_port(offer, default_host="0.0.0.0")
+        if host in ("0.0.0.0", "::"):
             host = URL(coordinator_url).host or "127.0.0.1"
         sender = cls(token, node_id, incarnation, on_unknown)
         loop = asyncio.get_running_loop()
-        await loop.create_datagram_endpoint(lambda: sender, remote_addr=(host, int(port)))
+        await loop.create_datagram_endpoint(lambda: sender, remote_addr=(host, port))
         return sender
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -11,8 +11,8 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from nodewatch.collect.report import HealthDoc
-from nodewatch.detect.types import NodeStatus
+from nodewatch.model import NodeStatus
+from nodewatch.protocol import HealthDoc
 
 __all__ = ["CONTENT_TYPE_LATEST", "MetricsRenderer"]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nodewatch.detect.policy import Policy
-from nodewatch.detect.types import (
+from nodewatch.model import (
     Admin,
     CheckResult,
     DrainState,
@@ -30,6 +30,8 @@ from nodewatch.detect.types import (
     Report,
     event_id,
 )
+
+__all__ = ["ActionRequest", "Cluster", "Conflict", "Outcome", "ProbeRequest", "UnknownNode"]
 
 _OUT = frozenset({Health.UNHEALTHY, Health.DEAD})
 _REJOIN_MEMORY = 3600.0

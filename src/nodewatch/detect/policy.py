@@ -7,27 +7,35 @@ from dataclasses import dataclass
 
 from nodewatch.config import Config
 
+__all__ = ["Policy"]
+
+
+# The defaults are read from the config model, the only place a default is written.
+_DEFAULT = Config()
+_DET, _CO = _DEFAULT.detection, _DEFAULT.coordinator
+_GUARD, _REVIEW, _BUDGET = _DEFAULT.guard, _DEFAULT.review, _DEFAULT.budget
+
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    healthy_interval: float = 30.0
-    unhealthy_interval: float = 5.0
-    down_interval: float = 0.0  # 0: unhealthy_interval
-    jitter: float = 0.1
-    fall: int = 3
-    rise: int = 2
-    dead_after: float = 3600.0
-    startup_grace: float = 45.0
-    max_loop_lag: float = 1.0
-    guard_fraction: float = 0.5
-    guard_min_nodes: int = 4
-    indirect_probes: int = 2
-    max_rejoins: int = 3
-    auto_approve: bool = False
-    max_fraction: float = 0.2
-    max_rate: float = 10.0  # cleanups per minute
-    drain_deadline: float = 600.0
-    dry_run: bool = False
+    healthy_interval: float = float(_DET.healthy_interval)
+    unhealthy_interval: float = float(_DET.unhealthy_interval)
+    down_interval: float = float(_DET.down_interval)  # 0: unhealthy_interval
+    jitter: float = _DET.jitter
+    fall: int = _DET.fall
+    rise: int = _DET.rise
+    dead_after: float = float(_DET.dead_after)
+    startup_grace: float = float(_DET.startup_grace)
+    max_loop_lag: float = float(_CO.max_loop_lag)
+    guard_fraction: float = _GUARD.fraction
+    guard_min_nodes: int = _GUARD.min_nodes
+    indirect_probes: int = _GUARD.indirect_probes
+    max_rejoins: int = _REVIEW.max_rejoins
+    auto_approve: bool = _REVIEW.auto_approve
+    max_fraction: float = _BUDGET.max_fraction
+    max_rate: float = _BUDGET.max_rate  # cleanups per minute
+    drain_deadline: float = float(_BUDGET.drain_deadline)
+    dry_run: bool = _CO.dry_run
 
     @classmethod
     def from_config(cls, cfg: Config) -> Policy:

@@ -28,7 +28,7 @@ from typing import Any
 from nodewatch.config import Config
 from nodewatch.detect.machine import Cluster, Outcome, ProbeRequest
 from nodewatch.detect.policy import Policy
-from nodewatch.detect.types import (
+from nodewatch.model import (
     CheckResult,
     FailureClass,
     Health,
@@ -39,7 +39,7 @@ from nodewatch.detect.types import (
     Report,
 )
 
-__all__ = ["SCENARIOS", "SimSettings", "SimResult", "simulate", "settings_from_config"]
+__all__ = ["SCENARIOS", "SimResult", "SimSettings", "settings_from_config", "simulate"]
 
 SCENARIOS = ("crash", "hang", "flap", "slow", "partition", "slow-coordinator")
 

@@ -1,1 +1,3 @@
 """respond: actions on events (webhook, exec, haproxy, nginx), drains, recovery."""
+
+__all__: list[str] = []

@@ -24,7 +24,7 @@ from yarl import URL
 
 from nodewatch.config import ACTION_EVENTS, ActionConfig
 from nodewatch.detect.machine import ActionRequest
-from nodewatch.detect.types import Admin, Health, NodeState, NodeStatus
+from nodewatch.model import Admin, Health, NodeState, NodeStatus
 
 __all__ = [
     "Action",

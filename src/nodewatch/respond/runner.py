@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from nodewatch.config import Config
 from nodewatch.detect.machine import ActionRequest
-from nodewatch.detect.types import Event, NodeState
+from nodewatch.model import Event, NodeState
 from nodewatch.respond.actions import Action, ActionCall, ActionError, build_action
 
 __all__ = ["ActionRunner", "Emit"]

@@ -1,1 +1,3 @@
 """store: one Store protocol with SQLite (default), etcd and Redis backends."""
+
+__all__: list[str] = []

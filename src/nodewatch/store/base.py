@@ -1,4 +1,4 @@
-"""The Store protocol every backend satisfies, and ``open_store(url)`` that picks one.
+"""The Store protocol every backend satisfies (``nodewatch.store.open`` picks one by URL).
 
 The coordinator's event loop is the only caller; every method is async and no backend may block
 the loop. One contract suite (tests/store/test_contract.py) runs against every backend.
@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Sequence
-from pathlib import Path
 from typing import Protocol, TypeVar
 
-from nodewatch.detect.types import Event, HistorySample, NodeState
+from nodewatch.model import Event, HistorySample, NodeState
 
-__all__ = ["DEFAULT_SQLITE_PATH", "Store", "open_store", "sqlite_path"]
-
-DEFAULT_SQLITE_PATH = Path("nodewatch-data") / "state.db"
+__all__ = ["Store", "WritesInFlight"]
 
 
 class Store(Protocol):
@@ -99,37 +96,3 @@ class WritesInFlight:
 
     async def idle(self) -> None:
         await self._idle.wait()
-
-
-def sqlite_path(url: str) -> Path:
-    """``sqlite:///rel/state.db`` is relative, ``sqlite:////abs/state.db`` absolute (as in
-    SQLAlchemy, so the config default ``sqlite:///./nodewatch-data/state.db`` reads naturally);
-    ``sqlite://`` alone means the default path."""
-    rest = url.removeprefix("sqlite://")
-    if rest in ("", "/"):
-        return DEFAULT_SQLITE_PATH
-    if not rest.startswith("/"):
-        raise ValueError(f"expected sqlite:///path/to/state.db, got {url!r}")
-    path = rest[1:]
-    if path in (":memory:", ""):
-        raise ValueError(f"the sqlite store needs a file path, got {url!r}")
-    return Path(path)
-
-
-def open_store(url: str, *, events_retained: int = 100_000,
-               history_ttl: float = 3600.0) -> Store:
-    """Build the (not yet opened) store a ``--store`` URL names; ``await store.open()`` next."""
-    scheme = url.partition("://")[0].lower() if "://" in url else ""
-    if scheme == "sqlite":
-        from nodewatch.store.sqlite import SqliteStore
-
-        return SqliteStore(sqlite_path(url), events_retained=events_retained)
-    if scheme == "etcd":
-        from nodewatch.store.etcd import EtcdStore
-
-        return EtcdStore.from_url(url, events_retained=events_retained, history_ttl=history_ttl)
-    if scheme in ("redis", "rediss"):
-        from nodewatch.store.redis import RedisStore
-
-        return RedisStore(url, events_retained=events_retained)
-    raise ValueError(f"unknown store URL {url!r}: expected sqlite:///path, etcd://… or redis://…")

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from nodewatch.detect.types import (
+from nodewatch.model import (
     Admin,
     DrainState,
     Event,

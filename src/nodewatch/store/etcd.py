@@ -35,7 +35,7 @@ from etcd3aio import (
 from etcd3aio._protobuf import Compare  # the MOD target has no helper in etcd3aio 0.3
 from etcd3aio.kv import KVService
 
-from nodewatch.detect.types import Event, HistorySample, NodeState
+from nodewatch.model import Event, HistorySample, NodeState
 from nodewatch.store.base import WritesInFlight
 from nodewatch.store.codec import (
     decode_event,

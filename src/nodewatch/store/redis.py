@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 
-from nodewatch.detect.types import Event, HistorySample, NodeState, event_id, event_number
+from nodewatch.model import Event, HistorySample, NodeState, event_id, event_number
 from nodewatch.store.base import WritesInFlight
 from nodewatch.store.codec import (
     decode_event,

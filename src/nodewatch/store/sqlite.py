@@ -23,7 +23,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from nodewatch.detect.types import Event, HistorySample, NodeState
+from nodewatch.model import Event, HistorySample, NodeState
 from nodewatch.store.codec import (
     decode_event,
     decode_node,

@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
+__all__ = ["Admin", "CheckResult", "DrainState", "Event", "FailureClass", "Health", "HistorySample",
+           "NodeState", "NodeStatus", "PeerVote", "Registration", "Report", "event_id",
+           "event_number"]
+
 
 class Health(StrEnum):
     """The coordinator's observation of a node."""

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from nodewatch.detect.poller import CheckLost, HttpProbe, Poller
+from nodewatch.coordinator.poller import CheckLost, HttpProbe, Poller
 from nodewatch.detect.scheduler import CheckScheduler
-from nodewatch.detect.types import CheckResult, FailureClass
+from nodewatch.model import CheckResult, FailureClass
 from nodewatch.testing import FakeClock, FakeProbe
 from tests.helpers import free_port
 

@@ -21,12 +21,12 @@ from aiohttp import web
 
 from nodewatch.api.metrics import CoordinatorMetrics
 from nodewatch.config import NodeConfig, load_config
-from nodewatch.coordinator import Coordinator
-from nodewatch.detect.poller import CheckLost, HttpProbe
-from nodewatch.detect.probe_pool import ProcessProbe
-from nodewatch.detect.types import CheckResult, FailureClass, Health
-from nodewatch.store.base import open_store
-from tests.detect.test_poller import (
+from nodewatch.coordinator.poller import CheckLost, HttpProbe
+from nodewatch.coordinator.probe_pool import ProcessProbe
+from nodewatch.coordinator.service import Coordinator
+from nodewatch.model import CheckResult, FailureClass, Health
+from nodewatch.store.open import open_store
+from tests.coordinator.test_poller import (
     _HOSTS,
     Handler,
     Server,
@@ -216,7 +216,7 @@ async def test_close_leaves_no_child_process(servers: list[Server]) -> None:
 
 PARENT = """
 import asyncio, sys, time
-from nodewatch.detect.probe_pool import ProcessProbe
+from nodewatch.coordinator.probe_pool import ProcessProbe
 
 async def main():
     probe = ProcessProbe(processes=2, timeout=1.0, connect_timeout=0.5, max_bytes=4096,

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from nodewatch.cli import main
-from nodewatch.client import DEFAULT_COORDINATOR, resolve_coordinator
-from nodewatch.procs import LocalCluster, http_json
+from nodewatch.cli.client import DEFAULT_COORDINATOR, resolve_coordinator
+from nodewatch.cli.commands import main
+from nodewatch.cli.processes import LocalCluster, http_json
 from tests.helpers import free_port, wait_until
 
 TOKEN = "cli-admin-token"

@@ -20,7 +20,7 @@ from typing import Protocol
 import msgspec
 from etcd3aio import EtcdError
 
-from nodewatch.detect.types import Event, NodeState
+from nodewatch.model import Event, NodeState
 from nodewatch.store.codec import decode_event, decode_node
 from nodewatch.store.etcd import EtcdStore, WatchEvent
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from nodewatch.demo import Demo, DemoError, Traffic
-from nodewatch.procs import LocalCluster, http_json
+from nodewatch.cli.demo import Demo, DemoError, Traffic
+from nodewatch.cli.processes import LocalCluster, http_json
 from tests.helpers import free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -152,7 +152,7 @@ def test_demo_refuses_to_wipe_a_directory_it_did_not_create(tmp_path: Path) -> N
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "keep.txt").write_text("mine")
-    from nodewatch.demo import _prepare_workdir
+    from nodewatch.cli.demo import _prepare_workdir
 
     with pytest.raises(DemoError, match="not a demo directory"):
         _prepare_workdir(precious)

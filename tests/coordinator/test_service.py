@@ -6,10 +6,10 @@ import time
 from pathlib import Path
 
 from nodewatch.config import load_config
-from nodewatch.coordinator import Coordinator
+from nodewatch.coordinator.service import Coordinator
 from nodewatch.detect.machine import ActionRequest
-from nodewatch.detect.types import CheckResult, Event, Registration, Report
-from nodewatch.store.base import open_store
+from nodewatch.model import CheckResult, Event, Registration, Report
+from nodewatch.store.open import open_store
 from nodewatch.testing import FakeProbe
 
 

@@ -9,12 +9,15 @@ from typing import Any
 
 import msgspec
 
-from nodewatch.detect.types import NodeStatus
+from nodewatch.model import NodeStatus
 
-__all__ = ["MAX_DATAGRAM", "TAG_SIZE", "HealthDoc", "UdpReply", "decode_udp_reply",
+__all__ = ["HealthDoc", "MAX_DATAGRAM", "TAG_SIZE", "UdpReply", "VERSION", "decode_udp_reply",
            "derive_status", "encode_health", "encode_heartbeat_datagram", "encode_udp_reply",
-           "heartbeat_key", "heartbeat_payload", "tagged", "untagged"]
+           "heartbeat_key", "heartbeat_payload", "split_host_port", "tagged", "untagged"]
 
+
+# The release both ends speak and report (``/health`` "version"); the package's __version__.
+VERSION = "0.1.0"
 
 class HealthDoc(msgspec.Struct, kw_only=True):
     """The ``GET /health`` body, field order as in SPEC.md."""
@@ -142,3 +145,14 @@ def decode_udp_reply(data: bytes, key: bytes) -> UdpReply | None:
         return _reply_decoder.decode(body)
     except msgspec.DecodeError:
         return None
+
+
+def split_host_port(text: str, *, default_host: str = "") -> tuple[str, int]:
+    """``HOST:PORT`` or ``[v6]:PORT`` into its parts, the one parser of every address nodewatch
+    reads (listen, advertise, probe targets, UDP offers); an empty host becomes
+    ``default_host`` where one is given, and ``ValueError`` says what is wrong."""
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]") or default_host
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"expected HOST:PORT with a port of 0-65535, got {text!r}")
+    return host, int(port_text)

@@ -19,7 +19,7 @@ import msgspec
 from msgspec import Meta
 from yarl import URL
 
-from nodewatch.detect.types import CheckResult, FailureClass, NodeStatus, Report
+from nodewatch.model import CheckResult, FailureClass, NodeStatus, Report
 
 __all__ = ["HealthBody", "check_health", "decode_health_body", "parse_health_body"]
 

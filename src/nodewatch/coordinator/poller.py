@@ -20,9 +20,9 @@ from typing import Any, Protocol, runtime_checkable
 import aiohttp
 
 from nodewatch.config import DetectionConfig
+from nodewatch.coordinator.probes import check_health
 from nodewatch.detect.scheduler import CheckScheduler
-from nodewatch.detect.types import CheckResult, FailureClass
-from nodewatch.healthcheck import check_health
+from nodewatch.model import CheckResult, FailureClass
 
 __all__ = ["CheckLost", "ClosableProbe", "HttpProbe", "OpenableProbe", "Poller", "Probe"]
 

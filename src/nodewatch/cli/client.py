@@ -34,7 +34,7 @@ _TLS_HINTS = {
                             "signed by the coordinator's tls_client_ca",
 }
 
-__all__ = ["DEFAULT_COORDINATOR", "Client", "ClientError", "resolve_coordinator"]
+__all__ = ["Client", "ClientError", "DEFAULT_COORDINATOR", "resolve_coordinator"]
 
 
 class ClientError(Exception):

@@ -2,7 +2,7 @@
 
 The coordinator process keeps the scheduler, the core and the store; each check it hands to
 a worker costs it a few microseconds (one dict entry, a share of one msgpack write and read
-per loop turn) instead of a whole aiohttp request. See :mod:`nodewatch.detect.probe_worker`
+per loop turn) instead of a whole aiohttp request. See :mod:`nodewatch.coordinator.probe_worker`
 for the other end.
 """
 
@@ -23,9 +23,9 @@ from typing import cast
 import msgspec
 
 from nodewatch.config import Config
-from nodewatch.detect.poller import CheckLost
-from nodewatch.detect.probe_worker import CLOCKS, HEADER, Request, frame
-from nodewatch.detect.types import CheckResult
+from nodewatch.coordinator.poller import CheckLost
+from nodewatch.coordinator.probe_worker import CLOCKS, HEADER, Request, frame
+from nodewatch.model import CheckResult
 
 __all__ = ["ProcessProbe"]
 
@@ -149,7 +149,7 @@ class ProcessProbe:
         self.processes = processes
         self.timeout = timeout
         self._argv = [
-            python, "-m", "nodewatch.detect.probe_worker", "--parent", str(os.getpid()),
+            python, "-m", "nodewatch.coordinator.probe_worker", "--parent", str(os.getpid()),
             "--timeout", repr(timeout), "--connect-timeout", repr(min(connect_timeout, timeout)),
             "--max-bytes", str(max_bytes), "--concurrency", str(concurrency),
             "--keepalive-timeout", repr(keepalive_timeout), "--max-loop-lag", repr(max_loop_lag),

@@ -6,14 +6,18 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from nodewatch import __version__
+from nodewatch.cli.render import event_line, make_console, nodes_table, summary_line
+from nodewatch.protocol import VERSION
 
 if TYPE_CHECKING:
-    from nodewatch.client import Client
+    from nodewatch.cli.client import Client
+
+__all__ = ["COORDINATOR_HELP", "agent_command", "coordinator", "demo", "events", "main", "simulate",
+           "status", "tls_options"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="nodewatch")
+@click.version_option(VERSION, prog_name="nodewatch")
 def main() -> None:
     """nodewatch keeps a cluster's view of its nodes true."""
 
@@ -32,8 +36,8 @@ def coordinator(listen: str | None, store: str | None, config_path: str | None,
     import logging
     import os
 
-    from nodewatch.api.server import serve
     from nodewatch.config import ConfigError, load_config
+    from nodewatch.coordinator.run import serve
 
     overrides = {
         "coordinator.listen": listen,
@@ -121,24 +125,6 @@ def tls_options(command: Any) -> Any:
     ):
         command = click.option(flag, metavar="FILE", help=f"{text} [{env}]")(command)
     return command
-_HEALTH_STYLE = {"healthy": "green", "suspect": "yellow", "unhealthy": "red", "dead": "red dim",
-                 "unknown": "dim"}
-_EVENT_STYLE = {"healthy": "green", "recovered": "green", "approved": "green",
-                "undrained": "green", "registered": "cyan", "suspect": "yellow",
-                "degraded": "yellow", "drained": "yellow", "review": "magenta",
-                "unhealthy": "red", "dead": "red", "removed": "red", "guard_on": "red",
-                "guard_off": "green", "action_failed": "red"}
-
-
-def make_console() -> Any:
-    """A rich console; wide when piped so tables stay whole in logs and scripts."""
-    import sys
-
-    from rich.console import Console
-
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-
-
 def _fail(message: str) -> NoReturn:
     click.echo(f"nodewatch: {message}", err=True)
     raise SystemExit(1)
@@ -147,7 +133,7 @@ def _fail(message: str) -> NoReturn:
 def _client(coordinator: str | None, ca: str | None = None, cert: str | None = None,
             key: str | None = None) -> Client:
     """The coordinator client; a TLS file that cannot work is one line and exit status 2."""
-    from nodewatch.client import Client
+    from nodewatch.cli.client import Client
     from nodewatch.config import ConfigError
 
     try:
@@ -155,83 +141,6 @@ def _client(coordinator: str | None, ca: str | None = None, cert: str | None = N
     except ConfigError as exc:
         click.echo(f"nodewatch: {exc}", err=True)
         raise SystemExit(2) from None
-
-
-def _fmt_num(value: object, digits: int = 1) -> str:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return f"{value:.{digits}f}".rstrip("0").rstrip(".") if digits else f"{value:.0f}"
-    return "-"
-
-
-def _ago(ts: float, now: float) -> str:
-    if not ts:
-        return "never"
-    delta = max(0.0, now - ts)
-    if delta < 60:
-        return f"{delta:.0f}s ago"
-    if delta < 3600:
-        return f"{delta / 60:.0f}m ago"
-    return f"{delta / 3600:.1f}h ago"
-
-
-def event_line(event: dict[str, Any], markup: bool = True) -> str:
-    """One human line per event; shared by ``events`` and the demo's live log."""
-    import datetime as _dt
-
-    when = _dt.datetime.fromtimestamp(float(event.get("ts", 0))).strftime("%H:%M:%S")
-    kind = str(event.get("kind", "?"))
-    change = ""
-    if event.get("from") or event.get("to"):
-        change = f" {event.get('from') or '-'} -> {event.get('to') or '-'}"
-    reason = f"  {event['reason']}" if event.get("reason") else ""
-    node = event.get("node_id") or "(cluster)"
-    if not markup:
-        return f"{when} {node:<12} {kind:<13}{change}{reason}"
-    from rich.markup import escape
-
-    style = _EVENT_STYLE.get(kind, "white")
-    return (f"[dim]{when}[/] {escape(str(node)):<12} [{style}]{kind:<13}[/]"
-            f"{escape(change)}[dim]{escape(reason)}[/]")
-
-
-def nodes_table(nodes: list[dict[str, Any]], now: float) -> Any:
-    """The ``status`` table: one row per node, coloured by health."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("NODE", "ADDRESS", "HEALTH", "STATUS", "ADMIN", "SCHED", "CPU%", "MEM%",
-                   "QPS", "PENDING", "LAST SEEN", "REASONS"):
-        numeric = column in {"CPU%", "MEM%", "QPS", "PENDING"}
-        table.add_column(column, justify="right" if numeric else "left",
-                         no_wrap=column != "REASONS")
-    for node in nodes:
-        health = str(node.get("health", "?"))
-        system = node.get("system") or {}
-        load = node.get("load") or {}
-        status = str(node.get("node_status", "?"))
-        admin = str(node.get("admin", "?"))
-        table.add_row(
-            escape(str(node.get("node_id"))), escape(str(node.get("address", ""))),
-            f"[{_HEALTH_STYLE.get(health, 'white')}]{health}[/]",
-            status if status == "ok" else f"[yellow]{status}[/]",
-            admin if admin == "active" else f"[magenta]{admin}[/]",
-            "[green]yes[/]" if node.get("schedulable") else "[red]no[/]",
-            _fmt_num(system.get("cpu_percent")), _fmt_num(system.get("mem_percent")),
-            _fmt_num(load.get("qps")), _fmt_num(load.get("pending_tasks"), 0),
-            _ago(float(node.get("last_seen") or 0), now),
-            escape("; ".join(node.get("reasons") or [])),
-        )
-    return table
-
-
-def summary_line(nodes: list[dict[str, Any]]) -> str:
-    counts: dict[str, int] = {}
-    for node in nodes:
-        counts[str(node.get("health"))] = counts.get(str(node.get("health")), 0) + 1
-    parts = ", ".join(f"{n} {h}" for h, n in sorted(counts.items()))
-    schedulable = sum(1 for n in nodes if n.get("schedulable"))
-    return f"{len(nodes)} nodes ({parts or 'none'}); {schedulable} schedulable"
 
 
 @main.command()
@@ -244,7 +153,7 @@ def status(coordinator: str | None, ca: str | None, cert: str | None, key: str |
     import json
     import time
 
-    from nodewatch.client import ClientError
+    from nodewatch.cli.client import ClientError
 
     client = _client(coordinator, ca, cert, key)
     try:
@@ -268,7 +177,7 @@ def _node_command(name: str, verb: str, help_text: str) -> None:
     @tls_options
     def command(node_id: str, coordinator: str | None, ca: str | None, cert: str | None,
                 key: str | None, reason: str = "") -> None:
-        from nodewatch.client import ClientError
+        from nodewatch.cli.client import ClientError
 
         client = _client(coordinator, ca, cert, key)
         try:
@@ -306,7 +215,7 @@ def events(coordinator: str | None, ca: str | None, cert: str | None, key: str |
     import collections
     import json
 
-    from nodewatch.client import ClientError
+    from nodewatch.cli.client import ClientError
 
     console = make_console()
 
@@ -357,8 +266,8 @@ def demo(nodes: int, listen: str, duration: str | None, workdir: str) -> None:
     """
     from pathlib import Path
 
+    from nodewatch.cli.demo import DemoError, run_demo
     from nodewatch.config import parse_duration
-    from nodewatch.demo import DemoError, run_demo
 
     seconds: float | None = None
     if duration is not None:

@@ -13,12 +13,15 @@ from aiohttp import web
 from nodewatch.api.app import build_app
 from nodewatch.api.udp import start_udp_heartbeats
 from nodewatch.config import Config
-from nodewatch.coordinator import ActionSink, Coordinator
-from nodewatch.leader import Leadership
+from nodewatch.coordinator.leadership import Leadership
+from nodewatch.coordinator.service import ActionSink, Coordinator
+from nodewatch.protocol import split_host_port
 from nodewatch.respond.runner import ActionRunner
-from nodewatch.store.base import open_store
 from nodewatch.store.etcd import EtcdStore
+from nodewatch.store.open import open_store
 from nodewatch.tls import server_context
+
+__all__ = ["build_actions", "serve", "tls_context", "tune_gc"]
 
 log = logging.getLogger("nodewatch.coordinator")
 
@@ -32,15 +35,11 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 10)
 
 
-def split_host_port(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 def tls_context(config: Config) -> ssl.SSLContext | None:
     """Server TLS (1.2 or newer) from ``[coordinator] tls_cert/tls_key``; with
     ``tls_client_ca`` every client must present a certificate that CA signed."""
-    return server_context(config.coordinator)
+    c = config.coordinator
+    return server_context(c.tls_cert, c.tls_key, c.tls_client_ca)
 
 
 def build_actions(config: Config) -> ActionSink | None:
@@ -77,7 +76,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None,
         log.info("UDP heartbeats on %s:%d", *udp.address)
     runner = web.AppRunner(build_app(coord, udp), access_log=None, handle_signals=False)
     await runner.setup()
-    host, port = split_host_port(config.coordinator.listen)
+    host, port = split_host_port(config.coordinator.listen, default_host="0.0.0.0")
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -3,7 +3,7 @@
 A newcomer runs one command, opens the dashboard, and breaks nodes on purpose (kill, hang,
 degrade, load) from a prompt or from commands piped on stdin. The fast detection profile
 makes each change visible within seconds; every child dies with the demo (PR_SET_PDEATHSIG
-via :class:`~nodewatch.procs.LocalCluster`), whether it stops by Ctrl-C, ``quit``,
+via :class:`~nodewatch.cli.processes.LocalCluster`), whether it stops by Ctrl-C, ``quit``,
 ``--duration`` or a crash.
 """
 
@@ -27,8 +27,11 @@ from types import FrameType
 from rich.console import Console
 from rich.markup import escape
 
-from nodewatch.client import Client, ClientError
-from nodewatch.procs import LocalCluster, Proc, http_json
+from nodewatch.cli.client import Client, ClientError
+from nodewatch.cli.processes import LocalCluster, Proc, http_json
+from nodewatch.protocol import split_host_port
+
+__all__ = ["Demo", "DemoError", "FAST_PROFILE", "HELP", "MARKER", "Traffic", "run_demo"]
 
 #: About 1 s while healthy, 250 ms while failing: a kill is confirmed in about 2 s.
 FAST_PROFILE = """\
@@ -156,7 +159,7 @@ class Demo:
 
     def _event_loop(self) -> None:
         """Print every event as the coordinator emits it: the terminal's live timeline."""
-        from nodewatch.cli import event_line
+        from nodewatch.cli.render import event_line
 
         try:
             for event in Client(self.cluster.url).stream_events():
@@ -203,7 +206,7 @@ class Demo:
         return args[0]
 
     def _status(self, args: list[str]) -> str:
-        from nodewatch.cli import nodes_table, summary_line
+        from nodewatch.cli.render import nodes_table, summary_line
 
         nodes = self.client.nodes()
         self.console.print(nodes_table(nodes, time.time()))
@@ -301,14 +304,17 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 def run_demo(count: int, listen: str, workdir: Path, duration: float | None,
              console: Console | None = None) -> int:
     """Run until ``quit``, Ctrl-C, SIGTERM or ``duration``; returns the exit status."""
-    from nodewatch.cli import make_console
+    from nodewatch.cli.render import make_console
 
     console = console or make_console()
-    host, _, port = listen.rpartition(":")
-    if not host.startswith("127.") or not port.isdigit():
+    try:
+        host, port = split_host_port(listen)
+    except ValueError:
+        host, port = "", 0
+    if not host.startswith("127."):
         raise DemoError(f"--listen must be a loopback HOST:PORT such as 127.0.0.1:7300, "
                         f"got {listen!r}")
-    if not _port_free(host, int(port)):
+    if not _port_free(host, port):
         raise DemoError(f"{listen} is in use (another coordinator or demo?); use --listen")
     workdir = workdir.resolve()
     _prepare_workdir(workdir)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+__all__ = ["LocalCluster", "Proc", "http_json", "reachable"]
+
 _PR_SET_PDEATHSIG = 1
 
 

@@ -1,7 +1,7 @@
 """A probe worker process: runs the coordinator's HTTP checks on its own core.
 
-Started by :class:`nodewatch.detect.probe_pool.ProcessProbe` as
-``python -m nodewatch.detect.probe_worker --fd N ...`` with one end of a socketpair. Requests
+Started by :class:`nodewatch.coordinator.probe_pool.ProcessProbe` as
+``python -m nodewatch.coordinator.probe_worker --fd N ...`` with one end of a socketpair. Requests
 arrive as length-prefixed msgpack batches of ``(id, node_id, address)``; each is checked by an
 ordinary :class:`HttpProbe` and answered, in batches, as ``(id, CheckResult)``, the result
 exactly as this process measured it (``at`` and ``latency`` are taken here, on a clock that is
@@ -25,8 +25,8 @@ from typing import cast
 
 import msgspec
 
-from nodewatch.detect.poller import HttpProbe
-from nodewatch.detect.types import CheckResult, FailureClass
+from nodewatch.coordinator.poller import HttpProbe
+from nodewatch.model import CheckResult, FailureClass
 
 __all__ = ["CLOCKS", "HEADER", "LagWatch", "Request", "WorkerProtocol", "frame", "main"]
 

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import aiohttp
 
 from nodewatch.config import Config
+from nodewatch.coordinator.poller import HttpProbe, Poller, Probe
 from nodewatch.detect.machine import ActionRequest, Cluster, Outcome, ProbeRequest
 from nodewatch.detect.policy import Policy
-from nodewatch.detect.poller import HttpProbe, Poller, Probe
 from nodewatch.detect.scheduler import CheckScheduler
-from nodewatch.detect.types import (
+from nodewatch.model import (
     CheckResult,
     Event,
     FailureClass,
@@ -40,7 +40,10 @@ from nodewatch.store.base import Store
 from nodewatch.web import HTTPProblem
 
 if TYPE_CHECKING:
-    from nodewatch.leader import AgentLease, Leadership
+    from nodewatch.coordinator.leadership import AgentLease, Leadership
+
+__all__ = ["ActionSink", "BindableSink", "Coordinator", "LAG_BEAT", "NoActions", "NotLeader",
+           "PERSIST_INTERVAL", "RECENT_EVENTS", "ROUTINE_PERSIST_INTERVAL"]
 
 log = logging.getLogger("nodewatch.coordinator")
 
@@ -94,7 +97,7 @@ class NoActions:
 def _probe_for(config: Config, clock: Callable[[], float]) -> Probe:
     """In-process HTTP checks, or ``[coordinator] poller_processes`` worker processes."""
     if config.coordinator.poller_processes > 1:
-        from nodewatch.detect.probe_pool import ProcessProbe
+        from nodewatch.coordinator.probe_pool import ProcessProbe
 
         return ProcessProbe.from_config(config, clock=clock)
     return HttpProbe.from_config(config.detection, clock=clock)

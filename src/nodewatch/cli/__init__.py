@@ -1,0 +1,3 @@
+"""The command line: commands, rendering, the blocking client and the demo."""
+
+__all__: list[str] = []

@@ -1,0 +1,101 @@
+"""How the CLI and the demo show nodes and events: rich tables, one-line events, summaries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["event_line", "make_console", "nodes_table", "summary_line"]
+
+_HEALTH_STYLE = {"healthy": "green", "suspect": "yellow", "unhealthy": "red", "dead": "red dim",
+                 "unknown": "dim"}
+_EVENT_STYLE = {"healthy": "green", "recovered": "green", "approved": "green",
+                "undrained": "green", "registered": "cyan", "suspect": "yellow",
+                "degraded": "yellow", "drained": "yellow", "review": "magenta",
+                "unhealthy": "red", "dead": "red", "removed": "red", "guard_on": "red",
+                "guard_off": "green", "action_failed": "red"}
+
+
+def make_console() -> Any:
+    """A rich console; wide when piped so tables stay whole in logs and scripts."""
+    import sys
+
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def _fmt_num(value: object, digits: int = 1) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:.{digits}f}".rstrip("0").rstrip(".") if digits else f"{value:.0f}"
+    return "-"
+
+
+def _ago(ts: float, now: float) -> str:
+    if not ts:
+        return "never"
+    delta = max(0.0, now - ts)
+    if delta < 60:
+        return f"{delta:.0f}s ago"
+    if delta < 3600:
+        return f"{delta / 60:.0f}m ago"
+    return f"{delta / 3600:.1f}h ago"
+
+
+def event_line(event: dict[str, Any], markup: bool = True) -> str:
+    """One human line per event; shared by ``events`` and the demo's live log."""
+    import datetime as _dt
+
+    when = _dt.datetime.fromtimestamp(float(event.get("ts", 0))).strftime("%H:%M:%S")
+    kind = str(event.get("kind", "?"))
+    change = ""
+    if event.get("from") or event.get("to"):
+        change = f" {event.get('from') or '-'} -> {event.get('to') or '-'}"
+    reason = f"  {event['reason']}" if event.get("reason") else ""
+    node = event.get("node_id") or "(cluster)"
+    if not markup:
+        return f"{when} {node:<12} {kind:<13}{change}{reason}"
+    from rich.markup import escape
+
+    style = _EVENT_STYLE.get(kind, "white")
+    return (f"[dim]{when}[/] {escape(str(node)):<12} [{style}]{kind:<13}[/]"
+            f"{escape(change)}[dim]{escape(reason)}[/]")
+
+
+def nodes_table(nodes: list[dict[str, Any]], now: float) -> Any:
+    """The ``status`` table: one row per node, coloured by health."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("NODE", "ADDRESS", "HEALTH", "STATUS", "ADMIN", "SCHED", "CPU%", "MEM%",
+                   "QPS", "PENDING", "LAST SEEN", "REASONS"):
+        numeric = column in {"CPU%", "MEM%", "QPS", "PENDING"}
+        table.add_column(column, justify="right" if numeric else "left",
+                         no_wrap=column != "REASONS")
+    for node in nodes:
+        health = str(node.get("health", "?"))
+        system = node.get("system") or {}
+        load = node.get("load") or {}
+        status = str(node.get("node_status", "?"))
+        admin = str(node.get("admin", "?"))
+        table.add_row(
+            escape(str(node.get("node_id"))), escape(str(node.get("address", ""))),
+            f"[{_HEALTH_STYLE.get(health, 'white')}]{health}[/]",
+            status if status == "ok" else f"[yellow]{status}[/]",
+            admin if admin == "active" else f"[magenta]{admin}[/]",
+            "[green]yes[/]" if node.get("schedulable") else "[red]no[/]",
+            _fmt_num(system.get("cpu_percent")), _fmt_num(system.get("mem_percent")),
+            _fmt_num(load.get("qps")), _fmt_num(load.get("pending_tasks"), 0),
+            _ago(float(node.get("last_seen") or 0), now),
+            escape("; ".join(node.get("reasons") or [])),
+        )
+    return table
+
+
+def summary_line(nodes: list[dict[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for node in nodes:
+        counts[str(node.get("health"))] = counts.get(str(node.get("health")), 0) + 1
+    parts = ", ".join(f"{n} {h}" for h, n in sorted(counts.items()))
+    schedulable = sum(1 for n in nodes if n.get("schedulable"))
+    return f"{len(nodes)} nodes ({parts or 'none'}); {schedulable} schedulable"

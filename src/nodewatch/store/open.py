@@ -1,0 +1,48 @@
+"""``open_store(url)``: the one place that maps a ``--store`` URL to its backend.
+
+Backends are imported on demand, so a SQLite coordinator never loads the etcd or Redis clients.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nodewatch.store.base import Store
+
+__all__ = ["DEFAULT_SQLITE_PATH", "open_store", "sqlite_path"]
+
+DEFAULT_SQLITE_PATH = Path("nodewatch-data") / "state.db"
+
+
+def sqlite_path(url: str) -> Path:
+    """``sqlite:///rel/state.db`` is relative, ``sqlite:////abs/state.db`` absolute (as in
+    SQLAlchemy, so the config default ``sqlite:///./nodewatch-data/state.db`` reads naturally);
+    ``sqlite://`` alone means the default path."""
+    rest = url.removeprefix("sqlite://")
+    if rest in ("", "/"):
+        return DEFAULT_SQLITE_PATH
+    if not rest.startswith("/"):
+        raise ValueError(f"expected sqlite:///path/to/state.db, got {url!r}")
+    path = rest[1:]
+    if path in (":memory:", ""):
+        raise ValueError(f"the sqlite store needs a file path, got {url!r}")
+    return Path(path)
+
+
+def open_store(url: str, *, events_retained: int = 100_000,
+               history_ttl: float = 3600.0) -> Store:
+    """Build the (not yet opened) store a ``--store`` URL names; ``await store.open()`` next."""
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme == "sqlite":
+        from nodewatch.store.sqlite import SqliteStore
+
+        return SqliteStore(sqlite_path(url), events_retained=events_retained)
+    if scheme == "etcd":
+        from nodewatch.store.etcd import EtcdStore
+
+        return EtcdStore.from_url(url, events_retained=events_retained, history_ttl=history_ttl)
+    if scheme in ("redis", "rediss"):
+        from nodewatch.store.redis import RedisStore
+
+        return RedisStore(url, events_retained=events_retained)
+    raise ValueError(f"unknown store URL {url!r}: expected sqlite:///path, etcd://… or redis://…")
