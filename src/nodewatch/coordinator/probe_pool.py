@@ -52,6 +52,7 @@ class _Worker(asyncio.Protocol):
         self.buffer = bytearray()
         self.ready: asyncio.Future[None] | None = None
         self.started_at = 0.0
+        self.ready_at = 0.0
         self.backoff = 0.0
         self.accepting = True  # False while a crashing worker waits out its backoff
 
@@ -83,6 +84,7 @@ class _Worker(asyncio.Protocol):
             start = end
         del buffer[:start]
         if self.ready is not None and not self.ready.done():
+            self.ready_at = time.monotonic()
             self.ready.set_result(None)  # the worker's first frame is an empty "ready" batch
 
     def flush(self) -> None:
@@ -310,10 +312,17 @@ class ProcessProbe:
             for worker in self._workers:
                 oldest = next(iter(worker.pending.values()), None)
                 process = worker.process
-                if (oldest is not None and now - oldest[1] > limit and process is not None
-                        and process.returncode is None):
+                if oldest is None or process is None or process.returncode is not None:
+                    continue
+                if worker.ready is not None and not worker.ready.done():
+                    # Still starting (imports on a busy host): it has the start timeout, and
+                    # the checks queued for it wait without counting against it.
+                    waited, allowed = now - worker.started_at, self._start_timeout
+                else:
+                    waited, allowed = now - max(oldest[1], worker.ready_at), limit
+                if waited > allowed:
                     log.error("probe worker %d (pid %d) has not answered for %.1fs: killing it",
-                              worker.index, process.pid, now - oldest[1])
+                              worker.index, process.pid, waited)
                     with contextlib.suppress(ProcessLookupError):
                         process.kill()
 
