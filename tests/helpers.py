@@ -7,7 +7,8 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,20 @@ def port_open(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+@contextmanager
+def loopback_connections(count: int) -> Iterator[None]:
+    """Hold ``count`` real ESTABLISHED loopback connections (both ends in this process)."""
+    socks: list[socket.socket] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(count)
+        try:
+            for _ in range(count):
+                socks.append(socket.create_connection(listener.getsockname(), timeout=2))
+                socks.append(listener.accept()[0])
+            yield
+        finally:
+            for sock in socks:
+                sock.close()
