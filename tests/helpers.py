@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 
 from nodewatch.testing import find_binary, free_port, port_open
 
-__all__ = ["IN_CI", "async_wait_until", "free_port", "port_open", "require_binary", "wait_until"]
+__all__ = ["IN_CI", "async_wait_until", "free_port", "loopback_connections", "port_open",
+           "require_binary", "wait_until"]
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -51,3 +54,19 @@ async def async_wait_until(condition: Callable[[], Awaitable[object]], within: f
             raise AssertionError(f"timed out after {within}s waiting for {message}")
         await asyncio.sleep(interval)
 
+
+@contextmanager
+def loopback_connections(count: int) -> Iterator[None]:
+    """Hold ``count`` real ESTABLISHED loopback connections (both ends in this process)."""
+    socks: list[socket.socket] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(count)
+        try:
+            for _ in range(count):
+                socks.append(socket.create_connection(listener.getsockname(), timeout=2))
+                socks.append(listener.accept()[0])
+            yield
+        finally:
+            for sock in socks:
+                sock.close()

@@ -54,3 +54,10 @@ def test_coordinator_scale_runs_the_coordinator_the_bare_loop_and_wrk() -> None:
               "--warmup", "1")
     assert '"healthy": 50' in out, out
     assert "wrk    ceiling against one nginx address" in out
+
+
+def test_agent_footprint_times_the_connection_count_at_a_tiny_size() -> None:
+    out = run("agent_footprint.py", "--sockets-only", "--sockets", "50", "--hold", "1")
+    [row] = [line for line in out.splitlines() if line.split()[:1] == ["50"]]
+    assert "(sample 1s)" in row, out  # /health showed the 50 connections
+    assert "tables/snmp" in out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -12,12 +13,13 @@ import pytest
 
 from nodewatch.collect.agent import SEQ_BLOCK
 from nodewatch.collect.identity import StateFile
+from nodewatch.collect.sampler import HostSampler
 from nodewatch.config import AgentCheckConfig, AgentConfig, Duration
 from nodewatch.model import NodeStatus
 from nodewatch.testing import FakeClock
 from tests.collect.conftest import AgentFactory
 from tests.collect.coordinator_stub import RecordingCoordinator
-from tests.helpers import async_wait_until, free_port
+from tests.helpers import async_wait_until, free_port, loopback_connections
 
 
 async def test_registers_on_start_with_identity_and_token(
@@ -239,3 +241,25 @@ async def test_a_crashed_background_task_is_logged(make_agent: AgentFactory,
         await asyncio.sleep(0)
     assert any("nodewatch-agent-broken" in r.getMessage() and "sampler exploded" in r.getMessage()
                for r in caplog.records)
+
+
+async def test_health_shows_new_connections_within_a_few_samples(
+        make_agent: AgentFactory, http: aiohttp.ClientSession) -> None:
+    # The real sampler on the host's /proc, sampling every second, with a budget no table walk
+    # fits in (issue 11: the count lagged by tens of seconds while the walk waited for it).
+    agent = await make_agent(sampler=HostSampler(connections_budget=1e-12), clock=time.time,
+                             run_sampler=True, sample_interval=1.0)
+
+    async def connections() -> int:
+        async with http.get(f"{agent.url}/health") as response:
+            return int((await response.json())["system"]["connections"])
+
+    count = 20
+    baseline = await connections()
+    with loopback_connections(count):
+        # Both ends count (2N); other processes may close some of theirs meanwhile.
+        async def risen() -> bool:
+            return await connections() >= baseline + count
+
+        await async_wait_until(risen, within=30, interval=0.1,
+                               message=f"{count} new connections in /health")

@@ -5,24 +5,50 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["TCP_ESTABLISHED", "count_established", "count_established_psutil", "read_load1"]
+__all__ = [
+    "CURR_ESTAB_STATES",
+    "count_curr_estab_psutil",
+    "count_curr_estab_tables",
+    "count_states",
+    "read_curr_estab",
+    "read_load1",
+]
 
-TCP_ESTABLISHED = b"01"  # the kernel's TCP_ESTABLISHED, as printed in the ``st`` column
+# What the kernel's CurrEstab counts (RFC 1213 tcpCurrEstab): ESTABLISHED (01) and CLOSE-WAIT
+# (08), as printed in the ``st`` column of /proc/net/tcp; the fallbacks count the same.
+CURR_ESTAB_STATES = frozenset({b"01", b"08"})
 
 
-def count_state(table: bytes, state: bytes = TCP_ESTABLISHED) -> int:
-    """Count the rows of one ``/proc/net/tcp``-style table whose ``st`` column is ``state``."""
+def read_curr_estab(proc_root: str | Path = "/proc") -> int:
+    """The TCP MIB counter ``CurrEstab`` from ``/proc/net/snmp``, IPv4 and IPv6 together.
+
+    One short read whatever the number of sockets, unlike the tables. Raises
+    ``FileNotFoundError`` without the file and ``ValueError`` when it has no ``Tcp:`` counter.
+    """
+    with open(Path(proc_root) / "net" / "snmp", "rb") as snmp:
+        data = snmp.read()
+    # Two "Tcp:" lines: the names, then the values in the same order.
+    rows = [line.split() for line in data.split(b"\n") if line.startswith(b"Tcp:")]
+    if len(rows) < 2 or b"CurrEstab" not in rows[0] or len(rows[1]) != len(rows[0]):
+        raise ValueError("/proc/net/snmp has no Tcp CurrEstab counter")
+    return int(rows[1][rows[0].index(b"CurrEstab")])
+
+
+def count_states(table: bytes, states: frozenset[bytes] = CURR_ESTAB_STATES) -> int:
+    """Count the rows of one ``/proc/net/tcp``-style table whose ``st`` column is in
+    ``states``."""
     count = 0
     lines = table.split(b"\n")
     for line in lines[1:]:  # the first line is the column header
         fields = line.split(None, 4)
-        if len(fields) > 3 and fields[3] == state:
+        if len(fields) > 3 and fields[3] in states:
             count += 1
     return count
 
 
-def count_established(proc_root: str | Path = "/proc") -> int:
-    """ESTABLISHED TCP connections over IPv4 and IPv6 (blocking: call it off the event loop).
+def count_curr_estab_tables(proc_root: str | Path = "/proc") -> int:
+    """``CurrEstab`` the slow way, from ``/proc/net/tcp`` and ``tcp6`` (blocking, and costs
+    milliseconds per few hundred sockets): for kernels without ``/proc/net/snmp``.
 
     Raises ``FileNotFoundError`` only when neither table exists (no /proc: use psutil).
     """
@@ -36,19 +62,19 @@ def count_established(proc_root: str | Path = "/proc") -> int:
         except FileNotFoundError:
             continue
         found = True
-        total += count_state(data)
+        total += count_states(data)
     if not found:
         raise FileNotFoundError(f"{net}/tcp and {net}/tcp6 are missing")
     return total
 
 
-def count_established_psutil() -> int:
+def count_curr_estab_psutil() -> int:
     """The fallback where /proc is absent (macOS, BSD); slower and may need privileges."""
     import psutil
 
+    counted = {psutil.CONN_ESTABLISHED, psutil.CONN_CLOSE_WAIT}
     try:
-        return sum(1 for conn in psutil.net_connections("tcp")
-                   if conn.status == psutil.CONN_ESTABLISHED)
+        return sum(1 for conn in psutil.net_connections("tcp") if conn.status in counted)
     except (psutil.AccessDenied, OSError):
         return 0
 

@@ -4,20 +4,30 @@ baseline), everything that reads files off the loop, one call per sample interva
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import psutil
 
-from nodewatch.collect.proc import count_established, count_established_psutil, read_load1
+from nodewatch.collect.proc import (
+    count_curr_estab_psutil,
+    count_curr_estab_tables,
+    read_curr_estab,
+    read_load1,
+)
 
 __all__ = ["CONNECTIONS_CPU_BUDGET", "HostSampler", "Sampler", "SystemSample"]
 
-# At most this fraction of one core goes to counting connections (0.02 %): 1 ms of CPU per
-# read allows a read every 5 s, 70 ms (about 35,000 sockets) one every 350 s.
+log = logging.getLogger("nodewatch.agent")
+
+# Without /proc/net/snmp, at most this fraction of one core goes to walking the socket tables
+# (0.02 %): 1 ms of CPU per walk allows one every 5 s, 70 ms (about 35,000 sockets) one every
+# 350 s. The kernel's counter costs the same at any socket count and is read every sample.
 CONNECTIONS_CPU_BUDGET = 0.0002
 
 
@@ -60,12 +70,30 @@ class HostSampler:
         self._budget = connections_budget
         self._connections = 0
         self._connections_due = 0.0
+        # Decided once: the kernel's counter where it exists, else the budgeted table walk.
+        has_snmp = (self.proc_root / "net" / "snmp").exists()
+        self._count_connections: Callable[[], int] = (
+            self._read_counter if has_snmp else self._walk_tables)
+        #: Where the count comes from: ``snmp``, ``tables`` or ``psutil``.
+        self.connections_source = "snmp" if has_snmp else "tables" if self._has_proc \
+            else "psutil"
 
-    def _count_connections(self) -> int:
-        """Count ESTABLISHED sockets, but no more often than the CPU budget allows.
+    def _read_counter(self) -> int:
+        """``CurrEstab`` on every sample: a change shows within one sample interval."""
+        try:
+            return read_curr_estab(self.proc_root)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read %s/net/snmp (%s); counting the socket tables instead",
+                        self.proc_root, exc)
+            self._count_connections = self._walk_tables
+            self.connections_source = "tables" if self._has_proc else "psutil"
+            return self._walk_tables()
+
+    def _walk_tables(self) -> int:
+        """Walk the socket tables, but no more often than the CPU budget allows.
 
         The kernel renders every socket (TIME_WAIT included) as text: tens of ms of CPU on a
-        host with tens of thousands of sockets. Each read's own CPU cost decides when the next
+        host with tens of thousands of sockets. Each walk's own CPU cost decides when the next
         one is due, so a busy host keeps its idle overhead bounded with an older count, and a
         quiet host (well under a millisecond) counts on every sample.
         """
@@ -75,11 +103,11 @@ class HostSampler:
         started = time.thread_time()
         if self._has_proc:
             try:
-                self._connections = count_established(self.proc_root)
+                self._connections = count_curr_estab_tables(self.proc_root)
             except FileNotFoundError:
-                self._connections = count_established_psutil()
+                self._connections = count_curr_estab_psutil()
         else:
-            self._connections = count_established_psutil()
+            self._connections = count_curr_estab_psutil()
         cost = time.thread_time() - started
         self._connections_due = now + cost / self._budget if self._budget > 0 else now
         return self._connections
