@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from nodewatch.errors import ConfigError
 from nodewatch.tls import TlsSetupError, client_context, server_context
 
 __all__ = ["ActionConfig", "AgentCheckConfig", "AgentConfig", "AgentRuleConfig", "BudgetConfig",
@@ -27,10 +28,6 @@ NODE_ID_RE = re.compile(NODE_ID_PATTERN)
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-
-
-class ConfigError(Exception):
-    """A configuration problem, already phrased as the one line an operator needs."""
 
 
 class Duration(float):

@@ -13,17 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from nodewatch.errors import ConfigError
+
 __all__ = ["TlsFailure", "TlsSetupError", "client_context", "explain_tls_failure",
            "probe_handshake", "server_context"]
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 
 
-class TlsSetupError(ValueError):
-    """A TLS setting that cannot work: ``key`` is the setting, ``what`` what is expected.
-
-    A ``ValueError`` rather than a ``ConfigError``: this module takes plain paths so that it
-    needs nothing from ``config`` (which calls it to prove the files at load time)."""
+class TlsSetupError(ConfigError):
+    """A TLS setting that cannot work: ``key`` is the setting, ``what`` what is expected."""
 
     def __init__(self, key: str, what: str) -> None:
         super().__init__(f"{key}: {what}")
