@@ -16,6 +16,7 @@ from nodewatch.model import (
     CheckResult,
     FailureClass,
     Health,
+    NodeState,
     NodeStatus,
     PeerVote,
     Registration,
@@ -50,6 +51,13 @@ def fail(cluster: Cluster, clock: FakeClock, node_id: str = "n0",
          failure: FailureClass = FailureClass.TIMEOUT) -> Outcome:
     return cluster.observe(CheckResult(node_id=node_id, ok=False, at=clock(), failure=failure,
                                        detail="scripted"))
+
+
+def fail_later(cluster: Cluster, clock: FakeClock, node_id: str = "n0",
+               failure: FailureClass = FailureClass.TIMEOUT) -> Outcome:
+    """A failed check one ``unhealthy_interval`` after the last, as the poller spaces them."""
+    clock.advance(cluster.policy.unhealthy_interval)
+    return fail(cluster, clock, node_id, failure)
 
 
 def healthy(cluster: Cluster, clock: FakeClock, *node_ids: str) -> None:
@@ -95,9 +103,9 @@ def test_unhealthy_only_after_fall_consecutive_failures(clock: FakeClock) -> Non
     cluster = make(clock, fall=3)
     healthy(cluster, clock)
     fail(cluster, clock)
-    fail(cluster, clock)
+    fail_later(cluster, clock)
     assert health(cluster) is Health.SUSPECT
-    out = fail(cluster, clock)
+    out = fail_later(cluster, clock)
     assert kinds(out) == ["unhealthy"]
     assert [a.kind for a in out.actions] == ["unhealthy"]
     assert health(cluster) is Health.UNHEALTHY
@@ -107,11 +115,118 @@ def test_a_success_restarts_the_fall_count(clock: FakeClock) -> None:
     cluster = make(clock, fall=3)
     healthy(cluster, clock)
     fail(cluster, clock)
-    fail(cluster, clock)
+    fail_later(cluster, clock)
     ok(cluster, clock)
-    fail(cluster, clock)
-    fail(cluster, clock)
+    fail_later(cluster, clock)
+    fail_later(cluster, clock)
     assert health(cluster) is Health.SUSPECT
+
+
+def test_a_success_restarts_the_span_too(clock: FakeClock) -> None:
+    cluster = make(clock, fall=3)  # fall_span 10 s
+    healthy(cluster, clock)
+    fail(cluster, clock)
+    clock.advance(1)
+    ok(cluster, clock)
+    clock.advance(8)
+    for _ in range(3):  # 3 failures, 9 s after the first failure but only 2 s after the success
+        fail(cluster, clock)
+        clock.advance(1)
+    assert health(cluster) is Health.SUSPECT
+
+
+# ---------------------------------------------------------------- fall spans time
+
+
+def test_fall_failures_quicker_than_the_span_do_not_confirm(clock: FakeClock) -> None:
+    # Checked every second for other reasons (re-checks, probes): the count is reached at
+    # once, but the failure must last (fall - 1) x unhealthy_interval x (1 - jitter) = 9 s.
+    cluster = make(clock, fall=3, jitter=0.1)
+    assert cluster.policy.fall_span == pytest.approx(9.0)
+    healthy(cluster, clock)
+    for _ in range(9):  # at 0, 1, ..., 8 s
+        assert "unhealthy" not in kinds(fail(cluster, clock))
+        clock.advance(1)
+    assert health(cluster) is Health.SUSPECT
+    out = fail(cluster, clock)  # 9 s after the first failure
+    assert kinds(out) == ["unhealthy"]
+    assert out.events[0].reason.startswith("10 consecutive failed checks over 9.0s")
+
+
+def test_the_quick_recheck_does_not_count(clock: FakeClock) -> None:
+    # The kill -9 of issue 11: fall 3 at 200 ms was confirmed 207 ms after the first failure,
+    # because the re-check right after it was one of the three.
+    cluster = make(clock, fall=3, unhealthy_interval=0.2)
+    healthy(cluster, clock)
+    out = fail(cluster, clock, failure=FailureClass.REFUSED)
+    assert kinds(out) == ["suspect"] and out.check_now == ["n0"]
+    clock.advance(0.007)
+    assert not fail(cluster, clock, failure=FailureClass.REFUSED).events  # the re-check
+    assert not fail_later(cluster, clock, failure=FailureClass.REFUSED).events
+    assert health(cluster) is Health.SUSPECT  # 3 failures, but over one interval only
+    out = fail_later(cluster, clock, failure=FailureClass.REFUSED)
+    assert kinds(out) == ["unhealthy"]
+    assert out.events[0].reason.startswith("4 consecutive failed checks over 0.4s")
+    assert len(out.events[0].evidence["checks"]) == 4  # the whole streak, re-check included
+
+
+def test_checks_early_by_the_jitter_still_confirm_at_fall(clock: FakeClock) -> None:
+    cluster = make(clock, fall=3, jitter=0.1)
+    healthy(cluster, clock)
+    fail(cluster, clock)
+    fail(cluster, clock)  # the re-check
+    for _ in range(2):  # two intervals, each as short as the jitter allows
+        clock.advance(4.5)
+        out = fail(cluster, clock)
+    assert kinds(out) == ["unhealthy"]
+
+
+def test_fall_two_needs_one_interval_after_the_first_failure(clock: FakeClock) -> None:
+    cluster = make(clock, fall=2)
+    healthy(cluster, clock)
+    fail(cluster, clock)
+    assert not fail(cluster, clock).events  # the re-check alone confirmed before issue 11
+    assert kinds(fail_later(cluster, clock)) == ["unhealthy"]
+
+
+def test_fall_one_confirms_on_the_first_failure(clock: FakeClock) -> None:
+    cluster = make(clock, fall=1)
+    assert cluster.policy.fall_span == 0.0
+    healthy(cluster, clock)
+    out = fail(cluster, clock)
+    assert kinds(out) == ["suspect", "unhealthy"]
+    assert out.events[1].reason.startswith("1 consecutive failed checks over 0.0s")
+
+
+def test_a_missed_heartbeat_starts_the_span(clock: FakeClock) -> None:
+    # A lease expiry is a failure, and the poll it asks for (plus its re-check) come at once:
+    # none of them stands in for the intervals that must pass.
+    cluster = make(clock, fall=3, unhealthy_interval=1.0, jitter=0.1)
+    healthy(cluster, clock)
+    out = cluster.observe(CheckResult(node_id="n0", ok=False, at=clock(),
+                                      failure=FailureClass.LEASE_EXPIRED,
+                                      detail="no heartbeat for 2.5s", source="lease"))
+    assert kinds(out) == ["suspect"]
+    for _ in range(2):  # the poll it asked for, and the re-check after it
+        clock.advance(0.001)
+        assert not fail(cluster, clock, failure=FailureClass.REFUSED).events
+    clock.advance(0.9)
+    assert not fail(cluster, clock, failure=FailureClass.REFUSED).events
+    clock.advance(0.9)  # 1.802 s >= 2 x 1 s x 0.9
+    out = fail(cluster, clock, failure=FailureClass.REFUSED)
+    assert kinds(out) == ["unhealthy"]
+    assert out.events[0].reason.startswith("5 consecutive failed checks over 1.8s")
+
+
+def test_a_restored_streak_counts_its_span_afresh(clock: FakeClock) -> None:
+    # After a coordinator restart the stored count survives but the streak's start does not:
+    # the span is counted from the first failure this coordinator sees.
+    stored = NodeState(node_id="n0", address="10.0.0.2:7301", health=Health.SUSPECT,
+                       consecutive_failures=2, incarnation=1)
+    cluster = Cluster(replace(BASE, fall=3), now=clock(), nodes=[stored])
+    assert not fail(cluster, clock).events
+    assert not fail_later(cluster, clock).events  # 4 failures, but one interval seen here
+    assert kinds(fail_later(cluster, clock)) == ["unhealthy"]
 
 
 def test_suspect_returns_to_healthy_only_after_rise_successes(clock: FakeClock) -> None:
@@ -128,7 +243,7 @@ def test_unhealthy_recovers_after_rise_successes_with_recovered(clock: FakeClock
     cluster = make(clock, fall=2, rise=2)
     healthy(cluster, clock)
     fail(cluster, clock)
-    fail(cluster, clock)
+    fail_later(cluster, clock)
     assert health(cluster) is Health.UNHEALTHY
     assert not ok(cluster, clock).events
     assert health(cluster) is Health.UNHEALTHY
@@ -153,8 +268,8 @@ def test_every_failure_event_carries_the_failure_class(clock: FakeClock) -> None
     cluster = make(clock, fall=3)
     healthy(cluster, clock)
     events = (fail(cluster, clock, failure=FailureClass.REFUSED).events
-              + fail(cluster, clock, failure=FailureClass.HTTP_STATUS).events
-              + fail(cluster, clock, failure=FailureClass.BAD_BODY).events)
+              + fail_later(cluster, clock, failure=FailureClass.HTTP_STATUS).events
+              + fail_later(cluster, clock, failure=FailureClass.BAD_BODY).events)
     assert [e.kind for e in events] == ["suspect", "unhealthy"]
     assert [c["class"] for c in events[0].evidence["checks"]] == ["refused"]
     assert [c["class"] for c in events[1].evidence["checks"]] == [
@@ -181,7 +296,7 @@ def test_a_confirmed_down_node_is_checked_at_down_interval(clock: FakeClock) -> 
     assert cluster.nodes["n0"].health is Health.SUSPECT
     assert cluster.interval_for("n0") == 5.0  # still being confirmed: fast
     for _ in range(cluster.policy.fall - 1):
-        fail(cluster, clock)
+        fail_later(cluster, clock)
     assert cluster.nodes["n0"].health is Health.UNHEALTHY
     assert cluster.interval_for("n0") == 60.0
     for _ in range(cluster.policy.rise):  # its recovery is seen as quickly as ever
@@ -278,7 +393,7 @@ def test_startup_grace_holds_confirmation_with_one_event(clock: FakeClock) -> No
     cluster = make(clock, fall=2, startup_grace=45.0)
     healthy(cluster, clock)
     fail(cluster, clock)
-    out = fail(cluster, clock)
+    out = fail_later(cluster, clock)
     assert kinds(out) == ["suspect"] and out.events[0].reason == "held: startup grace"
     assert out.events[0].evidence["checks"][0]["class"] == "timeout"
     clock.advance(5)
@@ -406,6 +521,7 @@ def test_guard_holds_confirmations_and_lifts_when_failures_drop(clock: FakeClock
         fail(cluster, clock, f"n{i}")
     assert cluster.guard_on
     for _ in range(3):
+        clock.advance(cluster.policy.unhealthy_interval)  # past fall: only the guard holds
         for i in range(3):
             out = fail(cluster, clock, f"n{i}")
             assert "unhealthy" not in kinds(out)
@@ -429,7 +545,7 @@ def probing(clock: FakeClock, **kw: Any) -> Cluster:
 def test_confirmation_first_asks_healthy_peers(clock: FakeClock) -> None:
     cluster = probing(clock)
     fail(cluster, clock)
-    out = fail(cluster, clock)
+    out = fail_later(cluster, clock)
     assert len(out.probes) == 1 and not out.actions
     probe = out.probes[0]
     assert probe.node_id == "n0" and probe.address == cluster.nodes["n0"].address
@@ -451,7 +567,7 @@ def test_probe_asks_at_most_the_healthy_peers_there_are(clock: FakeClock) -> Non
 def test_reachable_vote_keeps_node_suspect_without_cleanup(clock: FakeClock) -> None:
     cluster = probing(clock)
     fail(cluster, clock)
-    (probe,) = fail(cluster, clock).probes
+    (probe,) = fail_later(cluster, clock).probes
     votes = [PeerVote(probe.peers[0][0], reachable=True),
              PeerVote(probe.peers[1][0], reachable=False, detail="timeout")]
     out = cluster.peer_votes("n0", votes, clock())
@@ -464,7 +580,7 @@ def test_reachable_vote_keeps_node_suspect_without_cleanup(clock: FakeClock) -> 
 def test_repeated_reachable_votes_emit_no_new_events(clock: FakeClock) -> None:
     cluster = probing(clock)
     fail(cluster, clock)
-    (probe,) = fail(cluster, clock).probes
+    (probe,) = fail_later(cluster, clock).probes
     cluster.peer_votes("n0", [PeerVote(probe.peers[0][0], True)], clock())
     out = fail(cluster, clock)
     assert len(out.probes) == 1 and not out.events  # asks again, quietly
@@ -475,7 +591,7 @@ def test_repeated_reachable_votes_emit_no_new_events(clock: FakeClock) -> None:
 def test_all_unreachable_votes_confirm_with_votes_in_evidence(clock: FakeClock) -> None:
     cluster = probing(clock)
     fail(cluster, clock)
-    (probe,) = fail(cluster, clock).probes
+    (probe,) = fail_later(cluster, clock).probes
     votes = [PeerVote(p, reachable=False, detail="refused") for p, _ in probe.peers]
     out = cluster.peer_votes("n0", votes, clock())
     assert kinds(out) == ["unhealthy"] and [a.kind for a in out.actions] == ["unhealthy"]
@@ -487,7 +603,7 @@ def test_peers_we_cannot_reach_either_hold_and_the_next_failure_asks_again(
         clock: FakeClock) -> None:
     cluster = probing(clock)
     fail(cluster, clock)
-    (probe,) = fail(cluster, clock).probes
+    (probe,) = fail_later(cluster, clock).probes
     votes = [PeerVote(p, reachable=None, detail="peer unreachable") for p, _ in probe.peers]
     out = cluster.peer_votes("n0", votes, clock())
     assert kinds(out) == ["suspect"] and not out.actions
@@ -502,7 +618,7 @@ def test_peers_we_cannot_reach_either_hold_and_the_next_failure_asks_again(
 def test_one_real_unreachable_vote_outweighs_peers_we_cannot_reach(clock: FakeClock) -> None:
     cluster = probing(clock)
     fail(cluster, clock)
-    (probe,) = fail(cluster, clock).probes
+    (probe,) = fail_later(cluster, clock).probes
     (first, _), (second, _) = probe.peers
     votes = [PeerVote(first, None, "peer unreachable"), PeerVote(second, False, "refused")]
     assert kinds(cluster.peer_votes("n0", votes, clock())) == ["unhealthy"]
@@ -511,7 +627,7 @@ def test_one_real_unreachable_vote_outweighs_peers_we_cannot_reach(clock: FakeCl
 def test_no_votes_at_all_confirm(clock: FakeClock) -> None:
     cluster = probing(clock)
     fail(cluster, clock)
-    fail(cluster, clock)
+    fail_later(cluster, clock)
     out = cluster.peer_votes("n0", [], clock())
     assert kinds(out) == ["unhealthy"] and out.events[0].evidence["peers"] == []
 
@@ -519,7 +635,7 @@ def test_no_votes_at_all_confirm(clock: FakeClock) -> None:
 def test_votes_after_the_node_recovered_are_ignored(clock: FakeClock) -> None:
     cluster = probing(clock, rise=1)
     fail(cluster, clock)
-    fail(cluster, clock)
+    fail_later(cluster, clock)
     ok(cluster, clock)
     assert not cluster.peer_votes("n0", [], clock())
     assert health(cluster) is Health.HEALTHY
@@ -528,7 +644,7 @@ def test_votes_after_the_node_recovered_are_ignored(clock: FakeClock) -> None:
 def test_votes_arriving_while_gated_hold(clock: FakeClock) -> None:
     cluster = probing(clock)
     fail(cluster, clock)
-    fail(cluster, clock)
+    fail_later(cluster, clock)
     cluster.set_loop_lag(4.0)
     out = cluster.peer_votes("n0", [], clock())
     assert kinds(out) == ["suspect"] and out.events[0].reason == "held: coordinator loop lag"

@@ -31,9 +31,11 @@ def test_crashes_are_all_confirmed_within_the_detection_window() -> None:
     result = run("crash", fraction=0.05)
     p = Policy()
     assert result.faults == 20 and result.detected == 20 and result.missed == 0
-    # Next check (healthy_interval + jitter), an immediate recheck, one unhealthy_interval.
-    bound = p.healthy_interval * 1.1 + p.unhealthy_interval * 1.1 + 1.0
+    # Next check (healthy_interval + jitter), an immediate recheck that adds no time, then
+    # fall - 1 unhealthy intervals: the streak must span them (issue 11).
+    bound = p.healthy_interval * 1.1 + (p.fall - 1) * p.unhealthy_interval * 1.1 + 1.0
     assert max(result.detection) <= bound
+    assert min(result.detection) >= p.fall_span
     assert result.false_positives == 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -67,7 +68,11 @@ def test_killed_agent_is_confirmed_unhealthy_only_after_fall_failures(
     checks = unhealthy["evidence"]["checks"]
     assert len(checks) >= 3, "confirmed before fall consecutive failures"
     assert {c["class"] for c in checks} == {"refused"}
-    assert unhealthy["reason"].startswith("3 consecutive failed checks")
+    # fall 3 spans (3 - 1) x 200 ms less 10 % jitter from the first failure; the quick re-check
+    # after it does not count (issue 11: this kill was once confirmed 207 ms after it).
+    assert checks[-1]["at"] - checks[0]["at"] >= 0.36 - 1e-6
+    assert unhealthy["ts"] - suspect["ts"] >= 0.36 - 1e-6
+    assert re.match(r"\d+ consecutive failed checks over \d+\.\ds, last: ", unhealthy["reason"])
     # Peers were asked and could not reach it either: that is in the evidence too.
     assert all(not vote["reachable"] for vote in unhealthy["evidence"].get("peers", []))
     assert health(cluster, "web-1") == "healthy" and health(cluster, "web-3") == "healthy"

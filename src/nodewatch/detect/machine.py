@@ -129,6 +129,11 @@ class Cluster:
         self.loop_lag = 0.0
         self.guard_on = False
         self._failures: dict[str, deque[_Failure]] = {}
+        # When each node's current streak of failed checks began (coordinator clock): ``fall``
+        # failures confirm only once the streak spans ``policy.fall_span``. Not persisted: after
+        # a restart a streak counts its time afresh from the next failure (the startup grace
+        # holds confirmations longer than that anyway).
+        self._failing_since: dict[str, float] = {}
         self._suspect_since: dict[str, float] = {}
         self._probing: set[str] = set()
         self._held_cleanup: dict[str, str] = {}  # node_id -> event id of the unhealthy event
@@ -424,6 +429,7 @@ class Cluster:
         node.consecutive_failures = 0
         node.consecutive_successes += 1
         self._failures.pop(node.node_id, None)
+        self._failing_since.pop(node.node_id, None)
         self._probing.discard(node.node_id)
         if node.health is Health.HEALTHY:
             return
@@ -450,9 +456,12 @@ class Cluster:
         now = result.at
         node.consecutive_successes = 0
         node.consecutive_failures += 1
+        self._failing_since.setdefault(node.node_id, now)
         failures = self._failures.get(node.node_id)
         if failures is None:
-            failures = self._failures[node.node_id] = deque(maxlen=max(self.policy.fall, 3))
+            # The first failure, its quick re-check and fall - 1 more: the whole streak that
+            # confirms a node, as its evidence.
+            failures = self._failures[node.node_id] = deque(maxlen=max(self.policy.fall + 1, 3))
         failures.append(_Failure(now, result.failure.value if result.failure else "error",
                                  result.detail, result.latency, result.source))
         if node.health in (Health.HEALTHY, Health.UNKNOWN):
@@ -462,8 +471,17 @@ class Cluster:
             out.check_now.append(node.node_id)
             # The node that tips the guard must itself be held: decide the guard first.
             self._update_guard(out, now)
-        if node.health is Health.SUSPECT and node.consecutive_failures >= self.policy.fall:
+        if node.health is Health.SUSPECT and self._fall_reached(node, now):
             self._try_confirm(out, node, now)
+
+    def _fall_reached(self, node: NodeState, now: float) -> bool:
+        """``fall`` consecutive failures spread over ``fall_span``: a failure that lasts
+        (fall - 1) unhealthy intervals, however often the node was checked meanwhile."""
+        p = self.policy
+        if node.consecutive_failures < p.fall:
+            return False
+        # A hair of slack for float sums of jittered intervals that land on the bound exactly.
+        return now - self._failing_since.get(node.node_id, now) >= p.fall_span - 1e-9
 
     @staticmethod
     def _describe(failure: _Failure) -> str:
@@ -566,7 +584,9 @@ class Cluster:
                  evidence: dict[str, Any]) -> None:
         failures = self._failures.get(node.node_id)
         last = self._describe(failures[-1]) if failures else "checks failed"
-        reason = f"{node.consecutive_failures} consecutive failed checks, last: {last}"
+        span = now - self._failing_since.get(node.node_id, now)
+        reason = (f"{node.consecutive_failures} consecutive failed checks over {span:.1f}s, "
+                  f"last: {last}")
         event = self._set_health(out, node, Health.UNHEALTHY, now, reason, evidence)
         self._request_cleanup(out, node, event, now)
 
@@ -687,6 +707,7 @@ class Cluster:
         node.consecutive_successes = 0
         node.consecutive_failures = 0
         self._failures.pop(node.node_id, None)
+        self._failing_since.pop(node.node_id, None)
         self._probing.discard(node.node_id)
         before = node.health
         if before is Health.DEAD:
@@ -859,7 +880,7 @@ class Cluster:
         if node_id in self._suspect_entry:
             del self._suspect_entry[node_id]
             self._recent_health[Health.UNKNOWN] -= 1  # _index_health counted it as unknown
-        for table in (self._failures, self._suspect_since, self._held_cleanup,
+        for table in (self._failures, self._failing_since, self._suspect_since, self._held_cleanup,
                       self._before_restart, self._samples_seen):
             table.pop(node_id, None)
         self._probing.discard(node_id)

@@ -68,6 +68,16 @@ class Policy:
         return self.down_interval or self.unhealthy_interval
 
     @property
+    def fall_span(self) -> float:
+        """How long a streak of failed checks must last before ``fall`` of them confirm a node:
+        ``fall`` checks ``unhealthy_interval`` apart span ``fall - 1`` intervals, less jitter
+        (a check may come that much early). The quick re-check after the first failure adds a
+        failure but no time, so it cannot stand in for an interval; nor can extra checks (a
+        lease expiry and the poll it asks for, repeated peer probes): only the span counts.
+        0 with ``fall = 1``: the first failure confirms."""
+        return (self.fall - 1) * self.unhealthy_interval * (1.0 - self.jitter)
+
+    @property
     def detection_window(self) -> float:
         """How long a node can go unobserved before the coordinator could have confirmed it."""
         return self.healthy_interval + self.fall * self.unhealthy_interval
