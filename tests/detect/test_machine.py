@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from nodewatch.detect.machine import Cluster, Conflict, Outcome, UnknownNode
+from nodewatch.detect.cluster import Cluster
+from nodewatch.detect.outcome import Conflict, Outcome, UnknownNode
 from nodewatch.detect.policy import Policy
 from nodewatch.model import (
     Admin,
