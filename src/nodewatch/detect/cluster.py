@@ -17,6 +17,7 @@ from nodewatch.detect.budget import Budget
 from nodewatch.detect.drain import Drains
 from nodewatch.detect.gate import Gate
 from nodewatch.detect.guard import Guard
+from nodewatch.detect.journal import DirtyNodes, EventSequence
 from nodewatch.detect.machine import FailureLog, NodeTable
 from nodewatch.detect.outcome import ActionRequest, Conflict, Outcome, ProbeRequest, UnknownNode
 from nodewatch.detect.peers import PeerConfirmation
@@ -33,7 +34,6 @@ from nodewatch.model import (
     RegisterDecision,
     Registration,
     Report,
-    event_id,
 )
 
 __all__ = ["Cluster"]
@@ -67,9 +67,8 @@ class Cluster:
         self.peers = PeerConfirmation(policy, self.rng)
         self.review = Review(policy)
         self.drains = Drains(policy)
-        self._next_event = next_event
-        self._dirty: set[str] = set(self.table.nodes)
-        self._routine: set[str] = set()
+        self.event_sequence = EventSequence(next_event)
+        self.dirty = DirtyNodes(self.table.nodes)
         for node in self.table.nodes.values():
             self._track(node)
 
@@ -103,7 +102,7 @@ class Cluster:
 
     @property
     def next_event_number(self) -> int:
-        return self._next_event
+        return self.event_sequence.next_number
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {h.value: 0 for h in Health}
@@ -123,15 +122,11 @@ class Cluster:
         With ``routine=False`` only nodes with a transition or a command are taken; nodes that
         merely saw routine observations stay pending for a later full write.
         """
-        dirty, self._dirty = self._dirty, set()
-        if routine:
-            dirty |= self._routine
-            self._routine = set()
-        return dirty
+        return self.dirty.take(routine)
 
     def mark_dirty(self, node_ids: Iterable[str]) -> None:
         """Ask for these nodes to be written again (after a failed or lost write)."""
-        self._dirty.update(i for i in node_ids if i in self.table.nodes)
+        self.dirty.mark(node_ids, self.table.nodes)
 
     def mirror(self, nodes: Iterable[NodeState], deleted: Iterable[str] = (),
                reset: bool = False) -> None:
@@ -158,8 +153,7 @@ class Cluster:
         self.review.forget(node_id)
         self.peers.forget(node_id)
         self.drains.forget(node_id)
-        self._dirty.discard(node_id)
-        self._routine.discard(node_id)
+        self.dirty.forget(node_id)
         return node
 
     def _emit(
@@ -173,17 +167,7 @@ class Cluster:
         reason: str = "",
         evidence: dict[str, Any] | None = None,
     ) -> Event:
-        event = Event(
-            id=event_id(self._next_event),
-            ts=now,
-            node_id=node_id,
-            kind=kind,
-            from_=from_,
-            to=to,
-            reason=reason,
-            evidence=evidence or {},
-        )
-        self._next_event += 1
+        event = self.event_sequence.mint(now, node_id, kind, from_, to, reason, evidence)
         out.events.append(event)
         return event
 
@@ -274,7 +258,10 @@ class Cluster:
                 self._on_failure(out, node, result)
         # A transition must be written at once; a routine observation (new seq, load, counters)
         # may wait for the next full write, so a heartbeat is not a store write every time.
-        (self._dirty if out.events else self._routine).add(node.node_id)
+        if out.events:
+            self.dirty.changed(node.node_id)
+        else:
+            self.dirty.touched(node.node_id)
         if out.events:
             self._update_guard(out, now)
         return out
@@ -322,7 +309,7 @@ class Cluster:
                        Admin.ACTIVE.value, f"auto-approved: {reason}", evidence)
             return
         node.admin = Admin.REVIEW
-        self._dirty.add(node.node_id)
+        self.dirty.changed(node.node_id)
         event = self._emit(out, now, node.node_id, "review", Admin.ACTIVE.value,
                            Admin.REVIEW.value, reason, evidence)
         self._action(out, "review", node, event)  # out of load balancers until approved
@@ -375,7 +362,7 @@ class Cluster:
         """Keep a node suspect, telling why once per change of reason rather than every check."""
         if node.health_reason != reason:
             node.health_reason = reason
-            self._dirty.add(node.node_id)
+            self.dirty.changed(node.node_id)
             self._emit(out, now, node.node_id, "suspect", Health.SUSPECT.value,
                        Health.SUSPECT.value, reason, evidence)
 
@@ -422,14 +409,14 @@ class Cluster:
             return out
         if verdict == "peers_unreachable":
             self._hold(out, node, now, _PEERS_UNREACHABLE, evidence)
-            self._dirty.add(node_id)
+            self.dirty.changed(node_id)
             return out
         gate = self.gate.hold_reason(now)
         if gate or self.guard.on:
             self._hold(out, node, now, gate or _GUARD_HOLD, evidence)
             return out
         self._confirm(out, node, now, evidence)
-        self._dirty.add(node_id)
+        self.dirty.changed(node_id)
         self._update_guard(out, now)
         return out
 
@@ -488,7 +475,7 @@ class Cluster:
                              incarnation=reg.incarnation, seq=-1, last_ts=reg.last_ts,
                              version=reg.version, registered_at=now, since=now)
             self.table.add(node)
-            self._dirty.add(reg.node_id)
+            self.dirty.changed(reg.node_id)
             self._emit(out, now, reg.node_id, "registered", "", Health.UNKNOWN.value,
                        "new node", {"decision": "new", "incarnation": reg.incarnation})
             out.check_now.append(reg.node_id)
@@ -518,7 +505,7 @@ class Cluster:
             # balancers, and returning to healthy emits ``recovered`` to put it back.
             self._index_health(node, Health.UNKNOWN)
             node.since = now
-        self._dirty.add(node.node_id)
+        self.dirty.changed(node.node_id)
         if decision == "review":
             prev_admin = node.admin
             node.admin = Admin.REVIEW
@@ -546,11 +533,11 @@ class Cluster:
         if node is not None:
             if node.address != address or node.labels != labels:
                 node.address, node.labels = address, dict(labels)
-                self._dirty.add(node_id)
+                self.dirty.changed(node_id)
             return out
         self.table.add(NodeState(node_id=node_id, address=address, labels=dict(labels),
                                  registered_at=now, since=now, seq=-1))
-        self._dirty.add(node_id)
+        self.dirty.changed(node_id)
         self._emit(out, now, node_id, "registered", "", Health.UNKNOWN.value,
                    "static node from the configuration", {"decision": "new"})
         out.check_now.append(node_id)
@@ -567,7 +554,7 @@ class Cluster:
         before = node.admin
         node.admin = Admin.DRAINED
         drain = self.drains.start(node, reason or "operator drain", now)
-        self._dirty.add(node_id)
+        self.dirty.changed(node_id)
         event = self._emit(out, now, node_id, "drained", before.value, Admin.DRAINED.value,
                            drain.reason,
                            {"waiting_for": {"pending_tasks": node.load.get("pending_tasks")},
@@ -584,7 +571,7 @@ class Cluster:
                            {"pending_tasks": end.pending})
         if end.kind == "drain_deadline":
             self._action(out, "drain_deadline", node, event)
-        self._dirty.add(node.node_id)
+        self.dirty.changed(node.node_id)
 
     def undrain(self, node_id: str, now: float) -> Outcome:
         node = self._get(node_id)
@@ -595,7 +582,7 @@ class Cluster:
             return out
         node.admin = Admin.ACTIVE
         self.drains.stop(node)
-        self._dirty.add(node_id)
+        self.dirty.changed(node_id)
         event = self._emit(out, now, node_id, "undrained", Admin.DRAINED.value,
                            Admin.ACTIVE.value, "operator undrain")
         self._action(out, "undrained", node, event)
@@ -608,7 +595,7 @@ class Cluster:
             raise Conflict(f"node {node_id} is not in review (admin is {node.admin.value})")
         node.admin = Admin.ACTIVE
         node.rejoins.clear()
-        self._dirty.add(node_id)
+        self.dirty.changed(node_id)
         event = self._emit(out, now, node_id, "approved", Admin.REVIEW.value,
                            Admin.ACTIVE.value, "operator approved")
         self._action(out, "approved", node, event)
@@ -661,7 +648,7 @@ class Cluster:
                                      f"unhealthy for {now - since:.0f}s "
                                      f"(dead_after {p.dead_after:g}s)",
                                      {"checks": self.failures.checks(node_id), "since": since})
-            self._dirty.add(node_id)
+            self.dirty.changed(node_id)
             if node.cleaned_up:
                 self._action(out, "dead", node, event)
 
@@ -681,7 +668,7 @@ class Cluster:
                                 "checks": self.failures.checks(node_id)})
             self.budget.spend(node_id, now)
             self.table.set_cleaned_up(held, True)
-            self._dirty.add(node_id)
+            self.dirty.changed(node_id)
             self._action(out, "unhealthy", held, event)
             if held.health is Health.DEAD:
                 # Went dead while its cleanup waited: deregister it for good now.
