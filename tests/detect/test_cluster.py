@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 
+import pytest
+
 from nodewatch.detect.cluster import Cluster
 from nodewatch.detect.policy import Policy
 from nodewatch.model import DrainState, Health, NodeState
@@ -23,6 +25,14 @@ def test_the_view_reads_the_nodes_and_node_finds_one() -> None:
     assert sorted(cluster.nodes) == ["a", "b"]
     assert cluster.node("a") is cluster.nodes["a"]
     assert cluster.node("zz") is None
+    assert cluster.nodes.get("zz") is None and "a" in cluster.nodes
+
+
+def test_the_view_cannot_be_written_to() -> None:
+    cluster = Cluster(Policy(), now=FakeClock()(), nodes=[state("a")])
+    with pytest.raises(TypeError):
+        cluster.nodes["b"] = state("b")  # type: ignore[index]
+    assert not hasattr(cluster.nodes, "pop") and not hasattr(cluster.nodes, "clear")
 
 
 def test_mirroring_replaces_and_deletes_nodes_keeping_the_indexes() -> None:

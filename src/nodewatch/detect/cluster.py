@@ -83,7 +83,7 @@ class Cluster:
     @property
     def nodes(self) -> Mapping[str, NodeState]:
         """Every node, read-only: change them only through the verbs (``mirror`` included)."""
-        return self.table.nodes
+        return self.table.view
 
     def node(self, node_id: str) -> NodeState | None:
         return self.table.nodes.get(node_id)
@@ -458,7 +458,7 @@ class Cluster:
 
     def _update_guard(self, out: Outcome, now: float) -> None:
         change = self.guard.update(now, self.table.nodes, self.table.watched,
-                                   len(self.table.suspect_since))
+                                   self.table.suspect_count)
         if change is not None:
             on, off = ("off", "on") if change.on else ("on", "off")
             self._emit(out, now, "", "guard_on" if change.on else "guard_off", on, off,

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import dataclass
 from typing import Any
 
 from nodewatch.detect.policy import Policy
 from nodewatch.model import CheckResult, Health, NodeState
 
-__all__ = ["FailedCheck", "FailureLog", "NodeTable"]
+__all__ = ["FailedCheck", "FailureLog", "NodeTable", "NodesView"]
 
 
 @dataclass(slots=True)
@@ -64,12 +64,43 @@ class FailureLog:
         return [f.to_json() for f in self._failures.get(node_id, ())]
 
 
+class NodesView(Mapping[str, NodeState]):
+    """A read-only view of the node table: reads go straight to the dict, writes do not exist."""
+
+    __slots__ = ("_nodes",)
+
+    def __init__(self, nodes: dict[str, NodeState]) -> None:
+        self._nodes = nodes
+
+    def __getitem__(self, node_id: str) -> NodeState:
+        return self._nodes[node_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._nodes)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._nodes
+
+    def keys(self) -> KeysView[str]:
+        return self._nodes.keys()
+
+    def values(self) -> ValuesView[NodeState]:
+        return self._nodes.values()
+
+    def items(self) -> ItemsView[str, NodeState]:
+        return self._nodes.items()
+
+
 class NodeTable:
     """Every node, and indexes kept in step with health so that no per-observation path scans
     all nodes. Writes go through its verbs; ``nodes`` is the read-only view."""
 
     def __init__(self, nodes: Iterable[NodeState] = ()) -> None:
         self._nodes: dict[str, NodeState] = {}
+        self.view = NodesView(self._nodes)
         self._ids: list[str] | None = None
         self.unhealthy: set[str] = set()
         self.suspect_since: dict[str, float] = {}
@@ -86,6 +117,10 @@ class NodeTable:
     @property
     def nodes(self) -> Mapping[str, NodeState]:
         return self._nodes
+
+    @property
+    def suspect_count(self) -> int:
+        return len(self.suspect_since)
 
     @property
     def watched(self) -> int:
