@@ -142,7 +142,7 @@ class NodeConfig(_Table):
 
 
 ActionKind = Literal["webhook", "exec", "haproxy", "nginx"]
-# Every kind the core requests actions for (detect.machine emits exactly these).
+# Every kind the core requests actions for (detect.cluster emits exactly these).
 ACTION_EVENTS = ("unhealthy", "recovered", "dead", "drained", "undrained", "approved",
                  "removed", "drain_deadline", "degraded", "status_ok", "review")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from nodewatch.config import load_config
 from nodewatch.coordinator.service import Coordinator
-from nodewatch.detect.machine import ActionRequest
+from nodewatch.detect.outcome import ActionRequest
 from nodewatch.model import CheckResult, Event, Registration, Report
 from nodewatch.store.open import open_store
 from nodewatch.testing import FakeProbe

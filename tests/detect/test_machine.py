@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from nodewatch.detect.machine import Cluster, Conflict, Outcome, UnknownNode
+from nodewatch.detect.cluster import Cluster
+from nodewatch.detect.machine import NodeTable
+from nodewatch.detect.outcome import Conflict, Outcome, UnknownNode
 from nodewatch.detect.policy import Policy
 from nodewatch.model import (
     Admin,
@@ -1097,3 +1099,32 @@ def test_partition_review_respects_auto_approve() -> None:
     out = _report_ok(cluster, clock, seq=70, samples=61)
     assert cluster.nodes["p1"].admin is Admin.ACTIVE
     assert any(e.kind == "approved" and "auto-approved" in e.reason for e in out.events)
+
+
+# ---------------------------------------------------------------------- the node table
+
+
+def test_the_node_table_keeps_its_indexes_in_step_with_health() -> None:
+    table = NodeTable([NodeState(node_id="a", address="a:1"),
+                       NodeState(node_id="b", address="b:1")])
+    a = table.nodes["a"]
+    a.since = 10.0
+    table.set_health(a, Health.UNHEALTHY)
+    table.set_cleaned_up(a, True)
+    assert table.unhealthy == {"a"} and table.out_count == 1
+    table.set_health(a, Health.DEAD)
+    assert table.dead_count == 1 and table.out_count == 0 and table.watched == 1
+    table.drop("a")
+    assert table.dead_count == 0 and table.ids() == ["b"]
+
+
+def test_only_nodes_unhealthy_for_dead_after_are_due() -> None:
+    table = NodeTable([NodeState(node_id="a", address="a:1"),
+                       NodeState(node_id="b", address="b:1")])
+    for node_id, since in (("a", 0.0), ("b", 50.0)):
+        node = table.nodes[node_id]
+        node.since = since
+        table.set_health(node, Health.UNHEALTHY)
+    table.nodes["b"].since = 51.0  # went down again: its first entry is stale
+    assert [n.node_id for _, n in table.due_dead(100.0, dead_after=60.0)] == ["a"]
+    assert list(table.due_dead(200.0, dead_after=60.0)) == []

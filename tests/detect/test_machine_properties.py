@@ -20,7 +20,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from nodewatch.detect.machine import Cluster, Conflict, Outcome, ProbeRequest, UnknownNode
+from nodewatch.detect.cluster import Cluster
+from nodewatch.detect.outcome import Conflict, Outcome, ProbeRequest, UnknownNode
 from nodewatch.detect.policy import Policy
 from nodewatch.model import (
     CheckResult,
@@ -296,19 +297,20 @@ class ClusterMachine(RuleBasedStateMachine):
     def indexes_agree_with_the_nodes(self) -> None:
         c: Any = self.cluster
         nodes = c.nodes.values()
-        assert c._out_count == sum(n.cleaned_up and n.health is not Health.DEAD for n in nodes)
-        assert c._dead_count == sum(n.health is Health.DEAD for n in nodes)
-        assert c._unhealthy == {n.node_id for n in nodes if n.health is Health.UNHEALTHY}
-        assert set(c._suspect_since) == {n.node_id for n in nodes if n.health is Health.SUSPECT}
+        assert c.table.out_count == sum(n.cleaned_up and n.health is not Health.DEAD for n in nodes)
+        assert c.table.dead_count == sum(n.health is Health.DEAD for n in nodes)
+        assert c.table.unhealthy == {n.node_id for n in nodes if n.health is Health.UNHEALTHY}
+        assert set(c.table.suspect_since) == {n.node_id for n in nodes
+                                              if n.health is Health.SUSPECT}
         recent = {h: 0 for h in Health}
-        for node_id in c._suspect_entry:
+        for node_id in c.guard.recent:
             recent[c.nodes[node_id].health] += 1
-        assert all(c._recent_health[h] == recent[h] for h in Health)
+        assert all(c.guard.recent_health[h] == recent[h] for h in Health)
 
     @invariant()
     def only_suspect_nodes_are_probed(self) -> None:
         c: Any = self.cluster
-        for node_id in c._probing:
+        for node_id in c.peers.probing:
             assert c.nodes[node_id].health is Health.SUSPECT
 
     @invariant()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from nodewatch.config import ActionConfig, Duration
-from nodewatch.detect.machine import ActionRequest
+from nodewatch.detect.outcome import ActionRequest
 from nodewatch.model import Admin, Health, NodeState, NodeStatus
 from nodewatch.respond.actions import (
     ActionCall,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from nodewatch.detect.machine import Cluster
+from nodewatch.detect.cluster import Cluster
 from nodewatch.detect.policy import Policy
 from nodewatch.model import CheckResult, Registration, Report
 from nodewatch.testing import FakeClock

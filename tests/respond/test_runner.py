@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from nodewatch.config import ActionConfig, Config
-from nodewatch.detect.machine import ActionRequest
+from nodewatch.detect.outcome import ActionRequest
 from nodewatch.model import Event, NodeState
 from nodewatch.respond.actions import Action, ActionCall, ActionError
 from nodewatch.respond.runner import ActionRunner

@@ -21,7 +21,7 @@ from nodewatch.api.schemas import DrainBody, HeartbeatBody, RegisterBody, conver
 from nodewatch.api.udp import UdpHeartbeats, push_result
 from nodewatch.config import NODE_ID_RE
 from nodewatch.coordinator.service import Coordinator
-from nodewatch.detect.machine import Conflict, UnknownNode
+from nodewatch.detect.outcome import Conflict, UnknownNode
 from nodewatch.model import (
     Health,
     NodeState,
@@ -66,7 +66,7 @@ def _node_id(request: web.Request) -> str:
 
 
 def _node(coord: Coordinator, node_id: str) -> NodeState:
-    node = coord.cluster.nodes.get(node_id)
+    node = coord.cluster.node(node_id)
     if node is None:
         raise HTTPProblem(404, f"unknown node {node_id!r}")
     return node

@@ -21,7 +21,7 @@ import msgspec
 
 from nodewatch.api.schemas import HeartbeatBody
 from nodewatch.coordinator.service import Coordinator, NotLeader
-from nodewatch.detect.machine import UnknownNode
+from nodewatch.detect.outcome import UnknownNode
 from nodewatch.model import CheckResult, NodeStatus, Report
 from nodewatch.protocol import (
     MAX_DATAGRAM,

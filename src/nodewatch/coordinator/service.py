@@ -1,6 +1,6 @@
 """The coordinator service: wires the pure core to its edges (poller, store, actions, API).
 
-Everything that decides lives in ``detect.machine.Cluster``; this module only moves inputs in
+Everything that decides lives in ``detect.cluster.Cluster``; this module only moves inputs in
 and outcomes out: results to the core, events and node state to the store, action requests to
 the respond stage, indirect probes to peer agents, new events to API waiters.
 """
@@ -20,7 +20,8 @@ import aiohttp
 
 from nodewatch.config import Config
 from nodewatch.coordinator.poller import HttpProbe, Poller, Probe
-from nodewatch.detect.machine import ActionRequest, Cluster, Outcome, ProbeRequest
+from nodewatch.detect.cluster import Cluster
+from nodewatch.detect.outcome import ActionRequest, Outcome, ProbeRequest
 from nodewatch.detect.policy import Policy
 from nodewatch.detect.scheduler import CheckScheduler
 from nodewatch.model import (
@@ -248,13 +249,7 @@ class Coordinator:
         """A follower's copy of the leader's node state, kept by watch (reads only)."""
         if self.role == "leader":
             return
-        if reset:
-            self.cluster.nodes.clear()
-        for node in nodes:
-            self.cluster.nodes[node.node_id] = node
-        for node_id in deleted:
-            self.cluster.nodes.pop(node_id, None)
-        self.cluster.take_dirty()
+        self.cluster.mirror(nodes, deleted, reset=reset)
 
     def mirror_events(self, events: list[Event]) -> None:
         if self.role == "leader" or not events:

@@ -1,7 +1,7 @@
 """The detection core against many simulated nodes on a virtual clock, with scripted faults.
 
 Proves the detection policy (thresholds, guard, gate, peer checks) at a scale nobody should
-first try for real. The simulation drives the real :class:`~nodewatch.detect.machine.Cluster`
+first try for real. The simulation drives the real :class:`~nodewatch.detect.cluster.Cluster`
 exactly as the coordinator does (poll results, pushed heartbeats, missed-heartbeat expiries,
 peer votes, registrations, ticks) and plays the poller and the network itself: a discrete-event
 loop over one heap, no asyncio and no sockets, so 100,000 nodes run in seconds.
@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nodewatch.config import Config
-from nodewatch.detect.machine import Cluster, Outcome, ProbeRequest
+from nodewatch.detect.cluster import Cluster
+from nodewatch.detect.outcome import Outcome, ProbeRequest
 from nodewatch.detect.policy import Policy
 from nodewatch.model import (
     CheckResult,

@@ -23,7 +23,7 @@ import aiohttp
 from yarl import URL
 
 from nodewatch.config import ACTION_EVENTS, ActionConfig
-from nodewatch.detect.machine import ActionRequest
+from nodewatch.detect.outcome import ActionRequest
 from nodewatch.model import Admin, Health, NodeState, NodeStatus
 
 __all__ = [

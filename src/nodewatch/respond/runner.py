@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from nodewatch.config import Config
-from nodewatch.detect.machine import ActionRequest
+from nodewatch.detect.outcome import ActionRequest
 from nodewatch.model import Event, NodeState
 from nodewatch.respond.actions import Action, ActionCall, ActionError, build_action
 

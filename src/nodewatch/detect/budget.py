@@ -1,0 +1,69 @@
+"""The disruption budget: how many nodes may be out (cleaned up) at once, and how fast cleanups
+may happen; cleanups over budget wait, held, until it allows them."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+
+from nodewatch.detect.policy import Policy
+
+__all__ = ["Budget", "RateLimiter"]
+
+
+class RateLimiter:
+    """At most ``rate`` acts within any ``per`` seconds; the time is passed in with each call."""
+
+    def __init__(self, rate: float, per: float = 60.0) -> None:
+        self.rate = rate
+        self.per = per
+        self._times: deque[float] = deque()
+
+    def saturated(self, now: float) -> bool:
+        """True while another act now would exceed the rate."""
+        while self._times and self._times[0] <= now - self.per:
+            self._times.popleft()
+        return len(self._times) >= self.rate
+
+    def record(self, now: float) -> None:
+        self._times.append(now)
+
+
+class Budget:
+    """``max_fraction`` of the watched nodes out at once, ``max_rate`` cleanups a minute."""
+
+    def __init__(self, policy: Policy, limiter: RateLimiter | None = None) -> None:
+        self.policy = policy
+        self.limiter = limiter or RateLimiter(policy.max_rate, 60.0)
+        self._held: dict[str, str] = {}  # node_id -> event id of the unhealthy event
+
+    @property
+    def held(self) -> Mapping[str, str]:
+        """Nodes whose cleanup waits for the budget, with the event that asked for it."""
+        return self._held
+
+    def block(self, now: float, watched: int, out: int) -> str:
+        """Why a cleanup must wait now ('' when it may go ahead).
+
+        ``watched`` counts the nodes not dead, ``out`` the nodes cleaned up and not dead: dead
+        nodes are gone for good, so they neither use the budget nor size it, and a cluster
+        that lost nodes long ago can still clean up a new failure.
+        """
+        if self.limiter.saturated(now):
+            return f"held: budget (rate {self.policy.max_rate:g}/min reached)"
+        limit = self.policy.budget_limit(watched)
+        if out >= limit:
+            return f"held: budget ({limit} of {watched} nodes already out)"
+        return ""
+
+    def spend(self, node_id: str, now: float) -> None:
+        """A cleanup goes ahead now: it counts against the rate and is no longer held."""
+        self._held.pop(node_id, None)
+        self.limiter.record(now)
+
+    def hold(self, node_id: str, event_id: str) -> None:
+        self._held[node_id] = event_id
+
+    def release(self, node_id: str) -> None:
+        """The node no longer needs its cleanup (it recovered or is gone)."""
+        self._held.pop(node_id, None)

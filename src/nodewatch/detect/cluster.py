@@ -1,0 +1,677 @@
+"""The cluster facade of the pure detection core: it feeds each input to the per-node machine
+and the policies (gate, guard, budget, peers, review, drains) and collects what they decide.
+
+No I/O and no clock of its own: every method takes ``now``. Observations (polls, heartbeats,
+lease expiries, peer votes, registrations, operator commands, ticks) go in; events, indirect
+probe requests and cleanup requests come out. The coordinator, the simulation and the tests
+drive the same code.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from nodewatch.detect.budget import Budget
+from nodewatch.detect.drain import Drains
+from nodewatch.detect.gate import Gate
+from nodewatch.detect.guard import Guard
+from nodewatch.detect.journal import DirtyNodes, EventSequence
+from nodewatch.detect.machine import FailureLog, NodeTable
+from nodewatch.detect.outcome import ActionRequest, Conflict, Outcome, ProbeRequest, UnknownNode
+from nodewatch.detect.peers import PeerConfirmation
+from nodewatch.detect.policy import Policy
+from nodewatch.detect.review import Review
+from nodewatch.model import (
+    Admin,
+    CheckResult,
+    Event,
+    Health,
+    NodeState,
+    NodeStatus,
+    PeerVote,
+    RegisterDecision,
+    Registration,
+    Report,
+)
+
+__all__ = ["Cluster"]
+
+_OUT = frozenset({Health.UNHEALTHY, Health.DEAD})
+_GUARD_HOLD = "held: guard (many nodes failing at once)"
+_REACHABLE = "reachable from peers"
+_PEERS_UNREACHABLE = "held: peers unreachable too (fault near the coordinator?)"
+_CONFIRMING = "confirming through peers"
+
+
+class Cluster:
+    """All nodes' state machines and the cluster-wide policies, composed."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        now: float,
+        rng: random.Random | None = None,
+        nodes: Iterable[NodeState] = (),
+        next_event: int = 1,
+    ) -> None:
+        self.policy = policy
+        self.rng = rng or random.Random()
+        self.table = NodeTable(nodes)
+        self.failures = FailureLog(policy)
+        self.gate = Gate(policy, now=now)
+        self.guard = Guard(policy)
+        self.budget = Budget(policy)
+        self.peers = PeerConfirmation(policy, self.rng)
+        self.review = Review(policy)
+        self.drains = Drains(policy)
+        self.event_sequence = EventSequence(next_event)
+        self.dirty = DirtyNodes(self.table.nodes)
+        for node in self.table.nodes.values():
+            self._track(node)
+
+    def _track(self, node: NodeState) -> None:
+        """The policies' share of a node restored or mirrored with its state."""
+        if node.health is Health.UNHEALTHY and not node.cleaned_up:
+            self.budget.hold(node.node_id, "")
+        self.drains.track(node)
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def nodes(self) -> Mapping[str, NodeState]:
+        """Every node, read-only: change them only through the verbs (``mirror`` included)."""
+        return self.table.view
+
+    def node(self, node_id: str) -> NodeState | None:
+        return self.table.nodes.get(node_id)
+
+    @property
+    def guard_on(self) -> bool:
+        return self.guard.on
+
+    @property
+    def loop_lag(self) -> float:
+        return self.gate.loop_lag
+
+    @property
+    def started_at(self) -> float:
+        return self.gate.started_at
+
+    @property
+    def next_event_number(self) -> int:
+        return self.event_sequence.next_number
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {h.value: 0 for h in Health}
+        schedulable = 0
+        for node in self.table.nodes.values():
+            counts[node.health.value] += 1
+            schedulable += node.schedulable
+        counts["schedulable"] = schedulable
+        counts["total"] = len(self.table.nodes)
+        return counts
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def take_dirty(self, routine: bool = True) -> set[str]:
+        """Node ids changed since the last call: what the coordinator must persist.
+
+        With ``routine=False`` only nodes with a transition or a command are taken; nodes that
+        merely saw routine observations stay pending for a later full write.
+        """
+        return self.dirty.take(routine)
+
+    def mark_dirty(self, node_ids: Iterable[str]) -> None:
+        """Ask for these nodes to be written again (after a failed or lost write)."""
+        self.dirty.mark(node_ids, self.table.nodes)
+
+    def mirror(self, nodes: Iterable[NodeState], deleted: Iterable[str] = (),
+               reset: bool = False) -> None:
+        """A follower's copy of the leader's node state: replace, delete or (``reset``) start
+        over, keeping every index right; a mirror is never written back."""
+        if reset:
+            for node_id in list(self.table.nodes):
+                self._forget(node_id)
+        for node in nodes:
+            self._forget(node.node_id)
+            self.table.add(node)
+            self._track(node)
+        for node_id in deleted:
+            self._forget(node_id)
+        self.take_dirty()
+
+    def _forget(self, node_id: str) -> NodeState | None:
+        """Drop a node from the table and from every policy's state."""
+        node = self.table.drop(node_id)
+        if node is not None:
+            self.guard.forget(node_id, node.health)
+        self.failures.clear(node_id)
+        self.budget.release(node_id)
+        self.review.forget(node_id)
+        self.peers.forget(node_id)
+        self.drains.forget(node_id)
+        self.dirty.forget(node_id)
+        return node
+
+    def _emit(
+        self,
+        out: Outcome,
+        now: float,
+        node_id: str,
+        kind: str,
+        from_: str = "",
+        to: str = "",
+        reason: str = "",
+        evidence: dict[str, Any] | None = None,
+    ) -> Event:
+        event = self.event_sequence.mint(now, node_id, kind, from_, to, reason, evidence)
+        out.events.append(event)
+        return event
+
+    def _set_health(
+        self,
+        out: Outcome,
+        node: NodeState,
+        health: Health,
+        now: float,
+        reason: str,
+        evidence: dict[str, Any],
+        kind: str | None = None,
+    ) -> Event:
+        before = node.health
+        node.since = now
+        self._index_health(node, health)
+        node.health_reason = reason if health is not Health.HEALTHY else ""
+        if health is Health.SUSPECT:
+            self.guard.note_suspect(node.node_id, now)
+        else:
+            self.peers.forget(node.node_id)
+        return self._emit(
+            out, now, node.node_id, kind or health.value, before.value, health.value, reason,
+            evidence,
+        )
+
+    def _index_health(self, node: NodeState, health: Health) -> None:
+        before = self.table.set_health(node, health)
+        self.guard.note_health(node.node_id, before, health)
+
+    def poll_deadline(self, node_id: str) -> float:
+        """How long an accepted push puts off the node's next poll: its current interval,
+        unjittered (the pushes are already spread by their assigned phases)."""
+        node = self.table.nodes.get(node_id)
+        p = self.policy
+        return p.healthy_interval if node is not None and node.health is Health.HEALTHY \
+            else p.unhealthy_interval
+
+    def interval_for(self, node_id: str) -> float:
+        """Seconds until the node's next check, jittered: fast while unknown or suspect;
+        ``down_interval`` once confirmed unhealthy; slow while healthy, and for dead nodes
+        (final until they register again)."""
+        node = self.table.nodes.get(node_id)
+        p = self.policy
+        if node is None:
+            base = p.unhealthy_interval
+        elif node.health in (Health.HEALTHY, Health.DEAD):
+            base = p.healthy_interval
+        elif node.health is Health.UNHEALTHY:
+            base = p.confirmed_down_interval
+        else:
+            base = p.unhealthy_interval
+        return p.jittered(base, self.rng)
+
+    # ------------------------------------------------------------------ gate
+
+    def restart_grace(self, now: float) -> None:
+        """A (re)start or a leader change: observe, but confirm nothing for ``startup_grace``."""
+        self.gate.restart(now)
+
+    def set_loop_lag(self, lag: float) -> None:
+        self.gate.set_loop_lag(lag)
+
+    # ------------------------------------------------------------------ observations
+
+    def is_stale(self, node: NodeState, report: Report) -> bool:
+        return (report.incarnation, report.seq) <= (node.incarnation, node.seq)
+
+    def observe(self, result: CheckResult) -> Outcome:
+        """One poll / heartbeat / lease expiry. A stale pushed report changes nothing."""
+        node = self.table.nodes.get(result.node_id)
+        if node is None:
+            raise UnknownNode(result.node_id)
+        out = Outcome()
+        now = result.at
+        report = result.report
+        if result.ok and report is not None:
+            if self.is_stale(node, report):
+                if result.source == "push":
+                    out.stale = True
+                    return out
+            else:
+                self._apply_report(out, node, report, now)
+        if node.health is not Health.DEAD:  # dead is final until the node registers again
+            if result.ok:
+                self._on_success(out, node, result)
+            else:
+                self._on_failure(out, node, result)
+        # A transition must be written at once; a routine observation (new seq, load, counters)
+        # may wait for the next full write, so a heartbeat is not a store write every time.
+        if out.events:
+            self.dirty.changed(node.node_id)
+        else:
+            self.dirty.touched(node.node_id)
+        if out.events:
+            self._update_guard(out, now)
+        return out
+
+    def _apply_report(self, out: Outcome, node: NodeState, report: Report, now: float) -> None:
+        if report.samples >= 0:
+            self._judge_unobserved_run(out, node, report, now)
+        self.review.note_report(node, report)
+        node.incarnation = report.incarnation
+        node.seq = report.seq
+        node.last_ts = report.ts
+        node.system = report.system
+        node.load = report.load
+        node.reasons = list(report.reasons)
+        if report.status is not node.node_status:
+            before = node.node_status
+            node.node_status = report.status
+            reason = "; ".join(report.reasons) or f"node reports {report.status.value}"
+            kind = "status_ok" if report.status is NodeStatus.OK else report.status.value
+            self._emit(out, now, node.node_id, kind, before.value, report.status.value, reason,
+                       {"reasons": list(report.reasons)})
+            event = out.events[-1]
+            if report.status is NodeStatus.DRAINING and node.drain is None:
+                self.drains.start(node, reason, now, by="node")
+                # Handled like an operator drain: load balancers stop sending new work.
+                self._action(out, "drained", node, event)
+            elif before is NodeStatus.DRAINING and node.drain and node.drain.by == "node":
+                self.drains.stop(node)
+                self._action(out, "undrained", node, event)
+            elif report.status is NodeStatus.DEGRADED:
+                self._action(out, "degraded", node, event)  # no new work: drain it softly
+            else:
+                self._action(out, "status_ok", node, event)
+        if node.drain is not None and not node.drain.complete:
+            self._check_drain(out, node, now)
+
+    def _judge_unobserved_run(self, out: Outcome, node: NodeState, report: Report,
+                              now: float) -> None:
+        found = self.review.unobserved_run(node, report)
+        if found is None:
+            return
+        reason, evidence = found
+        if self.policy.auto_approve:
+            self._emit(out, now, node.node_id, "approved", Admin.ACTIVE.value,
+                       Admin.ACTIVE.value, f"auto-approved: {reason}", evidence)
+            return
+        node.admin = Admin.REVIEW
+        self.dirty.changed(node.node_id)
+        event = self._emit(out, now, node.node_id, "review", Admin.ACTIVE.value,
+                           Admin.REVIEW.value, reason, evidence)
+        self._action(out, "review", node, event)  # out of load balancers until approved
+
+    def _on_success(self, out: Outcome, node: NodeState, result: CheckResult) -> None:
+        now = result.at
+        node.last_seen = now
+        node.consecutive_failures = 0
+        node.consecutive_successes += 1
+        self.failures.clear(node.node_id)
+        self.peers.forget(node.node_id)
+        if node.health is Health.HEALTHY:
+            return
+        if node.consecutive_successes < self.policy.rise:
+            return
+        before = node.health
+        evidence = {"successes": node.consecutive_successes, "source": result.source,
+                    "latency": round(result.latency, 4)}
+        if before in _OUT or node.cleaned_up:
+            # Back from an outage: from unhealthy, or from dead through a new registration
+            # (the cleanup still holds the node out, so it must be put back).
+            self._set_health(out, node, Health.HEALTHY, now,
+                             f"{node.consecutive_successes} consecutive good checks", evidence,
+                             kind="recovered")
+            self.budget.release(node.node_id)
+            if node.cleaned_up:
+                self.table.set_cleaned_up(node, False)
+                self._action(out, "recovered", node, out.events[-1])
+        else:
+            self._set_health(out, node, Health.HEALTHY, now,
+                             f"{node.consecutive_successes} consecutive good checks", evidence)
+
+    def _on_failure(self, out: Outcome, node: NodeState, result: CheckResult) -> None:
+        now = result.at
+        node.consecutive_successes = 0
+        node.consecutive_failures += 1
+        failures = self.failures.record(node.node_id, result)
+        if node.health in (Health.HEALTHY, Health.UNKNOWN):
+            self._set_health(out, node, Health.SUSPECT, now,
+                             f"check failed: {failures[-1].describe()}",
+                             {"checks": [f.to_json() for f in failures]})
+            out.check_now.append(node.node_id)
+            # The node that tips the guard must itself be held: decide the guard first.
+            self._update_guard(out, now)
+        if node.health is Health.SUSPECT and self.failures.fall_reached(node, now):
+            self._try_confirm(out, node, now)
+
+    def _hold(self, out: Outcome, node: NodeState, now: float, reason: str,
+              evidence: dict[str, Any]) -> None:
+        """Keep a node suspect, telling why once per change of reason rather than every check."""
+        if node.health_reason != reason:
+            node.health_reason = reason
+            self.dirty.changed(node.node_id)
+            self._emit(out, now, node.node_id, "suspect", Health.SUSPECT.value,
+                       Health.SUSPECT.value, reason, evidence)
+
+    def _try_confirm(self, out: Outcome, node: NodeState, now: float) -> None:
+        evidence: dict[str, Any] = {"checks": self.failures.checks(node.node_id),
+                                    **self.gate.evidence(now)}
+        gate = self.gate.hold_reason(now)
+        if gate:
+            self._hold(out, node, now, gate, evidence)
+            return
+        if self.guard.on:
+            self._hold(out, node, now, _GUARD_HOLD, evidence)
+            return
+        if self.peers.is_probing(node.node_id):
+            return
+        peers = self.peers.pick(node, self.table.nodes, self.table.ids())
+        if peers:
+            self.peers.start(node.node_id)
+            out.probes.append(ProbeRequest(node.node_id, node.address, peers))
+            if node.health_reason != _REACHABLE:
+                # Asking again about a node the peers still reach is no news.
+                self._hold(out, node, now, _CONFIRMING, evidence)
+            return
+        self._confirm(out, node, now, evidence)
+
+    def peer_votes(self, node_id: str, votes: list[PeerVote], now: float) -> Outcome:
+        """Answers of the indirect probe, tallied by :meth:`PeerConfirmation.tally`: reachable
+        from a peer holds the node; no asked peer reachable either holds it too (the next
+        failed check asks other peers); otherwise it is confirmed."""
+        out = Outcome()
+        node = self.table.nodes.get(node_id)
+        if node is None or not self.peers.finish(node_id):
+            return out
+        if node.health is not Health.SUSPECT:
+            return out
+        evidence: dict[str, Any] = {
+            "checks": self.failures.checks(node_id),
+            **self.peers.evidence(votes),
+            **self.gate.evidence(now),
+        }
+        verdict = self.peers.tally(votes)
+        if verdict == "reachable":
+            self._hold(out, node, now, _REACHABLE, evidence)
+            return out
+        if verdict == "peers_unreachable":
+            self._hold(out, node, now, _PEERS_UNREACHABLE, evidence)
+            self.dirty.changed(node_id)
+            return out
+        gate = self.gate.hold_reason(now)
+        if gate or self.guard.on:
+            self._hold(out, node, now, gate or _GUARD_HOLD, evidence)
+            return out
+        self._confirm(out, node, now, evidence)
+        self.dirty.changed(node_id)
+        self._update_guard(out, now)
+        return out
+
+    def _confirm(self, out: Outcome, node: NodeState, now: float,
+                 evidence: dict[str, Any]) -> None:
+        last_failure = self.failures.last(node.node_id)
+        last = last_failure.describe() if last_failure else "checks failed"
+        span = self.failures.span(node.node_id, now)
+        reason = (f"{node.consecutive_failures} consecutive failed checks over {span:.1f}s, "
+                  f"last: {last}")
+        event = self._set_health(out, node, Health.UNHEALTHY, now, reason, evidence)
+        self._request_cleanup(out, node, event, now)
+
+    # ------------------------------------------------------------------ budget
+
+    def _budget_block(self, now: float) -> str:
+        return self.budget.block(now, self.table.watched, self.table.out_count)
+
+    def _request_cleanup(self, out: Outcome, node: NodeState, event: Event, now: float) -> None:
+        if node.cleaned_up:
+            # Still out from an earlier outage (dead, registered again, failed again): the
+            # cleanup is repeated but draws nothing more from the budget.
+            self._action(out, "unhealthy", node, event)
+            return
+        block = self._budget_block(now)
+        if block:
+            self.budget.hold(node.node_id, event.id)
+            self._emit(out, now, node.node_id, "held", node.health.value, node.health.value,
+                       block, {"for_event": event.id,
+                               "checks": self.failures.checks(node.node_id)})
+            return
+        self.budget.spend(node.node_id, now)
+        self.table.set_cleaned_up(node, True)
+        self._action(out, "unhealthy", node, event)
+
+    def _action(self, out: Outcome, kind: str, node: NodeState, event: Event) -> None:
+        out.actions.append(ActionRequest(kind, node.node_id, node.address, event.id,
+                                         event.reason))
+
+    # ------------------------------------------------------------------ guard
+
+    def _update_guard(self, out: Outcome, now: float) -> None:
+        change = self.guard.update(now, self.table.nodes, self.table.watched,
+                                   self.table.suspect_count)
+        if change is not None:
+            on, off = ("off", "on") if change.on else ("on", "off")
+            self._emit(out, now, "", "guard_on" if change.on else "guard_off", on, off,
+                       change.reason, change.evidence)
+
+    # ------------------------------------------------------------------ registration
+
+    def register(self, reg: Registration, now: float) -> tuple[RegisterDecision, Outcome]:
+        """Decide new / rejoin / review for an agent that (re)started, per SPEC's rules."""
+        out = Outcome()
+        node = self.table.nodes.get(reg.node_id)
+        if node is None:
+            node = NodeState(node_id=reg.node_id, address=reg.address, labels=dict(reg.labels),
+                             incarnation=reg.incarnation, seq=-1, last_ts=reg.last_ts,
+                             version=reg.version, registered_at=now, since=now)
+            self.table.add(node)
+            self.dirty.changed(reg.node_id)
+            self._emit(out, now, reg.node_id, "registered", "", Health.UNKNOWN.value,
+                       "new node", {"decision": "new", "incarnation": reg.incarnation})
+            out.check_now.append(reg.node_id)
+            return "new", out
+        self.review.restore_before_restart(node, reg)
+        decision, reason, evidence = self.review.judge(node, reg, now)
+        if decision == "review" and self.policy.auto_approve:
+            evidence["auto_approved"] = reason
+            decision, reason = "rejoin", f"auto-approved: {reason}"
+        node.address = reg.address
+        node.labels = dict(reg.labels) or node.labels
+        node.version = reg.version or node.version
+        node.registered_at = now
+        if reg.incarnation != node.incarnation:
+            node.incarnation = reg.incarnation
+            node.seq = -1
+            self.review.count_restart(node, now)
+        node.last_ts = max(node.last_ts, reg.last_ts)
+        # A registration proves the agent alive: fall and rise both count afresh from here.
+        node.consecutive_successes = 0
+        node.consecutive_failures = 0
+        self.failures.clear(node.node_id)
+        self.peers.forget(node.node_id)
+        before = node.health
+        if before is Health.DEAD:
+            # Watched again from scratch. cleaned_up stays: the node is still out of the load
+            # balancers, and returning to healthy emits ``recovered`` to put it back.
+            self._index_health(node, Health.UNKNOWN)
+            node.since = now
+        self.dirty.changed(node.node_id)
+        if decision == "review":
+            prev_admin = node.admin
+            node.admin = Admin.REVIEW
+            event = self._emit(out, now, node.node_id, "review", prev_admin.value,
+                               Admin.REVIEW.value, reason, evidence)
+            self._action(out, "review", node, event)  # out of load balancers until approved
+        else:
+            self._emit(out, now, node.node_id, "registered", before.value, node.health.value,
+                       reason, evidence)
+        out.check_now.append(node.node_id)
+        return decision, out
+
+    # ------------------------------------------------------------------ operator commands
+
+    def _get(self, node_id: str) -> NodeState:
+        node = self.table.nodes.get(node_id)
+        if node is None:
+            raise UnknownNode(node_id)
+        return node
+
+    def add_static(self, node_id: str, address: str, labels: dict[str, str], now: float) -> Outcome:
+        """A node from the config file: watched without registering."""
+        out = Outcome()
+        node = self.table.nodes.get(node_id)
+        if node is not None:
+            if node.address != address or node.labels != labels:
+                node.address, node.labels = address, dict(labels)
+                self.dirty.changed(node_id)
+            return out
+        self.table.add(NodeState(node_id=node_id, address=address, labels=dict(labels),
+                                 registered_at=now, since=now, seq=-1))
+        self.dirty.changed(node_id)
+        self._emit(out, now, node_id, "registered", "", Health.UNKNOWN.value,
+                   "static node from the configuration", {"decision": "new"})
+        out.check_now.append(node_id)
+        return out
+
+    def drain(self, node_id: str, reason: str, now: float) -> Outcome:
+        node = self._get(node_id)
+        out = Outcome()
+        if node.admin is Admin.DRAINED:
+            return out  # idempotent
+        if node.admin is Admin.REVIEW:
+            # Draining would replace review, and undrain would then skip the approval.
+            raise Conflict(f"node {node_id} is in review; approve it first")
+        before = node.admin
+        node.admin = Admin.DRAINED
+        drain = self.drains.start(node, reason or "operator drain", now)
+        self.dirty.changed(node_id)
+        event = self._emit(out, now, node_id, "drained", before.value, Admin.DRAINED.value,
+                           drain.reason,
+                           {"waiting_for": {"pending_tasks": node.load.get("pending_tasks")},
+                            "deadline": drain.deadline})
+        self._action(out, "drained", node, event)
+        self._check_drain(out, node, now)
+        return out
+
+    def _check_drain(self, out: Outcome, node: NodeState, now: float) -> None:
+        end = self.drains.check(node, now)
+        if end is None:
+            return
+        event = self._emit(out, now, node.node_id, end.kind, "draining", "drained", end.reason,
+                           {"pending_tasks": end.pending})
+        if end.kind == "drain_deadline":
+            self._action(out, "drain_deadline", node, event)
+        self.dirty.changed(node.node_id)
+
+    def undrain(self, node_id: str, now: float) -> Outcome:
+        node = self._get(node_id)
+        out = Outcome()
+        if node.admin is not Admin.DRAINED:
+            if node.admin is Admin.REVIEW:
+                raise Conflict(f"node {node_id} is in review; approve it instead")
+            return out
+        node.admin = Admin.ACTIVE
+        self.drains.stop(node)
+        self.dirty.changed(node_id)
+        event = self._emit(out, now, node_id, "undrained", Admin.DRAINED.value,
+                           Admin.ACTIVE.value, "operator undrain")
+        self._action(out, "undrained", node, event)
+        return out
+
+    def approve(self, node_id: str, now: float) -> Outcome:
+        node = self._get(node_id)
+        out = Outcome()
+        if node.admin is not Admin.REVIEW:
+            raise Conflict(f"node {node_id} is not in review (admin is {node.admin.value})")
+        node.admin = Admin.ACTIVE
+        node.rejoins.clear()
+        self.dirty.changed(node_id)
+        event = self._emit(out, now, node_id, "approved", Admin.REVIEW.value,
+                           Admin.ACTIVE.value, "operator approved")
+        self._action(out, "approved", node, event)
+        return out
+
+    def remove(self, node_id: str, now: float) -> Outcome:
+        node = self._get(node_id)
+        out = Outcome()
+        before = node.health
+        self._index_health(node, Health.UNKNOWN)
+        self.table.set_cleaned_up(node, False)
+        self._forget(node_id)
+        event = self._emit(out, now, node_id, "removed", before.value, "",
+                           "operator removed the node")
+        self._action(out, "removed", node, event)
+        out.removed.append(node_id)
+        self._update_guard(out, now)
+        return out
+
+    def record(self, kind: str, node_id: str, reason: str, evidence: dict[str, Any],
+               now: float) -> Outcome:
+        """An event reported by an edge (e.g. ``action_failed`` from the respond stage): the
+        core only mints it, so that ids stay in one sequence; it changes no state."""
+        out = Outcome()
+        self._emit(out, now, node_id, kind, "", "", reason, evidence)
+        return out
+
+    # ------------------------------------------------------------------ time
+
+    def tick(self, now: float) -> Outcome:
+        """Timers: dead_after, drain deadlines, held cleanups, the guard's window."""
+        out = Outcome()
+        # While the gate or the guard holds, the coordinator evicts nobody: no dead_after and
+        # no release of held cleanups (a restored outage may have ended while it was down).
+        evicting = not self.guard.on and not self.gate.hold_reason(now)
+        if evicting:
+            self._declare_dead(out, now)
+        for node_id in self.drains.waiting():
+            self._check_drain(out, self.table.nodes[node_id], now)
+        if evicting and self.budget.held:
+            self._release_held(out, now)
+        self._update_guard(out, now)
+        return out
+
+    def _declare_dead(self, out: Outcome, now: float) -> None:
+        p = self.policy
+        for since, node in self.table.due_dead(now, p.dead_after):
+            node_id = node.node_id
+            event = self._set_health(out, node, Health.DEAD, now,
+                                     f"unhealthy for {now - since:.0f}s "
+                                     f"(dead_after {p.dead_after:g}s)",
+                                     {"checks": self.failures.checks(node_id), "since": since})
+            self.dirty.changed(node_id)
+            if node.cleaned_up:
+                self._action(out, "dead", node, event)
+
+    def _release_held(self, out: Outcome, now: float) -> None:
+        if self._budget_block(now):
+            return  # the common case during an outage: no copy of a long waiting list
+        for node_id, for_event in list(self.budget.held.items()):
+            held = self.table.nodes.get(node_id)
+            if held is None or held.health not in _OUT:
+                self.budget.release(node_id)
+                continue
+            if self._budget_block(now):
+                break
+            event = self._emit(out, now, node_id, "cleanup", held.health.value,
+                               held.health.value, "budget allows cleanup now",
+                               {"for_event": for_event,
+                                "checks": self.failures.checks(node_id)})
+            self.budget.spend(node_id, now)
+            self.table.set_cleaned_up(held, True)
+            self.dirty.changed(node_id)
+            self._action(out, "unhealthy", held, event)
+            if held.health is Health.DEAD:
+                # Went dead while its cleanup waited: deregister it for good now.
+                self._action(out, "dead", held, event)
