@@ -2,7 +2,7 @@
 
 Everything that decides lives in ``detect.machine.Cluster``; this module only moves inputs in
 and outcomes out: results to the core, events and node state to the store, action requests to
-the respond stage, indirect probes to peer agents, new events to API waiters.
+the respond stage, indirect probes to peer agents (through the probe), new events to API waiters.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import aiohttp
-
 from nodewatch.config import Config
 from nodewatch.coordinator.poller import HttpProbe, Poller, Probe
 from nodewatch.detect.machine import ActionRequest, Cluster, Outcome, ProbeRequest
@@ -30,7 +28,6 @@ from nodewatch.model import (
     Health,
     HistorySample,
     NodeState,
-    PeerVote,
     RegisterDecision,
     Registration,
     Report,
@@ -147,7 +144,6 @@ class Coordinator:
         self._pending_samples: list[HistorySample] = []
         self._persist_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
-        self._session: aiohttp.ClientSession | None = None
         self._last_beat = clock()
         self.loop_lag = 0.0
         self.checks = 0
@@ -168,11 +164,6 @@ class Coordinator:
         with an election, follow until elected)."""
         await self.store.open()
         nodes = await self._restore()
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.config.detection.timeout * 2 + 0.25,
-                                          connect=self.config.detection.connect_timeout),
-            trust_env=False,
-        )
         self._running = True
         self._last_beat = self.clock()
         if isinstance(self.actions, BindableSink):
@@ -304,8 +295,6 @@ class Coordinator:
         self._tasks, self._lead_tasks = [], []
         await self.persist(routine=True)  # hands the last stored decisions' actions over
         await self.actions.aclose()
-        if self._session is not None:
-            await self._session.close()
         await self.persist()  # what the actions reported meanwhile (action_failed)
         await self.store.close()
 
@@ -452,37 +441,11 @@ class Coordinator:
         await self.store.delete_node(node_id)
 
     async def _indirect_probe(self, request: ProbeRequest) -> None:
-        """Ask healthy peers to check the suspect node.
-
-        A peer we cannot reach votes ``None`` (that is evidence about our own side); a peer
-        that answers without a usable verdict (no ``/probe``, a bad body) casts no vote.
-        """
-        session = self._session
-        if session is None:
-            return
-
-        det = self.config.detection
-        params = {"target": request.address, "timeout": f"{det.timeout:g}",
-                  "connect_timeout": f"{det.connect_timeout:g}"}
-
-        async def ask(peer_id: str, peer_address: str) -> PeerVote | None:
-            url = f"http://{peer_address}/probe"
-            try:
-                async with session.get(url, params=params) as resp:
-                    if resp.status != 200:
-                        return None
-                    body = await resp.json(content_type=None)
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                return PeerVote(peer_id=peer_id, reachable=None,
-                                detail=f"peer unreachable: {type(exc).__name__}")
-            except (aiohttp.ClientError, ValueError):
-                return None
-            if not isinstance(body, dict) or not isinstance(body.get("reachable"), bool):
-                return None
-            return PeerVote(peer_id=peer_id, reachable=body["reachable"],
-                            detail=str(body.get("failure") or body.get("detail") or ""))
-
-        answers = await asyncio.gather(*(ask(p, a) for p, a in request.peers))
+        """Ask healthy peers, through the probe, to check the suspect node; their votes go to
+        the core (a peer that gave no usable verdict casts none)."""
+        answers = await asyncio.gather(
+            *(self.probe.peer_check(peer_id, peer_address, request.address)
+              for peer_id, peer_address in request.peers))
         votes = [vote for vote in answers if vote is not None]
         if not self._running:
             return
