@@ -34,7 +34,6 @@ from nodewatch.model import (
     event_number,
 )
 from nodewatch.store.base import Store
-from nodewatch.web import HTTPProblem
 
 if TYPE_CHECKING:
     from nodewatch.coordinator.leadership import AgentLease, Leadership
@@ -53,12 +52,14 @@ ROUTINE_PERSIST_INTERVAL = 5.0
 LAG_BEAT = 0.25
 
 
-class NotLeader(HTTPProblem):
-    """A follower refuses what only the leader may do (503, naming the leader)."""
+class NotLeader(Exception):
+    """A follower refuses what only the leader may do; the message names the leader (the HTTP
+    edge answers 503 with it)."""
 
     def __init__(self, leader: str) -> None:
-        super().__init__(503, f"this coordinator is a follower; the leader is "
-                              f"{leader or 'being elected'}")
+        super().__init__(f"this coordinator is a follower; the leader is "
+                         f"{leader or 'being elected'}")
+        self.leader = leader
 
 
 async def _nothing() -> list[str]:
@@ -100,8 +101,90 @@ def _probe_for(config: Config, clock: Callable[[], float]) -> Probe:
     return HttpProbe.from_config(config.detection, clock=clock)
 
 
+class _LeaderRole:
+    """The leader's verbs: it acts on outcomes, writes node state and registers agents; it
+    mirrors nothing (the store's node state is its own)."""
+
+    name = "leader"
+
+    def __init__(self, coord: Coordinator) -> None:
+        self._coord = coord
+
+    def require_leader(self) -> None:
+        return None
+
+    def restrict(self, outcome: Outcome) -> None:
+        return None  # the leader does all an outcome asks
+
+    async def persist(self, routine: bool, history: bool) -> None:
+        await self._coord._write(routine, history)
+
+    def leader_address(self) -> str:
+        return self._coord.leader or self._coord.config.coordinator.listen
+
+    def mirror_nodes(self, nodes: list[NodeState], deleted: list[str], reset: bool) -> None:
+        return None
+
+    def mirror_events(self, events: list[Event]) -> None:
+        return None
+
+    def agent_published(self, lease: AgentLease) -> None:
+        self._coord._register_lease(lease)
+
+    def agent_lease_expired(self, node_id: str) -> None:
+        self._coord._lease_expired(node_id)
+
+    async def hand_over(self, leader: str) -> None:
+        await self._coord._stop_leading(leader)
+
+
+class _FollowerRole:
+    """A follower's verbs: its core is a read-only mirror of the store, kept by watch; it
+    refuses what only the leader may do, and neither acts nor writes."""
+
+    name = "follower"
+
+    def __init__(self, coord: Coordinator) -> None:
+        self._coord = coord
+
+    def require_leader(self) -> None:
+        raise NotLeader(self._coord.leader)
+
+    def restrict(self, outcome: Outcome) -> None:
+        outcome.actions.clear()
+        outcome.probes.clear()
+
+    async def persist(self, routine: bool, history: bool) -> None:
+        return None  # the leader writes; a follower's state comes from the store
+
+    def leader_address(self) -> str:
+        return self._coord.leader
+
+    def mirror_nodes(self, nodes: list[NodeState], deleted: list[str], reset: bool) -> None:
+        self._coord._mirror_nodes(nodes, deleted, reset)
+
+    def mirror_events(self, events: list[Event]) -> None:
+        self._coord._mirror_events(events)
+
+    def agent_published(self, lease: AgentLease) -> None:
+        return None
+
+    def agent_lease_expired(self, node_id: str) -> None:
+        return None
+
+    async def hand_over(self, leader: str) -> None:
+        return None  # not leading: nothing to stop
+
+
+_Role = _LeaderRole | _FollowerRole
+
+
 class Coordinator:
-    """One coordinator process's state and background tasks."""
+    """One coordinator process's state and background tasks.
+
+    What differs between leader and follower is decided once, when the role changes: the role
+    object installed then (``_LeaderRole`` or ``_FollowerRole``) carries those verbs.
+    """
 
     def __init__(
         self,
@@ -118,7 +201,7 @@ class Coordinator:
         # With several coordinators on etcd, only the elected leader polls, confirms failures,
         # runs actions and writes node state; a follower mirrors the store and serves reads.
         self.leadership = leadership
-        self.role = "leader" if leadership is None else "follower"
+        self._role: _Role = _LeaderRole(self) if leadership is None else _FollowerRole(self)
         self.leader = ""
         self._lead_tasks: list[asyncio.Task[None]] = []
         self.store = store
@@ -157,6 +240,12 @@ class Coordinator:
         self._running = False
         self._last_stored_event: str | None = None
 
+    @property
+    def role(self) -> str:
+        """``leader`` or ``follower`` (for /healthz and logs; behaviour goes by the role
+        object)."""
+        return self._role.name
+
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
@@ -193,7 +282,7 @@ class Coordinator:
 
     async def _lead(self) -> None:
         """Poll every watched node, tick the core's timers, prune history; write it all."""
-        self.role = "leader"
+        self._role = _LeaderRole(self)
         now = self.clock()
         for static in self.config.nodes:
             self._handle(self.cluster.add_static(static.id, static.address, static.labels, now))
@@ -220,10 +309,12 @@ class Coordinator:
 
     async def become_follower(self, leader: str) -> None:
         """Not (or no longer) the leader: stop polling, ticking and writing node state."""
-        was_leader = self.role == "leader"
-        self.role, self.leader = "follower", leader
-        if not was_leader:
-            return
+        previous, self._role = self._role, _FollowerRole(self)
+        self.leader = leader
+        await previous.hand_over(leader)
+
+    async def _stop_leading(self, leader: str) -> None:
+        """The leader stepping down: no more polls, ticks or actions."""
         # Decisions not stored yet are the next leader's to make: never act on them later.
         self._pending_actions.clear()
         tasks, self._lead_tasks = self._lead_tasks, []
@@ -237,8 +328,9 @@ class Coordinator:
 
     def mirror_nodes(self, nodes: list[NodeState], deleted: list[str], reset: bool) -> None:
         """A follower's copy of the leader's node state, kept by watch (reads only)."""
-        if self.role == "leader":
-            return
+        self._role.mirror_nodes(nodes, deleted, reset)
+
+    def _mirror_nodes(self, nodes: list[NodeState], deleted: list[str], reset: bool) -> None:
         if reset:
             self.cluster.nodes.clear()
         for node in nodes:
@@ -248,7 +340,11 @@ class Coordinator:
         self.cluster.take_dirty()
 
     def mirror_events(self, events: list[Event]) -> None:
-        if self.role == "leader" or not events:
+        """A follower's copy of the leader's new events, kept by watch."""
+        self._role.mirror_events(events)
+
+    def _mirror_events(self, events: list[Event]) -> None:
+        if not events:
             return
         self.recent.extend(events)
         self._last_stored_event = events[-1].id
@@ -258,9 +354,12 @@ class Coordinator:
     def agent_published(self, lease: AgentLease) -> None:
         """An agent in etcd lease mode announced itself: register it if it is new or was
         restarted (the poller then confirms it as usual)."""
+        self._role.agent_published(lease)
+
+    def _register_lease(self, lease: AgentLease) -> None:
         node = self.cluster.nodes.get(lease.node_id)
-        if self.role != "leader" or (node is not None and node.incarnation >= lease.incarnation
-                                     and node.address == lease.address):
+        if node is not None and node.incarnation >= lease.incarnation \
+                and node.address == lease.address:
             return
         self.register(Registration(node_id=lease.node_id, address=lease.address,
                                    incarnation=lease.incarnation, last_seq=lease.last_seq,
@@ -269,17 +368,16 @@ class Coordinator:
 
     def agent_lease_expired(self, node_id: str) -> None:
         """An agent's liveness key expired: a failed check, then confirm by polling."""
-        if self.role != "leader" or node_id not in self.cluster.nodes:
+        self._role.agent_lease_expired(node_id)
+
+    def _lease_expired(self, node_id: str) -> None:
+        if node_id not in self.cluster.nodes:
             return
         self.on_result(CheckResult(node_id=node_id, ok=False, at=self.clock(),
                                    failure=FailureClass.LEASE_EXPIRED,
                                    detail="agent lease expired", source="lease"))
         if node_id in self.poller:
             self.poller.check_now(node_id)
-
-    def _require_leader(self) -> None:
-        if self.role != "leader":
-            raise NotLeader(self.leader)
 
     async def stop(self) -> None:
         """Stop watching, write what is pending, close the store. Idempotent."""
@@ -354,7 +452,7 @@ class Coordinator:
         An accepted push stands in for the next poll: the poll is pushed back by one interval,
         so a pushing node costs no polls while its pushes arrive and is polled once they stop.
         """
-        self._require_leader()
+        self._role.require_leader()
         self._gate_on_stall()
         self.pushes += 1
         outcome = self._observe(result)
@@ -364,7 +462,7 @@ class Coordinator:
         return outcome
 
     def register(self, reg: Registration) -> tuple[RegisterDecision, NodeState]:
-        self._require_leader()
+        self._role.require_leader()
         decision, outcome = self.cluster.register(reg, self.clock())
         node = self.cluster.nodes[reg.node_id]
         if node.node_id in self.poller:
@@ -382,7 +480,7 @@ class Coordinator:
 
     def command(self, name: str, node_id: str, reason: str = "") -> Outcome:
         """drain / undrain / approve / remove; raises UnknownNode or Conflict."""
-        self._require_leader()
+        self._role.require_leader()
         now = self.clock()
         if name == "drain":
             outcome = self.cluster.drain(node_id, reason, now)
@@ -407,10 +505,7 @@ class Coordinator:
     def _handle(self, outcome: Outcome) -> None:
         if not outcome:
             return
-        if self.role != "leader":
-            # Only the leader acts; a follower's core is a read-only mirror.
-            outcome.actions.clear()
-            outcome.probes.clear()
+        self._role.restrict(outcome)  # only the leader acts; a follower's core is a mirror
         if outcome.events:
             self._pending_events.extend(outcome.events)
             self.recent.extend(outcome.events)
@@ -463,9 +558,11 @@ class Coordinator:
         on: a new seq is never behind what an agent will claim. (Writing history on every tick
         made a commit and an fsync four times a second for data that changes every 5 s.)
         ``history`` writes the pending history points now, for a reader of history.
+        Only the leader writes; a follower's state comes from the store.
         """
-        if self.role != "leader":
-            return  # the leader writes; a follower's state comes from the store
+        await self._role.persist(routine, history)
+
+    async def _write(self, routine: bool, history: bool) -> None:
         async with self._persist_lock:
             dirty = self.cluster.take_dirty(routine=routine)
             nodes = [self.cluster.nodes[i] for i in sorted(dirty) if i in self.cluster.nodes]
@@ -585,8 +682,7 @@ class Coordinator:
         return {
             "status": "ok",
             "role": self.role,
-            "leader": self.leader or (self.config.coordinator.listen
-                                      if self.role == "leader" else ""),
+            "leader": self._role.leader_address(),
             "uptime": round(self.clock() - self.started_at, 3),
             "loop_lag": round(self.loop_lag, 4),
             "guard": self.cluster.guard_on,
