@@ -4,13 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nodewatch.testing import FakeClock, InProcessCluster
+from nodewatch.model import PeerVote
+from nodewatch.testing import FakeClock, FakeProbe, InProcessCluster
 
 
 def test_fake_clock_only_moves_when_told() -> None:
     clock = FakeClock(100.0)
     assert clock() == 100.0
     assert clock.advance(2.5) == 102.5 and clock() == 102.5
+
+
+async def test_fake_probe_answers_peer_probes_from_its_script_per_peer_and_target() -> None:
+    probe = FakeProbe(FakeClock())
+    probe.set_peer_vote("p1", "10.0.0.9:80", True)
+    probe.set_peer_vote("p2", "10.0.0.9:80", False)
+    assert await probe.peer_check("p1", "10.0.0.1:80", "10.0.0.9:80") == PeerVote("p1", True)
+    vote = await probe.peer_check("p2", "10.0.0.2:80", "10.0.0.9:80")
+    assert vote is not None and vote.reachable is False
+    unscripted = await probe.peer_check("p1", "10.0.0.1:80", "10.0.0.8:80")
+    assert unscripted is not None and unscripted.reachable is None  # never dials anything
+    assert probe.peer_calls == [("p1", "10.0.0.9:80"), ("p2", "10.0.0.9:80"),
+                                ("p1", "10.0.0.8:80")]
 
 
 async def test_in_process_cluster_sees_nodes_healthy_then_a_stopped_one_unhealthy(

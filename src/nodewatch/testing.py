@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nodewatch.model import CheckResult, FailureClass
+from nodewatch.model import CheckResult, FailureClass, PeerVote
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -49,13 +49,17 @@ class FakeClock:
 
 
 class FakeProbe:
-    """A probe that answers from a script per node: True (ok) or a FailureClass."""
+    """A probe that answers from a script per node: True (ok) or a FailureClass; and peer
+    probes from a script per (peer, target address): the peer's ``reachable`` (True, False,
+    or None for a peer the coordinator cannot reach, which is what an unscripted peer is)."""
 
-    def __init__(self, clock: FakeClock) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
         self.script: dict[str, deque[bool | FailureClass]] = defaultdict(deque)
         self.default: dict[str, bool | FailureClass] = {}
         self.calls: list[str] = []
+        self.votes: dict[tuple[str, str], bool | None] = {}
+        self.peer_calls: list[tuple[str, str]] = []
 
     def set(self, node_id: str, outcome: bool | FailureClass) -> None:
         self.default[node_id] = outcome
@@ -72,6 +76,21 @@ class FakeProbe:
         failure = outcome if isinstance(outcome, FailureClass) else FailureClass.ERROR
         return CheckResult(node_id=node_id, ok=False, at=self.clock(), failure=failure,
                            detail=f"scripted {failure.value}")
+
+    def set_peer_vote(self, peer_id: str, target_address: str, reachable: bool | None) -> None:
+        """What ``peer_id`` answers when asked to probe ``target_address`` (until changed)."""
+        self.votes[(peer_id, target_address)] = reachable
+
+    async def peer_check(self, peer_id: str, peer_address: str,
+                         target_address: str) -> PeerVote | None:
+        self.peer_calls.append((peer_id, target_address))
+        key = (peer_id, target_address)
+        if key not in self.votes:
+            return PeerVote(peer_id=peer_id, reachable=None, detail="peer unreachable: unscripted")
+        reachable = self.votes[key]
+        detail = "" if reachable else ("scripted refused" if reachable is False
+                                       else "peer unreachable: scripted")
+        return PeerVote(peer_id=peer_id, reachable=reachable, detail=detail)
 
 
 class InProcessCluster:

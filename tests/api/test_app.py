@@ -163,6 +163,20 @@ async def test_tokens_are_required_and_never_echoed(api: Any) -> None:
     assert coord.cluster.nodes["web-1"].admin.value == "active"
 
 
+async def test_a_follower_refuses_writes_with_503_naming_the_leader(api: Any) -> None:
+    client, coord = api
+    assert (await client.post("/v1/register", json=reg_body(), headers=AGENT)).status == 200
+    await coord.become_follower("10.0.0.5:7000")
+    expected = "this coordinator is a follower; the leader is 10.0.0.5:7000"
+    for resp in (await client.post("/v1/register", json=reg_body(), headers=AGENT),
+                 await client.post("/v1/heartbeat", json=beat(), headers=AGENT),
+                 await client.post("/v1/nodes/web-1/drain", headers=ADMIN)):
+        assert resp.status == 503
+        assert (await resp.json()) == {"error": expected}
+    health = await (await client.get("/healthz")).json()
+    assert health["role"] == "follower" and health["leader"] == "10.0.0.5:7000"
+
+
 async def test_node_filters_and_sort_by_load(api: Any) -> None:
     client, coord = api
     for i, cpu in enumerate((80.0, 10.0, 50.0)):

@@ -10,8 +10,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from nodewatch.coordinator.probes import check_health, parse_health_body
-from nodewatch.model import CheckResult, FailureClass, NodeStatus
+from nodewatch.coordinator.probes import (
+    HttpPeerProbe,
+    check_health,
+    parse_health_body,
+    parse_probe_reply,
+)
+from nodewatch.model import CheckResult, FailureClass, NodeStatus, PeerVote
 from tests.helpers import free_port
 
 GOOD = (b'{"status":"degraded","node_id":"n1","uptime":1.0,"version":"0.1.0","incarnation":4,'
@@ -149,3 +154,43 @@ def test_parse_health_body_raises_value_error_with_a_message() -> None:
         parse_health_body(b'{"incarnation": "x"}')
     report = parse_health_body(GOOD)
     assert report.seq == 18 and report.system == {"cpu_percent": 12.5}
+
+
+async def test_a_peer_probe_asks_the_peers_probe_and_parses_its_vote() -> None:
+    asked: list[dict[str, str]] = []
+    answers = {"up": (200, b'{"reachable": true, "detail": "HTTP 200"}'),
+               "down": (200, b'{"reachable": false, "failure": "refused"}'),
+               "no-probe": (404, b'{"error": "not found"}'),
+               "garbled": (200, b'{"reachable": "maybe"}')}
+
+    async def probe(request: web.Request) -> web.Response:
+        asked.append(dict(request.query))
+        status, body = answers[request.query["target"]]
+        return web.Response(body=body, status=status, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/probe", probe)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    peers = HttpPeerProbe(timeout=0.5, connect_timeout=0.25)
+    await peers.open()
+    try:
+        peer = f"127.0.0.1:{port}"
+        assert await peers.peer_check("p", peer, "up") == PeerVote("p", True, "HTTP 200")
+        assert await peers.peer_check("p", peer, "down") == PeerVote("p", False, "refused")
+        assert await peers.peer_check("p", peer, "no-probe") is None
+        assert await peers.peer_check("p", peer, "garbled") is None
+        assert asked[0] == {"target": "up", "timeout": "0.5", "connect_timeout": "0.25"}
+        gone = await peers.peer_check("p", f"127.0.0.1:{free_port()}", "up")
+        assert gone is not None and gone.reachable is None
+        assert gone.detail.startswith("peer unreachable")
+    finally:
+        await peers.aclose()
+        await runner.cleanup()
+
+
+def test_a_probe_reply_that_is_not_json_casts_no_vote() -> None:
+    assert parse_probe_reply("p", b"<html>") is None
+    assert parse_probe_reply("p", b'{"reachable": true}') == PeerVote("p", True, "")

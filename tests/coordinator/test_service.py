@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
 from nodewatch.config import load_config
 from nodewatch.coordinator.service import Coordinator
 from nodewatch.detect.outcome import ActionRequest
-from nodewatch.model import CheckResult, Event, Registration, Report
+from nodewatch.model import CheckResult, Event, FailureClass, Health, Registration, Report
 from nodewatch.store.open import open_store
 from nodewatch.testing import FakeProbe
 
@@ -132,5 +133,37 @@ async def test_actions_run_only_after_their_transition_is_stored(tmp_path: Path)
         coord.command("undrain", "n1")
         await coord.become_follower("someone-else")
         assert sink.submitted == ["drained:n1"]
+    finally:
+        await coord.stop()
+
+
+async def test_peer_votes_scripted_on_the_fake_probe_hold_a_node_the_peers_reach(
+        tmp_path: Path) -> None:
+    cfg = load_config(None, {"coordinator.store": f"sqlite:///{tmp_path}/state.db",
+                             "detection.startup_grace": "0"})
+    probe = FakeProbe(time.time)
+    coord = Coordinator(cfg, open_store(cfg.coordinator.store), probe=probe)
+    await coord.start()
+    try:
+        for i, node_id in enumerate(("n1", "n2", "n3"), 1):
+            coord.register(Registration(node_id, f"127.0.0.1:{i}", 1, 0, time.time()))
+        for seq in (1, 2, 3):
+            for node_id in ("n1", "n2", "n3"):
+                coord.heartbeat(CheckResult(node_id, True, time.time(), source="push",
+                                            report=Report(1, seq, time.time())))
+        assert all(n.health is Health.HEALTHY for n in coord.cluster.nodes.values())
+        probe.set("n3", FailureClass.REFUSED)
+        probe.set_peer_vote("n1", "127.0.0.1:3", True)
+        probe.set_peer_vote("n2", "127.0.0.1:3", False)
+        node = coord.cluster.nodes["n3"]
+        async with asyncio.timeout(10):
+            while node.health_reason != "reachable from peers":
+                coord.on_result(CheckResult("n3", False, time.time(),
+                                            failure=FailureClass.REFUSED, detail="refused"))
+                await asyncio.sleep(0.01)
+        assert node.health is Health.SUSPECT
+        assert sorted(set(probe.peer_calls)) == [("n1", "127.0.0.1:3"), ("n2", "127.0.0.1:3")]
+        held = [e for e in coord.recent if e.reason == "reachable from peers"]
+        assert held and held[-1].evidence["reachable_from"] == ["n1"]
     finally:
         await coord.stop()

@@ -20,7 +20,7 @@ from nodewatch.api.metrics import CoordinatorMetrics
 from nodewatch.api.schemas import DrainBody, HeartbeatBody, RegisterBody, convert
 from nodewatch.api.udp import UdpHeartbeats, push_result
 from nodewatch.config import NODE_ID_RE
-from nodewatch.coordinator.service import Coordinator
+from nodewatch.coordinator.service import Coordinator, NotLeader
 from nodewatch.detect.outcome import Conflict, UnknownNode
 from nodewatch.model import (
     Health,
@@ -30,6 +30,7 @@ from nodewatch.model import (
 from nodewatch.protocol import VERSION
 from nodewatch.web import (
     HTTPProblem,
+    error_response,
     json_response,
     problem_middleware,
     read_json_object,
@@ -47,6 +48,15 @@ MAX_WAIT = 60.0
 SSE_KEEPALIVE = 15.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _not_leader_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A follower's refusal (the service's NotLeader) is a 503 naming the leader."""
+    try:
+        return await handler(request)
+    except NotLeader as exc:
+        return error_response(503, str(exc))
 
 
 def _coordinator(request: web.Request) -> Coordinator:
@@ -337,7 +347,7 @@ async def dashboard(request: web.Request) -> web.FileResponse:
 def build_app(coord: Coordinator, udp: UdpHeartbeats | None = None) -> web.Application:
     """The aiohttp application; the caller owns the coordinator's start and stop (and the UDP
     heartbeat endpoint's, whose address register answers then offer)."""
-    app = web.Application(middlewares=[problem_middleware],
+    app = web.Application(middlewares=[problem_middleware, _not_leader_middleware],
                           client_max_size=coord.config.coordinator.max_body)
     app[COORDINATOR_KEY] = coord
     app[METRICS_KEY] = CoordinatorMetrics(coord, None if udp is None else udp.counts)

@@ -2,6 +2,8 @@
 
 Blocking urllib on purpose: a CLI call is one or two requests, and every failure must become
 one readable :class:`ClientError` line (never a traceback), which is simplest without a loop.
+Answers are decoded once, here, into typed results (the shapes of ``api/schemas.py``'s views,
+declared again so that the CLI does not import the server's aiohttp stack).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
 
 from nodewatch.tls import client_context, explain_tls_failure, probe_handshake
 
@@ -34,7 +38,97 @@ _TLS_HINTS = {
                             "signed by the coordinator's tls_client_ca",
 }
 
-__all__ = ["Client", "ClientError", "DEFAULT_COORDINATOR", "resolve_coordinator"]
+__all__ = ["Client", "ClientError", "CommandResult", "CoordinatorStatus", "DEFAULT_COORDINATOR",
+           "DrainInfo", "EventInfo", "EventsPage", "NodeInfo", "resolve_coordinator"]
+
+T = TypeVar("T")
+
+
+class _Result(msgspec.Struct, kw_only=True):
+    """Fields the coordinator adds later are ignored, not an error."""
+
+
+class DrainInfo(_Result):
+    """An ongoing soft offline of a node (``drain`` in a node)."""
+
+    reason: str
+    started: float
+    deadline: float
+    by: str
+    complete: bool
+    waiting_for: dict[str, float | None] | None = None
+
+
+class NodeInfo(_Result):
+    """One node as ``GET /v1/nodes`` shows it."""
+
+    node_id: str
+    address: str
+    health: str
+    node_status: str
+    admin: str
+    schedulable: bool
+    incarnation: int
+    seq: int
+    last_seen: float
+    since: float
+    consecutive_failures: int
+    system: dict[str, float]
+    load: dict[str, float]
+    labels: dict[str, str]
+    reasons: list[str]
+    version: str = ""
+    drain: DrainInfo | None = None
+    load_score: float | None = None
+
+
+class EventInfo(_Result):
+    """One event, as ``GET /v1/events`` and the event stream carry it."""
+
+    id: str
+    ts: float
+    node_id: str
+    kind: str
+    from_: str = msgspec.field(default="", name="from")
+    to: str = ""
+    reason: str = ""
+    evidence: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class EventsPage(_Result):
+    """A page of events and the id to ask after for the next one."""
+
+    events: list[EventInfo]
+    last_id: str | None = None
+
+
+class CommandResult(_Result):
+    """What an operator command did: the node afterwards (None once removed), its events."""
+
+    events: list[EventInfo] = msgspec.field(default_factory=list)
+    node: NodeInfo | None = None
+    removed: str = ""
+
+
+class CoordinatorStatus(_Result):
+    """``GET /healthz``: the coordinator's own state."""
+
+    status: str
+    role: str = ""
+    leader: str = ""
+    version: str = ""
+    uptime: float = 0.0
+    loop_lag: float = 0.0
+    guard: bool = False
+    in_grace: bool = False
+    dry_run: bool = False
+    nodes: dict[str, int] = msgspec.field(default_factory=dict)
+    checks: int = 0
+    poller: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class _NodesAnswer(_Result):
+    nodes: list[NodeInfo]
 
 
 class ClientError(Exception):
@@ -88,8 +182,8 @@ class Client:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
-                 timeout: float | None = None) -> Any:
+    def _request(self, method: str, path: str, model: type[T],
+                 body: dict[str, Any] | None = None, timeout: float | None = None) -> T:
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Accept": "application/json"}
         if data is not None:
@@ -109,11 +203,12 @@ class Client:
                 raw = resp.read()
             except OSError as exc:
                 raise self._unreachable(exc) from None
-        if not raw:
-            return None
         try:
-            return json.loads(raw)
-        except ValueError:
+            return msgspec.json.decode(raw, type=model)
+        except msgspec.ValidationError as exc:
+            raise ClientError(f"{self.base_url} answered {method} {path.partition('?')[0]} "
+                              f"with an unexpected shape: {exc}") from None
+        except msgspec.DecodeError:
             raise ClientError(f"{self.base_url} answered with something that is not JSON; "
                               "is it a nodewatch coordinator?") from None
 
@@ -157,34 +252,34 @@ class Client:
 
     # ------------------------------------------------------------------ calls
 
-    def healthz(self) -> dict[str, Any]:
-        return dict(self._request("GET", "/healthz"))
+    def healthz(self) -> CoordinatorStatus:
+        return self._request("GET", "/healthz", CoordinatorStatus)
 
-    def nodes(self) -> list[dict[str, Any]]:
-        return list(self._request("GET", "/v1/nodes")["nodes"])
+    def nodes(self) -> list[NodeInfo]:
+        return self._request("GET", "/v1/nodes", _NodesAnswer).nodes
 
-    def node(self, node_id: str) -> dict[str, Any]:
-        return dict(self._request("GET", self._node_path(node_id)))
+    def node(self, node_id: str) -> NodeInfo:
+        return self._request("GET", self._node_path(node_id), NodeInfo)
 
-    def command(self, name: str, node_id: str, reason: str = "") -> dict[str, Any]:
+    def command(self, name: str, node_id: str, reason: str = "") -> CommandResult:
         """``drain`` / ``undrain`` / ``approve`` (POST) or ``remove`` (DELETE)."""
         if name == "remove":
-            return dict(self._request("DELETE", self._node_path(node_id)))
+            return self._request("DELETE", self._node_path(node_id), CommandResult)
         body = {"reason": reason} if name == "drain" else None
-        return dict(self._request("POST", f"{self._node_path(node_id)}/{name}", body))
+        return self._request("POST", f"{self._node_path(node_id)}/{name}", CommandResult, body)
 
     def events(self, after: str | None = None, wait: float = 0.0,
-               limit: int = 1000) -> dict[str, Any]:
+               limit: int = 1000) -> EventsPage:
         query: dict[str, str] = {"limit": str(limit)}
         if after:
             query["after"] = after
         if wait:
             query["wait"] = f"{wait:g}"
         path = "/v1/events" + (f"?{urllib.parse.urlencode(query)}" if query else "")
-        return dict(self._request("GET", path, timeout=self.timeout + wait))
+        return self._request("GET", path, EventsPage, timeout=self.timeout + wait)
 
     def stream_events(self, after: str | None = None,
-                      idle_timeout: float = 60.0) -> Iterator[dict[str, Any]]:
+                      idle_timeout: float = 60.0) -> Iterator[EventInfo]:
         """Follow ``/v1/events/stream`` (SSE); the server's 15 s keep-alives reset the timeout."""
         path = "/v1/events/stream" + (f"?after={urllib.parse.quote(after)}" if after else "")
         headers = {"Accept": "text/event-stream"}
@@ -208,10 +303,15 @@ class Client:
                 if text.startswith("data:"):
                     data.append(text[5:].lstrip(" "))
                 elif text == "" and data:
-                    try:
-                        event = json.loads("\n".join(data))
-                    except ValueError:
-                        event = None
+                    event = _stream_event("\n".join(data))
                     data = []
-                    if isinstance(event, dict):
+                    if event is not None:
                         yield event
+
+
+def _stream_event(data: str) -> EventInfo | None:
+    """One event of the stream; one that is not an event is skipped."""
+    try:
+        return msgspec.json.decode(data, type=EventInfo)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None

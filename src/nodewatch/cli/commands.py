@@ -153,6 +153,8 @@ def status(coordinator: str | None, ca: str | None, cert: str | None, key: str |
     import json
     import time
 
+    import msgspec
+
     from nodewatch.cli.client import ClientError
 
     client = _client(coordinator, ca, cert, key)
@@ -161,7 +163,7 @@ def status(coordinator: str | None, ca: str | None, cert: str | None, key: str |
     except ClientError as exc:
         _fail(str(exc))
     if as_json:
-        click.echo(json.dumps({"nodes": nodes}, indent=2, sort_keys=True))
+        click.echo(json.dumps({"nodes": msgspec.to_builtins(nodes)}, indent=2, sort_keys=True))
         return
     console = make_console()
     console.print(nodes_table(nodes, time.time()))
@@ -187,10 +189,12 @@ def _node_command(name: str, verb: str, help_text: str) -> None:
         if name == "remove":
             click.echo(f"{node_id} removed")
             return
-        node = result.get("node") or {}
-        click.echo(f"{node_id} {verb}: health {node.get('health')}, status "
-                   f"{node.get('node_status')}, admin {node.get('admin')}, schedulable "
-                   f"{'yes' if node.get('schedulable') else 'no'}")
+        node = result.node
+        if node is None:
+            _fail(f"the coordinator did not say what became of {node_id}")
+        click.echo(f"{node_id} {verb}: health {node.health}, status "
+                   f"{node.node_status}, admin {node.admin}, schedulable "
+                   f"{'yes' if node.schedulable else 'no'}")
 
     if name == "drain":
         click.option("--reason", default="", help="Why; kept in the drained event.")(command)
@@ -215,28 +219,30 @@ def events(coordinator: str | None, ca: str | None, cert: str | None, key: str |
     import collections
     import json
 
-    from nodewatch.cli.client import ClientError
+    import msgspec
+
+    from nodewatch.cli.client import ClientError, EventInfo
 
     console = make_console()
 
-    def show(event: dict[str, Any]) -> None:
+    def show(event: EventInfo) -> None:
         if as_json:
-            click.echo(json.dumps(event, sort_keys=True))
+            click.echo(json.dumps(msgspec.to_builtins(event), sort_keys=True))
         else:
             console.print(event_line(event))
 
     client = _client(coordinator, ca, cert, key)
-    backlog: collections.deque[dict[str, Any]] = collections.deque(maxlen=max(last, 1))
+    backlog: collections.deque[EventInfo] = collections.deque(maxlen=max(last, 1))
     after: str | None = None
     try:
         # Page through the retained events; bounded by what the store keeps (events_retained).
         for _ in range(1000):
             page = client.events(after=after, limit=1000)
-            backlog.extend(page["events"])
-            if not page["events"]:
-                after = page.get("last_id") or after
+            backlog.extend(page.events)
+            if not page.events:
+                after = page.last_id or after
                 break
-            after = page["events"][-1]["id"]
+            after = page.events[-1].id
         for event in list(backlog)[-last:] if last else []:
             show(event)
         if not follow:

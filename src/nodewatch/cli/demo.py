@@ -280,9 +280,11 @@ class Demo:
     def _admin(self, name: str) -> Callable[[list[str]], str]:
         def command(args: list[str]) -> str:
             node_id = self._one(args, f"{name} NODE")
-            node = self.client.command(name, node_id, "demo").get("node") or {}
-            return (f"{node_id}: admin {node.get('admin')}, schedulable "
-                    f"{'yes' if node.get('schedulable') else 'no'}")
+            node = self.client.command(name, node_id, "demo").node
+            if node is None:
+                return f"{node_id}: the coordinator did not say"
+            return (f"{node_id}: admin {node.admin}, schedulable "
+                    f"{'yes' if node.schedulable else 'no'}")
 
         return command
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nodewatch.cli.client import EventInfo, NodeInfo
 
 __all__ = ["event_line", "make_console", "nodes_table", "summary_line"]
 
@@ -41,17 +44,17 @@ def _ago(ts: float, now: float) -> str:
     return f"{delta / 3600:.1f}h ago"
 
 
-def event_line(event: dict[str, Any], markup: bool = True) -> str:
+def event_line(event: EventInfo, markup: bool = True) -> str:
     """One human line per event; shared by ``events`` and the demo's live log."""
     import datetime as _dt
 
-    when = _dt.datetime.fromtimestamp(float(event.get("ts", 0))).strftime("%H:%M:%S")
-    kind = str(event.get("kind", "?"))
+    when = _dt.datetime.fromtimestamp(event.ts).strftime("%H:%M:%S")
+    kind = event.kind
     change = ""
-    if event.get("from") or event.get("to"):
-        change = f" {event.get('from') or '-'} -> {event.get('to') or '-'}"
-    reason = f"  {event['reason']}" if event.get("reason") else ""
-    node = event.get("node_id") or "(cluster)"
+    if event.from_ or event.to:
+        change = f" {event.from_ or '-'} -> {event.to or '-'}"
+    reason = f"  {event.reason}" if event.reason else ""
+    node = event.node_id or "(cluster)"
     if not markup:
         return f"{when} {node:<12} {kind:<13}{change}{reason}"
     from rich.markup import escape
@@ -61,7 +64,7 @@ def event_line(event: dict[str, Any], markup: bool = True) -> str:
             f"{escape(change)}[dim]{escape(reason)}[/]")
 
 
-def nodes_table(nodes: list[dict[str, Any]], now: float) -> Any:
+def nodes_table(nodes: list[NodeInfo], now: float) -> Any:
     """The ``status`` table: one row per node, coloured by health."""
     from rich.markup import escape
     from rich.table import Table
@@ -73,29 +76,26 @@ def nodes_table(nodes: list[dict[str, Any]], now: float) -> Any:
         table.add_column(column, justify="right" if numeric else "left",
                          no_wrap=column != "REASONS")
     for node in nodes:
-        health = str(node.get("health", "?"))
-        system = node.get("system") or {}
-        load = node.get("load") or {}
-        status = str(node.get("node_status", "?"))
-        admin = str(node.get("admin", "?"))
+        health, status, admin = node.health, node.node_status, node.admin
+        system, load = node.system, node.load
         table.add_row(
-            escape(str(node.get("node_id"))), escape(str(node.get("address", ""))),
+            escape(node.node_id), escape(node.address),
             f"[{_HEALTH_STYLE.get(health, 'white')}]{health}[/]",
             status if status == "ok" else f"[yellow]{status}[/]",
             admin if admin == "active" else f"[magenta]{admin}[/]",
-            "[green]yes[/]" if node.get("schedulable") else "[red]no[/]",
+            "[green]yes[/]" if node.schedulable else "[red]no[/]",
             _fmt_num(system.get("cpu_percent")), _fmt_num(system.get("mem_percent")),
             _fmt_num(load.get("qps")), _fmt_num(load.get("pending_tasks"), 0),
-            _ago(float(node.get("last_seen") or 0), now),
-            escape("; ".join(node.get("reasons") or [])),
+            _ago(node.last_seen, now),
+            escape("; ".join(node.reasons)),
         )
     return table
 
 
-def summary_line(nodes: list[dict[str, Any]]) -> str:
+def summary_line(nodes: list[NodeInfo]) -> str:
     counts: dict[str, int] = {}
     for node in nodes:
-        counts[str(node.get("health"))] = counts.get(str(node.get("health")), 0) + 1
+        counts[node.health] = counts.get(node.health, 0) + 1
     parts = ", ".join(f"{n} {h}" for h, n in sorted(counts.items()))
-    schedulable = sum(1 for n in nodes if n.get("schedulable"))
+    schedulable = sum(1 for n in nodes if n.schedulable)
     return f"{len(nodes)} nodes ({parts or 'none'}); {schedulable} schedulable"

@@ -20,9 +20,9 @@ from typing import Any, Protocol, runtime_checkable
 import aiohttp
 
 from nodewatch.config import DetectionConfig
-from nodewatch.coordinator.probes import check_health
+from nodewatch.coordinator.probes import HttpPeerProbe, check_health
 from nodewatch.detect.scheduler import CheckScheduler
-from nodewatch.model import CheckResult, FailureClass
+from nodewatch.model import CheckResult, FailureClass, PeerVote
 
 __all__ = ["CheckLost", "ClosableProbe", "HttpProbe", "OpenableProbe", "Poller", "Probe"]
 
@@ -39,11 +39,16 @@ class CheckLost(Exception):
 
 
 class Probe(Protocol):
-    """The seam between the poller and the network: one check of one node, never raising for a
-    network problem (it is a failed :class:`CheckResult` instead); :class:`CheckLost` when the
-    coordinator itself could not check."""
+    """The seam between the coordinator and the network: one check of one node, never raising
+    for a network problem (it is a failed :class:`CheckResult` instead); :class:`CheckLost` when
+    the coordinator itself could not check. And one indirect check: a peer agent asked to check
+    a suspect node, whose answer is its vote (``reachable=None`` when the peer could not be
+    reached), or None when it gave no usable verdict."""
 
     async def check(self, node_id: str, address: str) -> CheckResult: ...
+
+    async def peer_check(self, peer_id: str, peer_address: str,
+                         target_address: str) -> PeerVote | None: ...
 
 
 @runtime_checkable
@@ -85,11 +90,14 @@ class HttpProbe:
         clock: Callable[[], float] = time.time,
         keepalive_timeout: float = 75.0,
         dns_cache_ttl: float = 300.0,
+        peers: HttpPeerProbe | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.timeout = timeout
         self.connect_timeout = min(connect_timeout, timeout)
+        self._peers = peers or HttpPeerProbe(timeout=timeout,
+                                             connect_timeout=self.connect_timeout)
         self.max_bytes = max_bytes
         self.concurrency = concurrency
         self.keepalive_timeout = keepalive_timeout
@@ -109,6 +117,8 @@ class HttpProbe:
             concurrency=detection.concurrency,
             clock=clock,
             keepalive_timeout=max(15.0, 2.0 * detection.healthy_interval),
+            peers=HttpPeerProbe(timeout=detection.timeout,
+                                connect_timeout=detection.connect_timeout),
         )
 
     @property
@@ -118,6 +128,7 @@ class HttpProbe:
 
     async def open(self) -> aiohttp.ClientSession:
         """Create the shared session (idempotent); it must be made inside the running loop."""
+        await self._peers.open()
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
                 limit=self.concurrency,
@@ -150,8 +161,13 @@ class HttpProbe:
             clock=self._clock,
         )
 
+    async def peer_check(self, peer_id: str, peer_address: str,
+                         target_address: str) -> PeerVote | None:
+        return await self._peers.peer_check(peer_id, peer_address, target_address)
+
     async def aclose(self) -> None:
-        """Close the session and every pooled connection."""
+        """Close the sessions and every pooled connection."""
+        await self._peers.aclose()
         session, self._session = self._session, None
         if session is not None and not session.closed:
             await session.close()

@@ -25,7 +25,8 @@ import msgspec
 from nodewatch.config import Config
 from nodewatch.coordinator.poller import CheckLost
 from nodewatch.coordinator.probe_worker import CLOCKS, HEADER, Request, frame
-from nodewatch.model import CheckResult
+from nodewatch.coordinator.probes import HttpPeerProbe
+from nodewatch.model import CheckResult, PeerVote
 
 __all__ = ["ProcessProbe"]
 
@@ -150,6 +151,8 @@ class ProcessProbe:
                              "time.monotonic")
         self.processes = processes
         self.timeout = timeout
+        # Peer probes are rare (one per suspect node): they go from this process.
+        self._peers = HttpPeerProbe(timeout=timeout, connect_timeout=connect_timeout)
         self._argv = [
             python, "-m", "nodewatch.coordinator.probe_worker", "--parent", str(os.getpid()),
             "--timeout", repr(timeout), "--connect-timeout", repr(min(connect_timeout, timeout)),
@@ -200,6 +203,7 @@ class ProcessProbe:
             return
         self._loop = asyncio.get_running_loop()
         self._closing = False
+        await self._peers.open()
         await asyncio.gather(*(self._spawn(worker) for worker in self._workers))
         waits = [w.ready for w in self._workers if w.ready is not None]
         try:
@@ -214,6 +218,7 @@ class ProcessProbe:
         """Close every socket (a worker exits on end of file) and reap every process; whatever
         is still running after two seconds is killed. Checks in flight raise CheckLost."""
         self._closing = True
+        await self._peers.aclose()
         tasks = [t for t in (self._watchdog, *self._restarts) if t is not None]
         self._watchdog = None
         for task in tasks:
@@ -346,3 +351,7 @@ class ProcessProbe:
         except asyncio.CancelledError:
             worker.pending.pop(request_id, None)
             raise
+
+    async def peer_check(self, peer_id: str, peer_address: str,
+                         target_address: str) -> PeerVote | None:
+        return await self._peers.peer_check(peer_id, peer_address, target_address)

@@ -1,5 +1,6 @@
 """One HTTP health check of a node's ``/health``: shared by the coordinator's poller and the
-agent's ``/probe``, so that a peer's indirect check judges exactly like the coordinator does.
+agent's ``/probe``, so that a peer's indirect check judges exactly like the coordinator does;
+and the coordinator's side of that indirect check, asking a peer agent's ``/probe``.
 
 The hot path is one keep-alive GET on a shared ``ClientSession``: timeouts and URLs are cached,
 the body is decoded by a pre-built msgspec decoder straight into a typed struct.
@@ -19,9 +20,10 @@ import msgspec
 from msgspec import Meta
 from yarl import URL
 
-from nodewatch.model import CheckResult, FailureClass, NodeStatus, Report
+from nodewatch.model import CheckResult, FailureClass, NodeStatus, PeerVote, Report
 
-__all__ = ["HealthBody", "check_health", "decode_health_body", "parse_health_body"]
+__all__ = ["HealthBody", "HttpPeerProbe", "check_health", "decode_health_body",
+           "parse_health_body", "parse_probe_reply"]
 
 NonNegative = Annotated[int, Meta(ge=0)]
 
@@ -171,3 +173,65 @@ async def check_health(
     report = Report(parsed.incarnation, parsed.seq, parsed.ts, parsed.status, parsed.reasons,
                     parsed.system, parsed.load, parsed.sample_interval, parsed.samples)
     return CheckResult(node_id, True, now, latency, None, "", report)
+
+
+def parse_probe_reply(peer_id: str, body: bytes) -> PeerVote | None:
+    """A peer's ``GET /probe`` reply as its vote; None when it carries no usable verdict."""
+    try:
+        reply = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(reply, dict) or not isinstance(reply.get("reachable"), bool):
+        return None
+    return PeerVote(peer_id=peer_id, reachable=reply["reachable"],
+                    detail=str(reply.get("failure") or reply.get("detail") or ""))
+
+
+class HttpPeerProbe:
+    """``GET http://PEER/probe?target=HOST:PORT``: asks one peer agent to check a suspect node
+    with the coordinator's timeouts, on a session of its own (opened by ``open``).
+
+    A peer we cannot reach votes ``None`` (that is evidence about our own side); a peer that
+    answers without a usable verdict (no ``/probe``, a bad body) casts no vote.
+    """
+
+    def __init__(self, *, timeout: float, connect_timeout: float) -> None:
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._params = {"timeout": f"{timeout:g}", "connect_timeout": f"{connect_timeout:g}"}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        """Create the session (idempotent); it must be made inside the running loop."""
+        if self._session is None or self._session.closed:
+            # The peer spends up to ``timeout`` on the target; we allow as much again to
+            # reach the peer, plus its own overhead.
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout * 2 + 0.25,
+                                              connect=self.connect_timeout),
+                trust_env=False,
+            )
+
+    async def peer_check(self, peer_id: str, peer_address: str,
+                         target_address: str) -> PeerVote | None:
+        session = self._session
+        if session is None:
+            return None
+        url = f"http://{peer_address}/probe"
+        try:
+            async with session.get(url, params={"target": target_address,
+                                                **self._params}) as resp:
+                if resp.status != 200:
+                    return None
+                body = await resp.read()
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            return PeerVote(peer_id=peer_id, reachable=None,
+                            detail=f"peer unreachable: {type(exc).__name__}")
+        except aiohttp.ClientError:
+            return None
+        return parse_probe_reply(peer_id, body)
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            await session.close()

@@ -2,7 +2,7 @@
 
 Everything that decides lives in ``detect.cluster.Cluster``; this module only moves inputs in
 and outcomes out: results to the core, events and node state to the store, action requests to
-the respond stage, indirect probes to peer agents, new events to API waiters.
+the respond stage, indirect probes to peer agents (through the probe), new events to API waiters.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
-
-import aiohttp
 
 from nodewatch.config import Config
 from nodewatch.coordinator.poller import HttpProbe, Poller, Probe
@@ -31,14 +29,12 @@ from nodewatch.model import (
     Health,
     HistorySample,
     NodeState,
-    PeerVote,
     RegisterDecision,
     Registration,
     Report,
     event_number,
 )
 from nodewatch.store.base import Store
-from nodewatch.web import HTTPProblem
 
 if TYPE_CHECKING:
     from nodewatch.coordinator.leadership import AgentLease, Leadership
@@ -57,12 +53,14 @@ ROUTINE_PERSIST_INTERVAL = 5.0
 LAG_BEAT = 0.25
 
 
-class NotLeader(HTTPProblem):
-    """A follower refuses what only the leader may do (503, naming the leader)."""
+class NotLeader(Exception):
+    """A follower refuses what only the leader may do; the message names the leader (the HTTP
+    edge answers 503 with it)."""
 
     def __init__(self, leader: str) -> None:
-        super().__init__(503, f"this coordinator is a follower; the leader is "
-                              f"{leader or 'being elected'}")
+        super().__init__(f"this coordinator is a follower; the leader is "
+                         f"{leader or 'being elected'}")
+        self.leader = leader
 
 
 async def _nothing() -> list[str]:
@@ -104,8 +102,90 @@ def _probe_for(config: Config, clock: Callable[[], float]) -> Probe:
     return HttpProbe.from_config(config.detection, clock=clock)
 
 
+class _LeaderRole:
+    """The leader's verbs: it acts on outcomes, writes node state and registers agents; it
+    mirrors nothing (the store's node state is its own)."""
+
+    name = "leader"
+
+    def __init__(self, coord: Coordinator) -> None:
+        self._coord = coord
+
+    def require_leader(self) -> None:
+        return None
+
+    def restrict(self, outcome: Outcome) -> None:
+        return None  # the leader does all an outcome asks
+
+    async def persist(self, routine: bool, history: bool) -> None:
+        await self._coord._write(routine, history)
+
+    def leader_address(self) -> str:
+        return self._coord.leader or self._coord.config.coordinator.listen
+
+    def mirror_nodes(self, nodes: list[NodeState], deleted: list[str], reset: bool) -> None:
+        return None
+
+    def mirror_events(self, events: list[Event]) -> None:
+        return None
+
+    def agent_published(self, lease: AgentLease) -> None:
+        self._coord._register_lease(lease)
+
+    def agent_lease_expired(self, node_id: str) -> None:
+        self._coord._lease_expired(node_id)
+
+    async def hand_over(self, leader: str) -> None:
+        await self._coord._stop_leading(leader)
+
+
+class _FollowerRole:
+    """A follower's verbs: its core is a read-only mirror of the store, kept by watch; it
+    refuses what only the leader may do, and neither acts nor writes."""
+
+    name = "follower"
+
+    def __init__(self, coord: Coordinator) -> None:
+        self._coord = coord
+
+    def require_leader(self) -> None:
+        raise NotLeader(self._coord.leader)
+
+    def restrict(self, outcome: Outcome) -> None:
+        outcome.actions.clear()
+        outcome.probes.clear()
+
+    async def persist(self, routine: bool, history: bool) -> None:
+        return None  # the leader writes; a follower's state comes from the store
+
+    def leader_address(self) -> str:
+        return self._coord.leader
+
+    def mirror_nodes(self, nodes: list[NodeState], deleted: list[str], reset: bool) -> None:
+        self._coord._mirror_nodes(nodes, deleted, reset)
+
+    def mirror_events(self, events: list[Event]) -> None:
+        self._coord._mirror_events(events)
+
+    def agent_published(self, lease: AgentLease) -> None:
+        return None
+
+    def agent_lease_expired(self, node_id: str) -> None:
+        return None
+
+    async def hand_over(self, leader: str) -> None:
+        return None  # not leading: nothing to stop
+
+
+_Role = _LeaderRole | _FollowerRole
+
+
 class Coordinator:
-    """One coordinator process's state and background tasks."""
+    """One coordinator process's state and background tasks.
+
+    What differs between leader and follower is decided once, when the role changes: the role
+    object installed then (``_LeaderRole`` or ``_FollowerRole``) carries those verbs.
+    """
 
     def __init__(
         self,
@@ -122,7 +202,7 @@ class Coordinator:
         # With several coordinators on etcd, only the elected leader polls, confirms failures,
         # runs actions and writes node state; a follower mirrors the store and serves reads.
         self.leadership = leadership
-        self.role = "leader" if leadership is None else "follower"
+        self._role: _Role = _LeaderRole(self) if leadership is None else _FollowerRole(self)
         self.leader = ""
         self._lead_tasks: list[asyncio.Task[None]] = []
         self.store = store
@@ -148,7 +228,6 @@ class Coordinator:
         self._pending_samples: list[HistorySample] = []
         self._persist_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
-        self._session: aiohttp.ClientSession | None = None
         self._last_beat = clock()
         self.loop_lag = 0.0
         self.checks = 0
@@ -162,6 +241,12 @@ class Coordinator:
         self._running = False
         self._last_stored_event: str | None = None
 
+    @property
+    def role(self) -> str:
+        """``leader`` or ``follower`` (for /healthz and logs; behaviour goes by the role
+        object)."""
+        return self._role.name
+
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
@@ -169,11 +254,6 @@ class Coordinator:
         with an election, follow until elected)."""
         await self.store.open()
         nodes = await self._restore()
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.config.detection.timeout * 2 + 0.25,
-                                          connect=self.config.detection.connect_timeout),
-            trust_env=False,
-        )
         self._running = True
         self._last_beat = self.clock()
         if isinstance(self.actions, BindableSink):
@@ -203,7 +283,7 @@ class Coordinator:
 
     async def _lead(self) -> None:
         """Poll every watched node, tick the core's timers, prune history; write it all."""
-        self.role = "leader"
+        self._role = _LeaderRole(self)
         now = self.clock()
         for static in self.config.nodes:
             self._handle(self.cluster.add_static(static.id, static.address, static.labels, now))
@@ -230,10 +310,12 @@ class Coordinator:
 
     async def become_follower(self, leader: str) -> None:
         """Not (or no longer) the leader: stop polling, ticking and writing node state."""
-        was_leader = self.role == "leader"
-        self.role, self.leader = "follower", leader
-        if not was_leader:
-            return
+        previous, self._role = self._role, _FollowerRole(self)
+        self.leader = leader
+        await previous.hand_over(leader)
+
+    async def _stop_leading(self, leader: str) -> None:
+        """The leader stepping down: no more polls, ticks or actions."""
         # Decisions not stored yet are the next leader's to make: never act on them later.
         self._pending_actions.clear()
         tasks, self._lead_tasks = self._lead_tasks, []
@@ -247,12 +329,17 @@ class Coordinator:
 
     def mirror_nodes(self, nodes: list[NodeState], deleted: list[str], reset: bool) -> None:
         """A follower's copy of the leader's node state, kept by watch (reads only)."""
-        if self.role == "leader":
-            return
+        self._role.mirror_nodes(nodes, deleted, reset)
+
+    def _mirror_nodes(self, nodes: list[NodeState], deleted: list[str], reset: bool) -> None:
         self.cluster.mirror(nodes, deleted, reset=reset)
 
     def mirror_events(self, events: list[Event]) -> None:
-        if self.role == "leader" or not events:
+        """A follower's copy of the leader's new events, kept by watch."""
+        self._role.mirror_events(events)
+
+    def _mirror_events(self, events: list[Event]) -> None:
+        if not events:
             return
         self.recent.extend(events)
         self._last_stored_event = events[-1].id
@@ -262,9 +349,12 @@ class Coordinator:
     def agent_published(self, lease: AgentLease) -> None:
         """An agent in etcd lease mode announced itself: register it if it is new or was
         restarted (the poller then confirms it as usual)."""
+        self._role.agent_published(lease)
+
+    def _register_lease(self, lease: AgentLease) -> None:
         node = self.cluster.nodes.get(lease.node_id)
-        if self.role != "leader" or (node is not None and node.incarnation >= lease.incarnation
-                                     and node.address == lease.address):
+        if node is not None and node.incarnation >= lease.incarnation \
+                and node.address == lease.address:
             return
         self.register(Registration(node_id=lease.node_id, address=lease.address,
                                    incarnation=lease.incarnation, last_seq=lease.last_seq,
@@ -273,17 +363,16 @@ class Coordinator:
 
     def agent_lease_expired(self, node_id: str) -> None:
         """An agent's liveness key expired: a failed check, then confirm by polling."""
-        if self.role != "leader" or node_id not in self.cluster.nodes:
+        self._role.agent_lease_expired(node_id)
+
+    def _lease_expired(self, node_id: str) -> None:
+        if node_id not in self.cluster.nodes:
             return
         self.on_result(CheckResult(node_id=node_id, ok=False, at=self.clock(),
                                    failure=FailureClass.LEASE_EXPIRED,
                                    detail="agent lease expired", source="lease"))
         if node_id in self.poller:
             self.poller.check_now(node_id)
-
-    def _require_leader(self) -> None:
-        if self.role != "leader":
-            raise NotLeader(self.leader)
 
     async def stop(self) -> None:
         """Stop watching, write what is pending, close the store. Idempotent."""
@@ -299,8 +388,6 @@ class Coordinator:
         self._tasks, self._lead_tasks = [], []
         await self.persist(routine=True)  # hands the last stored decisions' actions over
         await self.actions.aclose()
-        if self._session is not None:
-            await self._session.close()
         await self.persist()  # what the actions reported meanwhile (action_failed)
         await self.store.close()
 
@@ -360,7 +447,7 @@ class Coordinator:
         An accepted push stands in for the next poll: the poll is pushed back by one interval,
         so a pushing node costs no polls while its pushes arrive and is polled once they stop.
         """
-        self._require_leader()
+        self._role.require_leader()
         self._gate_on_stall()
         self.pushes += 1
         outcome = self._observe(result)
@@ -370,7 +457,7 @@ class Coordinator:
         return outcome
 
     def register(self, reg: Registration) -> tuple[RegisterDecision, NodeState]:
-        self._require_leader()
+        self._role.require_leader()
         decision, outcome = self.cluster.register(reg, self.clock())
         node = self.cluster.nodes[reg.node_id]
         if node.node_id in self.poller:
@@ -388,7 +475,7 @@ class Coordinator:
 
     def command(self, name: str, node_id: str, reason: str = "") -> Outcome:
         """drain / undrain / approve / remove; raises UnknownNode or Conflict."""
-        self._require_leader()
+        self._role.require_leader()
         now = self.clock()
         if name == "drain":
             outcome = self.cluster.drain(node_id, reason, now)
@@ -413,10 +500,7 @@ class Coordinator:
     def _handle(self, outcome: Outcome) -> None:
         if not outcome:
             return
-        if self.role != "leader":
-            # Only the leader acts; a follower's core is a read-only mirror.
-            outcome.actions.clear()
-            outcome.probes.clear()
+        self._role.restrict(outcome)  # only the leader acts; a follower's core is a mirror
         if outcome.events:
             self._pending_events.extend(outcome.events)
             self.recent.extend(outcome.events)
@@ -447,37 +531,11 @@ class Coordinator:
         await self.store.delete_node(node_id)
 
     async def _indirect_probe(self, request: ProbeRequest) -> None:
-        """Ask healthy peers to check the suspect node.
-
-        A peer we cannot reach votes ``None`` (that is evidence about our own side); a peer
-        that answers without a usable verdict (no ``/probe``, a bad body) casts no vote.
-        """
-        session = self._session
-        if session is None:
-            return
-
-        det = self.config.detection
-        params = {"target": request.address, "timeout": f"{det.timeout:g}",
-                  "connect_timeout": f"{det.connect_timeout:g}"}
-
-        async def ask(peer_id: str, peer_address: str) -> PeerVote | None:
-            url = f"http://{peer_address}/probe"
-            try:
-                async with session.get(url, params=params) as resp:
-                    if resp.status != 200:
-                        return None
-                    body = await resp.json(content_type=None)
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                return PeerVote(peer_id=peer_id, reachable=None,
-                                detail=f"peer unreachable: {type(exc).__name__}")
-            except (aiohttp.ClientError, ValueError):
-                return None
-            if not isinstance(body, dict) or not isinstance(body.get("reachable"), bool):
-                return None
-            return PeerVote(peer_id=peer_id, reachable=body["reachable"],
-                            detail=str(body.get("failure") or body.get("detail") or ""))
-
-        answers = await asyncio.gather(*(ask(p, a) for p, a in request.peers))
+        """Ask healthy peers, through the probe, to check the suspect node; their votes go to
+        the core (a peer that gave no usable verdict casts none)."""
+        answers = await asyncio.gather(
+            *(self.probe.peer_check(peer_id, peer_address, request.address)
+              for peer_id, peer_address in request.peers))
         votes = [vote for vote in answers if vote is not None]
         if not self._running:
             return
@@ -495,9 +553,11 @@ class Coordinator:
         on: a new seq is never behind what an agent will claim. (Writing history on every tick
         made a commit and an fsync four times a second for data that changes every 5 s.)
         ``history`` writes the pending history points now, for a reader of history.
+        Only the leader writes; a follower's state comes from the store.
         """
-        if self.role != "leader":
-            return  # the leader writes; a follower's state comes from the store
+        await self._role.persist(routine, history)
+
+    async def _write(self, routine: bool, history: bool) -> None:
         async with self._persist_lock:
             dirty = self.cluster.take_dirty(routine=routine)
             nodes = [self.cluster.nodes[i] for i in sorted(dirty) if i in self.cluster.nodes]
@@ -617,8 +677,7 @@ class Coordinator:
         return {
             "status": "ok",
             "role": self.role,
-            "leader": self.leader or (self.config.coordinator.listen
-                                      if self.role == "leader" else ""),
+            "leader": self._role.leader_address(),
             "uptime": round(self.clock() - self.started_at, 3),
             "loop_lag": round(self.loop_lag, 4),
             "guard": self.cluster.guard_on,
