@@ -17,7 +17,7 @@ import msgspec
 from aiohttp import web
 
 from nodewatch.api.metrics import CoordinatorMetrics
-from nodewatch.api.schemas import DrainBody, HeartbeatBody, RegisterBody, convert
+from nodewatch.api.schemas import DrainBody, convert
 from nodewatch.api.udp import UdpHeartbeats, push_result
 from nodewatch.config import NODE_ID_RE
 from nodewatch.coordinator.service import Coordinator
@@ -27,7 +27,7 @@ from nodewatch.model import (
     NodeState,
     Registration,
 )
-from nodewatch.protocol import VERSION
+from nodewatch.protocol import VERSION, HeartbeatBody, RegisterBody
 from nodewatch.web import (
     HTTPProblem,
     json_response,

@@ -1,4 +1,5 @@
-"""Request models of the coordinator API: validated once at the edge, also the OpenAPI source."""
+"""Request models and response views of the coordinator API: validated once at the edge, also
+the OpenAPI source. The agent's request bodies are the protocol's (nodewatch.protocol)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta
 
-from nodewatch.config import NODE_ID_PATTERN
+from nodewatch.protocol import HeartbeatBody, RegisterBody, ShortText
 from nodewatch.web import HTTPProblem
 
 __all__ = ["CommandResponse", "CoordinatorHealth", "DrainBody", "DrainView", "ErrorResponse",
@@ -15,52 +16,10 @@ __all__ = ["CommandResponse", "CoordinatorHealth", "DrainBody", "DrainView", "Er
            "NodeView", "NodesResponse", "RegisterBody", "RegisterResponse", "RemoveResponse",
            "convert"]
 
-NodeId = Annotated[str, Meta(pattern=NODE_ID_PATTERN, description="[A-Za-z0-9._-]{1,128}")]
-Address = Annotated[
-    str,
-    Meta(pattern=r"^[A-Za-z0-9.\[\]:_-]{1,253}:\d{1,5}$", description="HOST:PORT of the agent"),
-]
-Counter = Annotated[int, Meta(ge=0, le=2**63 - 1)]
-Seq = Annotated[int, Meta(ge=-1, le=2**63 - 1)]
-Timestamp = Annotated[float, Meta(ge=0, le=1e11)]
-Metric = Annotated[float, Meta(ge=-1e15, le=1e15)]
-ShortText = Annotated[str, Meta(max_length=1024)]
-Label = Annotated[str, Meta(max_length=256)]
 
 
 class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
-
-
-class RegisterBody(_Body):
-    node_id: NodeId
-    address: Address
-    incarnation: Counter
-    last_seq: Seq = -1
-    last_ts: Timestamp = 0.0
-    version: Annotated[str, Meta(max_length=64)] = ""
-    heartbeat_interval: Annotated[float, Meta(ge=0, le=3600)] = 0.0
-    labels: Annotated[dict[Label, Label], Meta(max_length=64)] = msgspec.field(
-        default_factory=dict
-    )
-
-
-class HeartbeatBody(_Body):
-    node_id: NodeId
-    incarnation: Counter
-    seq: Counter
-    ts: Timestamp
-    status: Literal["ok", "degraded", "draining"] = "ok"
-    reasons: Annotated[list[ShortText], Meta(max_length=64)] = msgspec.field(default_factory=list)
-    system: Annotated[dict[Label, Metric], Meta(max_length=64)] = msgspec.field(
-        default_factory=dict
-    )
-    load: Annotated[dict[Label, Metric], Meta(max_length=256)] = msgspec.field(
-        default_factory=dict
-    )
-    final: bool = False
-    sample_interval: Annotated[float, Meta(ge=0, le=3600)] = 0.0
-    samples: Annotated[int, Meta(ge=-1, le=2**63 - 1)] = -1
 
 
 class DrainBody(_Body):

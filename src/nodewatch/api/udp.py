@@ -19,12 +19,12 @@ from typing import Any
 
 import msgspec
 
-from nodewatch.api.schemas import HeartbeatBody
 from nodewatch.coordinator.service import Coordinator, NotLeader
 from nodewatch.detect.machine import UnknownNode
 from nodewatch.model import CheckResult, NodeStatus, Report
 from nodewatch.protocol import (
     MAX_DATAGRAM,
+    HeartbeatBody,
     UdpReply,
     encode_udp_reply,
     heartbeat_key,

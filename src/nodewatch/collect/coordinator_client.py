@@ -17,6 +17,8 @@ from yarl import URL
 
 from nodewatch.protocol import (
     MAX_DATAGRAM,
+    HeartbeatBody,
+    RegisterBody,
     decode_udp_reply,
     encode_heartbeat_datagram,
     heartbeat_key,
@@ -92,7 +94,7 @@ class CoordinatorClient:
         self._timeout = aiohttp.ClientTimeout(total=request_timeout,
                                               connect=min(2.0, request_timeout))
 
-    async def register(self, payload: dict[str, Any]) -> RegisterAnswer:
+    async def register(self, payload: RegisterBody) -> RegisterAnswer:
         """One attempt; raises on any failure (the caller retries)."""
         async with self._session().post(f"{self.url}/v1/register", data=_encoder.encode(payload),
                                         headers=self._headers, timeout=self._timeout,
@@ -109,7 +111,7 @@ class CoordinatorClient:
             except msgspec.DecodeError as exc:
                 raise ConnectionError(f"unreadable register answer: {exc}") from None
 
-    async def register_until_done(self, payload: Callable[[], dict[str, Any]],
+    async def register_until_done(self, payload: Callable[[], RegisterBody],
                                   *, first_delay: float = 0.2,
                                   max_delay: float = 10.0) -> RegisterAnswer:
         """Retry with jittered exponential backoff until the coordinator accepts."""
@@ -148,7 +150,7 @@ class CoordinatorClient:
                                               presents_certificate=self._client_certificate)
         return failure
 
-    async def heartbeat(self, payload: dict[str, Any],
+    async def heartbeat(self, payload: HeartbeatBody,
                         client_timeout: aiohttp.ClientTimeout | None = None
                         ) -> HeartbeatOutcome:
         """One heartbeat; never raises for network trouble (the next one will follow)."""
@@ -218,7 +220,7 @@ class UdpHeartbeatSender(asyncio.DatagramProtocol):
         # e.g. ICMP port unreachable while the coordinator restarts: the next beats go on.
         log.debug("UDP heartbeat: %s", type(exc).__name__)
 
-    def send(self, payload: dict[str, Any]) -> bool:
+    def send(self, payload: HeartbeatBody) -> bool:
         transport = self._transport
         if transport is None or transport.is_closing():
             return False

@@ -36,11 +36,12 @@ from nodewatch.model import (
     Report,
     event_number,
 )
+from nodewatch.protocol import AgentLease, decode_probe_reply
 from nodewatch.store.base import Store
 from nodewatch.web import HTTPProblem
 
 if TYPE_CHECKING:
-    from nodewatch.coordinator.leadership import AgentLease, Leadership
+    from nodewatch.coordinator.leadership import Leadership
 
 __all__ = ["ActionSink", "BindableSink", "Coordinator", "LAG_BEAT", "NoActions", "NotLeader",
            "PERSIST_INTERVAL", "RECENT_EVENTS", "ROUTINE_PERSIST_INTERVAL"]
@@ -471,16 +472,17 @@ class Coordinator:
                 async with session.get(url, params=params) as resp:
                     if resp.status != 200:
                         return None
-                    body = await resp.json(content_type=None)
+                    body = await resp.read()
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                 return PeerVote(peer_id=peer_id, reachable=None,
                                 detail=f"peer unreachable: {type(exc).__name__}")
             except (aiohttp.ClientError, ValueError):
                 return None
-            if not isinstance(body, dict) or not isinstance(body.get("reachable"), bool):
+            reply = decode_probe_reply(body)
+            if reply is None:
                 return None
-            return PeerVote(peer_id=peer_id, reachable=body["reachable"],
-                            detail=str(body.get("failure") or body.get("detail") or ""))
+            return PeerVote(peer_id=peer_id, reachable=reply.reachable,
+                            detail=reply.failure or reply.detail)
 
         answers = await asyncio.gather(*(ask(p, a) for p, a in request.peers))
         votes = [vote for vote in answers if vote is not None]
