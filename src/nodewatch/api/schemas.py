@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta
 
+from nodewatch.model import Admin, DrainBy, Health, NodeStatus
 from nodewatch.protocol import HeartbeatBody, RegisterBody, ShortText
 from nodewatch.web import HTTPProblem
 
@@ -51,11 +52,6 @@ def convert(data: object, model: type[T]) -> T:
 # describe those shapes for the OpenAPI document, and tests/api/test_openapi.py decodes real
 # responses into them, so a drift between the two fails a test.
 
-HealthValue = Literal["unknown", "healthy", "suspect", "unhealthy", "dead"]
-StatusValue = Literal["ok", "degraded", "draining"]
-AdminValue = Literal["active", "drained", "review"]
-
-
 class _View(msgspec.Struct, kw_only=True):
     pass
 
@@ -64,7 +60,7 @@ class DrainView(_View):
     reason: str
     started: float
     deadline: float
-    by: Literal["operator", "node"]
+    by: DrainBy
     complete: bool
     waiting_for: dict[str, float | None] | None = None
 
@@ -72,9 +68,9 @@ class DrainView(_View):
 class NodeView(_View):
     node_id: str
     address: str
-    health: HealthValue
-    node_status: StatusValue
-    admin: AdminValue
+    health: Health
+    node_status: NodeStatus
+    admin: Admin
     schedulable: bool
     incarnation: int
     seq: int
