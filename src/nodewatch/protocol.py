@@ -16,10 +16,10 @@ from nodewatch.config import NODE_ID_PATTERN
 from nodewatch.model import NodeStatus, Report
 
 __all__ = ["AgentLease", "HealthBody", "HealthDoc", "HeartbeatBody", "MAX_DATAGRAM", "ProbeReply",
-           "RegisterBody", "TAG_SIZE", "UdpReply", "VERSION", "decode_health_body",
-           "decode_probe_reply", "decode_udp_reply", "derive_status", "encode_health",
-           "encode_heartbeat_datagram", "encode_udp_reply", "heartbeat_body", "heartbeat_key",
-           "parse_health_body", "split_host_port", "tagged", "untagged"]
+           "RegisterAnswer", "RegisterBody", "TAG_SIZE", "UdpReply", "VERSION",
+           "decode_health_body", "decode_probe_reply", "decode_udp_reply", "derive_status",
+           "encode_health", "encode_heartbeat_datagram", "encode_udp_reply", "heartbeat_body",
+           "heartbeat_key", "parse_health_body", "split_host_port", "tagged", "untagged"]
 
 
 # The release both ends speak and report (``/health`` "version"); the package's __version__.
@@ -163,6 +163,18 @@ class HeartbeatBody(_Body):
     # Present only on the last heartbeat of a clean stop, so routine heartbeats stay the size
     # they were; absent means false (the schema's default), and UNSET is falsy.
     final: Annotated[bool, Meta(extra_json_schema={"default": False})] | UnsetType = UNSET
+
+
+class RegisterAnswer(msgspec.Struct, kw_only=True):
+    """What the agent reads of the coordinator's register reply (``RegisterResponse`` in the
+    coordinator's OpenAPI document): lenient, so that an older or newer coordinator's reply
+    still registers."""
+
+    decision: str = "new"
+    node: dict[str, Any] = msgspec.field(default_factory=dict)
+    heartbeat_interval: float = 0.0
+    heartbeat_phase: float = 0.0
+    heartbeat_udp: str = ""  # HOST:PORT when the coordinator takes UDP heartbeats
 
 
 def heartbeat_body(doc: HealthDoc, *, final: bool = False) -> HeartbeatBody:

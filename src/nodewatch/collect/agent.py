@@ -21,11 +21,7 @@ import msgspec
 from aiohttp import web
 
 from nodewatch.collect.checks import CustomCheck, build_check
-from nodewatch.collect.coordinator_client import (
-    CoordinatorClient,
-    RegisterAnswer,
-    UdpHeartbeatSender,
-)
+from nodewatch.collect.coordinator_client import CoordinatorClient, UdpHeartbeatSender
 from nodewatch.collect.identity import PersistedState, StateFile
 from nodewatch.collect.metrics import MetricsRenderer
 from nodewatch.collect.rules import RuleState, build_rules, evaluate_rules
@@ -38,6 +34,7 @@ from nodewatch.protocol import (
     AgentLease,
     HealthDoc,
     ProbeReply,
+    RegisterAnswer,
     RegisterBody,
     derive_status,
     encode_health,

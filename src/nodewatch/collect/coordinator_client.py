@@ -18,6 +18,7 @@ from yarl import URL
 from nodewatch.protocol import (
     MAX_DATAGRAM,
     HeartbeatBody,
+    RegisterAnswer,
     RegisterBody,
     decode_udp_reply,
     encode_heartbeat_datagram,
@@ -26,21 +27,12 @@ from nodewatch.protocol import (
 )
 from nodewatch.tls import TlsFailure, explain_tls_failure, probe_handshake
 
-__all__ = ["CoordinatorClient", "HeartbeatOutcome", "RegisterAnswer", "RegistrationRejected",
-           "UdpHeartbeatSender"]
+__all__ = ["CoordinatorClient", "HeartbeatOutcome", "RegistrationRejected", "UdpHeartbeatSender"]
 
 log = logging.getLogger("nodewatch.agent")
 
 _encoder = msgspec.json.Encoder()
 JSON_HEADERS = {"Content-Type": "application/json"}
-
-
-class RegisterAnswer(msgspec.Struct, kw_only=True):
-    decision: str = "new"
-    node: dict[str, Any] = msgspec.field(default_factory=dict)
-    heartbeat_interval: float = 0.0
-    heartbeat_phase: float = 0.0
-    heartbeat_udp: str = ""  # HOST:PORT when the coordinator takes UDP heartbeats
 
 
 _answer_decoder = msgspec.json.Decoder(RegisterAnswer)
