@@ -60,7 +60,7 @@ _TICK = 0.001  # the finest step; a sender sleeps until its next heartbeat is du
 def payload(node: str, seq: int) -> HeartbeatBody:
     """What an agent's heartbeat carries (nodewatch.protocol.heartbeat_body)."""
     return HeartbeatBody(
-        node_id=node, incarnation=1, seq=seq, ts=time.time(), status="ok", reasons=[],
+        node_id=node, incarnation=1, seq=seq, ts=time.time(), reasons=[],
         system={"cpu_percent": 12.5, "mem_percent": 41.0, "load1": 0.42, "connections": 17.0},
         load={"qps": 42.0, "pending_tasks": 3.0, "error_rate": 0.002},
         # An agent samples every 5 s by default and a heartbeat carries the count, so history

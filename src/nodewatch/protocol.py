@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
@@ -150,7 +150,7 @@ class HeartbeatBody(_Body):
     incarnation: Counter
     seq: Counter
     ts: Timestamp
-    status: Literal["ok", "degraded", "draining"] = "ok"
+    status: NodeStatus = NodeStatus.OK
     reasons: Annotated[list[ShortText], Meta(max_length=64)] = msgspec.field(default_factory=list)
     system: Annotated[dict[Label, Metric], Meta(max_length=64)] = msgspec.field(
         default_factory=dict
@@ -181,7 +181,7 @@ def heartbeat_body(doc: HealthDoc, *, final: bool = False) -> HeartbeatBody:
     """The heartbeat that carries ``doc`` (``final`` on a clean stop)."""
     return HeartbeatBody(
         node_id=doc.node_id, incarnation=doc.incarnation, seq=doc.seq, ts=doc.ts,
-        status=doc.status.value, reasons=doc.reasons, system=doc.system, load=doc.load,
+        status=doc.status, reasons=doc.reasons, system=doc.system, load=doc.load,
         sample_interval=doc.sample_interval, samples=doc.samples,
         final=True if final else UNSET,
     )
