@@ -252,7 +252,7 @@ async def bare_phase(args: argparse.Namespace) -> dict[str, Any]:
     import msgspec
     from yarl import URL
 
-    from nodewatch.coordinator.probes import HealthBody
+    from nodewatch.protocol import HealthBody
 
     decoder = msgspec.json.Decoder(HealthBody)
     urls = [URL(f"http://{a}/health", encoded=True) for a in addresses(args.nodes)]

@@ -48,6 +48,7 @@ from typing import Any
 from coordinator_scale import addresses, raise_nofile, start_nginx, stop_nginx
 from detection_quality import FAST_PROFILE, PROFILES
 
+from nodewatch.protocol import HeartbeatBody
 from nodewatch.testing import free_port
 
 TOKEN = "bench-agent-token"
@@ -56,15 +57,15 @@ HEARTBEAT = 1.0  # seconds between two heartbeats of one node in those phases
 _TICK = 0.001  # the finest step; a sender sleeps until its next heartbeat is due
 
 
-def payload(node: str, seq: int) -> dict[str, Any]:
-    """What an agent's heartbeat carries (collect.report.heartbeat_payload)."""
-    return {"node_id": node, "incarnation": 1, "seq": seq, "ts": time.time(), "status": "ok",
-            "reasons": [], "system": {"cpu_percent": 12.5, "mem_percent": 41.0, "load1": 0.42,
-                                      "connections": 17.0},
-            "load": {"qps": 42.0, "pending_tasks": 3.0, "error_rate": 0.002},
-            # An agent samples every 5 s by default and a heartbeat carries the count, so history
-            # gets a point per node per 5 s, not one per heartbeat.
-            "sample_interval": 5.0, "samples": int(time.time() / 5.0)}
+def payload(node: str, seq: int) -> HeartbeatBody:
+    """What an agent's heartbeat carries (nodewatch.protocol.heartbeat_body)."""
+    return HeartbeatBody(
+        node_id=node, incarnation=1, seq=seq, ts=time.time(), reasons=[],
+        system={"cpu_percent": 12.5, "mem_percent": 41.0, "load1": 0.42, "connections": 17.0},
+        load={"qps": 42.0, "pending_tasks": 3.0, "error_rate": 0.002},
+        # An agent samples every 5 s by default and a heartbeat carries the count, so history
+        # gets a point per node per 5 s, not one per heartbeat.
+        sample_interval=5.0, samples=int(time.time() / 5.0))
 
 
 def paced(n: int, seconds: float, every: float) -> Any:

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-__all__ = ["Admin", "CheckResult", "DrainState", "Event", "FailureClass", "Health", "HistorySample",
-           "NodeState", "NodeStatus", "PeerVote", "Registration", "Report", "event_id",
-           "event_number"]
+__all__ = ["Admin", "CheckResult", "DrainBy", "DrainState", "Event", "FailureClass", "Health",
+           "HistorySample", "NodeState", "NodeStatus", "PeerVote", "Registration", "Report",
+           "event_id", "event_number"]
 
 
 class Health(StrEnum):
@@ -52,6 +52,7 @@ class FailureClass(StrEnum):
 
 
 CheckSource = Literal["poll", "push", "lease"]
+DrainBy = Literal["operator", "node"]  # who started a drain
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +151,7 @@ class DrainState:
     reason: str
     started: float
     deadline: float
-    by: Literal["operator", "node"] = "operator"
+    by: DrainBy = "operator"
     complete: bool = False
 
 

@@ -1,23 +1,32 @@
-"""The agent's current report: one place that derives status and reasons, and caches the
-encoded ``/health`` body so that serving it costs no work beyond the HTTP response."""
+"""Every agent<->coordinator wire shape, defined once: the ``/health`` document (as the agent
+writes it and as the coordinator reads it), the register and heartbeat bodies, the ``/probe``
+reply, the etcd agent lease, and the UDP datagram with its tag and reply."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Any
+import math
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import UNSET, Meta, UnsetType
 
-from nodewatch.model import NodeStatus
+from nodewatch.config import NODE_ID_PATTERN
+from nodewatch.model import NodeStatus, Report
 
-__all__ = ["HealthDoc", "MAX_DATAGRAM", "TAG_SIZE", "UdpReply", "VERSION", "decode_udp_reply",
-           "derive_status", "encode_health", "encode_heartbeat_datagram", "encode_udp_reply",
-           "heartbeat_key", "heartbeat_payload", "split_host_port", "tagged", "untagged"]
+__all__ = ["AgentLease", "HealthBody", "HealthDoc", "HeartbeatBody", "MAX_DATAGRAM", "ProbeReply",
+           "RegisterAnswer", "RegisterBody", "TAG_SIZE", "UdpReply", "VERSION",
+           "decode_health_body", "decode_probe_reply", "decode_udp_reply", "derive_status",
+           "encode_health", "encode_heartbeat_datagram", "encode_udp_reply", "heartbeat_body",
+           "heartbeat_key", "parse_health_body", "split_host_port", "tagged", "untagged"]
 
 
 # The release both ends speak and report (``/health`` "version"); the package's __version__.
 VERSION = "0.1.0"
+
+NonNegative = Annotated[int, Meta(ge=0)]
+
 
 class HealthDoc(msgspec.Struct, kw_only=True):
     """The ``GET /health`` body, field order as in SPEC.md."""
@@ -60,19 +69,163 @@ def derive_status(manual: NodeStatus | None, manual_reason: str, rule_reasons: l
     return NodeStatus.OK, reasons
 
 
-def heartbeat_payload(doc: HealthDoc) -> dict[str, Any]:
-    return {
-        "node_id": doc.node_id,
-        "incarnation": doc.incarnation,
-        "seq": doc.seq,
-        "ts": doc.ts,
-        "status": doc.status.value,
-        "reasons": doc.reasons,
-        "system": doc.system,
-        "load": doc.load,
-        "sample_interval": doc.sample_interval,
-        "samples": doc.samples,
-    }
+class HealthBody(msgspec.Struct, kw_only=True):
+    """The part of an agent's ``/health`` body the coordinator relies on; extra keys ignored."""
+
+    incarnation: NonNegative
+    seq: NonNegative
+    ts: float
+    node_id: str = ""
+    status: NodeStatus = NodeStatus.OK
+    reasons: tuple[str, ...] = ()
+    system: dict[str, float] = msgspec.field(default_factory=dict)
+    load: dict[str, float] = msgspec.field(default_factory=dict)
+    sample_interval: float = 0.0
+    samples: int = -1
+
+    def report(self) -> Report:
+        return Report(self.incarnation, self.seq, self.ts, self.status, self.reasons,
+                      self.system, self.load, self.sample_interval, self.samples)
+
+
+_health_decoder = msgspec.json.Decoder(HealthBody)
+
+
+def decode_health_body(body: bytes) -> HealthBody:
+    """Decode and validate a ``/health`` body; ``ValueError`` says what is wrong with it."""
+    try:
+        parsed = _health_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"not a valid health body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"malformed health JSON: {exc}") from None
+    if not math.isfinite(parsed.ts):
+        raise ValueError("not a valid health body: ts is not a finite number")
+    return parsed
+
+
+def parse_health_body(body: bytes) -> Report:
+    """Parse a ``/health`` body into a :class:`Report`; ``ValueError`` with a message if bad."""
+    return decode_health_body(body).report()
+
+
+# ---------------------------------------------------------------------- register, heartbeat
+#
+# The coordinator validates these once at its edge (api/app.py, api/udp.py) and publishes them
+# in its OpenAPI document, whose schemas are generated from these structs: no docstrings here,
+# they would become schema descriptions. Field order is the order on the wire.
+
+NodeId = Annotated[str, Meta(pattern=NODE_ID_PATTERN, description="[A-Za-z0-9._-]{1,128}")]
+Address = Annotated[
+    str,
+    Meta(pattern=r"^[A-Za-z0-9.\[\]:_-]{1,253}:\d{1,5}$", description="HOST:PORT of the agent"),
+]
+Counter = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+Seq = Annotated[int, Meta(ge=-1, le=2**63 - 1)]
+Timestamp = Annotated[float, Meta(ge=0, le=1e11)]
+Metric = Annotated[float, Meta(ge=-1e15, le=1e15)]
+ShortText = Annotated[str, Meta(max_length=1024)]
+Label = Annotated[str, Meta(max_length=256)]
+
+
+class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class RegisterBody(_Body):
+    node_id: NodeId
+    address: Address
+    incarnation: Counter
+    last_seq: Seq = -1
+    last_ts: Timestamp = 0.0
+    version: Annotated[str, Meta(max_length=64)] = ""
+    labels: Annotated[dict[Label, Label], Meta(max_length=64)] = msgspec.field(
+        default_factory=dict
+    )
+    heartbeat_interval: Annotated[float, Meta(ge=0, le=3600)] = 0.0
+
+
+class HeartbeatBody(_Body):
+    node_id: NodeId
+    incarnation: Counter
+    seq: Counter
+    ts: Timestamp
+    status: NodeStatus = NodeStatus.OK
+    reasons: Annotated[list[ShortText], Meta(max_length=64)] = msgspec.field(default_factory=list)
+    system: Annotated[dict[Label, Metric], Meta(max_length=64)] = msgspec.field(
+        default_factory=dict
+    )
+    load: Annotated[dict[Label, Metric], Meta(max_length=256)] = msgspec.field(
+        default_factory=dict
+    )
+    sample_interval: Annotated[float, Meta(ge=0, le=3600)] = 0.0
+    samples: Annotated[int, Meta(ge=-1, le=2**63 - 1)] = -1
+    # Present only on the last heartbeat of a clean stop, so routine heartbeats stay the size
+    # they were; absent means false (the schema's default), and UNSET is falsy.
+    final: Annotated[bool, Meta(extra_json_schema={"default": False})] | UnsetType = UNSET
+
+
+class RegisterAnswer(msgspec.Struct, kw_only=True):
+    """What the agent reads of the coordinator's register reply (``RegisterResponse`` in the
+    coordinator's OpenAPI document): lenient, so that an older or newer coordinator's reply
+    still registers."""
+
+    decision: str = "new"
+    node: dict[str, Any] = msgspec.field(default_factory=dict)
+    heartbeat_interval: float = 0.0
+    heartbeat_phase: float = 0.0
+    heartbeat_udp: str = ""  # HOST:PORT when the coordinator takes UDP heartbeats
+
+
+def heartbeat_body(doc: HealthDoc, *, final: bool = False) -> HeartbeatBody:
+    """The heartbeat that carries ``doc`` (``final`` on a clean stop)."""
+    return HeartbeatBody(
+        node_id=doc.node_id, incarnation=doc.incarnation, seq=doc.seq, ts=doc.ts,
+        status=doc.status, reasons=doc.reasons, system=doc.system, load=doc.load,
+        sample_interval=doc.sample_interval, samples=doc.samples,
+        final=True if final else UNSET,
+    )
+
+
+# ---------------------------------------------------------------------- etcd lease, /probe
+
+
+class AgentLease(msgspec.Struct):
+    """What an agent in etcd lease mode publishes under ``P/agents/<node_id>``: its
+    registration (the coordinators' leader registers it from this; ``heartbeat_interval`` is
+    carried but not used there)."""
+
+    node_id: str
+    address: str
+    incarnation: int
+    last_seq: int = 0
+    last_ts: float = 0.0
+    version: str = ""
+    labels: dict[str, str] = {}
+    heartbeat_interval: float = 0.0
+
+
+class ProbeReply(msgspec.Struct, kw_only=True):
+    """The agent's ``GET /probe`` answer: its own check of ``target``'s ``/health``. Only
+    ``reachable`` is required of a peer's answer."""
+
+    target: str = ""
+    reachable: bool
+    latency: float = 0.0
+    failure: str | None = None
+    detail: str = ""
+    status: str | None = None
+
+
+_probe_decoder = msgspec.json.Decoder(ProbeReply)
+
+
+def decode_probe_reply(body: bytes) -> ProbeReply | None:
+    """A peer's ``/probe`` answer, or None when it is not one."""
+    try:
+        return _probe_decoder.decode(body)
+    except msgspec.DecodeError:  # also ValidationError
+        return None
 
 
 # ---------------------------------------------------------------------- UDP heartbeats

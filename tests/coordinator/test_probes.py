@@ -10,13 +10,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from nodewatch.coordinator.probes import (
-    HttpPeerProbe,
-    check_health,
-    parse_health_body,
-    parse_probe_reply,
-)
+from nodewatch.coordinator.probes import HttpPeerProbe, check_health, parse_probe_reply
 from nodewatch.model import CheckResult, FailureClass, NodeStatus, PeerVote
+from nodewatch.protocol import parse_health_body
 from tests.helpers import free_port
 
 GOOD = (b'{"status":"degraded","node_id":"n1","uptime":1.0,"version":"0.1.0","incarnation":4,'

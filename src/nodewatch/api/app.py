@@ -17,7 +17,7 @@ import msgspec
 from aiohttp import web
 
 from nodewatch.api.metrics import CoordinatorMetrics
-from nodewatch.api.schemas import DrainBody, HeartbeatBody, RegisterBody, convert
+from nodewatch.api.schemas import DrainBody, convert
 from nodewatch.api.udp import UdpHeartbeats, push_result
 from nodewatch.config import NODE_ID_RE
 from nodewatch.coordinator.service import Coordinator, NotLeader
@@ -27,7 +27,7 @@ from nodewatch.model import (
     NodeState,
     Registration,
 )
-from nodewatch.protocol import VERSION
+from nodewatch.protocol import VERSION, HeartbeatBody, RegisterBody
 from nodewatch.web import (
     HTTPProblem,
     error_response,
@@ -199,20 +199,20 @@ async def list_nodes(request: web.Request) -> web.Response:
         nodes.sort(key=lambda n: n.node_id)
     else:
         raise HTTPProblem(400, f"sort must be load or node_id, got {sort!r}")
-    items = []
-    for node in nodes:
-        item = node.to_json()
-        item["load_score"] = load_score(node)
-        items.append(item)
-    return json_response({"nodes": items})
+    return json_response({"nodes": [_node_view(node) for node in nodes]})
+
+
+def _node_view(node: NodeState) -> dict[str, Any]:
+    """A ``NodeView``: the node's public shape with its load score."""
+    item = node.to_json()
+    item["load_score"] = load_score(node)
+    return item
 
 
 async def get_node(request: web.Request) -> web.Response:
     coord = _coordinator(request)
     node = _node(coord, _node_id(request))
-    item = node.to_json()
-    item["load_score"] = load_score(node)
-    return json_response(item)
+    return json_response(_node_view(node))
 
 
 async def node_history(request: web.Request) -> web.Response:

@@ -1,4 +1,5 @@
-"""Request models of the coordinator API: validated once at the edge, also the OpenAPI source."""
+"""Request models and response views of the coordinator API: validated once at the edge, also
+the OpenAPI source. The agent's request bodies are the protocol's (nodewatch.protocol)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta
 
-from nodewatch.config import NODE_ID_PATTERN
+from nodewatch.model import Admin, DrainBy, Health, NodeStatus
+from nodewatch.protocol import HeartbeatBody, RegisterBody, ShortText
 from nodewatch.web import HTTPProblem
 
 __all__ = ["CommandResponse", "CoordinatorHealth", "DrainBody", "DrainView", "ErrorResponse",
@@ -15,52 +17,10 @@ __all__ = ["CommandResponse", "CoordinatorHealth", "DrainBody", "DrainView", "Er
            "NodeView", "NodesResponse", "RegisterBody", "RegisterResponse", "RemoveResponse",
            "convert"]
 
-NodeId = Annotated[str, Meta(pattern=NODE_ID_PATTERN, description="[A-Za-z0-9._-]{1,128}")]
-Address = Annotated[
-    str,
-    Meta(pattern=r"^[A-Za-z0-9.\[\]:_-]{1,253}:\d{1,5}$", description="HOST:PORT of the agent"),
-]
-Counter = Annotated[int, Meta(ge=0, le=2**63 - 1)]
-Seq = Annotated[int, Meta(ge=-1, le=2**63 - 1)]
-Timestamp = Annotated[float, Meta(ge=0, le=1e11)]
-Metric = Annotated[float, Meta(ge=-1e15, le=1e15)]
-ShortText = Annotated[str, Meta(max_length=1024)]
-Label = Annotated[str, Meta(max_length=256)]
 
 
 class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
-
-
-class RegisterBody(_Body):
-    node_id: NodeId
-    address: Address
-    incarnation: Counter
-    last_seq: Seq = -1
-    last_ts: Timestamp = 0.0
-    version: Annotated[str, Meta(max_length=64)] = ""
-    heartbeat_interval: Annotated[float, Meta(ge=0, le=3600)] = 0.0
-    labels: Annotated[dict[Label, Label], Meta(max_length=64)] = msgspec.field(
-        default_factory=dict
-    )
-
-
-class HeartbeatBody(_Body):
-    node_id: NodeId
-    incarnation: Counter
-    seq: Counter
-    ts: Timestamp
-    status: Literal["ok", "degraded", "draining"] = "ok"
-    reasons: Annotated[list[ShortText], Meta(max_length=64)] = msgspec.field(default_factory=list)
-    system: Annotated[dict[Label, Metric], Meta(max_length=64)] = msgspec.field(
-        default_factory=dict
-    )
-    load: Annotated[dict[Label, Metric], Meta(max_length=256)] = msgspec.field(
-        default_factory=dict
-    )
-    final: bool = False
-    sample_interval: Annotated[float, Meta(ge=0, le=3600)] = 0.0
-    samples: Annotated[int, Meta(ge=-1, le=2**63 - 1)] = -1
 
 
 class DrainBody(_Body):
@@ -92,11 +52,6 @@ def convert(data: object, model: type[T]) -> T:
 # describe those shapes for the OpenAPI document, and tests/api/test_openapi.py decodes real
 # responses into them, so a drift between the two fails a test.
 
-HealthValue = Literal["unknown", "healthy", "suspect", "unhealthy", "dead"]
-StatusValue = Literal["ok", "degraded", "draining"]
-AdminValue = Literal["active", "drained", "review"]
-
-
 class _View(msgspec.Struct, kw_only=True):
     pass
 
@@ -105,7 +60,7 @@ class DrainView(_View):
     reason: str
     started: float
     deadline: float
-    by: Literal["operator", "node"]
+    by: DrainBy
     complete: bool
     waiting_for: dict[str, float | None] | None = None
 
@@ -113,9 +68,9 @@ class DrainView(_View):
 class NodeView(_View):
     node_id: str
     address: str
-    health: HealthValue
-    node_status: StatusValue
-    admin: AdminValue
+    health: Health
+    node_status: NodeStatus
+    admin: Admin
     schedulable: bool
     incarnation: int
     seq: int

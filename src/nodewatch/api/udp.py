@@ -19,12 +19,12 @@ from typing import Any
 
 import msgspec
 
-from nodewatch.api.schemas import HeartbeatBody
 from nodewatch.coordinator.service import Coordinator, NotLeader
 from nodewatch.detect.outcome import UnknownNode
-from nodewatch.model import CheckResult, NodeStatus, Report
+from nodewatch.model import CheckResult, Report
 from nodewatch.protocol import (
     MAX_DATAGRAM,
+    HeartbeatBody,
     UdpReply,
     encode_udp_reply,
     heartbeat_key,
@@ -44,13 +44,10 @@ RESULTS = ("ok", "stale", "unknown", "bad_tag", "malformed", "oversize", "not_le
 _JSON_START = ord("{")
 
 
-_STATUS = {s.value: s for s in NodeStatus}
-
-
 def push_result(body: HeartbeatBody, at: float) -> CheckResult:
     """A validated heartbeat as the core's observation (HTTP and UDP alike)."""
     return CheckResult(node_id=body.node_id, ok=True, at=at, source="push", report=Report(
-        incarnation=body.incarnation, seq=body.seq, ts=body.ts, status=_STATUS[body.status],
+        incarnation=body.incarnation, seq=body.seq, ts=body.ts, status=body.status,
         reasons=tuple(body.reasons), system=body.system, load=body.load,
         sample_interval=body.sample_interval, samples=body.samples))
 

@@ -21,11 +21,7 @@ import msgspec
 from aiohttp import web
 
 from nodewatch.collect.checks import CustomCheck, build_check
-from nodewatch.collect.coordinator_client import (
-    CoordinatorClient,
-    RegisterAnswer,
-    UdpHeartbeatSender,
-)
+from nodewatch.collect.coordinator_client import CoordinatorClient, UdpHeartbeatSender
 from nodewatch.collect.identity import PersistedState, StateFile
 from nodewatch.collect.metrics import MetricsRenderer
 from nodewatch.collect.rules import RuleState, build_rules, evaluate_rules
@@ -35,10 +31,14 @@ from nodewatch.coordinator.probes import check_health
 from nodewatch.model import NodeStatus
 from nodewatch.protocol import (
     VERSION,
+    AgentLease,
     HealthDoc,
+    ProbeReply,
+    RegisterAnswer,
+    RegisterBody,
     derive_status,
     encode_health,
-    heartbeat_payload,
+    heartbeat_body,
     split_host_port,
 )
 from nodewatch.tls import client_context
@@ -277,7 +277,7 @@ class Agent:
         await self._persist()
 
     async def probe(self, target: str, *, limits: tuple[float, float] | None = None
-                    ) -> dict[str, Any]:
+                    ) -> ProbeReply:
         """Check a peer's ``/health`` the way the coordinator does (``GET /probe``);
         ``limits`` is (timeout, connect_timeout), the agent's configured ones by default."""
         total, connect = limits or (self.config.probe_timeout, self.config.probe_connect_timeout)
@@ -286,14 +286,14 @@ class Agent:
                 self._client(), target, target, timeout=total, connect_timeout=connect,
                 max_bytes=PROBE_MAX_BYTES,
                 clock=time.monotonic, verify_node_id=False)
-        return {
-            "target": target,
-            "reachable": result.ok,
-            "latency": round(result.latency, 6),
-            "failure": None if result.failure is None else result.failure.value,
-            "detail": result.detail,
-            "status": None if result.report is None else result.report.status.value,
-        }
+        return ProbeReply(
+            target=target,
+            reachable=result.ok,
+            latency=round(result.latency, 6),
+            failure=None if result.failure is None else result.failure.value,
+            detail=result.detail,
+            status=None if result.report is None else result.report.status.value,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -352,7 +352,7 @@ class Agent:
 
             self._spawn(publish_under_lease(
                 self.config.store, self.node_id,
-                functools.partial(self._register_payload, False), self.config.lease_ttl),
+                self._lease_announcement, self.config.lease_ttl),
                 "lease")
         log.info("agent %s listening on %s (incarnation %d)", self.node_id,
                  self.listen_address, self._incarnation)
@@ -379,9 +379,8 @@ class Agent:
             self._invalidate()
             await self._persist(clean=True)
             if self._coordinator is not None and self.registered.is_set():
-                payload = heartbeat_payload(self._current_doc())
-                payload["final"] = True
-                outcome = await self._coordinator.heartbeat(payload, FINAL_HEARTBEAT_TIMEOUT)
+                outcome = await self._coordinator.heartbeat(
+                    heartbeat_body(self._current_doc(), final=True), FINAL_HEARTBEAT_TIMEOUT)
                 if outcome.status == 0 or outcome.status >= 300:
                     log.warning("final heartbeat not accepted: %s %s", outcome.status,
                                 outcome.detail)
@@ -511,17 +510,23 @@ class Agent:
             self._check_reasons[name] = text
         await self._publish()
 
-    def _register_payload(self, first: bool) -> dict[str, Any]:
-        return {
-            "node_id": self.node_id,
-            "address": self.advertise_address,
-            "incarnation": self._incarnation,
-            "last_seq": self.last_seq_before_start if first else self._seq,
-            "last_ts": self.last_ts_before_start if first else self._ts,
-            "version": self.version,
-            "labels": self.labels,
-            "heartbeat_interval": float(self.config.heartbeat_interval),
-        }
+    def _register_body(self, first: bool) -> RegisterBody:
+        return RegisterBody(
+            node_id=self.node_id,
+            address=self.advertise_address,
+            incarnation=self._incarnation,
+            last_seq=self.last_seq_before_start if first else self._seq,
+            last_ts=self.last_ts_before_start if first else self._ts,
+            version=self.version,
+            labels=self.labels,
+            heartbeat_interval=float(self.config.heartbeat_interval),
+        )
+
+    def _lease_announcement(self) -> AgentLease:
+        """The registration published under the etcd lease (the current seq and ts)."""
+        body = self._register_body(False)
+        return AgentLease(body.node_id, body.address, body.incarnation, body.last_seq,
+                          body.last_ts, body.version, body.labels, body.heartbeat_interval)
 
     async def _coordinator_loop(self) -> None:
         client = self._coordinator
@@ -529,7 +534,7 @@ class Agent:
         first = True
         while True:
             answer = await client.register_until_done(
-                functools.partial(self._register_payload, first))
+                functools.partial(self._register_body, first))
             first = False
             self.registration = answer
             self.registered.set()
@@ -583,7 +588,7 @@ class Agent:
                     due = loop.time() + interval
             if self._seq == self._last_beat_seq:
                 await self._publish()  # every heartbeat carries a newer seq than the last
-            payload = heartbeat_payload(self._current_doc())
+            payload = heartbeat_body(self._current_doc())
             self._last_beat_seq = self._seq
             if udp is not None:
                 until_http -= 1

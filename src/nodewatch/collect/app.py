@@ -15,6 +15,7 @@ from nodewatch.collect.checks import split_target
 from nodewatch.collect.metrics import CONTENT_TYPE_LATEST
 from nodewatch.config import AgentConfig
 from nodewatch.model import NodeStatus
+from nodewatch.protocol import ProbeReply
 from nodewatch.web import (
     JSON,
     HTTPProblem,
@@ -43,7 +44,7 @@ class AgentSurface(Protocol):
                  **more: float | None) -> None: ...
     async def set_status(self, status: NodeStatus | str, reason: str = "") -> None: ...
     async def probe(self, target: str, *, limits: tuple[float, float] | None = None
-                    ) -> dict[str, Any]: ...
+                    ) -> ProbeReply: ...
 
 __all__ = ["AgentSurface", "build_app", "is_loopback", "mutation_allowed", "parse_status_update"]
 

@@ -17,6 +17,9 @@ from yarl import URL
 
 from nodewatch.protocol import (
     MAX_DATAGRAM,
+    HeartbeatBody,
+    RegisterAnswer,
+    RegisterBody,
     decode_udp_reply,
     encode_heartbeat_datagram,
     heartbeat_key,
@@ -24,21 +27,12 @@ from nodewatch.protocol import (
 )
 from nodewatch.tls import TlsFailure, explain_tls_failure, probe_handshake
 
-__all__ = ["CoordinatorClient", "HeartbeatOutcome", "RegisterAnswer", "RegistrationRejected",
-           "UdpHeartbeatSender"]
+__all__ = ["CoordinatorClient", "HeartbeatOutcome", "RegistrationRejected", "UdpHeartbeatSender"]
 
 log = logging.getLogger("nodewatch.agent")
 
 _encoder = msgspec.json.Encoder()
 JSON_HEADERS = {"Content-Type": "application/json"}
-
-
-class RegisterAnswer(msgspec.Struct, kw_only=True):
-    decision: str = "new"
-    node: dict[str, Any] = msgspec.field(default_factory=dict)
-    heartbeat_interval: float = 0.0
-    heartbeat_phase: float = 0.0
-    heartbeat_udp: str = ""  # HOST:PORT when the coordinator takes UDP heartbeats
 
 
 _answer_decoder = msgspec.json.Decoder(RegisterAnswer)
@@ -92,7 +86,7 @@ class CoordinatorClient:
         self._timeout = aiohttp.ClientTimeout(total=request_timeout,
                                               connect=min(2.0, request_timeout))
 
-    async def register(self, payload: dict[str, Any]) -> RegisterAnswer:
+    async def register(self, payload: RegisterBody) -> RegisterAnswer:
         """One attempt; raises on any failure (the caller retries)."""
         async with self._session().post(f"{self.url}/v1/register", data=_encoder.encode(payload),
                                         headers=self._headers, timeout=self._timeout,
@@ -109,7 +103,7 @@ class CoordinatorClient:
             except msgspec.DecodeError as exc:
                 raise ConnectionError(f"unreadable register answer: {exc}") from None
 
-    async def register_until_done(self, payload: Callable[[], dict[str, Any]],
+    async def register_until_done(self, payload: Callable[[], RegisterBody],
                                   *, first_delay: float = 0.2,
                                   max_delay: float = 10.0) -> RegisterAnswer:
         """Retry with jittered exponential backoff until the coordinator accepts."""
@@ -148,7 +142,7 @@ class CoordinatorClient:
                                               presents_certificate=self._client_certificate)
         return failure
 
-    async def heartbeat(self, payload: dict[str, Any],
+    async def heartbeat(self, payload: HeartbeatBody,
                         client_timeout: aiohttp.ClientTimeout | None = None
                         ) -> HeartbeatOutcome:
         """One heartbeat; never raises for network trouble (the next one will follow)."""
@@ -218,7 +212,7 @@ class UdpHeartbeatSender(asyncio.DatagramProtocol):
         # e.g. ICMP port unreachable while the coordinator restarts: the next beats go on.
         log.debug("UDP heartbeat: %s", type(exc).__name__)
 
-    def send(self, payload: dict[str, Any]) -> bool:
+    def send(self, payload: HeartbeatBody) -> bool:
         transport = self._transport
         if transport is None or transport.is_closing():
             return False

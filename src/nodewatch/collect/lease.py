@@ -9,9 +9,10 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
 
 import msgspec
+
+from nodewatch.protocol import AgentLease
 
 __all__ = ["publish_under_lease"]
 
@@ -19,7 +20,7 @@ log = logging.getLogger("nodewatch.agent.lease")
 RETRY = 1.0
 
 
-async def publish_under_lease(url: str, node_id: str, announcement: Callable[[], dict[str, Any]],
+async def publish_under_lease(url: str, node_id: str, announcement: Callable[[], AgentLease],
                               ttl: float) -> None:
     """Run until cancelled: (re)publish after a lost lease or an etcd outage."""
     from nodewatch.store.etcd import EtcdStore  # imported only in lease mode

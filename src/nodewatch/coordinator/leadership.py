@@ -21,28 +21,17 @@ import msgspec
 from etcd3aio import EtcdError
 
 from nodewatch.model import Event, NodeState
+from nodewatch.protocol import AgentLease
 from nodewatch.store.codec import decode_event, decode_node
 from nodewatch.store.etcd import EtcdStore, WatchEvent
 
-__all__ = ["AgentLease", "Leadership", "Led"]
+__all__ = ["Leadership", "Led"]
 
 log = logging.getLogger("nodewatch.leader")
 
 ELECTION = "election"
 AGENTS = "agents"
 RETRY = 0.5
-
-
-class AgentLease(msgspec.Struct, omit_defaults=True):
-    """What an agent in etcd lease mode publishes under ``P/agents/<node_id>``."""
-
-    node_id: str
-    address: str
-    incarnation: int
-    last_seq: int = 0
-    last_ts: float = 0.0
-    version: str = ""
-    labels: dict[str, str] = {}
 
 
 class Led(Protocol):

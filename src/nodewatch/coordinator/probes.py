@@ -3,77 +3,23 @@ agent's ``/probe``, so that a peer's indirect check judges exactly like the coor
 and the coordinator's side of that indirect check, asking a peer agent's ``/probe``.
 
 The hot path is one keep-alive GET on a shared ``ClientSession``: timeouts and URLs are cached,
-the body is decoded by a pre-built msgspec decoder straight into a typed struct.
+the body is decoded by the protocol's pre-built decoder straight into a typed struct.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import math
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Annotated
 
 import aiohttp
-import msgspec
-from msgspec import Meta
 from yarl import URL
 
-from nodewatch.model import CheckResult, FailureClass, NodeStatus, PeerVote, Report
+from nodewatch.model import CheckResult, FailureClass, PeerVote
+from nodewatch.protocol import decode_health_body, decode_probe_reply
 
-__all__ = ["HealthBody", "HttpPeerProbe", "check_health", "decode_health_body",
-           "parse_health_body", "parse_probe_reply"]
-
-NonNegative = Annotated[int, Meta(ge=0)]
-
-
-class HealthBody(msgspec.Struct, kw_only=True):
-    """The part of an agent's ``/health`` body the coordinator relies on; extra keys ignored."""
-
-    incarnation: NonNegative
-    seq: NonNegative
-    ts: float
-    node_id: str = ""
-    status: NodeStatus = NodeStatus.OK
-    reasons: tuple[str, ...] = ()
-    system: dict[str, float] = msgspec.field(default_factory=dict)
-    load: dict[str, float] = msgspec.field(default_factory=dict)
-    sample_interval: float = 0.0
-    samples: int = -1
-
-
-_decoder = msgspec.json.Decoder(HealthBody)
-
-
-def decode_health_body(body: bytes) -> HealthBody:
-    """Decode and validate a ``/health`` body; ``ValueError`` says what is wrong with it."""
-    try:
-        parsed = _decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise ValueError(f"not a valid health body: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise ValueError(f"malformed health JSON: {exc}") from None
-    if not math.isfinite(parsed.ts):
-        raise ValueError("not a valid health body: ts is not a finite number")
-    return parsed
-
-
-def parse_health_body(body: bytes) -> Report:
-    """Parse a ``/health`` body into a :class:`Report`; ``ValueError`` with a message if bad."""
-    parsed = decode_health_body(body)
-    return Report(
-        incarnation=parsed.incarnation,
-        seq=parsed.seq,
-        ts=parsed.ts,
-        status=parsed.status,
-        reasons=parsed.reasons,
-        system=parsed.system,
-        load=parsed.load,
-        sample_interval=parsed.sample_interval,
-        samples=parsed.samples,
-    )
-
+__all__ = ["HttpPeerProbe", "check_health", "parse_probe_reply"]
 
 @lru_cache(maxsize=64)
 def _timeout(total: float, connect: float) -> aiohttp.ClientTimeout:
@@ -170,21 +116,16 @@ async def check_health(
     if verify_node_id and parsed.node_id and parsed.node_id != node_id:
         return CheckResult(node_id, False, now, latency, FailureClass.BAD_BODY,
                            f"answered as node {parsed.node_id!r}")
-    report = Report(parsed.incarnation, parsed.seq, parsed.ts, parsed.status, parsed.reasons,
-                    parsed.system, parsed.load, parsed.sample_interval, parsed.samples)
-    return CheckResult(node_id, True, now, latency, None, "", report)
+    return CheckResult(node_id, True, now, latency, None, "", parsed.report())
 
 
 def parse_probe_reply(peer_id: str, body: bytes) -> PeerVote | None:
     """A peer's ``GET /probe`` reply as its vote; None when it carries no usable verdict."""
-    try:
-        reply = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    reply = decode_probe_reply(body)
+    if reply is None:
         return None
-    if not isinstance(reply, dict) or not isinstance(reply.get("reachable"), bool):
-        return None
-    return PeerVote(peer_id=peer_id, reachable=reply["reachable"],
-                    detail=str(reply.get("failure") or reply.get("detail") or ""))
+    return PeerVote(peer_id=peer_id, reachable=reply.reachable,
+                    detail=reply.failure or reply.detail)
 
 
 class HttpPeerProbe:

@@ -34,10 +34,11 @@ from nodewatch.model import (
     Report,
     event_number,
 )
+from nodewatch.protocol import AgentLease
 from nodewatch.store.base import Store
 
 if TYPE_CHECKING:
-    from nodewatch.coordinator.leadership import AgentLease, Leadership
+    from nodewatch.coordinator.leadership import Leadership
 
 __all__ = ["ActionSink", "BindableSink", "Coordinator", "LAG_BEAT", "NoActions", "NotLeader",
            "PERSIST_INTERVAL", "RECENT_EVENTS", "ROUTINE_PERSIST_INTERVAL"]

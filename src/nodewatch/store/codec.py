@@ -4,27 +4,26 @@ SQLite stores nodes and sample bodies as MessagePack instead (``*_packed``: the 
 about twice as fast to encode, a few bytes smaller); the decoders take either, told apart by
 the first byte (a JSON record starts with ``{``, a MessagePack map never does).
 
-Records are msgspec Structs mirroring the domain dataclasses with defaults omitted, so a stored
-node is about a third smaller than its full JSON and decoding ignores fields it does not know
-(an older coordinator can read a newer one's records). ``NodeState.revision`` is never encoded:
+Records are msgspec Structs mirroring the domain dataclasses with defaults omitted (the node's
+is built from NodeState's own fields), so a stored node is about a third smaller than its full
+JSON and decoding ignores fields it does not know (an older coordinator can read a newer one's
+records). ``NodeState.revision`` is never encoded:
 it belongs to the store (a column, an etcd mod_revision), not to the node's story.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from operator import attrgetter
 from typing import Any
 
 import msgspec
 
 from nodewatch.model import (
-    Admin,
-    DrainState,
     Event,
-    Health,
     HistorySample,
     NodeState,
-    NodeStatus,
 )
 
 __all__ = [
@@ -41,31 +40,31 @@ __all__ = [
 ]
 
 
-class NodeRecord(msgspec.Struct, omit_defaults=True):
-    """Stored shape of a NodeState; field order and defaults follow the dataclass."""
+def _record_of(model: type[Any], skip: tuple[str, ...] = ()) -> type[msgspec.Struct]:
+    """A Struct with ``model``'s fields, types, order and defaults (minus ``skip``), omitting
+    defaults when encoding: the stored shape follows the dataclass by construction."""
+    hints = typing.get_type_hints(model)
+    fields: list[tuple[str, Any, Any]] = []
+    for item in dataclasses.fields(model):
+        if item.name in skip:
+            continue
+        if isinstance(item.default, float):
+            # msgspec omits a float default only when it is the very same object; a copy keeps
+            # floats always written, as the hand-written record did (stored bytes unchanged).
+            fields.append((item.name, hints[item.name], float(repr(item.default))))
+        elif item.default is not dataclasses.MISSING:
+            fields.append((item.name, hints[item.name], item.default))
+        elif item.default_factory is not dataclasses.MISSING:
+            fields.append((item.name, hints[item.name],
+                           msgspec.field(default_factory=item.default_factory)))
+        else:
+            fields.append((item.name, hints[item.name]))  # type: ignore[arg-type]
+    return msgspec.defstruct(f"{model.__name__.removesuffix('State')}Record", fields,
+                             omit_defaults=True, module=__name__)
 
-    node_id: str
-    address: str
-    labels: dict[str, str] = {}
-    health: Health = Health.UNKNOWN
-    node_status: NodeStatus = NodeStatus.OK
-    admin: Admin = Admin.ACTIVE
-    incarnation: int = 0
-    seq: int = 0
-    last_ts: float = 0.0
-    last_seen: float = 0.0
-    since: float = 0.0
-    consecutive_failures: int = 0
-    consecutive_successes: int = 0
-    system: dict[str, float] = {}
-    load: dict[str, float] = {}
-    reasons: list[str] = []
-    health_reason: str = ""
-    version: str = ""
-    registered_at: float = 0.0
-    rejoins: list[float] = []
-    drain: DrainState | None = None
-    cleaned_up: bool = False
+
+# Stored shape of a NodeState: its fields without ``revision``.
+NodeRecord = _record_of(NodeState, skip=("revision",))
 
 
 class EventRecord(msgspec.Struct, omit_defaults=True, rename={"from_": "from"}):
