@@ -6,6 +6,23 @@ confirms failures, runs actions and writes node state. Followers serve reads and
 a mirror of the store that they keep by watch, and campaign as soon as the leader's key is
 deleted (its lease expired or was revoked), so a dead leader is replaced within one TTL; the new
 leader reloads everything from the store and starts with ``restart_grace``.
+
+Every win also stamps ``P/election-term`` in the same transaction; its mod revision is the term.
+
+Losing the lease, two cases, kept apart:
+
+- **etcd answered that the lease expired** (a refresh returned TTL <= 0), or a campaign finds
+  another coordinator's key: step down, a follower (decisions not stored yet are dropped; the
+  next leader decides from the store).
+- **etcd did not answer for a whole TTL** (refreshes time out or fail): the coordinator is
+  *leader, unconfirmed*. It keeps polling and observing from memory, computes transitions and
+  queues them (and their actions) without writing or acting, and refuses commands (503 naming
+  the cause). It campaigns again as soon as etcd answers: it is confirmed only if it wins the
+  key again **and** the term stamp is still its own (nobody else won meanwhile, checked in the
+  same transaction); it then writes what it queued, in order, and runs the held actions. If
+  another coordinator holds the key or won a term meanwhile, it becomes a follower and drops
+  what it held. An unconfirmed leader never acts: while etcd is unreachable from it, another
+  coordinator that reaches etcd may win once our lease's TTL has run out.
 """
 
 from __future__ import annotations
@@ -30,6 +47,7 @@ __all__ = ["Leadership", "Led"]
 log = logging.getLogger("nodewatch.leader")
 
 ELECTION = "election"
+ELECTION_TERM = "election-term"  # stamped by every win: its mod revision is the term
 AGENTS = "agents"
 RETRY = 0.5
 
@@ -40,6 +58,10 @@ class Led(Protocol):
     async def become_leader(self) -> None: ...
 
     async def become_follower(self, leader: str) -> None: ...
+
+    async def become_unconfirmed(self, cause: str) -> None: ...
+
+    async def confirm_leader(self) -> None: ...
 
     def mirror_nodes(self, nodes: list[NodeState], deleted: list[str], reset: bool) -> None: ...
 
@@ -81,11 +103,14 @@ class Leadership:
 
     async def _run(self, led: Led) -> None:
         key = self.store.key(ELECTION, "leader")
+        term_key = self.store.key(ELECTION_TERM)
         while True:
             try:
                 lease = await self.store.grant(self.ttl)
-                if await self.store.create_with_lease(key, self.identity.encode(), lease):
-                    await self._lead(led, lease)
+                won = await self.store.campaign(key, self.identity.encode(), lease, term_key,
+                                                None)
+                if won.won:
+                    await self._lead(led, key, term_key, lease, won.term)
                 else:
                     assert self.store.client is not None and self.store.client.lease is not None
                     await self.store.client.lease.revoke(lease, timeout=self.store.timeout)
@@ -96,24 +121,85 @@ class Leadership:
                 log.warning("election: %s; retrying", error)
                 await asyncio.sleep(RETRY)
 
-    async def _lead(self, led: Led, lease: int) -> None:
-        self._lease = lease
-        keepalive = self.store.keepalive(lease, self.ttl)
-        self.leading, self.leader = True, self.identity
-        log.info("leader: %s (lease %x, ttl %ss)", self.identity, lease, self.ttl)
+    async def _lead(self, led: Led, key: bytes, term_key: bytes, lease: int,
+                    term: int) -> None:
+        """Lead until the lease is lost. Lost because etcd said so (expired): step down.
+        Lost because etcd did not answer for a TTL: leader, unconfirmed (see ``_reconfirm``);
+        confirmed again, lead on under the new lease; otherwise step down."""
         agents: asyncio.Task[None] | None = None
+        keepalive = self.store.keepalive(lease, self.ttl)
+        self._hold(lease)
+        log.info("leader: %s (lease %x, ttl %ss)", self.identity, lease, self.ttl)
         try:
             await led.become_leader()
             agents = asyncio.get_running_loop().create_task(self._watch_agents(led))
-            await keepalive.lost.wait()
-            log.error("leader lease lost: stepping down")
+            while True:
+                await keepalive.lost.wait()
+                await keepalive.stop(revoke=False)
+                self.leading, self._lease = False, None
+                if keepalive.expired:
+                    log.error("leader lease lost (%s): stepping down", keepalive.cause)
+                    break
+                log.error("leader lease lost (%s): leader, unconfirmed; holding actions and "
+                          "writes until etcd answers", keepalive.cause)
+                await led.become_unconfirmed(keepalive.cause)
+                regained = await self._reconfirm(key, term_key, lease, term)
+                if regained is None:
+                    break
+                lease, term = regained
+                keepalive = self.store.keepalive(lease, self.ttl)
+                self._hold(lease)
+                log.info("leader again: %s (lease %x), nobody led meanwhile", self.identity,
+                         lease)
+                await led.confirm_leader()
         finally:
-            self.leading = False
+            await keepalive.stop(revoke=False)
+            self.leading, self._lease = False, None
             if agents is not None:
                 agents.cancel()
-            await keepalive.stop(revoke=False)
-            self._lease = None
         await led.become_follower("")
+
+    def _hold(self, lease: int) -> None:
+        self._lease = lease
+        self.leading, self.leader = True, self.identity
+
+    async def _reconfirm(self, key: bytes, term_key: bytes, old_lease: int,
+                         term: int) -> tuple[int, int] | None:
+        """Campaign until etcd answers. Won, with the term stamp unchanged since our own win
+        (nobody else led in between): the new (lease, term). Our old key still there on the
+        old lease (etcd had not expired it yet): revoke it and campaign again. Anyone else
+        holding the key, or a newer term: None (the caller becomes a follower)."""
+        assert self.store.client is not None and self.store.client.lease is not None
+        leases = self.store.client.lease
+        while True:
+            try:
+                lease = await self.store.grant(self.ttl)
+            except (EtcdError, OSError, TimeoutError, Exception) as error:  # noqa: BLE001
+                log.warning("etcd still unreachable (%s); retrying", error)
+                await asyncio.sleep(RETRY)
+                continue
+            try:
+                result = await self.store.campaign(key, self.identity.encode(), lease,
+                                                   term_key, term)
+            except (EtcdError, OSError, TimeoutError, Exception) as error:  # noqa: BLE001
+                log.warning("campaign failed (%s); retrying", error)
+                await asyncio.sleep(RETRY)
+                continue
+            if result.won:
+                return lease, result.term
+            with contextlib.suppress(Exception):
+                await leases.revoke(lease, timeout=self.store.timeout)
+            if result.holder_lease == old_lease and result.term == term:
+                log.info("our old lease %x still holds the key: revoking it, campaigning again",
+                         old_lease)
+                with contextlib.suppress(Exception):
+                    await leases.revoke(old_lease, timeout=self.store.timeout)
+                continue
+            self.leader = result.holder.decode() if result.holder is not None else ""
+            log.warning("while etcd was unreachable another coordinator led (%s, term %d, "
+                        "ours %d): dropping what was held", self.leader or "gone", result.term,
+                        term)
+            return None
 
     async def _follow(self, led: Led, key: bytes) -> None:
         """Mirror the store until the leader's key is gone."""

@@ -58,10 +58,15 @@ class NotLeader(Exception):
     """A follower refuses what only the leader may do; the message names the leader (the HTTP
     edge answers 503 with it)."""
 
-    def __init__(self, leader: str) -> None:
-        super().__init__(f"this coordinator is a follower; the leader is "
-                         f"{leader or 'being elected'}")
+    def __init__(self, leader: str, unconfirmed: str = "") -> None:
+        if unconfirmed:
+            message = (f"this coordinator's leadership is unconfirmed ({unconfirmed}); it "
+                       f"takes commands again once etcd answers and it is still the leader")
+        else:
+            message = f"this coordinator is a follower; the leader is {leader or 'being elected'}"
+        super().__init__(message)
         self.leader = leader
+        self.unconfirmed = unconfirmed
 
 
 async def _nothing() -> list[str]:
@@ -178,7 +183,47 @@ class _FollowerRole:
         return None  # not leading: nothing to stop
 
 
-_Role = _LeaderRole | _FollowerRole
+class _UnconfirmedLeaderRole:
+    """A leader that lost its lease because etcd did not answer (see ``leadership``): it keeps
+    polling and observing, and queues transitions and their actions in memory; it neither
+    writes nor acts, and refuses commands, until etcd confirms it is still the only leader
+    (``confirm_leader``: write, then act) or names another (``become_follower``: drop)."""
+
+    name = "leader (unconfirmed)"
+
+    def __init__(self, coord: Coordinator, cause: str) -> None:
+        self._coord = coord
+        self.cause = cause
+
+    def require_leader(self) -> None:
+        raise NotLeader("", unconfirmed=self.cause)
+
+    def restrict(self, outcome: Outcome) -> None:
+        return None  # actions are queued, and run only after their transitions are stored
+
+    async def persist(self, routine: bool, history: bool) -> None:
+        return None  # held: another leader may have written meanwhile; confirm_leader writes
+
+    def leader_address(self) -> str:
+        return ""  # no confirmed leader known
+
+    def mirror_nodes(self, nodes: list[NodeState], deleted: list[str], reset: bool) -> None:
+        return None
+
+    def mirror_events(self, events: list[Event]) -> None:
+        return None
+
+    def agent_published(self, lease: AgentLease) -> None:
+        self._coord._register_lease(lease)
+
+    def agent_lease_expired(self, node_id: str) -> None:
+        self._coord._lease_expired(node_id)
+
+    async def hand_over(self, leader: str) -> None:
+        await self._coord._stop_leading(leader)
+
+
+_Role = _LeaderRole | _FollowerRole | _UnconfirmedLeaderRole
 
 
 class Coordinator:
@@ -244,9 +289,20 @@ class Coordinator:
 
     @property
     def role(self) -> str:
-        """``leader`` or ``follower`` (for /healthz and logs; behaviour goes by the role
-        object)."""
+        """``leader``, ``follower`` or ``leader (unconfirmed)`` (for /healthz and logs;
+        behaviour goes by the role object).
+
+        ``leader (unconfirmed)``: this coordinator led, then could not reach etcd for a whole
+        lease TTL. It still polls and observes, but writes nothing, runs no action and refuses
+        commands until etcd confirms it is still the leader; a health check should count it as
+        *no confirmed leader* (``status()["leader"]`` is then ``""``). ``unconfirmed_cause``
+        says why."""
         return self._role.name
+
+    @property
+    def unconfirmed_cause(self) -> str:
+        """Why the leadership is unconfirmed (etcd unreachable, ...); ``""`` otherwise."""
+        return self._role.cause if isinstance(self._role, _UnconfirmedLeaderRole) else ""
 
     # ------------------------------------------------------------------ life cycle
 
@@ -309,6 +365,26 @@ class Coordinator:
         log.info("elected leader: %d nodes, grace %.1fs", len(self.cluster.nodes),
                  self.policy.startup_grace)
 
+    async def become_unconfirmed(self, cause: str) -> None:
+        """The lease was lost because etcd did not answer: keep observing, hold writes and
+        actions (see ``_UnconfirmedLeaderRole``). Only a leader becomes unconfirmed."""
+        if isinstance(self._role, _LeaderRole):
+            self._role = _UnconfirmedLeaderRole(self, cause)
+            log.warning("leadership unconfirmed (%s): observing, holding writes and actions",
+                        cause)
+
+    async def confirm_leader(self) -> None:
+        """etcd answered and nobody else led meanwhile: lead on, writing what was queued (in
+        order, compare-and-swap on node revisions) and then running the held actions."""
+        self._role = _LeaderRole(self)
+        self.leader = self.config.coordinator.listen
+        log.info("leadership confirmed: writing %d queued events, running %d held actions",
+                 len(self._pending_events), len(self._pending_actions))
+        try:
+            await self.persist(routine=True)
+        except Exception:  # nothing is dropped: the ticker writes it on its next try
+            log.exception("writing what was queued failed; retrying")
+
     async def become_follower(self, leader: str) -> None:
         """Not (or no longer) the leader: stop polling, ticking and writing node state."""
         previous, self._role = self._role, _FollowerRole(self)
@@ -317,8 +393,17 @@ class Coordinator:
 
     async def _stop_leading(self, leader: str) -> None:
         """The leader stepping down: no more polls, ticks or actions."""
-        # Decisions not stored yet are the next leader's to make: never act on them later.
+        # Decisions not stored yet are the next leader's to make: never act on them later,
+        # nor write them (their event numbers are the next leader's too).
         self._pending_actions.clear()
+        dropped = {e.id for e in self._pending_events}
+        self._pending_events.clear()
+        self._pending_samples.clear()
+        if dropped:
+            kept = [e for e in self.recent if e.id not in dropped]
+            self.recent.clear()
+            self.recent.extend(kept)
+            log.warning("dropped %d events never stored", len(dropped))
         tasks, self._lead_tasks = self._lead_tasks, []
         for task in tasks:
             task.cancel()
@@ -357,7 +442,7 @@ class Coordinator:
         if node is not None and node.incarnation >= lease.incarnation \
                 and node.address == lease.address:
             return
-        self.register(Registration(node_id=lease.node_id, address=lease.address,
+        self._register(Registration(node_id=lease.node_id, address=lease.address,
                                    incarnation=lease.incarnation, last_seq=lease.last_seq,
                                    last_ts=lease.last_ts, version=lease.version,
                                    labels=dict(lease.labels)))
@@ -459,6 +544,9 @@ class Coordinator:
 
     def register(self, reg: Registration) -> tuple[RegisterDecision, NodeState]:
         self._role.require_leader()
+        return self._register(reg)
+
+    def _register(self, reg: Registration) -> tuple[RegisterDecision, NodeState]:
         decision, outcome = self.cluster.register(reg, self.clock())
         node = self.cluster.nodes[reg.node_id]
         if node.node_id in self.poller:

@@ -46,7 +46,7 @@ from nodewatch.store.codec import (
     encode_sample,
 )
 
-__all__ = ["EtcdStore", "KeepAlive", "WatchEvent", "parse_etcd_url"]
+__all__ = ["Campaign", "EtcdStore", "KeepAlive", "WatchEvent", "parse_etcd_url"]
 
 log = logging.getLogger("nodewatch.store.etcd")
 T = TypeVar("T")
@@ -106,15 +106,30 @@ class WatchEvent:
     revision: int
 
 
+@dataclass(frozen=True, slots=True)
+class Campaign:
+    """What :meth:`EtcdStore.campaign` found: ``won``; ``term`` (the new term if won, the
+    current one if not); who holds the key (value, lease) when it was refused."""
+
+    won: bool
+    term: int
+    holder: bytes | None
+    holder_lease: int
+
+
 class KeepAlive:
     """Keeps one lease alive, refreshing about every TTL/3; ``lost`` is set when it expired
-    (a refresh answered TTL <= 0) or could not be refreshed for a whole TTL."""
+    (a refresh answered TTL <= 0: ``expired`` is then True, etcd itself said the lease is
+    gone) or could not be refreshed for a whole TTL (``expired`` False: etcd did not answer,
+    so whether the lease still lives is unknown here). ``cause`` says which, for logs."""
 
     def __init__(self, client: Etcd3Client, lease_id: int, ttl: int) -> None:
         self.client = client
         self.lease_id = lease_id
         self.ttl = ttl
         self.lost = asyncio.Event()
+        self.expired = False
+        self.cause = ""
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> KeepAlive:
@@ -139,20 +154,26 @@ class KeepAlive:
         interval = max(0.2, self.ttl / 3)
         while True:
             await asyncio.sleep(interval)
+            # The lease's TTL restarts when etcd handles the refresh, which is after we sent
+            # it: counting from the send, we give the lease up no later than etcd expires it.
+            sent = time.monotonic()
             try:
                 ttl = await self._refresh()
             except (EtcdError, TimeoutError, Exception) as error:  # noqa: BLE001 - retried
                 if time.monotonic() - last_ok >= self.ttl:
                     log.warning("lease %x not refreshed for %ss: lost (%s)", self.lease_id,
                                 self.ttl, error)
+                    self.cause = (f"etcd unreachable: lease not refreshed for {self.ttl}s "
+                                  f"({type(error).__name__}: {error})")
                     self.lost.set()
                     return
                 interval = 0.2
                 continue
             if ttl <= 0:
+                self.expired, self.cause = True, "etcd answered: the lease has expired"
                 self.lost.set()
                 return
-            last_ok = time.monotonic()
+            last_ok = sent
             interval = max(0.2, self.ttl / 3)
 
     async def stop(self, revoke: bool = True) -> None:
@@ -481,6 +502,29 @@ class EtcdStore:
                                      [KVService.txn_op_put(key, value, lease=lease_id)],
                                      timeout=self.timeout)
         return bool(response.succeeded)
+
+    async def campaign(self, key: bytes, value: bytes, lease_id: int, term_key: bytes,
+                       term: int | None) -> Campaign:
+        """One election round, atomically: create ``key`` on the lease if it does not exist and
+        stamp ``term_key`` (its mod revision is the new term). With ``term`` given, also require
+        that ``term_key`` was not stamped since (nobody else won in between; 0: never stamped).
+        When refused, the answer carries who holds ``key`` and the current term."""
+        compares = [KVService.txn_compare_create_revision(key, 0)]
+        if term is not None:
+            compares.append(_mod_revision_is(term_key, term))
+        response = await self.kv.txn(
+            compares,
+            [KVService.txn_op_put(key, value, lease=lease_id),
+             KVService.txn_op_put(term_key, value)],
+            [KVService.txn_op_get(key), KVService.txn_op_get(term_key)],
+            timeout=self.timeout)
+        if response.succeeded:
+            return Campaign(True, int(response.header.revision), None, 0)
+        held = response.responses[0].response_range.kvs
+        stamp = response.responses[1].response_range.kvs
+        return Campaign(False, int(stamp[0].mod_revision) if stamp else 0,
+                        bytes(held[0].value) if held else None,
+                        int(held[0].lease) if held else 0)
 
     async def get_raw(self, key: bytes) -> tuple[bytes, int] | None:
         response = await self.kv.get(key, timeout=self.timeout)
