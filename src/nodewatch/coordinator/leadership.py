@@ -157,7 +157,9 @@ class Leadership:
             self.leading, self._lease = False, None
             if agents is not None:
                 agents.cancel()
-        await led.become_follower("")
+        if self.leader == self.identity:
+            self.leader = ""
+        await led.become_follower(self.leader)
 
     def _hold(self, lease: int) -> None:
         self._lease = lease
