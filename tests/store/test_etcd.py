@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,5 +97,32 @@ async def test_keepalive_keeps_a_short_lease_alive(tmp_path: Path) -> None:
                 await asyncio.sleep(0.2)
             await keepalive.stop(revoke=True)
             assert await store.get_raw(key) is None  # a revoked lease takes its keys along
+        finally:
+            await store.close()
+
+
+async def test_keepalive_tells_an_expired_lease_from_an_unreachable_etcd(tmp_path: Path) -> None:
+    """``expired``: etcd answered that the lease is gone; not set: etcd did not answer for a
+    whole TTL (the leader then cannot know whether someone else took over)."""
+    binary = require_binary("etcd")
+    with EtcdCluster(tmp_path / "etcd", binary=binary) as cluster:
+        member = cluster.members[0]
+        assert member.popen is not None
+        store = EtcdStore.from_url(cluster.url("/keepalive-loss"), timeout=1.0)
+        await store.open()
+        try:
+            assert store.client is not None and store.client.lease is not None
+            revoked = store.keepalive(await store.grant(1), 1)
+            await store.client.lease.revoke(revoked.lease_id, timeout=2.0)
+            await asyncio.wait_for(revoked.lost.wait(), timeout=10)
+            assert revoked.expired and "expired" in revoked.cause
+
+            cut_off = store.keepalive(await store.grant(1), 1)
+            member.popen.send_signal(signal.SIGSTOP)
+            try:
+                await asyncio.wait_for(cut_off.lost.wait(), timeout=10)
+            finally:
+                member.popen.send_signal(signal.SIGCONT)
+            assert not cut_off.expired and "unreachable" in cut_off.cause
         finally:
             await store.close()
