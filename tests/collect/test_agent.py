@@ -263,3 +263,44 @@ async def test_health_shows_new_connections_within_a_few_samples(
 
         await async_wait_until(risen, within=30, interval=0.1,
                                message=f"{count} new connections in /health")
+
+
+async def test_an_unwritable_state_dir_shows_a_reason_and_clears(make_agent: AgentFactory,
+                                                                 tmp_path: Path,
+                                                                 http: aiohttp.ClientSession,
+                                                                 clock: FakeClock) -> None:
+    agent = await make_agent()
+    url = agent.url
+    # Root ignores chmod: make the state file's path a non-empty directory instead, so the
+    # atomic rename over it fails the way a read-only or full disk would.
+    path = tmp_path / "state" / "node-a.state.json"
+    path.unlink()
+    (path / "blocker").mkdir(parents=True)
+    clock.advance(5)
+    await agent.sample_now()
+    seq = agent.seq
+    doc = await (await http.get(f"{url}/health")).json()
+    assert doc["status"] == "ok"  # the node's service is fine; only its memory is at risk
+    assert len(doc["reasons"]) == 1
+    assert doc["reasons"][0].startswith(f"state dir {tmp_path / 'state'} cannot be written: ")
+    metrics = await (await http.get(f"{url}/metrics")).text()
+    assert "nodewatch_agent_state_writable 0.0" in metrics
+    for _ in range(3):  # reports go on while the writes fail
+        await agent.sample_now()
+    assert agent.seq == seq + 3
+    (path / "blocker").rmdir()
+    path.rmdir()
+    await agent.sample_now()
+    doc = await (await http.get(f"{url}/health")).json()
+    assert (doc["status"], doc["reasons"]) == ("ok", [])
+    assert "nodewatch_agent_state_writable 1.0" in await (await http.get(f"{url}/metrics")).text()
+    state = StateFile(tmp_path / "state", "node-a").load()
+    assert state is not None and state.seq == agent.seq
+
+
+async def test_an_unwritable_state_dir_at_start_refuses_to_start(make_agent: AgentFactory,
+                                                                 tmp_path: Path) -> None:
+    # A new incarnation that is not durable would be taken again by the next start.
+    (tmp_path / "not-a-dir").write_text("")
+    with pytest.raises(OSError):
+        await make_agent(state_dir=tmp_path / "not-a-dir" / "state")

@@ -319,7 +319,8 @@ async def healthz(request: web.Request) -> web.Response:
     coord = _coordinator(request)
     body: dict[str, Any] = coord.status()
     body["version"] = VERSION
-    return json_response(body)
+    # Failing: a load balancer or systemd should stop sending here (same body, to say why).
+    return json_response(body, status=503 if body["status"] == "failing" else 200)
 
 
 async def metrics(request: web.Request) -> web.Response:

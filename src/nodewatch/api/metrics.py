@@ -65,6 +65,7 @@ class _CoordinatorCollector(Collector):
                                 value=coord.loop_lag)
         yield GaugeMetricFamily("nodewatch_guard_on", "1 while the mass-failure guard holds",
                                 value=float(coord.cluster.guard_on))
+        yield from _health_metrics(coord)
         stats = coord.poller.stats()
         yield GaugeMetricFamily("nodewatch_checks_in_flight", "Checks running now",
                                 value=stats["in_flight"])
@@ -79,6 +80,38 @@ class _CoordinatorCollector(Collector):
             yield CounterMetricFamily("nodewatch_poller_process_restarts",
                                       "Poller processes replaced after they died or hung",
                                       value=restarts)
+
+
+def _health_metrics(coord: Coordinator) -> Iterator[Metric]:
+    """What /healthz judges, as gauges (the store's only once its health is tracked)."""
+    health = coord.health()
+    status = GaugeMetricFamily("nodewatch_coordinator_status",
+                               "1 for the coordinator's current status (see /healthz)",
+                               labels=["status"])
+    for word in ("ok", "degraded", "failing"):
+        status.add_metric([word], float(health.status == word))
+    yield status
+    yield GaugeMetricFamily("nodewatch_leader", "1 if this coordinator leads",
+                            value=float(coord.role == "leader"))
+    now = coord.clock()
+    yield GaugeMetricFamily("nodewatch_in_grace", "1 during startup grace (nothing confirmed)",
+                            value=float(coord.role == "leader" and now < coord.cluster.started_at
+                                        + coord.policy.startup_grace))
+    store = getattr(coord, "store_health", None)
+    if store is None:
+        return
+    yield GaugeMetricFamily("nodewatch_store_available", "1 while the store takes writes",
+                            value=float(store.available))
+    down = 0.0 if store.available or store.since is None else max(0.0, now - store.since)
+    yield GaugeMetricFamily("nodewatch_store_unavailable_seconds",
+                            "How long the store has been unavailable (0 when available)",
+                            value=down)
+    yield GaugeMetricFamily("nodewatch_events_queued", "Events waiting for the store",
+                            value=store.queued_events)
+    yield CounterMetricFamily("nodewatch_events_dropped", "Events the store queue dropped",
+                              value=store.dropped_events)
+    yield CounterMetricFamily("nodewatch_store_writes_failed", "Store writes that failed",
+                              value=getattr(store, "writes_failed", 0))
 
 
 class CoordinatorMetrics:

@@ -89,13 +89,14 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("get", "/v1/events/stream", "Server-Sent Events, one per event, resumable.",
               {200: None, 400: s.ErrorResponse}, query=(_AFTER,),
               content_type="text/event-stream"),
-    Operation("get", "/healthz", "The coordinator itself.", {200: s.CoordinatorHealth}),
+    Operation("get", "/healthz", "The coordinator itself.", {200: s.CoordinatorHealth,
+                                                              503: s.CoordinatorHealth}),
     Operation("get", "/v1/openapi.json", "This document.", {200: None}),
 )
 
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad request", 401: "Missing or wrong token",
             404: "Unknown node", 409: "Conflict or stale report", 413: "Body too large",
-            422: "Invalid field"}
+            422: "Invalid field", 503: "Unavailable or failing (the body says why)"}
 
 
 def _models() -> list[type]:

@@ -15,7 +15,7 @@ from nodewatch.web import HTTPProblem
 __all__ = ["CommandResponse", "CoordinatorHealth", "DrainBody", "DrainView", "ErrorResponse",
            "EventView", "EventsResponse", "HeartbeatBody", "HistoryResponse", "HistorySampleView",
            "NodeView", "NodesResponse", "RegisterBody", "RegisterResponse", "RemoveResponse",
-           "convert"]
+           "StoreHealthView", "convert"]
 
 
 
@@ -137,8 +137,23 @@ class RemoveResponse(_View):
     events: list[EventView]
 
 
+class StoreHealthView(_View):
+    available: bool
+    since: Annotated[float | None, Meta(description="UNIX time the store became unavailable")]
+    unavailable_for: float
+    cause: str
+    queued_events: int
+    dropped_events: int
+    writes_failed: int
+
+
 class CoordinatorHealth(_View):
-    status: str
+    status: Annotated[Literal["ok", "degraded", "failing"],
+                      Meta(description="degraded: doing its job, with reasons; failing: it "
+                                       "cannot (answered with 503)")]
+    reasons: Annotated[list[str], Meta(description="one per condition, with since when")]
+    role: Literal["leader", "follower"]
+    leader: str
     version: str
     uptime: float
     loop_lag: float
@@ -146,6 +161,8 @@ class CoordinatorHealth(_View):
     in_grace: bool
     dry_run: bool
     nodes: dict[str, int]
+    store: Annotated[StoreHealthView | None,
+                     Meta(description="null while the store's health is not tracked")] = None
 
 
 class ErrorResponse(_View):

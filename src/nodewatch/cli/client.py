@@ -114,6 +114,7 @@ class CoordinatorStatus(_Result):
     """``GET /healthz``: the coordinator's own state."""
 
     status: str
+    reasons: list[str] = msgspec.field(default_factory=list)
     role: str = ""
     leader: str = ""
     version: str = ""
@@ -183,7 +184,8 @@ class Client:
     # ------------------------------------------------------------------ plumbing
 
     def _request(self, method: str, path: str, model: type[T],
-                 body: dict[str, Any] | None = None, timeout: float | None = None) -> T:
+                 body: dict[str, Any] | None = None, timeout: float | None = None,
+                 answers: frozenset[int] = frozenset()) -> T:
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Accept": "application/json"}
         if data is not None:
@@ -195,7 +197,9 @@ class Client:
         try:
             resp = self._opener.open(request, timeout=timeout or self.timeout)
         except urllib.error.HTTPError as exc:
-            raise self._http_error(exc) from None
+            if exc.code not in answers:  # ``answers``: error codes whose body is the answer
+                raise self._http_error(exc) from None
+            resp = exc
         except (urllib.error.URLError, OSError) as exc:
             raise self._unreachable(exc) from None
         with resp:
@@ -253,7 +257,8 @@ class Client:
     # ------------------------------------------------------------------ calls
 
     def healthz(self) -> CoordinatorStatus:
-        return self._request("GET", "/healthz", CoordinatorStatus)
+        # A failing coordinator answers 503 with the same body, saying why.
+        return self._request("GET", "/healthz", CoordinatorStatus, answers=frozenset({503}))
 
     def nodes(self) -> list[NodeInfo]:
         return self._request("GET", "/v1/nodes", _NodesAnswer).nodes

@@ -123,6 +123,8 @@ class Agent:
         self._manual_reason = ""
         self._status = NodeStatus.OK
         self._reasons: list[str] = []
+        # Why the state directory cannot be written ('' while it can); shown in /health.
+        self._state_error = ""
         self._system: dict[str, float] = SystemSample(0.0, 0.0, 0.0, 0).as_dict()
         self._load: dict[str, float] = dict.fromkeys(BUILTIN_LOAD, 0)
         self._incarnation = 0
@@ -138,7 +140,7 @@ class Agent:
         self._doc: HealthDoc | None = None
         self._doc_bytes: bytes | None = None
         self._doc_version = 0
-        self._metrics = MetricsRenderer(self._current_doc)
+        self._metrics = MetricsRenderer(self._current_doc, lambda: not self._state_error)
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -169,7 +171,15 @@ class Agent:
 
     @property
     def reasons(self) -> list[str]:
-        return list(self._reasons)
+        return self._all_reasons()
+
+    @property
+    def state_error(self) -> str:
+        """Why the state directory cannot be written, '' while it can."""
+        return self._state_error
+
+    def _all_reasons(self) -> list[str]:
+        return [*self._reasons, self._state_error] if self._state_error else list(self._reasons)
 
     @property
     def load(self) -> dict[str, float]:
@@ -323,7 +333,9 @@ class Agent:
             self._ts = previous.last_ts
         else:
             self._incarnation = 1
-        await self._persist()
+        # Strict here: a new incarnation that is not durable would be taken again by the next
+        # start, whose reports would then look stale to the coordinator.
+        await self._persist(required=True)
         self._sampler.prime()
         self._running = True
         try:
@@ -432,7 +444,7 @@ class Agent:
             doc = self._doc = HealthDoc(
                 status=self._status, node_id=self.node_id, uptime=round(self._uptime, 3),
                 version=self.version, incarnation=self._incarnation, seq=self._seq,
-                ts=self._ts, reasons=list(self._reasons), system=dict(self._system),
+                ts=self._ts, reasons=self._all_reasons(), system=dict(self._system),
                 load=dict(self._load), sample_interval=float(self.config.sample_interval),
                 samples=self._samples,
             )
@@ -447,7 +459,12 @@ class Agent:
         """The next seq, persisting a new reservation first when the block is used up, so the
         state file is never behind a seq anyone has seen."""
         while self._seq + 1 > self._reserved:
-            await self._persist()
+            if not await self._persist():
+                # The state dir cannot be written (the reason says so): report on rather than
+                # freeze the node's status. A crash now may restart with a last_seq behind
+                # what was seen, which the coordinator answers with a review, never a rejoin
+                # it should not make.
+                break
         self._seq += 1
         return self._seq
 
@@ -467,13 +484,31 @@ class Agent:
             log.info("status %s: %s", status.value, "; ".join(reasons) or "all clear")
             self._beat_now.set()
 
-    async def _persist(self, clean: bool = False) -> None:
+    async def _persist(self, clean: bool = False, *, required: bool = False) -> bool:
+        """Write the state file; False when it cannot be written (read-only, full, not
+        permitted): the agent goes on serving, with a reason, and retries with each sample.
+        ``required`` raises instead."""
         reserved = self._seq if clean else max(self._reserved, self._seq + SEQ_BLOCK)
         state = PersistedState(node_id=self.node_id, incarnation=self._incarnation,
                                seq=self._seq, reserved=max(reserved, self._reserved),
                                last_ts=self._ts, clean=clean)
-        await self._state_file.save_async(state)
+        try:
+            await self._state_file.save_async(state)
+        except OSError as exc:
+            if required:
+                raise
+            error = f"state dir {self._state_file.dir} cannot be written: {exc}"
+            if error != self._state_error:
+                log.error("%s; serving on, retrying with every sample", error)
+                self._state_error = error
+                self._invalidate()
+            return False
+        if self._state_error:
+            log.warning("state dir %s can be written again", self._state_file.dir)
+            self._state_error = ""
+            self._invalidate()
         self._reserved = max(self._reserved, state.reserved)
+        return True
 
     async def _sample_loop(self) -> None:
         loop = asyncio.get_running_loop()

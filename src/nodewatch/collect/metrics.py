@@ -20,8 +20,10 @@ __all__ = ["CONTENT_TYPE_LATEST", "MetricsRenderer"]
 class _ReportCollector:
     """Reads the current report when the registry is rendered (never on its own)."""
 
-    def __init__(self, current: Callable[[], HealthDoc]) -> None:
+    def __init__(self, current: Callable[[], HealthDoc],
+                 state_writable: Callable[[], bool]) -> None:
         self._current = current
+        self._state_writable = state_writable
 
     def collect(self) -> Iterator[Metric]:
         doc = self._current()
@@ -43,6 +45,9 @@ class _ReportCollector:
                         "reasons": len(doc.reasons)}
             yield GaugeMetricFamily(f"nodewatch_agent_{name}", help_text,
                                     value=float(value_of[name]))
+        yield GaugeMetricFamily("nodewatch_agent_state_writable",
+                                "1 while the state directory can be written.",
+                                value=float(self._state_writable()))
         for key, reading in doc.system.items():
             yield GaugeMetricFamily(f"nodewatch_system_{key}", f"Host {key} (latest sample).",
                                     value=float(reading))
@@ -56,9 +61,10 @@ class _ReportCollector:
 class MetricsRenderer:
     """Renders once per report version; ``render(version)`` returns cached bytes otherwise."""
 
-    def __init__(self, current: Callable[[], HealthDoc]) -> None:
+    def __init__(self, current: Callable[[], HealthDoc],
+                 state_writable: Callable[[], bool] = lambda: True) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_ReportCollector(current))
+        self.registry.register(_ReportCollector(current, state_writable))
         self._version = -1
         self._text = b""
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from nodewatch.config import Config
+from nodewatch.coordinator.health import CoordinatorHealth, Signals, StoreHealth, judge
 from nodewatch.coordinator.poller import HttpProbe, Poller, Probe
 from nodewatch.detect.cluster import Cluster
 from nodewatch.detect.outcome import ActionRequest, Outcome, ProbeRequest
@@ -250,6 +251,11 @@ class Coordinator:
         self.leadership = leadership
         self._role: _Role = _LeaderRole(self) if leadership is None else _FollowerRole(self)
         self.leader = ""
+        # For /healthz: since when nobody is known to lead (with an election), the guard has
+        # been on, the loop has lagged over max_loop_lag.
+        self.leaderless_since: float | None = None if leadership is None else clock()
+        self.guard_since: float | None = None
+        self.lagging_since: float | None = None
         self._lead_tasks: list[asyncio.Task[None]] = []
         self.store = store
         self.clock = clock
@@ -361,6 +367,7 @@ class Coordinator:
         (``cleaned_up``, drains), so no action runs twice."""
         await self._restore()
         self.leader = self.config.coordinator.listen
+        self.leaderless_since = None
         await self._lead()
         log.info("elected leader: %d nodes, grace %.1fs", len(self.cluster.nodes),
                  self.policy.startup_grace)
@@ -389,6 +396,10 @@ class Coordinator:
         """Not (or no longer) the leader: stop polling, ticking and writing node state."""
         previous, self._role = self._role, _FollowerRole(self)
         self.leader = leader
+        if leader:
+            self.leaderless_since = None
+        elif self.leaderless_since is None:
+            self.leaderless_since = self.clock()
         await previous.hand_over(leader)
 
     async def _stop_leading(self, leader: str) -> None:
@@ -595,6 +606,8 @@ class Coordinator:
             self.recent.extend(outcome.events)
             for event in outcome.events:
                 self.event_counts[event.kind] = self.event_counts.get(event.kind, 0) + 1
+                if event.kind in ("guard_on", "guard_off"):
+                    self.guard_since = event.ts if event.kind == "guard_on" else None
                 log.info("event %s %s %s->%s: %s", event.node_id or "-", event.kind,
                          event.from_, event.to, event.reason)
             self._new_events.set()
@@ -702,6 +715,10 @@ class Coordinator:
             window.append(max(0.0, now - before - LAG_BEAT))
             self.loop_lag = max(window)
             self.cluster.set_loop_lag(self.loop_lag)
+            if self.loop_lag <= self.policy.max_loop_lag:
+                self.lagging_since = None
+            elif self.lagging_since is None:
+                self.lagging_since = now - self.loop_lag
 
     async def _ticker(self) -> None:
         interval = min(PERSIST_INTERVAL, self.policy.unhealthy_interval / 2)
@@ -761,10 +778,37 @@ class Coordinator:
     def last_event_id(self) -> str | None:
         return self.recent[-1].id if self.recent else self._last_stored_event
 
+    def health(self) -> CoordinatorHealth:
+        """``ok``, ``degraded`` or ``failing`` and why (the rules: ``coordinator/health.py``)."""
+        counts = self.cluster.counts()
+        cfg = self.config.coordinator
+        return judge(Signals(
+            now=self.clock(),
+            leads=self.role == "leader",
+            elected=self.leadership is not None,
+            leader=self.leader,
+            leaderless_since=self.leaderless_since,
+            leader_ttl=float(cfg.leader_ttl),
+            grace_until=self.cluster.started_at + self.policy.startup_grace,
+            guard_on=self.cluster.guard_on,
+            guard_since=self.guard_since,
+            loop_lag=self.loop_lag,
+            max_loop_lag=self.policy.max_loop_lag,
+            lagging_since=self.lagging_since,
+            store=getattr(self, "store_health", None),
+            store_timeout=float(getattr(cfg, "store_timeout", 3.0)),
+            watchable_nodes=counts["total"] - counts.get(Health.DEAD.value, 0),
+            polled_nodes=len(self.poller),
+        ))
+
     def status(self) -> dict[str, Any]:
         counts = self.cluster.counts()
+        health = self.health()
+        store: StoreHealth | None = getattr(self, "store_health", None)
         return {
-            "status": "ok",
+            "status": health.status,
+            "reasons": health.reasons,
+            "store": None if store is None else _store_view(store, self.clock()),
             "role": self.role,
             "leader": self._role.leader_address(),
             "uptime": round(self.clock() - self.started_at, 3),
@@ -776,3 +820,16 @@ class Coordinator:
             "checks": self.checks,
             "poller": self.poller.stats(),
         }
+
+
+def _store_view(store: StoreHealth, now: float) -> dict[str, Any]:
+    since = store.since
+    return {
+        "available": store.available,
+        "since": since,
+        "unavailable_for": 0.0 if store.available or since is None else round(now - since, 3),
+        "cause": store.cause,
+        "queued_events": store.queued_events,
+        "dropped_events": store.dropped_events,
+        "writes_failed": getattr(store, "writes_failed", 0),
+    }

@@ -56,6 +56,13 @@ async function getJSON(path) {
   return response.json();
 }
 
+// /healthz answers 503 when failing, with the same body: show it rather than "unreachable".
+async function getHealth() {
+  const response = await fetch("/healthz", { cache: "no-store" });
+  if (!response.ok && response.status !== 503) throw new Error(`/healthz: HTTP ${response.status}`);
+  return response.json();
+}
+
 // ------------------------------------------------------------------ operator commands
 
 async function send(method, path, body, token) {
@@ -113,6 +120,10 @@ function renderSummary(status) {
   if (status.guard) coordinator.append(" · ", el("span", { class: "warn" }, "guard ON"));
   if (status.in_grace) coordinator.append(" · ", el("span", { class: "warn" }, "startup grace"));
   if (status.dry_run) coordinator.append(" · ", el("span", { class: "warn" }, "dry run"));
+  if (status.status && status.status !== "ok") {
+    coordinator.append(" · ", el("span", { class: "warn", title: (status.reasons || []).join("\n") },
+      `${status.status}: ${(status.reasons || []).join("; ")}`));
+  }
 }
 
 function actionButtons(node) {
@@ -153,7 +164,7 @@ function renderNodes() {
 
 async function refreshNodes() {
   try {
-    const [list, status] = await Promise.all([getJSON("/v1/nodes"), getJSON("/healthz")]);
+    const [list, status] = await Promise.all([getJSON("/v1/nodes"), getHealth()]);
     nodes = list.nodes;
     renderNodes();
     renderSummary(status);

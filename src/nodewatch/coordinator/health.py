@@ -1,0 +1,140 @@
+"""The coordinator's judgement of itself, for ``/healthz``, ``/metrics`` and whoever routes to
+it (a load balancer, systemd): ``ok``, ``degraded`` or ``failing``, with the reasons.
+
+Pure: plain inputs in (``Signals``), a ``CoordinatorHealth`` out; the service gathers the
+signals, the API answers 503 when failing.
+
+- **degraded** — still doing its job, but someone should know: startup grace (observing, not
+  confirming yet), the guard on (holding confirmations on purpose), events queued for the
+  store, the store unavailable for less than ``store_timeout`` (changes are still answered in
+  time), no leader for less than the election lease (an election in progress), the loop
+  lagging over ``max_loop_lag`` (confirmations held by the gate, for a while).
+- **failing** — cannot do its job: the store unavailable for ``store_timeout`` or longer
+  (every change gets 503 now), no leader anywhere for longer than the lease (nobody detects,
+  nobody acts), the leader's poller watching none of the nodes it holds (nobody is being
+  checked), the loop lagging badly (``LAG_FAILING_FACTOR`` times ``max_loop_lag``) or
+  lagging for ``LAG_FAILING_AFTER`` seconds on end (no failure confirmed for that long).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+__all__ = ["CoordinatorHealth", "LAG_FAILING_AFTER", "LAG_FAILING_FACTOR", "Signals",
+           "StoreHealth", "judge"]
+
+Status = Literal["ok", "degraded", "failing"]
+
+LAG_FAILING_FACTOR = 5.0  # loop lag this many times max_loop_lag: failing at once
+LAG_FAILING_AFTER = 30.0  # seconds lagging over max_loop_lag on end: failing
+
+
+class StoreHealth(Protocol):
+    """What the store's failure handling exposes as ``Coordinator.store_health``."""
+
+    @property
+    def available(self) -> bool: ...
+
+    @property
+    def since(self) -> float | None: ...
+
+    @property
+    def cause(self) -> str: ...
+
+    @property
+    def queued_events(self) -> int: ...
+
+    @property
+    def dropped_events(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Signals:
+    """Everything the judgement reads, as plain values (times are UNIX seconds)."""
+
+    now: float
+    leads: bool = True  # this coordinator holds the leadership (always, without an election)
+    elected: bool = False  # several coordinators on etcd: there is an election
+    leader: str = ""  # the leader's address as known here ('' when nobody holds the lease)
+    leaderless_since: float | None = None
+    leader_ttl: float = 5.0
+    grace_until: float = 0.0
+    guard_on: bool = False
+    guard_since: float | None = None
+    loop_lag: float = 0.0
+    max_loop_lag: float = 1.0
+    lagging_since: float | None = None
+    store: StoreHealth | None = None  # None: the store's health is not tracked
+    store_timeout: float = 3.0
+    watchable_nodes: int = 0  # nodes held that are not dead
+    polled_nodes: int = 0  # nodes the poller watches
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorHealth:
+    status: Status
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def failing(self) -> bool:
+        return self.status == "failing"
+
+
+def _at(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _since(now: float, ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return f" since {_at(ts)} ({max(0.0, now - ts):.0f}s)"
+
+
+def judge(s: Signals) -> CoordinatorHealth:
+    """``ok``, ``degraded`` or ``failing`` with one short reason per condition found."""
+    failing: list[str] = []
+    degraded: list[str] = []
+    store = s.store
+    if store is not None:
+        dropped = f", {store.dropped_events} events dropped" if store.dropped_events else ""
+        queued = store.queued_events
+        if not store.available:
+            # An unknown start counts as long: nothing says it is brief.
+            down = float("inf") if store.since is None else s.now - store.since
+            cause = f": {store.cause}" if store.cause else ""
+            text = (f"store unavailable{_since(s.now, store.since)}{cause} "
+                    f"({queued} events queued{dropped})")
+            (failing if down >= s.store_timeout else degraded).append(text)
+        elif queued:
+            degraded.append(f"{queued} events queued for the store{dropped}")
+    if s.elected and not s.leads and not s.leader:
+        alone = float("inf") if s.leaderless_since is None else s.now - s.leaderless_since
+        text = f"no leader{_since(s.now, s.leaderless_since)}"
+        if alone > s.leader_ttl:
+            failing.append(text + ": nobody holds the election lease")
+        else:
+            degraded.append(text + ": election in progress")
+    if s.leads:
+        if s.polled_nodes == 0 and s.watchable_nodes > 0:
+            failing.append(f"poller watches 0 of {s.watchable_nodes} nodes while leading")
+        if s.now < s.grace_until:
+            degraded.append(f"in startup grace until {_at(s.grace_until)} "
+                            f"({s.grace_until - s.now:.0f}s left)")
+        if s.guard_on:
+            degraded.append(f"guard on{_since(s.now, s.guard_since)}: "
+                            "failures are not confirmed")
+    if s.loop_lag > s.max_loop_lag:
+        text = (f"loop lag {s.loop_lag:.2f}s over max_loop_lag {s.max_loop_lag:g}s"
+                f"{_since(s.now, s.lagging_since)}")
+        lagging = 0.0 if s.lagging_since is None else s.now - s.lagging_since
+        if s.loop_lag >= LAG_FAILING_FACTOR * s.max_loop_lag or lagging >= LAG_FAILING_AFTER:
+            failing.append(text)
+        else:
+            degraded.append(text)
+    if failing:
+        return CoordinatorHealth("failing", failing + degraded)
+    if degraded:
+        return CoordinatorHealth("degraded", degraded)
+    return CoordinatorHealth("ok", [])
