@@ -74,6 +74,16 @@ def test_no_leader_is_an_election_at_first_then_failing() -> None:
     assert judge(replace(CALM, leads=False, elected=False)).status == "ok"
 
 
+def test_an_unconfirmed_leader_is_no_leader_with_its_cause() -> None:
+    cut_off = replace(CALM, leads=False, elected=True, leader="", leader_ttl=5.0,
+                      unconfirmed_cause="etcd unreachable")
+    early = judge(replace(cut_off, leaderless_since=NOW - 2))
+    assert early.status == "degraded"
+    assert early.reasons == ["no leader since 2023-11-14T22:13:18Z (2s): this coordinator's "
+                             "leadership is unconfirmed (etcd unreachable)"]
+    assert judge(replace(cut_off, leaderless_since=NOW - 60)).status == "failing"
+
+
 def test_a_follower_is_not_judged_on_grace_guard_or_poller() -> None:
     follower = replace(CALM, leads=False, elected=True, leader="10.0.0.5:7300",
                        grace_until=NOW + 30, guard_on=True, polled_nodes=0)

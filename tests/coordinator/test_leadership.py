@@ -135,6 +135,10 @@ async def test_single_leader_keeps_watching_while_etcd_hangs_and_acts_once_after
                          message="the lease is lost: leader, unconfirmed")
         assert coord.status()["leader"] == ""
         assert "etcd unreachable" in coord.unconfirmed_cause
+        # /healthz says so: no confirmed leader, with the cause (failing after leader_ttl).
+        judged = coord.health()
+        assert judged.status in ("degraded", "failing")
+        assert any("leadership is unconfirmed" in reason for reason in judged.reasons)
         assert coord.poller.stats()["nodes"] == len(NODES)  # still watching every node
         with pytest.raises(NotLeader, match="unconfirmed.*etcd unreachable"):
             coord.command("drain", "n1", "maintenance")

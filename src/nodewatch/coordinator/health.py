@@ -59,6 +59,9 @@ class Signals:
     elected: bool = False  # several coordinators on etcd: there is an election
     leader: str = ""  # the leader's address as known here ('' when nobody holds the lease)
     leaderless_since: float | None = None
+    # This coordinator led, then etcd stopped answering: it observes on but writes and acts
+    # not (coordinator/leadership.py); it counts as no leader, with this cause.
+    unconfirmed_cause: str = ""
     leader_ttl: float = 5.0
     grace_until: float = 0.0
     guard_on: bool = False
@@ -112,7 +115,10 @@ def judge(s: Signals) -> CoordinatorHealth:
     if s.elected and not s.leads and not s.leader:
         alone = float("inf") if s.leaderless_since is None else s.now - s.leaderless_since
         text = f"no leader{_since(s.now, s.leaderless_since)}"
-        if alone > s.leader_ttl:
+        if s.unconfirmed_cause:
+            text += f": this coordinator's leadership is unconfirmed ({s.unconfirmed_cause})"
+            (failing if alone > s.leader_ttl else degraded).append(text)
+        elif alone > s.leader_ttl:
             failing.append(text + ": nobody holds the election lease")
         else:
             degraded.append(text + ": election in progress")

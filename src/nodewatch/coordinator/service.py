@@ -377,6 +377,7 @@ class Coordinator:
         actions (see ``_UnconfirmedLeaderRole``). Only a leader becomes unconfirmed."""
         if isinstance(self._role, _LeaderRole):
             self._role = _UnconfirmedLeaderRole(self, cause)
+            self.leaderless_since = self.clock()
             log.warning("leadership unconfirmed (%s): observing, holding writes and actions",
                         cause)
 
@@ -385,6 +386,7 @@ class Coordinator:
         order, compare-and-swap on node revisions) and then running the held actions."""
         self._role = _LeaderRole(self)
         self.leader = self.config.coordinator.listen
+        self.leaderless_since = None
         log.info("leadership confirmed: writing %d queued events, running %d held actions",
                  len(self._pending_events), len(self._pending_actions))
         try:
@@ -786,8 +788,9 @@ class Coordinator:
             now=self.clock(),
             leads=self.role == "leader",
             elected=self.leadership is not None,
-            leader=self.leader,
+            leader="" if self.unconfirmed_cause else self.leader,
             leaderless_since=self.leaderless_since,
+            unconfirmed_cause=self.unconfirmed_cause,
             leader_ttl=float(cfg.leader_ttl),
             grace_until=self.cluster.started_at + self.policy.startup_grace,
             guard_on=self.cluster.guard_on,
