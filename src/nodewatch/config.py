@@ -93,6 +93,11 @@ class CoordinatorConfig(_Table):
     heartbeat_udp: str = ""
     # Worker processes that run the HTTP checks (0 or 1: in the coordinator process itself).
     poller_processes: Annotated[int, Meta(ge=0, le=64)] = 0
+    # Bound on every store call the coordinator makes; past it a command answers 503.
+    store_timeout: Duration = Duration(3.0)
+    # Events kept in memory while the store cannot write; past it the oldest are dropped
+    # (counted, and an events_lost event is written on recovery; node state is never lost).
+    max_queued_events: Annotated[int, Meta(ge=1)] = 10_000
 
 
 class DetectionConfig(_Table):
@@ -289,6 +294,9 @@ def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
         problems.append(("detection.connect_timeout", "expected at most detection.timeout"))
     if det.dead_after <= 0:
         problems.append(("detection.dead_after", "expected a duration greater than 0"))
+    if not 0 < cfg.coordinator.store_timeout <= 300:
+        problems.append(("coordinator.store_timeout",
+                         "expected a duration greater than 0 and at most 5m"))
     if cfg.coordinator.leader_ttl < 1:
         problems.append(("coordinator.leader_ttl", "expected at least 1s (an etcd lease)"))
     if cfg.coordinator.heartbeat_udp and not _valid_host_port(cfg.coordinator.heartbeat_udp):

@@ -237,7 +237,7 @@ async def test_udp_agent_hears_a_forgotten_node_through_its_periodic_http_heartb
     agent = await _agent(tmp_path, rig, heartbeat_transport="udp")
     try:
         await rig.wait_counted("ok", 3)
-        rig.coord.command("remove", "node-a")
+        await rig.coord.command("remove", "node-a")
         assert "node-a" not in rig.coord.cluster.nodes
         # The unknown datagrams are dropped until the periodic HTTP beat learns it.
         await async_wait_until(lambda: asyncio.sleep(0, "node-a" in rig.coord.cluster.nodes),
@@ -255,7 +255,7 @@ async def test_udp_agent_hears_a_forgotten_node_from_the_coordinators_reply(
     try:
         await rig.wait_counted("ok", 3)
         http_before = agent.heartbeats_sent["http"]
-        rig.coord.command("remove", "node-a")
+        await rig.coord.command("remove", "node-a")
         # The default periodic HTTP beat is minutes away: only the UDP reply can bring it back.
         await async_wait_until(lambda: asyncio.sleep(0, "node-a" in rig.coord.cluster.nodes),
                                within=5, message="the agent registering again")

@@ -22,14 +22,14 @@ from nodewatch.store.open import DEFAULT_SQLITE_PATH, open_store
 from nodewatch.store.sqlite import HISTORY_QUERY, SqliteStore
 
 
-async def test_database_runs_in_wal_mode_with_normal_sync(tmp_path: Path) -> None:
+async def test_database_runs_in_wal_mode_with_full_sync(tmp_path: Path) -> None:
     async with SqliteStore(tmp_path / "state.db") as store:
         await store.flush()
         conn = sqlite3.connect(tmp_path / "state.db")
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         conn.close()
         synchronous = await store._read(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
-        assert synchronous == 1  # NORMAL
+        assert synchronous == 2  # FULL: an acknowledged commit survives power loss
 
 
 async def test_default_url_creates_the_data_directory(

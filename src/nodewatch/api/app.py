@@ -28,6 +28,7 @@ from nodewatch.model import (
     Registration,
 )
 from nodewatch.protocol import VERSION, HeartbeatBody, RegisterBody
+from nodewatch.store.base import StoreUnavailable
 from nodewatch.web import (
     HTTPProblem,
     error_response,
@@ -52,10 +53,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def _not_leader_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A follower's refusal (the service's NotLeader) is a 503 naming the leader."""
+    """A follower's refusal (the service's NotLeader) is a 503 naming the leader; a store
+    that cannot write within store_timeout (StoreUnavailable) a 503 naming the store."""
     try:
         return await handler(request)
-    except NotLeader as exc:
+    except (NotLeader, StoreUnavailable) as exc:
         return error_response(503, str(exc))
 
 
@@ -131,11 +133,10 @@ async def register(request: web.Request) -> web.Response:
     _require(request, coord.config.coordinator.agent_token, "agent")
     body = convert(await read_json_object(request, coord.config.coordinator.max_body),
                    RegisterBody)
-    decision, node = coord.register(Registration(
+    decision, node = await coord.enrol(Registration(
         node_id=body.node_id, address=body.address, incarnation=body.incarnation,
         last_seq=body.last_seq, last_ts=body.last_ts, version=body.version,
         labels=dict(body.labels)))
-    await coord.persist()
     # The agent's own interval wins; the coordinator's [agent] setting is the fallback.
     interval = body.heartbeat_interval or float(coord.config.agent.heartbeat_interval)
     answer: dict[str, Any] = {
@@ -220,8 +221,7 @@ async def node_history(request: web.Request) -> web.Response:
     node = _node(coord, _node_id(request))
     now = coord.clock()
     since = _float_param(request, "since", now - coord.config.detection.history_ttl, 0, 1e11)
-    await coord.persist(history=True)
-    samples = await coord.store.history(node.node_id, since)
+    samples = await coord.history(node.node_id, since)
     return json_response({"node_id": node.node_id, "samples": [s.to_json() for s in samples]})
 
 
@@ -295,12 +295,11 @@ def _command(name: str) -> Handler:
                 reason = convert(data, DrainBody).reason
         _node(coord, node_id)
         try:
-            outcome = coord.command(name, node_id, reason)
+            outcome = await coord.command(name, node_id, reason)
         except UnknownNode:
             raise HTTPProblem(404, f"unknown node {node_id!r}") from None
         except Conflict as exc:
             raise HTTPProblem(409, str(exc)) from None
-        await coord.persist()
         if name == "remove":
             return json_response({"removed": node_id,
                                   "events": [e.to_json() for e in outcome.events]})

@@ -8,13 +8,15 @@ the respond stage, indirect probes to peer agents (through the probe), new event
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import random
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from nodewatch.config import Config
 from nodewatch.coordinator.health import CoordinatorHealth, Signals, StoreHealth, judge
@@ -36,13 +38,14 @@ from nodewatch.model import (
     event_number,
 )
 from nodewatch.protocol import AgentLease
-from nodewatch.store.base import Store
+from nodewatch.store.base import Store, StoreUnavailable, store_label
 
 if TYPE_CHECKING:
     from nodewatch.coordinator.leadership import Leadership
 
-__all__ = ["ActionSink", "BindableSink", "Coordinator", "LAG_BEAT", "NoActions", "NotLeader",
-           "PERSIST_INTERVAL", "RECENT_EVENTS", "ROUTINE_PERSIST_INTERVAL"]
+__all__ = ["ActionSink", "BindableSink", "Coordinator", "LAG_BEAT", "MAX_RETRY_BACKOFF",
+           "NoActions", "NotLeader", "PERSIST_INTERVAL", "RECENT_EVENTS",
+           "ROUTINE_PERSIST_INTERVAL", "StoreHealth"]
 
 log = logging.getLogger("nodewatch.coordinator")
 
@@ -53,6 +56,29 @@ ROUTINE_PERSIST_INTERVAL = 5.0
 # quickly a stall is seen (well within max_loop_lag, 1 s by default); each wake-up of an
 # otherwise idle coordinator costs about what 10 heartbeats do, so it is not 10 a second.
 LAG_BEAT = 0.25
+# While the store fails, background writes are retried with a doubling pause up to this.
+MAX_RETRY_BACKOFF = 10.0
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class StoreHealth:
+    """The store as the coordinator sees it (for /healthz and metrics).
+
+    ``since`` is when it became unavailable (``None`` while available); ``queued_events`` the
+    events held in memory for it, ``dropped_events`` those dropped because the queue
+    (``[coordinator] max_queued_events``) was full (oldest first; an ``events_lost`` event is
+    written on recovery; node state is always current in memory, so no state is lost);
+    ``writes_failed`` the failed write attempts since start.
+    """
+
+    available: bool = True
+    since: float | None = None
+    cause: str = ""
+    queued_events: int = 0
+    dropped_events: int = 0
+    writes_failed: int = 0
 
 
 class NotLeader(Exception):
@@ -292,6 +318,12 @@ class Coordinator:
         self._last_routine_write = clock()
         self._running = False
         self._last_stored_event: str | None = None
+        self.store_name = store_label(store)
+        self.store_timeout = float(config.coordinator.store_timeout)
+        self.store_health = StoreHealth()
+        self._lost_unnoted = 0  # dropped events not yet told in an events_lost event
+        self._retry_at = 0.0
+        self._backoff = PERSIST_INTERVAL
 
     @property
     def role(self) -> str:
@@ -334,8 +366,8 @@ class Coordinator:
 
     async def _restore(self) -> list[NodeState]:
         """A fresh core from the store's nodes and last event, in startup grace."""
-        nodes = await self.store.load_nodes()
-        last = await self.store.last_event_id()
+        nodes = await self._bounded(self.store.load_nodes(), "read")
+        last = await self._bounded(self.store.last_event_id(), "read")
         now = self.clock()
         self.cluster = Cluster(self.policy, now=now, rng=self.rng, nodes=nodes,
                                next_event=(event_number(last) + 1) if last else 1)
@@ -485,9 +517,15 @@ class Coordinator:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._lead_tasks, return_exceptions=True)
         self._tasks, self._lead_tasks = [], []
-        await self.persist(routine=True)  # hands the last stored decisions' actions over
+        try:
+            await self.persist(routine=True)  # hands the last stored decisions' actions over
+        except StoreUnavailable as exc:
+            log.error("stopping with writes not stored: %s", exc)
         await self.actions.aclose()
-        await self.persist()  # what the actions reported meanwhile (action_failed)
+        try:
+            await self.persist()  # what the actions reported meanwhile (action_failed)
+        except StoreUnavailable as exc:
+            log.error("stopping with writes not stored: %s", exc)
         await self.store.close()
 
     # ------------------------------------------------------------------ inputs
@@ -575,9 +613,77 @@ class Coordinator:
             return 0.0
         return (zlib.crc32(node_id.encode()) / 2**32) * interval
 
-    def command(self, name: str, node_id: str, reason: str = "") -> Outcome:
-        """drain / undrain / approve / remove; raises UnknownNode or Conflict."""
+    async def command(self, name: str, node_id: str, reason: str = "") -> Outcome:
+        """drain / undrain / approve / remove, acknowledged (returned) once durably stored;
+        raises UnknownNode or Conflict, or StoreUnavailable after undoing it in memory."""
         self._role.require_leader()
+        before = copy.deepcopy(self.cluster.node(node_id))
+        outcome = self._apply_command(name, node_id, reason)
+        await self._store_outcome(node_id, before, outcome)
+        return outcome
+
+    async def enrol(self, reg: Registration) -> tuple[RegisterDecision, NodeState]:
+        """``register`` for the HTTP edge: answered once stored, else undone and refused."""
+        self._role.require_leader()
+        before = copy.deepcopy(self.cluster.node(reg.node_id))
+        decision, outcome = self.cluster.register(reg, self.clock())
+        try:
+            await self._store_outcome(reg.node_id, before, outcome)
+        except StoreUnavailable:
+            if before is None:
+                self.poller.remove(reg.node_id)
+            raise
+        node = self.cluster.nodes[reg.node_id]
+        if node.node_id in self.poller:
+            self.poller.update_address(node.node_id, node.address)
+        else:
+            self.poller.add(node.node_id, node.address, first_due=self.clock())
+        return decision, node
+
+    async def _store_outcome(self, node_id: str, before: NodeState | None,
+                             outcome: Outcome) -> None:
+        """Write an operator's outcome with everything pending; hand it on once stored. If
+        the write fails the outcome is undone in memory (node back to ``before``, events taken
+        back), so that nothing refused is applied later; where the store cannot tell whether
+        it landed, the node is re-read from the store until it answers."""
+        if not outcome:
+            return
+        try:
+            await self._write(routine=False, history=False, outcome=outcome)
+        except StoreUnavailable as exc:
+            self.cluster.restore(node_id, before, outcome.events)
+            before = copy.deepcopy(before)  # the core owns the restored node now
+            if exc.uncertain:
+                asyncio.get_running_loop().create_task(self._converge(node_id, before))
+                note = f"may have been applied; check GET /v1/nodes/{node_id}"
+            else:
+                note = "nothing was changed"
+            raise StoreUnavailable(exc.store, f"{exc.cause}; {note}",
+                                   uncertain=exc.uncertain) from exc
+        self._handle(outcome, stored=True)
+
+    async def _converge(self, node_id: str, before: NodeState | None) -> None:
+        """After an uncertain write: adopt what the store holds for the node, once it answers
+        (unless the node changed again meanwhile)."""
+        pause = PERSIST_INTERVAL
+        while self._running:
+            try:
+                stored = await self._bounded(self.store.get_node(node_id), "read")
+            except StoreUnavailable:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, MAX_RETRY_BACKOFF)
+                continue
+            if self.cluster.nodes.get(node_id) == before and stored != before:
+                log.warning("node %s: adopting the stored state after an uncertain write",
+                            node_id)
+                self.cluster.restore(node_id, stored)
+                if stored is None:
+                    self.poller.remove(node_id)
+                elif node_id not in self.poller:
+                    self.poller.add(node_id, stored.address)
+            return
+
+    def _apply_command(self, name: str, node_id: str, reason: str) -> Outcome:
         now = self.clock()
         if name == "drain":
             outcome = self.cluster.drain(node_id, reason, now)
@@ -589,7 +695,6 @@ class Coordinator:
             outcome = self.cluster.remove(node_id, now)
         else:
             raise ValueError(f"unknown command {name!r}")
-        self._handle(outcome)
         return outcome
 
     def record_event(self, kind: str, node_id: str, reason: str,
@@ -599,12 +704,16 @@ class Coordinator:
 
     # ------------------------------------------------------------------ outcomes
 
-    def _handle(self, outcome: Outcome) -> None:
+    def _handle(self, outcome: Outcome, stored: bool = False) -> None:
+        """Hand an outcome on; ``stored``: its events and node state are written already
+        (an operator's outcome), so its actions run now and removed nodes are deleted."""
         if not outcome:
             return
         self._role.restrict(outcome)  # only the leader acts; a follower's core is a mirror
         if outcome.events:
-            self._pending_events.extend(outcome.events)
+            if not stored:
+                self._pending_events.extend(outcome.events)
+                self._bound_queue()
             self.recent.extend(outcome.events)
             for event in outcome.events:
                 self.event_counts[event.kind] = self.event_counts.get(event.kind, 0) + 1
@@ -618,7 +727,10 @@ class Coordinator:
         for request in outcome.actions:
             # Run only once the transition behind it is stored: a leader that dies before the
             # write leaves the decision to its successor, which then acts once, not twice.
-            self._pending_actions.append((request, by_id.get(request.event_id)))
+            if stored:
+                self.actions.submit(request, by_id.get(request.event_id))
+            else:
+                self._pending_actions.append((request, by_id.get(request.event_id)))
         for probe in outcome.probes:
             asyncio.get_running_loop().create_task(self._indirect_probe(probe))
         for node_id in outcome.check_now:
@@ -626,13 +738,17 @@ class Coordinator:
                 self.poller.check_now(node_id)
         for node_id in outcome.removed:
             self.poller.remove(node_id)
-            asyncio.get_running_loop().create_task(self._delete(node_id))
+            if not stored:
+                asyncio.get_running_loop().create_task(self._delete(node_id))
         for event in outcome.events:
             if event.kind == "dead":
                 self.poller.remove(event.node_id)
 
     async def _delete(self, node_id: str) -> None:
-        await self.store.delete_node(node_id)
+        try:
+            await self._bounded(self.store.delete_node(node_id))
+        except StoreUnavailable as exc:
+            log.warning("could not delete node %s: %s", node_id, exc)
 
     async def _indirect_probe(self, request: ProbeRequest) -> None:
         """Ask healthy peers, through the probe, to check the suspect node; their votes go to
@@ -661,44 +777,133 @@ class Coordinator:
         """
         await self._role.persist(routine, history)
 
-    async def _write(self, routine: bool, history: bool) -> None:
+    async def _bounded(self, work: Awaitable[T], action: str = "write") -> T:
+        """One store call, bounded by ``store_timeout``; any failure is a StoreUnavailable
+        naming the store and the cause. A timeout leaves it unknown whether a write landed
+        (the request was sent), and so does any error of a network store."""
+        try:
+            async with asyncio.timeout(self.store_timeout):
+                return await work
+        except StoreUnavailable:
+            raise
+        except TimeoutError:
+            raise StoreUnavailable(self.store_name,
+                                   f"no answer within store_timeout {self.store_timeout:g}s",
+                                   uncertain=True, action=action) from None
+        except Exception as exc:  # noqa: BLE001 - every backend's errors, typed once here
+            cause = str(exc) or type(exc).__name__
+            raise StoreUnavailable(self.store_name, cause, action=action,
+                                   uncertain=not self.store_name.startswith("sqlite")) from exc
+
+    def _bound_queue(self) -> None:
+        """At most ``max_queued_events`` events wait for the store: past it the oldest are
+        dropped and counted (an ``events_lost`` event tells on recovery). Node state is not
+        queued (the core always holds the current state), so none is lost; history samples
+        are bounded the same way."""
+        limit = self.config.coordinator.max_queued_events
+        excess = len(self._pending_events) - limit
+        if excess > 0:
+            del self._pending_events[:excess]
+            self._lost_unnoted += excess
+            self.store_health.dropped_events += excess
+            log.warning("store unavailable: dropped the %d oldest queued events (queue full "
+                        "at %d)", excess, limit)
+        if len(self._pending_samples) > limit:
+            del self._pending_samples[:len(self._pending_samples) - limit]
+        self.store_health.queued_events = len(self._pending_events)
+
+    def _store_failed(self, exc: StoreUnavailable) -> None:
+        health = self.store_health
+        now = self.clock()
+        if health.available:
+            log.error("store unavailable: %s; detection goes on from memory, writes are "
+                      "queued and retried", exc)
+            health.since = now
+            self._backoff = PERSIST_INTERVAL
+        health.available = False
+        health.cause = exc.cause
+        health.writes_failed += 1
+        self._retry_at = now + self._backoff
+        self._backoff = min(self._backoff * 2, MAX_RETRY_BACKOFF)
+
+    def _store_ok(self) -> None:
+        health = self.store_health
+        if not health.available:
+            log.warning("store available again after %.1fs", self.clock() - (health.since or 0))
+        health.available, health.since, health.cause = True, None, ""
+        self._retry_at = 0.0
+        if self._lost_unnoted:
+            lost, self._lost_unnoted = self._lost_unnoted, 0
+            self._handle(self.cluster.record(
+                "events_lost", "", f"{lost} events dropped while the store was unavailable "
+                "(queue full); node states are current", {"dropped": lost}, self.clock()))
+        health.queued_events = len(self._pending_events)
+
+    async def _write(self, routine: bool, history: bool, outcome: Outcome | None = None) -> None:
+        """Write what is pending (and ``outcome``'s events, an operator's, not yet queued).
+
+        On failure nothing pending is dropped (it is retried with backoff; the queue is
+        bounded) and StoreUnavailable is raised; ``outcome``'s events are not requeued: the
+        caller undoes that outcome.
+        """
         async with self._persist_lock:
             dirty = self.cluster.take_dirty(routine=routine)
             nodes = [self.cluster.nodes[i] for i in sorted(dirty) if i in self.cluster.nodes]
             events, self._pending_events = self._pending_events, []
+            extra = list(outcome.events) if outcome is not None else []
+            removed = list(outcome.removed) if outcome is not None else []
             samples: list[HistorySample] = []
-            if routine or history or nodes or events:
+            if routine or history or nodes or events or extra:
                 samples, self._pending_samples = self._pending_samples, []
             actions, self._pending_actions = self._pending_actions, []
-            wrote = bool(nodes or events or samples)
+            wrote = bool(nodes or events or samples or extra or removed)
             try:
                 # Issued together, so a store that groups writes commits them as one.
-                conflicts, _, _ = await asyncio.gather(
+                conflicts, _, _ = await self._bounded(asyncio.gather(
                     self.store.save_nodes(nodes) if nodes else _nothing(),
-                    self.store.append_events(events) if events else _nothing(),
+                    self.store.append_events(events + extra) if events or extra
+                    else _nothing(),
                     self.store.add_samples(samples) if samples else _nothing(),
-                )
-                events, samples = [], []
+                ))
+                for node_id in removed:
+                    await self._bounded(self.store.delete_node(node_id))
                 if conflicts:
                     log.warning("store refused stale writes for %d nodes: %s",
                                 len(conflicts), ", ".join(conflicts[:10]))
+                    # Ours again on the stored revision, now: what we answer must be stored.
                     await self._reload(conflicts)
+                    again = [self.cluster.nodes[i] for i in sorted(self.cluster.take_dirty(
+                        routine=False)) if i in self.cluster.nodes]
+                    lost = await self._bounded(self.store.save_nodes(again)) if again else []
+                    if lost:
+                        self.cluster.mark_dirty(lost)
+                        raise StoreUnavailable(self.store_name, "compare-and-swap lost twice "
+                                               f"for {', '.join(lost[:10])}")
                 if wrote:
-                    await self.store.flush()
+                    await self._bounded(self.store.flush())
+            except StoreUnavailable as exc:
+                # Nothing is dropped on a store error: it is all written on a later try.
+                self.cluster.mark_dirty(n.node_id for n in nodes)
+                self._pending_events[:0] = events
+                self._pending_samples[:0] = samples
+                self._pending_actions[:0] = actions
+                self._bound_queue()
+                self._store_failed(exc)
+                raise
             except BaseException:
-                # Nothing is dropped on a store error: it is all written on the next try.
                 self.cluster.mark_dirty(n.node_id for n in nodes)
                 self._pending_events[:0] = events
                 self._pending_samples[:0] = samples
                 self._pending_actions[:0] = actions
                 raise
+            self._store_ok()
             for request, event in actions:  # their transitions are durable now
                 self.actions.submit(request, event)
 
     async def _reload(self, node_ids: Sequence[str]) -> None:
         """After losing a compare-and-swap, take the stored revision and write ours again."""
         for node_id in node_ids:
-            stored = await self.store.get_node(node_id)
+            stored = await self._bounded(self.store.get_node(node_id), "read")
             node = self.cluster.nodes.get(node_id)
             if stored is not None and node is not None:
                 node.revision = stored.revision
@@ -729,10 +934,14 @@ class Coordinator:
             try:
                 self._handle(self.cluster.tick(self.clock()))
                 now = self.clock()
+                if not self.store_health.available and now < self._retry_at:
+                    continue  # detection went on; the store is retried after its backoff
                 routine = now - self._last_routine_write >= ROUTINE_PERSIST_INTERVAL
                 await self.persist(routine=routine)
                 if routine:
                     self._last_routine_write = now
+            except StoreUnavailable as exc:
+                log.debug("persist failed, retrying with backoff: %s", exc)
             except Exception:
                 log.exception("tick failed; retrying")
 
@@ -741,7 +950,7 @@ class Coordinator:
         while True:
             await asyncio.sleep(min(60.0, ttl / 10))
             try:
-                removed = await self.store.prune(self.clock(), ttl)
+                removed = await self._bounded(self.store.prune(self.clock(), ttl))
                 if removed:
                     log.debug("retention removed %d history samples", removed)
             except Exception:
@@ -774,8 +983,19 @@ class Coordinator:
                 out.append(event)
             out.reverse()
             return out[:limit]
-        await self.persist()
-        return await self.store.events_after(after, limit)
+        try:
+            await self.persist()
+        except StoreUnavailable:
+            pass  # the retained ones can still be read
+        return await self._bounded(self.store.events_after(after, limit), "read")
+
+    async def history(self, node_id: str, since: float) -> list[HistorySample]:
+        """One node's stored history (pending points written first, if the store can)."""
+        try:
+            await self.persist(history=True)
+        except StoreUnavailable:
+            pass
+        return await self._bounded(self.store.history(node_id, since), "read")
 
     def last_event_id(self) -> str | None:
         return self.recent[-1].id if self.recent else self._last_stored_event

@@ -10,7 +10,7 @@ drive the same code.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from nodewatch.detect.budget import Budget
@@ -142,6 +142,28 @@ class Cluster:
         for node_id in deleted:
             self._forget(node_id)
         self.take_dirty()
+
+    def restore(self, node_id: str, before: NodeState | None,
+                discard: Sequence[Event] = ()) -> None:
+        """Undo a command or registration whose write failed, as if it never ran: the node
+        goes back to ``before`` (``None``: it did not exist) and the outcome's events are
+        taken back. ``before`` is the caller's deep copy, taken before the verb ran, and
+        becomes the node (the core copies nothing). Its failure streak and the policies'
+        other state about it are kept (an undone ``remove`` restarts the streak)."""
+        current = self.table.nodes.get(node_id)
+        if before is None:
+            if current is not None:
+                self._forget(node_id)
+        else:
+            if current is not None:
+                self.guard.note_health(node_id, current.health, before.health)
+            self.table.add(before)
+            self.drains.forget(node_id)
+            if current is None:
+                self._track(before)  # an undone remove: its budget hold and drain
+            else:
+                self.drains.track(before)
+        self.event_sequence.take_back(discard)
 
     def _forget(self, node_id: str) -> NodeState | None:
         """Drop a node from the table and from every policy's state."""

@@ -3,10 +3,10 @@ since the last write (transitions at once, routine observations at the next full
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Sequence
 from typing import Any
 
-from nodewatch.model import Event, event_id
+from nodewatch.model import Event, event_id, event_number
 
 __all__ = ["DirtyNodes", "EventSequence"]
 
@@ -31,6 +31,12 @@ class EventSequence:
         )
         self.next_number += 1
         return event
+
+    def take_back(self, events: Sequence[Event]) -> None:
+        """Events minted last and then discarded (their write failed): reuse their numbers,
+        so that the ids stay consecutive. Events minted after them keep theirs (a gap)."""
+        if events and event_number(events[-1].id) + 1 == self.next_number:
+            self.next_number = event_number(events[0].id)
 
 
 class DirtyNodes:

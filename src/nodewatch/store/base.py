@@ -12,7 +12,37 @@ from typing import Protocol, TypeVar
 
 from nodewatch.model import Event, HistorySample, NodeState
 
-__all__ = ["Store", "WritesInFlight"]
+__all__ = ["Store", "StoreUnavailable", "WritesInFlight", "store_label"]
+
+
+class StoreUnavailable(Exception):
+    """A store call failed or did not answer within ``[coordinator] store_timeout``.
+
+    ``store`` names the store (``sqlite (path)``, ``redis (url)``, ``etcd (endpoints)``),
+    ``cause`` what went wrong. ``uncertain`` is set when the store cannot tell whether a write
+    landed (a timeout after the request was sent): the caller must re-read, not assume.
+    The HTTP edge answers 503 with the message.
+    """
+
+    def __init__(self, store: str, cause: str, *, uncertain: bool = False,
+                 action: str = "write") -> None:
+        super().__init__(f"store {store} cannot {action}: {cause}")
+        self.action = action
+        self.store = store
+        self.cause = cause
+        self.uncertain = uncertain
+
+
+def store_label(store: object) -> str:
+    """``sqlite (nodewatch-data/state.db)``, ``redis (redis://host:6379/0)``, ``etcd (h:2379)``:
+    how messages name a store."""
+    kind = type(store).__name__.removesuffix("Store").lower() or "store"
+    for attr in ("path", "url", "endpoints"):
+        where = getattr(store, attr, None)
+        if where is not None:
+            text = ",".join(where) if isinstance(where, list) else str(where)
+            return f"{kind} ({text})"
+    return kind
 
 
 class Store(Protocol):

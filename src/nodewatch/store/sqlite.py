@@ -4,8 +4,16 @@ Writes issued in one turn of the event loop are handed together to a dedicated w
 which commits everything it finds queued in one transaction (group commit), so many small awaits
 cost one fsync-free WAL commit and the event loop never waits on SQLite. Reads use a second
 connection on their own thread; WAL lets them run while the writer commits. With
-``synchronous=NORMAL`` a committed transaction survives a crash of the process (kill -9); only
-an OS crash or power loss may lose the last few.
+``synchronous=FULL`` every commit syncs the WAL before its writes resolve, so a committed
+transaction survives a crash of the process and of the machine (power loss): the coordinator
+acknowledges commands and transitions once they resolve, and nothing acknowledged may be lost.
+(``NORMAL`` would skip that sync and lose the last commits on power loss.) Group commit keeps
+the syncs to one per transaction, not one per write.
+
+A write that fails for a storage reason (``sqlite3.OperationalError``: disk full, I/O error,
+locked) fails its whole group and rolls it back: SQLite may already have rolled the whole
+transaction back on its own (SQLITE_FULL does), so a group is never half-committed and every
+caller sees the real cause.
 """
 
 from __future__ import annotations
@@ -101,7 +109,7 @@ def _connect(path: Path, *, cache_mb: int) -> sqlite3.Connection:
     # isolation_level=None: we issue BEGIN/COMMIT ourselves (one transaction per group).
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA synchronous=FULL")
     conn.execute(f"PRAGMA cache_size=-{cache_mb * 1024}")
     conn.execute("PRAGMA temp_store=MEMORY")
     return conn
@@ -310,6 +318,8 @@ class SqliteStore:
                 conn.execute("SAVEPOINT write")
                 try:
                     result = write.fn(conn)
+                except sqlite3.OperationalError:
+                    raise  # storage trouble: the whole group fails (below), with this cause
                 except Exception as error:  # noqa: BLE001 - handed to the awaiting caller
                     conn.execute("ROLLBACK TO write")
                     conn.execute("RELEASE write")
@@ -327,7 +337,10 @@ class SqliteStore:
             conn.execute("COMMIT")
         except Exception as error:  # noqa: BLE001 - the whole group failed to commit
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as rollback_error:  # the writer thread must live on
+                    log.warning("rollback of %s failed: %s", self.path, rollback_error)
             # Revisions already handed out stay burnt (only monotonicity matters).
             self._event_count, self._buckets = events_before, buckets_before
             return [(write.future, None, error) for write in batch]
