@@ -97,9 +97,7 @@ def _health_metrics(coord: Coordinator) -> Iterator[Metric]:
     yield GaugeMetricFamily("nodewatch_in_grace", "1 during startup grace (nothing confirmed)",
                             value=float(coord.role == "leader" and now < coord.cluster.started_at
                                         + coord.policy.startup_grace))
-    store = getattr(coord, "store_health", None)
-    if store is None:
-        return
+    store = coord.store_health
     yield GaugeMetricFamily("nodewatch_store_available", "1 while the store takes writes",
                             value=float(store.available))
     down = 0.0 if store.available or store.since is None else max(0.0, now - store.since)
@@ -111,7 +109,7 @@ def _health_metrics(coord: Coordinator) -> Iterator[Metric]:
     yield CounterMetricFamily("nodewatch_events_dropped", "Events the store queue dropped",
                               value=store.dropped_events)
     yield CounterMetricFamily("nodewatch_store_writes_failed", "Store writes that failed",
-                              value=getattr(store, "writes_failed", 0))
+                              value=store.writes_failed)
 
 
 class CoordinatorMetrics:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from nodewatch.config import Config
-from nodewatch.coordinator.health import CoordinatorHealth, Signals, StoreHealth, judge
+from nodewatch.coordinator.health import CoordinatorHealth, Signals, judge
 from nodewatch.coordinator.poller import HttpProbe, Poller, Probe
 from nodewatch.detect.cluster import Cluster
 from nodewatch.detect.outcome import ActionRequest, Outcome, ProbeRequest
@@ -1018,8 +1018,8 @@ class Coordinator:
             loop_lag=self.loop_lag,
             max_loop_lag=self.policy.max_loop_lag,
             lagging_since=self.lagging_since,
-            store=getattr(self, "store_health", None),
-            store_timeout=float(getattr(cfg, "store_timeout", 3.0)),
+            store=self.store_health,
+            store_timeout=float(cfg.store_timeout),
             watchable_nodes=counts["total"] - counts.get(Health.DEAD.value, 0),
             polled_nodes=len(self.poller),
         ))
@@ -1027,7 +1027,7 @@ class Coordinator:
     def status(self) -> dict[str, Any]:
         counts = self.cluster.counts()
         health = self.health()
-        store: StoreHealth | None = getattr(self, "store_health", None)
+        store: StoreHealth | None = self.store_health
         return {
             "status": health.status,
             "reasons": health.reasons,
@@ -1054,5 +1054,5 @@ def _store_view(store: StoreHealth, now: float) -> dict[str, Any]:
         "cause": store.cause,
         "queued_events": store.queued_events,
         "dropped_events": store.dropped_events,
-        "writes_failed": getattr(store, "writes_failed", 0),
+        "writes_failed": store.writes_failed,
     }
