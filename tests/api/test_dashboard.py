@@ -69,6 +69,7 @@ def browser() -> Iterator[Any]:
 
 
 def cell(browser: Any, node_id: str, column: str) -> str:
+    """A cell of the live table, "" while its row is being redrawn: read it inside a wait."""
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 
     try:
@@ -130,8 +131,10 @@ def test_dashboard_drain_asks_for_token_and_the_row_changes(
 
     wait_until(lambda: cell(browser, "web-2", "admin") == "drained", timeout=10,
                message="web-2 row shows drained")
-    assert cell(browser, "web-2", "schedulable") == "no"
-    assert cell(browser, "web-1", "admin") == "active"
+    wait_until(lambda: cell(browser, "web-2", "schedulable") == "no", timeout=10,
+               message="web-2 schedulable shows no")
+    wait_until(lambda: cell(browser, "web-1", "admin") == "active", timeout=10,
+               message="web-1 admin shows active")
     node = cluster.node("web-2")
     assert node is not None and node["admin"] == "drained"
     assert browser.execute_script(
@@ -166,7 +169,8 @@ def test_dashboard_drain_asks_for_token_and_the_row_changes(
         wait_until(lambda: browser.find_elements(
             "css selector", '.chart[data-node="web-1"] rect.outage'), timeout=10,
             message="the outage shaded on web-1's chart")
-        assert cell(browser, "web-3", "admin") == "drained"
+        wait_until(lambda: cell(browser, "web-3", "admin") == "drained", timeout=10,
+                   message="web-3 admin shows drained")
         screenshot(browser, tmp_path)
     finally:
         cluster.agents["web-1"].signal(signal.SIGCONT)
