@@ -89,7 +89,8 @@ async def test_a_store_down_past_store_timeout_is_failing_with_503(make_api: Mak
     coord.store_health.since = time.time() - 10  # type: ignore[attr-defined]
     status, body = await healthz(client)
     assert (status, body["status"]) == (503, "failing")
-    assert body["reasons"][0].startswith("store unavailable since ")
+    assert body["reasons"][0].startswith("store sqlite (")  # the coordinator's store
+    assert " unavailable since " in body["reasons"][0]
     assert "No space left on device (3 events queued)" in body["reasons"][0]
     assert body["store"]["available"] is False and body["store"]["queued_events"] == 3
     assert body["store"]["unavailable_for"] >= 10
