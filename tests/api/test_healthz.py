@@ -115,11 +115,11 @@ async def test_startup_grace_is_degraded_not_failing(make_api: MakeApi) -> None:
     assert (status, body["status"]) == (200, "degraded")
     assert len(body["reasons"]) == 1
     assert body["reasons"][0].startswith("in startup grace until ")
-    assert body["in_grace"] is True and body["store"] is None  # no store health tracked here
+    assert body["in_grace"] is True and body["store"]["available"] is True
     text = await (await client.get("/metrics")).text()
     assert 'nodewatch_coordinator_status{status="degraded"} 1.0' in text
     assert "nodewatch_in_grace 1.0" in text
-    assert "nodewatch_store_available" not in text
+    assert "nodewatch_store_available 1.0" in text
 
 
 async def test_a_lost_lease_with_nobody_leading_is_failing(make_api: MakeApi) -> None:
