@@ -93,7 +93,9 @@ class CoordinatorConfig(_Table):
     heartbeat_udp: str = ""
     # Worker processes that run the HTTP checks (0 or 1: in the coordinator process itself).
     poller_processes: Annotated[int, Meta(ge=0, le=64)] = 0
-    # Bound on every store call the coordinator makes; past it a command answers 503.
+    # Bound on every store call the coordinator makes; past it a command answers 503. A
+    # command's whole write (waiting for an earlier write included) has this one bound, and
+    # it is the Redis socket timeout and the etcd call timeout too (store/open.py).
     store_timeout: Duration = Duration(3.0)
     # Events kept in memory while the store cannot write; past it the oldest are dropped
     # (counted, and an events_lost event is written on recovery; node state is never lost).

@@ -133,7 +133,8 @@ class InProcessCluster:
         port = free_port("127.0.0.1")
         cfg = load_config(None, {"coordinator.store": f"sqlite:///{self.workdir}/state.db",
                                  "coordinator.listen": f"127.0.0.1:{port}", **self.overrides})
-        self.coordinator = Coordinator(cfg, open_store(cfg.coordinator.store))
+        self.coordinator = Coordinator(cfg, open_store(cfg.coordinator.store,
+                                                            timeout=cfg.coordinator.store_timeout))
         await self.coordinator.start()
         self._runner = aioweb.AppRunner(build_app(self.coordinator), access_log=None)
         await self._runner.setup()

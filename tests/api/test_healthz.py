@@ -89,7 +89,8 @@ async def test_a_store_down_past_store_timeout_is_failing_with_503(make_api: Mak
     coord.store_health.since = time.time() - 10  # type: ignore[attr-defined]
     status, body = await healthz(client)
     assert (status, body["status"]) == (503, "failing")
-    assert body["reasons"][0].startswith("store unavailable since ")
+    assert body["reasons"][0].startswith("store sqlite (")  # the coordinator's store
+    assert " unavailable since " in body["reasons"][0]
     assert "No space left on device (3 events queued)" in body["reasons"][0]
     assert body["store"]["available"] is False and body["store"]["queued_events"] == 3
     assert body["store"]["unavailable_for"] >= 10
@@ -114,11 +115,11 @@ async def test_startup_grace_is_degraded_not_failing(make_api: MakeApi) -> None:
     assert (status, body["status"]) == (200, "degraded")
     assert len(body["reasons"]) == 1
     assert body["reasons"][0].startswith("in startup grace until ")
-    assert body["in_grace"] is True and body["store"] is None  # no store health tracked here
+    assert body["in_grace"] is True and body["store"]["available"] is True
     text = await (await client.get("/metrics")).text()
     assert 'nodewatch_coordinator_status{status="degraded"} 1.0' in text
     assert "nodewatch_in_grace 1.0" in text
-    assert "nodewatch_store_available" not in text
+    assert "nodewatch_store_available 1.0" in text
 
 
 async def test_a_lost_lease_with_nobody_leading_is_failing(make_api: MakeApi) -> None:

@@ -141,7 +141,7 @@ async def test_single_leader_keeps_watching_while_etcd_hangs_and_acts_once_after
         assert any("leadership is unconfirmed" in reason for reason in judged.reasons)
         assert coord.poller.stats()["nodes"] == len(NODES)  # still watching every node
         with pytest.raises(NotLeader, match="unconfirmed.*etcd unreachable"):
-            coord.command("drain", "n1", "maintenance")
+            await coord.command("drain", "n1", "maintenance")
 
         # A node dies meanwhile: detected from memory, its cleanup held.
         probe.set("n2", FailureClass.REFUSED)
@@ -167,7 +167,7 @@ async def test_single_leader_keeps_watching_while_etcd_hangs_and_acts_once_after
         await eventually(lambda: coord.checks >= checks + 10, within=BOUND,
                          message="the poller keeps checking")
         assert sink.submitted == ["unhealthy:n2"], "the held action ran more than once"
-        assert coord.command("drain", "n1", "maintenance").events  # commands again
+        assert (await coord.command("drain", "n1", "maintenance")).events  # commands again
     finally:
         if stopped:
             member.popen.send_signal(signal.SIGCONT)

@@ -70,6 +70,7 @@ class Signals:
     max_loop_lag: float = 1.0
     lagging_since: float | None = None
     store: StoreHealth | None = None  # None: the store's health is not tracked
+    store_name: str = ""  # how messages name it: ``sqlite (path)``, ``redis (url)``, ...
     store_timeout: float = 3.0
     watchable_nodes: int = 0  # nodes held that are not dead
     polled_nodes: int = 0  # nodes the poller watches
@@ -107,7 +108,8 @@ def judge(s: Signals) -> CoordinatorHealth:
             # An unknown start counts as long: nothing says it is brief.
             down = float("inf") if store.since is None else s.now - store.since
             cause = f": {store.cause}" if store.cause else ""
-            text = (f"store unavailable{_since(s.now, store.since)}{cause} "
+            name = f"store {s.store_name}" if s.store_name else "store"
+            text = (f"{name} unavailable{_since(s.now, store.since)}{cause} "
                     f"({queued} events queued{dropped})")
             (failing if down >= s.store_timeout else degraded).append(text)
         elif queued:

@@ -59,7 +59,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None,
     ssl_context = tls_context(config)  # first: a bad TLS file stops start-up before any I/O
     store = open_store(config.coordinator.store,
                        events_retained=config.coordinator.events_retained,
-                       history_ttl=config.detection.history_ttl)
+                       history_ttl=config.detection.history_ttl,
+                       timeout=config.coordinator.store_timeout)
     leadership = None
     if isinstance(store, EtcdStore):  # several coordinators may share it: elect a leader
         leadership = Leadership(store, config.coordinator.listen, config.coordinator.leader_ttl)

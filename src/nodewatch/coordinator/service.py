@@ -651,7 +651,9 @@ class Coordinator:
         try:
             await self._write(routine=False, history=False, outcome=outcome)
         except StoreUnavailable as exc:
-            self.cluster.restore(node_id, before, outcome.events)
+            # An uncertain write may have stored the events: their numbers are not taken
+            # back (the store ignores an id it holds, so a reused one would be lost).
+            self.cluster.restore(node_id, before, () if exc.uncertain else outcome.events)
             before = copy.deepcopy(before)  # the core owns the restored node now
             if exc.uncertain:
                 asyncio.get_running_loop().create_task(self._converge(node_id, before))
@@ -777,12 +779,16 @@ class Coordinator:
         """
         await self._role.persist(routine, history)
 
-    async def _bounded(self, work: Awaitable[T], action: str = "write") -> T:
-        """One store call, bounded by ``store_timeout``; any failure is a StoreUnavailable
-        naming the store and the cause. A timeout leaves it unknown whether a write landed
-        (the request was sent), and so does any error of a network store."""
+    async def _bounded(self, work: Awaitable[T], action: str = "write",
+                       deadline: float | None = None) -> T:
+        """One store call, bounded by ``store_timeout`` (or by ``deadline``, a loop time, for
+        the calls of one command's write); any failure is a StoreUnavailable naming the store
+        and the cause. A timeout leaves it unknown whether a write landed (the request was
+        sent), and so does any error of a network store."""
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self.store_timeout
         try:
-            async with asyncio.timeout(self.store_timeout):
+            async with asyncio.timeout_at(deadline):
                 return await work
         except StoreUnavailable:
             raise
@@ -845,65 +851,96 @@ class Coordinator:
         On failure nothing pending is dropped (it is retried with backoff; the queue is
         bounded) and StoreUnavailable is raised; ``outcome``'s events are not requeued: the
         caller undoes that outcome.
-        """
-        async with self._persist_lock:
-            dirty = self.cluster.take_dirty(routine=routine)
-            nodes = [self.cluster.nodes[i] for i in sorted(dirty) if i in self.cluster.nodes]
-            events, self._pending_events = self._pending_events, []
-            extra = list(outcome.events) if outcome is not None else []
-            removed = list(outcome.removed) if outcome is not None else []
-            samples: list[HistorySample] = []
-            if routine or history or nodes or events or extra:
-                samples, self._pending_samples = self._pending_samples, []
-            actions, self._pending_actions = self._pending_actions, []
-            wrote = bool(nodes or events or samples or extra or removed)
-            try:
-                # Issued together, so a store that groups writes commits them as one.
-                conflicts, _, _ = await self._bounded(asyncio.gather(
-                    self.store.save_nodes(nodes) if nodes else _nothing(),
-                    self.store.append_events(events + extra) if events or extra
-                    else _nothing(),
-                    self.store.add_samples(samples) if samples else _nothing(),
-                ))
-                for node_id in removed:
-                    await self._bounded(self.store.delete_node(node_id))
-                if conflicts:
-                    log.warning("store refused stale writes for %d nodes: %s",
-                                len(conflicts), ", ".join(conflicts[:10]))
-                    # Ours again on the stored revision, now: what we answer must be stored.
-                    await self._reload(conflicts)
-                    again = [self.cluster.nodes[i] for i in sorted(self.cluster.take_dirty(
-                        routine=False)) if i in self.cluster.nodes]
-                    lost = await self._bounded(self.store.save_nodes(again)) if again else []
-                    if lost:
-                        self.cluster.mark_dirty(lost)
-                        raise StoreUnavailable(self.store_name, "compare-and-swap lost twice "
-                                               f"for {', '.join(lost[:10])}")
-                if wrote:
-                    await self._bounded(self.store.flush())
-            except StoreUnavailable as exc:
-                # Nothing is dropped on a store error: it is all written on a later try.
-                self.cluster.mark_dirty(n.node_id for n in nodes)
-                self._pending_events[:0] = events
-                self._pending_samples[:0] = samples
-                self._pending_actions[:0] = actions
-                self._bound_queue()
-                self._store_failed(exc)
-                raise
-            except BaseException:
-                self.cluster.mark_dirty(n.node_id for n in nodes)
-                self._pending_events[:0] = events
-                self._pending_samples[:0] = samples
-                self._pending_actions[:0] = actions
-                raise
-            self._store_ok()
-            for request, event in actions:  # their transitions are durable now
-                self.actions.submit(request, event)
 
-    async def _reload(self, node_ids: Sequence[str]) -> None:
+        An operator's write (``outcome`` given) has one deadline, ``store_timeout`` from now,
+        for everything it waits on: the persist lock (a hung background write may hold it)
+        and each of its store calls. So a command is answered within about ``store_timeout``.
+        """
+        deadline: float | None = None
+        if outcome is not None:
+            deadline = asyncio.get_running_loop().time() + self.store_timeout
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._persist_lock.acquire()
+            except TimeoutError:
+                # Nothing of ours was sent: certain that nothing changed.
+                raise StoreUnavailable(
+                    self.store_name, "a previous write got no answer within store_timeout "
+                    f"{self.store_timeout:g}s") from None
+        else:
+            await self._persist_lock.acquire()
+        try:
+            await self._write_locked(routine, history, outcome, deadline)
+        finally:
+            self._persist_lock.release()
+
+    async def _write_locked(self, routine: bool, history: bool, outcome: Outcome | None,
+                            deadline: float | None) -> None:
+        """The write itself, with the persist lock held (see ``_write``)."""
+        dirty = self.cluster.take_dirty(routine=routine)
+        nodes = [self.cluster.nodes[i] for i in sorted(dirty) if i in self.cluster.nodes]
+        events, self._pending_events = self._pending_events, []
+        extra = list(outcome.events) if outcome is not None else []
+        removed = list(outcome.removed) if outcome is not None else []
+        samples: list[HistorySample] = []
+        if routine or history or nodes or events or extra:
+            samples, self._pending_samples = self._pending_samples, []
+        actions, self._pending_actions = self._pending_actions, []
+        wrote = bool(nodes or events or samples or extra or removed)
+        try:
+            # Issued together, so a store that groups writes commits them as one.
+            conflicts, _, _ = await self._bounded(asyncio.gather(
+                self.store.save_nodes(nodes) if nodes else _nothing(),
+                self.store.append_events(events + extra) if events or extra
+                else _nothing(),
+                self.store.add_samples(samples) if samples else _nothing(),
+            ), deadline=deadline)
+            for node_id in removed:
+                await self._bounded(self.store.delete_node(node_id), deadline=deadline)
+            if conflicts:
+                log.warning("store refused stale writes for %d nodes: %s",
+                            len(conflicts), ", ".join(conflicts[:10]))
+                # Ours again on the stored revision, now: what we answer must be stored.
+                await self._reload(conflicts, deadline)
+                again = [self.cluster.nodes[i] for i in sorted(self.cluster.take_dirty(
+                    routine=False)) if i in self.cluster.nodes]
+                lost = await self._bounded(self.store.save_nodes(again), deadline=deadline) \
+                    if again else []
+                if lost:
+                    self.cluster.mark_dirty(lost)
+                    raise StoreUnavailable(self.store_name, "compare-and-swap lost twice "
+                                           f"for {', '.join(lost[:10])}")
+            if wrote:
+                await self._bounded(self.store.flush(), deadline=deadline)
+            elif not self.store_health.available:
+                # Nothing to write, but the store failed: only a write can tell that it is
+                # back (no store call at all must not count as a recovery).
+                await self._bounded(self.store.put_meta("store_probe", repr(self.clock())),
+                                    deadline=deadline)
+                await self._bounded(self.store.flush(), deadline=deadline)
+        except StoreUnavailable as exc:
+            # Nothing is dropped on a store error: it is all written on a later try.
+            self.cluster.mark_dirty(n.node_id for n in nodes)
+            self._pending_events[:0] = events
+            self._pending_samples[:0] = samples
+            self._pending_actions[:0] = actions
+            self._bound_queue()
+            self._store_failed(exc)
+            raise
+        except BaseException:
+            self.cluster.mark_dirty(n.node_id for n in nodes)
+            self._pending_events[:0] = events
+            self._pending_samples[:0] = samples
+            self._pending_actions[:0] = actions
+            raise
+        self._store_ok()
+        for request, event in actions:  # their transitions are durable now
+            self.actions.submit(request, event)
+
+    async def _reload(self, node_ids: Sequence[str], deadline: float | None = None) -> None:
         """After losing a compare-and-swap, take the stored revision and write ours again."""
         for node_id in node_ids:
-            stored = await self._bounded(self.store.get_node(node_id), "read")
+            stored = await self._bounded(self.store.get_node(node_id), "read", deadline)
             node = self.cluster.nodes.get(node_id)
             if stored is not None and node is not None:
                 node.revision = stored.revision
@@ -983,11 +1020,22 @@ class Coordinator:
                 out.append(event)
             out.reverse()
             return out[:limit]
+        if self.store_health.available:
+            try:
+                await self.persist()
+            except StoreUnavailable:
+                pass  # the retained ones can still be read
+        if self.store_health.available:
+            return await self._bounded(self.store.events_after(after, limit), "read")
+        # The store fails: what it holds, then what waits for it (from memory); if it cannot
+        # even be read, the events retained in memory.
         try:
-            await self.persist()
+            stored = await self._bounded(self.store.events_after(after, limit), "read")
         except StoreUnavailable:
-            pass  # the retained ones can still be read
-        return await self._bounded(self.store.events_after(after, limit), "read")
+            stored = []
+        top = stored[-1].id if stored else after
+        queued = [e for e in self.recent if top is None or e.id > top]
+        return (stored + queued)[:limit]
 
     async def history(self, node_id: str, since: float) -> list[HistorySample]:
         """One node's stored history (pending points written first, if the store can)."""
@@ -1019,6 +1067,7 @@ class Coordinator:
             max_loop_lag=self.policy.max_loop_lag,
             lagging_since=self.lagging_since,
             store=self.store_health,
+            store_name=self.store_name,
             store_timeout=float(cfg.store_timeout),
             watchable_nodes=counts["total"] - counts.get(Health.DEAD.value, 0),
             polled_nodes=len(self.poller),

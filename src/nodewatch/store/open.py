@@ -30,8 +30,13 @@ def sqlite_path(url: str) -> Path:
 
 
 def open_store(url: str, *, events_retained: int = 100_000,
-               history_ttl: float = 3600.0) -> Store:
-    """Build the (not yet opened) store a ``--store`` URL names; ``await store.open()`` next."""
+               history_ttl: float = 3600.0, timeout: float | None = None) -> Store:
+    """Build the (not yet opened) store a ``--store`` URL names; ``await store.open()`` next.
+
+    ``timeout`` (the coordinator passes ``[coordinator] store_timeout``) bounds each request
+    of a network client (Redis socket timeout, etcd call timeout), so the client gives up when
+    the coordinator does, and every wait has one bound; ``None`` keeps the client defaults.
+    """
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme == "sqlite":
         from nodewatch.store.sqlite import SqliteStore
@@ -40,9 +45,13 @@ def open_store(url: str, *, events_retained: int = 100_000,
     if scheme == "etcd":
         from nodewatch.store.etcd import EtcdStore
 
-        return EtcdStore.from_url(url, events_retained=events_retained, history_ttl=history_ttl)
+        options = {} if timeout is None else {"timeout": timeout}
+        return EtcdStore.from_url(url, events_retained=events_retained, history_ttl=history_ttl,
+                                  **options)
     if scheme in ("redis", "rediss"):
         from nodewatch.store.redis import RedisStore
 
-        return RedisStore(url, events_retained=events_retained)
+        if timeout is None:
+            return RedisStore(url, events_retained=events_retained)
+        return RedisStore(url, events_retained=events_retained, socket_timeout=timeout)
     raise ValueError(f"unknown store URL {url!r}: expected sqlite:///path, etcd://… or redis://…")

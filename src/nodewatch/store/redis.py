@@ -114,10 +114,13 @@ class RedisStore:
     async def open(self) -> None:
         if self._redis is not None:
             raise RuntimeError("store already opened")
-        # redis-py's default socket timeout (5 s) would cut long calls: always set it.
+        # redis-py's default socket timeout (5 s) would cut long calls: always set it. It is
+        # the coordinator's store_timeout (store.open), so no retry on timeout: a retried
+        # request could only end after the coordinator gave up on it.
         self._redis = aioredis.Redis.from_url(
-            self.url, socket_timeout=self.socket_timeout, socket_connect_timeout=5.0,
-            health_check_interval=30, retry_on_timeout=True)
+            self.url, socket_timeout=self.socket_timeout,
+            socket_connect_timeout=min(5.0, self.socket_timeout),
+            health_check_interval=30, retry_on_timeout=False)
         await self._redis.ping()
         self._cas = self._redis.register_script(_CAS)
         self._append = self._redis.register_script(_APPEND)
