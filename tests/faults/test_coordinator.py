@@ -59,8 +59,9 @@ def test_kill_9_between_transition_and_action_runs_it_after_restart(
         # kill -9 of the coordinator's whole process group: its action's command dies with it,
         # as on a crashed machine, so the action did not complete before the restart.
         os.killpg(c.coordinator().pid, signal.SIGKILL)
-        assert c.coordinator().popen is not None
-        c.coordinator().popen.wait(5)
+        popen = c.coordinator().popen
+        assert popen is not None
+        popen.wait(5)
         time.sleep(2)
         assert action_lines(actions) == [], "the killed action completed anyway"
         c.start_coordinator(coord)
@@ -149,8 +150,9 @@ def test_restart_with_every_agent_registering_at_once(
         wait_until(lambda: c.all_healthy(nodes), timeout=40, message="healthy nodes")
         before = c.last_event_id()
         c.coordinator().signal(signal.SIGKILL)
-        assert c.coordinator().popen is not None
-        c.coordinator().popen.wait(5)
+        popen = c.coordinator().popen
+        assert popen is not None
+        popen.wait(5)
         # Every agent restarts too, as after a power cut: they all register at once when the
         # coordinator is back.
         for node_id in list(c.agents):
