@@ -15,6 +15,11 @@ need_debs() {
   command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
   command -v wrk >/dev/null || missing+=(wrk)
   command -v socat >/dev/null || missing+=(socat)
+  # The fault suite (tests/faults/): namespaces and veth, nftables drops, skewed clocks.
+  command -v ip >/dev/null || [[ -x /usr/sbin/ip ]] || missing+=(iproute2)
+  command -v nft >/dev/null || [[ -x /usr/sbin/nft ]] || missing+=(nftables)
+  command -v faketime >/dev/null || missing+=(faketime)
+  command -v taskset >/dev/null || missing+=(util-linux)
   # Headless browser for the dashboard test (tests/api/test_dashboard.py).
   command -v chromium >/dev/null || missing+=(chromium)
   command -v chromedriver >/dev/null || missing+=(chromium-driver)
@@ -62,10 +67,23 @@ case "$cmd" in
     set +e
     "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
     rc=$?
-    set -e
     # pytest's 5 means no test ran: that is a failure, not a pass.
     [[ $rc -eq 5 ]] && { echo "no tests ran" >&2; exit 1; }
-    exit $rc
+    # Then the fault suite (real faults in network namespaces; root only, ~7 min on 2 cores),
+    # unless arguments chose what to run. Its figures go to NODEWATCH_FAULT_RESULTS and
+    # scripts/fault_table.py prints them as the README's table.
+    frc=0
+    if [[ $# -eq 0 ]]; then
+      "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m faults tests/faults
+      frc=$?
+      [[ $frc -eq 5 ]] && { echo "no fault test ran" >&2; frc=1; }
+      if [[ -n ${NODEWATCH_FAULT_RESULTS:-} && -f $NODEWATCH_FAULT_RESULTS ]]; then
+        "$VENV/bin/python" scripts/fault_table.py "$NODEWATCH_FAULT_RESULTS"
+      fi
+    fi
+    set -e
+    ((rc == 0)) || exit $rc
+    exit $frc
     ;;
   lint)
     need_venv
