@@ -68,3 +68,23 @@ def test_a_registration_is_judged_against_the_state_before_a_polled_restart() ->
     node.incarnation, node.seq, node.last_ts = 2, 0, 1010.0  # what the poll applied
     review.restore_before_restart(node, reg(2, 0, 1010.0))
     assert (node.incarnation, node.seq, node.last_ts) == (1, 5, 1000.0)
+
+
+def test_the_coordinators_own_downtime_is_not_the_nodes_unobserved_run() -> None:
+    # Stored at 1000 (the coordinator's last write before it died); it started observing again
+    # at 1080; the agent restarted meanwhile and last sampled at 1082: 2 s unobserved, not 82.
+    decision, _, evidence = Review(POLICY).judge(stored(health=Health.HEALTHY),
+                                                 reg(2, 5, 1082.0), 1083.0,
+                                                 observing_since=1080.0)
+    assert decision == "rejoin"
+    assert evidence["unobserved_s"] == 2.0 and evidence["observing_since"] == 1080.0
+    # Running unobserved for longer than a window after the coordinator was back still counts.
+    decision, _, _ = Review(POLICY).judge(stored(health=Health.HEALTHY), reg(2, 5, 1120.0),
+                                          1121.0, observing_since=1080.0)
+    assert decision == "review"
+
+
+def test_a_node_thought_down_is_judged_on_the_whole_gap_even_across_a_restart() -> None:
+    decision, reason, _ = Review(POLICY).judge(stored(health=Health.UNHEALTHY),
+                                               reg(2, 5, 1082.0), 1083.0, observing_since=1080.0)
+    assert decision == "review" and "while thought down" in reason

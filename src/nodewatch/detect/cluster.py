@@ -505,7 +505,8 @@ class Cluster:
             out.check_now.append(reg.node_id)
             return "new", out
         self.review.restore_before_restart(node, reg)
-        decision, reason, evidence = self.review.judge(node, reg, now)
+        decision, reason, evidence = self.review.judge(node, reg, now,
+                                                       observing_since=self.gate.started_at)
         if decision == "review" and self.policy.auto_approve:
             evidence["auto_approved"] = reason
             decision, reason = "rejoin", f"auto-approved: {reason}"

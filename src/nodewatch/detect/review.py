@@ -71,9 +71,17 @@ class Review:
         node.rejoins = [t for t in node.rejoins if t > now - REJOIN_MEMORY]
         node.rejoins.append(now)
 
-    def judge(self, node: NodeState, reg: Registration,
-              now: float) -> tuple[RegisterDecision, str, dict[str, Any]]:
-        """Rejoin or review for a known node registering again."""
+    def judge(self, node: NodeState, reg: Registration, now: float,
+              observing_since: float = 0.0) -> tuple[RegisterDecision, str, dict[str, Any]]:
+        """Rejoin or review for a known node registering again.
+
+        ``observing_since`` is when this coordinator (re)started observing. A node that was not
+        thought down ran unobserved only while somebody was looking: the time the coordinator
+        itself was down (and the routine-write lag of the ``last_ts`` it stored before) is the
+        coordinator's gap, not the node's, so a restart with every agent re-registering does not
+        send healthy nodes to review. A node already thought down is judged on the whole gap:
+        running while thought dead is what review is for.
+        """
         p = self.policy
         evidence: dict[str, Any] = {
             "stored_incarnation": node.incarnation,
@@ -86,6 +94,9 @@ class Review:
         if reg.incarnation < node.incarnation:
             return "review", "incarnation went back: the node lost its state", evidence
         unobserved = reg.last_ts - node.last_ts if node.last_ts else 0.0
+        if node.health not in _OUT and node.last_ts and observing_since > node.last_ts:
+            unobserved = max(0.0, reg.last_ts - observing_since)
+            evidence["observing_since"] = observing_since
         evidence["unobserved_s"] = round(unobserved, 3)
         if reg.incarnation == node.incarnation:
             # Same process registering again (e.g. after a coordinator restart or a partition).
