@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-__all__ = ["Admin", "CheckResult", "DrainBy", "DrainState", "Event", "FailureClass", "Health",
-           "HistorySample", "NodeState", "NodeStatus", "PeerVote", "Registration", "Report",
-           "event_id", "event_number"]
+__all__ = ["ActionDue", "Admin", "CheckResult", "DrainBy", "DrainState", "Event", "FailureClass",
+           "Health", "HistorySample", "NodeState", "NodeStatus", "PeerVote", "Registration",
+           "Report", "event_id", "event_number"]
 
 
 class Health(StrEnum):
@@ -156,6 +156,17 @@ class DrainState:
 
 
 @dataclass(slots=True)
+class ActionDue:
+    """An action decided and stored but not yet settled (run, or given up with
+    ``action_failed``): a coordinator that dies before it settles runs it after its restart,
+    so an action runs at least once (docs: README, "When the store or the host fails")."""
+
+    kind: str
+    event_id: str
+    reason: str = ""
+
+
+@dataclass(slots=True)
 class NodeState:
     """Everything the coordinator knows about one node; the unit the stores persist."""
 
@@ -181,6 +192,7 @@ class NodeState:
     rejoins: list[float] = field(default_factory=list)
     drain: DrainState | None = None
     cleaned_up: bool = False  # cleanup actions ran for the current outage
+    actions_due: list[ActionDue] = field(default_factory=list)
     revision: int = 0  # store revision, for compare-and-swap; not part of the node's story
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 from nodewatch.config import load_config
 from nodewatch.coordinator.service import Coordinator
@@ -164,3 +165,60 @@ async def test_peer_votes_scripted_on_the_fake_probe_hold_a_node_the_peers_reach
         assert held and held[-1].evidence["reachable_from"] == ["n1"]
     finally:
         await coord.stop()
+
+
+class SettlingActions(RecordingActions):
+    """A sink that reports back like the ActionRunner: settles what it ran, if told to."""
+
+    def __init__(self, settle: bool) -> None:
+        super().__init__()
+        self.settle = settle
+        self._settled: Any = None
+
+    def bind(self, emit: Any, nodes: Any, settled: Any) -> None:
+        self._settled = settled
+
+    def submit(self, request: ActionRequest, event: Event | None) -> None:
+        super().submit(request, event)
+        if self.settle:
+            self._settled(request)
+
+
+async def _coordinator(tmp_path: Path, sink: RecordingActions) -> Coordinator:
+    cfg = load_config(None, {"coordinator.store": f"sqlite:///{tmp_path}/state.db",
+                             "detection.startup_grace": "0"})
+    coord = Coordinator(cfg, open_store(cfg.coordinator.store), actions=sink,
+                        probe=FakeProbe(time.time))  # type: ignore[arg-type]
+    await coord.start()
+    return coord
+
+
+async def test_a_stored_action_that_never_ran_runs_after_a_restart_and_only_then(
+        tmp_path: Path) -> None:
+    # The first coordinator stores the drain and its action, then dies before the action
+    # settles (its sink never reports back).
+    first = await _coordinator(tmp_path, SettlingActions(settle=False))
+    first.register(Registration("n1", "127.0.0.1:1", 1, 0, time.time()))
+    await first.command("drain", "n1", "maintenance")
+    stored = await first.store.get_node("n1")
+    assert stored is not None and [d.kind for d in stored.actions_due] == ["drained"]
+    await first.store.close()  # a crash: no stop(), nothing more written
+
+    # The next one runs it once, settles it, and stores that.
+    sink = SettlingActions(settle=True)
+    second = await _coordinator(tmp_path, sink)
+    try:
+        assert sink.submitted == ["drained:n1"]
+        await second.persist()
+        stored = await second.store.get_node("n1")
+        assert stored is not None and stored.actions_due == []
+    finally:
+        await second.stop()
+
+    # Settled and stored: a third start runs nothing again.
+    third_sink = SettlingActions(settle=True)
+    third = await _coordinator(tmp_path, third_sink)
+    try:
+        assert third_sink.submitted == []
+    finally:
+        await third.stop()

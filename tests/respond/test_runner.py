@@ -263,3 +263,35 @@ def test_default_on_kinds(kind: str) -> None:
     runner = ActionRunner.from_config(
         Config(actions=[ActionConfig(type="exec", command=["true"])]))
     assert kind in runner.actions[0].on
+
+
+async def test_a_request_is_settled_once_every_action_for_it_ran_or_gave_up() -> None:
+    async def run(call: ActionCall) -> None:
+        return None
+
+    async def fail(call: ActionCall) -> None:
+        raise ActionError("refused")
+
+    settled: list[ActionRequest] = []
+    runner, _ = runner_with(scripted(run), scripted(fail, name="fake[1]"))
+    runner.bind(lambda *args: None, lambda: {}, settled.append)
+    runner.submit(request(), event())
+    runner.submit(request("recovered", n=2), event("recovered", n=2))  # no action for it
+    await settle(runner)
+    assert sorted((r.kind, r.event_id) for r in settled) == [("recovered", f"{2:016d}"),
+                                                             ("unhealthy", f"{1:016d}")]
+
+
+async def test_a_job_stopped_by_shutdown_is_not_settled() -> None:
+    async def hang(call: ActionCall) -> None:
+        await asyncio.sleep(60)
+
+    settled: list[ActionRequest] = []
+    runner, _ = runner_with(scripted(hang, timeout=120))
+    runner.bind(lambda *args: None, lambda: {}, settled.append)
+    runner.close_grace = 0.05
+    runner.submit(request(), event())
+    await asyncio.sleep(0)
+    await runner.aclose()
+    await asyncio.sleep(0)
+    assert settled == []  # it stays due: the next coordinator runs it

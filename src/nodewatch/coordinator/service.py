@@ -113,7 +113,8 @@ class BindableSink(Protocol):
     """A sink that reports back (e.g. ``action_failed``) and reads the nodes it acts on."""
 
     def bind(self, emit: Callable[[str, str, str, dict[str, Any]], None],
-             nodes: Callable[[], Mapping[str, NodeState]]) -> None: ...
+             nodes: Callable[[], Mapping[str, NodeState]],
+             settled: Callable[[ActionRequest], None]) -> None: ...
 
 
 class NoActions:
@@ -352,7 +353,8 @@ class Coordinator:
         self._running = True
         self._last_beat = self.clock()
         if isinstance(self.actions, BindableSink):
-            self.actions.bind(self.record_event, lambda: self.cluster.nodes)
+            self.actions.bind(self.record_event, lambda: self.cluster.nodes,
+                              self._action_settled)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._lag_monitor(), name="nodewatch-lag")]
         if self.leadership is not None:
@@ -379,6 +381,9 @@ class Coordinator:
     async def _lead(self) -> None:
         """Poll every watched node, tick the core's timers, prune history; write it all."""
         self._role = _LeaderRole(self)
+        # Stored but never settled: the last leader (or this process, before a crash) died
+        # between a transition and its action. Taken before anything new is decided.
+        due = self.cluster.due_actions()
         now = self.clock()
         for static in self.config.nodes:
             self._handle(self.cluster.add_static(static.id, static.address, static.labels, now))
@@ -392,6 +397,23 @@ class Coordinator:
             loop.create_task(self._retention(), name="nodewatch-retention"),
         ]
         await self.persist()
+        if due:
+            log.warning("running %d stored actions that never ran: %s", len(due),
+                        ", ".join(f"{r.kind} {r.node_id}" for r in due[:10]))
+        for request in due:
+            self._submit(request, None)
+
+    def _submit(self, request: ActionRequest, event: Event | None) -> None:
+        """Hand a stored decision to the respond stage; a sink that does not report back
+        settles it at once (nothing will run it)."""
+        self.actions.submit(request, event)
+        if not isinstance(self.actions, BindableSink):
+            self._action_settled(request)
+
+    def _action_settled(self, request: ActionRequest) -> None:
+        """Every action for the request ran or gave up: it is no longer due (written with the
+        next write; a crash before that runs it again: at least once)."""
+        self.cluster.settle_action(request.node_id, request.event_id, request.kind)
 
     async def become_leader(self) -> None:
         """Elected: reload everything from the store (the old leader's last word), observe
@@ -730,7 +752,7 @@ class Coordinator:
             # Run only once the transition behind it is stored: a leader that dies before the
             # write leaves the decision to its successor, which then acts once, not twice.
             if stored:
-                self.actions.submit(request, by_id.get(request.event_id))
+                self._submit(request, by_id.get(request.event_id))
             else:
                 self._pending_actions.append((request, by_id.get(request.event_id)))
         for probe in outcome.probes:
@@ -935,7 +957,7 @@ class Coordinator:
             raise
         self._store_ok()
         for request, event in actions:  # their transitions are durable now
-            self.actions.submit(request, event)
+            self._submit(request, event)
 
     async def _reload(self, node_ids: Sequence[str], deadline: float | None = None) -> None:
         """After losing a compare-and-swap, take the stored revision and write ours again."""

@@ -24,6 +24,7 @@ from nodewatch.detect.peers import PeerConfirmation
 from nodewatch.detect.policy import Policy
 from nodewatch.detect.review import Review
 from nodewatch.model import (
+    ActionDue,
     Admin,
     CheckResult,
     Event,
@@ -475,8 +476,27 @@ class Cluster:
         self._action(out, "unhealthy", node, event)
 
     def _action(self, out: Outcome, kind: str, node: NodeState, event: Event) -> None:
+        # Stored with the transition, settled once it ran: a crash in between runs it again.
+        node.actions_due.append(ActionDue(kind, event.id, event.reason))
+        self.dirty.changed(node.node_id)
         out.actions.append(ActionRequest(kind, node.node_id, node.address, event.id,
                                          event.reason))
+
+    def settle_action(self, node_id: str, event_id: str, kind: str) -> None:
+        """The respond stage ran the action for ``event_id`` (or gave up on it)."""
+        node = self.table.nodes.get(node_id)
+        if node is None:
+            return
+        due = [d for d in node.actions_due if not (d.event_id == event_id and d.kind == kind)]
+        if len(due) != len(node.actions_due):
+            node.actions_due = due
+            self.dirty.changed(node_id)
+
+    def due_actions(self) -> list[ActionRequest]:
+        """Actions stored but never settled (a coordinator died before they ran): after a
+        restart or a leader change they run now, at least once."""
+        return [ActionRequest(d.kind, node.node_id, node.address, d.event_id, d.reason)
+                for node in self.table.nodes.values() for d in node.actions_due]
 
     # ------------------------------------------------------------------ guard
 

@@ -38,6 +38,10 @@ def _no_emit(kind: str, node_id: str, reason: str, evidence: dict[str, Any]) -> 
     log.info("%s %s: %s", kind, node_id, reason)
 
 
+def _no_settle(request: ActionRequest) -> None:
+    return None
+
+
 def _no_nodes() -> Mapping[str, NodeState]:
     return {}
 
@@ -66,6 +70,8 @@ class ActionRunner:
         self.rng = rng or random.Random()
         self._emit: Emit = _no_emit
         self._nodes: Callable[[], Mapping[str, NodeState]] = _no_nodes
+        self._settled: Callable[[ActionRequest], None] = _no_settle
+        self._unsettled: dict[int, int] = {}  # id(call) -> jobs of that call still running
         self._slots = asyncio.Semaphore(concurrency)
         self._jobs: set[asyncio.Task[None]] = set()
         self._key_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
@@ -84,10 +90,13 @@ class ActionRunner:
         actions = [build_action(cfg, i) for i, cfg in enumerate(config.actions)]
         return cls(actions, dry_run=config.coordinator.dry_run)
 
-    def bind(self, emit: Emit, nodes: Callable[[], Mapping[str, NodeState]]) -> None:
-        """Connect to the coordinator: where events go, and a read-only view of the nodes."""
+    def bind(self, emit: Emit, nodes: Callable[[], Mapping[str, NodeState]],
+             settled: Callable[[ActionRequest], None] = _no_settle) -> None:
+        """Connect to the coordinator: where events go, a read-only view of the nodes, and
+        whom to tell when a request is settled (every action for it ran or gave up)."""
         self._emit = emit
         self._nodes = nodes
+        self._settled = settled
 
     @property
     def pending(self) -> int:
@@ -99,6 +108,7 @@ class ActionRunner:
         """Never blocks and never raises: at worst the request is refused with an event."""
         matching = self._by_kind.get(request.kind)
         if not matching:
+            asyncio.get_running_loop().call_soon(self._settled, request)
             return
         node = self._nodes().get(request.node_id)
         call = ActionCall(request=request, event=event.to_json() if event else None,
@@ -133,9 +143,12 @@ class ActionRunner:
             f"dry run: would run {len(matching)} action(s) for {req.kind}",
             {"dry_run": True, "would_run": would_run, "for_event": req.event_id,
              "on": req.kind})
+        asyncio.get_running_loop().call_soon(self._settled, req)
 
     def _schedule(self, call: ActionCall, matching: list[Action]) -> None:
         loop = asyncio.get_running_loop()
+        # Settled when the last of its jobs ends (a refused one ends at once).
+        self._unsettled[id(call)] = len(matching)
         for action in matching:
             if len(self._jobs) >= self.max_pending:
                 self.refused += 1
@@ -143,6 +156,7 @@ class ActionRunner:
                                f"{action.name} for {call.request.kind} not run: "
                                f"{self.max_pending} actions already pending",
                                self._evidence(action, call, 0, "queue full"))
+                self._job_done(call)
                 continue
             key = (action.name, call.request.node_id)
             lock, users = self._key_locks.get(key) or (asyncio.Lock(), 0)
@@ -154,16 +168,30 @@ class ActionRunner:
 
     async def _job(self, action: Action, call: ActionCall, key: tuple[str, str],
                    lock: asyncio.Lock) -> None:
+        cancelled = False
         try:
             # Tasks start in creation order and the lock is FIFO: per node, submission order.
             async with lock:
                 await self._attempts(action, call)
+        except asyncio.CancelledError:
+            cancelled = True  # stopped, not run: it stays due and runs after the restart
+            raise
         finally:
             held, users = self._key_locks[key]
             if users <= 1:
                 del self._key_locks[key]
             else:
                 self._key_locks[key] = (held, users - 1)
+            if not cancelled:
+                self._job_done(call)
+
+    def _job_done(self, call: ActionCall) -> None:
+        left = self._unsettled.get(id(call), 0) - 1
+        if left > 0:
+            self._unsettled[id(call)] = left
+            return
+        self._unsettled.pop(id(call), None)
+        self._settled(call.request)
 
     async def _attempts(self, action: Action, call: ActionCall) -> None:
         req = call.request
