@@ -219,8 +219,10 @@ async def test_agent_falls_back_to_http_when_udp_is_not_offered(tmp_path: Path) 
                   run_sampler=False)
     await agent.start()
     try:
-        await async_wait_until(lambda: asyncio.sleep(0, coord.pushes >= 3),
-                               message="three HTTP heartbeats")
+        # Both ends counted them (the agent counts a heartbeat once it is answered).
+        await async_wait_until(
+            lambda: asyncio.sleep(0, coord.pushes >= 3 and agent.heartbeats_sent["http"] >= 3),
+            message="three HTTP heartbeats")
         assert agent.registration is not None and agent.registration.heartbeat_udp == ""
         assert agent.heartbeats_sent["udp"] == 0 and agent.heartbeats_sent["http"] >= 3
     finally:

@@ -58,6 +58,8 @@ ROUTINE_PERSIST_INTERVAL = 5.0
 LAG_BEAT = 0.25
 # While the store fails, background writes are retried with a doubling pause up to this.
 MAX_RETRY_BACKOFF = 10.0
+# A store that fails again this soon after only a probe write succeeded is the same outage.
+FLAP_MEMORY = 30.0
 
 T = TypeVar("T")
 
@@ -325,6 +327,11 @@ class Coordinator:
         self._lost_unnoted = 0  # dropped events not yet told in an events_lost event
         self._retry_at = 0.0
         self._backoff = PERSIST_INTERVAL
+        # When the last outage began, while only a probe write has succeeded since: a store
+        # that takes a tiny write but not real ones (a full disk reuses the pages it has) must
+        # not restart its outage clock on every flap, or /healthz would never say failing.
+        self._outage_began: float | None = None
+        self._probe_recovered_at = 0.0
 
     @property
     def role(self) -> str:
@@ -846,7 +853,9 @@ class Coordinator:
         if health.available:
             log.error("store unavailable: %s; detection goes on from memory, writes are "
                       "queued and retried", exc)
-            health.since = now
+            flapping = (self._outage_began is not None
+                        and now - self._probe_recovered_at < FLAP_MEMORY)
+            health.since = self._outage_began if flapping else now
             self._backoff = PERSIST_INTERVAL
         health.available = False
         health.cause = exc.cause
@@ -854,10 +863,14 @@ class Coordinator:
         self._retry_at = now + self._backoff
         self._backoff = min(self._backoff * 2, MAX_RETRY_BACKOFF)
 
-    def _store_ok(self) -> None:
+    def _store_ok(self, probe_only: bool = False) -> None:
         health = self.store_health
         if not health.available:
             log.warning("store available again after %.1fs", self.clock() - (health.since or 0))
+            if probe_only:
+                self._outage_began, self._probe_recovered_at = health.since, self.clock()
+        if not probe_only:
+            self._outage_began = None  # real data was written: the outage is over
         health.available, health.since, health.cause = True, None, ""
         self._retry_at = 0.0
         if self._lost_unnoted:
@@ -909,6 +922,7 @@ class Coordinator:
             samples, self._pending_samples = self._pending_samples, []
         actions, self._pending_actions = self._pending_actions, []
         wrote = bool(nodes or events or samples or extra or removed)
+        probed = False
         try:
             # Issued together, so a store that groups writes commits them as one.
             conflicts, _, _ = await self._bounded(asyncio.gather(
@@ -940,6 +954,7 @@ class Coordinator:
                 await self._bounded(self.store.put_meta("store_probe", repr(self.clock())),
                                     deadline=deadline)
                 await self._bounded(self.store.flush(), deadline=deadline)
+                probed = True
         except StoreUnavailable as exc:
             # Nothing is dropped on a store error: it is all written on a later try.
             self.cluster.mark_dirty(n.node_id for n in nodes)
@@ -955,7 +970,7 @@ class Coordinator:
             self._pending_samples[:0] = samples
             self._pending_actions[:0] = actions
             raise
-        self._store_ok()
+        self._store_ok(probe_only=probed)
         for request, event in actions:  # their transitions are durable now
             self._submit(request, event)
 
