@@ -8,6 +8,7 @@ and no cleanup action runs twice.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from nodewatch.cli.processes import LocalCluster, http_json
+from nodewatch.store.open import open_store
 from nodewatch.testing import EtcdCluster
 from tests.helpers import free_port, require_binary, wait_until
 
@@ -71,6 +73,21 @@ def health_of(c: LocalCluster, node_id: str) -> str:
     return str(node["health"]) if node else "?"
 
 
+def stored_actions_due(url: str, node_id: str) -> list[Any]:
+    """What the store holds as decided but not yet run for one node."""
+
+    async def read() -> list[Any]:
+        store = open_store(url)
+        await store.open()
+        try:
+            node = await store.get_node(node_id)
+            return [] if node is None else list(node.actions_due)
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
 def action_lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
@@ -117,6 +134,11 @@ def test_follower_takes_over_within_one_lease_and_repeats_no_action(
         assert suspect["evidence"]["checks"][0]["source"] == "lease"
         wait_until(lambda: action_lines(actions) == ["web-2 unhealthy"], timeout=10,
                    message="one cleanup action for web-2")
+        # Actions run at least once: a leader killed after the action ran but before it stored
+        # that it did would have its successor run it again. Wait until the settle is stored;
+        # from then on no action may repeat.
+        wait_until(lambda: stored_actions_due(url, "web-2") == [], timeout=10,
+                   message="web-2's action settled in the store")
 
         # The leader dies: the follower takes over within one lease TTL.
         assert one.coordinator is not None
