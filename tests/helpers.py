@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -13,10 +14,16 @@ import pytest
 
 from nodewatch.testing import find_binary, free_port, port_open
 
-__all__ = ["IN_CI", "async_wait_until", "free_port", "loopback_connections", "port_open",
-           "require_binary", "wait_until"]
+__all__ = ["IN_CI", "async_wait_until", "free_port", "interruptible", "loopback_connections",
+           "port_open", "require_binary", "wait_until"]
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def interruptible() -> None:
+    """``preexec_fn`` for a child a test stops with SIGINT (Ctrl-C): a runner started in the
+    background by a non-interactive shell ignores SIGINT, and a child would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def require_binary(name: str) -> str:

@@ -17,7 +17,7 @@ from click.testing import CliRunner, Result
 from nodewatch.cli.client import DEFAULT_COORDINATOR, resolve_coordinator
 from nodewatch.cli.commands import main
 from nodewatch.cli.processes import LocalCluster, http_json
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, interruptible, wait_until
 
 TOKEN = "cli-admin-token"
 CONFIG = """
@@ -127,7 +127,7 @@ def test_events_follow_streams_new_events_until_ctrl_c(coordinator: str, tmp_pat
         proc = subprocess.Popen(
             [sys.executable, "-m", "nodewatch", "events", "--follow", "--last", "0",
              "--coordinator", coordinator], stdout=sink, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=interruptible)
     try:
         # The stream starts after the backlog; keep draining until our event shows up.
         def drained_shown() -> bool:

@@ -15,7 +15,7 @@ import pytest
 
 from nodewatch.cli.demo import Demo, DemoError, Traffic
 from nodewatch.cli.processes import LocalCluster, http_json
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, interruptible, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ class DemoProcess:
                 [sys.executable, "-m", "nodewatch", "demo", "--nodes", "3", "--listen",
                  self.url.removeprefix("http://"), "--dir", str(self.workdir), *args],
                 stdin=subprocess.PIPE, stdout=sink, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=interruptible)
 
     def send(self, line: str) -> None:
         assert self.proc.stdin is not None
