@@ -838,8 +838,12 @@ class Coordinator:
         limit = self.config.coordinator.max_queued_events
         excess = len(self._pending_events) - limit
         if excess > 0:
+            # An events_lost note queued by a brief recovery may be dropped itself: carry its
+            # count over, so that the next recovery still tells every loss.
+            carried = sum(int(e.evidence.get("dropped", 0))
+                          for e in self._pending_events[:excess] if e.kind == "events_lost")
             del self._pending_events[:excess]
-            self._lost_unnoted += excess
+            self._lost_unnoted += excess + carried
             self.store_health.dropped_events += excess
             log.warning("store unavailable: dropped the %d oldest queued events (queue full "
                         "at %d)", excess, limit)
