@@ -63,6 +63,8 @@ def _dec_hook(kind: type, value: Any) -> Any:
 
 
 def _enc_hook(value: Any) -> Any:
+    if isinstance(value, Duration):
+        return float(value)
     raise NotImplementedError(f"cannot encode {type(value).__name__}")
 
 

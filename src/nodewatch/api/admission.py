@@ -42,8 +42,8 @@ class RegistrationBucket:
 
     def admit(self, now: float) -> float:
         self._refill(now)
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
+        if self._tokens >= 1.0 - 1e-9:  # a whole token, give or take float rounding
+            self._tokens = max(0.0, self._tokens - 1.0)
             self.admitted += 1
             return 0.0
         self.refused += 1
