@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -134,7 +136,9 @@ async def watch_lag(http: aiohttp.ClientSession, url: str, seen: list[float],
 
 async def storm(url: str, count: int, window: float,
                 timeout: float) -> dict[str, Any]:  # noqa: ASYNC109 - the whole storm's bound
-    connector = aiohttp.TCPConnector(limit=1000)
+    # No pool limit: each simulated agent has its own connection, as real agents would (a
+    # shared pool would make requests wait for a slot and time out on the client side).
+    connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http, \
             aiohttp.ClientSession() as side:
         floor_took = await floor(http, url, count, window)
@@ -184,6 +188,10 @@ def main() -> None:
     if not 1 <= args.nodes <= 50_000:
         raise SystemExit("--nodes must be between 1 and 50000")
     random.seed(1)
+    logging.getLogger("nodewatch.agent").setLevel(logging.ERROR)  # 429s are counted instead
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, 2 * args.nodes + 1000))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # the coordinator inherits it
     with tempfile.TemporaryDirectory(prefix="nodewatch-storm-") as tmp:
         proc, url = start_coordinator(Path(tmp), args.rate, args.burst)
         try:
