@@ -212,9 +212,9 @@ class ProbeReply(msgspec.Struct, kw_only=True):
     target: str = ""
     reachable: bool
     latency: float = 0.0
-    failure: str | None = None
-    detail: str = ""
-    status: str | None = None
+    failure: str | None = None  # a FailureClass value: the class of failure, never its text
+    detail: str = ""  # empty from current agents (no text from the target); older ones sent it
+    status: str | None = None  # the target's own NodeStatus, when it answered a health body
 
 
 _probe_decoder = msgspec.json.Decoder(ProbeReply)

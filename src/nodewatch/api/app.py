@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from nodewatch.api.admission import RegistrationBucket, retry_after_header
 from nodewatch.api.metrics import CoordinatorMetrics
 from nodewatch.api.schemas import DrainBody, convert
 from nodewatch.api.udp import UdpHeartbeats, push_result
@@ -38,8 +40,10 @@ from nodewatch.web import (
     token_ok,
 )
 
-__all__ = ["COORDINATOR_KEY", "HEARTBEAT_UDP_KEY", "MAX_WAIT", "METRICS_KEY", "SSE_KEEPALIVE",
-           "STATIC_DIR", "build_app"]
+__all__ = ["ADMISSION_KEY", "COORDINATOR_KEY", "HEARTBEAT_UDP_KEY", "MAX_WAIT", "METRICS_KEY",
+           "SSE_KEEPALIVE", "STATIC_DIR", "build_app"]
+
+ADMISSION_KEY: web.AppKey[RegistrationBucket] = web.AppKey("admission", RegistrationBucket)
 
 COORDINATOR_KEY: web.AppKey[Coordinator] = web.AppKey("coordinator", Coordinator)
 METRICS_KEY: web.AppKey[CoordinatorMetrics] = web.AppKey("metrics", CoordinatorMetrics)
@@ -65,8 +69,8 @@ def _coordinator(request: web.Request) -> Coordinator:
     return request.app[COORDINATOR_KEY]
 
 
-def _require(request: web.Request, token: str, what: str) -> None:
-    if not token_ok(request, token):
+def _require(request: web.Request, tokens: tuple[str, ...], what: str) -> None:
+    if not token_ok(request, tokens):
         raise HTTPProblem(401, f"missing or wrong bearer token ({what} token required)")
 
 
@@ -130,7 +134,14 @@ def _udp_offer(udp: UdpHeartbeats) -> str:
 
 async def register(request: web.Request) -> web.Response:
     coord = _coordinator(request)
-    _require(request, coord.config.coordinator.agent_token, "agent")
+    _require(request, coord.config.coordinator.agent_tokens, "agent")
+    wait = request.app[ADMISSION_KEY].admit(time.monotonic())
+    if wait:
+        # Past [coordinator] max_registrations_per_second: nothing is read or changed.
+        response = error_response(429, "too many registrations; retry after "
+                                       f"{wait:.2f}s (Retry-After)")
+        response.headers["Retry-After"] = retry_after_header(wait)
+        return response
     body = convert(await read_json_object(request, coord.config.coordinator.max_body),
                    RegisterBody)
     decision, node = await coord.enrol(Registration(
@@ -153,7 +164,7 @@ async def register(request: web.Request) -> web.Response:
 
 async def heartbeat(request: web.Request) -> web.Response:
     coord = _coordinator(request)
-    _require(request, coord.config.coordinator.agent_token, "agent")
+    _require(request, coord.config.coordinator.agent_tokens, "agent")
     body = convert(await read_json_object(request, coord.config.coordinator.max_body),
                    HeartbeatBody)
     if body.node_id not in coord.cluster.nodes:
@@ -279,7 +290,7 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
 def _command(name: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         coord = _coordinator(request)
-        _require(request, coord.config.coordinator.admin_token, "admin")
+        _require(request, coord.config.coordinator.admin_tokens, "admin")
         node_id = _node_id(request)
         reason = ""
         if name == "drain" and request.can_read_body:
@@ -352,6 +363,9 @@ def build_app(coord: Coordinator, udp: UdpHeartbeats | None = None) -> web.Appli
     app[COORDINATOR_KEY] = coord
     app[METRICS_KEY] = CoordinatorMetrics(coord, None if udp is None else udp.counts)
     app[HEARTBEAT_UDP_KEY] = "" if udp is None else _udp_offer(udp)
+    cc = coord.config.coordinator
+    app[ADMISSION_KEY] = RegistrationBucket(cc.max_registrations_per_second,
+                                            cc.registration_burst)
     r = app.router
     r.add_post("/v1/register", register)
     r.add_post("/v1/heartbeat", heartbeat)

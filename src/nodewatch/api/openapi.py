@@ -52,7 +52,8 @@ _AFTER = _query("after", {"type": "string", "pattern": r"^\d{1,20}$"},
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation("post", "/v1/register", "An agent announces itself (new, rejoin or review).",
-              {200: s.RegisterResponse, **_BODY_ERRORS}, body=s.RegisterBody, auth="agent"),
+              {200: s.RegisterResponse, **_BODY_ERRORS, 429: s.ErrorResponse},
+              body=s.RegisterBody, auth="agent"),
     Operation("post", "/v1/heartbeat", "An agent pushes a report; stale reports change nothing.",
               {204: None, **_BODY_ERRORS, 404: s.ErrorResponse, 409: s.ErrorResponse},
               body=s.HeartbeatBody, auth="agent"),
@@ -96,7 +97,9 @@ OPERATIONS: tuple[Operation, ...] = (
 
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad request", 401: "Missing or wrong token",
             404: "Unknown node", 409: "Conflict or stale report", 413: "Body too large",
-            422: "Invalid field", 503: "Unavailable or failing (the body says why)"}
+            422: "Invalid field",
+            429: "Past max_registrations_per_second: retry after Retry-After seconds",
+            503: "Unavailable or failing (the body says why)"}
 
 
 def _models() -> list[type]:

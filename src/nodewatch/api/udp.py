@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -64,7 +65,7 @@ class UdpHeartbeats:
     of detection time); the receive buffer holds what arrives meanwhile.
     """
 
-    def __init__(self, coord: Coordinator, token: str, sock: socket.socket,
+    def __init__(self, coord: Coordinator, token: str | Sequence[str], sock: socket.socket,
                  batch_window: float = BATCH_WINDOW) -> None:
         self.coord = coord
         self.counts: dict[str, int] = dict.fromkeys(RESULTS, 0)
@@ -75,7 +76,10 @@ class UdpHeartbeats:
         self._loop = asyncio.get_running_loop()
         self._resume: asyncio.TimerHandle | None = None
         self._closed = False
-        self._key = heartbeat_key(token)
+        # One key per accepted agent token (old and new during a rotation); a reply is
+        # tagged with the key its heartbeat was.
+        tokens = (token,) if isinstance(token, str) else tuple(token)
+        self._keys = tuple(heartbeat_key(t) for t in tokens if t) or (b"",)
         self._msgpack = msgspec.msgpack.Decoder(HeartbeatBody)
         self._json = msgspec.json.Decoder(HeartbeatBody)
         self._loop.add_reader(self._fd, self._readable)
@@ -138,7 +142,11 @@ class UdpHeartbeats:
             return "oversize"
         if not data:
             return "malformed"
-        payload = untagged(data, self._key)
+        payload = None
+        for key in self._keys:
+            payload = untagged(data, key)
+            if payload is not None:
+                break
         if payload is None:
             return "bad_tag"
         try:
@@ -150,24 +158,24 @@ class UdpHeartbeats:
             return "malformed"
         coord = self.coord
         if body.node_id not in coord.cluster.nodes:
-            self._reply_unknown(body, addr)
+            self._reply_unknown(body, addr, key)
             return "unknown"
         try:
             outcome = coord.heartbeat(push_result(body, coord.clock()))
         except UnknownNode:
-            self._reply_unknown(body, addr)
+            self._reply_unknown(body, addr, key)
             return "unknown"
         except NotLeader:
             return "not_leader"
         return "stale" if outcome.stale else "ok"
 
-    def _reply_unknown(self, body: HeartbeatBody, addr: Any) -> None:
+    def _reply_unknown(self, body: HeartbeatBody, addr: Any, key: bytes) -> None:
         """Tell the sender at once that it must register again (what HTTP says with a 404).
 
         Only a datagram that passed the tag check gets here, and the reply is smaller than the
         heartbeat, so the port cannot be used to amplify traffic towards a spoofed address."""
         reply = encode_udp_reply(UdpReply(404, body.node_id, body.incarnation, body.seq),
-                                 self._key)
+                                 key)
         try:
             self._sock.sendto(reply, addr)
             self.replies += 1
@@ -201,11 +209,11 @@ async def start_udp_heartbeats(coord: Coordinator, listen: str | None = None,
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         _grow_receive_buffer(sock)
         sock.bind(sockaddr)
-        endpoint = UdpHeartbeats(coord, cc.agent_token, sock, batch_window)
+        endpoint = UdpHeartbeats(coord, cc.agent_tokens, sock, batch_window)
     except BaseException:
         sock.close()
         raise
-    if not cc.agent_token:
+    if not cc.agent_tokens:
         log.warning("UDP heartbeats on %s without an agent token: datagrams are not "
                     "authenticated", listen or cc.heartbeat_udp)
     return endpoint

@@ -42,6 +42,7 @@ from nodewatch.protocol import (
     split_host_port,
 )
 from nodewatch.tls import client_context
+from nodewatch.web import beyond_loopback
 
 __all__ = ["Agent"]
 
@@ -300,8 +301,9 @@ class Agent:
             target=target,
             reachable=result.ok,
             latency=round(result.latency, 6),
+            # The class of failure only (timeout, refused, http_status, bad_body, error): no
+            # text from the target (status code, body, error message) leaves the node.
             failure=None if result.failure is None else result.failure.value,
-            detail=result.detail,
             status=None if result.report is None else result.report.status.value,
         )
 
@@ -368,6 +370,11 @@ class Agent:
                 "lease")
         log.info("agent %s listening on %s (incarnation %d)", self.node_id,
                  self.listen_address, self._incarnation)
+        if not self.config.agent_token and self._bound and beyond_loopback(self._bound[0]):
+            log.warning("agent %s listens on %s beyond loopback without an agent token: "
+                        "anyone who reaches it can use GET /probe; set [agent] agent_token "
+                        "(or NODEWATCH_AGENT_TOKEN) to require it", self.node_id,
+                        self.config.listen)
 
     async def stop(self) -> None:
         """Stop serving, persist the final state, send it as a final heartbeat. Idempotent."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import ssl
 from collections.abc import Callable
@@ -27,7 +28,8 @@ from nodewatch.protocol import (
 )
 from nodewatch.tls import TlsFailure, explain_tls_failure, probe_handshake
 
-__all__ = ["CoordinatorClient", "HeartbeatOutcome", "RegistrationRejected", "UdpHeartbeatSender"]
+__all__ = ["CoordinatorClient", "HeartbeatOutcome", "RegistrationRejected",
+           "RegistrationThrottled", "UdpHeartbeatSender", "retry_after_seconds"]
 
 log = logging.getLogger("nodewatch.agent")
 
@@ -41,6 +43,31 @@ _answer_decoder = msgspec.json.Decoder(RegisterAnswer)
 class RegistrationRejected(Exception):
     """The coordinator answered with a 4xx other than a passing problem: retrying won't help
     until something changes, so retry slowly."""
+
+
+class RegistrationThrottled(Exception):
+    """The coordinator is admitting registrations at its bounded rate (HTTP 429): come back
+    after ``retry_after`` seconds (its ``Retry-After``), plus jitter."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"coordinator is busy (HTTP 429); retry after {retry_after:g}s")
+        self.retry_after = retry_after
+
+
+# Bounds on an honoured Retry-After: a missing or unreadable one means one second, and no
+# coordinator can send an agent away for more than this.
+MAX_RETRY_AFTER = 120.0
+
+
+def retry_after_seconds(header: str | None) -> float:
+    """``Retry-After`` as seconds (delta-seconds; an HTTP date or garbage counts as 1 s)."""
+    try:
+        value = float(header) if header else 1.0
+    except ValueError:
+        value = 1.0
+    if not math.isfinite(value) or value < 0:
+        value = 1.0
+    return min(MAX_RETRY_AFTER, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +119,9 @@ class CoordinatorClient:
                                         headers=self._headers, timeout=self._timeout,
                                         ssl=self._ssl) as response:
             body = await response.content.read(1 << 20)
+            if response.status == 429:
+                raise RegistrationThrottled(
+                    retry_after_seconds(response.headers.get("Retry-After")))
             if response.status >= 500:
                 raise ConnectionError(f"coordinator answered HTTP {response.status}")
             if response.status >= 400:
@@ -106,13 +136,22 @@ class CoordinatorClient:
     async def register_until_done(self, payload: Callable[[], RegisterBody],
                                   *, first_delay: float = 0.2,
                                   max_delay: float = 10.0) -> RegisterAnswer:
-        """Retry with jittered exponential backoff until the coordinator accepts."""
+        """Retry with jittered exponential backoff until the coordinator accepts; a 429 is
+        honoured: its Retry-After, plus up to a second of jitter so that the agents sent away
+        together do not all come back together."""
         delay = first_delay
         attempt = 0
+        throttled = 0
         while True:
             attempt += 1
             try:
                 return await self.register(payload())
+            except RegistrationThrottled as exc:
+                throttled += 1
+                if throttled == 1 or throttled % 10 == 0:
+                    log.info("%s (attempt %d)", exc, attempt)
+                await asyncio.sleep(exc.retry_after + random.uniform(0.0, 1.0))
+                continue
             except RegistrationRejected as exc:
                 log.warning("%s; retrying in %.0fs", exc, max_delay)
                 await asyncio.sleep(max_delay)

@@ -135,7 +135,8 @@ def _probe_for(config: Config, clock: Callable[[], float]) -> Probe:
         from nodewatch.coordinator.probe_pool import ProcessProbe
 
         return ProcessProbe.from_config(config, clock=clock)
-    return HttpProbe.from_config(config.detection, clock=clock)
+    return HttpProbe.from_config(config.detection, clock=clock,
+                                 peer_tokens=config.coordinator.agent_tokens)
 
 
 class _LeaderRole:
