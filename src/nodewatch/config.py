@@ -105,6 +105,9 @@ class CoordinatorConfig(_Table):
     leader_ttl: Duration = Duration(5.0)  # etcd election lease: a dead leader's replacement time
     # HOST:PORT for UDP heartbeats (HMAC-signed with agent_token); empty = HTTP pushes only.
     heartbeat_udp: str = ""
+    # Issue a node a new credential on a register answer once its credential is this old
+    # (0: never rotate); the previous one is accepted until the node proves the new one.
+    rotate_credentials_after: Duration = Duration(0.0)
     # Worker processes that run the HTTP checks (0 or 1: in the coordinator process itself).
     poller_processes: Annotated[int, Meta(ge=0, le=64)] = 0
     # Bound on every store call the coordinator makes; past it a command answers 503. A
@@ -162,6 +165,9 @@ class GuardConfig(_Table):
 class ReviewConfig(_Table):
     max_rejoins: Annotated[int, Meta(ge=0)] = 3
     auto_approve: bool = False
+    # A node (proving its credential) that registers from a different address: "review"
+    # holds it for an operator, "allow" lets it rejoin at the new address.
+    address_change: Literal["review", "allow"] = "review"
 
 
 class BudgetConfig(_Table):

@@ -17,6 +17,7 @@ import msgspec
 from yarl import URL
 
 from nodewatch.protocol import (
+    CREDENTIAL_HEADER,
     MAX_DATAGRAM,
     HeartbeatBody,
     RegisterAnswer,
@@ -24,6 +25,7 @@ from nodewatch.protocol import (
     decode_udp_reply,
     encode_heartbeat_datagram,
     heartbeat_key,
+    node_heartbeat_key,
     split_host_port,
 )
 from nodewatch.tls import TlsFailure, explain_tls_failure, probe_handshake
@@ -100,7 +102,7 @@ class CoordinatorClient:
 
     def __init__(self, url: str, token: str, session: Callable[[], aiohttp.ClientSession],
                  *, request_timeout: float = 5.0, ssl_context: ssl.SSLContext | None = None,
-                 client_certificate: bool = False) -> None:
+                 client_certificate: bool = False, credential: str = "") -> None:
         self.url = url.rstrip("/")
         self._session = session
         self._ssl_context = ssl_context
@@ -110,8 +112,16 @@ class CoordinatorClient:
         self._headers = dict(JSON_HEADERS)
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
+        self.set_credential(credential)
         self._timeout = aiohttp.ClientTimeout(total=request_timeout,
                                               connect=min(2.0, request_timeout))
+
+    def set_credential(self, credential: str) -> None:
+        """The node credential to prove from now on (sent in ``CREDENTIAL_HEADER``)."""
+        if credential:
+            self._headers[CREDENTIAL_HEADER] = credential
+        else:
+            self._headers.pop(CREDENTIAL_HEADER, None)
 
     async def register(self, payload: RegisterBody) -> RegisterAnswer:
         """One attempt; raises on any failure (the caller retries)."""
@@ -202,7 +212,8 @@ class CoordinatorClient:
 
 
 class UdpHeartbeatSender(asyncio.DatagramProtocol):
-    """Fire-and-forget heartbeats to the coordinator's UDP port, signed with the agent token.
+    """Fire-and-forget heartbeats to the coordinator's UDP port, signed with the node's key
+    (derived from its credential) once enrolled, else with the agent token's.
 
     ``send`` never waits: it returns False (send this one over HTTP) only when the datagram
     would be over the size cap or the socket is gone. The coordinator answers only when it does
@@ -213,8 +224,11 @@ class UdpHeartbeatSender(asyncio.DatagramProtocol):
     """
 
     def __init__(self, token: str, node_id: str = "", incarnation: int = 0,
-                 on_unknown: Callable[[], None] | None = None) -> None:
+                 on_unknown: Callable[[], None] | None = None, credential: str = "") -> None:
+        # Replies about an unknown node are tagged with the agent token's key (the coordinator
+        # has no key for a node it does not know); heartbeats with the node's own once it has.
         self._key = heartbeat_key(token)
+        self._send_key = node_heartbeat_key(credential) or self._key
         self._transport: asyncio.DatagramTransport | None = None
         self.node_id = node_id
         self.incarnation = incarnation
@@ -224,13 +238,13 @@ class UdpHeartbeatSender(asyncio.DatagramProtocol):
 
     @classmethod
     async def open(cls, offer: str, coordinator_url: str, token: str, node_id: str = "",
-                   incarnation: int = 0, on_unknown: Callable[[], None] | None = None
-                   ) -> UdpHeartbeatSender:
+                   incarnation: int = 0, on_unknown: Callable[[], None] | None = None,
+                   credential: str = "") -> UdpHeartbeatSender:
         """Connect to the offered HOST:PORT; a wildcard host means the coordinator URL's host."""
         host, port = split_host_port(offer, default_host="0.0.0.0")
         if host in ("0.0.0.0", "::"):
             host = URL(coordinator_url).host or "127.0.0.1"
-        sender = cls(token, node_id, incarnation, on_unknown)
+        sender = cls(token, node_id, incarnation, on_unknown, credential)
         loop = asyncio.get_running_loop()
         await loop.create_datagram_endpoint(lambda: sender, remote_addr=(host, port))
         return sender
@@ -255,7 +269,7 @@ class UdpHeartbeatSender(asyncio.DatagramProtocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return False
-        datagram = encode_heartbeat_datagram(payload, self._key)
+        datagram = encode_heartbeat_datagram(payload, self._send_key)
         if len(datagram) > MAX_DATAGRAM:
             return False
         transport.sendto(datagram)
