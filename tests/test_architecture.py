@@ -18,7 +18,9 @@ CORE_STDLIB = {"__future__", "bisect", "collections", "dataclasses", "enum", "fu
 CORE_NODEWATCH = ("nodewatch.model", "nodewatch.config", "nodewatch.detect")
 # The simulator times itself (wall_s) with time.perf_counter; nothing in it reads the time of
 # day to decide anything: the core runs on the virtual clock.
-CORE_EXCEPTIONS = {"nodewatch.detect.simulate": {"time"}}
+# The identity policy compares credential hashes in constant time (hmac.compare_digest): pure
+# computation, no I/O; hashing and minting credentials stay at the edge (protocol.py).
+CORE_EXCEPTIONS = {"nodewatch.detect.simulate": {"time"}, "nodewatch.detect.identity": {"hmac"}}
 
 
 def _modules() -> dict[str, Path]:

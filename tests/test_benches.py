@@ -61,3 +61,11 @@ def test_agent_footprint_times_the_connection_count_at_a_tiny_size() -> None:
     [row] = [line for line in out.splitlines() if line.split()[:1] == ["50"]]
     assert "(sample 1s)" in row, out  # /health showed the 50 connections
     assert "tables/snmp" in out
+
+
+def test_registration_storm_enrols_every_node_past_the_admission_rate() -> None:
+    out = run("registration_storm.py", "--nodes", "120", "--rate", "100", "--burst", "40",
+              "--timeout", "60")
+    assert "floor   120 GET /healthz" in out, out
+    assert "(120 nodes listed, 120 'new')" in out, out
+    assert "coordinator loop lag max" in out

@@ -20,8 +20,8 @@ from nodewatch.tls import TlsSetupError, client_context, server_context
 
 __all__ = ["ActionConfig", "AgentCheckConfig", "AgentConfig", "AgentRuleConfig", "BudgetConfig",
            "Config", "ConfigError", "CoordinatorConfig", "DetectionConfig", "Duration",
-           "GuardConfig", "NodeConfig", "ReviewConfig", "check_agent_config", "format_duration",
-           "load_config", "parse_duration"]
+           "GuardConfig", "NodeConfig", "ReviewConfig", "Tokens", "check_agent_config",
+           "format_duration", "load_config", "parse_duration", "token_list"]
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 NODE_ID_RE = re.compile(NODE_ID_PATTERN)
@@ -63,6 +63,8 @@ def _dec_hook(kind: type, value: Any) -> Any:
 
 
 def _enc_hook(value: Any) -> Any:
+    if isinstance(value, Duration):
+        return float(value)
     raise NotImplementedError(f"cannot encode {type(value).__name__}")
 
 
@@ -76,11 +78,23 @@ class _Table(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Base of every table: unknown keys are errors, every key has a default."""
 
 
+# A coordinator token: one string, or a list of them (old and new during a rotation; every
+# one is accepted). Empty, or an empty list, means no token is required.
+Tokens = str | list[str]
+
+
+def token_list(value: Tokens) -> tuple[str, ...]:
+    """The accepted tokens of a ``Tokens`` value (empty: none configured)."""
+    if isinstance(value, str):
+        return (value,) if value else ()
+    return tuple(value)
+
+
 class CoordinatorConfig(_Table):
     listen: HostPort = "127.0.0.1:7300"
     store: str = "sqlite:///./nodewatch-data/state.db"
-    admin_token: str = ""
-    agent_token: str = ""
+    admin_token: Tokens = ""
+    agent_token: Tokens = ""
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -91,6 +105,9 @@ class CoordinatorConfig(_Table):
     leader_ttl: Duration = Duration(5.0)  # etcd election lease: a dead leader's replacement time
     # HOST:PORT for UDP heartbeats (HMAC-signed with agent_token); empty = HTTP pushes only.
     heartbeat_udp: str = ""
+    # Issue a node a new credential on a register answer once its credential is this old
+    # (0: never rotate); the previous one is accepted until the node proves the new one.
+    rotate_credentials_after: Duration = Duration(0.0)
     # Worker processes that run the HTTP checks (0 or 1: in the coordinator process itself).
     poller_processes: Annotated[int, Meta(ge=0, le=64)] = 0
     # Bound on every store call the coordinator makes; past it a command answers 503. A
@@ -100,6 +117,20 @@ class CoordinatorConfig(_Table):
     # Events kept in memory while the store cannot write; past it the oldest are dropped
     # (counted, and an events_lost event is written on recovery; node state is never lost).
     max_queued_events: Annotated[int, Meta(ge=1)] = 10_000
+    # Admission control of POST /v1/register (a token bucket): past this rate, and once the
+    # burst is spent, a registration is answered 429 with Retry-After (agents back off).
+    max_registrations_per_second: Annotated[float, Meta(gt=0, le=1_000_000)] = 200.0
+    registration_burst: Annotated[int, Meta(ge=1, le=1_000_000)] = 400
+
+    @property
+    def agent_tokens(self) -> tuple[str, ...]:
+        """Every accepted agent token (``agent_token`` as a tuple)."""
+        return token_list(self.agent_token)
+
+    @property
+    def admin_tokens(self) -> tuple[str, ...]:
+        """Every accepted admin token (``admin_token`` as a tuple)."""
+        return token_list(self.admin_token)
 
 
 class DetectionConfig(_Table):
@@ -134,6 +165,9 @@ class GuardConfig(_Table):
 class ReviewConfig(_Table):
     max_rejoins: Annotated[int, Meta(ge=0)] = 3
     auto_approve: bool = False
+    # A node (proving its credential) that registers from a different address: "review"
+    # holds it for an operator, "allow" lets it rejoin at the new address.
+    address_change: Literal["review", "allow"] = "review"
 
 
 class BudgetConfig(_Table):
@@ -299,6 +333,16 @@ def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
     if not 0 < cfg.coordinator.store_timeout <= 300:
         problems.append(("coordinator.store_timeout",
                          "expected a duration greater than 0 and at most 5m"))
+    for key in ("agent_token", "admin_token"):
+        value = getattr(cfg.coordinator, key)
+        if isinstance(value, list):
+            if any(not token or token != token.strip() for token in value):
+                problems.append((f"coordinator.{key}", "expected non-empty tokens without "
+                                 "surrounding spaces"))
+            elif len(set(value)) != len(value):
+                problems.append((f"coordinator.{key}", "expected each token once"))
+            elif len(value) > 16:
+                problems.append((f"coordinator.{key}", "expected at most 16 tokens"))
     if cfg.coordinator.leader_ttl < 1:
         problems.append(("coordinator.leader_ttl", "expected at least 1s (an etcd lease)"))
     if cfg.coordinator.heartbeat_udp and not _valid_host_port(cfg.coordinator.heartbeat_udp):
@@ -418,7 +462,10 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     data: dict[str, Any] = msgspec.to_builtins(cfg, enc_hook=_enc_hook)
     for table, key in (("coordinator", "admin_token"), ("coordinator", "agent_token"),
                        ("agent", "agent_token")):
-        if data[table].get(key):
+        value = data[table].get(key)
+        if isinstance(value, list):
+            data[table][key] = ["***" for _ in value]
+        elif value:
             data[table][key] = "***"
     for action in data["actions"]:
         if action.get("secret"):

@@ -193,6 +193,19 @@ class NodeState:
     drain: DrainState | None = None
     cleaned_up: bool = False  # cleanup actions ran for the current outage
     actions_due: list[ActionDue] = field(default_factory=list)
+    # The node's identity (never in to_json, never logged): the SHA-256 of its credential and
+    # the UDP tag key derived from it (hex), when issued, and the previous pair during a
+    # rotation (accepted until the node proves the new one). Empty: none issued yet.
+    credential_hash: str = ""
+    udp_key: str = ""
+    credential_at: float = 0.0
+    previous_hash: str = ""
+    previous_udp_key: str = ""
+    # Re-enrolment: the address of the last claim refused for want of the credential, the
+    # address an operator approved to re-enrol from, and whether the credential was revoked.
+    claim_address: str = ""
+    reenrol_address: str = ""
+    revoked: bool = False
     revision: int = 0  # store revision, for compare-and-swap; not part of the node's story
 
     @property

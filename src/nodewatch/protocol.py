@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import secrets
 from typing import Annotated, Any
 
 import msgspec
@@ -15,11 +16,13 @@ from msgspec import UNSET, Meta, UnsetType
 from nodewatch.config import NODE_ID_PATTERN
 from nodewatch.model import NodeStatus, Report
 
-__all__ = ["AgentLease", "HealthBody", "HealthDoc", "HeartbeatBody", "MAX_DATAGRAM", "ProbeReply",
-           "RegisterAnswer", "RegisterBody", "TAG_SIZE", "UdpReply", "VERSION",
-           "decode_health_body", "decode_probe_reply", "decode_udp_reply", "derive_status",
-           "encode_health", "encode_heartbeat_datagram", "encode_udp_reply", "heartbeat_body",
-           "heartbeat_key", "parse_health_body", "split_host_port", "tagged", "untagged"]
+__all__ = ["AgentLease", "CREDENTIAL_HEADER", "HealthBody", "HealthDoc", "HeartbeatBody",
+           "MAX_DATAGRAM", "ProbeReply", "RegisterAnswer", "RegisterBody", "TAG_SIZE", "UdpReply",
+           "VERSION", "credential_hash", "decode_health_body", "decode_probe_reply",
+           "decode_udp_reply", "derive_status", "encode_health", "encode_heartbeat_datagram",
+           "encode_udp_reply", "heartbeat_body", "heartbeat_key", "new_credential",
+           "node_heartbeat_key", "parse_health_body", "peek_node_id", "split_host_port",
+           "tagged", "untagged"]
 
 
 # The release both ends speak and report (``/health`` "version"); the package's __version__.
@@ -175,6 +178,37 @@ class RegisterAnswer(msgspec.Struct, kw_only=True):
     heartbeat_interval: float = 0.0
     heartbeat_phase: float = 0.0
     heartbeat_udp: str = ""  # HOST:PORT when the coordinator takes UDP heartbeats
+    # The node credential, present when the coordinator issues one (enrolment, an approved
+    # re-enrolment, a rotation): the agent stores it and proves it from then on.
+    credential: str = ""
+
+
+# ---------------------------------------------------------------------- node credentials
+#
+# Issued by the coordinator at enrolment (``RegisterAnswer.credential``), kept by the agent in
+# its state file, and proven on every later register and heartbeat in this header (HTTP) or as
+# the key of the datagram's tag (UDP). The coordinator stores only ``credential_hash`` and the
+# derived ``node_heartbeat_key``, never the secret.
+
+CREDENTIAL_HEADER = "X-Nodewatch-Node-Credential"
+_UDP_CONTEXT = b"udp"
+
+
+def new_credential() -> str:
+    """A fresh node credential: 32 random bytes, URL-safe text."""
+    return secrets.token_urlsafe(32)
+
+
+def credential_hash(secret: str) -> str:
+    """What the coordinator stores of a credential (and compares, in constant time): its
+    SHA-256, hex. Empty for no credential."""
+    return hashlib.sha256(secret.encode()).hexdigest() if secret else ""
+
+
+def node_heartbeat_key(secret: str) -> bytes:
+    """A node's UDP tag key, HMAC-SHA256(secret, "udp"): both ends derive it, the coordinator
+    stores it (it must verify tags) instead of the secret, which stays on the node."""
+    return hmac.new(secret.encode(), _UDP_CONTEXT, hashlib.sha256).digest() if secret else b""
 
 
 def heartbeat_body(doc: HealthDoc, *, final: bool = False) -> HeartbeatBody:
@@ -212,9 +246,9 @@ class ProbeReply(msgspec.Struct, kw_only=True):
     target: str = ""
     reachable: bool
     latency: float = 0.0
-    failure: str | None = None
-    detail: str = ""
-    status: str | None = None
+    failure: str | None = None  # a FailureClass value: the class of failure, never its text
+    detail: str = ""  # empty from current agents (no text from the target); older ones sent it
+    status: str | None = None  # the target's own NodeStatus, when it answered a health body
 
 
 _probe_decoder = msgspec.json.Decoder(ProbeReply)
@@ -263,6 +297,32 @@ def untagged(data: bytes, key: bytes) -> bytes | memoryview | None:
     if not hmac.compare_digest(hmac.digest(key, body, "sha256"), data[-TAG_SIZE:]):
         return None
     return body
+
+
+def peek_node_id(data: bytes) -> str | None:
+    """The ``node_id`` of a datagram's payload before its tag is checked (which needs the
+    node's key): None when it has none. The tag is checked before anything is applied."""
+    body = memoryview(data)[:-TAG_SIZE] if len(data) > TAG_SIZE else memoryview(data)
+    try:
+        if data[:1] == b"{":
+            node = _peek_json.decode(body)
+        else:
+            node = _peek_msgpack.decode(body)
+    except msgspec.DecodeError:
+        # A datagram without a tag (no token configured) parses whole.
+        try:
+            node = (_peek_json if data[:1] == b"{" else _peek_msgpack).decode(data)
+        except msgspec.DecodeError:
+            return None
+    return node.node_id if isinstance(node.node_id, str) else None
+
+
+class _NodeIdOnly(msgspec.Struct):
+    node_id: str = ""
+
+
+_peek_json = msgspec.json.Decoder(_NodeIdOnly)
+_peek_msgpack = msgspec.msgpack.Decoder(_NodeIdOnly)
 
 
 def encode_heartbeat_datagram(payload: Any, key: bytes) -> bytes:

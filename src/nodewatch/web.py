@@ -4,13 +4,15 @@ bearer tokens compared in constant time."""
 from __future__ import annotations
 
 import hmac
+import ipaddress
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
-__all__ = ["HTTPProblem", "JSON", "error_response", "json_response", "problem_middleware",
-           "read_json_object", "token_ok"]
+__all__ = ["HTTPProblem", "JSON", "beyond_loopback", "error_response", "json_response",
+           "problem_middleware", "read_json_object", "token_matches", "token_ok"]
 
 JSON = "application/json"
 def _enc_hook(value: Any) -> Any:
@@ -59,15 +61,40 @@ async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, An
     return data
 
 
-def token_ok(request: web.Request, expected: str) -> bool:
-    """True when no token is configured, or the bearer token matches (constant time)."""
-    if not expected:
+def beyond_loopback(host: str) -> bool:
+    """Whether listening on ``host`` is reachable from other machines: anything but a loopback
+    address or ``localhost`` (a wildcard, an interface address, any other name)."""
+    name = host.strip("[]").split("%", 1)[0]
+    if name.lower() == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return True
+
+
+def token_matches(given: str, expected: Sequence[str]) -> bool:
+    """True when ``given`` equals one of ``expected``: each one is compared, in constant time,
+    whichever matches (so the time says nothing about which token, or how much of one)."""
+    given_bytes = given.encode()
+    found = False
+    for token in expected:
+        found |= hmac.compare_digest(given_bytes, token.encode())
+    return found
+
+
+def token_ok(request: web.Request, expected: str | Sequence[str]) -> bool:
+    """True when no token is configured, or the bearer token matches one of them (constant
+    time). ``expected`` is one token or several (old and new during a rotation)."""
+    tokens = (expected,) if isinstance(expected, str) else tuple(expected)
+    tokens = tuple(token for token in tokens if token)
+    if not tokens:
         return True
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer":
         return False
-    return hmac.compare_digest(given.strip().encode(), expected.encode())
+    return token_matches(given.strip(), tokens)
 
 
 @web.middleware

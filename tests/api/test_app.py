@@ -16,6 +16,7 @@ from nodewatch.config import Config, load_config
 from nodewatch.coordinator.service import Coordinator
 from nodewatch.store.open import open_store
 from nodewatch.testing import FakeProbe
+from tests.api.credentials import CarryingClient
 from tests.helpers import async_wait_until
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -34,13 +35,13 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
 
 
 @pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[tuple[TestClient[Any, Any], Coordinator]]:
+async def api(tmp_path: Path) -> AsyncIterator[tuple[Any, Coordinator]]:
     cfg = make_config(tmp_path)
     store = open_store(cfg.coordinator.store)
     probe = FakeProbe(time.time)  # type: ignore[arg-type]
     coord = Coordinator(cfg, store, probe=probe)
     await coord.start()
-    client = TestClient(TestServer(build_app(coord)))
+    client = CarryingClient(TestClient(TestServer(build_app(coord))))
     await client.start_server()
     try:
         yield client, coord
@@ -320,7 +321,7 @@ async def test_pushed_heartbeats_stand_in_for_polls(tmp_path: Path) -> None:
     probe = FakeProbe(time.time)  # type: ignore[arg-type]
     coord = Coordinator(cfg, open_store(cfg.coordinator.store), probe=probe)
     await coord.start()
-    client = TestClient(TestServer(build_app(coord)))
+    client = CarryingClient(TestClient(TestServer(build_app(coord))))
     await client.start_server()
     try:
         await client.post("/v1/register", json=reg_body(), headers=AGENT)

@@ -32,6 +32,7 @@ from nodewatch.store.base import Store
 from nodewatch.store.open import open_store
 from nodewatch.store.sqlite import SqliteStore
 from nodewatch.testing import EtcdCluster, FakeProbe, RedisServer
+from tests.api.credentials import CarryingClient
 from tests.api.test_app import ADMIN, AGENT, make_config, reg_body
 from tests.api.test_store_unavailable import _fill, _unfill
 from tests.helpers import async_wait_until, require_binary
@@ -39,7 +40,7 @@ from tests.helpers import async_wait_until, require_binary
 TIMEOUT = 0.5  # store_timeout in these tests
 HANG_BOUND = 10 * TIMEOUT
 
-Client = TestClient[Any, Any]
+Client = Any  # a CarryingClient around a TestClient
 
 
 class RecordingActions:
@@ -70,7 +71,7 @@ async def running(cfg: Config, *, probe: FakeProbe | None = None,
     if actions is not None:
         actions.coord = coord
     await coord.start()
-    client = TestClient(TestServer(build_app(coord)))
+    client = CarryingClient(TestClient(TestServer(build_app(coord))))
     await client.start_server()
     try:
         yield client, coord

@@ -33,6 +33,7 @@ from nodewatch.protocol import (
 )
 from nodewatch.store.open import open_store
 from nodewatch.testing import FakeProbe
+from tests.api.credentials import CarryingClient
 from tests.api.test_app import AGENT, beat, make_config, reg_body
 from tests.helpers import async_wait_until, free_port
 
@@ -40,9 +41,14 @@ TOKEN = "agent-secret"
 KEY = heartbeat_key(TOKEN)
 
 
+# The key each node's datagrams are signed with once registered (its credential's), as an
+# enrolled agent signs them; nodes not registered here sign with the agent token's KEY.
+NODE_KEYS: dict[str, bytes] = {}
+
+
 @dataclass
 class Rig:
-    client: TestClient[Any, Any]
+    client: CarryingClient
     coord: Coordinator
     udp: UdpHeartbeats
     probe: FakeProbe
@@ -66,8 +72,9 @@ async def _rig(tmp_path: Path, **overrides: Any) -> AsyncIterator[Rig]:
     client = TestClient(TestServer(build_app(coord, udp), host="127.0.0.1"))
     await client.start_server()
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    NODE_KEYS.clear()
     try:
-        yield Rig(client, coord, udp, probe, sock)
+        yield Rig(CarryingClient(client), coord, udp, probe, sock)
     finally:
         sock.close()
         udp.close()
@@ -85,10 +92,14 @@ async def _register(rig: Rig, node_id: str = "web-1") -> dict[str, Any]:
     resp = await rig.client.post("/v1/register", json=reg_body(node_id), headers=AGENT)
     assert resp.status == 200
     answer: dict[str, Any] = await resp.json()
+    NODE_KEYS[node_id] = rig.client.udp_key(node_id)
     return answer
 
 
-def _signed(body: dict[str, Any] | bytes, key: bytes = KEY) -> bytes:
+def _signed(body: dict[str, Any] | bytes, key: bytes | None = None) -> bytes:
+    if key is None:
+        node_id = body.get("node_id") if isinstance(body, dict) else None
+        key = NODE_KEYS.get(node_id, KEY) if isinstance(node_id, str) else KEY
     if isinstance(body, bytes):
         return body + hmac.digest(key, body, "sha256")
     return encode_heartbeat_datagram(body, key)
@@ -106,7 +117,8 @@ async def test_signed_msgpack_and_json_datagrams_are_applied_like_http(rig: Rig)
     node = rig.coord.cluster.nodes["web-1"]
     assert (node.seq, node.load["qps"]) == (3, 7)
     rig.send(_signed(msgspec.json.encode(beat(seq=4, status="degraded",
-                                              reasons=["disk almost full"]))))
+                                              reasons=["disk almost full"])),
+                     NODE_KEYS["web-1"]))
     await rig.wait_counted("ok", 2)
     assert node.seq == 4 and node.node_status.value == "degraded"
     assert rig.coord.pushes == 2
@@ -154,10 +166,14 @@ async def test_a_dropped_datagram_is_never_logged_with_its_content(
     assert "secret-canary" not in caplog.text and TOKEN not in caplog.text
 
 
-async def test_without_a_token_datagrams_carry_no_tag(tmp_path: Path) -> None:
+async def test_without_a_token_an_enrolled_node_signs_with_its_own_key(tmp_path: Path) -> None:
+    # Without an agent token a node that is not enrolled sends untagged datagrams; once
+    # enrolled (every registration is), only its own key's tag is accepted.
     async with _rig(tmp_path, **{"coordinator.agent_token": ""}) as rig:
         await rig.client.post("/v1/register", json=reg_body())
-        rig.send(encode_heartbeat_datagram(beat(seq=5), b""))
+        rig.send(encode_heartbeat_datagram(beat(seq=4), b""))
+        await rig.wait_counted("bad_tag")
+        rig.send(encode_heartbeat_datagram(beat(seq=5), rig.client.udp_key("web-1")))
         await rig.wait_counted("ok")
         assert rig.coord.cluster.nodes["web-1"].seq == 5
 

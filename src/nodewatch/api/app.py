@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,18 +17,20 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from nodewatch.api.admission import RegistrationBucket, retry_after_header
 from nodewatch.api.metrics import CoordinatorMetrics
 from nodewatch.api.schemas import DrainBody, convert
 from nodewatch.api.udp import UdpHeartbeats, push_result
 from nodewatch.config import NODE_ID_RE
 from nodewatch.coordinator.service import Coordinator, NotLeader
+from nodewatch.detect.identity import IdentityRejected
 from nodewatch.detect.outcome import Conflict, UnknownNode
 from nodewatch.model import (
     Health,
     NodeState,
     Registration,
 )
-from nodewatch.protocol import VERSION, HeartbeatBody, RegisterBody
+from nodewatch.protocol import CREDENTIAL_HEADER, VERSION, HeartbeatBody, RegisterBody
 from nodewatch.store.base import StoreUnavailable
 from nodewatch.web import (
     HTTPProblem,
@@ -38,8 +41,10 @@ from nodewatch.web import (
     token_ok,
 )
 
-__all__ = ["COORDINATOR_KEY", "HEARTBEAT_UDP_KEY", "MAX_WAIT", "METRICS_KEY", "SSE_KEEPALIVE",
-           "STATIC_DIR", "build_app"]
+__all__ = ["ADMISSION_KEY", "COORDINATOR_KEY", "HEARTBEAT_UDP_KEY", "MAX_WAIT", "METRICS_KEY",
+           "SSE_KEEPALIVE", "STATIC_DIR", "build_app"]
+
+ADMISSION_KEY: web.AppKey[RegistrationBucket] = web.AppKey("admission", RegistrationBucket)
 
 COORDINATOR_KEY: web.AppKey[Coordinator] = web.AppKey("coordinator", Coordinator)
 METRICS_KEY: web.AppKey[CoordinatorMetrics] = web.AppKey("metrics", CoordinatorMetrics)
@@ -65,8 +70,8 @@ def _coordinator(request: web.Request) -> Coordinator:
     return request.app[COORDINATOR_KEY]
 
 
-def _require(request: web.Request, token: str, what: str) -> None:
-    if not token_ok(request, token):
+def _require(request: web.Request, tokens: tuple[str, ...], what: str) -> None:
+    if not token_ok(request, tokens):
         raise HTTPProblem(401, f"missing or wrong bearer token ({what} token required)")
 
 
@@ -128,15 +133,56 @@ def _udp_offer(udp: UdpHeartbeats) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _certificate_names(request: web.Request) -> set[str] | None:
+    """The names (CN and DNS/URI SANs) of the client certificate, None when none was
+    presented (or the connection is not TLS)."""
+    transport = request.transport
+    cert = transport.get_extra_info("peercert") if transport is not None else None
+    if not cert:
+        return None
+    names = {value for rdn in cert.get("subject", ()) for key, value in rdn
+             if key == "commonName"}
+    names.update(value for key, value in cert.get("subjectAltName", ())
+                 if key in ("DNS", "URI"))
+    return names
+
+
+def _check_certificate(request: web.Request, coord: Coordinator, node_id: str) -> None:
+    """With client certificates (``[coordinator] tls_client_ca``), the certificate must name
+    the node it speaks for (CN or a SAN equal to the node id)."""
+    if not coord.config.coordinator.tls_client_ca:
+        return
+    names = _certificate_names(request)
+    if names is not None and node_id not in names:
+        coord.reject(node_id, via=request.path, claimant=request.remote or "",
+                     reason="client certificate names another node")
+        raise HTTPProblem(403, f"the client certificate does not name node {node_id!r}")
+
+
+def _credential(request: web.Request) -> str:
+    return request.headers.get(CREDENTIAL_HEADER, "")
+
+
 async def register(request: web.Request) -> web.Response:
     coord = _coordinator(request)
-    _require(request, coord.config.coordinator.agent_token, "agent")
+    _require(request, coord.config.coordinator.agent_tokens, "agent")
+    wait = request.app[ADMISSION_KEY].admit(time.monotonic())
+    if wait:
+        # Past [coordinator] max_registrations_per_second: nothing is read or changed.
+        response = error_response(429, "too many registrations; retry after "
+                                       f"{wait:.2f}s (Retry-After)")
+        response.headers["Retry-After"] = retry_after_header(wait)
+        return response
     body = convert(await read_json_object(request, coord.config.coordinator.max_body),
                    RegisterBody)
-    decision, node = await coord.enrol(Registration(
-        node_id=body.node_id, address=body.address, incarnation=body.incarnation,
-        last_seq=body.last_seq, last_ts=body.last_ts, version=body.version,
-        labels=dict(body.labels)))
+    _check_certificate(request, coord, body.node_id)
+    try:
+        decision, node, credential = await coord.enrol(Registration(
+            node_id=body.node_id, address=body.address, incarnation=body.incarnation,
+            last_seq=body.last_seq, last_ts=body.last_ts, version=body.version,
+            labels=dict(body.labels)), _credential(request), request.remote or "")
+    except IdentityRejected as exc:
+        raise HTTPProblem(403, str(exc)) from None
     # The agent's own interval wins; the coordinator's [agent] setting is the fallback.
     interval = body.heartbeat_interval or float(coord.config.agent.heartbeat_interval)
     answer: dict[str, Any] = {
@@ -148,16 +194,24 @@ async def register(request: web.Request) -> web.Response:
     udp = request.app[HEARTBEAT_UDP_KEY]
     if udp:
         answer["heartbeat_udp"] = udp  # agents with heartbeat_transport = "udp" push there
+    if credential:
+        answer["credential"] = credential  # only here, once: stored hashed, never logged
     return json_response(answer)
 
 
 async def heartbeat(request: web.Request) -> web.Response:
     coord = _coordinator(request)
-    _require(request, coord.config.coordinator.agent_token, "agent")
+    _require(request, coord.config.coordinator.agent_tokens, "agent")
     body = convert(await read_json_object(request, coord.config.coordinator.max_body),
                    HeartbeatBody)
     if body.node_id not in coord.cluster.nodes:
         raise HTTPProblem(404, f"unknown node {body.node_id!r}: register first")
+    _check_certificate(request, coord, body.node_id)
+    try:
+        coord.check_identity(body.node_id, _credential(request), via="heartbeat",
+                             claimant=request.remote or "")
+    except IdentityRejected as exc:
+        raise HTTPProblem(403, str(exc)) from None
     try:
         outcome = coord.heartbeat(push_result(body, coord.clock()))
     except UnknownNode:
@@ -279,7 +333,7 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
 def _command(name: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         coord = _coordinator(request)
-        _require(request, coord.config.coordinator.admin_token, "admin")
+        _require(request, coord.config.coordinator.admin_tokens, "admin")
         node_id = _node_id(request)
         reason = ""
         if name == "drain" and request.can_read_body:
@@ -352,13 +406,16 @@ def build_app(coord: Coordinator, udp: UdpHeartbeats | None = None) -> web.Appli
     app[COORDINATOR_KEY] = coord
     app[METRICS_KEY] = CoordinatorMetrics(coord, None if udp is None else udp.counts)
     app[HEARTBEAT_UDP_KEY] = "" if udp is None else _udp_offer(udp)
+    cc = coord.config.coordinator
+    app[ADMISSION_KEY] = RegistrationBucket(cc.max_registrations_per_second,
+                                            cc.registration_burst)
     r = app.router
     r.add_post("/v1/register", register)
     r.add_post("/v1/heartbeat", heartbeat)
     r.add_get("/v1/nodes", list_nodes)
     r.add_get("/v1/nodes/{node_id}", get_node)
     r.add_get("/v1/nodes/{node_id}/history", node_history)
-    for name in ("drain", "undrain", "approve"):
+    for name in ("drain", "undrain", "approve", "revoke"):
         r.add_post(f"/v1/nodes/{{node_id}}/{name}", _command(name))
     r.add_delete("/v1/nodes/{node_id}", _command("remove"))
     r.add_get("/v1/events", list_events)

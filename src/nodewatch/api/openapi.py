@@ -52,9 +52,12 @@ _AFTER = _query("after", {"type": "string", "pattern": r"^\d{1,20}$"},
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation("post", "/v1/register", "An agent announces itself (new, rejoin or review).",
-              {200: s.RegisterResponse, **_BODY_ERRORS}, body=s.RegisterBody, auth="agent"),
+              {200: s.RegisterResponse, **_BODY_ERRORS, 403: s.ErrorResponse,
+               429: s.ErrorResponse},
+              body=s.RegisterBody, auth="agent"),
     Operation("post", "/v1/heartbeat", "An agent pushes a report; stale reports change nothing.",
-              {204: None, **_BODY_ERRORS, 404: s.ErrorResponse, 409: s.ErrorResponse},
+              {204: None, **_BODY_ERRORS, 403: s.ErrorResponse, 404: s.ErrorResponse,
+               409: s.ErrorResponse},
               body=s.HeartbeatBody, auth="agent"),
     Operation("get", "/v1/nodes", "Every node, filtered and sorted.",
               {200: s.NodesResponse, 400: s.ErrorResponse},
@@ -77,6 +80,9 @@ OPERATIONS: tuple[Operation, ...] = (
               {200: s.CommandResponse, **_COMMAND_ERRORS}, auth="admin"),
     Operation("post", "/v1/nodes/{node_id}/approve", "Return a node held for review.",
               {200: s.CommandResponse, **_COMMAND_ERRORS}, auth="admin"),
+    Operation("post", "/v1/nodes/{node_id}/revoke",
+              "Revoke a node's credential: it re-enrols into review.",
+              {200: s.CommandResponse, **_COMMAND_ERRORS}, auth="admin"),
     Operation("delete", "/v1/nodes/{node_id}", "Forget a node.",
               {200: s.RemoveResponse, **_COMMAND_ERRORS}, auth="admin"),
     Operation("get", "/v1/events", "Events after an id (long poll with wait).",
@@ -95,8 +101,11 @@ OPERATIONS: tuple[Operation, ...] = (
 )
 
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad request", 401: "Missing or wrong token",
+            403: "The node's credential (or certificate) is required",
             404: "Unknown node", 409: "Conflict or stale report", 413: "Body too large",
-            422: "Invalid field", 503: "Unavailable or failing (the body says why)"}
+            422: "Invalid field",
+            429: "Past max_registrations_per_second: retry after Retry-After seconds",
+            503: "Unavailable or failing (the body says why)"}
 
 
 def _models() -> list[type]:

@@ -96,6 +96,10 @@ class RegisterResponse(_View):
     heartbeat_interval: float = 0.0
     heartbeat_phase: float = 0.0
     heartbeat_udp: Annotated[str, Meta(description="HOST:PORT for UDP heartbeats")] = ""
+    credential: Annotated[str, Meta(
+        description="a node credential, when issued (enrolment, approved re-enrolment, "
+                    "rotation): the agent keeps it and sends it in X-Nodewatch-Node-Credential"
+    )] = ""
 
 
 class EventView(_View):

@@ -1,8 +1,10 @@
 """UDP heartbeats: the coordinator's lean push edge, one signed datagram per heartbeat.
 
 A datagram is a msgspec-encoded ``HeartbeatBody`` (msgpack, or JSON when it starts with
-``{``) followed, when an agent token is configured, by a 32-byte HMAC-SHA256 tag over those
-bytes. The tag is checked before anything is decoded; the body is decoded straight into the
+``{``) followed by a 32-byte HMAC-SHA256 tag over those bytes: keyed with the node's own key
+(``protocol.node_heartbeat_key`` of its credential, stored by the coordinator) once the node
+is enrolled, with the agent token's before (none without a token). Only the ``node_id`` is
+read before the tag is checked (to choose the key); the body is decoded straight into the
 struct with the HTTP API's constraints and fed to ``Coordinator.heartbeat`` exactly like
 ``POST /v1/heartbeat``. The only answer is a tagged "unknown node" reply (``UdpReply``), so an
 agent the coordinator forgot registers again at once. A dropped datagram is only counted (by
@@ -15,19 +17,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
 from nodewatch.coordinator.service import Coordinator, NotLeader
 from nodewatch.detect.outcome import UnknownNode
-from nodewatch.model import CheckResult, Report
+from nodewatch.model import CheckResult, NodeState, Report
 from nodewatch.protocol import (
     MAX_DATAGRAM,
     HeartbeatBody,
     UdpReply,
     encode_udp_reply,
     heartbeat_key,
+    peek_node_id,
     split_host_port,
     untagged,
 )
@@ -42,6 +46,7 @@ BATCH_WINDOW = 0.1  # seconds the socket rests after a drain, so that wake-ups c
 MAX_BATCH = 1024  # datagrams per wake-up, so that a flood cannot starve the loop
 RESULTS = ("ok", "stale", "unknown", "bad_tag", "malformed", "oversize", "not_leader", "error")
 _JSON_START = ord("{")
+MAX_REMEMBERED_KEYS = 100_000
 
 
 def push_result(body: HeartbeatBody, at: float) -> CheckResult:
@@ -64,7 +69,7 @@ class UdpHeartbeats:
     of detection time); the receive buffer holds what arrives meanwhile.
     """
 
-    def __init__(self, coord: Coordinator, token: str, sock: socket.socket,
+    def __init__(self, coord: Coordinator, token: str | Sequence[str], sock: socket.socket,
                  batch_window: float = BATCH_WINDOW) -> None:
         self.coord = coord
         self.counts: dict[str, int] = dict.fromkeys(RESULTS, 0)
@@ -75,7 +80,11 @@ class UdpHeartbeats:
         self._loop = asyncio.get_running_loop()
         self._resume: asyncio.TimerHandle | None = None
         self._closed = False
-        self._key = heartbeat_key(token)
+        # One key per accepted agent token (old and new during a rotation); a reply is
+        # tagged with the key its heartbeat was.
+        tokens = (token,) if isinstance(token, str) else tuple(token)
+        self._keys = tuple(heartbeat_key(t) for t in tokens if t) or (b"",)
+        self._last_keys: dict[str, bytes] = {}  # node id -> its key, for forgotten nodes
         self._msgpack = msgspec.msgpack.Decoder(HeartbeatBody)
         self._json = msgspec.json.Decoder(HeartbeatBody)
         self._loop.add_reader(self._fd, self._readable)
@@ -138,8 +147,16 @@ class UdpHeartbeats:
             return "oversize"
         if not data:
             return "malformed"
-        payload = untagged(data, self._key)
+        node_id = peek_node_id(data)
+        node = self.coord.cluster.node(node_id) if node_id else None
+        payload: bytes | memoryview | None = None
+        for key in self._keys_for(node_id, node):
+            payload = untagged(data, key)
+            if payload is not None:
+                break
         if payload is None:
+            if node is not None and (node.udp_key or node.revoked or node.reenrol_address):
+                self._reject(node.node_id, addr)
             return "bad_tag"
         try:
             if data[0] == _JSON_START:
@@ -150,24 +167,50 @@ class UdpHeartbeats:
             return "malformed"
         coord = self.coord
         if body.node_id not in coord.cluster.nodes:
-            self._reply_unknown(body, addr)
+            self._reply_unknown(body, addr, key)
             return "unknown"
         try:
             outcome = coord.heartbeat(push_result(body, coord.clock()))
         except UnknownNode:
-            self._reply_unknown(body, addr)
+            self._reply_unknown(body, addr, key)
             return "unknown"
         except NotLeader:
             return "not_leader"
         return "stale" if outcome.stale else "ok"
 
-    def _reply_unknown(self, body: HeartbeatBody, addr: Any) -> None:
+    def _keys_for(self, node_id: str | None, node: NodeState | None) -> list[bytes]:
+        """The keys a datagram for ``node`` may be tagged with: the node's own (and, during a
+        rotation, its previous one) once it is enrolled, else the agent token's; none while
+        its credential is revoked or a re-enrolment is pending. For a node the coordinator
+        does not know (any more), also the key it last had here, so that a forgotten agent
+        still hears the tagged "unknown node" reply."""
+        if node is None:
+            last = self._last_keys.get(node_id or "")
+            return list(self._keys) if last is None else [*self._keys, last]
+        if not (node.udp_key or node.revoked or node.reenrol_address):
+            return list(self._keys)
+        keys = [bytes.fromhex(k) for k in (node.udp_key, node.previous_udp_key) if k]
+        if keys:
+            if len(self._last_keys) >= MAX_REMEMBERED_KEYS:
+                self._last_keys.clear()  # a bound, not a cache policy: rarely reached
+            self._last_keys[node.node_id] = keys[0]
+        return keys
+
+    def _reject(self, node_id: str, addr: Any) -> None:
+        """A datagram for an enrolled node without its key's tag: recorded (rate-limited)."""
+        try:
+            self.coord.reject(node_id, via="udp", claimant=str(addr[0]) if addr else "",
+                              reason="UDP heartbeat not signed with the node's key")
+        except NotLeader:
+            pass
+
+    def _reply_unknown(self, body: HeartbeatBody, addr: Any, key: bytes) -> None:
         """Tell the sender at once that it must register again (what HTTP says with a 404).
 
         Only a datagram that passed the tag check gets here, and the reply is smaller than the
         heartbeat, so the port cannot be used to amplify traffic towards a spoofed address."""
         reply = encode_udp_reply(UdpReply(404, body.node_id, body.incarnation, body.seq),
-                                 self._key)
+                                 key)
         try:
             self._sock.sendto(reply, addr)
             self.replies += 1
@@ -201,11 +244,11 @@ async def start_udp_heartbeats(coord: Coordinator, listen: str | None = None,
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         _grow_receive_buffer(sock)
         sock.bind(sockaddr)
-        endpoint = UdpHeartbeats(coord, cc.agent_token, sock, batch_window)
+        endpoint = UdpHeartbeats(coord, cc.agent_tokens, sock, batch_window)
     except BaseException:
         sock.close()
         raise
-    if not cc.agent_token:
+    if not cc.agent_tokens:
         log.warning("UDP heartbeats on %s without an agent token: datagrams are not "
                     "authenticated", listen or cc.heartbeat_udp)
     return endpoint

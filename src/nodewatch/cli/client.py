@@ -267,11 +267,16 @@ class Client:
         return self._request("GET", self._node_path(node_id), NodeInfo)
 
     def command(self, name: str, node_id: str, reason: str = "") -> CommandResult:
-        """``drain`` / ``undrain`` / ``approve`` (POST) or ``remove`` (DELETE)."""
+        """``drain`` / ``undrain`` / ``approve`` / ``revoke`` (POST) or ``remove`` (DELETE)."""
         if name == "remove":
             return self._request("DELETE", self._node_path(node_id), CommandResult)
         body = {"reason": reason} if name == "drain" else None
         return self._request("POST", f"{self._node_path(node_id)}/{name}", CommandResult, body)
+
+    def revoke(self, node_id: str) -> CommandResult:
+        """Revoke the node's credential (admin): refused from now on, and the node's next
+        registration goes to review with a new one."""
+        return self.command("revoke", node_id)
 
     def events(self, after: str | None = None, wait: float = 0.0,
                limit: int = 1000) -> EventsPage:

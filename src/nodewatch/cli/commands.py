@@ -171,7 +171,8 @@ def status(coordinator: str | None, ca: str | None, cert: str | None, key: str |
 
 
 def _node_command(name: str, verb: str, help_text: str) -> None:
-    """Register one operator command (drain, undrain, approve, remove) on the group."""
+    """Register one operator command (drain, undrain, approve, revoke, remove) on the
+    group."""
 
     @main.command(name, help=help_text)
     @click.argument("node_id")
@@ -202,7 +203,10 @@ def _node_command(name: str, verb: str, help_text: str) -> None:
 
 _node_command("drain", "drained", "Take NODE out softly: no new work, running work finishes.")
 _node_command("undrain", "undrained", "Return a drained NODE to service.")
-_node_command("approve", "approved", "Approve a NODE held for review after a suspicious rejoin.")
+_node_command("approve", "approved", "Approve a NODE held for review after a suspicious rejoin, "
+              "or its pending re-enrolment (a claim refused for want of its credential).")
+_node_command("revoke", "credential revoked", "Revoke NODE's credential: refused from now on, "
+              "NODE re-enrols into review on its next registration.")
 _node_command("remove", "removed", "Forget NODE (it registers again if its agent still runs).")
 
 

@@ -42,6 +42,7 @@ from nodewatch.protocol import (
     split_host_port,
 )
 from nodewatch.tls import client_context
+from nodewatch.web import beyond_loopback
 
 __all__ = ["Agent"]
 
@@ -135,6 +136,7 @@ class Agent:
         self._uptime = 0.0
         self._started_at = 0.0
         self._previous: PersistedState | None = None
+        self._credential = ""  # the node credential (a secret: never logged)
         self.last_seq_before_start = 0
         self.last_ts_before_start = 0.0
         self._doc: HealthDoc | None = None
@@ -300,8 +302,9 @@ class Agent:
             target=target,
             reachable=result.ok,
             latency=round(result.latency, 6),
+            # The class of failure only (timeout, refused, http_status, bad_body, error): no
+            # text from the target (status code, body, error message) leaves the node.
             failure=None if result.failure is None else result.failure.value,
-            detail=result.detail,
             status=None if result.report is None else result.report.status.value,
         )
 
@@ -323,6 +326,7 @@ class Agent:
         previous = await asyncio.to_thread(self._state_file.load)
         self._previous = previous
         if previous is not None:
+            self._credential = previous.credential
             self._incarnation = previous.incarnation + 1
             # After a clean stop the seq is exact; after a crash the reservation ceiling is the
             # only value known to be at or past every seq that was exposed.
@@ -357,7 +361,8 @@ class Agent:
             self._coordinator = CoordinatorClient(self.config.coordinator,
                                                   self.config.agent_token, self._client,
                                                   ssl_context=self._coordinator_tls,
-                                                  client_certificate=bool(self.config.tls_cert))
+                                                  client_certificate=bool(self.config.tls_cert),
+                                                  credential=self._credential)
             self._spawn(self._coordinator_loop(), "coordinator")
         if self.config.store:
             from nodewatch.collect.lease import publish_under_lease
@@ -368,6 +373,11 @@ class Agent:
                 "lease")
         log.info("agent %s listening on %s (incarnation %d)", self.node_id,
                  self.listen_address, self._incarnation)
+        if not self.config.agent_token and self._bound and beyond_loopback(self._bound[0]):
+            log.warning("agent %s listens on %s beyond loopback without an agent token: "
+                        "anyone who reaches it can use GET /probe; set [agent] agent_token "
+                        "(or NODEWATCH_AGENT_TOKEN) to require it", self.node_id,
+                        self.config.listen)
 
     async def stop(self) -> None:
         """Stop serving, persist the final state, send it as a final heartbeat. Idempotent."""
@@ -491,7 +501,7 @@ class Agent:
         reserved = self._seq if clean else max(self._reserved, self._seq + SEQ_BLOCK)
         state = PersistedState(node_id=self.node_id, incarnation=self._incarnation,
                                seq=self._seq, reserved=max(reserved, self._reserved),
-                               last_ts=self._ts, clean=clean)
+                               last_ts=self._ts, clean=clean, credential=self._credential)
         try:
             await self._state_file.save_async(state)
         except OSError as exc:
@@ -571,6 +581,8 @@ class Agent:
             answer = await client.register_until_done(
                 functools.partial(self._register_body, first))
             first = False
+            if answer.credential:
+                await self._adopt_credential(client, answer.credential)
             self.registration = answer
             self.registered.set()
             log.info("registered with %s: %s", client.url, answer.decision)
@@ -578,10 +590,24 @@ class Agent:
             if interval <= 0:
                 return
             phase = answer.heartbeat_phase if 0 <= answer.heartbeat_phase < interval else 0.0
-            if await self._heartbeat_loop(client, interval, phase,
-                                          answer.heartbeat_udp) == "unknown":
-                self.registered.clear()
+            ended = await self._heartbeat_loop(client, interval, phase, answer.heartbeat_udp)
+            self.registered.clear()
+            if ended == "unknown":
                 log.warning("coordinator does not know this node any more; registering again")
+            else:
+                log.warning("coordinator refused this node's credential; registering again")
+
+    async def _adopt_credential(self, client: CoordinatorClient, credential: str) -> None:
+        """A credential from a register answer (enrolment, re-enrolment or a rotation): kept
+        in the state file (atomically, mode 0600) and proven from now on."""
+        self._credential = credential
+        client.set_credential(credential)
+        if await self._persist():
+            log.info("node credential received and stored in %s", self._state_file.dir)
+        else:
+            log.error("node credential received but the state dir %s cannot be written: a "
+                      "restart will need an operator's approval to re-enrol",
+                      self._state_file.dir)
 
     async def _open_udp(self, client: CoordinatorClient, offer: str) -> UdpHeartbeatSender | None:
         """A UDP sender when this agent wants UDP and the coordinator offers it, else None."""
@@ -590,7 +616,8 @@ class Agent:
         try:
             return await UdpHeartbeatSender.open(offer, client.url, self.config.agent_token,
                                                  self.node_id, self._incarnation,
-                                                 on_unknown=self._beat_now.set)
+                                                 on_unknown=self._beat_now.set,
+                                                 credential=self._credential)
         except (OSError, ValueError) as exc:
             log.warning("cannot send UDP heartbeats to %s (%s); using HTTP", offer,
                         type(exc).__name__)
@@ -638,5 +665,7 @@ class Agent:
             self.heartbeats_sent["http"] += 1
             if outcome.status == 404:
                 return "unknown"
+            if outcome.status == 403:
+                return "rejected"
             if outcome.status == 0 or outcome.status >= 300:
                 log.debug("heartbeat: %s %s", outcome.status, outcome.detail)

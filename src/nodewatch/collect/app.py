@@ -1,12 +1,13 @@
 """The agent's HTTP API on aiohttp: every route answers from in-memory state (the latest
-sample); only ``/probe`` does network I/O, and mutations are limited to loopback or the token."""
+sample); only ``/probe`` does network I/O. Mutations are limited to loopback or the token, and
+so is ``/probe`` whenever the agent has a token (else it would scan the node's network)."""
 
 from __future__ import annotations
 
 import ipaddress
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -46,7 +47,8 @@ class AgentSurface(Protocol):
     async def probe(self, target: str, *, limits: tuple[float, float] | None = None
                     ) -> ProbeReply: ...
 
-__all__ = ["AgentSurface", "build_app", "is_loopback", "mutation_allowed", "parse_status_update"]
+__all__ = ["AgentSurface", "build_app", "is_loopback", "mutation_allowed", "parse_status_update",
+           "probe_allowed"]
 
 _STATUS_WORDS = ", ".join(repr(s.value) for s in NodeStatus)
 _MAX_REASON = 512
@@ -82,12 +84,29 @@ def mutation_allowed(remote: str | None, authorization: str | None, token: str,
     return False, 403, "mutations are accepted only from loopback or with the agent token"
 
 
-def _check_mutation(request: web.Request, token: str) -> None:
+def probe_allowed(remote: str | None, authorization: str | None, token: str,
+                  token_matches: bool) -> tuple[bool, int, str]:
+    """``GET /probe`` is open while the agent has no token (the coordinator has none to send
+    either; the agent warns at start when it listens beyond loopback so); with a token it is
+    guarded like a mutation: loopback, or the token."""
+    if not token:
+        return True, 0, ""
+    return mutation_allowed(remote, authorization, token, token_matches)
+
+
+_Rule = Callable[[str | None, str | None, str, bool], tuple[bool, int, str]]
+
+
+def _check(request: web.Request, token: str, rule: _Rule) -> None:
     authorization = request.headers.get("Authorization")
     matches = bool(token) and bool(authorization) and token_ok(request, token)
-    allowed, status, message = mutation_allowed(request.remote, authorization, token, matches)
+    allowed, status, message = rule(request.remote, authorization, token, matches)
     if not allowed:
         raise HTTPProblem(status, message)
+
+
+def _check_mutation(request: web.Request, token: str) -> None:
+    _check(request, token, mutation_allowed)
 
 
 def parse_status_update(data: dict[str, Any]) -> tuple[NodeStatus, str]:
@@ -201,6 +220,7 @@ def build_app(agent: AgentSurface) -> web.Application:
         return min(value, float(ceiling))
 
     async def get_probe(request: web.Request) -> web.Response:
+        _check(request, token, probe_allowed)
         target = request.query.get("target", "")
         if not target:
             raise HTTPProblem(400, "missing ?target=HOST:PORT")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import ssl
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import msgspec
 from yarl import URL
 
 from nodewatch.protocol import (
+    CREDENTIAL_HEADER,
     MAX_DATAGRAM,
     HeartbeatBody,
     RegisterAnswer,
@@ -23,11 +25,13 @@ from nodewatch.protocol import (
     decode_udp_reply,
     encode_heartbeat_datagram,
     heartbeat_key,
+    node_heartbeat_key,
     split_host_port,
 )
 from nodewatch.tls import TlsFailure, explain_tls_failure, probe_handshake
 
-__all__ = ["CoordinatorClient", "HeartbeatOutcome", "RegistrationRejected", "UdpHeartbeatSender"]
+__all__ = ["CoordinatorClient", "HeartbeatOutcome", "RegistrationRejected",
+           "RegistrationThrottled", "UdpHeartbeatSender", "retry_after_seconds"]
 
 log = logging.getLogger("nodewatch.agent")
 
@@ -41,6 +45,31 @@ _answer_decoder = msgspec.json.Decoder(RegisterAnswer)
 class RegistrationRejected(Exception):
     """The coordinator answered with a 4xx other than a passing problem: retrying won't help
     until something changes, so retry slowly."""
+
+
+class RegistrationThrottled(Exception):
+    """The coordinator is admitting registrations at its bounded rate (HTTP 429): come back
+    after ``retry_after`` seconds (its ``Retry-After``), plus jitter."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"coordinator is busy (HTTP 429); retry after {retry_after:g}s")
+        self.retry_after = retry_after
+
+
+# Bounds on an honoured Retry-After: a missing or unreadable one means one second, and no
+# coordinator can send an agent away for more than this.
+MAX_RETRY_AFTER = 120.0
+
+
+def retry_after_seconds(header: str | None) -> float:
+    """``Retry-After`` as seconds (delta-seconds; an HTTP date or garbage counts as 1 s)."""
+    try:
+        value = float(header) if header else 1.0
+    except ValueError:
+        value = 1.0
+    if not math.isfinite(value) or value < 0:
+        value = 1.0
+    return min(MAX_RETRY_AFTER, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +102,7 @@ class CoordinatorClient:
 
     def __init__(self, url: str, token: str, session: Callable[[], aiohttp.ClientSession],
                  *, request_timeout: float = 5.0, ssl_context: ssl.SSLContext | None = None,
-                 client_certificate: bool = False) -> None:
+                 client_certificate: bool = False, credential: str = "") -> None:
         self.url = url.rstrip("/")
         self._session = session
         self._ssl_context = ssl_context
@@ -83,8 +112,16 @@ class CoordinatorClient:
         self._headers = dict(JSON_HEADERS)
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
+        self.set_credential(credential)
         self._timeout = aiohttp.ClientTimeout(total=request_timeout,
                                               connect=min(2.0, request_timeout))
+
+    def set_credential(self, credential: str) -> None:
+        """The node credential to prove from now on (sent in ``CREDENTIAL_HEADER``)."""
+        if credential:
+            self._headers[CREDENTIAL_HEADER] = credential
+        else:
+            self._headers.pop(CREDENTIAL_HEADER, None)
 
     async def register(self, payload: RegisterBody) -> RegisterAnswer:
         """One attempt; raises on any failure (the caller retries)."""
@@ -92,6 +129,9 @@ class CoordinatorClient:
                                         headers=self._headers, timeout=self._timeout,
                                         ssl=self._ssl) as response:
             body = await response.content.read(1 << 20)
+            if response.status == 429:
+                raise RegistrationThrottled(
+                    retry_after_seconds(response.headers.get("Retry-After")))
             if response.status >= 500:
                 raise ConnectionError(f"coordinator answered HTTP {response.status}")
             if response.status >= 400:
@@ -106,13 +146,22 @@ class CoordinatorClient:
     async def register_until_done(self, payload: Callable[[], RegisterBody],
                                   *, first_delay: float = 0.2,
                                   max_delay: float = 10.0) -> RegisterAnswer:
-        """Retry with jittered exponential backoff until the coordinator accepts."""
+        """Retry with jittered exponential backoff until the coordinator accepts; a 429 is
+        honoured: its Retry-After, plus up to a second of jitter so that the agents sent away
+        together do not all come back together."""
         delay = first_delay
         attempt = 0
+        throttled = 0
         while True:
             attempt += 1
             try:
                 return await self.register(payload())
+            except RegistrationThrottled as exc:
+                throttled += 1
+                if throttled == 1 or throttled % 10 == 0:
+                    log.info("%s (attempt %d)", exc, attempt)
+                await asyncio.sleep(exc.retry_after + random.uniform(0.0, 1.0))
+                continue
             except RegistrationRejected as exc:
                 log.warning("%s; retrying in %.0fs", exc, max_delay)
                 await asyncio.sleep(max_delay)
@@ -163,7 +212,8 @@ class CoordinatorClient:
 
 
 class UdpHeartbeatSender(asyncio.DatagramProtocol):
-    """Fire-and-forget heartbeats to the coordinator's UDP port, signed with the agent token.
+    """Fire-and-forget heartbeats to the coordinator's UDP port, signed with the node's key
+    (derived from its credential) once enrolled, else with the agent token's.
 
     ``send`` never waits: it returns False (send this one over HTTP) only when the datagram
     would be over the size cap or the socket is gone. The coordinator answers only when it does
@@ -174,8 +224,11 @@ class UdpHeartbeatSender(asyncio.DatagramProtocol):
     """
 
     def __init__(self, token: str, node_id: str = "", incarnation: int = 0,
-                 on_unknown: Callable[[], None] | None = None) -> None:
+                 on_unknown: Callable[[], None] | None = None, credential: str = "") -> None:
+        # Replies about an unknown node are tagged with the agent token's key (the coordinator
+        # has no key for a node it does not know); heartbeats with the node's own once it has.
         self._key = heartbeat_key(token)
+        self._send_key = node_heartbeat_key(credential) or self._key
         self._transport: asyncio.DatagramTransport | None = None
         self.node_id = node_id
         self.incarnation = incarnation
@@ -185,13 +238,13 @@ class UdpHeartbeatSender(asyncio.DatagramProtocol):
 
     @classmethod
     async def open(cls, offer: str, coordinator_url: str, token: str, node_id: str = "",
-                   incarnation: int = 0, on_unknown: Callable[[], None] | None = None
-                   ) -> UdpHeartbeatSender:
+                   incarnation: int = 0, on_unknown: Callable[[], None] | None = None,
+                   credential: str = "") -> UdpHeartbeatSender:
         """Connect to the offered HOST:PORT; a wildcard host means the coordinator URL's host."""
         host, port = split_host_port(offer, default_host="0.0.0.0")
         if host in ("0.0.0.0", "::"):
             host = URL(coordinator_url).host or "127.0.0.1"
-        sender = cls(token, node_id, incarnation, on_unknown)
+        sender = cls(token, node_id, incarnation, on_unknown, credential)
         loop = asyncio.get_running_loop()
         await loop.create_datagram_endpoint(lambda: sender, remote_addr=(host, port))
         return sender
@@ -216,7 +269,7 @@ class UdpHeartbeatSender(asyncio.DatagramProtocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return False
-        datagram = encode_heartbeat_datagram(payload, self._key)
+        datagram = encode_heartbeat_datagram(payload, self._send_key)
         if len(datagram) > MAX_DATAGRAM:
             return False
         transport.sendto(datagram)

@@ -1,5 +1,6 @@
-"""The agent's identity across restarts: incarnation, the seq ceiling and last_ts, kept in the
-state directory with atomic writes (temp file, fsync, rename, fsync of the directory).
+"""The agent's identity across restarts: incarnation, the seq ceiling, last_ts and the node
+credential, kept in the state directory (mode 0600) with atomic writes (temp file, fsync,
+rename, fsync of the directory).
 
 Seqs are reserved in blocks (hi/lo): the file always holds a ``reserved`` value that no exposed
 seq exceeds, so after a crash the agent can report a ``last_seq`` that is never behind.
@@ -27,6 +28,9 @@ class PersistedState(msgspec.Struct, kw_only=True):
     reserved: int  # no seq above this one was ever exposed
     last_ts: float  # the ts of the last report exposed (the node's own clock)
     clean: bool = False  # True only when written by a clean stop
+    # The node credential the coordinator issued (a secret: the file is mode 0600, and it is
+    # never logged); empty before enrolment.
+    credential: str = ""
 
 
 _encoder = msgspec.json.Encoder()
@@ -58,6 +62,7 @@ class StateFile:
         data = _encoder.encode(state)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
+            os.fchmod(fd, 0o600)  # a leftover temp file keeps its mode otherwise
             os.write(fd, data)
             os.fsync(fd)
         finally:

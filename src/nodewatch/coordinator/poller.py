@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
@@ -107,9 +107,11 @@ class HttpProbe:
 
     @classmethod
     def from_config(cls, detection: DetectionConfig,
-                    clock: Callable[[], float] = time.time) -> HttpProbe:
+                    clock: Callable[[], float] = time.time,
+                    peer_tokens: Sequence[str] = ()) -> HttpProbe:
         """The probe for a ``[detection]`` table. Keep-alive covers two healthy intervals, so
-        a connection survives the longest normal gap between two checks of one node."""
+        a connection survives the longest normal gap between two checks of one node;
+        ``peer_tokens`` (the agent tokens) authorise its peer probes."""
         return cls(
             timeout=detection.timeout,
             connect_timeout=detection.connect_timeout,
@@ -118,7 +120,7 @@ class HttpProbe:
             clock=clock,
             keepalive_timeout=max(15.0, 2.0 * detection.healthy_interval),
             peers=HttpPeerProbe(timeout=detection.timeout,
-                                connect_timeout=detection.connect_timeout),
+                                connect_timeout=detection.connect_timeout, tokens=peer_tokens),
         )
 
     @property

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import msgspec
@@ -142,6 +142,7 @@ class ProcessProbe:
         python: str = sys.executable,
         start_timeout: float = 30.0,
         hang_grace: float = 5.0,
+        peer_tokens: Sequence[str] = (),
     ) -> None:
         if processes < 1:
             raise ValueError("processes must be at least 1")
@@ -152,7 +153,8 @@ class ProcessProbe:
         self.processes = processes
         self.timeout = timeout
         # Peer probes are rare (one per suspect node): they go from this process.
-        self._peers = HttpPeerProbe(timeout=timeout, connect_timeout=connect_timeout)
+        self._peers = HttpPeerProbe(timeout=timeout, connect_timeout=connect_timeout,
+                                    tokens=peer_tokens)
         self._argv = [
             python, "-m", "nodewatch.coordinator.probe_worker", "--parent", str(os.getpid()),
             "--timeout", repr(timeout), "--connect-timeout", repr(min(connect_timeout, timeout)),
@@ -185,6 +187,7 @@ class ProcessProbe:
             keepalive_timeout=max(15.0, 2.0 * detection.healthy_interval),
             max_loop_lag=config.coordinator.max_loop_lag,
             clock=clock,
+            peer_tokens=config.coordinator.agent_tokens,
         )
 
     @property

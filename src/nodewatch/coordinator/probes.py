@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import aiohttp
@@ -134,12 +134,20 @@ class HttpPeerProbe:
 
     A peer we cannot reach votes ``None`` (that is evidence about our own side); a peer that
     answers without a usable verdict (no ``/probe``, a bad body) casts no vote.
+
+    ``tokens`` are the agent tokens (``[coordinator] agent_token``) sent as
+    ``Authorization: Bearer``: an agent with a token answers ``/probe`` only with it. During a
+    rotation a peer refusing one (401) is asked again with the next, and the token that worked
+    is tried first from then on.
     """
 
-    def __init__(self, *, timeout: float, connect_timeout: float) -> None:
+    def __init__(self, *, timeout: float, connect_timeout: float,
+                 tokens: Sequence[str] = ()) -> None:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._params = {"timeout": f"{timeout:g}", "connect_timeout": f"{connect_timeout:g}"}
+        self._headers: list[dict[str, str]] = [
+            {"Authorization": f"Bearer {token}"} for token in tokens if token] or [{}]
         self._session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
@@ -159,18 +167,25 @@ class HttpPeerProbe:
         if session is None:
             return None
         url = f"http://{peer_address}/probe"
-        try:
-            async with session.get(url, params={"target": target_address,
-                                                **self._params}) as resp:
-                if resp.status != 200:
-                    return None
-                body = await resp.read()
-        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-            return PeerVote(peer_id=peer_id, reachable=None,
-                            detail=f"peer unreachable: {type(exc).__name__}")
-        except aiohttp.ClientError:
-            return None
-        return parse_probe_reply(peer_id, body)
+        params = {"target": target_address, **self._params}
+        for attempt, headers in enumerate(list(self._headers)):
+            try:
+                async with session.get(url, params=params, headers=headers) as resp:
+                    if resp.status == 401 and attempt + 1 < len(self._headers):
+                        continue  # a rotation: this peer may hold another accepted token
+                    if resp.status != 200:
+                        return None
+                    body = await resp.read()
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                return PeerVote(peer_id=peer_id, reachable=None,
+                                detail=f"peer unreachable: {type(exc).__name__}")
+            except aiohttp.ClientError:
+                return None
+            if attempt:
+                self._headers.remove(headers)
+                self._headers.insert(0, headers)
+            return parse_probe_reply(peer_id, body)
+        return None
 
     async def aclose(self) -> None:
         session, self._session = self._session, None

@@ -20,6 +20,7 @@ from nodewatch.respond.runner import ActionRunner
 from nodewatch.store.etcd import EtcdStore
 from nodewatch.store.open import open_store
 from nodewatch.tls import server_context
+from nodewatch.web import beyond_loopback
 
 __all__ = ["build_actions", "serve", "tls_context", "tune_gc"]
 
@@ -50,6 +51,21 @@ def build_actions(config: Config) -> ActionSink | None:
     log.info("%d [[actions]] configured%s", len(config.actions),
              " (dry run: recorded, never run)" if config.coordinator.dry_run else "")
     return runner
+
+
+def _warn_if_open(config: Config) -> None:
+    """One warning when the API is reachable beyond loopback without its tokens."""
+    cc = config.coordinator
+    host, _ = split_host_port(cc.listen, default_host="0.0.0.0")
+    missing = [key for key, tokens in (("agent_token", cc.agent_tokens),
+                                       ("admin_token", cc.admin_tokens)) if not tokens]
+    if missing and beyond_loopback(host):
+        log.warning("coordinator listens on %s beyond loopback without %s: anyone who reaches "
+                    "it can %s; set [coordinator] %s", cc.listen, " or ".join(missing),
+                    " and ".join(what for key, what in (
+                        ("agent_token", "register nodes and send heartbeats"),
+                        ("admin_token", "drain, approve and remove nodes")) if key in missing),
+                    " and ".join(missing))
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None,
@@ -91,6 +107,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None,
                  (" with TLS, client certificates required" if config.coordinator.tls_client_ca
                   else " with TLS") if ssl_context else "",
                  config.coordinator.store.split("@")[-1])
+        _warn_if_open(config)
         if ready is not None:
             ready.set()
         await stop.wait()

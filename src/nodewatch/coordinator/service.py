@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 from nodewatch.config import Config
 from nodewatch.coordinator.health import CoordinatorHealth, Signals, judge
 from nodewatch.coordinator.poller import HttpProbe, Poller, Probe
+from nodewatch.detect import identity
 from nodewatch.detect.cluster import Cluster
 from nodewatch.detect.outcome import ActionRequest, Outcome, ProbeRequest
 from nodewatch.detect.policy import Policy
@@ -37,7 +38,7 @@ from nodewatch.model import (
     Report,
     event_number,
 )
-from nodewatch.protocol import AgentLease
+from nodewatch.protocol import AgentLease, credential_hash, new_credential, node_heartbeat_key
 from nodewatch.store.base import Store, StoreUnavailable, store_label
 
 if TYPE_CHECKING:
@@ -135,7 +136,8 @@ def _probe_for(config: Config, clock: Callable[[], float]) -> Probe:
         from nodewatch.coordinator.probe_pool import ProcessProbe
 
         return ProcessProbe.from_config(config, clock=clock)
-    return HttpProbe.from_config(config.detection, clock=clock)
+    return HttpProbe.from_config(config.detection, clock=clock,
+                                 peer_tokens=config.coordinator.agent_tokens)
 
 
 class _LeaderRole:
@@ -316,6 +318,7 @@ class Coordinator:
         self.event_counts: dict[str, int] = {}
         self.stale_reports = 0
         self.pushes = 0
+        self.identity_rejections = 0  # requests refused for want of a node's credential
         self._pending_actions: list[tuple[ActionRequest, Event | None]] = []
         self._sample_marks: dict[str, tuple[int, int]] = {}
         self._last_routine_write = clock()
@@ -651,11 +654,68 @@ class Coordinator:
         await self._store_outcome(node_id, before, outcome)
         return outcome
 
-    async def enrol(self, reg: Registration) -> tuple[RegisterDecision, NodeState]:
-        """``register`` for the HTTP edge: answered once stored, else undone and refused."""
+    def check_identity(self, node_id: str, credential: str, *, via: str,
+                       claimant: str) -> None:
+        """A heartbeat for ``node_id`` presenting ``credential`` (the secret; '' for none):
+        raises IdentityRejected (after recording it, rate-limited) unless it proves the node's
+        credential, or the node has none on record. Unknown nodes pass (the caller answers
+        404)."""
         self._role.require_leader()
-        before = copy.deepcopy(self.cluster.node(reg.node_id))
-        decision, outcome = self.cluster.register(reg, self.clock())
+        node = self.cluster.node(node_id)
+        verdict = identity.verify(node, credential_hash(credential))
+        if verdict in ("rejected", "revoked", "reenrol"):
+            self.reject(node_id, via=via, claimant=claimant,
+                        reason="no credential" if not credential else "wrong credential")
+            raise identity.IdentityRejected(f"node {node_id!r} is enrolled: its own node "
+                                            "credential is required")
+
+    def reject(self, node_id: str, *, via: str, claimant: str, reason: str,
+               claimed_address: str = "") -> None:
+        """Record a request refused for want of the node's credential (rate-limited event);
+        it changes nothing else."""
+        self.identity_rejections += 1
+        self._handle(self.cluster.reject_identity(node_id, self.clock(), via=via,
+                                                  claimant=claimant, reason=reason,
+                                                  claimed_address=claimed_address))
+
+    def _issue(self, node: NodeState | None, verdict: identity.Verdict,
+               now: float) -> tuple[str, identity.Credential | None]:
+        """A new credential when this registration gets one: enrolment, re-enrolment, a node
+        without one on record, or a rotation that is due (``rotate_credentials_after``)."""
+        rotate = float(self.config.coordinator.rotate_credentials_after)
+        due = verdict in ("new", "open", "reenrol", "revoked") or (
+            verdict == "valid" and node is not None and rotate > 0
+            and now - node.credential_at >= rotate)
+        if not due:
+            return "", None
+        secret = new_credential()
+        return secret, identity.Credential(credential_hash(secret),
+                                           node_heartbeat_key(secret).hex())
+
+    async def enrol(self, reg: Registration, credential: str = "",
+                    claimant: str = "") -> tuple[RegisterDecision, NodeState, str]:
+        """``register`` for the HTTP edge: answered once stored, else undone and refused.
+
+        ``credential`` is what the agent presented (the secret; '' for none); a registration
+        for an enrolled node that does not prove it raises IdentityRejected and changes
+        nothing but the node's pending claim. Returns the decision, the node and a newly
+        issued credential ('' when none), to send back in the answer only."""
+        self._role.require_leader()
+        now = self.clock()
+        node_before = self.cluster.node(reg.node_id)
+        verdict = identity.verify(node_before, credential_hash(credential), reg.address,
+                                  registering=True)
+        if verdict == "rejected":
+            self.reject(reg.node_id, via="register", claimant=claimant,
+                        reason="no credential" if not credential else "wrong credential",
+                        claimed_address=reg.address)
+            raise identity.IdentityRejected(
+                f"node {reg.node_id!r} is enrolled and this registration does not prove its "
+                "credential; the claim is held for an operator (nodewatch approve "
+                f"{reg.node_id} re-enrols it from {reg.address})")
+        secret, issue = self._issue(node_before, verdict, now)
+        before = copy.deepcopy(node_before)
+        decision, outcome = self.cluster.register(reg, now, verdict=verdict, issue=issue)
         try:
             await self._store_outcome(reg.node_id, before, outcome)
         except StoreUnavailable:
@@ -667,7 +727,7 @@ class Coordinator:
             self.poller.update_address(node.node_id, node.address)
         else:
             self.poller.add(node.node_id, node.address, first_due=self.clock())
-        return decision, node
+        return decision, node, secret
 
     async def _store_outcome(self, node_id: str, before: NodeState | None,
                              outcome: Outcome) -> None:
@@ -724,6 +784,8 @@ class Coordinator:
             outcome = self.cluster.approve(node_id, now)
         elif name == "remove":
             outcome = self.cluster.remove(node_id, now)
+        elif name == "revoke":
+            outcome = self.cluster.revoke(node_id, now)
         else:
             raise ValueError(f"unknown command {name!r}")
         return outcome

@@ -17,6 +17,7 @@ from nodewatch.detect.budget import Budget
 from nodewatch.detect.drain import Drains
 from nodewatch.detect.gate import Gate
 from nodewatch.detect.guard import Guard
+from nodewatch.detect.identity import Credential, Identity, Verdict
 from nodewatch.detect.journal import DirtyNodes, EventSequence
 from nodewatch.detect.machine import FailureLog, NodeTable
 from nodewatch.detect.outcome import ActionRequest, Conflict, Outcome, ProbeRequest, UnknownNode
@@ -67,6 +68,7 @@ class Cluster:
         self.budget = Budget(policy)
         self.peers = PeerConfirmation(policy, self.rng)
         self.review = Review(policy)
+        self.identity = Identity()
         self.drains = Drains(policy)
         self.event_sequence = EventSequence(next_event)
         self.dirty = DirtyNodes(self.table.nodes)
@@ -174,6 +176,7 @@ class Cluster:
         self.failures.clear(node_id)
         self.budget.release(node_id)
         self.review.forget(node_id)
+        self.identity.forget(node_id)
         self.peers.forget(node_id)
         self.drains.forget(node_id)
         self.dirty.forget(node_id)
@@ -510,26 +513,56 @@ class Cluster:
 
     # ------------------------------------------------------------------ registration
 
-    def register(self, reg: Registration, now: float) -> tuple[RegisterDecision, Outcome]:
-        """Decide new / rejoin / review for an agent that (re)started, per SPEC's rules."""
+    def register(self, reg: Registration, now: float, *, verdict: Verdict = "open",
+                 issue: Credential | None = None) -> tuple[RegisterDecision, Outcome]:
+        """Decide new / rejoin / review for an agent that (re)started, per SPEC's rules.
+
+        ``verdict`` is what ``identity.verify`` said of the credential the registration
+        presented (the edge refuses a ``rejected`` one before it gets here: see
+        ``reject_identity``); ``issue`` is a new credential to keep for the node (its secret
+        goes back in the answer)."""
         out = Outcome()
         node = self.table.nodes.get(reg.node_id)
         if node is None:
             node = NodeState(node_id=reg.node_id, address=reg.address, labels=dict(reg.labels),
                              incarnation=reg.incarnation, seq=-1, last_ts=reg.last_ts,
                              version=reg.version, registered_at=now, since=now)
+            self._keep_credential(node, issue, now, rotation=False)
             self.table.add(node)
             self.dirty.changed(reg.node_id)
             self._emit(out, now, reg.node_id, "registered", "", Health.UNKNOWN.value,
                        "new node", {"decision": "new", "incarnation": reg.incarnation})
             out.check_now.append(reg.node_id)
             return "new", out
+        if verdict == "rejected":
+            raise ValueError("a rejected identity does not register")
         self.review.restore_before_restart(node, reg)
-        decision, reason, evidence = self.review.judge(node, reg, now,
-                                                       observing_since=self.gate.started_at)
-        if decision == "review" and self.policy.auto_approve:
-            evidence["auto_approved"] = reason
-            decision, reason = "rejoin", f"auto-approved: {reason}"
+        decision: RegisterDecision
+        if verdict == "reenrol":
+            evidence: dict[str, Any] = {"stored_address": node.address, "address": reg.address,
+                                        "stored_incarnation": node.incarnation,
+                                        "incarnation": reg.incarnation, "decision": "rejoin"}
+            decision, reason = "rejoin", "re-enrolled with a new credential (operator approved)"
+            node.incarnation = 0  # a new start: counted as a restart below, seq from scratch
+            node.reenrol_address = node.claim_address = ""
+        elif verdict == "revoked":
+            evidence = {"stored_address": node.address, "address": reg.address,
+                        "incarnation": reg.incarnation}
+            decision = "review"
+            reason = "credential revoked: the node re-enrols with a new one, pending approval"
+            node.revoked = False
+        else:
+            decision, reason, evidence = self.review.judge(
+                node, reg, now, observing_since=self.gate.started_at)
+            if decision == "review" and self.policy.auto_approve:
+                evidence["auto_approved"] = reason
+                decision, reason = "rejoin", f"auto-approved: {reason}"
+            if verdict == "valid":
+                node.previous_hash = node.previous_udp_key = ""  # the new one is proven
+            if verdict in ("valid", "previous"):
+                node.claim_address = ""  # the node proved itself: a pending claim was not it
+        if issue is not None:
+            self._keep_credential(node, issue, now, rotation=verdict in ("valid", "previous"))
         node.address = reg.address
         node.labels = dict(reg.labels) or node.labels
         node.version = reg.version or node.version
@@ -562,6 +595,44 @@ class Cluster:
                        reason, evidence)
         out.check_now.append(node.node_id)
         return decision, out
+
+    @staticmethod
+    def _keep_credential(node: NodeState, issue: Credential | None, now: float, *,
+                         rotation: bool) -> None:
+        """Store a newly issued credential; in a rotation the current one stays accepted as
+        the previous until the node proves the new one (an answer lost on the way then costs
+        no lock-out)."""
+        if issue is None:
+            return
+        if rotation and node.credential_hash:
+            node.previous_hash, node.previous_udp_key = node.credential_hash, node.udp_key
+        elif not rotation:
+            node.previous_hash = node.previous_udp_key = ""
+        node.credential_hash, node.udp_key, node.credential_at = issue.hash, issue.udp_key, now
+
+    def reject_identity(self, node_id: str, now: float, *, via: str, claimant: str,
+                        reason: str, claimed_address: str = "") -> Outcome:
+        """A request for ``node_id`` that did not prove its credential: the node's address,
+        seq, health and admin state are left alone. A registration's claimed address is kept
+        as the node's pending claim (``approve`` re-enrols it from there). At most one
+        ``identity_rejected`` event per node per ``REJECTED_EVENT_INTERVAL``; the ones left
+        out are counted in the next one's evidence."""
+        out = Outcome()
+        node = self.table.nodes.get(node_id)
+        if node is None:
+            return out
+        if claimed_address:
+            node.claim_address = claimed_address
+        suppressed = self.identity.note_rejection(node_id, now)
+        if suppressed is None:
+            return out
+        evidence: dict[str, Any] = {"via": via, "claimant": claimant,
+                                    "stored_address": node.address, "suppressed": suppressed}
+        if claimed_address:
+            evidence["claimed_address"] = claimed_address
+        self._emit(out, now, node_id, "identity_rejected", "", "", reason, evidence)
+        self.dirty.changed(node_id)  # the claim is stored with its event
+        return out
 
     # ------------------------------------------------------------------ operator commands
 
@@ -634,16 +705,47 @@ class Cluster:
         return out
 
     def approve(self, node_id: str, now: float) -> Outcome:
+        """Return a node held for review; with a pending claim (a registration refused for
+        want of the credential, e.g. a node that lost its state directory), approve that
+        claim too: the old credential is revoked and the next registration from the claimed
+        address is issued a new one."""
         node = self._get(node_id)
         out = Outcome()
-        if node.admin is not Admin.REVIEW:
-            raise Conflict(f"node {node_id} is not in review (admin is {node.admin.value})")
-        node.admin = Admin.ACTIVE
-        node.rejoins.clear()
+        claim = node.claim_address
+        if node.admin is not Admin.REVIEW and not claim:
+            raise Conflict(f"node {node_id} is not in review (admin is {node.admin.value}) "
+                           "and has no pending claim")
+        evidence: dict[str, Any] = {}
+        reason = "operator approved"
+        if claim:
+            node.credential_hash = node.udp_key = ""
+            node.previous_hash = node.previous_udp_key = ""
+            node.reenrol_address, node.claim_address, node.revoked = claim, "", False
+            evidence = {"reenrol_from": claim, "stored_address": node.address}
+            reason = f"operator approved re-enrolment from {claim}; old credential revoked"
+        before = node.admin
+        if before is Admin.REVIEW:
+            node.admin = Admin.ACTIVE
+            node.rejoins.clear()
         self.dirty.changed(node_id)
-        event = self._emit(out, now, node_id, "approved", Admin.REVIEW.value,
-                           Admin.ACTIVE.value, "operator approved")
-        self._action(out, "approved", node, event)
+        event = self._emit(out, now, node_id, "approved", before.value, node.admin.value,
+                           reason, evidence)
+        if before is Admin.REVIEW:
+            self._action(out, "approved", node, event)
+        return out
+
+    def revoke(self, node_id: str, now: float) -> Outcome:
+        """Revoke the node's credential: refused from now on, and the node's next
+        registration goes to review with a new one (a forced re-enrolment)."""
+        node = self._get(node_id)
+        out = Outcome()
+        node.credential_hash = node.udp_key = ""
+        node.previous_hash = node.previous_udp_key = ""
+        node.claim_address = node.reenrol_address = ""
+        node.revoked = True
+        self.dirty.changed(node_id)
+        self._emit(out, now, node_id, "revoked", "", "",
+                   "operator revoked the node credential: it must re-enrol")
         return out
 
     def remove(self, node_id: str, now: float) -> Outcome:

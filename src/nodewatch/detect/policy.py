@@ -32,6 +32,7 @@ class Policy:
     indirect_probes: int = _GUARD.indirect_probes
     max_rejoins: int = _REVIEW.max_rejoins
     auto_approve: bool = _REVIEW.auto_approve
+    address_change: str = _REVIEW.address_change
     max_fraction: float = _BUDGET.max_fraction
     max_rate: float = _BUDGET.max_rate  # cleanups per minute
     drain_deadline: float = float(_BUDGET.drain_deadline)
@@ -55,6 +56,7 @@ class Policy:
             indirect_probes=cfg.guard.indirect_probes,
             max_rejoins=cfg.review.max_rejoins,
             auto_approve=cfg.review.auto_approve,
+            address_change=cfg.review.address_change,
             max_fraction=cfg.budget.max_fraction,
             max_rate=cfg.budget.max_rate,
             drain_deadline=float(cfg.budget.drain_deadline),

@@ -93,6 +93,11 @@ class Review:
         }
         if reg.incarnation < node.incarnation:
             return "review", "incarnation went back: the node lost its state", evidence
+        if reg.address != node.address and p.address_change == "review":
+            evidence["stored_address"] = node.address
+            evidence["address"] = reg.address
+            return "review", (f"address changed from {node.address} to {reg.address} "
+                              "([review] address_change = \"review\")"), evidence
         unobserved = reg.last_ts - node.last_ts if node.last_ts else 0.0
         if node.health not in _OUT and node.last_ts and observing_since > node.last_ts:
             unobserved = max(0.0, reg.last_ts - observing_since)
