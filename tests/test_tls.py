@@ -63,7 +63,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
                  f"/CN=nodewatch test {ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.pem")
     _issue(openssl, d, "server", "/CN=127.0.0.1",
            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    _issue(openssl, d, "client", "/CN=tls-agent", "extendedKeyUsage=clientAuth\n")
+    # The agent's certificate names its node (issue 14: the coordinator refuses a certificate
+    # that names another node); the CLI presents the same one as an admin client.
+    _issue(openssl, d, "client", "/CN=tls-1", "extendedKeyUsage=clientAuth\n")
     _openssl(openssl, d, "pkey", "-in", "client.key", "-aes256", "-passout", "pass:secret",
              "-out", "encrypted.key")
     return Pki(ca=d / "ca.pem", server_cert=d / "server.pem", server_key=d / "server.key",
@@ -156,6 +158,17 @@ def test_agent_without_client_certificate_cannot_register(cluster: LocalCluster)
     assert "cannot register" in line and "tls_cert" in line and "Traceback" not in agent.log()
     assert cluster.node("no-cert") is None
     assert not [e for e in cluster.events() if e["node_id"] == "no-cert"]
+
+
+def test_agent_whose_certificate_names_another_node_is_refused(cluster: LocalCluster,
+                                                              pki: Pki) -> None:
+    host = "127.0.9.4"
+    agent = cluster.start_agent("tls-2", f"{host}:{free_port(host)}", "--tls-cert",
+                                str(pki.client_cert), "--tls-key", str(pki.client_key))
+    wait_until(lambda: "does not name node 'tls-2'" in agent.log(), timeout=10,
+               message="the agent's log saying its certificate names another node")
+    assert cluster.node("tls-2") is None and "Traceback" not in agent.log()
+    assert (cluster.node("tls-1") or {}).get("address") != f"{host}"
 
 
 def test_agent_trusting_another_ca_cannot_register(cluster: LocalCluster, pki: Pki) -> None:

@@ -235,6 +235,14 @@ class NodeState:
             "labels": self.labels,
             "reasons": list(self.reasons) + ([self.health_reason] if self.health_reason else []),
             "version": self.version,
+            # What an operator needs of the node's identity: never the hashes or keys.
+            "identity": {
+                "enrolled": bool(self.credential_hash),
+                "credential_since": self.credential_at or None,
+                "pending_claim": self.claim_address or None,
+                "reenrol_from": self.reenrol_address or None,
+                "revoked": self.revoked,
+            },
             "drain": None
             if self.drain is None
             else {

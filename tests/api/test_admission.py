@@ -21,6 +21,7 @@ from nodewatch.coordinator.service import Coordinator
 from nodewatch.protocol import RegisterBody
 from nodewatch.store.open import open_store
 from nodewatch.testing import FakeProbe
+from tests.api.credentials import CarryingClient
 from tests.api.test_app import beat, reg_body
 
 
@@ -44,10 +45,10 @@ async def serve(tmp_path: Path) -> AsyncIterator[Any]:
         coord = Coordinator(cfg, open_store(cfg.coordinator.store),
                             probe=FakeProbe(time.time))  # type: ignore[arg-type]
         await coord.start()
-        client = TestClient(TestServer(build_app(coord)))
-        await client.start_server()
-        made.append((client, coord))
-        return client, coord
+        raw = TestClient(TestServer(build_app(coord)))
+        await raw.start_server()
+        made.append((raw, coord))
+        return CarryingClient(raw), coord
 
     yield start
     for client, coord in made:

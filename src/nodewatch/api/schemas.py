@@ -14,8 +14,8 @@ from nodewatch.web import HTTPProblem
 
 __all__ = ["CommandResponse", "CoordinatorHealth", "DrainBody", "DrainView", "ErrorResponse",
            "EventView", "EventsResponse", "HeartbeatBody", "HistoryResponse", "HistorySampleView",
-           "NodeView", "NodesResponse", "RegisterBody", "RegisterResponse", "RemoveResponse",
-           "StoreHealthView", "convert"]
+           "IdentityView", "NodeView", "NodesResponse", "RegisterBody", "RegisterResponse",
+           "RemoveResponse", "StoreHealthView", "convert"]
 
 
 
@@ -65,6 +65,17 @@ class DrainView(_View):
     waiting_for: dict[str, float | None] | None = None
 
 
+class IdentityView(_View):
+    enrolled: Annotated[bool, Meta(description="the node holds a credential issued here")]
+    credential_since: float | None = None
+    pending_claim: Annotated[str | None, Meta(
+        description="address of a registration refused for want of the node's credential "
+                    "(a wiped state directory, or an impostor): approve re-enrols from it")] = None
+    reenrol_from: Annotated[str | None, Meta(
+        description="the address an operator approved a re-enrolment from")] = None
+    revoked: bool = False
+
+
 class NodeView(_View):
     node_id: str
     address: str
@@ -83,6 +94,7 @@ class NodeView(_View):
     reasons: list[str]
     version: str = ""
     drain: DrainView | None = None
+    identity: IdentityView | None = None
     load_score: Annotated[float | None, Meta(description="lower takes work first")] = None
 
 

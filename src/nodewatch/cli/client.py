@@ -39,7 +39,8 @@ _TLS_HINTS = {
 }
 
 __all__ = ["Client", "ClientError", "CommandResult", "CoordinatorStatus", "DEFAULT_COORDINATOR",
-           "DrainInfo", "EventInfo", "EventsPage", "NodeInfo", "resolve_coordinator"]
+           "DrainInfo", "EventInfo", "EventsPage", "IdentityInfo", "NodeInfo",
+           "resolve_coordinator"]
 
 T = TypeVar("T")
 
@@ -57,6 +58,16 @@ class DrainInfo(_Result):
     by: str
     complete: bool
     waiting_for: dict[str, float | None] | None = None
+
+
+class IdentityInfo(_Result):
+    """A node's identity as ``GET /v1/nodes`` shows it (never a secret or a hash)."""
+
+    enrolled: bool = False
+    credential_since: float | None = None
+    pending_claim: str | None = None  # the address of a claim refused for want of the credential
+    reenrol_from: str | None = None  # the address an operator approved to re-enrol from
+    revoked: bool = False
 
 
 class NodeInfo(_Result):
@@ -80,6 +91,7 @@ class NodeInfo(_Result):
     version: str = ""
     drain: DrainInfo | None = None
     load_score: float | None = None
+    identity: IdentityInfo | None = None
 
 
 class EventInfo(_Result):

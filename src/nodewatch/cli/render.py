@@ -77,12 +77,15 @@ def nodes_table(nodes: list[NodeInfo], now: float) -> Any:
                          no_wrap=column != "REASONS")
     for node in nodes:
         health, status, admin = node.health, node.node_status, node.admin
+        identity = node.identity
+        claim = identity.pending_claim or identity.reenrol_from if identity else None
         system, load = node.system, node.load
         table.add_row(
             escape(node.node_id), escape(node.address),
             f"[{_HEALTH_STYLE.get(health, 'white')}]{health}[/]",
             status if status == "ok" else f"[yellow]{status}[/]",
-            admin if admin == "active" else f"[magenta]{admin}[/]",
+            (admin if admin == "active" else f"[magenta]{admin}[/]")
+            + (f" [magenta]claim {escape(claim)}[/]" if claim else ""),
             "[green]yes[/]" if node.schedulable else "[red]no[/]",
             _fmt_num(system.get("cpu_percent")), _fmt_num(system.get("mem_percent")),
             _fmt_num(load.get("qps")), _fmt_num(load.get("pending_tasks"), 0),

@@ -225,8 +225,9 @@ class UdpHeartbeatSender(asyncio.DatagramProtocol):
 
     def __init__(self, token: str, node_id: str = "", incarnation: int = 0,
                  on_unknown: Callable[[], None] | None = None, credential: str = "") -> None:
-        # Replies about an unknown node are tagged with the agent token's key (the coordinator
-        # has no key for a node it does not know); heartbeats with the node's own once it has.
+        # Heartbeats are tagged with the node's own key once it has one. The coordinator tags
+        # an "unknown node" reply with the key the heartbeat it answers was tagged with (it
+        # remembers the keys of nodes it forgot), so a reply may carry either.
         self._key = heartbeat_key(token)
         self._send_key = node_heartbeat_key(credential) or self._key
         self._transport: asyncio.DatagramTransport | None = None
@@ -253,7 +254,9 @@ class UdpHeartbeatSender(asyncio.DatagramProtocol):
         self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        reply = decode_udp_reply(data, self._key)
+        reply = decode_udp_reply(data, self._send_key)
+        if reply is None and self._send_key != self._key:
+            reply = decode_udp_reply(data, self._key)
         if (reply is None or reply.status != 404 or reply.node_id != self.node_id
                 or reply.incarnation != self.incarnation):
             return  # not for us, or forged: ignored (the periodic HTTP heartbeat remains)
