@@ -20,9 +20,9 @@ __all__ = ["AgentLease", "CREDENTIAL_HEADER", "HealthBody", "HealthDoc", "Heartb
            "MAX_DATAGRAM", "ProbeReply", "RegisterAnswer", "RegisterBody", "TAG_SIZE", "UdpReply",
            "VERSION", "credential_hash", "decode_health_body", "decode_probe_reply",
            "decode_udp_reply", "derive_status", "encode_health", "encode_heartbeat_datagram",
-           "encode_udp_reply", "heartbeat_body", "heartbeat_key", "new_credential",
-           "node_heartbeat_key", "parse_health_body", "peek_node_id", "split_host_port",
-           "tagged", "untagged"]
+           "encode_udp_reply", "heartbeat_body", "heartbeat_key", "lease_proof", "lease_proven",
+           "new_credential", "node_heartbeat_key", "parse_health_body", "peek_node_id",
+           "split_host_port", "tagged", "untagged"]
 
 
 # The release both ends speak and report (``/health`` "version"); the package's __version__.
@@ -237,6 +237,24 @@ class AgentLease(msgspec.Struct):
     version: str = ""
     labels: dict[str, str] = {}
     heartbeat_interval: float = 0.0
+    # HMAC-SHA256 (hex) of the announcement without it, keyed with the node's
+    # ``node_heartbeat_key``: anyone who can write to etcd could publish a node's key, so once
+    # a node holds a credential, only an announcement it signed is taken (``lease_proof``).
+    proof: str = ""
+
+
+def lease_proof(lease: AgentLease, key: bytes) -> str:
+    """The ``proof`` of ``lease`` under ``key`` ('' without a key: a node not enrolled)."""
+    if not key:
+        return ""
+    body = msgspec.json.encode(msgspec.structs.replace(lease, proof=""))
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def lease_proven(lease: AgentLease, key: bytes) -> bool:
+    """Whether ``lease`` carries a valid proof under ``key`` (constant time)."""
+    return bool(key and lease.proof) and hmac.compare_digest(lease_proof(lease, key),
+                                                              lease.proof)
 
 
 class ProbeReply(msgspec.Struct, kw_only=True):

@@ -39,6 +39,8 @@ from nodewatch.protocol import (
     derive_status,
     encode_health,
     heartbeat_body,
+    lease_proof,
+    node_heartbeat_key,
     split_host_port,
 )
 from nodewatch.tls import client_context
@@ -568,10 +570,13 @@ class Agent:
         )
 
     def _lease_announcement(self) -> AgentLease:
-        """The registration published under the etcd lease (the current seq and ts)."""
+        """The registration published under the etcd lease (the current seq and ts), signed
+        with the node's key once it holds a credential."""
         body = self._register_body(False)
-        return AgentLease(body.node_id, body.address, body.incarnation, body.last_seq,
-                          body.last_ts, body.version, body.labels, body.heartbeat_interval)
+        lease = AgentLease(body.node_id, body.address, body.incarnation, body.last_seq,
+                           body.last_ts, body.version, body.labels, body.heartbeat_interval)
+        return msgspec.structs.replace(
+            lease, proof=lease_proof(lease, node_heartbeat_key(self._credential)))
 
     async def _coordinator_loop(self) -> None:
         client = self._coordinator

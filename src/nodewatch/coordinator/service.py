@@ -38,7 +38,13 @@ from nodewatch.model import (
     Report,
     event_number,
 )
-from nodewatch.protocol import AgentLease, credential_hash, new_credential, node_heartbeat_key
+from nodewatch.protocol import (
+    AgentLease,
+    credential_hash,
+    lease_proven,
+    new_credential,
+    node_heartbeat_key,
+)
 from nodewatch.store.base import Store, StoreUnavailable, store_label
 
 if TYPE_CHECKING:
@@ -515,10 +521,20 @@ class Coordinator:
         self._role.agent_published(lease)
 
     def _register_lease(self, lease: AgentLease) -> None:
+        """Anyone who may write to etcd can publish under a node's key, so an enrolled node's
+        announcement must carry its proof (``protocol.lease_proof``); one that does not is
+        refused like a register without the credential. A node known only from etcd holds no
+        credential: there, etcd's own access control is its identity (see ARCHITECTURE)."""
         node = self.cluster.nodes.get(lease.node_id)
         if node is not None and node.incarnation >= lease.incarnation \
                 and node.address == lease.address:
             return
+        if node is not None and (node.credential_hash or node.revoked or node.reenrol_address):
+            keys = [bytes.fromhex(k) for k in (node.udp_key, node.previous_udp_key) if k]
+            if not any(lease_proven(lease, key) for key in keys):
+                self.reject(lease.node_id, via="lease", claimant="etcd",
+                            reason="etcd announcement without the node's proof")
+                return
         self._register(Registration(node_id=lease.node_id, address=lease.address,
                                    incarnation=lease.incarnation, last_seq=lease.last_seq,
                                    last_ts=lease.last_ts, version=lease.version,

@@ -1,5 +1,7 @@
-"""Node identity (issue 14): real agents against a real coordinator (HTTP and UDP), an
-impostor with the agent token, forged heartbeats, a wiped state directory, revoke."""
+"""Node identity (issue 14), in one process: agents against a coordinator (HTTP and UDP), an
+impostor with the agent token, forged heartbeats, a wiped state directory, revoke, etcd
+announcements. The same stories with separate processes on separate hosts (network
+namespaces) are in ``tests/faults/test_identity.py``."""
 
 from __future__ import annotations
 
@@ -13,7 +15,14 @@ from nodewatch.collect.agent import Agent
 from nodewatch.collect.identity import PersistedState
 from nodewatch.detect.identity import Identity
 from nodewatch.model import Admin, Health
-from nodewatch.protocol import CREDENTIAL_HEADER, credential_hash
+from nodewatch.protocol import (
+    CREDENTIAL_HEADER,
+    AgentLease,
+    credential_hash,
+    lease_proof,
+    lease_proven,
+    node_heartbeat_key,
+)
 from tests.api.test_app import ADMIN, AGENT, beat, reg_body
 from tests.api.test_udp import KEY, TOKEN, Rig, _rig, _signed
 from tests.helpers import async_wait_until, free_port
@@ -163,3 +172,40 @@ def test_identity_rejected_events_are_rate_limited_per_node() -> None:
     assert limit.note_rejection("b", 1.0) == 0
     assert limit.note_rejection("a", 59.0) is None
     assert limit.note_rejection("a", 61.0) == 2
+
+
+async def test_an_etcd_announcement_for_an_enrolled_node_needs_its_proof(
+        tmp_path: Path) -> None:
+    async with _rig(tmp_path, **{"review.address_change": "allow"}) as rig:
+        # Known only from etcd: no credential, etcd's access control is the identity.
+        rig.coord.agent_published(AgentLease("lease-only", "127.0.0.1:7400", 1))
+        assert rig.coord.cluster.nodes["lease-only"].address == "127.0.0.1:7400"
+        resp = await rig.client.post("/v1/register", json=reg_body("web-1"), headers=AGENT)
+        assert resp.status == 200
+        key = node_heartbeat_key(rig.client.credentials["web-1"])
+        moved = AgentLease("web-1", "127.0.0.9:7301", 2)
+        rig.coord.agent_published(moved)  # anyone who may write to etcd: no proof
+        forged = AgentLease("web-1", "127.0.0.9:7301", 2, proof=lease_proof(
+            moved, node_heartbeat_key("guessed")))
+        rig.coord.agent_published(forged)
+        node = rig.coord.cluster.nodes["web-1"]
+        assert (node.address, node.incarnation) == ("127.0.0.1:7301", 1)
+        [event] = _events(rig, "identity_rejected")
+        assert event["evidence"]["via"] == "lease"  # type: ignore[index]
+        proven = AgentLease("web-1", "127.0.0.9:7301", 2, proof=lease_proof(moved, key))
+        rig.coord.agent_published(proven)
+        node = rig.coord.cluster.nodes["web-1"]
+        assert (node.address, node.incarnation) == ("127.0.0.9:7301", 2)
+
+
+async def test_an_enrolled_agent_signs_its_etcd_announcement(tmp_path: Path) -> None:
+    async with _rig(tmp_path) as rig:
+        agent = await _agent(rig, tmp_path / "a", transport="http")
+        try:
+            await _healthy(rig)
+            lease = agent._lease_announcement()
+            node = rig.coord.cluster.nodes["node-a"]
+            assert lease_proven(lease, bytes.fromhex(node.udp_key))
+            assert not lease_proven(lease, node_heartbeat_key("guessed"))
+        finally:
+            await agent.stop()
