@@ -55,6 +55,11 @@ class _CoordinatorCollector(Collector):
         stale = CounterMetricFamily("nodewatch_stale_reports", "Pushed reports ignored as stale")
         stale.add_metric([], coord.stale_reports)
         yield stale
+        refused = CounterMetricFamily(
+            "nodewatch_identity_rejections",
+            "Requests refused for want of the node's credential (events are rate-limited)")
+        refused.add_metric([], coord.identity_rejections)
+        yield refused
         if self.udp_counts is not None:
             udp = CounterMetricFamily("nodewatch_udp_heartbeats",
                                       "UDP heartbeat datagrams by result", labels=["result"])
