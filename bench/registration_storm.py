@@ -14,9 +14,12 @@ plus up to a second of jitter). Printed:
   ``/healthz`` every 0.25 s during the storm (its maximum and last value) against
   ``max_loop_lag``.
 
-The registered addresses are closed loopback ports: the coordinator's first poll of each
-enrolled node is refused, as it would be for an agent that went away (a cheap RST on loopback).
-Every loop is bounded (``--timeout``). Prints figures; nothing is asserted.
+The registered addresses are served by one Debian nginx on N loopback addresses (the health
+body of ``coordinator_scale.py``, naming each node), so that each enrolled node is polled and
+turns healthy like a real one: the storm's figure includes that work, and a third figure is the
+time until every node is healthy. With ``--closed-ports`` (or without nginx) the addresses are
+closed loopback ports instead (every first poll refused). Every loop is bounded
+(``--timeout``). Prints figures; nothing is asserted.
 
     .venv/bin/python bench/registration_storm.py --nodes 10000
 """
@@ -41,6 +44,9 @@ import aiohttp
 from nodewatch.collect.coordinator_client import CoordinatorClient, RegistrationThrottled
 from nodewatch.protocol import RegisterAnswer, RegisterBody
 from nodewatch.testing import free_port
+
+sys.path.insert(0, str(Path(__file__).parent))
+from coordinator_scale import PORT, loopback, start_nginx, stop_nginx  # noqa: E402
 
 TOKEN = "bench-agent-token"
 
@@ -70,8 +76,9 @@ registration_burst = {burst}
 
 [detection]
 startup_grace = "1s"
-timeout = "1s"
-connect_timeout = "500ms"
+healthy_interval = "2s"
+timeout = "2s"
+connect_timeout = "1s"
 """)
     log = tmp / "coordinator.log"
     proc = subprocess.Popen([sys.executable, "-m", "nodewatch", "coordinator", "--listen", listen,
@@ -134,8 +141,12 @@ async def watch_lag(http: aiohttp.ClientSession, url: str, seen: list[float],
             pass
 
 
-async def storm(url: str, count: int, window: float,
-                timeout: float) -> dict[str, Any]:  # noqa: ASYNC109 - the whole storm's bound
+def address(i: int, served: bool) -> str:
+    return f"{loopback(i)}:{PORT}" if served else f"127.0.0.1:{1 + i % 999}"
+
+
+async def storm(url: str, count: int, window: float, timeout: float,  # noqa: ASYNC109
+                served: bool) -> dict[str, Any]:  # (``timeout``: the whole storm's bound)
     # No pool limit: each simulated agent has its own connection, as real agents would (a
     # shared pool would make requests wait for a slot and time out on the client side).
     connector = aiohttp.TCPConnector(limit=0)
@@ -151,7 +162,7 @@ async def storm(url: str, count: int, window: float,
 
         async def register(i: int) -> str:
             def body() -> RegisterBody:
-                return RegisterBody(node_id=f"storm-{i:05d}", address=f"127.0.0.1:{1 + i % 999}",
+                return RegisterBody(node_id=f"n{i}", address=address(i, served),
                                     incarnation=1, version="bench")
 
             answer = await clients[i].register_until_done(body)
@@ -166,9 +177,17 @@ async def storm(url: str, count: int, window: float,
             await watcher
         async with side.get(f"{url}/v1/nodes") as response:
             nodes = len((await response.json())["nodes"])
+        healthy_after = float("nan")
+        while served and time.monotonic() - started < timeout:
+            async with side.get(f"{url}/v1/nodes?health=healthy") as response:
+                if len((await response.json())["nodes"]) >= count:
+                    healthy_after = time.monotonic() - started
+                    break
+            await asyncio.sleep(0.25)
         async with side.get(f"{url}/healthz") as response:
             health = await response.json()
     return {"floor": floor_took, "enrolled_after": enrolled_after, "nodes": nodes,
+            "healthy_after": healthy_after,
             "new": sum(d == "new" for d in decisions), "throttled": CountingClient.throttled,
             "lag_max": max(lags, default=float("nan")), "lag_samples": len(lags),
             "lag_last": health["loop_lag"], "status": health["status"]}
@@ -184,6 +203,8 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=400, help="[coordinator] registration_burst")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="give up when not every node is enrolled by then")
+    parser.add_argument("--closed-ports", action="store_true",
+                        help="register closed loopback ports instead of nginx-served ones")
     args = parser.parse_args()
     if not 1 <= args.nodes <= 50_000:
         raise SystemExit("--nodes must be between 1 and 50000")
@@ -192,16 +213,20 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, max(soft, 2 * args.nodes + 1000))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # the coordinator inherits it
+    served = not args.closed_ports and Path("/usr/sbin/nginx").exists()
+    nginx = start_nginx(args.nodes, 1) if served else None
     with tempfile.TemporaryDirectory(prefix="nodewatch-storm-") as tmp:
         proc, url = start_coordinator(Path(tmp), args.rate, args.burst)
         try:
-            result = asyncio.run(storm(url, args.nodes, args.window, args.timeout))
+            result = asyncio.run(storm(url, args.nodes, args.window, args.timeout, served))
         finally:
             proc.terminate()
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+            if nginx is not None:
+                stop_nginx(*nginx)
     n, rate = args.nodes, args.rate
     print(f"registration storm: {n} registrations within {args.window:g}s, admission at "
           f"{rate:g}/s after a burst of {args.burst} (SQLite store)")
@@ -211,6 +236,11 @@ def main() -> None:
           f"ideal at the rate {max(0.0, (n - args.burst) / rate):.2f}s; "
           f"{result['throttled']} answers were 429 "
           f"({result['throttled'] / n:.2f} per registration)")
+    if served:
+        print(f"healthy every node polled healthy after {result['healthy_after']:.2f}s "
+              f"(nginx on {n} loopback addresses)")
+    else:
+        print("healthy not measured: the addresses are closed ports")
     print(f"lag     coordinator loop lag max {result['lag_max'] * 1000:.0f} ms over "
           f"{result['lag_samples']} samples of /healthz, {result['lag_last'] * 1000:.0f} ms at "
           f"the end (max_loop_lag 1000 ms); status {result['status']}")

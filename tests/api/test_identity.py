@@ -126,8 +126,21 @@ async def test_wiped_state_is_re_enrolled_by_approve_and_the_old_credential_refu
         try:
             await async_wait_until(lambda: asyncio.sleep(0, _events(rig, "identity_rejected")),
                                    within=5, message="the claim")
-            assert rig.coord.cluster.nodes["node-a"].claim_address == fresh.advertise_address
-            resp = await rig.client.post("/v1/nodes/node-a/approve", headers=ADMIN)
+            claim = fresh.advertise_address
+            node = rig.coord.cluster.nodes["node-a"]
+            assert node.claim_address == claim
+            stored = (node.credential_hash, node.admin, node.claim_address)
+            # The operator names the claim meant: a newer one from elsewhere is not approved.
+            resp = await rig.client.post("/v1/nodes/node-a/approve", headers=ADMIN,
+                                         json={"address": "127.0.0.66:7301"})
+            assert resp.status == 409
+            assert f"pending claim is from {claim}" in (await resp.json())["error"]
+            assert (node.credential_hash, node.admin, node.claim_address) == stored
+            resp = await rig.client.post("/v1/nodes/node-a/approve", headers=ADMIN,
+                                         json={"address": 7})
+            assert resp.status == 422 and "address" in (await resp.json())["error"]
+            resp = await rig.client.post("/v1/nodes/node-a/approve", headers=ADMIN,
+                                         json={"address": claim})
             assert resp.status == 200
             await async_wait_until(lambda: asyncio.sleep(0, fresh.registered.is_set()),
                                    within=20, message="the re-enrolment")

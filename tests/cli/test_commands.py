@@ -92,6 +92,24 @@ def test_approve_of_a_node_not_in_review_says_why(coordinator: str) -> None:
     assert line.startswith("nodewatch: ")
 
 
+def test_a_pending_claim_shows_in_status_and_approve_names_the_address(
+        coordinator: str) -> None:
+    # web-1 holds a credential; a registration without it is a claim held for the operator.
+    claim = f"127.0.6.9:{free_port()}"
+    status, _ = http_json(f"{coordinator}/v1/register", "POST", {
+        "node_id": "web-1", "address": claim, "incarnation": 2})
+    assert status == 403
+    result = run("status", "--coordinator", coordinator)
+    assert result.exit_code == 0 and f"claim {claim}" in result.output, result.output
+    line = one_clear_line(run("approve", "web-1", "--address", "127.0.6.8:1",
+                              "--coordinator", coordinator))
+    assert f"pending claim is from {claim}" in line and "nothing approved" in line
+    result = run("approve", "web-1", "--address", claim, "--coordinator", coordinator)
+    assert result.exit_code == 0 and "web-1 approved" in result.output, result.output
+    _, node = http_json(f"{coordinator}/v1/nodes/web-1")
+    assert node["identity"]["reenrol_from"] == claim and node["identity"]["enrolled"] is False
+
+
 def test_unknown_node_is_one_line_and_exit_1(coordinator: str) -> None:
     line = one_clear_line(run("drain", "ghost", "--coordinator", coordinator))
     assert "unknown node 'ghost'" in line

@@ -197,7 +197,7 @@ def test_wiped_state_re_enrols_by_approve_and_the_old_credential_is_refused(
     wait_until(lambda: rejected(c, "n1", mark), timeout=20, message="the wiped node refused")
     assert rejected(c, "n1", mark)[0]["evidence"]["claimed_address"] == address
     assert c.node("n1")["identity"]["pending_claim"] == address
-    status, body = c.command("/v1/nodes/n1/approve")
+    status, body = c.command("/v1/nodes/n1/approve", {"address": address})
     assert status == 200, body
     assert body["node"]["identity"]["reenrol_from"] == address
 

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from nodewatch.api.admission import RegistrationBucket, retry_after_header
 from nodewatch.api.metrics import CoordinatorMetrics
-from nodewatch.api.schemas import DrainBody, convert
+from nodewatch.api.schemas import ApproveBody, DrainBody, convert
 from nodewatch.api.udp import UdpHeartbeats, push_result
 from nodewatch.config import NODE_ID_RE
 from nodewatch.coordinator.service import Coordinator, NotLeader
@@ -335,8 +335,8 @@ def _command(name: str) -> Handler:
         coord = _coordinator(request)
         _require(request, coord.config.coordinator.admin_tokens, "admin")
         node_id = _node_id(request)
-        reason = ""
-        if name == "drain" and request.can_read_body:
+        reason = address = ""
+        if name in ("drain", "approve") and request.can_read_body:
             raw = await request.content.read(coord.config.coordinator.max_body + 1)
             if len(raw) > coord.config.coordinator.max_body:
                 raise HTTPProblem(413, "request body exceeds the limit of "
@@ -346,10 +346,13 @@ def _command(name: str) -> Handler:
                     data = msgspec.json.decode(raw)
                 except msgspec.DecodeError as exc:
                     raise HTTPProblem(400, f"malformed JSON: {exc}") from None
-                reason = convert(data, DrainBody).reason
+                if name == "drain":
+                    reason = convert(data, DrainBody).reason
+                else:
+                    address = convert(data, ApproveBody).address
         _node(coord, node_id)
         try:
-            outcome = await coord.command(name, node_id, reason)
+            outcome = await coord.command(name, node_id, reason, address=address)
         except UnknownNode:
             raise HTTPProblem(404, f"unknown node {node_id!r}") from None
         except Conflict as exc:

@@ -12,10 +12,10 @@ from nodewatch.model import Admin, DrainBy, Health, NodeStatus
 from nodewatch.protocol import HeartbeatBody, RegisterBody, ShortText
 from nodewatch.web import HTTPProblem
 
-__all__ = ["CommandResponse", "CoordinatorHealth", "DrainBody", "DrainView", "ErrorResponse",
-           "EventView", "EventsResponse", "HeartbeatBody", "HistoryResponse", "HistorySampleView",
-           "IdentityView", "NodeView", "NodesResponse", "RegisterBody", "RegisterResponse",
-           "RemoveResponse", "StoreHealthView", "convert"]
+__all__ = ["ApproveBody", "CommandResponse", "CoordinatorHealth", "DrainBody", "DrainView",
+           "ErrorResponse", "EventView", "EventsResponse", "HeartbeatBody", "HistoryResponse",
+           "HistorySampleView", "IdentityView", "NodeView", "NodesResponse", "RegisterBody",
+           "RegisterResponse", "RemoveResponse", "StoreHealthView", "convert"]
 
 
 
@@ -25,6 +25,12 @@ class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class DrainBody(_Body):
     reason: ShortText = ""
+
+
+class ApproveBody(_Body):
+    address: Annotated[str, Meta(max_length=300, description=(
+        "the address of the claim (or, without one, of the node) being approved: a newer "
+        "claim from elsewhere makes the approval fail (409) instead of approving it"))] = ""
 
 
 T = TypeVar("T")

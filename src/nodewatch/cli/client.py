@@ -278,11 +278,17 @@ class Client:
     def node(self, node_id: str) -> NodeInfo:
         return self._request("GET", self._node_path(node_id), NodeInfo)
 
-    def command(self, name: str, node_id: str, reason: str = "") -> CommandResult:
-        """``drain`` / ``undrain`` / ``approve`` / ``revoke`` (POST) or ``remove`` (DELETE)."""
+    def command(self, name: str, node_id: str, reason: str = "",
+                address: str = "") -> CommandResult:
+        """``drain`` / ``undrain`` / ``approve`` / ``revoke`` (POST) or ``remove`` (DELETE);
+        ``address``: for approve, the claim meant (see the API's ``ApproveBody``)."""
         if name == "remove":
             return self._request("DELETE", self._node_path(node_id), CommandResult)
-        body = {"reason": reason} if name == "drain" else None
+        body: dict[str, str] | None = None
+        if name == "drain":
+            body = {"reason": reason}
+        elif name == "approve" and address:
+            body = {"address": address}
         return self._request("POST", f"{self._node_path(node_id)}/{name}", CommandResult, body)
 
     def revoke(self, node_id: str) -> CommandResult:

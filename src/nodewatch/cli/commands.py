@@ -179,12 +179,12 @@ def _node_command(name: str, verb: str, help_text: str) -> None:
     @click.option("--coordinator", help=COORDINATOR_HELP)
     @tls_options
     def command(node_id: str, coordinator: str | None, ca: str | None, cert: str | None,
-                key: str | None, reason: str = "") -> None:
+                key: str | None, reason: str = "", address: str = "") -> None:
         from nodewatch.cli.client import ClientError
 
         client = _client(coordinator, ca, cert, key)
         try:
-            result = client.command(name, node_id, reason)
+            result = client.command(name, node_id, reason, address)
         except ClientError as exc:
             _fail(str(exc))
         if name == "remove":
@@ -199,6 +199,10 @@ def _node_command(name: str, verb: str, help_text: str) -> None:
 
     if name == "drain":
         click.option("--reason", default="", help="Why; kept in the drained event.")(command)
+    if name == "approve":
+        click.option("--address", default="", metavar="HOST:PORT", help=(
+            "Approve only if the pending claim (or, without one, the node) has this address: "
+            "a newer claim from elsewhere is then refused, not approved."))(command)
 
 
 _node_command("drain", "drained", "Take NODE out softly: no new work, running work finishes.")

@@ -661,12 +661,14 @@ class Coordinator:
             return 0.0
         return (zlib.crc32(node_id.encode()) / 2**32) * interval
 
-    async def command(self, name: str, node_id: str, reason: str = "") -> Outcome:
-        """drain / undrain / approve / remove, acknowledged (returned) once durably stored;
-        raises UnknownNode or Conflict, or StoreUnavailable after undoing it in memory."""
+    async def command(self, name: str, node_id: str, reason: str = "", *,
+                      address: str = "") -> Outcome:
+        """drain / undrain / approve / revoke / remove, acknowledged (returned) once durably
+        stored; raises UnknownNode or Conflict, or StoreUnavailable after undoing it in memory.
+        ``address``: for approve, the claim the operator means (see ``Cluster.approve``)."""
         self._role.require_leader()
         before = copy.deepcopy(self.cluster.node(node_id))
-        outcome = self._apply_command(name, node_id, reason)
+        outcome = self._apply_command(name, node_id, reason, address)
         await self._store_outcome(node_id, before, outcome)
         return outcome
 
@@ -790,14 +792,14 @@ class Coordinator:
                     self.poller.add(node_id, stored.address)
             return
 
-    def _apply_command(self, name: str, node_id: str, reason: str) -> Outcome:
+    def _apply_command(self, name: str, node_id: str, reason: str, address: str = "") -> Outcome:
         now = self.clock()
         if name == "drain":
             outcome = self.cluster.drain(node_id, reason, now)
         elif name == "undrain":
             outcome = self.cluster.undrain(node_id, now)
         elif name == "approve":
-            outcome = self.cluster.approve(node_id, now)
+            outcome = self.cluster.approve(node_id, now, address=address)
         elif name == "remove":
             outcome = self.cluster.remove(node_id, now)
         elif name == "revoke":

@@ -704,14 +704,22 @@ class Cluster:
         self._action(out, "undrained", node, event)
         return out
 
-    def approve(self, node_id: str, now: float) -> Outcome:
+    def approve(self, node_id: str, now: float, *, address: str = "") -> Outcome:
         """Return a node held for review; with a pending claim (a registration refused for
         want of the credential, e.g. a node that lost its state directory), approve that
         claim too: the old credential is revoked and the next registration from the claimed
-        address is issued a new one."""
+        address is issued a new one.
+
+        ``address``, when given, is the claim the operator means: anyone with the agent token
+        can replace a pending claim, so approving "whatever is pending now" could approve an
+        impostor's that came in after the operator looked. A mismatch changes nothing."""
         node = self._get(node_id)
         out = Outcome()
         claim = node.claim_address
+        if address and address != (claim or node.address):
+            raise Conflict(f"node {node_id}'s " + (f"pending claim is from {claim}"
+                                                    if claim else f"address is {node.address}")
+                           + f", not {address}: nothing approved")
         if node.admin is not Admin.REVIEW and not claim:
             raise Conflict(f"node {node_id} is not in review (admin is {node.admin.value}) "
                            "and has no pending claim")
