@@ -223,6 +223,9 @@ print(json.dumps([call(VALUES["url"] + "/v1/heartbeat", "POST", beat,
 """, url=c.url(), token=TOKEN, old=old, new=new)
     assert statuses[0] == 403  # the old credential is refused
     assert statuses[1] in (204, 409)  # the new one is taken (409: stale, not a 403)
+    for log in c.workdir.glob("*.log"):  # secrets are never logged, on either side
+        text = log.read_text(errors="replace")
+        assert old not in text and new not in text and TOKEN not in text, log
 
 
 def test_probe_and_mutations_from_another_host_need_the_token(cluster: FaultCluster) -> None:
