@@ -222,3 +222,31 @@ async def test_an_enrolled_agent_signs_its_etcd_announcement(tmp_path: Path) -> 
             assert not lease_proven(lease, node_heartbeat_key("guessed"))
         finally:
             await agent.stop()
+
+
+async def test_a_lost_register_answer_can_be_asked_for_again(tmp_path: Path) -> None:
+    """The agent presents its own enrolment secret on its first registration; until it proves
+    the credential it was issued, a retry with that secret gets another (a timeout on the
+    first answer must not lock the node out until an operator approves it)."""
+    async with _rig(tmp_path) as rig:
+        mine = {**AGENT, CREDENTIAL_HEADER: "enrolment-secret-of-my-own"}
+        first = await rig.client.post("/v1/register", json=reg_body("web-1"), headers=mine)
+        assert first.status == 200
+        lost = (await first.json())["credential"]  # never reached the agent
+        again = await rig.client.post("/v1/register", json=reg_body("web-1"), headers=mine)
+        assert again.status == 200
+        answer = await again.json()
+        issued = answer["credential"]
+        assert issued and issued != lost and answer["decision"] == "rejoin"
+        resp = await rig.client.post("/v1/heartbeat", json=beat("web-1", seq=1),
+                                     headers={**AGENT, CREDENTIAL_HEADER: issued})
+        assert resp.status == 204
+        # Proven: neither the enrolment secret nor the lost credential is accepted now.
+        for stale in ("enrolment-secret-of-my-own", lost):
+            resp = await rig.client.post("/v1/heartbeat", json=beat("web-1", seq=2),
+                                         headers={**AGENT, CREDENTIAL_HEADER: stale})
+            assert resp.status == 403
+            resp = await rig.client.post("/v1/register", json=reg_body("web-1"),
+                                         headers={**AGENT, CREDENTIAL_HEADER: stale})
+            assert resp.status == 403
+        assert not rig.coord.cluster.nodes["web-1"].previous_hash

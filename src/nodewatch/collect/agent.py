@@ -40,6 +40,7 @@ from nodewatch.protocol import (
     encode_health,
     heartbeat_body,
     lease_proof,
+    new_credential,
     node_heartbeat_key,
     split_host_port,
 )
@@ -339,6 +340,12 @@ class Agent:
             self._ts = previous.last_ts
         else:
             self._incarnation = 1
+        if not self._credential:
+            # An enrolment secret of our own, kept like a credential and presented on the
+            # first registration: the coordinator accepts it until we prove the credential it
+            # issues, so an answer lost on the way (a timeout, a crash) can be asked for again
+            # instead of locking the node out until an operator approves it.
+            self._credential = new_credential()
         # Strict here: a new incarnation that is not durable would be taken again by the next
         # start, whose reports would then look stale to the coordinator.
         await self._persist(required=True)

@@ -686,6 +686,8 @@ class Coordinator:
                         reason="no credential" if not credential else "wrong credential")
             raise identity.IdentityRejected(f"node {node_id!r} is enrolled: its own node "
                                             "credential is required")
+        if verdict == "valid" and node is not None and node.previous_hash:
+            self.cluster.credential_proven(node_id)  # the previous one is not needed any more
 
     def reject(self, node_id: str, *, via: str, claimant: str, reason: str,
                claimed_address: str = "") -> None:
@@ -701,7 +703,7 @@ class Coordinator:
         """A new credential when this registration gets one: enrolment, re-enrolment, a node
         without one on record, or a rotation that is due (``rotate_credentials_after``)."""
         rotate = float(self.config.coordinator.rotate_credentials_after)
-        due = verdict in ("new", "open", "reenrol", "revoked") or (
+        due = verdict in ("new", "open", "reenrol", "revoked", "previous") or (
             verdict == "valid" and node is not None and rotate > 0
             and now - node.credential_at >= rotate)
         if not due:
@@ -733,7 +735,12 @@ class Coordinator:
                 f"{reg.node_id} re-enrols it from {reg.address})")
         secret, issue = self._issue(node_before, verdict, now)
         before = copy.deepcopy(node_before)
-        decision, outcome = self.cluster.register(reg, now, verdict=verdict, issue=issue)
+        # What the agent presented stays accepted until it proves the new credential (then
+        # "valid" clears it): a retry after a lost answer is "previous" and gets another one.
+        # Never a revoked credential.
+        presented = credential_hash(credential) if verdict != "revoked" else ""
+        decision, outcome = self.cluster.register(reg, now, verdict=verdict, issue=issue,
+                                                  presented=presented)
         try:
             await self._store_outcome(reg.node_id, before, outcome)
         except StoreUnavailable:

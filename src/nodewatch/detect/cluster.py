@@ -514,20 +514,22 @@ class Cluster:
     # ------------------------------------------------------------------ registration
 
     def register(self, reg: Registration, now: float, *, verdict: Verdict = "open",
-                 issue: Credential | None = None) -> tuple[RegisterDecision, Outcome]:
+                 issue: Credential | None = None,
+                 presented: str = "") -> tuple[RegisterDecision, Outcome]:
         """Decide new / rejoin / review for an agent that (re)started, per SPEC's rules.
 
         ``verdict`` is what ``identity.verify`` said of the credential the registration
         presented (the edge refuses a ``rejected`` one before it gets here: see
         ``reject_identity``); ``issue`` is a new credential to keep for the node (its secret
-        goes back in the answer)."""
+        goes back in the answer); ``presented`` the hash of what the registration presented,
+        kept as the previous credential with ``issue`` (see ``_keep_credential``)."""
         out = Outcome()
         node = self.table.nodes.get(reg.node_id)
         if node is None:
             node = NodeState(node_id=reg.node_id, address=reg.address, labels=dict(reg.labels),
                              incarnation=reg.incarnation, seq=-1, last_ts=reg.last_ts,
                              version=reg.version, registered_at=now, since=now)
-            self._keep_credential(node, issue, now, rotation=False)
+            self._keep_credential(node, issue, now, presented)
             self.table.add(node)
             self.dirty.changed(reg.node_id)
             self._emit(out, now, reg.node_id, "registered", "", Health.UNKNOWN.value,
@@ -562,7 +564,7 @@ class Cluster:
             if verdict in ("valid", "previous"):
                 node.claim_address = ""  # the node proved itself: a pending claim was not it
         if issue is not None:
-            self._keep_credential(node, issue, now, rotation=verdict in ("valid", "previous"))
+            self._keep_credential(node, issue, now, presented)
         node.address = reg.address
         node.labels = dict(reg.labels) or node.labels
         node.version = reg.version or node.version
@@ -597,18 +599,29 @@ class Cluster:
         return decision, out
 
     @staticmethod
-    def _keep_credential(node: NodeState, issue: Credential | None, now: float, *,
-                         rotation: bool) -> None:
-        """Store a newly issued credential; in a rotation the current one stays accepted as
-        the previous until the node proves the new one (an answer lost on the way then costs
-        no lock-out)."""
+    def _keep_credential(node: NodeState, issue: Credential | None, now: float,
+                         presented: str) -> None:
+        """Store a newly issued credential. What the registration presented (``presented``:
+        the agent's own enrolment secret, or its current credential in a rotation) stays
+        accepted as the previous one until the node proves the new one, so an answer lost on
+        the way costs no lock-out: the retry presents it again and is issued another."""
         if issue is None:
             return
-        if rotation and node.credential_hash:
+        if presented and presented == node.credential_hash:
             node.previous_hash, node.previous_udp_key = node.credential_hash, node.udp_key
-        elif not rotation:
-            node.previous_hash = node.previous_udp_key = ""
+        elif presented and presented == node.previous_hash:
+            pass  # a retry: the previous pair stays as it is
+        else:
+            node.previous_hash, node.previous_udp_key = presented, ""  # no key known for it
         node.credential_hash, node.udp_key, node.credential_at = issue.hash, issue.udp_key, now
+
+    def credential_proven(self, node_id: str) -> None:
+        """The node proved its current credential: the previous one (a rotation's, or its
+        enrolment secret) is no longer accepted."""
+        node = self._get(node_id)
+        if node.previous_hash or node.previous_udp_key:
+            node.previous_hash = node.previous_udp_key = ""
+            self.dirty.changed(node_id)
 
     def reject_identity(self, node_id: str, now: float, *, via: str, claimant: str,
                         reason: str, claimed_address: str = "") -> Outcome:
