@@ -42,7 +42,7 @@ from typing import Any
 import aiohttp
 
 from nodewatch.collect.coordinator_client import CoordinatorClient, RegistrationThrottled
-from nodewatch.protocol import RegisterAnswer, RegisterBody
+from nodewatch.protocol import RegisterAnswer, RegisterBody, new_credential
 from nodewatch.testing import free_port
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -52,15 +52,21 @@ TOKEN = "bench-agent-token"
 
 
 class CountingClient(CoordinatorClient):
-    """The agent's client, counting the 429s it was sent."""
+    """The agent's client, counting the 429s it was sent, the other refusals and the
+    failures (timeouts, connection errors) by type."""
 
     throttled = 0
+    failures: dict[str, int] = {}
 
     async def register(self, payload: RegisterBody) -> RegisterAnswer:
         try:
             return await super().register(payload)
         except RegistrationThrottled:
             CountingClient.throttled += 1
+            raise
+        except Exception as exc:
+            name = type(exc).__name__
+            CountingClient.failures[name] = CountingClient.failures.get(name, 0) + 1
             raise
 
 
@@ -154,7 +160,9 @@ async def storm(url: str, count: int, window: float, timeout: float,  # noqa: AS
             aiohttp.ClientSession() as side:
         floor_took = await floor(http, url, count, window)
         await asyncio.sleep(1.0)
-        clients = [CountingClient(url, TOKEN, lambda: http, request_timeout=30.0)
+        # Each with an enrolment secret of its own, as the agent has (see Agent.start).
+        clients = [CountingClient(url, TOKEN, lambda: http, request_timeout=30.0,
+                                  credential=new_credential())
                    for _ in range(count)]
         lags: list[float] = []
         done = asyncio.Event()
@@ -198,6 +206,7 @@ async def storm(url: str, count: int, window: float, timeout: float,  # noqa: AS
     return {"floor": floor_took, "enrolled_after": enrolled_after, "nodes": nodes,
             "healthy_after": healthy_after,
             "new": sum(d == "new" for d in decisions), "throttled": CountingClient.throttled,
+            "failures": dict(CountingClient.failures),
             "lag_max": max(lags, default=float("nan")), "lag_samples": len(lags),
             "lag_last": health["loop_lag"], "status": health["status"]}
 
@@ -236,6 +245,13 @@ def main() -> None:
                 proc.kill()
             if nginx is not None:
                 stop_nginx(*nginx)
+            log_lines = (Path(tmp) / "coordinator.log").read_text(errors="replace").splitlines()
+            kinds: dict[str, int] = {}
+            for line in log_lines:
+                key = line.split(" ", 3)[-1][:70]
+                kinds[key] = kinds.get(key, 0) + 1
+            for key, count in sorted(kinds.items(), key=lambda kv: -kv[1])[:6]:
+                print(f"coordinator log: {count} x {key}", file=sys.stderr)
     n, rate = args.nodes, args.rate
     print(f"registration storm: {n} registrations within {args.window:g}s, admission at "
           f"{rate:g}/s after a burst of {args.burst} (SQLite store)")
@@ -246,7 +262,8 @@ def main() -> None:
           f"({result['nodes']} nodes listed, {result['new']} 'new'); "
           f"ideal at the rate {max(0.0, (n - args.burst) / rate):.2f}s; "
           f"{result['throttled']} answers were 429 "
-          f"({result['throttled'] / n:.2f} per registration)")
+          f"({result['throttled'] / n:.2f} per registration); other failed attempts: "
+          f"{result['failures'] or 'none'}")
     if served:
         print(f"healthy every node polled healthy after {result['healthy_after']:.2f}s "
               f"(nginx on {n} loopback addresses; healthy_interval 30 s, rise 2)")

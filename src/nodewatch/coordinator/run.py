@@ -25,6 +25,7 @@ from nodewatch.web import beyond_loopback
 __all__ = ["build_actions", "serve", "tls_context", "tune_gc"]
 
 log = logging.getLogger("nodewatch.coordinator")
+ACCEPT_BACKLOG = 4096  # connections waiting to be accepted (see serve)
 
 
 def tune_gc() -> None:
@@ -94,7 +95,11 @@ async def serve(config: Config, stop: asyncio.Event | None = None,
     runner = web.AppRunner(build_app(coord, udp), access_log=None, handle_signals=False)
     await runner.setup()
     host, port = split_host_port(config.coordinator.listen, default_host="0.0.0.0")
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
+    # A deep accept queue: when every agent reconnects at once (a coordinator restart), the
+    # default 128 overflows and the kernel drops SYNs, which clients see as connect timeouts
+    # and retry seconds later; the kernel caps it at net.core.somaxconn.
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True,
+                       backlog=ACCEPT_BACKLOG)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
