@@ -20,8 +20,8 @@ from nodewatch.tls import TlsSetupError, client_context, server_context
 
 __all__ = ["ActionConfig", "AgentCheckConfig", "AgentConfig", "AgentRuleConfig", "BudgetConfig",
            "Config", "ConfigError", "CoordinatorConfig", "DetectionConfig", "Duration",
-           "GuardConfig", "NodeConfig", "ReviewConfig", "Tokens", "check_agent_config",
-           "format_duration", "load_config", "parse_duration", "token_list"]
+           "GuardConfig", "NodeConfig", "OutliersConfig", "ReviewConfig", "Tokens",
+           "check_agent_config", "format_duration", "load_config", "parse_duration", "token_list"]
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 NODE_ID_RE = re.compile(NODE_ID_PATTERN)
@@ -176,6 +176,45 @@ class BudgetConfig(_Table):
     drain_deadline: Duration = Duration(600.0)
 
 
+class OutliersConfig(_Table):
+    """Gray failures (README, "Gray failures"): a node whose callers see far more errors (or
+    latency) than its group's, with enough volume and for long enough, is ejected: healthy but
+    unschedulable, drained softly, back by itself after ``base_ejection_time`` x ejections."""
+
+    enabled: bool = True
+    # A node label whose value forms the groups compared (e.g. "zone", "role"); "": the fleet.
+    group_by: str = ""
+    # The sliding window over which each node's requests, errors and latency are summed.
+    window: Duration = Duration(10.0)
+    # Envoy's request_volume: fewer requests in the window and the node is not judged (an
+    # agent reporting error_rate without qps counts as exactly this many).
+    min_requests: Annotated[float, Meta(gt=0)] = 100.0
+    # Distinct sources (the node's agent, each observer) a verdict needs.
+    min_sources: Annotated[int, Meta(ge=1, le=100)] = 1
+    # Judged nodes a group needs before anyone in it is compared (Envoy's minimum_hosts).
+    min_nodes: Annotated[int, Meta(ge=2)] = 5
+    # An outlier's error rate is at least the group median plus error_margin and at least
+    # factor times the median (the margin rules near 0, the factor when the median is high).
+    error_margin: Fraction = 0.05
+    factor: Annotated[float, Meta(ge=1)] = 3.0
+    # The same for latency (p99, where callers or the application give one).
+    latency_margin: Duration = Duration(0.1)
+    latency_factor: Annotated[float, Meta(ge=1)] = 3.0
+    # Hysteresis: an outlier this long before it is ejected; back in line this long (after
+    # its back-off) before it returns.
+    eject_after: Duration = Duration(2.0)
+    clear_after: Duration = Duration(3.0)
+    # Envoy's base_ejection_time x ejections, at most max_ejection_time; the count drops by
+    # one for each max_ejection_time the node stays in line.
+    base_ejection_time: Duration = Duration(30.0)
+    max_ejection_time: Duration = Duration(300.0)
+    # Never more than this fraction of a group out as outliers (at least one node).
+    max_ejection_fraction: Fraction = 0.1
+    # When at least this fraction of a group's judged nodes are outliers at once, the whole
+    # group's errors rose together (a shared dependency): nobody is ejected, an event says so.
+    group_rise_fraction: Fraction = 0.3
+
+
 class NodeConfig(_Table):
     id: NodeId
     address: HostPort
@@ -185,7 +224,8 @@ class NodeConfig(_Table):
 ActionKind = Literal["webhook", "exec", "haproxy", "nginx"]
 # Every kind the core requests actions for (detect.cluster emits exactly these).
 ACTION_EVENTS = ("unhealthy", "recovered", "dead", "drained", "undrained", "approved",
-                 "removed", "drain_deadline", "degraded", "status_ok", "review")
+                 "removed", "drain_deadline", "degraded", "status_ok", "review", "outlier",
+                 "outlier_cleared")
 
 
 class ActionConfig(_Table):
@@ -259,6 +299,7 @@ class Config(_Table):
     guard: GuardConfig = msgspec.field(default_factory=GuardConfig)
     review: ReviewConfig = msgspec.field(default_factory=ReviewConfig)
     budget: BudgetConfig = msgspec.field(default_factory=BudgetConfig)
+    outliers: OutliersConfig = msgspec.field(default_factory=OutliersConfig)
     nodes: list[NodeConfig] = msgspec.field(default_factory=list)
     actions: list[ActionConfig] = msgspec.field(default_factory=list)
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
@@ -350,6 +391,14 @@ def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
                          "expected HOST:PORT (port 0-65535), or empty for no UDP heartbeats"))
     if det.history_ttl < 1:
         problems.append(("detection.history_ttl", "expected at least 1s"))
+    out = cfg.outliers
+    for key in ("window", "base_ejection_time"):
+        if getattr(out, key) <= 0:
+            problems.append((f"outliers.{key}", "expected a duration greater than 0"))
+    if out.max_ejection_time < out.base_ejection_time:
+        problems.append(("outliers.max_ejection_time", "expected at least base_ejection_time"))
+    if out.group_by and not re.match(r"^[A-Za-z0-9._/-]{1,128}$", out.group_by):
+        problems.append(("outliers.group_by", "expected a label key (or empty for the fleet)"))
     problems.extend(_agent_problems(cfg.agent))
     seen: set[str] = set()
     for i, node in enumerate(cfg.nodes):
