@@ -95,6 +95,9 @@ class CoordinatorConfig(_Table):
     store: str = "sqlite:///./nodewatch-data/state.db"
     admin_token: Tokens = ""
     agent_token: Tokens = ""
+    # POST /v1/observations (callers' evidence of gray failures); the admin token is accepted
+    # too. With neither set, observations need no token.
+    observer_token: Tokens = ""
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -121,6 +124,10 @@ class CoordinatorConfig(_Table):
     # burst is spent, a registration is answered 429 with Retry-After (agents back off).
     max_registrations_per_second: Annotated[float, Meta(gt=0, le=1_000_000)] = 200.0
     registration_burst: Annotated[int, Meta(ge=1, le=1_000_000)] = 400
+    # POST /v1/observations: its own body cap (a load balancer reports a whole backend at
+    # once) and the most observations one batch may carry.
+    observations_max_body: Annotated[int, Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    max_observations: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
 
     @property
     def agent_tokens(self) -> tuple[str, ...]:
@@ -131,6 +138,11 @@ class CoordinatorConfig(_Table):
     def admin_tokens(self) -> tuple[str, ...]:
         """Every accepted admin token (``admin_token`` as a tuple)."""
         return token_list(self.admin_token)
+
+    @property
+    def observer_tokens(self) -> tuple[str, ...]:
+        """Tokens accepted for observations: the observer tokens and the admin tokens."""
+        return token_list(self.observer_token) + self.admin_tokens
 
 
 class DetectionConfig(_Table):
@@ -374,7 +386,7 @@ def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
     if not 0 < cfg.coordinator.store_timeout <= 300:
         problems.append(("coordinator.store_timeout",
                          "expected a duration greater than 0 and at most 5m"))
-    for key in ("agent_token", "admin_token"):
+    for key in ("agent_token", "admin_token", "observer_token"):
         value = getattr(cfg.coordinator, key)
         if isinstance(value, list):
             if any(not token or token != token.strip() for token in value):
@@ -510,7 +522,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     """A plain, JSON-ready view (durations as seconds); secrets are masked."""
     data: dict[str, Any] = msgspec.to_builtins(cfg, enc_hook=_enc_hook)
     for table, key in (("coordinator", "admin_token"), ("coordinator", "agent_token"),
-                       ("agent", "agent_token")):
+                       ("coordinator", "observer_token"), ("agent", "agent_token")):
         value = data[table].get(key)
         if isinstance(value, list):
             data[table][key] = ["***" for _ in value]

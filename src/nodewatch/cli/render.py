@@ -15,7 +15,9 @@ _EVENT_STYLE = {"healthy": "green", "recovered": "green", "approved": "green",
                 "undrained": "green", "registered": "cyan", "suspect": "yellow",
                 "degraded": "yellow", "drained": "yellow", "review": "magenta",
                 "unhealthy": "red", "dead": "red", "removed": "red", "guard_on": "red",
-                "guard_off": "green", "action_failed": "red"}
+                "guard_off": "green", "action_failed": "red", "outlier": "red",
+                "outlier_cleared": "green", "outlier_held": "yellow",
+                "outlier_hold": "yellow", "outlier_hold_off": "green"}
 
 
 def make_console() -> Any:
@@ -86,7 +88,8 @@ def nodes_table(nodes: list[NodeInfo], now: float) -> Any:
             status if status == "ok" else f"[yellow]{status}[/]",
             (admin if admin == "active" else f"[magenta]{admin}[/]")
             + (f" [magenta]claim {escape(claim)}[/]" if claim else ""),
-            "[green]yes[/]" if node.schedulable else "[red]no[/]",
+            ("[green]yes[/]" if node.schedulable else "[red]no[/]")
+            + (" [red]outlier[/]" if node.outlier is not None else ""),
             _fmt_num(system.get("cpu_percent")), _fmt_num(system.get("mem_percent")),
             _fmt_num(load.get("qps")), _fmt_num(load.get("pending_tasks"), 0),
             _ago(node.last_seen, now),

@@ -27,6 +27,7 @@ from nodewatch.detect.outcome import ActionRequest, Outcome, ProbeRequest
 from nodewatch.detect.policy import Policy
 from nodewatch.detect.scheduler import CheckScheduler
 from nodewatch.model import (
+    CallerObservation,
     CheckResult,
     Event,
     FailureClass,
@@ -654,6 +655,16 @@ class Coordinator:
             self.poller.add(node.node_id, node.address, first_due=self.clock())
         self._handle(outcome)
         return decision, node
+
+    def observe_callers(self, source: str,
+                        observations: Sequence[CallerObservation]) -> list[str]:
+        """What callers saw of nodes (a load balancer, a service, a peer; the HAProxy reader
+        too): evidence for the outlier rule, kept in memory and judged on the next tick, so
+        nothing is written here; ejections are written with their events like any
+        transition. ``source`` names the caller (distinct sources count as observers).
+        Returns the node ids not known here. Only the leader judges (NotLeader otherwise)."""
+        self._role.require_leader()
+        return self.cluster.observe_callers(source, observations, self.clock())
 
     def heartbeat_phase(self, node_id: str, interval: float) -> float:
         """Where in its interval a node should push: spread by a hash, never synchronized."""

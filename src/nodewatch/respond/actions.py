@@ -113,6 +113,8 @@ def lb_state(kind: str, node: NodeState | None) -> LbState | None:
     if node.admin is Admin.DRAINED or node.node_status in (NodeStatus.DRAINING,
                                                            NodeStatus.DEGRADED):
         return "drain"  # alive, keeps its connections, gets no new work
+    if node.outlier is not None and not node.outlier.dry_run:
+        return "drain"  # a gray failure: alive, but failing its callers (soft drain)
     return "ready"
 
 
