@@ -197,7 +197,7 @@ class OutliersConfig(_Table):
     # A node label whose value forms the groups compared (e.g. "zone", "role"); "": the fleet.
     group_by: str = ""
     # The sliding window over which each node's requests, errors and latency are summed.
-    window: Duration = Duration(10.0)
+    window: Duration = Duration(5.0)
     # Envoy's request_volume: fewer requests in the window and the node is not judged (an
     # agent reporting error_rate without qps counts as exactly this many).
     min_requests: Annotated[float, Meta(gt=0)] = 100.0

@@ -3,7 +3,6 @@ nodes reported back, and the effect: a node whose callers see errors becomes an 
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -122,20 +121,19 @@ async def test_callers_errors_make_a_healthy_node_an_unschedulable_outlier_and_b
     node = await (await client.get("/v1/nodes/web-3")).json()
     assert node["health"] == "healthy" and node["schedulable"] is False
     assert node["outlier"]["ejections"] == 1
-    # The agent's own report (qps 5, no errors) is evidence too: summed, a little under 40 %.
-    assert re.match(r"errors 3\d(\.\d+)? % vs group median 0 % over 10s, 2 observers "
-                    r"\(agent, lb-1\)$", node["outlier"]["reason"]), node["outlier"]["reason"]
+    assert node["outlier"]["reason"] == ("errors 40 % vs group median 0 % over 5s, 1 observer "
+                                         "(lb-1)")
     listed = await (await client.get("/v1/nodes?schedulable=false")).json()
     assert [n["node_id"] for n in listed["nodes"]] == ["web-3"]
     events = (await (await client.get("/v1/events")).json())["events"]
     [event] = [e for e in events if e.get("kind") == "outlier"]
-    assert event["node_id"] == "web-3" and event["evidence"]["error_rate"] > 0.3
+    assert event["node_id"] == "web-3" and event["evidence"]["error_rate"] == 0.4
 
     async def back() -> bool:
         await client.post("/v1/observations", json=batch(), headers=OBSERVER)
         return (await (await client.get("/v1/nodes/web-3")).json())["schedulable"]
 
-    # Its figures come back in line; the 40 % samples leave the 10 s window, then it returns.
+    # Its figures come back in line; the 40 % samples leave the 5 s window, then it returns.
     await async_wait_until(back, within=20.0, interval=0.25, message="web-3 back")
     events = (await (await client.get("/v1/events")).json())["events"]
     assert [e["kind"] for e in events if e["kind"].startswith("outlier")] == [

@@ -4,7 +4,9 @@ group (Envoy's outlier detection, judged against the fleet), with hysteresis, ba
 Evidence per node comes from two kinds of source, summed over a sliding ``window``: the node's
 own agent (``error_rate``, ``qps``, ``latency_p99_ms`` in its business load: a gauge, counted as
 ``qps x window`` requests) and callers' observations (``{requests, errors, latency_p99_ms}`` per
-window, from load balancers, services or peers). Summing counts weighs every request alike.
+window, from load balancers, services or peers), summed over the callers so that every request
+weighs alike. Once the callers saw ``min_requests`` in the window their view is the node's
+figures; the agent's report stands in while they saw too little (or there are none).
 
 The group's centre is the **median** of the judged nodes in service (not Envoy's mean - k x
 stdev): healthy nodes of one service have nearly identical error rates, so a dispersion-based
@@ -107,6 +109,7 @@ class OutlierDetector:
         self._in_line_since: dict[str, float] = {}  # ejected, back in line since
         self._held: dict[str, str] = {}  # why a candidate is not ejected (told once)
         self._holding: dict[str, str] = {}  # groups whose errors rose together -> reason
+        self._settled_since: dict[str, float] = {}  # held groups, settled again since
         self._ejected: dict[str, bool] = {}  # ejected node -> counts (not a dry run)
 
     # ------------------------------------------------------------------ evidence
@@ -185,6 +188,12 @@ class OutlierDetector:
         if not samples:
             del self._evidence[node_id]
             return None
+        callers = [(source, s) for source, s in samples if source != AGENT_SOURCE]
+        if sum(s.requests for _, s in callers) >= self.policy.outlier_min_requests:
+            # The callers' view wins once it has the volume: they count the very requests
+            # the application counts (adding both counts them twice), and they also see what
+            # the application cannot (resets, timeouts before it), without its report's lag.
+            samples = callers
         requests = sum(s.requests for _, s in samples)
         errors = sum(s.errors for _, s in samples)
         timed = [(s.latency_ms, max(s.requests, 1.0)) for _, s in samples
@@ -240,7 +249,8 @@ class OutlierDetector:
         # The whole group rose together (a shared dependency): nobody is taken out.
         rising = enough and len(outliers) >= 2 and (
             len(outliers) >= p.group_rise_fraction * len(judged))
-        self._note_hold(now, group, rising, len(outliers), len(judged), centre, verdicts)
+        rising = self._note_hold(now, group, rising, len(outliers), len(judged), centre,
+                                 verdicts)
         base = {"group": group, "group_median": round(centre, 5), "window": p.outlier_window,
                 "judged_nodes": len(judged)}
         if latency_centre is not None:
@@ -260,6 +270,11 @@ class OutlierDetector:
             node_id = m.node.node_id
             if m.node.outlier is not None:
                 continue
+            if rising:
+                # Nobody's hysteresis runs while the whole group is up (the group's event says
+                # why): a node counts as an outlier only from when its group has settled.
+                self._candidate_since.pop(node_id, None)
+                continue
             since = self._candidate_since.setdefault(node_id, now)
             if now - since < p.outlier_eject_after:
                 continue
@@ -267,10 +282,7 @@ class OutlierDetector:
             reason = (f"{why} over {p.outlier_window:g}s, {len(m.figures.sources)} "
                       f"observer{'s' if len(m.figures.sources) != 1 else ''} "
                       f"({', '.join(m.figures.sources)})")
-            hold = ""
-            if rising:
-                hold = f"held: {group}'s errors rose together"
-            elif out_now >= limit:
+            if out_now >= limit:
                 hold = (f"held: max_ejection_fraction ({out_now} of {size} nodes in {group} "
                         "already out)")
             else:
@@ -354,17 +366,29 @@ class OutlierDetector:
                                             "ejections": state.ejections}))
 
     def _note_hold(self, now: float, group: str, rising: bool, outliers: int, judged: int,
-                   centre: float, verdicts: list[OutlierVerdict]) -> None:
+                   centre: float, verdicts: list[OutlierVerdict]) -> bool:
+        """Whether the group is held: from when its errors rose together until they have
+        been settled for a whole ``window`` (so a fleet in the middle of a rise, whose
+        median moves, never has its first or last nodes taken out)."""
         evidence = {"group": group, "outliers": outliers, "judged_nodes": judged,
                     "group_median": round(centre, 5),
                     "group_rise_fraction": self.policy.group_rise_fraction}
-        if rising and group not in self._holding:
-            reason = (f"{group}: {outliers} of {judged} nodes' errors rose together (median "
-                      f"{percent(centre)}): a shared dependency? nobody is taken out")
-            self._holding[group] = reason
-            verdicts.append(OutlierVerdict("outlier_hold", "", reason, evidence))
-        elif not rising and group in self._holding:
-            del self._holding[group]
-            verdicts.append(OutlierVerdict(
-                "outlier_hold_off", "", f"{group}: {outliers} of {judged} nodes far from the "
-                f"median now, below group_rise_fraction", evidence))
+        if rising:
+            self._settled_since.pop(group, None)
+            if group not in self._holding:
+                reason = (f"{group}: {outliers} of {judged} nodes' errors rose together "
+                          f"(median {percent(centre)}): a shared dependency? nobody is taken "
+                          "out")
+                self._holding[group] = reason
+                verdicts.append(OutlierVerdict("outlier_hold", "", reason, evidence))
+            return True
+        if group not in self._holding:
+            return False
+        settled = self._settled_since.setdefault(group, now)
+        if now - settled < self.policy.outlier_window:
+            return True
+        del self._holding[group], self._settled_since[group]
+        verdicts.append(OutlierVerdict(
+            "outlier_hold_off", "", f"{group}: {outliers} of {judged} nodes far from the median "
+            f"for {now - settled:.0f}s, below group_rise_fraction", evidence))
+        return False
