@@ -20,7 +20,9 @@ CORE_NODEWATCH = ("nodewatch.model", "nodewatch.config", "nodewatch.detect")
 # day to decide anything: the core runs on the virtual clock.
 # The identity policy compares credential hashes in constant time (hmac.compare_digest): pure
 # computation, no I/O; hashing and minting credentials stay at the edge (protocol.py).
-CORE_EXCEPTIONS = {"nodewatch.detect.simulate": {"time"}, "nodewatch.detect.identity": {"hmac"}}
+CORE_EXCEPTIONS = {"nodewatch.detect.simulate": {"time"},
+                   "nodewatch.detect.simulate_gray": {"time"},
+                   "nodewatch.detect.identity": {"hmac"}}
 
 
 def _modules() -> dict[str, Path]:

@@ -24,7 +24,7 @@ from nodewatch.detect.policy import Policy
 from nodewatch.detect.simulate import SimResult
 from nodewatch.model import CallerObservation, CheckResult, Health, NodeState, Report
 
-__all__ = ["GRAY_SCENARIOS", "PANORAMA_S", "GraySettings", "binomial", "simulate_gray"]
+__all__ = ["GRAY_SCENARIOS", "GraySettings", "PANORAMA_S", "binomial", "simulate_gray"]
 
 GRAY_SCENARIOS = ("gray", "fleet-errors")
 PANORAMA_S = 7.0  # Panorama's reported detection time for gray failures

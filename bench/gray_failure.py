@@ -1,0 +1,150 @@
+"""Gray failures (issue 15): time from the start of a gray failure to unschedulable, p50/p99,
+in simulation and with real processes, beside Panorama's 7 s; ejections in ``fleet-errors``.
+
+Simulation (``nodewatch.detect.simulate_gray``): 1 node in ``--nodes`` (100) starts failing
+20 % of its requests while healthy nodes run at about 0.2 % with noise; three load balancers
+post counts every second, agents report every 5 s; ``--sim-runs`` seeded runs. ``fleet-errors``:
+every node's rate rises to about 20 % within a second: every ejection is a false one.
+
+Real processes: a ``nodewatch coordinator`` and ``--agents`` real agents on loopback, and this
+script as a load balancer posting per-node counts (``POST /v1/observations``, 1 s windows,
+binomial errors at each node's rate). Each of ``--rounds`` rounds picks a node that was never
+ejected, sets it to 20 % errors at a random moment, and times until ``GET /v1/nodes/ID`` says
+``schedulable: false``; then it recovers and the next round waits until it is back. Every wait
+is bounded; nothing is asserted.
+
+    .venv/bin/python bench/gray_failure.py --sim-runs 100 --agents 20 --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from nodewatch.cli.processes import LocalCluster, http_json
+from nodewatch.detect.simulate_gray import PANORAMA_S, GraySettings, binomial, simulate_gray
+from nodewatch.testing import free_port
+
+CONFIG = """
+[detection]
+healthy_interval = "1s"
+unhealthy_interval = "250ms"
+timeout = "500ms"
+connect_timeout = "250ms"
+startup_grace = "0"
+
+[outliers]
+base_ejection_time = "2s"
+clear_after = "1s"
+
+[agent]
+sample_interval = "1s"
+heartbeat_interval = "1s"
+"""
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q / 100.0 * len(ordered))) - 1]
+
+
+def simulation(runs: int, nodes: int) -> None:
+    for scenario in ("gray", "fleet-errors"):
+        r = simulate_gray(GraySettings(scenario=scenario, runs=runs, nodes=nodes)).to_json()
+        if scenario == "gray":
+            print(f"simulation gray: {nodes} nodes x {r['profile']['runs']} runs: time to "
+                  f"unschedulable p50 {r['detection_p50']:.1f}s p99 {r['detection_p99']:.1f}s "
+                  f"max {r['detection_max']:.1f}s (Panorama {PANORAMA_S:g}s); "
+                  f"{r['missed']} missed, {r['false_positives']} false ejections "
+                  f"[{r['wall_s']:.0f}s wall]")
+        else:
+            print(f"simulation fleet-errors: {nodes} nodes x {r['profile']['runs']} runs: "
+                  f"{r['profile']['ejections']} ejections, events {r['events']} "
+                  f"[{r['wall_s']:.0f}s wall]")
+
+
+class Observer(threading.Thread):
+    """A load balancer's counts, per node, every second; ``rates`` is set by the bench."""
+
+    def __init__(self, url: str, ids: list[str], rng: random.Random) -> None:
+        super().__init__(daemon=True)
+        self.url, self.ids, self.rng = url, ids, rng
+        self.rates = {i: 0.002 for i in ids}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(1.0):
+            batch = []
+            for node_id in self.ids:
+                requests = max(0, round(self.rng.gauss(100.0, 10.0)))
+                batch.append({"node_id": node_id, "requests": requests,
+                              "errors": binomial(self.rng, requests, self.rates[node_id])})
+            http_json(f"{self.url}/v1/observations", "POST",
+                      {"source": "bench-lb", "window": 1.0, "observations": batch})
+
+
+def wait(condition: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def real(agents: int, rounds: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as tmp, LocalCluster(
+            workdir=Path(tmp), coordinator_listen=f"127.0.0.1:{free_port()}",
+            config_text=CONFIG) as c:
+        c.start_coordinator()
+        ids = [f"gray-{i}" for i in range(agents)]
+        for k, node_id in enumerate(ids):
+            host = f"127.0.31.{k + 1}"
+            c.start_agent(node_id, f"{host}:{free_port(host)}")
+        wait(lambda: sum(n["health"] == "healthy" for n in c.nodes()) == agents, 60.0,
+             "every agent healthy")
+        observer = Observer(c.url, ids, rng)
+        observer.start()
+        time.sleep(6.0)  # the windows fill with normal figures
+        times: list[float] = []
+        for node_id in rng.sample(ids, min(rounds, agents)):
+            time.sleep(rng.uniform(0.0, 1.0))
+            started = time.monotonic()
+            observer.rates[node_id] = 0.2
+            wait(lambda n=node_id: (c.node(n) or {}).get("schedulable") is False, 30.0,
+                 f"{node_id} unschedulable")
+            times.append(time.monotonic() - started)
+            print(f"round {len(times):3d} {node_id}: unschedulable after {times[-1]:.2f}s")
+            observer.rates[node_id] = 0.002
+            wait(lambda n=node_id: (c.node(n) or {}).get("schedulable") is True, 60.0,
+                 f"{node_id} back")
+        observer.stop.set()
+        ejected = sum(1 for e in c.events() if e["kind"] == "outlier")
+        print(f"real processes: {agents} agents x {len(times)} gray failures (20 % errors, one "
+              f"observer): time to unschedulable p50 {statistics.median(times):.2f}s p99 "
+              f"{pct(times, 99):.2f}s max {max(times):.2f}s (Panorama {PANORAMA_S:g}s); "
+              f"{ejected - len(times)} other ejections")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sim-runs", type=int, default=100)
+    parser.add_argument("--nodes", type=int, default=100)
+    parser.add_argument("--agents", type=int, default=20, help="real agents (0: none)")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    if args.sim_runs:
+        simulation(args.sim_runs, args.nodes)
+    if args.agents:
+        real(args.agents, args.rounds, args.seed)
+
+
+if __name__ == "__main__":
+    main()
