@@ -161,6 +161,15 @@ class DetectionConfig(_Table):
     history_ttl: Duration = Duration(3600.0)
     startup_grace: Duration = Duration(45.0)
     max_response: Annotated[int, Meta(ge=256, le=16 * 1024 * 1024)] = 64 * 1024
+    # How a pushing node's silence is judged (detect/phi.py): "fixed" polls it after
+    # healthy_interval without a push; "phi" polls it once its silence is improbable by its own
+    # arrival history (phi accrual), never later than healthy_interval.
+    suspicion: Literal["fixed", "phi"] = "fixed"
+    phi_threshold: Annotated[float, Meta(gt=0, le=100)] = 8.0  # as Akka and Cassandra
+    phi_window: Annotated[int, Meta(ge=2, le=10_000)] = 100  # inter-arrival samples kept
+    phi_min_samples: Annotated[int, Meta(ge=1, le=10_000)] = 10  # fixed deadline until then
+    phi_min_std: Duration = Duration(0.1)  # floor: a steady node's last push is not its last
+    phi_pause: Duration = Duration(3.0)  # margin for a pause its history has not shown yet
 
     @property
     def detection_window(self) -> float:
@@ -372,6 +381,16 @@ def check_agent_config(agent: AgentConfig) -> None:
         raise ConfigError(f"{key}: {what}")
 
 
+def _phi_problems(det: DetectionConfig) -> list[tuple[str, str]]:
+    """The phi accrual keys' cross-field rules."""
+    problems: list[tuple[str, str]] = []
+    if det.phi_min_samples > det.phi_window:
+        problems.append(("detection.phi_min_samples", "expected at most detection.phi_window"))
+    if det.phi_min_std <= 0:
+        problems.append(("detection.phi_min_std", "expected a duration greater than 0"))
+    return problems
+
+
 def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
     """Cross-field rules that a type cannot express: (key, what is expected)."""
     problems: list[tuple[str, str]] = []
@@ -383,6 +402,7 @@ def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
         problems.append(("detection.connect_timeout", "expected at most detection.timeout"))
     if det.dead_after <= 0:
         problems.append(("detection.dead_after", "expected a duration greater than 0"))
+    problems.extend(_phi_problems(det))
     if not 0 < cfg.coordinator.store_timeout <= 300:
         problems.append(("coordinator.store_timeout",
                          "expected a duration greater than 0 and at most 5m"))

@@ -6,7 +6,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from nodewatch.cli.render import event_line, make_console, nodes_table, summary_line
+from nodewatch.cli.render import (
+    event_line,
+    make_console,
+    nodes_table,
+    summary_line,
+    suspicion_table,
+)
 from nodewatch.protocol import VERSION
 
 if TYPE_CHECKING:
@@ -302,12 +308,14 @@ def demo(nodes: int, listen: str, duration: str | None, workdir: str) -> None:
               help="Simulated (virtual) time, e.g. 10m, 1h.")
 @click.option("--scenario", default="crash", show_default=True,
               type=click.Choice(["crash", "hang", "flap", "slow", "partition",
-                                 "slow-coordinator", "gray", "fleet-errors"]),
-              help="The scripted faults (gray, fleet-errors: gray failures, see README).")
+                                 "slow-coordinator", "jitter", "gray", "fleet-errors"]),
+              help="The scripted faults (jitter: pushing nodes with heavy-tailed delays and "
+                   "pauses, judged by the fixed deadline and by phi, side by side; gray, "
+                   "fleet-errors: gray failures, see README).")
 @click.option("--runs", default=50, show_default=True, type=click.IntRange(1, 100_000),
               help="gray / fleet-errors: seeded runs, one fault each.")
 @click.option("--fraction", type=click.FloatRange(0.0, 1.0), default=None,
-              help="Share of nodes the scenario hits (crash/hang/flap/slow/partition).")
+              help="Share of nodes the scenario hits (crash/hang/flap/slow/partition/jitter).")
 @click.option("--seed", default=1, show_default=True, type=int, help="Random seed.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML file with the [detection], [guard], [budget] thresholds to try.")
@@ -322,7 +330,7 @@ def simulate(nodes: int | None, duration: str, scenario: str, runs: int, fractio
     import json
 
     from nodewatch.config import ConfigError, load_config, parse_duration
-    from nodewatch.detect.simulate import settings_from_config
+    from nodewatch.detect.simulate import compare_suspicion, settings_from_config
     from nodewatch.detect.simulate import simulate as run_simulation
 
     try:
@@ -339,11 +347,24 @@ def simulate(nodes: int | None, duration: str, scenario: str, runs: int, fractio
                                         fraction=fraction, seed=seed)
     except (ConfigError, ValueError) as exc:
         _fail(str(exc))
-    result = run_simulation(settings).to_json()
+    compared: dict[str, dict[str, Any]] = {}
+    if scenario == "jitter":
+        compared = {k: r.to_json() for k, r in compare_suspicion(settings).items()}
+        result = dict(compared[settings.policy.suspicion], suspicion=compared)
+    else:
+        result = run_simulation(settings).to_json()
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
         return
     console = make_console()
+    if compared:
+        fixed = compared["fixed"]
+        console.print(f"[bold]jitter[/]: {fixed['nodes']} nodes pushing every "
+                      f"{fixed['profile']['heartbeat_interval']:g}s, "
+                      f"{settings.main_fraction:.0%} jittery, {seconds:g}s simulated twice in "
+                      f"{sum(r['wall_s'] for r in compared.values()):.1f}s")
+        console.print(suspicion_table(compared))
+        return
 
     def secs(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}s"

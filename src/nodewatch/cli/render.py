@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from nodewatch.cli.client import EventInfo, NodeInfo
 
-__all__ = ["event_line", "make_console", "nodes_table", "summary_line"]
+__all__ = ["event_line", "make_console", "nodes_table", "summary_line", "suspicion_table"]
 
 _HEALTH_STYLE = {"healthy": "green", "suspect": "yellow", "unhealthy": "red", "dead": "red dim",
                  "unknown": "dim"}
@@ -95,6 +95,27 @@ def nodes_table(nodes: list[NodeInfo], now: float) -> Any:
             _ago(node.last_seen, now),
             escape("; ".join(node.reasons)),
         )
+    return table
+
+
+def suspicion_table(compared: dict[str, dict[str, Any]]) -> Any:
+    """``simulate --scenario jitter``: one row per judgement of pushed heartbeats (fixed, phi)
+    on the same nodes, so that false positives and detection time read side by side."""
+    from rich.table import Table
+
+    def secs(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}s"
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("SUSPICION", "FALSE CONFIRMATIONS", "FALSE SUSPICIONS", "DETECTION P50",
+                   "P99", "MAX", "CRASHES CONFIRMED", "POLLS"):
+        table.add_column(column, justify="left" if column == "SUSPICION" else "right")
+    for name, r in compared.items():
+        style = "green" if r["false_positives"] == 0 else "red"
+        table.add_row(name, f"[{style}]{r['false_positives']}[/]", str(r["false_suspicions"]),
+                      secs(r["detection_p50"]), secs(r["detection_p99"]),
+                      secs(r["detection_max"]), f"{r['detected']}/{r['faults']}",
+                      str(r["checks"]))
     return table
 
 

@@ -24,6 +24,7 @@ from nodewatch.detect.machine import FailureLog, NodeTable
 from nodewatch.detect.outcome import ActionRequest, Conflict, Outcome, ProbeRequest, UnknownNode
 from nodewatch.detect.outliers import OutlierDetector, OutlierVerdict
 from nodewatch.detect.peers import PeerConfirmation
+from nodewatch.detect.phi import PhiAccrual
 from nodewatch.detect.policy import Policy
 from nodewatch.detect.review import Review
 from nodewatch.model import (
@@ -75,6 +76,8 @@ class Cluster:
         self.identity = Identity()
         self.drains = Drains(policy)
         self.outliers = OutlierDetector(policy)
+        # Arrival histories only where pushes are judged by them (decided once).
+        self.arrivals = PhiAccrual(policy) if policy.suspicion == "phi" else None
         self.event_sequence = EventSequence(next_event)
         self.dirty = DirtyNodes(self.table.nodes)
         for node in self.table.nodes.values():
@@ -188,6 +191,8 @@ class Cluster:
         self.drains.forget(node_id)
         self.outliers.forget(node_id)
         self.dirty.forget(node_id)
+        if self.arrivals is not None:
+            self.arrivals.forget(node_id)
         return node
 
     def _emit(
@@ -234,11 +239,18 @@ class Cluster:
 
     def poll_deadline(self, node_id: str) -> float:
         """How long an accepted push puts off the node's next poll: its current interval,
-        unjittered (the pushes are already spread by their assigned phases)."""
+        unjittered (the pushes are already spread by their assigned phases). With
+        ``suspicion = "phi"`` a healthy node is polled once its silence reaches
+        ``phi_threshold`` by its own history, never later than the fixed deadline."""
         node = self.table.nodes.get(node_id)
         p = self.policy
-        return p.healthy_interval if node is not None and node.health is Health.HEALTHY \
-            else p.unhealthy_interval
+        if node is None or node.health is not Health.HEALTHY:
+            return p.unhealthy_interval
+        if self.arrivals is not None:
+            allowed = self.arrivals.allowed_silence(node_id)
+            if allowed is not None:
+                return min(allowed, p.healthy_interval)
+        return p.healthy_interval
 
     def interval_for(self, node_id: str) -> float:
         """Seconds until the node's next check, jittered: fast while unknown or suspect;
@@ -284,6 +296,8 @@ class Cluster:
                     out.stale = True
                     return out
             else:
+                if result.source == "push" and self.arrivals is not None:
+                    self.arrivals.note(node.node_id, now)
                 self._apply_report(out, node, report, now)
         if node.health is not Health.DEAD:  # dead is final until the node registers again
             if result.ok:
@@ -584,6 +598,8 @@ class Cluster:
             self.review.count_restart(node, now)
         node.last_ts = max(node.last_ts, reg.last_ts)
         # A registration proves the agent alive: fall and rise both count afresh from here.
+        if self.arrivals is not None:
+            self.arrivals.restart(node.node_id)  # the gap before it was downtime, not jitter
         node.consecutive_successes = 0
         node.consecutive_failures = 0
         self.failures.clear(node.node_id)

@@ -27,6 +27,12 @@ class Policy:
     rise: int = _DET.rise
     dead_after: float = float(_DET.dead_after)
     startup_grace: float = float(_DET.startup_grace)
+    suspicion: str = _DET.suspicion  # "fixed" | "phi": how a pushing node's silence is judged
+    phi_threshold: float = _DET.phi_threshold
+    phi_window: int = _DET.phi_window
+    phi_min_samples: int = _DET.phi_min_samples
+    phi_min_std: float = float(_DET.phi_min_std)
+    phi_pause: float = float(_DET.phi_pause)
     max_loop_lag: float = float(_CO.max_loop_lag)
     guard_fraction: float = _GUARD.fraction
     guard_min_nodes: int = _GUARD.min_nodes
@@ -67,6 +73,12 @@ class Policy:
             rise=det.rise,
             dead_after=float(det.dead_after),
             startup_grace=float(det.startup_grace),
+            suspicion=det.suspicion,
+            phi_threshold=det.phi_threshold,
+            phi_window=det.phi_window,
+            phi_min_samples=det.phi_min_samples,
+            phi_min_std=float(det.phi_min_std),
+            phi_pause=float(det.phi_pause),
             max_loop_lag=float(cfg.coordinator.max_loop_lag),
             guard_fraction=cfg.guard.fraction,
             guard_min_nodes=cfg.guard.min_nodes,
