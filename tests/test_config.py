@@ -65,6 +65,13 @@ def test_file_values_and_overrides(tmp_path: Path) -> None:
          "at most detection.phi_window"),
         ('[detection]\nphi_min_std = "0s"\n', "detection.phi_min_std", "greater than 0"),
         ("[detection]\nphi_pause = 3\n", "detection.phi_pause", "duration"),
+        ('[[actions]]\ntype = "haproxy"\nsocket = "/run/h.sock"\nbackend = "be"\n'
+         'observe_interval = "0s"\n', "actions[0].observe_interval", "greater than 0"),
+        ('[[actions]]\ntype = "haproxy"\nsocket = "/run/h.sock"\nbackend = "be"\n'
+         'observe_interval = "6s"\n', "actions[0].observe_interval",
+         "at most outliers.window (5s)"),
+        ('[[actions]]\ntype = "haproxy"\nsocket = "/run/h.sock"\nbackend = "be"\n'
+         'observe = "yes"\n', "actions[0].observe", "bool"),
     ],
 )
 def test_bad_values_name_file_key_and_expectation(

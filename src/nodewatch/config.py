@@ -263,6 +263,11 @@ class ActionConfig(_Table):
     timeout: Duration = Duration(5.0)
     retries: Annotated[int, Meta(ge=0, le=100)] = 5
     secret: str = ""
+    # haproxy only: the leader also reads `show stat` over the same socket every
+    # observe_interval, and HAProxy's own per-server counters become callers' counts for the
+    # outlier rule (README, "Gray failures"); false: the action only sets server states.
+    observe: bool = True
+    observe_interval: Duration = Duration(1.0)
 
 
 class AgentRuleConfig(_Table):
@@ -448,6 +453,12 @@ def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
                              f"{', '.join(ACTION_EVENTS)}"))
         if action.type == "haproxy" and not action.backend:
             problems.append((f"actions[{i}].backend", "required for haproxy"))
+        if action.type == "haproxy" and action.observe and not (
+                0 < action.observe_interval <= out.window):
+            problems.append((f"actions[{i}].observe_interval",
+                             f"expected a duration greater than 0 and at most outliers.window "
+                             f"({format_duration(out.window)}): counts older than the window "
+                             f"never count"))
     return problems
 
 

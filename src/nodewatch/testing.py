@@ -1,6 +1,6 @@
 """Public test helpers, used by our tests and by users': a fake clock and a scripted probe for
-the pure core, an in-process cluster, throwaway etcd (one member or a cluster) and redis-server
-processes on loopback, and free ports.
+the pure core, an in-process cluster, throwaway etcd (one member or a cluster), redis-server
+and haproxy processes on loopback, and free ports.
 
 The servers keep their data in a given directory; every process is stopped (SIGTERM, then
 SIGKILL) by ``stop()`` or the context manager."""
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from nodewatch.coordinator.service import Coordinator
 
 
-__all__ = ["EtcdCluster", "EtcdMember", "FakeClock", "FakeProbe", "InProcessCluster", "RedisServer",
-           "find_binary", "free_port", "port_open"]
+__all__ = ["EtcdCluster", "EtcdMember", "FakeClock", "FakeProbe", "HaproxyServer",
+           "InProcessCluster", "RedisServer", "find_binary", "free_port", "port_open"]
 
 class FakeClock:
     """A clock that only moves when told to; pass ``clock`` wherever a time source is taken."""
@@ -346,6 +346,97 @@ class RedisServer:
             _stop(self.popen)
 
     def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# srv_admin_state bits in `show servers state`: forced maintenance, forced drain.
+_ADMIN_FMAINT = 0x01
+_ADMIN_FDRAIN = 0x08
+
+
+@dataclass
+class HaproxyServer:
+    """One haproxy in the foreground: an admin socket, an HTTP frontend on 127.0.0.1 and one
+    backend whose servers are named as given (name -> HOST:PORT), round robin, no checks."""
+
+    workdir: Path
+    servers: dict[str, str]
+    backend: str = "be"
+    binary: str = "haproxy"
+    frontend_port: int = 0
+    popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.workdir / "admin.sock"
+
+    @property
+    def url(self) -> str:
+        """The frontend: requests sent here are balanced over the backend's servers."""
+        return f"http://127.0.0.1:{self.frontend_port}"
+
+    def start(self, wait: float = 10.0) -> HaproxyServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.frontend_port = self.frontend_port or free_port()
+        lines = "\n".join(f"  server {name} {addr}" for name, addr in self.servers.items())
+        config = self.workdir / "haproxy.cfg"
+        config.write_text(
+            f"global\n  stats socket {self.socket} mode 600 level admin\n"
+            "defaults\n  mode http\n  timeout connect 1s\n  timeout client 5s\n"
+            "  timeout server 5s\n"
+            f"frontend fe\n  bind 127.0.0.1:{self.frontend_port}\n"
+            f"  default_backend {self.backend}\n"
+            f"backend {self.backend}\n{lines}\n")
+        log_path = self.workdir / "haproxy.log"
+        binary = find_binary(self.binary) or self.binary
+        with log_path.open("ab") as log:
+            self.popen = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          start_new_session=True)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                if self.states():
+                    return self
+            except OSError:
+                pass
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"haproxy did not start:\n"
+                                   f"{log_path.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.05)
+
+    def command(self, command: str, timeout: float = 2.0) -> str:
+        """One blocking runtime-API command (for tests and benches; the product has its own)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(self.socket))
+            sock.sendall(command.encode() + b"\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def states(self) -> dict[str, str]:
+        """server name -> READY / DRAIN / MAINT (the admin state bits of show servers state)."""
+        states: dict[str, str] = {}
+        for line in self.command(f"show servers state {self.backend}").splitlines():
+            parts = line.split()
+            if len(parts) < 7 or line.startswith("#"):
+                continue
+            admin = int(parts[6])
+            states[parts[3]] = ("MAINT" if admin & _ADMIN_FMAINT
+                                else "DRAIN" if admin & _ADMIN_FDRAIN else "READY")
+        return states
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            _stop(self.popen)
+
+    def __enter__(self) -> HaproxyServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
