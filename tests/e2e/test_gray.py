@@ -4,7 +4,9 @@ One agent's application pushes ``error_rate`` 0.4 (``PUT /metrics/load``) while 
 0.002: the node stays healthy, becomes an unschedulable outlier with the figures in its reason
 and an ``outlier`` event, is drained in haproxy, and returns (READY) once its figures are back
 in line after its back-off. An observer posting counts takes out a node whose agent reports
-nothing wrong. Every wait is on a condition with a deadline.
+nothing wrong, and so does HAProxy's own ``show stat`` with nobody posting anything: its
+backends are small applications, one answering 500 to 30 % of the requests that this test's
+bounded load loop sends through HAProxy. Every wait is on a condition with a deadline.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nodewatch.cli.processes import LocalCluster, http_json
+from nodewatch.testing import ErrorBackends, LoadLoop
 from tests.e2e.test_respond import addresses, profile, wait_all_healthy
 from tests.helpers import free_port, wait_until
 from tests.respond.servers import Haproxy, running
@@ -109,3 +112,51 @@ observer_token = "lb-secret"
         assert node["load"].get("error_rate", 0) == 0  # its agent saw nothing wrong
         assert "errors 50 % vs group median 0 %" in node["outlier"]["reason"]
         assert "(lb-a)" in node["outlier"]["reason"]
+
+
+def test_haproxy_counters_alone_take_out_a_node_whose_agent_reports_nothing_wrong(
+        tmp_path: Path) -> None:
+    apps = ErrorBackends(IDS).start()
+    lb = Haproxy(tmp_path / "haproxy", apps.addresses)  # servers named by node id
+    text = profile().replace("[agent]\nsample_interval = \"1s\"\n", "") + OUTLIERS + f"""
+[[actions]]
+type = "haproxy"
+socket = "{lb.socket}"
+backend = "be"
+timeout = "2s"
+observe_interval = "500ms"
+"""
+    # 20 requests per node in the 5 s window are enough to judge; the loop sends ~80 a second.
+    text = text.replace("[outliers]\n", "[outliers]\nmin_requests = 20\n")
+    with running(apps, lb.start()), LocalCluster(
+            workdir=tmp_path / "cluster", coordinator_listen=f"127.0.0.1:{free_port()}",
+            config_text=text) as c:
+        c.start_coordinator()
+        for node_id, address in zip(IDS, addresses("127.0.23", 10), strict=True):
+            c.start_agent(node_id, address)
+        wait_all_healthy(c, 10)
+        wait_until(lambda: set(lb.states().values()) == {"READY"}, timeout=10.0,
+                   message="every server ready in haproxy")
+        with LoadLoop(lb.url, rate=80.0, max_requests=8_000, max_seconds=90.0) as load:
+            apps.rates["web-4"] = 0.3
+            wait_until(lambda: outlier_events(c, "web-4"), timeout=20.0,
+                       message="web-4 ejected by HAProxy's counters")
+            [event] = outlier_events(c, "web-4")
+            assert "1 observer (haproxy:be)" in event["reason"], event["reason"]
+            node = c.node("web-4") or {}
+            assert node["health"] == "healthy" and node["schedulable"] is False
+            assert node["load"].get("error_rate", 0) == 0  # its agent saw nothing wrong
+            wait_until(lambda: lb.states().get("web-4") == "DRAIN", timeout=10.0,
+                       message="web-4 drained in haproxy")
+            assert all((c.node(i) or {}).get("schedulable") for i in IDS if i != "web-4")
+
+            apps.rates["web-4"] = 0.0  # the application recovered
+            wait_until(lambda: (c.node("web-4") or {}).get("schedulable"), timeout=20.0,
+                       message="web-4 schedulable again")
+            wait_until(lambda: lb.states().get("web-4") == "READY", timeout=10.0,
+                       message="web-4 ready in haproxy")
+            served = apps.served[("web-4", 200)]
+            wait_until(lambda: apps.served[("web-4", 200)] > served + 10, timeout=10.0,
+                       message="web-4 serving again")
+        assert [e["kind"] for e in outlier_events(c, "web-4")] == ["outlier", "outlier_cleared"]
+        assert load.statuses[200] > 0 and set(load.statuses) <= {200, 500}
