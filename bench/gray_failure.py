@@ -13,7 +13,16 @@ ejected, sets it to 20 % errors at a random moment, and times until ``GET /v1/no
 ``schedulable: false``; then it recovers and the next round waits until it is back. Every wait
 is bounded; nothing is asserted.
 
+HAProxy as the only observer (``--lb-backends K``): K real agents, K application backends
+(``nodewatch.testing.ErrorBackends``, ~0.2 % errors) behind a real haproxy whose servers are
+named by node id, the coordinator's ``[[actions]] type = "haproxy"`` reading ``show stat``
+every ``--observe-interval``, and a load loop sending ``--lb-rate`` requests a second through
+haproxy. Nobody posts observations. Each of ``--lb-rounds`` rounds makes one backend fail 20 %
+of its requests at a random moment and times until the coordinator lists the node
+unschedulable; then it recovers, and the next round starts once it is READY in haproxy again.
+
     .venv/bin/python bench/gray_failure.py --sim-runs 100 --agents 20 --rounds 10
+    .venv/bin/python bench/gray_failure.py --sim-runs 0 --agents 0 --lb-backends 10 --lb-rounds 20
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from pathlib import Path
 
 from nodewatch.cli.processes import LocalCluster, http_json
 from nodewatch.detect.simulate_gray import PANORAMA_S, GraySettings, binomial, simulate_gray
-from nodewatch.testing import free_port
+from nodewatch.testing import ErrorBackends, HaproxyServer, LoadLoop, free_port
 
 CONFIG = """
 [detection]
@@ -132,6 +141,71 @@ def real(agents: int, rounds: int, seed: int) -> None:
               f"{ejected - len(times)} other ejections")
 
 
+def haproxy_observer(backends: int, rounds: int, rate: float, observe_interval: str,
+                     seed: int) -> None:
+    rng = random.Random(seed)
+    ids = [f"app-{i}" for i in range(backends)]
+    with tempfile.TemporaryDirectory() as tmp, ErrorBackends(ids, seed=seed) as apps:
+        for node_id in ids:
+            apps.rates[node_id] = 0.002
+        with HaproxyServer(Path(tmp) / "haproxy", apps.addresses) as lb:
+            config = CONFIG + f"""
+[[actions]]
+type = "haproxy"
+socket = "{lb.socket}"
+backend = "be"
+timeout = "2s"
+observe_interval = "{observe_interval}"
+"""
+            with LocalCluster(workdir=Path(tmp) / "cluster",
+                              coordinator_listen=f"127.0.0.1:{free_port()}",
+                              config_text=config) as c:
+                c.start_coordinator()
+                for k, node_id in enumerate(ids):
+                    host = f"127.0.32.{k + 1}"
+                    c.start_agent(node_id, f"{host}:{free_port(host)}")
+                wait(lambda: sum(n["health"] == "healthy" for n in c.nodes()) == backends,
+                     60.0, "every agent healthy")
+                wait(lambda: set(lb.states().values()) == {"READY"}, 20.0, "haproxy ready")
+                budget = 30.0 + rounds * 40.0
+                with LoadLoop(lb.url, rate=rate, workers=8, max_requests=int(rate * budget),
+                              max_seconds=budget) as load:
+                    time.sleep(6.0)  # the windows fill with normal figures
+                    times = _lb_rounds(c, lb, apps, rng, ids, rounds)
+                statuses = dict(load.statuses)
+                sent = sum(statuses.values())
+                ejected = sum(1 for e in c.events() if e["kind"] == "outlier")
+    eject_after = 2.0  # the default [outliers] eject_after
+    print(f"haproxy as the only observer: {backends} backends behind haproxy, show stat every "
+          f"{observe_interval}, {rate:g} req/s ({sent} sent, {statuses.get(0, 0)} unanswered)"
+          f", {len(times)} gray failures (20 % errors): time to unschedulable p50 "
+          f"{statistics.median(times):.2f}s p99 {pct(times, 99):.2f}s max {max(times):.2f}s "
+          f"(Panorama {PANORAMA_S:g}s); of which eject_after {eject_after:g}s, so the rule saw "
+          f"the outlier after p50 {statistics.median(times) - eject_after:.2f}s; "
+          f"{ejected - len(times)} other ejections")
+
+
+def _lb_rounds(c: LocalCluster, lb: HaproxyServer, apps: ErrorBackends, rng: random.Random,
+               ids: list[str], rounds: int) -> list[float]:
+    times: list[float] = []
+    order = [rng.sample(ids, len(ids)) for _ in range(math.ceil(rounds / len(ids)))]
+    for node_id in [n for block in order for n in block][:rounds]:
+        time.sleep(rng.uniform(0.0, 1.0))
+        started = time.monotonic()
+        apps.rates[node_id] = 0.2
+        wait(lambda n=node_id: (c.node(n) or {}).get("schedulable") is False, 30.0,
+             f"{node_id} unschedulable")
+        times.append(time.monotonic() - started)
+        node = c.node(node_id) or {}
+        print(f"round {len(times):3d} {node_id}: unschedulable after {times[-1]:.2f}s "
+              f"(health {node.get('health')}, {(node.get('outlier') or {}).get('reason', '')})")
+        apps.rates[node_id] = 0.002
+        wait(lambda n=node_id: (c.node(n) or {}).get("schedulable") is True
+             and lb.states().get(n) == "READY", 120.0, f"{node_id} back")
+        time.sleep(5.0)  # its window fills with normal figures before the next round
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sim-runs", type=int, default=100)
@@ -139,11 +213,19 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=20, help="real agents (0: none)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--lb-backends", type=int, default=0,
+                        help="haproxy as the only observer, in front of this many backends")
+    parser.add_argument("--lb-rounds", type=int, default=10)
+    parser.add_argument("--lb-rate", type=float, default=300.0, help="requests a second")
+    parser.add_argument("--observe-interval", default="1s")
     args = parser.parse_args()
     if args.sim_runs:
         simulation(args.sim_runs, args.nodes)
     if args.agents:
         real(args.agents, args.rounds, args.seed)
+    if args.lb_backends:
+        haproxy_observer(args.lb_backends, args.lb_rounds, args.lb_rate,
+                         args.observe_interval, args.seed)
 
 
 if __name__ == "__main__":
