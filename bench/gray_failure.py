@@ -188,7 +188,7 @@ observe_interval = "{observe_interval}"
                 ejected = sum(1 for e in c.events() if e["kind"] == "outlier")
     eject_after = 2.0  # the default [outliers] eject_after
     print(f"haproxy as the only observer: {backends} backends behind haproxy, show stat every "
-          f"{observe_interval}, {rate:g} req/s asked, {achieved:.0f} sent ({sent} in all, "
+          f"{observe_interval}, {rate:g} req/s asked, {achieved:.0f} req/s sent ({sent} in all, "
           f"{statuses.get(0, 0)} unanswered)"
           f", {len(times)} gray failures (20 % errors): time to unschedulable p50 "
           f"{statistics.median(times):.2f}s p99 {pct(times, 99):.2f}s max {max(times):.2f}s "
