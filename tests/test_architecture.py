@@ -20,7 +20,11 @@ CORE_NODEWATCH = ("nodewatch.model", "nodewatch.config", "nodewatch.detect")
 # day to decide anything: the core runs on the virtual clock.
 # The identity policy compares credential hashes in constant time (hmac.compare_digest): pure
 # computation, no I/O; hashing and minting credentials stay at the edge (protocol.py).
-CORE_EXCEPTIONS = {"nodewatch.detect.simulate": {"time"}, "nodewatch.detect.identity": {"hmac"}}
+# The φ accrual windows are arrays of doubles (8 bytes a sample, not a list's 32): pure memory.
+CORE_EXCEPTIONS = {"nodewatch.detect.simulate": {"time"},
+                   "nodewatch.detect.simulate_gray": {"time"},
+                   "nodewatch.detect.identity": {"hmac"},
+                   "nodewatch.detect.phi": {"array"}}
 
 
 def _modules() -> dict[str, Path]:

@@ -58,6 +58,20 @@ def test_file_values_and_overrides(tmp_path: Path) -> None:
         ('[detection]\ndown_interval = "-4s"\n', "detection.down_interval", "duration"),
         ('[[actions]]\ntype = "exec"\ncommand = ["true"]\non = ["unhealty"]\n',
          "actions[0].on", "unknown event 'unhealty'"),
+        ('[detection]\nsuspicion = "accrual"\n', "detection.suspicion", "fixed, phi"),
+        ("[detection]\nphi_threshold = 0\n", "detection.phi_threshold", "> 0"),
+        ("[detection]\nphi_window = 1\n", "detection.phi_window", ">= 2"),
+        ("[detection]\nphi_window = 20\nphi_min_samples = 30\n", "detection.phi_min_samples",
+         "at most detection.phi_window"),
+        ('[detection]\nphi_min_std = "0s"\n', "detection.phi_min_std", "greater than 0"),
+        ("[detection]\nphi_pause = 3\n", "detection.phi_pause", "duration"),
+        ('[[actions]]\ntype = "haproxy"\nsocket = "/run/h.sock"\nbackend = "be"\n'
+         'observe_interval = "0s"\n', "actions[0].observe_interval", "greater than 0"),
+        ('[[actions]]\ntype = "haproxy"\nsocket = "/run/h.sock"\nbackend = "be"\n'
+         'observe_interval = "6s"\n', "actions[0].observe_interval",
+         "at most outliers.window (5s)"),
+        ('[[actions]]\ntype = "haproxy"\nsocket = "/run/h.sock"\nbackend = "be"\n'
+         'observe = "yes"\n', "actions[0].observe", "bool"),
     ],
 )
 def test_bad_values_name_file_key_and_expectation(
@@ -70,6 +84,18 @@ def test_bad_values_name_file_key_and_expectation(
     assert "\n" not in message
     assert message.startswith(f"{path}: {key}:"), message
     assert expected in message
+
+
+def test_phi_suspicion_keys_reach_the_policy(tmp_path: Path) -> None:
+    from nodewatch.detect.policy import Policy
+
+    assert load_config().detection.suspicion == "fixed"  # the fixed deadline stays the default
+    path = write(tmp_path, '[detection]\nsuspicion = "phi"\nphi_threshold = 10\n'
+                           'phi_window = 200\nphi_min_samples = 20\nphi_min_std = "250ms"\n'
+                           'phi_pause = "1s"\n')
+    policy = Policy.from_config(load_config(path))
+    assert (policy.suspicion, policy.phi_threshold, policy.phi_window, policy.phi_min_samples,
+            policy.phi_min_std, policy.phi_pause) == ("phi", 10.0, 200, 20, 0.25, 1.0)
 
 
 def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:

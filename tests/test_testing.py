@@ -1,11 +1,14 @@
-"""The public test helpers work as documented: an in-process cluster detects a stopped agent."""
+"""The public test helpers work as documented: an in-process cluster detects a stopped agent;
+application backends fail at their rate behind a real haproxy, under a bounded load loop."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from nodewatch.model import PeerVote
-from nodewatch.testing import FakeClock, FakeProbe, InProcessCluster
+from nodewatch.testing import ErrorBackends, FakeClock, FakeProbe, InProcessCluster, LoadLoop
+from tests.helpers import wait_until
+from tests.respond.servers import Haproxy, running
 
 
 def test_fake_clock_only_moves_when_told() -> None:
@@ -35,3 +38,18 @@ async def test_in_process_cluster_sees_nodes_healthy_then_a_stopped_one_unhealth
         await cluster.agents["node-2"].stop()
         await cluster.wait_for(lambda: cluster.health("node-2") == "unhealthy")
         assert cluster.health("node-1") == "healthy"
+
+
+def test_error_backends_behind_haproxy_answer_at_their_rates_and_the_load_stops_at_its_bound(
+        tmp_path: Path) -> None:
+    apps = ErrorBackends(["a", "b"]).start()
+    apps.rates["b"] = 1.0
+    lb = Haproxy(tmp_path / "haproxy", apps.addresses)
+    with running(apps, lb.start()):
+        load = LoadLoop(lb.url, rate=200.0, workers=2, max_requests=40, max_seconds=10.0)
+        with load:
+            wait_until(lambda: sum(load.statuses.values()) == 40, timeout=10.0,
+                       message="40 answers")
+        assert load.sent == 40
+        assert dict(load.statuses) == {200: 20, 500: 20}  # round robin, b fails every one
+        assert dict(apps.served) == {("a", 200): 20, ("b", 500): 20}

@@ -20,8 +20,8 @@ from nodewatch.tls import TlsSetupError, client_context, server_context
 
 __all__ = ["ActionConfig", "AgentCheckConfig", "AgentConfig", "AgentRuleConfig", "BudgetConfig",
            "Config", "ConfigError", "CoordinatorConfig", "DetectionConfig", "Duration",
-           "GuardConfig", "NodeConfig", "ReviewConfig", "Tokens", "check_agent_config",
-           "format_duration", "load_config", "parse_duration", "token_list"]
+           "GuardConfig", "NodeConfig", "OutliersConfig", "ReviewConfig", "Tokens",
+           "check_agent_config", "format_duration", "load_config", "parse_duration", "token_list"]
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 NODE_ID_RE = re.compile(NODE_ID_PATTERN)
@@ -95,6 +95,9 @@ class CoordinatorConfig(_Table):
     store: str = "sqlite:///./nodewatch-data/state.db"
     admin_token: Tokens = ""
     agent_token: Tokens = ""
+    # POST /v1/observations (callers' evidence of gray failures); the admin token is accepted
+    # too. With neither set, observations need no token.
+    observer_token: Tokens = ""
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -121,6 +124,10 @@ class CoordinatorConfig(_Table):
     # burst is spent, a registration is answered 429 with Retry-After (agents back off).
     max_registrations_per_second: Annotated[float, Meta(gt=0, le=1_000_000)] = 200.0
     registration_burst: Annotated[int, Meta(ge=1, le=1_000_000)] = 400
+    # POST /v1/observations: its own body cap (a load balancer reports a whole backend at
+    # once) and the most observations one batch may carry.
+    observations_max_body: Annotated[int, Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    max_observations: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
 
     @property
     def agent_tokens(self) -> tuple[str, ...]:
@@ -131,6 +138,11 @@ class CoordinatorConfig(_Table):
     def admin_tokens(self) -> tuple[str, ...]:
         """Every accepted admin token (``admin_token`` as a tuple)."""
         return token_list(self.admin_token)
+
+    @property
+    def observer_tokens(self) -> tuple[str, ...]:
+        """Tokens accepted for observations: the observer tokens and the admin tokens."""
+        return token_list(self.observer_token) + self.admin_tokens
 
 
 class DetectionConfig(_Table):
@@ -149,6 +161,15 @@ class DetectionConfig(_Table):
     history_ttl: Duration = Duration(3600.0)
     startup_grace: Duration = Duration(45.0)
     max_response: Annotated[int, Meta(ge=256, le=16 * 1024 * 1024)] = 64 * 1024
+    # How a pushing node's silence is judged (detect/phi.py): "fixed" polls it after
+    # healthy_interval without a push; "phi" polls it once its silence is improbable by its own
+    # arrival history (phi accrual), never later than healthy_interval.
+    suspicion: Literal["fixed", "phi"] = "fixed"
+    phi_threshold: Annotated[float, Meta(gt=0, le=100)] = 8.0  # as Akka and Cassandra
+    phi_window: Annotated[int, Meta(ge=2, le=10_000)] = 100  # inter-arrival samples kept
+    phi_min_samples: Annotated[int, Meta(ge=1, le=10_000)] = 10  # fixed deadline until then
+    phi_min_std: Duration = Duration(0.1)  # floor: a steady node's last push is not its last
+    phi_pause: Duration = Duration(3.0)  # margin for a pause its history has not shown yet
 
     @property
     def detection_window(self) -> float:
@@ -176,6 +197,45 @@ class BudgetConfig(_Table):
     drain_deadline: Duration = Duration(600.0)
 
 
+class OutliersConfig(_Table):
+    """Gray failures (README, "Gray failures"): a node whose callers see far more errors (or
+    latency) than its group's, with enough volume and for long enough, is ejected: healthy but
+    unschedulable, drained softly, back by itself after ``base_ejection_time`` x ejections."""
+
+    enabled: bool = True
+    # A node label whose value forms the groups compared (e.g. "zone", "role"); "": the fleet.
+    group_by: str = ""
+    # The sliding window over which each node's requests, errors and latency are summed.
+    window: Duration = Duration(5.0)
+    # Envoy's request_volume: fewer requests in the window and the node is not judged (an
+    # agent reporting error_rate without qps counts as exactly this many).
+    min_requests: Annotated[float, Meta(gt=0)] = 100.0
+    # Distinct sources (the node's agent, each observer) a verdict needs.
+    min_sources: Annotated[int, Meta(ge=1, le=100)] = 1
+    # Judged nodes a group needs before anyone in it is compared (Envoy's minimum_hosts).
+    min_nodes: Annotated[int, Meta(ge=2)] = 5
+    # An outlier's error rate is at least the group median plus error_margin and at least
+    # factor times the median (the margin rules near 0, the factor when the median is high).
+    error_margin: Fraction = 0.05
+    factor: Annotated[float, Meta(ge=1)] = 3.0
+    # The same for latency (p99, where callers or the application give one).
+    latency_margin: Duration = Duration(0.1)
+    latency_factor: Annotated[float, Meta(ge=1)] = 3.0
+    # Hysteresis: an outlier this long before it is ejected; back in line this long (after
+    # its back-off) before it returns.
+    eject_after: Duration = Duration(2.0)
+    clear_after: Duration = Duration(3.0)
+    # Envoy's base_ejection_time x ejections, at most max_ejection_time; the count drops by
+    # one for each max_ejection_time the node stays in line.
+    base_ejection_time: Duration = Duration(30.0)
+    max_ejection_time: Duration = Duration(300.0)
+    # Never more than this fraction of a group out as outliers (at least one node).
+    max_ejection_fraction: Fraction = 0.1
+    # When at least this fraction of a group's judged nodes are outliers at once, the whole
+    # group's errors rose together (a shared dependency): nobody is ejected, an event says so.
+    group_rise_fraction: Fraction = 0.3
+
+
 class NodeConfig(_Table):
     id: NodeId
     address: HostPort
@@ -185,7 +245,8 @@ class NodeConfig(_Table):
 ActionKind = Literal["webhook", "exec", "haproxy", "nginx"]
 # Every kind the core requests actions for (detect.cluster emits exactly these).
 ACTION_EVENTS = ("unhealthy", "recovered", "dead", "drained", "undrained", "approved",
-                 "removed", "drain_deadline", "degraded", "status_ok", "review")
+                 "removed", "drain_deadline", "degraded", "status_ok", "review", "outlier",
+                 "outlier_cleared")
 
 
 class ActionConfig(_Table):
@@ -202,6 +263,11 @@ class ActionConfig(_Table):
     timeout: Duration = Duration(5.0)
     retries: Annotated[int, Meta(ge=0, le=100)] = 5
     secret: str = ""
+    # haproxy only: the leader also reads `show stat` over the same socket every
+    # observe_interval, and HAProxy's own per-server counters become callers' counts for the
+    # outlier rule (README, "Gray failures"); false: the action only sets server states.
+    observe: bool = True
+    observe_interval: Duration = Duration(1.0)
 
 
 class AgentRuleConfig(_Table):
@@ -259,6 +325,7 @@ class Config(_Table):
     guard: GuardConfig = msgspec.field(default_factory=GuardConfig)
     review: ReviewConfig = msgspec.field(default_factory=ReviewConfig)
     budget: BudgetConfig = msgspec.field(default_factory=BudgetConfig)
+    outliers: OutliersConfig = msgspec.field(default_factory=OutliersConfig)
     nodes: list[NodeConfig] = msgspec.field(default_factory=list)
     actions: list[ActionConfig] = msgspec.field(default_factory=list)
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
@@ -319,6 +386,16 @@ def check_agent_config(agent: AgentConfig) -> None:
         raise ConfigError(f"{key}: {what}")
 
 
+def _phi_problems(det: DetectionConfig) -> list[tuple[str, str]]:
+    """The phi accrual keys' cross-field rules."""
+    problems: list[tuple[str, str]] = []
+    if det.phi_min_samples > det.phi_window:
+        problems.append(("detection.phi_min_samples", "expected at most detection.phi_window"))
+    if det.phi_min_std <= 0:
+        problems.append(("detection.phi_min_std", "expected a duration greater than 0"))
+    return problems
+
+
 def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
     """Cross-field rules that a type cannot express: (key, what is expected)."""
     problems: list[tuple[str, str]] = []
@@ -330,10 +407,11 @@ def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
         problems.append(("detection.connect_timeout", "expected at most detection.timeout"))
     if det.dead_after <= 0:
         problems.append(("detection.dead_after", "expected a duration greater than 0"))
+    problems.extend(_phi_problems(det))
     if not 0 < cfg.coordinator.store_timeout <= 300:
         problems.append(("coordinator.store_timeout",
                          "expected a duration greater than 0 and at most 5m"))
-    for key in ("agent_token", "admin_token"):
+    for key in ("agent_token", "admin_token", "observer_token"):
         value = getattr(cfg.coordinator, key)
         if isinstance(value, list):
             if any(not token or token != token.strip() for token in value):
@@ -350,6 +428,14 @@ def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
                          "expected HOST:PORT (port 0-65535), or empty for no UDP heartbeats"))
     if det.history_ttl < 1:
         problems.append(("detection.history_ttl", "expected at least 1s"))
+    out = cfg.outliers
+    for key in ("window", "base_ejection_time"):
+        if getattr(out, key) <= 0:
+            problems.append((f"outliers.{key}", "expected a duration greater than 0"))
+    if out.max_ejection_time < out.base_ejection_time:
+        problems.append(("outliers.max_ejection_time", "expected at least base_ejection_time"))
+    if out.group_by and not re.match(r"^[A-Za-z0-9._/-]{1,128}$", out.group_by):
+        problems.append(("outliers.group_by", "expected a label key (or empty for the fleet)"))
     problems.extend(_agent_problems(cfg.agent))
     seen: set[str] = set()
     for i, node in enumerate(cfg.nodes):
@@ -367,6 +453,12 @@ def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
                              f"{', '.join(ACTION_EVENTS)}"))
         if action.type == "haproxy" and not action.backend:
             problems.append((f"actions[{i}].backend", "required for haproxy"))
+        if action.type == "haproxy" and action.observe and not (
+                0 < action.observe_interval <= out.window):
+            problems.append((f"actions[{i}].observe_interval",
+                             f"expected a duration greater than 0 and at most outliers.window "
+                             f"({format_duration(out.window)}): counts older than the window "
+                             f"never count"))
     return problems
 
 
@@ -461,7 +553,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     """A plain, JSON-ready view (durations as seconds); secrets are masked."""
     data: dict[str, Any] = msgspec.to_builtins(cfg, enc_hook=_enc_hook)
     for table, key in (("coordinator", "admin_token"), ("coordinator", "agent_token"),
-                       ("agent", "agent_token")):
+                       ("coordinator", "observer_token"), ("agent", "agent_token")):
         value = data[table].get(key)
         if isinstance(value, list):
             data[table][key] = ["***" for _ in value]

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-__all__ = ["ActionDue", "Admin", "CheckResult", "DrainBy", "DrainState", "Event", "FailureClass",
-           "Health", "HistorySample", "NodeState", "NodeStatus", "PeerVote", "Registration",
-           "Report", "event_id", "event_number"]
+__all__ = ["ActionDue", "Admin", "CallerObservation", "CheckResult", "DrainBy", "DrainState",
+           "Event", "FailureClass", "Health", "HistorySample", "NodeState", "NodeStatus",
+           "OutlierState", "PeerVote", "Registration", "Report", "event_id", "event_number"]
 
 
 class Health(StrEnum):
@@ -110,6 +110,18 @@ RegisterDecision = Literal["new", "rejoin", "review"]
 
 
 @dataclass(frozen=True, slots=True)
+class CallerObservation:
+    """What one caller (a load balancer, a service, a peer) saw of one node over ``window``
+    seconds: evidence for the outlier rule (``detect/outliers.py``), never a check."""
+
+    node_id: str
+    requests: float
+    errors: float
+    latency_p99_ms: float | None = None
+    window: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     """A transition or notable happening; ids are opaque strings that sort in order."""
 
@@ -167,6 +179,19 @@ class ActionDue:
 
 
 @dataclass(slots=True)
+class OutlierState:
+    """An ejection: the node is alive but fails its callers far more than its group, so it
+    takes no new work until ``until`` and until its figures are back in line."""
+
+    since: float
+    until: float
+    reason: str
+    ejections: int  # this one included: the back-off is base_ejection_time x ejections
+    dry_run: bool = False  # dry_run: recorded and shown, but the node stays schedulable
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class NodeState:
     """Everything the coordinator knows about one node; the unit the stores persist."""
 
@@ -206,6 +231,11 @@ class NodeState:
     claim_address: str = ""
     reenrol_address: str = ""
     revoked: bool = False
+    # Gray failures (detect/outliers.py): the current ejection, if any; how many ejections the
+    # back-off counts, and when the last one ended (the count decays while the node behaves).
+    outlier: OutlierState | None = None
+    ejections: int = 0
+    outlier_cleared_at: float = 0.0
     revision: int = 0  # store revision, for compare-and-swap; not part of the node's story
 
     @property
@@ -214,6 +244,7 @@ class NodeState:
             self.health is Health.HEALTHY
             and self.node_status is NodeStatus.OK
             and self.admin is Admin.ACTIVE
+            and (self.outlier is None or self.outlier.dry_run)
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -233,7 +264,8 @@ class NodeState:
             "system": self.system,
             "load": self.load,
             "labels": self.labels,
-            "reasons": list(self.reasons) + ([self.health_reason] if self.health_reason else []),
+            "reasons": list(self.reasons) + ([self.health_reason] if self.health_reason else [])
+            + ([f"outlier: {self.outlier.reason}"] if self.outlier is not None else []),
             "version": self.version,
             # What an operator needs of the node's identity: never the hashes or keys.
             "identity": {
@@ -242,6 +274,16 @@ class NodeState:
                 "pending_claim": self.claim_address or None,
                 "reenrol_from": self.reenrol_address or None,
                 "revoked": self.revoked,
+            },
+            "outlier": None
+            if self.outlier is None
+            else {
+                "since": self.outlier.since,
+                "until": self.outlier.until,
+                "reason": self.outlier.reason,
+                "ejections": self.outlier.ejections,
+                "dry_run": self.outlier.dry_run,
+                "figures": self.outlier.evidence,
             },
             "drain": None
             if self.drain is None

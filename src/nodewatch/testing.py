@@ -1,6 +1,7 @@
 """Public test helpers, used by our tests and by users': a fake clock and a scripted probe for
-the pure core, an in-process cluster, throwaway etcd (one member or a cluster) and redis-server
-processes on loopback, and free ports.
+the pure core, an in-process cluster, throwaway etcd (one member or a cluster), redis-server
+and haproxy processes on loopback, application backends with a settable error rate and a
+bounded load loop to send through a load balancer, and free ports.
 
 The servers keep their data in a given directory; every process is stopped (SIGTERM, then
 SIGKILL) by ``stop()`` or the context manager."""
@@ -9,16 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
+import random
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from nodewatch.model import CheckResult, FailureClass, PeerVote
 
@@ -29,8 +34,9 @@ if TYPE_CHECKING:
     from nodewatch.coordinator.service import Coordinator
 
 
-__all__ = ["EtcdCluster", "EtcdMember", "FakeClock", "FakeProbe", "InProcessCluster", "RedisServer",
-           "find_binary", "free_port", "port_open"]
+__all__ = ["ErrorBackends", "EtcdCluster", "EtcdMember", "FakeClock", "FakeProbe",
+           "HaproxyServer", "InProcessCluster", "LoadLoop", "RedisServer", "find_binary",
+           "free_port", "port_open"]
 
 class FakeClock:
     """A clock that only moves when told to; pass ``clock`` wherever a time source is taken."""
@@ -346,6 +352,222 @@ class RedisServer:
             _stop(self.popen)
 
     def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# srv_admin_state bits in `show servers state`: forced maintenance, forced drain.
+_ADMIN_FMAINT = 0x01
+_ADMIN_FDRAIN = 0x08
+
+
+@dataclass
+class HaproxyServer:
+    """One haproxy in the foreground: an admin socket, an HTTP frontend on 127.0.0.1 and one
+    backend whose servers are named as given (name -> HOST:PORT), round robin, no checks."""
+
+    workdir: Path
+    servers: dict[str, str]
+    backend: str = "be"
+    binary: str = "haproxy"
+    frontend_port: int = 0
+    popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.workdir / "admin.sock"
+
+    @property
+    def url(self) -> str:
+        """The frontend: requests sent here are balanced over the backend's servers."""
+        return f"http://127.0.0.1:{self.frontend_port}"
+
+    def start(self, wait: float = 10.0) -> HaproxyServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.frontend_port = self.frontend_port or free_port()
+        lines = "\n".join(f"  server {name} {addr}" for name, addr in self.servers.items())
+        config = self.workdir / "haproxy.cfg"
+        config.write_text(
+            f"global\n  stats socket {self.socket} mode 600 level admin\n"
+            "defaults\n  mode http\n  timeout connect 1s\n  timeout client 5s\n"
+            "  timeout server 5s\n"
+            f"frontend fe\n  bind 127.0.0.1:{self.frontend_port}\n"
+            f"  default_backend {self.backend}\n"
+            f"backend {self.backend}\n{lines}\n")
+        log_path = self.workdir / "haproxy.log"
+        binary = find_binary(self.binary) or self.binary
+        with log_path.open("ab") as log:
+            self.popen = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          start_new_session=True)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                if self.states():
+                    return self
+            except OSError:
+                pass
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"haproxy did not start:\n"
+                                   f"{log_path.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.05)
+
+    def command(self, command: str, timeout: float = 2.0) -> str:
+        """One blocking runtime-API command (for tests and benches; the product has its own)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(self.socket))
+            sock.sendall(command.encode() + b"\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def states(self) -> dict[str, str]:
+        """server name -> READY / DRAIN / MAINT (the admin state bits of show servers state)."""
+        states: dict[str, str] = {}
+        for line in self.command(f"show servers state {self.backend}").splitlines():
+            parts = line.split()
+            if len(parts) < 7 or line.startswith("#"):
+                continue
+            admin = int(parts[6])
+            states[parts[3]] = ("MAINT" if admin & _ADMIN_FMAINT
+                                else "DRAIN" if admin & _ADMIN_FDRAIN else "READY")
+        return states
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            _stop(self.popen)
+
+    def __enter__(self) -> HaproxyServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ErrorBackends:
+    """Application backends on one host (one thread, one event loop): each answers ``GET /``
+    with 200, or 500 for a settable fraction of requests (``rates[name]``): the service of a
+    node with a gray failure, to put behind a load balancer. ``served`` counts answers."""
+
+    def __init__(self, names: Iterable[str], host: str = "127.0.0.1", seed: int = 1) -> None:
+        self.host = host
+        self.names = list(names)
+        self.rates: dict[str, float] = {name: 0.0 for name in self.names}
+        self.addresses: dict[str, str] = {}
+        self.served: dict[tuple[str, int], int] = defaultdict(int)
+        self._rng = random.Random(seed)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, wait: float = 10.0) -> ErrorBackends:
+        from aiohttp import web as aioweb
+
+        ready = threading.Event()
+        ports = {name: free_port(self.host) for name in self.names}
+
+        def handler(name: str) -> Callable[[aioweb.Request], Any]:
+            async def answer(request: aioweb.Request) -> aioweb.Response:
+                status = 500 if self._rng.random() < self.rates[name] else 200
+                self.served[(name, status)] += 1
+                return aioweb.Response(status=status, text=name)
+            return answer
+
+        def main() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            runners = []
+            for name, port in ports.items():
+                app = aioweb.Application()
+                app.router.add_get("/", handler(name))
+                runner = aioweb.AppRunner(app, access_log=None)
+                loop.run_until_complete(runner.setup())
+                loop.run_until_complete(aioweb.TCPSite(runner, self.host, port).start())
+                runners.append(runner)
+            ready.set()
+            loop.run_forever()
+            for runner in runners:
+                loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=main, daemon=True, name="error-backends")
+        self._thread.start()
+        if not ready.wait(wait):
+            raise RuntimeError("the backends did not start")
+        self.addresses = {name: f"{self.host}:{port}" for name, port in ports.items()}
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop = None
+
+    def __enter__(self) -> ErrorBackends:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class LoadLoop:
+    """Requests through a load balancer at about ``rate`` a second from ``workers`` threads
+    (kept-alive connections), bounded in count and in time; ``statuses`` counts answers
+    (0: no answer). Stopped by ``stop()`` or the context manager."""
+
+    def __init__(self, url: str, rate: float, *, workers: int = 4, max_requests: int = 100_000,
+                 max_seconds: float = 120.0) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.rate, self.workers = rate, workers
+        self.max_requests, self.max_seconds = max_requests, max_seconds
+        self.statuses: dict[int, int] = defaultdict(int)
+        self.sent = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._work, daemon=True, name=f"load-{i}")
+                         for i in range(workers)]
+
+    def _work(self) -> None:
+        pause = self.workers / self.rate
+        deadline = time.monotonic() + self.max_seconds
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=2.0)
+        next_at = time.monotonic()
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            with self._lock:
+                if self.sent >= self.max_requests:
+                    break
+                self.sent += 1
+            try:
+                conn.request("GET", "/")
+                resp = conn.getresponse()
+                resp.read()
+                status = resp.status
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=2.0)
+                status = 0
+            with self._lock:
+                self.statuses[status] += 1
+            next_at = max(next_at + pause, time.monotonic() - pause)
+            self._stop.wait(max(0.0, next_at - time.monotonic()))  # pacing, not a wait on state
+        conn.close()
+
+    def start(self) -> LoadLoop:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(5)
+
+    def __enter__(self) -> LoadLoop:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

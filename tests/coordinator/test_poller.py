@@ -477,6 +477,20 @@ async def test_deferred_node_is_not_checked_until_its_deferral_but_check_now_win
                          message="n1 checked at once")
 
 
+async def test_a_deferral_earlier_than_the_scheduled_check_brings_it_forward() -> None:
+    """φ suspicion may judge a pushing node's silence sooner than its poll interval."""
+    probe = FakeProbe(FakeClock())
+    results: list[CheckResult] = []
+    poller = make_poller(probe, interval=60.0, results=results)
+    async with poller:
+        poller.add("n1", "127.0.0.1:1", first_due=time.monotonic() + 60.0)
+        due = time.monotonic() + 0.05
+        poller.defer("n1", due)
+        assert poller._scheduler.due_of("n1") == due
+        await eventually(lambda: any(r.node_id == "n1" for r in results),
+                         message="n1 checked at its push deadline")
+
+
 async def test_a_lost_check_reaches_nobody_and_the_node_is_tried_at_its_interval() -> None:
     """CheckLost (the coordinator could not check) is no observation: no result, no failure."""
     calls: list[float] = []

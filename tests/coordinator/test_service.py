@@ -10,7 +10,15 @@ from typing import Any
 from nodewatch.config import load_config
 from nodewatch.coordinator.service import Coordinator
 from nodewatch.detect.outcome import ActionRequest
-from nodewatch.model import CheckResult, Event, FailureClass, Health, Registration, Report
+from nodewatch.model import (
+    CallerObservation,
+    CheckResult,
+    Event,
+    FailureClass,
+    Health,
+    Registration,
+    Report,
+)
 from nodewatch.store.open import open_store
 from nodewatch.testing import FakeProbe
 
@@ -222,3 +230,45 @@ async def test_a_stored_action_that_never_ran_runs_after_a_restart_and_only_then
         assert third_sink.submitted == []
     finally:
         await third.stop()
+
+
+class StubObserver:
+    """A caller observer that posts one count per beat and records when it runs."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.unknown: list[list[str]] = []
+        self.heard_back = asyncio.Event()
+
+    async def run(self, observe: Any) -> None:
+        self.running += 1
+        try:
+            while True:
+                self.unknown.append(observe("stub", [CallerObservation("n1", 10, 0),
+                                                     CallerObservation("ghost", 10, 0)]))
+                if self.unknown[-1] == ["ghost"]:
+                    self.heard_back.set()
+                await asyncio.sleep(0.01)
+        finally:
+            self.running -= 1
+
+
+async def test_caller_observers_run_only_while_this_coordinator_leads(tmp_path: Path) -> None:
+    cfg = load_config(None, {"coordinator.store": f"sqlite:///{tmp_path}/state.db",
+                             "detection.startup_grace": "0"})
+    stub = StubObserver()
+    coord = Coordinator(cfg, open_store(cfg.coordinator.store), observers=[stub],
+                        probe=FakeProbe(time.time))  # type: ignore[arg-type]
+    await coord.start()
+    try:
+        coord.register(Registration("n1", "127.0.0.1:1", 1, 0, time.time()))
+        async with asyncio.timeout(5):
+            await stub.heard_back.wait()
+        assert stub.running == 1
+        figures = coord.cluster.outliers.figures("n1", time.time())
+        assert figures is not None and "stub" in figures.sources
+        await coord.become_follower("someone-else")
+        assert stub.running == 0  # a follower does not observe
+    finally:
+        await coord.stop()
+    assert stub.running == 0

@@ -13,7 +13,13 @@ from nodewatch.cli.commands import main
 from nodewatch.coordinator.poller import Poller
 from nodewatch.detect.policy import Policy
 from nodewatch.detect.scheduler import CheckScheduler
-from nodewatch.detect.simulate import SCENARIOS, SimResult, SimSettings, simulate
+from nodewatch.detect.simulate import (
+    SCENARIOS,
+    SimResult,
+    SimSettings,
+    compare_suspicion,
+    simulate,
+)
 from nodewatch.model import CheckResult, FailureClass
 from nodewatch.testing import FakeClock
 
@@ -125,6 +131,31 @@ def test_cli_prints_one_json_object(scenario: str) -> None:
                 "detection_max", "false_positives", "events"):
         assert key in data
     assert data["nodes"] == 50 and data["simulated_s"] == 180.0
+
+
+def test_jitter_runs_both_judgements_of_the_same_nodes_side_by_side() -> None:
+    out = CliRunner().invoke(main, ["simulate", "--nodes", "60", "--duration", "4m",
+                                    "--scenario", "jitter"])
+    assert out.exit_code == 0, out.output
+    rows = {line.split()[0]: line for line in out.output.splitlines()
+            if line.split() and line.split()[0] in ("fixed", "phi")}
+    assert set(rows) == {"fixed", "phi"}
+    assert "FALSE CONFIRMATIONS" in out.output and "FALSE SUSPICIONS" in out.output
+    data = json.loads(CliRunner().invoke(main, ["simulate", "--nodes", "60", "--duration", "4m",
+                                                "--scenario", "jitter", "--json"]).output)
+    fixed, phi = data["suspicion"]["fixed"], data["suspicion"]["phi"]
+    assert fixed["profile"]["suspicion"] == "fixed" and phi["profile"]["suspicion"] == "phi"
+    assert fixed["faults"] == phi["faults"] and fixed["heartbeats"] > 0
+    assert data["false_positives"] == fixed["false_positives"]  # top level: the configured one
+
+
+def test_phi_confirms_crashed_pushers_sooner_and_no_jittery_node() -> None:
+    result = compare_suspicion(SimSettings(policy=DEFAULT, nodes=150, duration=400.0,
+                                           scenario="jitter", crash_fraction=0.04))
+    fixed, phi = result["fixed"], result["phi"]
+    assert fixed.faults == phi.faults == 6 and fixed.missed == phi.missed == 0
+    assert fixed.false_positives == phi.false_positives == 0
+    assert max(phi.detection) < min(fixed.detection)  # the fixed deadline waits 30 s
 
 
 def test_cli_says_when_the_duration_cannot_hold_a_fault() -> None:

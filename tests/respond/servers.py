@@ -22,96 +22,17 @@ from typing import Any
 
 from aiohttp import web
 
+from nodewatch.testing import HaproxyServer
 from tests.helpers import free_port, require_binary, wait_until
 
-# srv_admin_state bits in `show servers state`: forced maintenance, forced drain.
-ADMIN_FMAINT = 0x01
-ADMIN_FDRAIN = 0x08
 
+class Haproxy(HaproxyServer):
+    """The Debian haproxy of ``nodewatch.testing``; a missing one skips, or fails under CI."""
 
-def haproxy_command(socket_path: Path | str, command: str) -> str:
-    """Blocking runtime-API call for assertions (the product code has its own async one)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(2.0)
-        sock.connect(str(socket_path))
-        sock.sendall(command.encode() + b"\n")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks).decode()
-
-
-def server_states(socket_path: Path | str, backend: str) -> dict[str, str]:
-    """server name -> READY / DRAIN / MAINT from ``show servers state`` (admin state bits)."""
-    states: dict[str, str] = {}
-    for line in haproxy_command(socket_path, f"show servers state {backend}").splitlines():
-        parts = line.split()
-        if len(parts) < 7 or line.startswith("#"):
-            continue
-        admin = int(parts[6])
-        name = parts[3]
-        if admin & ADMIN_FMAINT:
-            states[name] = "MAINT"
-        elif admin & ADMIN_FDRAIN:
-            states[name] = "DRAIN"
-        else:
-            states[name] = "READY"
-    return states
-
-
-@dataclass
-class Haproxy:
-    """A Debian haproxy in the foreground with an admin socket and one backend ``be``."""
-
-    workdir: Path
-    servers: dict[str, str]  # name -> HOST:PORT
-    backend: str = "be"
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def socket(self) -> Path:
-        return self.workdir / "admin.sock"
-
-    def start(self) -> Haproxy:
-        binary = require_binary("haproxy")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        lines = "\n".join(f"  server {name} {addr}" for name, addr in self.servers.items())
-        config = self.workdir / "haproxy.cfg"
-        config.write_text(
-            f"global\n  stats socket {self.socket} mode 600 level admin\n"
-            "defaults\n  mode http\n  timeout connect 1s\n  timeout client 5s\n"
-            "  timeout server 5s\n"
-            f"frontend fe\n  bind 127.0.0.1:{free_port()}\n  default_backend {self.backend}\n"
-            f"backend {self.backend}\n{lines}\n"
-        )
-        log = (self.workdir / "haproxy.log").open("ab")
-        self.proc = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
-
-        def up() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError((self.workdir / "haproxy.log").read_text())
-            try:
-                return bool(self.states())
-            except OSError:
-                return False
-
-        wait_until(up, timeout=10, message="haproxy admin socket")
+    def start(self, wait: float = 10.0) -> Haproxy:
+        self.binary = require_binary("haproxy")
+        super().start(wait)
         return self
-
-    def states(self) -> dict[str, str]:
-        return server_states(self.socket, self.backend)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 @dataclass

@@ -123,3 +123,16 @@ def test_packed_node_round_trips_and_bytes_follow_content_only(node: NodeState) 
 def test_unknown_fields_from_a_newer_writer_are_ignored() -> None:
     data = b'{"node_id":"a","address":"h:1","seq":3,"future_field":[1,2]}'
     assert decode_node(data, 4) == NodeState(node_id="a", address="h:1", seq=3, revision=4)
+
+
+def test_an_outlier_ejection_round_trips_through_the_codec() -> None:
+    from nodewatch.model import OutlierState
+    from nodewatch.store.codec import decode_node, encode_node, encode_node_packed
+
+    node = NodeState(node_id="web-1", address="127.0.0.1:7301", ejections=2,
+                     outlier_cleared_at=5.0,
+                     outlier=OutlierState(since=10.0, until=70.0, reason="errors 40 %",
+                                          ejections=2, evidence={"error_rate": 0.4}))
+    for data in (encode_node(node), encode_node_packed(node)):
+        assert decode_node(data) == node
+    assert b'"outlier":' not in encode_node(NodeState(node_id="a", address="h:1"))

@@ -19,13 +19,14 @@ from aiohttp import web
 
 from nodewatch.api.admission import RegistrationBucket, retry_after_header
 from nodewatch.api.metrics import CoordinatorMetrics
-from nodewatch.api.schemas import ApproveBody, DrainBody, convert
+from nodewatch.api.schemas import ApproveBody, DrainBody, ObservationsBody, convert
 from nodewatch.api.udp import UdpHeartbeats, push_result
 from nodewatch.config import NODE_ID_RE
 from nodewatch.coordinator.service import Coordinator, NotLeader
 from nodewatch.detect.identity import IdentityRejected
 from nodewatch.detect.outcome import Conflict, UnknownNode
 from nodewatch.model import (
+    CallerObservation,
     Health,
     NodeState,
     Registration,
@@ -225,6 +226,29 @@ async def heartbeat(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def observations(request: web.Request) -> web.Response:
+    """Callers' evidence of gray failures: validated whole (a bad item refuses the batch and
+    changes nothing), unknown node ids reported back rather than refused."""
+    coord = _coordinator(request)
+    cc = coord.config.coordinator
+    _require(request, cc.observer_tokens, "observer")
+    body = convert(await read_json_object(request, cc.observations_max_body), ObservationsBody)
+    if len(body.observations) > cc.max_observations:
+        raise HTTPProblem(413, f"{len(body.observations)} observations in one batch; the limit "
+                               f"is {cc.max_observations} ([coordinator] max_observations)")
+    for i, item in enumerate(body.observations):
+        if item.errors > item.requests:
+            raise HTTPProblem(422, f"observations[{i}].errors: {item.errors:g} errors is more "
+                                   f"than its {item.requests:g} requests")
+    source = body.source or f"observer@{request.remote or 'unknown'}"
+    unknown = coord.observe_callers(source, [
+        CallerObservation(o.node_id, o.requests, o.errors, o.latency_p99_ms, body.window)
+        for o in body.observations])
+    missing = set(unknown)
+    accepted = sum(1 for o in body.observations if o.node_id not in missing)
+    return json_response({"accepted": accepted, "unknown": unknown, "source": source})
+
+
 # ---------------------------------------------------------------------- reads
 
 
@@ -415,6 +439,7 @@ def build_app(coord: Coordinator, udp: UdpHeartbeats | None = None) -> web.Appli
     r = app.router
     r.add_post("/v1/register", register)
     r.add_post("/v1/heartbeat", heartbeat)
+    r.add_post("/v1/observations", observations)
     r.add_get("/v1/nodes", list_nodes)
     r.add_get("/v1/nodes/{node_id}", get_node)
     r.add_get("/v1/nodes/{node_id}/history", node_history)

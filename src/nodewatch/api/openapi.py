@@ -59,6 +59,10 @@ OPERATIONS: tuple[Operation, ...] = (
               {204: None, **_BODY_ERRORS, 403: s.ErrorResponse, 404: s.ErrorResponse,
                409: s.ErrorResponse},
               body=s.HeartbeatBody, auth="agent"),
+    Operation("post", "/v1/observations",
+              "Callers' counts of requests, errors and latency per node (gray failures).",
+              {200: s.ObservationsResponse, **_BODY_ERRORS, 503: s.ErrorResponse},
+              body=s.ObservationsBody, auth="observer"),
     Operation("get", "/v1/nodes", "Every node, filtered and sorted.",
               {200: s.NodesResponse, 400: s.ErrorResponse},
               query=(_query("schedulable", {"type": "string", "enum": ["true", "false"]},
@@ -162,6 +166,9 @@ def openapi_document() -> dict[str, Any]:
                                "description": "[coordinator] agent_token, when set"},
                 "adminToken": {"type": "http", "scheme": "bearer",
                                "description": "[coordinator] admin_token, when set"},
+                "observerToken": {"type": "http", "scheme": "bearer",
+                                  "description": "[coordinator] observer_token (or the admin "
+                                                 "token), when set"},
             },
         },
     }

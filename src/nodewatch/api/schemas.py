@@ -8,13 +8,15 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta
 
+from nodewatch.config import NODE_ID_PATTERN
 from nodewatch.model import Admin, DrainBy, Health, NodeStatus
 from nodewatch.protocol import HeartbeatBody, RegisterBody, ShortText
 from nodewatch.web import HTTPProblem
 
 __all__ = ["ApproveBody", "CommandResponse", "CoordinatorHealth", "DrainBody", "DrainView",
            "ErrorResponse", "EventView", "EventsResponse", "HeartbeatBody", "HistoryResponse",
-           "HistorySampleView", "IdentityView", "NodeView", "NodesResponse", "RegisterBody",
+           "HistorySampleView", "IdentityView", "NodeView", "NodesResponse", "ObservationBody",
+           "ObservationsBody", "ObservationsResponse", "OutlierView", "RegisterBody",
            "RegisterResponse", "RemoveResponse", "StoreHealthView", "convert"]
 
 
@@ -31,6 +33,28 @@ class ApproveBody(_Body):
     address: Annotated[str, Meta(max_length=300, description=(
         "the address of the claim (or, without one, of the node) being approved: a newer "
         "claim from elsewhere makes the approval fail (409) instead of approving it"))] = ""
+
+
+Count = Annotated[float, Meta(ge=0, le=1e12)]
+
+
+class ObservationBody(_Body):
+    """What one caller saw of one node over the batch's window."""
+
+    node_id: Annotated[str, Meta(pattern=NODE_ID_PATTERN)]
+    requests: Count
+    errors: Annotated[float, Meta(ge=0, le=1e12, description="at most requests")]
+    latency_p99_ms: Annotated[float, Meta(ge=0, le=3.6e6)] | None = None
+
+
+class ObservationsBody(_Body):
+    """``POST /v1/observations``: a batch from one source (a load balancer, a service, a
+    peer), one window each. The batch size is capped by ``[coordinator] max_observations``."""
+
+    observations: list[ObservationBody]
+    window: Annotated[float, Meta(gt=0, le=3600, description="seconds the counts cover")] = 10.0
+    source: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:@/-]{1,128}$", description=(
+        "who observed (distinct sources count as observers); default: observer@ADDRESS"))] = ""
 
 
 T = TypeVar("T")
@@ -82,6 +106,15 @@ class IdentityView(_View):
     revoked: bool = False
 
 
+class OutlierView(_View):
+    since: float
+    until: Annotated[float, Meta(description="end of the back-off (base_ejection_time x n)")]
+    reason: Annotated[str, Meta(description="the figures: the node's and its group's")]
+    ejections: int
+    dry_run: bool = False
+    figures: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
 class NodeView(_View):
     node_id: str
     address: str
@@ -100,8 +133,17 @@ class NodeView(_View):
     reasons: list[str]
     version: str = ""
     drain: DrainView | None = None
+    outlier: Annotated[OutlierView | None, Meta(
+        description="set while the node is ejected as an outlier (gray failure): healthy, "
+                    "but not schedulable")] = None
     identity: IdentityView | None = None
     load_score: Annotated[float | None, Meta(description="lower takes work first")] = None
+
+
+class ObservationsResponse(_View):
+    accepted: int
+    unknown: Annotated[list[str], Meta(description="node ids not known here (ignored)")]
+    source: str
 
 
 class NodesResponse(_View):

@@ -39,7 +39,7 @@ _TLS_HINTS = {
 }
 
 __all__ = ["Client", "ClientError", "CommandResult", "CoordinatorStatus", "DEFAULT_COORDINATOR",
-           "DrainInfo", "EventInfo", "EventsPage", "IdentityInfo", "NodeInfo",
+           "DrainInfo", "EventInfo", "EventsPage", "IdentityInfo", "NodeInfo", "OutlierInfo",
            "resolve_coordinator"]
 
 T = TypeVar("T")
@@ -70,6 +70,18 @@ class IdentityInfo(_Result):
     revoked: bool = False
 
 
+class OutlierInfo(_Result):
+    """A node ejected as an outlier (a gray failure): healthy, not schedulable until
+    ``until`` and until its figures are back in line."""
+
+    since: float
+    until: float
+    reason: str
+    ejections: int = 1
+    dry_run: bool = False
+    figures: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
 class NodeInfo(_Result):
     """One node as ``GET /v1/nodes`` shows it."""
 
@@ -90,6 +102,7 @@ class NodeInfo(_Result):
     reasons: list[str]
     version: str = ""
     drain: DrainInfo | None = None
+    outlier: OutlierInfo | None = None
     load_score: float | None = None
     identity: IdentityInfo | None = None
 

@@ -6,7 +6,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from nodewatch.cli.render import event_line, make_console, nodes_table, summary_line
+from nodewatch.cli.render import (
+    event_line,
+    make_console,
+    nodes_table,
+    summary_line,
+    suspicion_table,
+)
 from nodewatch.protocol import VERSION
 
 if TYPE_CHECKING:
@@ -296,22 +302,26 @@ def demo(nodes: int, listen: str, duration: str | None, workdir: str) -> None:
 
 
 @main.command()
-@click.option("--nodes", default=10_000, show_default=True, type=click.IntRange(1, 2_000_000),
-              help="How many simulated nodes.")
+@click.option("--nodes", default=None, type=click.IntRange(1, 2_000_000),
+              help="How many simulated nodes [10000; gray, fleet-errors: 100].")
 @click.option("--duration", default="1h", show_default=True,
               help="Simulated (virtual) time, e.g. 10m, 1h.")
 @click.option("--scenario", default="crash", show_default=True,
               type=click.Choice(["crash", "hang", "flap", "slow", "partition",
-                                 "slow-coordinator"]),
-              help="The scripted faults.")
+                                 "slow-coordinator", "jitter", "gray", "fleet-errors"]),
+              help="The scripted faults (jitter: pushing nodes with heavy-tailed delays and "
+                   "pauses, judged by the fixed deadline and by phi, side by side; gray, "
+                   "fleet-errors: gray failures, see README).")
+@click.option("--runs", default=50, show_default=True, type=click.IntRange(1, 100_000),
+              help="gray / fleet-errors: seeded runs, one fault each.")
 @click.option("--fraction", type=click.FloatRange(0.0, 1.0), default=None,
-              help="Share of nodes the scenario hits (crash/hang/flap/slow/partition).")
+              help="Share of nodes the scenario hits (crash/hang/flap/slow/partition/jitter).")
 @click.option("--seed", default=1, show_default=True, type=int, help="Random seed.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML file with the [detection], [guard], [budget] thresholds to try.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def simulate(nodes: int, duration: str, scenario: str, fraction: float | None, seed: int,
-             config_path: str | None, as_json: bool) -> None:
+def simulate(nodes: int | None, duration: str, scenario: str, runs: int, fraction: float | None,
+             seed: int, config_path: str | None, as_json: bool) -> None:
     """Run the real detection core against N simulated nodes on a virtual clock.
 
     Prints detection latency (fault to `unhealthy`), false positives (alive nodes confirmed
@@ -320,24 +330,41 @@ def simulate(nodes: int, duration: str, scenario: str, fraction: float | None, s
     import json
 
     from nodewatch.config import ConfigError, load_config, parse_duration
-    from nodewatch.detect.simulate import settings_from_config
+    from nodewatch.detect.simulate import compare_suspicion, settings_from_config
     from nodewatch.detect.simulate import simulate as run_simulation
 
     try:
         seconds = float(parse_duration(duration))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--duration") from None
+    if scenario in ("gray", "fleet-errors"):
+        _simulate_gray(scenario, nodes or 100, runs, seed, config_path, as_json)
+        return
+    nodes = nodes or 10_000
     try:
         cfg = load_config(config_path, check_files=False)  # thresholds only: no TLS files
         settings = settings_from_config(cfg, nodes=nodes, duration=seconds, scenario=scenario,
                                         fraction=fraction, seed=seed)
     except (ConfigError, ValueError) as exc:
         _fail(str(exc))
-    result = run_simulation(settings).to_json()
+    compared: dict[str, dict[str, Any]] = {}
+    if scenario == "jitter":
+        compared = {k: r.to_json() for k, r in compare_suspicion(settings).items()}
+        result = dict(compared[settings.policy.suspicion], suspicion=compared)
+    else:
+        result = run_simulation(settings).to_json()
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
         return
     console = make_console()
+    if compared:
+        fixed = compared["fixed"]
+        console.print(f"[bold]jitter[/]: {fixed['nodes']} nodes pushing every "
+                      f"{fixed['profile']['heartbeat_interval']:g}s, "
+                      f"{settings.main_fraction:.0%} jittery, {seconds:g}s simulated twice in "
+                      f"{sum(r['wall_s'] for r in compared.values()):.1f}s")
+        console.print(suspicion_table(compared))
+        return
 
     def secs(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}s"
@@ -356,3 +383,43 @@ def simulate(nodes: int, duration: str, scenario: str, fraction: float | None, s
         console.print("held  " + ", ".join(f"{k}: {v}" for k, v in result["held"].items()))
     if result["guard_on_s"]:
         console.print(f"guard on for {result['guard_on_s']:.0f}s")
+
+
+def _simulate_gray(scenario: str, nodes: int, runs: int, seed: int, config_path: str | None,
+                   as_json: bool) -> None:
+    """The gray-failure scenarios: time from the start of a gray failure to unschedulable,
+    beside Panorama's 7 s; ejections in fleet-errors (all false)."""
+    import json
+
+    from nodewatch.config import ConfigError, load_config
+    from nodewatch.detect.policy import Policy
+    from nodewatch.detect.simulate_gray import PANORAMA_S, GraySettings, simulate_gray
+
+    try:
+        cfg = load_config(config_path, check_files=False)
+        settings = GraySettings(policy=Policy.from_config(cfg), scenario=scenario,
+                                nodes=nodes, runs=runs, seed=seed)
+    except (ConfigError, ValueError) as exc:
+        _fail(str(exc))
+    result = simulate_gray(settings).to_json()
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True))
+        return
+    console = make_console()
+
+    def secs(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}s"
+
+    console.print(f"[bold]{scenario}[/]: {result['nodes']} nodes x {runs} runs, "
+                  f"{result['simulated_s']:g}s simulated in {result['wall_s']:.1f}s")
+    if scenario == "gray":
+        console.print(f"time to unschedulable  p50 {secs(result['detection_p50'])}  p99 "
+                      f"{secs(result['detection_p99'])}  max {secs(result['detection_max'])}"
+                      f"  (Panorama: {PANORAMA_S:g}s; {result['detected']} of "
+                      f"{result['faults']} gray nodes taken out, {result['missed']} missed)")
+    style = "green" if result["false_positives"] == 0 else "red"
+    console.print(f"ejections of nodes in line with their group  "
+                  f"[{style}]{result['false_positives']}[/]")
+    console.print("events  " + (", ".join(f"{k} {v}" for k, v in result["events"].items())
+                                or "none"))
+

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from nodewatch.cli.client import EventInfo, NodeInfo
 
-__all__ = ["event_line", "make_console", "nodes_table", "summary_line"]
+__all__ = ["event_line", "make_console", "nodes_table", "summary_line", "suspicion_table"]
 
 _HEALTH_STYLE = {"healthy": "green", "suspect": "yellow", "unhealthy": "red", "dead": "red dim",
                  "unknown": "dim"}
@@ -15,7 +15,9 @@ _EVENT_STYLE = {"healthy": "green", "recovered": "green", "approved": "green",
                 "undrained": "green", "registered": "cyan", "suspect": "yellow",
                 "degraded": "yellow", "drained": "yellow", "review": "magenta",
                 "unhealthy": "red", "dead": "red", "removed": "red", "guard_on": "red",
-                "guard_off": "green", "action_failed": "red"}
+                "guard_off": "green", "action_failed": "red", "outlier": "red",
+                "outlier_cleared": "green", "outlier_held": "yellow",
+                "outlier_hold": "yellow", "outlier_hold_off": "green"}
 
 
 def make_console() -> Any:
@@ -86,12 +88,34 @@ def nodes_table(nodes: list[NodeInfo], now: float) -> Any:
             status if status == "ok" else f"[yellow]{status}[/]",
             (admin if admin == "active" else f"[magenta]{admin}[/]")
             + (f" [magenta]claim {escape(claim)}[/]" if claim else ""),
-            "[green]yes[/]" if node.schedulable else "[red]no[/]",
+            ("[green]yes[/]" if node.schedulable else "[red]no[/]")
+            + (" [red]outlier[/]" if node.outlier is not None else ""),
             _fmt_num(system.get("cpu_percent")), _fmt_num(system.get("mem_percent")),
             _fmt_num(load.get("qps")), _fmt_num(load.get("pending_tasks"), 0),
             _ago(node.last_seen, now),
             escape("; ".join(node.reasons)),
         )
+    return table
+
+
+def suspicion_table(compared: dict[str, dict[str, Any]]) -> Any:
+    """``simulate --scenario jitter``: one row per judgement of pushed heartbeats (fixed, phi)
+    on the same nodes, so that false positives and detection time read side by side."""
+    from rich.table import Table
+
+    def secs(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}s"
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("SUSPICION", "FALSE CONFIRMATIONS", "FALSE SUSPICIONS", "DETECTION P50",
+                   "P99", "MAX", "CRASHES CONFIRMED", "POLLS"):
+        table.add_column(column, justify="left" if column == "SUSPICION" else "right")
+    for name, r in compared.items():
+        style = "green" if r["false_positives"] == 0 else "red"
+        table.add_row(name, f"[{style}]{r['false_positives']}[/]", str(r["false_suspicions"]),
+                      secs(r["detection_p50"]), secs(r["detection_p99"]),
+                      secs(r["detection_max"]), f"{r['detected']}/{r['faults']}",
+                      str(r["checks"]))
     return table
 
 

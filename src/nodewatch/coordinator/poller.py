@@ -279,10 +279,17 @@ class Poller:
     def defer(self, node_id: str, due: float) -> None:
         """Put off the node's next check until ``due``: a node that pushes heartbeats is polled
         only once its pushes stop. O(1): the heap entry is moved only when it comes due, so a
-        heartbeat costs one attribute write, not a heap operation."""
+        heartbeat costs one attribute write, not a heap operation. A ``due`` earlier than the
+        scheduled check (φ suspicion judged the node's silence sooner than its poll interval,
+        right after a poll) moves the check forward: one heap operation, only then."""
         node = self._nodes.get(node_id)
-        if node is not None:
-            node.deferred = due
+        if node is None:
+            return
+        node.deferred = due
+        if not node.busy:
+            scheduled = self._scheduler.due_of(node_id)
+            if scheduled is not None and due < scheduled:
+                self._schedule(node_id, due)
 
     def check_now(self, node_id: str) -> None:
         """Check the node as soon as a worker is free (e.g. after a lease expired), without

@@ -16,6 +16,7 @@ from nodewatch.config import Config
 from nodewatch.coordinator.leadership import Leadership
 from nodewatch.coordinator.service import ActionSink, Coordinator
 from nodewatch.protocol import split_host_port
+from nodewatch.respond.haproxy_stats import build_observers
 from nodewatch.respond.runner import ActionRunner
 from nodewatch.store.etcd import EtcdStore
 from nodewatch.store.open import open_store
@@ -81,7 +82,11 @@ async def serve(config: Config, stop: asyncio.Event | None = None,
     leadership = None
     if isinstance(store, EtcdStore):  # several coordinators may share it: elect a leader
         leadership = Leadership(store, config.coordinator.listen, config.coordinator.leader_ttl)
-    coord = Coordinator(config, store, actions=build_actions(config), leadership=leadership)
+    observers = build_observers(config)
+    if observers:
+        log.info("observing %s through show stat", ", ".join(o.source for o in observers))
+    coord = Coordinator(config, store, actions=build_actions(config), leadership=leadership,
+                        observers=observers)
     await coord.start()
     tune_gc()
     udp = None

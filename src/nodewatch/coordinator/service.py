@@ -27,6 +27,7 @@ from nodewatch.detect.outcome import ActionRequest, Outcome, ProbeRequest
 from nodewatch.detect.policy import Policy
 from nodewatch.detect.scheduler import CheckScheduler
 from nodewatch.model import (
+    CallerObservation,
     CheckResult,
     Event,
     FailureClass,
@@ -50,8 +51,8 @@ from nodewatch.store.base import Store, StoreUnavailable, store_label
 if TYPE_CHECKING:
     from nodewatch.coordinator.leadership import Leadership
 
-__all__ = ["ActionSink", "BindableSink", "Coordinator", "LAG_BEAT", "MAX_RETRY_BACKOFF",
-           "NoActions", "NotLeader", "PERSIST_INTERVAL", "RECENT_EVENTS",
+__all__ = ["ActionSink", "BindableSink", "CallerObserver", "Coordinator", "LAG_BEAT",
+           "MAX_RETRY_BACKOFF", "NoActions", "NotLeader", "PERSIST_INTERVAL", "RECENT_EVENTS",
            "ROUTINE_PERSIST_INTERVAL", "StoreHealth"]
 
 log = logging.getLogger("nodewatch.coordinator")
@@ -124,6 +125,15 @@ class BindableSink(Protocol):
     def bind(self, emit: Callable[[str, str, str, dict[str, Any]], None],
              nodes: Callable[[], Mapping[str, NodeState]],
              settled: Callable[[ActionRequest], None]) -> None: ...
+
+
+class CallerObserver(Protocol):
+    """A reader of callers' counts that runs while this coordinator leads (the HAProxy
+    observer, ``respond/haproxy_stats.py``): ``run`` loops until cancelled, handing what it
+    read to ``observe`` (``Coordinator.observe_callers``'s signature)."""
+
+    async def run(self, observe: Callable[[str, Sequence[CallerObservation]], list[str]]
+                  ) -> None: ...
 
 
 class NoActions:
@@ -281,8 +291,10 @@ class Coordinator:
         actions: ActionSink | None = None,
         rng: random.Random | None = None,
         leadership: Leadership | None = None,
+        observers: Sequence[CallerObserver] = (),
     ) -> None:
         self.config = config
+        self.observers = list(observers)
         # With several coordinators on etcd, only the elected leader polls, confirms failures,
         # runs actions and writes node state; a follower mirrors the store and serves reads.
         self.leadership = leadership
@@ -411,6 +423,10 @@ class Coordinator:
         self._lead_tasks = [
             loop.create_task(self._ticker(), name="nodewatch-tick"),
             loop.create_task(self._retention(), name="nodewatch-retention"),
+            # Callers' counts are the leader's to judge: the observers run only while it leads.
+            *(loop.create_task(observer.run(self._observe_while_leading),
+                               name=f"nodewatch-observer-{i}")
+              for i, observer in enumerate(self.observers)),
         ]
         await self.persist()
         if due:
@@ -654,6 +670,25 @@ class Coordinator:
             self.poller.add(node.node_id, node.address, first_due=self.clock())
         self._handle(outcome)
         return decision, node
+
+    def observe_callers(self, source: str,
+                        observations: Sequence[CallerObservation]) -> list[str]:
+        """What callers saw of nodes (a load balancer, a service, a peer; the HAProxy reader
+        too): evidence for the outlier rule, kept in memory and judged on the next tick, so
+        nothing is written here; ejections are written with their events like any
+        transition. ``source`` names the caller (distinct sources count as observers).
+        Returns the node ids not known here. Only the leader judges (NotLeader otherwise)."""
+        self._role.require_leader()
+        return self.cluster.observe_callers(source, observations, self.clock())
+
+    def _observe_while_leading(self, source: str,
+                               observations: Sequence[CallerObservation]) -> list[str]:
+        """An observer's counts; dropped while the leadership is unconfirmed (the observer
+        keeps polling, the counts of that time are simply not evidence)."""
+        try:
+            return self.observe_callers(source, observations)
+        except NotLeader:
+            return []
 
     def heartbeat_phase(self, node_id: str, interval: float) -> float:
         """Where in its interval a node should push: spread by a hash, never synchronized."""

@@ -61,6 +61,10 @@ class Budget:
         self._held.pop(node_id, None)
         self.limiter.record(now)
 
+    def note_ejection(self, now: float) -> None:
+        """An outlier was ejected: it counts against the rate like a cleanup."""
+        self.limiter.record(now)
+
     def hold(self, node_id: str, event_id: str) -> None:
         self._held[node_id] = event_id
 

@@ -1,5 +1,6 @@
 """The cluster facade of the pure detection core: it feeds each input to the per-node machine
-and the policies (gate, guard, budget, peers, review, drains) and collects what they decide.
+and the policies (gate, guard, budget, peers, review, drains, outliers) and collects what they
+decide.
 
 No I/O and no clock of its own: every method takes ``now``. Observations (polls, heartbeats,
 lease expiries, peer votes, registrations, operator commands, ticks) go in; events, indirect
@@ -21,17 +22,21 @@ from nodewatch.detect.identity import Credential, Identity, Verdict
 from nodewatch.detect.journal import DirtyNodes, EventSequence
 from nodewatch.detect.machine import FailureLog, NodeTable
 from nodewatch.detect.outcome import ActionRequest, Conflict, Outcome, ProbeRequest, UnknownNode
+from nodewatch.detect.outliers import OutlierDetector, OutlierVerdict
 from nodewatch.detect.peers import PeerConfirmation
+from nodewatch.detect.phi import PhiAccrual
 from nodewatch.detect.policy import Policy
 from nodewatch.detect.review import Review
 from nodewatch.model import (
     ActionDue,
     Admin,
+    CallerObservation,
     CheckResult,
     Event,
     Health,
     NodeState,
     NodeStatus,
+    OutlierState,
     PeerVote,
     RegisterDecision,
     Registration,
@@ -70,6 +75,9 @@ class Cluster:
         self.review = Review(policy)
         self.identity = Identity()
         self.drains = Drains(policy)
+        self.outliers = OutlierDetector(policy)
+        # Arrival histories only where pushes are judged by them (decided once).
+        self.arrivals = PhiAccrual(policy) if policy.suspicion == "phi" else None
         self.event_sequence = EventSequence(next_event)
         self.dirty = DirtyNodes(self.table.nodes)
         for node in self.table.nodes.values():
@@ -80,6 +88,7 @@ class Cluster:
         if node.health is Health.UNHEALTHY and not node.cleaned_up:
             self.budget.hold(node.node_id, "")
         self.drains.track(node)
+        self.outliers.track(node)
 
     # ------------------------------------------------------------------ views
 
@@ -166,6 +175,7 @@ class Cluster:
                 self._track(before)  # an undone remove: its budget hold and drain
             else:
                 self.drains.track(before)
+                self.outliers.track(before)
         self.event_sequence.take_back(discard)
 
     def _forget(self, node_id: str) -> NodeState | None:
@@ -179,7 +189,10 @@ class Cluster:
         self.identity.forget(node_id)
         self.peers.forget(node_id)
         self.drains.forget(node_id)
+        self.outliers.forget(node_id)
         self.dirty.forget(node_id)
+        if self.arrivals is not None:
+            self.arrivals.forget(node_id)
         return node
 
     def _emit(
@@ -226,11 +239,18 @@ class Cluster:
 
     def poll_deadline(self, node_id: str) -> float:
         """How long an accepted push puts off the node's next poll: its current interval,
-        unjittered (the pushes are already spread by their assigned phases)."""
+        unjittered (the pushes are already spread by their assigned phases). With
+        ``suspicion = "phi"`` a healthy node is polled once its silence reaches
+        ``phi_threshold`` by its own history, never later than the fixed deadline."""
         node = self.table.nodes.get(node_id)
         p = self.policy
-        return p.healthy_interval if node is not None and node.health is Health.HEALTHY \
-            else p.unhealthy_interval
+        if node is None or node.health is not Health.HEALTHY:
+            return p.unhealthy_interval
+        if self.arrivals is not None:
+            allowed = self.arrivals.allowed_silence(node_id)
+            if allowed is not None:
+                return min(allowed, p.healthy_interval)
+        return p.healthy_interval
 
     def interval_for(self, node_id: str) -> float:
         """Seconds until the node's next check, jittered: fast while unknown or suspect;
@@ -276,6 +296,8 @@ class Cluster:
                     out.stale = True
                     return out
             else:
+                if result.source == "push" and self.arrivals is not None:
+                    self.arrivals.note(node.node_id, now)
                 self._apply_report(out, node, report, now)
         if node.health is not Health.DEAD:  # dead is final until the node registers again
             if result.ok:
@@ -301,6 +323,7 @@ class Cluster:
         node.last_ts = report.ts
         node.system = report.system
         node.load = report.load
+        self.outliers.note_report(node.node_id, report.load, now)
         node.reasons = list(report.reasons)
         if report.status is not node.node_status:
             before = node.node_status
@@ -459,7 +482,9 @@ class Cluster:
     # ------------------------------------------------------------------ budget
 
     def _budget_block(self, now: float) -> str:
-        return self.budget.block(now, self.table.watched, self.table.out_count)
+        # Outliers ejected draw from the same budget as nodes cleaned up.
+        return self.budget.block(now, self.table.watched,
+                                 self.table.out_count + self.outliers.ejected_count)
 
     def _request_cleanup(self, out: Outcome, node: NodeState, event: Event, now: float) -> None:
         if node.cleaned_up:
@@ -575,6 +600,8 @@ class Cluster:
             self.review.count_restart(node, now)
         node.last_ts = max(node.last_ts, reg.last_ts)
         # A registration proves the agent alive: fall and rise both count afresh from here.
+        if self.arrivals is not None:
+            self.arrivals.restart(node.node_id)  # the gap before it was downtime, not jitter
         node.consecutive_successes = 0
         node.consecutive_failures = 0
         self.failures.clear(node.node_id)
@@ -806,7 +833,57 @@ class Cluster:
         if evicting and self.budget.held:
             self._release_held(out, now)
         self._update_guard(out, now)
+        if self.outliers.active:
+            self._judge_outliers(out, now)
         return out
+
+    # ------------------------------------------------------------------ gray failures
+
+    def observe_callers(self, source: str, observations: Sequence[CallerObservation],
+                        now: float) -> list[str]:
+        """What callers saw of nodes: evidence only, judged on the next tick. Returns the
+        node ids not known here (reported back to the caller, not an error)."""
+        known = [o for o in observations if o.node_id in self.table.nodes]
+        self.outliers.note_callers(source, known, now)
+        return sorted({o.node_id for o in observations if o.node_id not in self.table.nodes})
+
+    def _ejection_block(self, now: float) -> str:
+        if self.guard.on:
+            return _GUARD_HOLD
+        return self._budget_block(now)
+
+    def _judge_outliers(self, out: Outcome, now: float) -> None:
+        verdicts = self.outliers.judge(now, self.table.nodes,
+                                       lambda: self._ejection_block(now))
+        for verdict in verdicts:
+            self._apply_outlier(out, verdict, now)
+
+    def _apply_outlier(self, out: Outcome, v: OutlierVerdict, now: float) -> None:
+        node = self.table.nodes.get(v.node_id)
+        if node is None:  # a group's hold: no node changes
+            self._emit(out, now, "", v.kind, "", "", v.reason, v.evidence)
+            return
+        if v.kind == "outlier":
+            dry = self.policy.dry_run
+            node.outlier = OutlierState(since=now, until=v.until, reason=v.reason,
+                                        ejections=v.ejections, dry_run=dry,
+                                        evidence=dict(v.evidence))
+            node.ejections = v.ejections
+            if not dry:
+                self.budget.note_ejection(now)
+            event = self._emit(out, now, node.node_id, "outlier", "in_service", "outlier",
+                               ("dry run: would eject: " if dry else "") + v.reason,
+                               {**v.evidence, "dry_run": dry})
+            self._action(out, "outlier", node, event)
+        elif v.kind == "outlier_cleared":
+            node.outlier = None
+            node.outlier_cleared_at = now
+            event = self._emit(out, now, node.node_id, "outlier_cleared", "outlier",
+                               "in_service", v.reason, v.evidence)
+            self._action(out, "outlier_cleared", node, event)
+        else:
+            self._emit(out, now, node.node_id, v.kind, "", "", v.reason, v.evidence)
+        self.dirty.changed(node.node_id)
 
     def _declare_dead(self, out: Outcome, now: float) -> None:
         p = self.policy

@@ -14,6 +14,7 @@ __all__ = ["Policy"]
 _DEFAULT = Config()
 _DET, _CO = _DEFAULT.detection, _DEFAULT.coordinator
 _GUARD, _REVIEW, _BUDGET = _DEFAULT.guard, _DEFAULT.review, _DEFAULT.budget
+_OUT = _DEFAULT.outliers
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,12 @@ class Policy:
     rise: int = _DET.rise
     dead_after: float = float(_DET.dead_after)
     startup_grace: float = float(_DET.startup_grace)
+    suspicion: str = _DET.suspicion  # "fixed" | "phi": how a pushing node's silence is judged
+    phi_threshold: float = _DET.phi_threshold
+    phi_window: int = _DET.phi_window
+    phi_min_samples: int = _DET.phi_min_samples
+    phi_min_std: float = float(_DET.phi_min_std)
+    phi_pause: float = float(_DET.phi_pause)
     max_loop_lag: float = float(_CO.max_loop_lag)
     guard_fraction: float = _GUARD.fraction
     guard_min_nodes: int = _GUARD.min_nodes
@@ -37,6 +44,22 @@ class Policy:
     max_rate: float = _BUDGET.max_rate  # cleanups per minute
     drain_deadline: float = float(_BUDGET.drain_deadline)
     dry_run: bool = _CO.dry_run
+    outliers: bool = _OUT.enabled
+    outlier_group_by: str = _OUT.group_by
+    outlier_window: float = float(_OUT.window)
+    outlier_min_requests: float = _OUT.min_requests
+    outlier_min_sources: int = _OUT.min_sources
+    outlier_min_nodes: int = _OUT.min_nodes
+    outlier_error_margin: float = _OUT.error_margin
+    outlier_factor: float = _OUT.factor
+    outlier_latency_margin: float = float(_OUT.latency_margin)
+    outlier_latency_factor: float = _OUT.latency_factor
+    outlier_eject_after: float = float(_OUT.eject_after)
+    outlier_clear_after: float = float(_OUT.clear_after)
+    base_ejection_time: float = float(_OUT.base_ejection_time)
+    max_ejection_time: float = float(_OUT.max_ejection_time)
+    max_ejection_fraction: float = _OUT.max_ejection_fraction
+    group_rise_fraction: float = _OUT.group_rise_fraction
 
     @classmethod
     def from_config(cls, cfg: Config) -> Policy:
@@ -50,6 +73,12 @@ class Policy:
             rise=det.rise,
             dead_after=float(det.dead_after),
             startup_grace=float(det.startup_grace),
+            suspicion=det.suspicion,
+            phi_threshold=det.phi_threshold,
+            phi_window=det.phi_window,
+            phi_min_samples=det.phi_min_samples,
+            phi_min_std=float(det.phi_min_std),
+            phi_pause=float(det.phi_pause),
             max_loop_lag=float(cfg.coordinator.max_loop_lag),
             guard_fraction=cfg.guard.fraction,
             guard_min_nodes=cfg.guard.min_nodes,
@@ -61,6 +90,22 @@ class Policy:
             max_rate=cfg.budget.max_rate,
             drain_deadline=float(cfg.budget.drain_deadline),
             dry_run=cfg.coordinator.dry_run,
+            outliers=cfg.outliers.enabled,
+            outlier_group_by=cfg.outliers.group_by,
+            outlier_window=float(cfg.outliers.window),
+            outlier_min_requests=cfg.outliers.min_requests,
+            outlier_min_sources=cfg.outliers.min_sources,
+            outlier_min_nodes=cfg.outliers.min_nodes,
+            outlier_error_margin=cfg.outliers.error_margin,
+            outlier_factor=cfg.outliers.factor,
+            outlier_latency_margin=float(cfg.outliers.latency_margin),
+            outlier_latency_factor=cfg.outliers.latency_factor,
+            outlier_eject_after=float(cfg.outliers.eject_after),
+            outlier_clear_after=float(cfg.outliers.clear_after),
+            base_ejection_time=float(cfg.outliers.base_ejection_time),
+            max_ejection_time=float(cfg.outliers.max_ejection_time),
+            max_ejection_fraction=cfg.outliers.max_ejection_fraction,
+            group_rise_fraction=cfg.outliers.group_rise_fraction,
         )
 
     @property
@@ -100,6 +145,15 @@ class Policy:
         if not self.jitter:
             return interval
         return interval * (1.0 + self.jitter * (2.0 * rng.random() - 1.0))
+
+    def ejection_limit(self, group_size: int) -> int:
+        """Most nodes of a group out as outliers at once: a fraction, never fewer than one."""
+        return max(1, int(group_size * self.max_ejection_fraction))
+
+    def ejection_time(self, ejections: int) -> float:
+        """Envoy's back-off: ``base_ejection_time`` x ejections, at most ``max_ejection_time``."""
+        return min(self.base_ejection_time * ejections,
+                   max(self.base_ejection_time, self.max_ejection_time))
 
     def budget_limit(self, total_nodes: int) -> int:
         """Most nodes that may be out (cleaned up) at once: a fraction, never fewer than one."""

@@ -10,7 +10,13 @@ Every fault is scripted per node before the run (crash, hang, flapping restarts,
 drawn from a latency distribution, a partition between the coordinator and some nodes, stalls
 of the coordinator's own loop), so a check's outcome is known when it is scheduled and each
 check costs one heap entry. Detection latency is the virtual time from a fault to the node's
-``unhealthy`` event; a false positive is an ``unhealthy`` event for a node that was alive.
+``unhealthy`` event; a false positive is an ``unhealthy`` event for a node that was alive, a
+false suspicion a ``suspect`` event for one.
+
+The ``jitter`` scenario is about pushed heartbeats (HTTP/UDP, no lease): a share of the nodes is
+jittery, its heartbeats delayed by a heavy tail and its process pausing now and then (as in a
+long garbage collection: nothing sent, nothing answered, polls and peer probes included), while
+some nodes crash. :func:`compare_suspicion` runs it under both ``[detection] suspicion`` values.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import time
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nodewatch.config import Config
@@ -40,16 +46,25 @@ from nodewatch.model import (
     Report,
 )
 
-__all__ = ["SCENARIOS", "SimResult", "SimSettings", "settings_from_config", "simulate"]
+__all__ = ["SCENARIOS", "SimResult", "SimSettings", "compare_suspicion", "settings_from_config",
+           "simulate"]
 
-SCENARIOS = ("crash", "hang", "flap", "slow", "partition", "slow-coordinator")
+SCENARIOS = ("crash", "hang", "flap", "slow", "partition", "slow-coordinator", "jitter")
 
 # What the scenario's --fraction means by default: the share of nodes that crash / hang / flap /
 # answer slowly / sit behind the partition. The other scenarios add crashes at CRASH_FRACTION
 # so that every scenario measures detection latency under its own stress.
 DEFAULT_FRACTION = {"crash": 0.01, "hang": 0.01, "flap": 0.02, "slow": 0.10,
-                    "partition": 0.10, "slow-coordinator": 0.01}
+                    "partition": 0.10, "slow-coordinator": 0.01, "jitter": 0.20}
 CRASH_FRACTION = 0.01
+
+# The jitter scenario. Its nodes push every JITTER_HEARTBEAT seconds unless [agent]
+# heartbeat_interval says otherwise. A jittery node's heartbeats are delayed by a lognormal
+# (median 50 ms, p99 about 0.5 s, delivered in order as HTTP posts are), and about every
+# PAUSE_EVERY seconds its process pauses for a Pareto time (from PAUSE_MIN, shape PAUSE_ALPHA,
+# at most PAUSE_MAX: a node frozen for longer is failing, not jittery).
+JITTER_HEARTBEAT = 1.0
+PAUSE_EVERY, PAUSE_MIN, PAUSE_ALPHA, PAUSE_MAX = 30.0, 0.2, 1.5, 8.0
 
 # Node states in the script (a partition is kept apart: a partitioned node is UP).
 _UP, _CRASHED, _HUNG = 0, 1, 2
@@ -82,7 +97,7 @@ class SimSettings:
     heartbeat_interval: float = 0.0  # [agent] heartbeat_interval; 0 = pull only
     # Silence of this many heartbeat intervals counts as a failure (a lease); 0 = no lease, as
     # with HTTP/UDP pushes: only the poll that the pushes kept deferring finds the silence.
-    heartbeat_grace: float = 2.5
+    heartbeat_grace: float = 2.5  # not in ``jitter``: its pushes are HTTP/UDP, judged by the core
     partition_s: float | None = None  # how long the partition lasts (default: a third of the run)
 
     def __post_init__(self) -> None:
@@ -97,6 +112,18 @@ class SimSettings:
             raise ValueError(f"duration {self.duration:g}s is too short for this policy: faults "
                              f"start after {self.warmup:g}s and stop {self.tail:g}s before the "
                              f"end so that each one can be detected")
+
+    @property
+    def push_interval(self) -> float:
+        """Seconds between a node's heartbeats; ``jitter`` always pushes."""
+        if self.scenario == "jitter" and self.heartbeat_interval <= 0:
+            return JITTER_HEARTBEAT
+        return self.heartbeat_interval
+
+    @property
+    def lease_grace(self) -> float:
+        """Silence that counts as a failure (a lease), in seconds; 0: none."""
+        return 0.0 if self.scenario == "jitter" else self.heartbeat_grace * self.push_interval
 
     @property
     def main_fraction(self) -> float:
@@ -142,7 +169,8 @@ class SimResult:
     events: dict[str, int]
     held: dict[str, int]
     guard_on_s: float
-    profile: dict[str, float] = field(default_factory=dict)
+    profile: dict[str, float | str] = field(default_factory=dict)
+    false_suspicions: int = 0  # healthy -> suspect for a node that was alive
 
     def percentile(self, q: float) -> float | None:
         if not self.detection:
@@ -172,6 +200,7 @@ class SimResult:
             "detection_max": rounded(max(self.detection) if self.detection else None),
             "false_positives": self.false_positives,
             "false_positive_nodes": self.false_positive_nodes[:20],
+            "false_suspicions": self.false_suspicions,
             "events": dict(sorted(self.events.items())),
             "held": dict(sorted(self.held.items())),
             "guard_on_s": round(self.guard_on_s, 3),
@@ -191,6 +220,8 @@ class _Script:
         self.partition = (math.inf, math.inf)
         self.slow = bytearray(n)
         self.stalls: list[tuple[float, float]] = []
+        self.jittery = bytearray(n)
+        self.pauses: dict[int, tuple[list[float], list[float]]] = {}  # node: (starts, ends)
         first, last = s.warmup, s.duration - s.tail
         picks = list(range(n))
         rng.shuffle(picks)
@@ -226,6 +257,12 @@ class _Script:
                 stall = min(8.0, rng.lognormvariate(0.0, 0.8))
                 self.stalls.append((t, t + stall))
                 t += stall
+        elif s.scenario == "jitter":
+            for i in chosen:
+                self.jittery[i] = 1
+                self.pauses[i] = self._pauses(s.duration, rng)
+            # Crashes hit jittery and steady nodes alike: both detection times count.
+            side = rng.sample(range(n), round(n * s.crash_fraction))
         for i in side:
             self._down(i, rng.uniform(first, last), _CRASHED, math.inf)
         self.stall_starts = [a for a, _ in self.stalls]
@@ -238,6 +275,27 @@ class _Script:
         if end != math.inf:
             steps.append((end, _UP))
         self.faults.append((i, start, end))
+
+    @staticmethod
+    def _pauses(duration: float, rng: random.Random) -> tuple[list[float], list[float]]:
+        starts: list[float] = []
+        ends: list[float] = []
+        t = rng.expovariate(1.0 / PAUSE_EVERY)
+        while t < duration:
+            pause = min(PAUSE_MAX, PAUSE_MIN * rng.paretovariate(PAUSE_ALPHA))
+            starts.append(t)
+            ends.append(t + pause)
+            t += pause + rng.expovariate(1.0 / PAUSE_EVERY)
+        return starts, ends
+
+    def resume_at(self, i: int, t: float) -> float:
+        """When node ``i``, if paused at ``t``, runs again (``t`` if it is not paused)."""
+        pauses = self.pauses.get(i)
+        if pauses is None:
+            return t
+        starts, ends = pauses
+        k = bisect_right(starts, t) - 1
+        return ends[k] if k >= 0 and t < ends[k] else t
 
     def state_at(self, i: int, t: float) -> int:
         steps = self.transitions[i]
@@ -294,6 +352,17 @@ def _latency_fn(s: SimSettings, script: _Script, rng: random.Random) -> Callable
     return lambda i: overloaded[getrandbits(16)] if slow[i] else tail[getrandbits(16)]
 
 
+def _push_delay_fn(s: SimSettings, script: _Script, rng: random.Random) -> Callable[[int], float]:
+    """How long a heartbeat takes to reach the coordinator: a LAN round trip, or in ``jitter``
+    a heavy tail for the jittery nodes (median 50 ms, p99 about 0.5 s)."""
+    if s.scenario != "jitter":
+        return lambda i: _NET_RTT
+    getrandbits = rng.getrandbits
+    heavy = [_NET_RTT + rng.lognormvariate(-3.0, 1.0) for _ in range(1 << 16)]
+    jittery = script.jittery
+    return lambda i: heavy[getrandbits(16)] if jittery[i] else _NET_RTT
+
+
 def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept in one place
     """Run the scenario to ``s.duration`` virtual seconds and judge every ``unhealthy`` event."""
     wall0 = time.perf_counter()
@@ -301,6 +370,9 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
     rng = random.Random(s.seed)
     script = _Script(s, rng)
     latency = _latency_fn(s, script, rng)
+    push_delay = _push_delay_fn(s, script, rng)
+    # A paused node answers when it runs again: polls and peer probes wait for it.
+    resume_at = script.resume_at if script.pauses else None
     policy = s.policy
     n = s.nodes
     if n >= 1 << _NODE_BITS:
@@ -317,6 +389,7 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
     cluster.take_dirty()
     observe = cluster.observe
     interval_for = cluster.interval_for
+    poll_deadline = cluster.poll_deadline
     timeout = s.timeout
     defer = script.defer if script.stalls else None
     lag_at = script.lag_at if script.stalls else None
@@ -376,6 +449,8 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
         st = state_at(i, start) if has_script[i] else _UP
         if st == _UP and not (partitioned[i] and cut_off(i, start)):
             lat = latency(i)
+            if resume_at is not None:
+                lat += resume_at(i, start) - start
             if lat < timeout:
                 code, done = _OK, start + lat
             else:
@@ -418,15 +493,20 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
     detection: list[float] = []
     detected_faults: set[tuple[int, float]] = set()
     false_positive_nodes: list[str] = []
+    false_suspicions = 0
     guard_since: float | None = None
     guard_on_s = 0.0
 
     def handle(out: Outcome, now: float) -> None:
-        nonlocal guard_since, guard_on_s
+        nonlocal guard_since, guard_on_s, false_suspicions
         for event in out.events:
             kind = event.kind
             event_counts[kind] += 1
-            if kind == "unhealthy":
+            if kind == "suspect" and event.from_ == Health.HEALTHY.value:
+                i = index[event.node_id]
+                if not has_script[i] or state_at(i, now) == _UP:
+                    false_suspicions += 1
+            elif kind == "unhealthy":
                 i = index[event.node_id]
                 st = state_at(i, now) if has_script[i] else _UP
                 if st == _UP:
@@ -463,37 +543,45 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
         for peer_id, _ in probe.peers:
             j = index[peer_id]
             peer_state = state_at(j, now) if has_script[j] else _UP
+            # A paused peer takes the request when it runs again; a paused target answers
+            # the peer when it does.
+            at = now if resume_at is None else resume_at(j, now)
             if peer_state == _CRASHED:
                 answered = max(answered, now + _REFUSED_LATENCY)
                 votes.append(PeerVote(peer_id, None, "peer unreachable"))
-            elif peer_state == _HUNG or (partitioned[j] and cut_off(j, now)):
+            elif peer_state == _HUNG or (partitioned[j] and cut_off(j, now)) or (
+                    at - now >= 2.0 * timeout):
                 answered = max(answered, now + 2.0 * timeout)  # the session's total timeout
                 votes.append(PeerVote(peer_id, None, "peer unreachable"))
             elif target_state == _CRASHED:
-                answered = max(answered, now + 2 * _NET_RTT)
+                answered = max(answered, at + 2 * _NET_RTT)
                 votes.append(PeerVote(peer_id, False, "refused"))
             elif target_state == _HUNG:
-                answered = max(answered, now + _NET_RTT + s.probe_timeout)
+                answered = max(answered, at + _NET_RTT + s.probe_timeout)
                 votes.append(PeerVote(peer_id, False, "timeout"))
             else:
                 # Alive (a partition is between the coordinator and the node, not the peers).
                 lat = latency(target)
+                if resume_at is not None:
+                    lat += resume_at(target, at + _NET_RTT) - (at + _NET_RTT)
                 ok = lat < s.probe_timeout
-                answered = max(answered, now + _NET_RTT + (lat if ok else s.probe_timeout))
+                answered = max(answered, at + _NET_RTT + (lat if ok else s.probe_timeout))
                 votes.append(PeerVote(peer_id, ok, "" if ok else "timeout"))
         payload[push_other(defer(answered) if defer is not None else answered, target,
                            _VOTES)] = votes
 
     # ----------------------------------------------------------- the run
     spread = rng.uniform
-    hb = s.heartbeat_interval
-    grace = s.heartbeat_grace * hb
+    hb = s.push_interval
+    grace = s.lease_grace
     for i in range(n):
         start_check(i, spread(0.0, policy.healthy_interval))
         if hb > 0:
             at = spread(0.0, hb)
+            if resume_at is not None:
+                at = resume_at(i, at)
             heartbeat_sent[i] = at
-            push_other(at + _NET_RTT, i, _HEARTBEAT)
+            push_other(at + push_delay(i), i, _HEARTBEAT)
             last_heartbeat[i] = at
             if grace > 0:
                 push_other(at + grace, i, _EXPIRY)
@@ -565,16 +653,18 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
                 if out:
                     handle(out, t)
                 if not out.stale and watched[i] and started[i] > t:
-                    # As Coordinator.heartbeat: an accepted push defers the node's next poll
-                    # by one interval (a check in flight is left alone).
-                    start_check(i, t + interval_for(ids[i]))
+                    # As Coordinator.heartbeat: an accepted push sets the node's next poll at
+                    # its deadline (a check in flight is left alone).
+                    start_check(i, t + poll_deadline(ids[i]))
                 last_heartbeat[i] = t
                 if grace > 0 and not expiry_armed[i]:
                     expiry_armed[i] = 1
                     push_other(t + grace, i, _EXPIRY)
             sent += hb
+            if resume_at is not None:
+                sent = resume_at(i, sent)  # a paused agent sends when it runs again
             heartbeat_sent[i] = sent
-            arrive = sent + _NET_RTT
+            arrive = max(t, sent + push_delay(i))  # in order, as one agent's posts are
             push_other(defer(arrive) if defer is not None else arrive, i, _HEARTBEAT)
         elif kind == _EXPIRY:
             deadline = last_heartbeat[i] + grace
@@ -614,10 +704,18 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
         cpu_s=time.process_time() - cpu0,
         checks=checks, heartbeats=heartbeats, faults=len(faults), detected=len(detection),
         missed=missed, detection=detection, false_positives=len(false_positive_nodes),
+        false_suspicions=false_suspicions,
         false_positive_nodes=false_positive_nodes, events=dict(event_counts), held=dict(held),
         guard_on_s=guard_on_s,
         profile={"healthy_interval": policy.healthy_interval,
                  "unhealthy_interval": policy.unhealthy_interval, "fall": policy.fall,
                  "rise": policy.rise, "timeout": s.timeout,
-                 "heartbeat_interval": s.heartbeat_interval},
+                 "heartbeat_interval": hb, "suspicion": policy.suspicion},
     )
+
+
+def compare_suspicion(s: SimSettings) -> dict[str, SimResult]:
+    """The same scenario (same seed, so the same faults and jitter) judged with the fixed
+    deadline and with φ accrual: ``{"fixed": ..., "phi": ...}``."""
+    return {suspicion: simulate(replace(s, policy=replace(s.policy, suspicion=suspicion)))
+            for suspicion in ("fixed", "phi")}

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import aiohttp
 from yarl import URL
 
-from nodewatch.config import ACTION_EVENTS, ActionConfig
+from nodewatch.config import ACTION_EVENTS, NODE_ID_RE, ActionConfig
 from nodewatch.detect.outcome import ActionRequest
 from nodewatch.model import Admin, Health, NodeState, NodeStatus
 
@@ -32,8 +32,11 @@ __all__ = [
     "ActionError",
     "LbState",
     "build_action",
+    "haproxy_command",
+    "haproxy_server",
     "lb_state",
     "nginx_upstream",
+    "node_for_haproxy_server",
     "signature",
 ]
 
@@ -113,6 +116,8 @@ def lb_state(kind: str, node: NodeState | None) -> LbState | None:
     if node.admin is Admin.DRAINED or node.node_status in (NodeStatus.DRAINING,
                                                            NodeStatus.DEGRADED):
         return "drain"  # alive, keeps its connections, gets no new work
+    if node.outlier is not None and not node.outlier.dry_run:
+        return "drain"  # a gray failure: alive, but failing its callers (soft drain)
     return "ready"
 
 
@@ -251,31 +256,60 @@ def exec_command(cfg: ActionConfig) -> tuple[Run, Describe, Callable[[], Awaitab
 # ---------------------------------------------------------------------- haproxy
 
 
-async def haproxy_command(socket_path: str, command: str) -> str:
-    """One command over HAProxy's runtime API (UNIX admin socket); returns its answer."""
+HAPROXY_MAX_ANSWER = 64 << 20  # bytes: `show stat` of a very large backend stays well under
+
+
+async def haproxy_command(socket_path: str, command: str,
+                          max_answer: int = HAPROXY_MAX_ANSWER) -> str:
+    """One command over HAProxy's runtime API (UNIX admin socket); returns its whole answer.
+
+    Non-interactive mode: HAProxy closes the connection once it answered, so the answer is
+    everything up to EOF (a long ``show stat`` arrives in many chunks). The caller bounds it
+    in time; ``max_answer`` bounds it in memory."""
     try:
         reader, writer = await asyncio.open_unix_connection(socket_path)
     except OSError as exc:
         raise ActionError(f"haproxy socket {socket_path}: {exc.strerror or exc}") from None
+    chunks: list[bytes] = []
+    size = 0
     try:
         writer.write(command.encode() + b"\n")
         await writer.drain()
-        answer = await reader.read(1 << 20)  # non-interactive mode: it closes after answering
+        while chunk := await reader.read(1 << 16):
+            size += len(chunk)
+            if size > max_answer:
+                raise ActionError(f"haproxy {command.split()[0]!r}: answer over "
+                                  f"{max_answer} bytes")
+            chunks.append(chunk)
+    except OSError as exc:
+        raise ActionError(f"haproxy socket {socket_path}: {exc.strerror or exc}") from None
     finally:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
-    return answer.decode(errors="replace")
+    return b"".join(chunks).decode(errors="replace")
+
+
+def haproxy_server(node_id: str) -> str:
+    """The HAProxy server name of a node: its id (one rule for the action and the observer)."""
+    return node_id
+
+
+def node_for_haproxy_server(server: str) -> str | None:
+    """The node a server name stands for (the inverse of :func:`haproxy_server`); None for a
+    name that cannot be a node id (the server is not one nodewatch watches)."""
+    return server if NODE_ID_RE.match(server) else None
 
 
 def haproxy(cfg: ActionConfig) -> tuple[Run, Describe, Callable[[], Awaitable[None]]]:
-    """``set server BACKEND/NODE_ID state maint|drain|ready``: the server name is the node id.
-    Dead and removed nodes go to maint and stay there (nothing puts them back)."""
+    """``set server BACKEND/SERVER state maint|drain|ready``, the server named by
+    :func:`haproxy_server`. Dead and removed nodes go to maint and stay there (nothing puts
+    them back)."""
     socket_path, backend = cfg.socket, cfg.backend
 
     def command(call: ActionCall) -> str:
         state = lb_state(call.request.kind, call.node) or "maint"
-        return f"set server {backend}/{call.request.node_id} state {state}"
+        return f"set server {backend}/{haproxy_server(call.request.node_id)} state {state}"
 
     async def run(call: ActionCall) -> None:
         text = command(call)

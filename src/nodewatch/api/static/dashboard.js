@@ -150,7 +150,10 @@ function renderNodes() {
       el("td", { class: `status s-${n.node_status}` }, n.node_status),
       el("td", { class: `admin a-${n.admin}` }, n.admin),
       el("td", { class: `schedulable ${n.schedulable ? "yes" : "no"}` },
-        n.schedulable ? "yes" : "no"),
+        n.schedulable ? "yes" : "no",
+        // A gray failure: healthy, but ejected as an outlier (the figures are in the title).
+        n.outlier ? el("span", { class: "outlier", title: n.outlier.reason },
+          n.outlier.dry_run ? " outlier (dry run)" : " outlier") : ""),
       el("td", { class: "num" }, num(system.cpu_percent)),
       el("td", { class: "num" }, num(system.mem_percent)),
       el("td", { class: "num" }, num(load.qps)),
