@@ -20,6 +20,7 @@ from aiohttp import web
 from nodewatch.api.admission import RegistrationBucket, retry_after_header
 from nodewatch.api.metrics import CoordinatorMetrics
 from nodewatch.api.schemas import ApproveBody, DrainBody, convert
+from nodewatch.api.sd import target_groups
 from nodewatch.api.udp import UdpHeartbeats, push_result
 from nodewatch.config import NODE_ID_RE
 from nodewatch.coordinator.service import Coordinator, NotLeader
@@ -228,7 +229,8 @@ async def heartbeat(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------- reads
 
 
-async def list_nodes(request: web.Request) -> web.Response:
+def _select_nodes(request: web.Request) -> list[NodeState]:
+    """The nodes that ``?schedulable=``, ``?health=`` and ``?label=`` select (all without)."""
     coord = _coordinator(request)
     nodes: list[NodeState] = list(coord.cluster.nodes.values())
     schedulable = _bool_param(request, "schedulable")
@@ -247,6 +249,11 @@ async def list_nodes(request: web.Request) -> web.Response:
         if not sep or not key:
             raise HTTPProblem(400, f"label filter must be key=value, got {label!r}")
         nodes = [n for n in nodes if n.labels.get(key) == value]
+    return nodes
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    nodes = _select_nodes(request)
     sort = request.query.get("sort", "node_id")
     if sort == "load":
         nodes.sort(key=lambda n: (load_score(n), n.node_id))
@@ -255,6 +262,11 @@ async def list_nodes(request: web.Request) -> web.Response:
     else:
         raise HTTPProblem(400, f"sort must be load or node_id, got {sort!r}")
     return json_response({"nodes": [_node_view(node) for node in nodes]})
+
+
+async def prometheus_sd(request: web.Request) -> web.Response:
+    """Prometheus ``http_sd``: one target group per (selected) node (``api/sd.py``)."""
+    return json_response(target_groups(_select_nodes(request)))
 
 
 def _node_view(node: NodeState) -> dict[str, Any]:
@@ -421,6 +433,7 @@ def build_app(coord: Coordinator, udp: UdpHeartbeats | None = None) -> web.Appli
     for name in ("drain", "undrain", "approve", "revoke"):
         r.add_post(f"/v1/nodes/{{node_id}}/{name}", _command(name))
     r.add_delete("/v1/nodes/{node_id}", _command("remove"))
+    r.add_get("/v1/sd/prometheus", prometheus_sd)
     r.add_get("/v1/events", list_events)
     r.add_get("/v1/events/stream", event_stream)
     r.add_get("/healthz", healthz)

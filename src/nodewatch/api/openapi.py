@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from nodewatch.api import schemas as s
+from nodewatch.api.sd import TargetGroup
 from nodewatch.config import NODE_ID_PATTERN
 from nodewatch.protocol import VERSION
 
@@ -50,6 +51,13 @@ _BODY_ERRORS: dict[int, type | None] = {400: s.ErrorResponse, 401: s.ErrorRespon
 _AFTER = _query("after", {"type": "string", "pattern": r"^\d{1,20}$"},
                 "an event id as returned in last_id; also read from Last-Event-ID")
 
+_NODE_FILTERS = (
+    _query("schedulable", {"type": "string", "enum": ["true", "false"]},
+           "only nodes that may (not) take new work"),
+    _query("health", {"type": "string"}, "comma-separated health values, e.g. suspect,unhealthy"),
+    _query("label", {"type": "string"}, "key=value; repeatable"),
+)
+
 OPERATIONS: tuple[Operation, ...] = (
     Operation("post", "/v1/register", "An agent announces itself (new, rejoin or review).",
               {200: s.RegisterResponse, **_BODY_ERRORS, 403: s.ErrorResponse,
@@ -61,13 +69,12 @@ OPERATIONS: tuple[Operation, ...] = (
               body=s.HeartbeatBody, auth="agent"),
     Operation("get", "/v1/nodes", "Every node, filtered and sorted.",
               {200: s.NodesResponse, 400: s.ErrorResponse},
-              query=(_query("schedulable", {"type": "string", "enum": ["true", "false"]},
-                            "only nodes that may (not) take new work"),
-                     _query("health", {"type": "string"},
-                            "comma-separated health values, e.g. suspect,unhealthy"),
-                     _query("label", {"type": "string"}, "key=value; repeatable"),
+              query=(*_NODE_FILTERS,
                      _query("sort", {"type": "string", "enum": ["node_id", "load"]},
                             "load orders by load_score, least loaded first"))),
+    Operation("get", "/v1/sd/prometheus",
+              "Prometheus http_sd: one target group per node, the agent's metrics address.",
+              {200: list[TargetGroup], 400: s.ErrorResponse}, query=_NODE_FILTERS),
     Operation("get", "/v1/nodes/{node_id}", "One node.", {200: s.NodeView, **_NODE_ERRORS}),
     Operation("get", "/v1/nodes/{node_id}/history", "A node's samples (history_ttl, 1 h).",
               {200: s.HistoryResponse, **_NODE_ERRORS},
