@@ -136,7 +136,7 @@ async def test_supervise_sends_watchdog_each_period_and_status_only_when_it_chan
         await asyncio.sleep(0.4)
     finally:
         task.cancel()
-        time.sleep(0.1)
+        await asyncio.sleep(0.1)
         receiver.close()
     watchdogs = receiver.with_key("WATCHDOG", "1")
     statuses = [m["STATUS"] for _, m in receiver.with_key("STATUS")]

@@ -51,6 +51,8 @@ def node_label_names(keys: Iterable[str]) -> dict[str, str]:
         while name in taken:
             n += 1
             name = f"{base}_{n}"
+            if name.startswith("__"):  # "_" + "_2"
+                name = "label" + name
         taken.add(name)
         names[key] = name
     return names
