@@ -15,6 +15,10 @@ need_debs() {
   command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
   command -v wrk >/dev/null || missing+=(wrk)
   command -v socat >/dev/null || missing+=(socat)
+  # A real Prometheus discovers and scrapes agents through nodewatch (tests/e2e/test_prometheus.py);
+  # systemd-analyze checks the units in deploy/ (tests/test_deploy.py).
+  command -v prometheus >/dev/null || missing+=(prometheus)
+  command -v systemd-analyze >/dev/null || missing+=(systemd)
   # The fault suite (tests/faults/): namespaces and veth, nftables drops, skewed clocks.
   command -v ip >/dev/null || [[ -x /usr/sbin/ip ]] || missing+=(iproute2)
   command -v nft >/dev/null || [[ -x /usr/sbin/nft ]] || missing+=(nftables)
