@@ -7,10 +7,12 @@ changes nothing. Tokens are compared in constant time and never logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import msgspec
 from aiohttp import web
 
 from nodewatch.api.admission import RegistrationBucket, retry_after_header
+from nodewatch.api.fleet import FleetSummary, NodeViews, page, parse_revision
 from nodewatch.api.metrics import CoordinatorMetrics
 from nodewatch.api.schemas import ApproveBody, DrainBody, convert
 from nodewatch.api.sd import target_groups
@@ -42,14 +45,18 @@ from nodewatch.web import (
     token_ok,
 )
 
-__all__ = ["ADMISSION_KEY", "COORDINATOR_KEY", "HEARTBEAT_UDP_KEY", "MAX_WAIT", "METRICS_KEY",
-           "SSE_KEEPALIVE", "STATIC_DIR", "build_app"]
+__all__ = ["ADMISSION_KEY", "COORDINATOR_KEY", "FLEET_KEY", "HEARTBEAT_UDP_KEY", "MAX_WAIT",
+           "METRICS_KEY", "NODE_VIEWS_KEY", "SSE_KEEPALIVE", "STATIC_DIR", "build_app"]
 
 ADMISSION_KEY: web.AppKey[RegistrationBucket] = web.AppKey("admission", RegistrationBucket)
 
 COORDINATOR_KEY: web.AppKey[Coordinator] = web.AppKey("coordinator", Coordinator)
 METRICS_KEY: web.AppKey[CoordinatorMetrics] = web.AppKey("metrics", CoordinatorMetrics)
 HEARTBEAT_UDP_KEY: web.AppKey[str] = web.AppKey("heartbeat_udp", str)
+NODE_VIEWS_KEY: web.AppKey[NodeViews] = web.AppKey("node_views", NodeViews)
+FLEET_KEY: web.AppKey[FleetSummary] = web.AppKey("fleet", FleetSummary)
+log = logging.getLogger(__name__)
+json_encoder = msgspec.json.Encoder()
 _EVENT_ID_RE = re.compile(r"^\d{1,20}$")
 MAX_WAIT = 60.0
 SSE_KEEPALIVE = 15.0
@@ -229,10 +236,12 @@ async def heartbeat(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------- reads
 
 
-def _select_nodes(request: web.Request) -> list[NodeState]:
-    """The nodes that ``?schedulable=``, ``?health=`` and ``?label=`` select (all without)."""
+def _select_nodes(request: web.Request,
+                  among: list[NodeState] | None = None) -> list[NodeState]:
+    """The nodes (of ``among``, default all) that ``?schedulable=``, ``?health=`` and
+    ``?label=`` select (all without)."""
     coord = _coordinator(request)
-    nodes: list[NodeState] = list(coord.cluster.nodes.values())
+    nodes = list(coord.cluster.nodes.values()) if among is None else among
     schedulable = _bool_param(request, "schedulable")
     if schedulable is not None:
         nodes = [n for n in nodes if n.schedulable is schedulable]
@@ -253,15 +262,59 @@ def _select_nodes(request: web.Request) -> list[NodeState]:
 
 
 async def list_nodes(request: web.Request) -> web.Response:
-    nodes = _select_nodes(request)
+    """Nodes in id order (or by load), paged by ``limit`` and ``cursor``; with
+    ``changed_since`` only those changed since that revision, and the ids removed since."""
+    coord = _coordinator(request)
+    views = request.app[NODE_VIEWS_KEY]
     sort = request.query.get("sort", "node_id")
-    if sort == "load":
-        nodes.sort(key=lambda n: (load_score(n), n.node_id))
-    elif sort == "node_id":
-        nodes.sort(key=lambda n: n.node_id)
-    else:
+    if sort not in ("node_id", "load"):
         raise HTTPProblem(400, f"sort must be load or node_id, got {sort!r}")
-    return json_response({"nodes": [_node_view(node) for node in nodes]})
+    limit = None
+    if request.query.get("limit"):
+        wanted = _float_param(request, "limit", 0, 1, 100_000)
+        if not wanted.is_integer():
+            raise HTTPProblem(400, f"limit must be a whole number, got {wanted:g}")
+        limit = int(wanted)
+    cursor = request.query.get("cursor") or None
+    if cursor is not None and sort != "node_id":
+        raise HTTPProblem(400, "cursor pages in node_id order: it cannot go with sort=load")
+    if cursor is not None and not NODE_ID_RE.match(cursor):
+        raise HTTPProblem(400, f"cursor must be a node id (a next_cursor), got {cursor!r}")
+    revision = coord.cluster.revisions
+    body: dict[str, Any] = {"revision": f"{revision.epoch}-{revision.revision}"}
+    nodes_by_id = coord.cluster.nodes
+    raw_since = request.query.get("changed_since")
+    ids = views.ordered_ids()
+    if raw_since is not None:
+        since = parse_revision(raw_since)
+        if since is None:
+            raise HTTPProblem(400, "changed_since must be a revision as returned in revision, "
+                                   f"got {raw_since!r}")
+        changes = views.changes(since)
+        body["reset"] = changes is None
+        if changes is not None:
+            ids, body["removed"] = changes
+        else:
+            body["removed"] = []
+    selected = _select_nodes(request, [nodes_by_id[i] for i in ids])
+    if sort == "load":
+        selected.sort(key=lambda n: (load_score(n), n.node_id))
+        chosen, body["next_cursor"] = [n.node_id for n in selected][:limit], None
+    else:
+        chosen, body["next_cursor"] = page([n.node_id for n in selected], cursor, limit)
+    parts = [views.encoded(nodes_by_id[i]) for i in chosen]
+    tail = json_encoder.encode(body)
+    # The node views are encoded once per change of their node (api/fleet.py): join them.
+    data = b'{"nodes":[' + b",".join(parts) + b"]," + tail[1:]
+    return web.Response(body=data, content_type="application/json")
+
+
+async def fleet_summary(request: web.Request) -> web.Response:
+    """Counts now and over the last hour, label groups, the nodes that need attention."""
+    since = request.query.get("history_since")
+    history_since = None if since is None else _float_param(request, "history_since", 0, 0,
+                                                             1e11)
+    return json_response(request.app[FLEET_KEY].answer(history_since))
 
 
 async def prometheus_sd(request: web.Request) -> web.Response:
@@ -413,6 +466,25 @@ async def dashboard(request: web.Request) -> web.FileResponse:
                             headers={"Cache-Control": "no-cache"})
 
 
+async def _fleet_history(app: web.Application) -> AsyncIterator[None]:
+    """The hour of fleet counts behind ``GET /v1/summary``: one sample per interval."""
+    fleet, coord = app[FLEET_KEY], app[COORDINATOR_KEY]
+
+    async def sampler() -> None:
+        while True:
+            try:
+                fleet.sample(coord.clock())
+            except Exception:
+                log.exception("fleet summary sample failed; next one in %gs", fleet.interval)
+            await asyncio.sleep(fleet.interval)
+
+    task = asyncio.get_running_loop().create_task(sampler(), name="nodewatch-fleet-history")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def build_app(coord: Coordinator, udp: UdpHeartbeats | None = None) -> web.Application:
     """The aiohttp application; the caller owns the coordinator's start and stop (and the UDP
     heartbeat endpoint's, whose address register answers then offer)."""
@@ -424,6 +496,9 @@ def build_app(coord: Coordinator, udp: UdpHeartbeats | None = None) -> web.Appli
     cc = coord.config.coordinator
     app[ADMISSION_KEY] = RegistrationBucket(cc.max_registrations_per_second,
                                             cc.registration_burst)
+    app[NODE_VIEWS_KEY] = NodeViews(lambda: coord.cluster, _node_view, json_encoder.encode)
+    app[FLEET_KEY] = FleetSummary(lambda: coord.cluster)
+    app.cleanup_ctx.append(_fleet_history)
     r = app.router
     r.add_post("/v1/register", register)
     r.add_post("/v1/heartbeat", heartbeat)
@@ -434,6 +509,7 @@ def build_app(coord: Coordinator, udp: UdpHeartbeats | None = None) -> web.Appli
         r.add_post(f"/v1/nodes/{{node_id}}/{name}", _command(name))
     r.add_delete("/v1/nodes/{node_id}", _command("remove"))
     r.add_get("/v1/sd/prometheus", prometheus_sd)
+    r.add_get("/v1/summary", fleet_summary)
     r.add_get("/v1/events", list_events)
     r.add_get("/v1/events/stream", event_stream)
     r.add_get("/healthz", healthz)
