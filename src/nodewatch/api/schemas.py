@@ -12,10 +12,11 @@ from nodewatch.model import Admin, DrainBy, Health, NodeStatus
 from nodewatch.protocol import HeartbeatBody, RegisterBody, ShortText
 from nodewatch.web import HTTPProblem
 
-__all__ = ["ApproveBody", "AttentionView", "CommandResponse", "CoordinatorHealth", "DrainBody", "DrainView",
-           "ErrorResponse", "EventView", "EventsResponse", "FleetCounts", "HeartbeatBody", "HistoryResponse",
-           "HistorySampleView", "IdentityView", "NodeView", "NodesResponse", "RegisterBody",
-           "RegisterResponse", "RemoveResponse", "StoreHealthView", "SummaryResponse", "convert"]
+__all__ = ["ApproveBody", "AttentionView", "CommandResponse", "CoordinatorHealth", "DrainBody",
+           "DrainView", "ErrorResponse", "EventView", "EventsResponse", "FleetCounts",
+           "HeartbeatBody", "HistoryResponse", "HistorySampleView", "IdentityView", "NodeView",
+           "NodesResponse", "RegisterBody", "RegisterResponse", "RemoveResponse",
+           "StoreHealthView", "SummaryResponse", "convert"]
 
 
 
