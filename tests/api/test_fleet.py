@@ -160,3 +160,22 @@ def test_a_page_after_the_last_id_is_empty() -> None:
     assert page(["a", "b", "c"], "b", 5) == (["c"], None)
     assert page(["a", "b", "c"], "", 2) == (["a", "b"], "b")
     assert page(["a", "b", "c"], "c", 1) == ([], None)
+
+
+async def test_events_of_one_node_and_the_newest_events_from_memory(api: Any) -> None:
+    client, _, _ = api
+    for i in range(3):
+        await register(client, f"n{i}")
+    for _ in range(2):
+        await client.post("/v1/nodes/n1/drain", headers=ADMIN)
+        await client.post("/v1/nodes/n1/undrain", headers=ADMIN)
+    newest = await get(client, "/v1/events?newest=true&limit=3")
+    kinds = [e["kind"] for e in newest["events"]]
+    assert kinds[-1] == "undrained" and len(kinds) == 3, kinds
+    assert newest["last_id"] == newest["events"][-1]["id"]
+    mine = await get(client, "/v1/events?newest=true&node_id=n0&limit=50")
+    assert [e["kind"] for e in mine["events"]] == ["registered"]
+    filtered = await get(client, "/v1/events?node_id=n1")
+    assert {e["node_id"] for e in filtered["events"]} == {"n1"}
+    assert [e["kind"] for e in filtered["events"]].count("undrained") == 2
+    assert "error" in await get(client, "/v1/events?node_id=%20", status=400)

@@ -356,8 +356,24 @@ async def list_events(request: web.Request) -> web.Response:
     after = _after_param(request)
     wait = _float_param(request, "wait", 0.0, 0.0, MAX_WAIT)
     limit = int(_float_param(request, "limit", 1000, 1, 10_000))
+    node_id = request.query.get("node_id")
+    if node_id is not None and not NODE_ID_RE.match(node_id):
+        raise HTTPProblem(400, "node_id must be 1-128 characters of [A-Za-z0-9._-]")
+    if _bool_param(request, "newest"):
+        # The newest retained in memory (the coordinator keeps the last RECENT_EVENTS).
+        events = []
+        for event in reversed(coord.recent):
+            if len(events) >= limit or (after is not None and event.id <= after):
+                break
+            if node_id is None or event.node_id == node_id:
+                events.append(event)
+        events.reverse()
+        last_id = coord.last_event_id() or after
+        return json_response({"events": [e.to_json() for e in events], "last_id": last_id})
     events = await coord.wait_for_events(after, wait, limit)
     last_id = events[-1].id if events else (after or coord.last_event_id())
+    if node_id is not None:
+        events = [e for e in events if e.node_id == node_id]  # last_id: how far it read
     return json_response({"events": [e.to_json() for e in events], "last_id": last_id})
 
 

@@ -114,7 +114,12 @@ OPERATIONS: tuple[Operation, ...] = (
                      _query("wait", {"type": "number", "minimum": 0, "maximum": 60},
                             "seconds to wait for a first event"),
                      _query("limit", {"type": "integer", "minimum": 1, "maximum": 10000},
-                            "at most this many events"))),
+                            "at most this many events"),
+                     _query("node_id", {"type": "string", "pattern": NODE_ID_PATTERN},
+                            "only this node's events (of those read: last_id says how far)"),
+                     _query("newest", {"type": "string", "enum": ["true", "false"]},
+                            "the newest limit events after `after` among the last 10,000 "
+                            "the coordinator keeps in memory, oldest first; no wait"))),
     Operation("get", "/v1/events/stream", "Server-Sent Events, one per event, resumable.",
               {200: None, 400: s.ErrorResponse}, query=(_AFTER,),
               content_type="text/event-stream"),
