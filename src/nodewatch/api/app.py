@@ -302,7 +302,7 @@ async def list_nodes(request: web.Request) -> web.Response:
         chosen, body["next_cursor"] = [n.node_id for n in selected][:limit], None
     else:
         chosen, body["next_cursor"] = page([n.node_id for n in selected], cursor, limit)
-    parts = [views.encoded(nodes_by_id[i]) for i in chosen]
+    parts = views.encoded([nodes_by_id[i] for i in chosen])
     tail = json_encoder.encode(body)
     # The node views are encoded once per change of their node (api/fleet.py): join them.
     data = b'{"nodes":[' + b",".join(parts) + b"]," + tail[1:]

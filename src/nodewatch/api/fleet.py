@@ -82,17 +82,23 @@ class NodeViews:
         self._order_key: tuple[str, int] | None = None
         self._order: list[str] = []
 
-    def encoded(self, node: NodeState) -> bytes:
+    def encoded(self, nodes: Iterable[NodeState]) -> list[bytes]:
+        """Each node's encoded view, from the cache while its node did not change."""
         revisions = self._cluster().revisions
-        key = (revisions.epoch, revisions.of(node.node_id))
-        cached = self._encoded.get(node.node_id)
-        if cached is not None and cached[:2] == key and key[1]:
-            return cached[2]
-        data = self._encode(self._view(node))
-        self._encoded[node.node_id] = (*key, data)
-        if len(self._encoded) > 2 * len(self._cluster().nodes) + 1024:
+        epoch, of, cache = revisions.epoch, revisions.of, self._encoded
+        out: list[bytes] = []
+        for node in nodes:
+            number = of(node.node_id)
+            cached = cache.get(node.node_id)
+            if cached is not None and cached[1] == number and cached[0] == epoch and number:
+                out.append(cached[2])
+                continue
+            data = self._encode(self._view(node))
+            cache[node.node_id] = (epoch, number, data)
+            out.append(data)
+        if len(cache) > 2 * len(self._cluster().nodes) + 1024:
             self._prune()
-        return data
+        return out
 
     def _prune(self) -> None:
         nodes = self._cluster().nodes
@@ -134,21 +140,14 @@ def page(ids: list[str], cursor: str | None, limit: int | None) -> tuple[list[st
     return chosen, chosen[-1]
 
 
-@dataclass(frozen=True)
-class _Mark:
-    """What one node adds to the summary's counts."""
-
-    health: str
-    node_status: str
-    admin: str
-    schedulable: bool
-    labels: tuple[tuple[str, str], ...]
-    attention: tuple[str, ...]
+# What one node adds to the summary's counts: health, node status, admin, schedulable, labels,
+# attention reasons (a plain tuple: built and compared for every changed node).
+_Mark = tuple[str, str, str, bool, tuple[tuple[str, str], ...], tuple[str, ...]]
 
 
 def _mark(node: NodeState) -> _Mark:
-    return _Mark(node.health.value, node.node_status.value, node.admin.value, node.schedulable,
-                 tuple(sorted(node.labels.items())), tuple(attention_reasons(node)))
+    return (node.health.value, node.node_status.value, node.admin.value, node.schedulable,
+            tuple(node.labels.items()), tuple(attention_reasons(node)))
 
 
 class FleetSummary:
@@ -208,38 +207,42 @@ class FleetSummary:
 
     def _take(self, node_id: str) -> None:
         mark = self._marks.pop(node_id, None)
-        if mark is None:
+        if mark is not None:
+            self._count(node_id, mark, -1)
+
+    def _put(self, node_id: str, mark: _Mark) -> None:
+        old = self._marks.get(node_id)
+        if old == mark:
             return
-        self.health[mark.health] -= 1
-        self.node_status[mark.node_status] -= 1
-        self.admin[mark.admin] -= 1
-        self.schedulable -= mark.schedulable
-        for key, value in mark.labels:
-            groups = self.labels[key]
-            group = groups[value]
-            group[mark.health] -= 1
-            group["total"] -= 1
-            if group["total"] <= 0:
+        if old is not None:
+            self._count(node_id, old, -1)
+        self._marks[node_id] = mark
+        self._count(node_id, mark, 1)
+
+    def _count(self, node_id: str, mark: _Mark, step: int) -> None:
+        health, status, admin, schedulable, labels, attention = mark
+        self.health[health] += step
+        self.node_status[status] += step
+        self.admin[admin] += step
+        self.schedulable += step * schedulable
+        for key, value in labels:
+            groups = self.labels.get(key)
+            if groups is None:
+                groups = self.labels[key] = {}
+            group = groups.get(value)
+            if group is None:
+                group = groups[value] = Counter()
+            group[health] += step
+            group["total"] += step
+            if step < 0 and group["total"] <= 0:
                 del groups[value]
                 if not groups:
                     del self.labels[key]
-        self.attention.pop(node_id, None)
-
-    def _put(self, node_id: str, mark: _Mark) -> None:
-        if self._marks.get(node_id) == mark:
-            return
-        self._take(node_id)
-        self._marks[node_id] = mark
-        self.health[mark.health] += 1
-        self.node_status[mark.node_status] += 1
-        self.admin[mark.admin] += 1
-        self.schedulable += mark.schedulable
-        for key, value in mark.labels:
-            group = self.labels.setdefault(key, {}).setdefault(value, Counter())
-            group[mark.health] += 1
-            group["total"] += 1
-        if mark.attention:
-            self.attention[node_id] = mark.attention
+        if attention:
+            if step > 0:
+                self.attention[node_id] = attention
+            else:
+                self.attention.pop(node_id, None)
 
     def counts(self) -> dict[str, Any]:
         """The counts now: every health, status and admin value, zeros included."""

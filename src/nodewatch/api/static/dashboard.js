@@ -8,8 +8,12 @@
 
 const TOKEN_KEY = "nodewatch.adminToken";
 const HOUR = 3600;
-const FIRST_PAGE = 500; // the first rows come fast; the rest follow in bigger pages
-const PAGE = 5000;
+// ?page=N (for tests) pages by N everywhere.
+const PAGE_PARAM = Number(new URLSearchParams(location.search).get("page")) || 0;
+const FIRST_PAGE = PAGE_PARAM || 500; // the first rows come fast; the rest in bigger pages
+const PAGE = PAGE_PARAM || 2000; // pages keep each request short for the coordinator's loop
+const CHANGES_PAGE = PAGE_PARAM || 1000;
+const REORDER_EVERY_MS = 3000; // live changes re-sort a sorted or filtered table this often
 const CHANGES_EVERY_MS = 2000;
 const SUMMARY_EVERY_MS = 5000;
 const NODE_HISTORY_EVERY_MS = 5000;
@@ -42,6 +46,9 @@ const HEALTH_RANK = { unhealthy: 0, dead: 1, suspect: 2, unknown: 3, healthy: 4 
 
 const state = {
   rows: new Map(), // node_id -> node view (as /v1/nodes gives it)
+  changedIds: new Set(), // changed since the heatmap last drew them
+  membersChanged: false,
+  orderedAt: 0,
   revision: "",
   loaded: false,
   summary: null,
@@ -117,6 +124,20 @@ function labelText(labels) {
   return Object.entries(labels || {}).map(([k, v]) => `${k}=${v}`).join(" ");
 }
 
+// A changed node updates its row object in place, so the filtered, sorted list keeps showing
+// fresh values without being rebuilt; a new node is added (and the list is rebuilt soon).
+function merge(view) {
+  const old = state.rows.get(view.node_id);
+  if (old === undefined) {
+    state.rows.set(view.node_id, prepare(view));
+    state.membersChanged = true;
+    return;
+  }
+  for (const key of Object.keys(old)) if (!(key in view)) delete old[key];
+  prepare(Object.assign(old, view));
+  state.changedIds.add(view.node_id);
+}
+
 // The numbers a row is sorted and drawn by, computed once per change of its node.
 function prepare(n) {
   const system = n.system || {};
@@ -168,8 +189,7 @@ async function command(name, nodeId, where = "message") {
   say("", where);
   const result = await response.json();
   if (result.node) {
-    const old = state.rows.get(nodeId) || {};
-    state.rows.set(nodeId, prepare({ ...old, ...result.node }));
+    merge({ ...(state.rows.get(nodeId) || {}), ...result.node });
     state.dirty = true;
     scheduleRender();
     if (state.route.name === "node" && state.route.id === nodeId) renderNodeFacts();
@@ -233,18 +253,20 @@ async function fetchChanges() {
     let changed = 0;
     for (;;) {
       const data = await getJSON(`/v1/nodes?changed_since=${encodeURIComponent(since)}` +
-        `&limit=${PAGE}${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`);
+        `&limit=${CHANGES_PAGE}${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`);
       if (data.reset) { await loadAllNodes(); return; }
       if (!next) next = data.revision;
-      for (const n of data.nodes) state.rows.set(n.node_id, prepare(n));
-      for (const id of data.removed) state.rows.delete(id);
+      for (const n of data.nodes) merge(n);
+      for (const id of data.removed) { if (state.rows.delete(id)) state.membersChanged = true; }
       changed += data.nodes.length + data.removed.length;
       if (!data.next_cursor) break;
       cursor = data.next_cursor;
     }
     state.revision = next;
     if (changed) {
-      state.dirty = true;
+      // The row objects changed in place; the list itself is rebuilt when nodes came or went,
+      // or (a sorted or filtered list) at most every REORDER_EVERY_MS.
+      if (state.membersChanged || !unordered()) state.stale = true;
       scheduleRender();
       if (state.route.name === "node" && state.rows.has(state.route.id)) renderNodeFacts();
     }
@@ -431,13 +453,39 @@ function heatColour(fraction) {
 
 const CELL = 9;
 const GAP = 1;
+const heat = { layout: null }; // node_id -> {ctx, x, y}, the metric, its top
+
+function drawCell(ctx, n, x, y, metric, top) {
+  const v = metric.pick(n);
+  if (n.health === "unhealthy" || n.health === "dead") ctx.fillStyle = "#6e1b1b";
+  else if (typeof v !== "number") ctx.fillStyle = "#333c47";
+  else ctx.fillStyle = heatColour(v / top);
+  ctx.clearRect(x, y, CELL, CELL);
+  ctx.fillRect(x, y, CELL, CELL);
+  if (n._attention) {
+    ctx.strokeStyle = "#e3b341"; ctx.lineWidth = 1.5;
+    ctx.strokeRect(x + 0.75, y + 0.75, CELL - 1.5, CELL - 1.5);
+  }
+}
+
+function drawChangedCells() {
+  const { cells, metric, top } = heat.layout;
+  for (const id of state.changedIds) {
+    const cell = cells.get(id);
+    const n = state.rows.get(id);
+    if (cell && n) drawCell(cell.ctx, n, cell.x, cell.y, metric, top);
+  }
+  state.changedIds.clear();
+}
+
 function renderHeatmap() {
-  const metric = HEAT[document.getElementById("heat-metric").value];
+  const metricName = document.getElementById("heat-metric").value;
+  const metric = HEAT[metricName];
   const key = document.getElementById("heat-group").value;
   const rows = [...state.rows.values()];
   const top = metric.max(rows);
   document.getElementById("heat-scale").textContent =
-    `green 0 → red ${metric.fmt(top)}; dark red: unhealthy or dead; grey: no value`;
+    `green 0 → red ${metric.fmt(top)}; dark red: unhealthy or dead; outlined: needs attention`;
   const groups = new Map();
   for (const n of rows) {
     const value = key ? ((n.labels || {})[key] ?? "(none)") : "all nodes";
@@ -447,32 +495,26 @@ function renderHeatmap() {
   const host = document.getElementById("heatmap");
   const width = Math.max(200, host.clientWidth - 10);
   const perRow = Math.max(1, Math.floor(width / (CELL + GAP)));
+  const cells = new Map();
   const blocks = [];
   for (const [value, members] of [...groups.entries()].sort((a, b) => String(a[0]).localeCompare(String(b[0])))) {
     members.sort((a, b) => (a.node_id < b.node_id ? -1 : 1));
     const lines = Math.ceil(members.length / perRow);
     const canvas = el("canvas", { width: perRow * (CELL + GAP), height: lines * (CELL + GAP),
       "data-group": value, role: "img",
-      "aria-label": `${document.getElementById("heat-metric").value} of ${members.length} nodes with ${key ? `${key}=${value}` : "any label"}` });
+      "aria-label": `${metricName} of ${members.length} nodes with ${key ? `${key}=${value}` : "any label"}` });
     const ctx = canvas.getContext("2d");
     members.forEach((n, i) => {
-      const v = metric.pick(n);
-      if (n.health === "unhealthy" || n.health === "dead") ctx.fillStyle = "#6e1b1b";
-      else if (typeof v !== "number") ctx.fillStyle = "#333c47";
-      else ctx.fillStyle = heatColour(v / top);
-      const cx = (i % perRow) * (CELL + GAP);
-      const cy = Math.floor(i / perRow) * (CELL + GAP);
-      ctx.fillRect(cx, cy, CELL, CELL);
-      if (n.health === "suspect" || n._attention) {
-        ctx.strokeStyle = "#e3b341"; ctx.lineWidth = 1.5;
-        ctx.strokeRect(cx + 0.75, cy + 0.75, CELL - 1.5, CELL - 1.5);
-      }
+      const x = (i % perRow) * (CELL + GAP);
+      const y = Math.floor(i / perRow) * (CELL + GAP);
+      cells.set(n.node_id, { ctx, x, y });
+      drawCell(ctx, n, x, y, metric, top);
     });
     const pick = (event) => {
       const box = canvas.getBoundingClientRect();
       const col = Math.floor((event.clientX - box.left) / (CELL + GAP));
       const line = Math.floor((event.clientY - box.top) / (CELL + GAP));
-      return members[line * perRow + col];
+      return col < perRow ? members[line * perRow + col] : undefined;
     };
     canvas.addEventListener("mousemove", (event) => {
       const n = pick(event);
@@ -493,6 +535,7 @@ function renderHeatmap() {
       canvas));
   }
   host.replaceChildren(...blocks);
+  heat.layout = { cells, metric, top };
 }
 
 // ------------------------------------------------------------------ filter, sort, table
@@ -537,22 +580,36 @@ function sortValue(n, key) {
   }
 }
 
+let byId = { size: -1, rows: null, list: [] };
+function rowsById() {
+  // The rows in node_id order, sorted again only when nodes came or went.
+  if (byId.rows !== state.rows || byId.size !== state.rows.size || state.membersChanged) {
+    const list = [...state.rows.values()];
+    list.sort((a, b) => (a.node_id < b.node_id ? -1 : a.node_id > b.node_id ? 1 : 0));
+    byId = { size: state.rows.size, rows: state.rows, list };
+  }
+  return byId.list;
+}
+
 function refilter() {
   const t0 = performance.now();
   const f = filters();
-  const out = [];
-  for (const n of state.rows.values()) if (matches(n, f)) out.push(n);
+  const all = rowsById();
+  const out = f.text || f.health || f.label ? all.filter((n) => matches(n, f)) : all.slice();
   const key = state.sortKey;
   const dir = state.sortDir;
-  out.sort((a, b) => {
-    const va = sortValue(a, key);
-    const vb = sortValue(b, key);
-    if (va < vb) return -dir;
-    if (va > vb) return dir;
-    return a.node_id < b.node_id ? -1 : a.node_id > b.node_id ? 1 : 0;
-  });
-  state.visible = out;
+  if (key !== "node_id") {
+    // Decorated once, so that the comparison reads no fields; node_id order breaks ties.
+    const keyed = out.map((n, i) => [sortValue(n, key), i, n]);
+    keyed.sort((a, b) => (a[0] < b[0] ? -dir : a[0] > b[0] ? dir : a[1] - b[1]));
+    state.visible = keyed.map((k) => k[2]);
+  } else {
+    state.visible = dir > 0 ? out : out.reverse();
+  }
   state.dirty = false;
+  state.stale = false;
+  state.membersChanged = false;
+  state.orderedAt = performance.now();
   window.nodewatch.timings.filterMs = performance.now() - t0;
   const total = state.rows.size;
   document.getElementById("table-count").textContent = out.length === total
@@ -628,25 +685,43 @@ function scheduleRender() {
   requestAnimationFrame(() => { renderQueued = false; renderNow(); });
 }
 
+// Sorted by node id with no filter, live changes never move or hide a row.
+function unordered() {
+  const f = filters();
+  return state.sortKey === "node_id" && !f.text && !f.health && !f.label;
+}
+
 let heatAt = 0;
 function renderNow() {
   if (state.route.name !== "fleet") return;
-  if (state.dirty) refilter();
-  renderRows();
-  // The heatmap redraws at most every 2 s (10,000 cells), or when its choices change.
   const now = performance.now();
-  if (state.heatDirty || now - heatAt > 2000) {
+  if (state.dirty || (state.stale && (state.membersChanged || now - state.orderedAt > REORDER_EVERY_MS))) {
+    refilter();
+  } else if (state.stale) {
+    setTimeout(scheduleRender, REORDER_EVERY_MS);
+  }
+  renderRows();
+  // The heatmap is laid out again when nodes came or went, its choices changed, or every
+  // 30 s (for its scale); otherwise only the cells of changed nodes are drawn.
+  if (state.heatDirty || !heat.layout || state.heatMembers !== state.rows.size ||
+      now - heatAt > 30000) {
+    state.heatMembers = state.rows.size;
     state.heatDirty = false;
     heatAt = now;
     renderHeatmap();
+    state.changedIds.clear();
+  } else if (state.changedIds.size) {
+    drawChangedCells();
   }
 }
 
 function applyFilters() {
+  const t0 = performance.now();
   state.dirty = true;
   state.selected = -1;
   document.getElementById("table-scroll").scrollTop = 0;
   renderNow();
+  window.nodewatch.timings.applyMs = performance.now() - t0;
   const f = filters();
   const params = new URLSearchParams();
   if (f.text) params.set("q", f.text);
@@ -949,6 +1024,7 @@ document.addEventListener("keydown", (event) => {
 
 let firstSeen = new Set();
 function firstView(part) {
+  if (!window.nodewatch.timings[part]) window.nodewatch.timings[part] = performance.now();
   firstSeen.add(part);
   if (firstSeen.has("summary") && firstSeen.has("rows") && !window.nodewatch.timings.firstView) {
     window.nodewatch.timings.firstView = performance.now();
@@ -958,6 +1034,7 @@ function firstView(part) {
 }
 
 function start() {
+  window.nodewatch.timings.script = performance.now();
   renderHead();
   document.getElementById("search").addEventListener("input", applyFilters);
   document.getElementById("filter-health").addEventListener("change", applyFilters);
