@@ -21,7 +21,8 @@ from tests.helpers import free_port, require_binary, wait_until
 pytestmark = pytest.mark.slow
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from dashboard_fleet import failing, fleet, labels, node_id  # noqa: E402
+from dashboard_fleet import failing, fleet, labels  # noqa: E402
+from dashboard_fleet import node_id as fleet_node_id  # noqa: E402
 
 TOKEN = "dash-admin-token"
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -244,7 +245,7 @@ def fleet_of_300(tmp_path: Path) -> Iterator[str]:
     require_binary("nginx")
     with fleet(300, tmp_path, interval="2s", admin_token=TOKEN,
                unhealthy_interval="300ms") as url:
-        bad = [node_id(i) for i in range(300) if failing(i)]
+        bad = [fleet_node_id(i) for i in range(300) if failing(i)]
         wait_until(lambda: all((http_json(f"{url}/v1/nodes/{n}")[1] or {}).get("health")
                                == "unhealthy" for n in bad), timeout=30,
                    message="the failing nodes confirmed unhealthy")
@@ -257,7 +258,7 @@ def test_fleet_view_filters_sorts_and_follows_changes_at_300_nodes(
     from selenium.webdriver.common.keys import Keys
 
     url = fleet_of_300
-    bad = sorted(node_id(i) for i in range(300) if failing(i))
+    bad = sorted(fleet_node_id(i) for i in range(300) if failing(i))
     browser.get(f"{url}/?page=70")  # five pages of 70: the page follows next_cursor
     wait_until(lambda: page_state(browser, "window.nodewatch.timings.allRows"), timeout=30,
                message="all rows loaded")

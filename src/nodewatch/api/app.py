@@ -30,6 +30,7 @@ from nodewatch.coordinator.service import Coordinator, NotLeader
 from nodewatch.detect.identity import IdentityRejected
 from nodewatch.detect.outcome import Conflict, UnknownNode
 from nodewatch.model import (
+    Event,
     Health,
     NodeState,
     Registration,
@@ -361,7 +362,7 @@ async def list_events(request: web.Request) -> web.Response:
         raise HTTPProblem(400, "node_id must be 1-128 characters of [A-Za-z0-9._-]")
     if _bool_param(request, "newest"):
         # The newest retained in memory (the coordinator keeps the last RECENT_EVENTS).
-        events = []
+        events: list[Event] = []
         for event in reversed(coord.recent):
             if len(events) >= limit or (after is not None and event.id <= after):
                 break

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from nodewatch.detect.cluster import Cluster
 
 __all__ = ["ATTENTION_LIMIT", "FleetSummary", "HISTORY_INTERVAL", "HISTORY_SPAN",
-           "LABEL_VALUES_LIMIT", "NodeViews", "Revision", "attention_reasons", "parse_revision"]
+           "LABEL_VALUES_LIMIT", "NodeViews", "Revision", "attention_reasons",
+           "current_revision", "page", "parse_revision"]
 
 HISTORY_INTERVAL = 15.0  # one sample of the fleet's counts every 15 s ...
 HISTORY_SPAN = 3600.0  # ... for the last hour: 240 samples
