@@ -183,9 +183,9 @@ def get_json(url: str, timeout: float = 10.0) -> Any:
 @contextlib.contextmanager
 def fleet(n: int, workdir: Path, interval: str = "30s", admin_token: str = "",
           port: int = PORT, coordinator_cpus: set[int] | None = None,
-          unhealthy_interval: str = "5s") -> Iterator[str]:
-    """nginx answering for n nodes and a coordinator watching them; yields its URL once
-    every node was checked once."""
+          unhealthy_interval: str = "5s") -> Iterator[tuple[str, int]]:
+    """nginx answering for n nodes and a coordinator watching them; yields its URL and pid
+    once every node was checked once."""
     nginx, prefix = start_fleet_nginx(n, port)
     coordinator = None
     try:
@@ -214,7 +214,7 @@ def fleet(n: int, workdir: Path, interval: str = "30s", admin_token: str = "",
             if time.monotonic() > deadline:
                 raise SystemExit(f"the coordinator did not check all {n} nodes in time")
             time.sleep(0.25)
-        yield url
+        yield url, coordinator.pid
     finally:
         if coordinator is not None:
             stop_process(coordinator)
@@ -282,13 +282,22 @@ def wait_for(condition: Any, timeout: float, what: str) -> Any:
         time.sleep(0.05)
 
 
-def sample_lag(url: str, seconds: float) -> list[float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sample_lag(url: str, seconds: float, pid: int | None = None) -> tuple[list[float], float]:
+    """Loop-lag samples over ``seconds``, and the coordinator's CPU ms per second meanwhile."""
     lags: list[float] = []
-    end = time.monotonic() + seconds
+    cpu0, t0 = (cpu_seconds(pid) if pid else 0.0), time.monotonic()
+    end = t0 + seconds
     while time.monotonic() < end:
         lags.append(float(get_json(f"{url}/healthz")["loop_lag"]) * 1000)
         time.sleep(1.0)
-    return lags
+    cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0) * 1000 if pid else 0.0
+    return lags, cpu
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -303,10 +312,10 @@ def api_bytes(driver: Any) -> int:
         ".reduce((a, e) => a + (e.encodedBodySize || 0), 0)"))
 
 
-def measure(url: str, n: int, window: float, keep: bool) -> dict[str, Any]:
+def measure(url: str, n: int, window: float, keep: bool, pid: int) -> dict[str, Any]:
     out: dict[str, Any] = {"nodes": n}
     sample_lag(url, min(3.0, window))  # let the start-up checks settle
-    out["lag_without"] = sample_lag(url, window)
+    out["lag_without"], out["cpu_without"] = sample_lag(url, window, pid)
     with chromium() as driver:
         driver.execute_cdp_cmd("Network.enable", {})
         driver.execute_cdp_cmd("Network.setCacheDisabled", {"cacheDisabled": True})
@@ -333,9 +342,11 @@ def measure(url: str, n: int, window: float, keep: bool) -> dict[str, Any]:
             out["filters"].append((name, float(result["ms"]), int(result["shown"]),
                                    float(result["sync"])))
         # Follow changes for a while: round trips and what the page reads from the API.
+        time.sleep(3.0)  # past the initial load: what the open page costs from now on
         before_bytes, before = api_bytes(driver), time.monotonic()
         trips: list[float] = []
         lag_with: list[float] = []
+        cpu0 = cpu_seconds(pid)
         end = time.monotonic() + window
         next_lag = time.monotonic()
         while time.monotonic() < end:
@@ -346,10 +357,15 @@ def measure(url: str, n: int, window: float, keep: bool) -> dict[str, Any]:
                 lag_with.append(float(get_json(f"{url}/healthz")["loop_lag"]) * 1000)
                 next_lag += 1.0
             time.sleep(0.2)
+        out["cpu_with"] = (cpu_seconds(pid) - cpu0) / (time.monotonic() - before) * 1000
         out["round_trips"] = trips
         out["lag_with"] = lag_with
         out["api_kb_per_s"] = (api_bytes(driver) - before_bytes) / 1024 / (
             time.monotonic() - before)
+        # The page away again (a blank page in the same browser): the floor once more, so
+        # that drift in a shared machine's load shows instead of counting for the page.
+        driver.get("data:,")
+        out["lag_after"], out["cpu_after"] = sample_lag(url, window, pid)
         if keep:
             print(f"the page stays open at {url}/ (Ctrl-C to stop)", flush=True)
             with contextlib.suppress(KeyboardInterrupt):
@@ -384,12 +400,17 @@ def report(out: dict[str, Any]) -> None:
     print(f"script round trip  p50 {statistics.median(trips):.1f} ms  p95 {p95:.1f} ms  "
           f"max {max(trips):.1f} ms over {len(trips)}  (goal <= {GOALS['round_trip_ms']:.0f} ms"
           f" at p95: {verdict(p95 <= GOALS['round_trip_ms'])})")
-    without, with_page = out["lag_without"], out["lag_with"]
+    without = out["lag_without"] + out["lag_after"]
+    with_page = out["lag_with"]
     added = statistics.median(with_page) - statistics.median(without)
-    print(f"loop lag without the page  p50 {statistics.median(without):.1f} ms  max "
-          f"{max(without):.1f} ms;  with it  p50 {statistics.median(with_page):.1f} ms  max "
-          f"{max(with_page):.1f} ms  (added at p50 {added:+.1f} ms; goal <= "
+    print(f"loop lag without the page (before and after)  p50 {statistics.median(without):.1f} ms"
+          f"  max {max(without):.1f} ms;  with it  p50 {statistics.median(with_page):.1f} ms  "
+          f"max {max(with_page):.1f} ms  (added at p50 {added:+.1f} ms; goal <= "
           f"{GOALS['lag_added_ms']:.0f} ms: {verdict(added <= GOALS['lag_added_ms'])})")
+    floor = (out["cpu_without"] + out["cpu_after"]) / 2
+    print(f"coordinator CPU  without the page {out['cpu_without']:.0f} / {out['cpu_after']:.0f}"
+          f" ms/s (before / after), with it {out['cpu_with']:.0f} ms/s: the open page costs "
+          f"about {out['cpu_with'] - floor:+.0f} ms of coordinator CPU per second")
     print(f"the page reads {out['api_kb_per_s']:.1f} KB/s from the API while it follows "
           f"changes (a full /v1/nodes every second would be about "
           f"{n * 0.45:,.0f} KB/s)")
@@ -402,23 +423,25 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=20.0, help="seconds per lag window")
     parser.add_argument("--keep", action="store_true", help="keep the page open at the end")
     parser.add_argument("--json", action="store_true", help="also print the raw figures")
-    parser.add_argument("--no-pin", dest="pin", action="store_false",
-                        help="do not put the coordinator and the browser on separate CPUs")
+    parser.add_argument("--pin", action="store_true",
+                        help="put the coordinator and the browser on separate CPUs (on an "
+                             "otherwise idle machine)")
     args = parser.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
-    # The page and the coordinator on separate CPUs (when there are two): the loop lag then
-    # shows the coordinator's work for the page, not a browser competing for its CPU.
+    # With --pin, the page and the coordinator on separate CPUs: the loop lag then shows the
+    # coordinator's work for the page, not a browser competing for its CPU (on a machine
+    # shared with other work, pinning makes the coordinator share its one CPU instead).
     pinned = args.pin and len(cpus) >= 2
     with tempfile.TemporaryDirectory(prefix="nw-dash-") as tmp, \
             fleet(args.nodes, Path(tmp), args.interval,
-                  coordinator_cpus={cpus[0]} if pinned else None) as url:
+                  coordinator_cpus={cpus[0]} if pinned else None) as (url, pid):
         if pinned:
             os.sched_setaffinity(0, set(cpus[1:]))  # Chromium inherits it
         print(f"coordinator {url} watching {args.nodes:,} nginx-served nodes "
               f"(healthy_interval {args.interval}); window {args.window:g}s; "
               + (f"coordinator on CPU {cpus[0]}, browser on CPU {cpus[1:]}" if pinned
                  else "not pinned"), flush=True)
-        out = measure(url, args.nodes, args.window, args.keep)
+        out = measure(url, args.nodes, args.window, args.keep, pid)
         report(out)
         if args.json:
             print(json.dumps(out))

@@ -244,7 +244,7 @@ def test_dashboard_assets_are_served_from_the_package(cluster: LocalCluster) -> 
 def fleet_of_300(tmp_path: Path) -> Iterator[str]:
     require_binary("nginx")
     with fleet(300, tmp_path, interval="2s", admin_token=TOKEN,
-               unhealthy_interval="300ms") as url:
+               unhealthy_interval="300ms") as (url, _):
         bad = [fleet_node_id(i) for i in range(300) if failing(i)]
         wait_until(lambda: all((http_json(f"{url}/v1/nodes/{n}")[1] or {}).get("health")
                                == "unhealthy" for n in bad), timeout=30,

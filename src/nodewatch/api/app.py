@@ -488,12 +488,20 @@ async def _fleet_history(app: web.Application) -> AsyncIterator[None]:
     fleet, coord = app[FLEET_KEY], app[COORDINATOR_KEY]
 
     async def sampler() -> None:
+        # Kept current every second, so that no request (and no burst of changes) makes one
+        # long catch-up on the loop; one sample into the hour every interval.
+        due = 0.0
         while True:
             try:
-                fleet.sample(coord.clock())
+                now = coord.clock()
+                if now >= due:
+                    fleet.sample(now)
+                    due = now + fleet.interval
+                else:
+                    fleet.refresh()
             except Exception:
-                log.exception("fleet summary sample failed; next one in %gs", fleet.interval)
-            await asyncio.sleep(fleet.interval)
+                log.exception("fleet summary failed; trying again in 1s")
+            await asyncio.sleep(1.0)
 
     task = asyncio.get_running_loop().create_task(sampler(), name="nodewatch-fleet-history")
     yield
