@@ -477,10 +477,22 @@ async def openapi_json(request: web.Request) -> web.Response:
     return json_response(openapi_document())
 
 
-async def dashboard(request: web.Request) -> web.FileResponse:
-    """The single-page dashboard; its assets ship in the package, no network needed."""
-    return web.FileResponse(STATIC_DIR / "index.html",
+_ASSET_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+
+
+def _asset(name: str) -> Handler:
+    """A dashboard asset served from memory: read once, never through the default executor
+    (which the store's threads may keep busy at fleet size)."""
+    path = STATIC_DIR / name
+    body = path.read_bytes()
+    content_type = _ASSET_TYPES[path.suffix]
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type=content_type, charset="utf-8",
                             headers={"Cache-Control": "no-cache"})
+
+    handler.__name__ = f"asset_{path.stem}"
+    return handler
 
 
 async def _fleet_history(app: web.Application) -> AsyncIterator[None]:
@@ -540,6 +552,8 @@ def build_app(coord: Coordinator, udp: UdpHeartbeats | None = None) -> web.Appli
     r.add_get("/healthz", healthz)
     r.add_get("/metrics", metrics)
     r.add_get("/v1/openapi.json", openapi_json)
-    r.add_get("/", dashboard)
+    r.add_get("/", _asset("index.html"))  # the single-page dashboard, no network needed
+    for name in ("dashboard.js", "dashboard.css"):
+        r.add_get(f"/static/{name}", _asset(name))
     r.add_static("/static/", STATIC_DIR, append_version=False)
     return app

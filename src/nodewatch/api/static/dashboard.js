@@ -387,9 +387,14 @@ function spanText(seconds) {
     `(${seconds.toFixed(0)} s so far)`;
 }
 
+let attentionKey = "";
 function renderAttention(summary) {
   document.getElementById("attention-count").textContent =
     summary.attention ? `(${summary.attention})` : "(none)";
+  // Redrawn only when it changed (ages aside): the list can hold 200 nodes.
+  const key = JSON.stringify([summary.attention, summary.attention_nodes.map((a) => [a.node_id, a.why, a.reasons])]);
+  if (key === attentionKey) return;
+  attentionKey = key;
   const items = summary.attention_nodes.map((a) => el("li", { "data-node": a.node_id },
     nodeLink(a.node_id), " ",
     ...a.why.map((w) => el("span", { class: `badge w-${w.replace(" ", "-")}` }, w)), " ",
