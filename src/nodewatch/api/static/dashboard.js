@@ -473,6 +473,11 @@ function drawCell(ctx, n, x, y, metric, top) {
   }
 }
 
+function scaleMoved() {
+  const top = heat.layout.metric.max([...state.rows.values()]);
+  return Math.abs(top - heat.layout.top) > 0.2 * heat.layout.top;
+}
+
 function drawChangedCells() {
   const { cells, metric, top } = heat.layout;
   for (const id of state.changedIds) {
@@ -706,10 +711,11 @@ function renderNow() {
     setTimeout(scheduleRender, REORDER_EVERY_MS);
   }
   renderRows();
-  // The heatmap is laid out again when nodes came or went, its choices changed, or every
-  // 30 s (for its scale); otherwise only the cells of changed nodes are drawn.
+  // The heatmap is laid out again when nodes came or went, its choices changed, or (a scale
+  // relative to the fleet: load1, qps) its top moved by a fifth; otherwise only the cells of
+  // changed nodes are drawn.
   if (state.heatDirty || !heat.layout || state.heatMembers !== state.rows.size ||
-      now - heatAt > 30000) {
+      (state.changedIds.size && now - heatAt > 5000 && scaleMoved())) {
     state.heatMembers = state.rows.size;
     state.heatDirty = false;
     heatAt = now;
