@@ -69,3 +69,14 @@ def test_registration_storm_enrols_every_node_past_the_admission_rate() -> None:
     assert "floor   120 GET /healthz" in out, out
     assert "(120 nodes listed, 120 'new')" in out, out
     assert "coordinator loop lag max" in out
+
+
+def test_dashboard_fleet_opens_the_page_and_prints_every_goal() -> None:
+    require_binary("nginx")
+    require_binary("chromium")
+    require_binary("chromedriver")
+    out = run("dashboard_fleet.py", "--nodes", "60", "--window", "2", timeout=170.0)
+    for figure in ("first useful view", "filter, worst", "script round trip", "loop lag without",
+                   "coordinator CPU", "the page reads"):
+        assert figure in out, out
+    assert "the page holds 60 rows" in out

@@ -128,6 +128,9 @@ class CoordinatorConfig(_Table):
     # once) and the most observations one batch may carry.
     observations_max_body: Annotated[int, Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
     max_observations: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
+    # "json": one JSON object a line (nodewatch/logs.py); "auto": json unless on a terminal.
+    # --log-format and NODEWATCH_LOG_FORMAT win over it.
+    log_format: Literal["text", "json", "auto"] = "text"
 
     @property
     def agent_tokens(self) -> tuple[str, ...]:
@@ -315,6 +318,7 @@ class AgentConfig(_Table):
     max_body: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     probe_timeout: Duration = Duration(3.0)
     probe_connect_timeout: Duration = Duration(1.0)
+    log_format: Literal["text", "json", "auto"] = "text"  # as [coordinator] log_format
     rules: list[AgentRuleConfig] = msgspec.field(default_factory=_default_rules)
     checks: list[AgentCheckConfig] = msgspec.field(default_factory=list)
 

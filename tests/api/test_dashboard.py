@@ -1,9 +1,13 @@
-"""The dashboard in headless Chromium against a real coordinator and agents (no network)."""
+"""The dashboard in headless Chromium against a real coordinator: with real agents (commands,
+the token prompt, events, a node's page and its charts), and at fleet size with 300
+nginx-served nodes (counts, attention, heatmap, filters, sorting, keys, incremental updates).
+No network beyond the coordinator; no timing asserted beyond bounds that catch a hang."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +19,10 @@ from nodewatch.cli.processes import LocalCluster, http_json
 from tests.helpers import free_port, require_binary, wait_until
 
 pytestmark = pytest.mark.slow
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from dashboard_fleet import failing, fleet, labels  # noqa: E402
+from dashboard_fleet import node_id as fleet_node_id  # noqa: E402
 
 TOKEN = "dash-admin-token"
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -95,19 +103,33 @@ def click(browser: Any, selector: str) -> None:
 
 
 def cpu_points(browser: Any, node_id: str) -> list[str]:
-    """The points of a node's CPU line; the chart is redrawn live, so a stale one reads as
-    empty and the caller's wait simply tries again."""
+    """The points of the CPU line on a node's page; the chart is redrawn live, so a stale one
+    reads as empty and the caller's wait simply tries again."""
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 
     try:
-        line = browser.find_element("css selector", f'.chart[data-node="{node_id}"] polyline.cpu')
+        line = browser.find_element(
+            "css selector", f'.chart[data-node="{node_id}"][data-metric="cpu"] polyline')
         return str(line.get_attribute("points") or "").split()
     except (NoSuchElementException, StaleElementReferenceException):
         return []
 
 
+def text(browser: Any, selector: str) -> str:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    try:
+        return str(browser.find_element("css selector", selector).text)
+    except (NoSuchElementException, StaleElementReferenceException):
+        return ""
+
+
+def page_state(browser: Any, expression: str) -> Any:
+    return browser.execute_script(f"return {expression}")
+
+
 def test_dashboard_drain_asks_for_token_and_the_row_changes(
-    cluster: LocalCluster, browser: Any, tmp_path: Path
+    cluster: LocalCluster, browser: Any
 ) -> None:
     from selenium.common.exceptions import NoAlertPresentException
 
@@ -140,12 +162,22 @@ def test_dashboard_drain_asks_for_token_and_the_row_changes(
     assert browser.execute_script(
         "return sessionStorage.getItem('nodewatch.adminToken')") == TOKEN
 
-    # The live timeline got the event over SSE, and the charts drew the history.
+    # The live timeline got the event over SSE; a node's page draws its history.
     wait_until(lambda: browser.find_elements(
         "css selector", '#events li[data-kind="drained"]'), timeout=10,
         message="drained event in the timeline")
-    wait_until(lambda: all(len(cpu_points(browser, f"web-{i}")) >= 2 for i in range(1, 4)),
-               timeout=15, message="cpu lines with at least two points for every node")
+    click(browser, 'tr[data-node="web-2"] td.node a')
+    wait_until(lambda: text(browser, "#node-title") == "web-2", timeout=10,
+               message="web-2's page")
+    wait_until(lambda: len(cpu_points(browser, "web-2")) >= 2, timeout=15,
+               message="web-2's cpu line with at least two points")
+    wait_until(lambda: browser.find_elements(
+        "css selector", '#node-events li[data-kind="drained"]'), timeout=10,
+        message="the drain among web-2's events")
+    assert "drained" in text(browser, '#node-facts dd[data-fact="admin"]')
+    browser.find_element("css selector", "body").send_keys("g")  # back to the fleet
+    wait_until(lambda: cell(browser, "web-2", "admin") == "drained", timeout=10,
+               message="the fleet view again")
 
     # Undrain with the remembered token: no second prompt.
     click(browser, 'tr[data-node="web-2"] button[data-action="undrain"]')
@@ -158,20 +190,22 @@ def test_dashboard_drain_asks_for_token_and_the_row_changes(
         "return performance.getEntriesByType('resource').map(e => new URL(e.name).origin)")
     assert set(origins) <= {cluster.url}
 
-    # For the picture in the README: one drained node, one hung node, changing load.
-    set_qps(cluster, {"web-1": 90, "web-2": 60, "web-3": 20})
-    http_json(f"{cluster.url}/v1/nodes/web-3/drain", "POST", {"reason": "maintenance"},
-              token=TOKEN)
+    # A hung node: the row turns unhealthy by itself (events and changes, no reload), it
+    # heads the attention list, and its page shades the outage and shows the evidence.
     cluster.agents["web-1"].signal(signal.SIGSTOP)
     try:
         wait_until(lambda: cell(browser, "web-1", "health") == "unhealthy", timeout=10,
                    message="hung web-1 shown unhealthy")
         wait_until(lambda: browser.find_elements(
+            "css selector", '#attention li[data-node="web-1"]'), timeout=15,
+            message="web-1 in the attention list")
+        browser.get(f"{cluster.url}/#/node/web-1")
+        wait_until(lambda: browser.find_elements(
             "css selector", '.chart[data-node="web-1"] rect.outage'), timeout=10,
             message="the outage shaded on web-1's chart")
-        wait_until(lambda: cell(browser, "web-3", "admin") == "drained", timeout=10,
-                   message="web-3 admin shows drained")
-        screenshot(browser, tmp_path)
+        wait_until(lambda: browser.find_elements(
+            "css selector", '#node-events li[data-kind="unhealthy"] details.evidence'),
+            timeout=10, message="the unhealthy event with its evidence")
     finally:
         cluster.agents["web-1"].signal(signal.SIGCONT)
 
@@ -204,3 +238,120 @@ def test_dashboard_assets_are_served_from_the_package(cluster: LocalCluster) -> 
         with urllib.request.urlopen(f"{cluster.url}/static/{asset}", timeout=5) as resp:
             assert resp.status == 200 and b"http://" not in resp.read().replace(
                 b"http://www.w3.org/2000/svg", b"")
+
+
+@pytest.fixture
+def fleet_of_300(tmp_path: Path) -> Iterator[str]:
+    require_binary("nginx")
+    with fleet(300, tmp_path, interval="2s", admin_token=TOKEN,
+               unhealthy_interval="300ms") as (url, _):
+        bad = [fleet_node_id(i) for i in range(300) if failing(i)]
+        wait_until(lambda: all((http_json(f"{url}/v1/nodes/{n}")[1] or {}).get("health")
+                               == "unhealthy" for n in bad), timeout=30,
+                   message="the failing nodes confirmed unhealthy")
+        yield url
+
+
+def test_fleet_view_filters_sorts_and_follows_changes_at_300_nodes(
+    fleet_of_300: str, browser: Any, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    url = fleet_of_300
+    bad = sorted(fleet_node_id(i) for i in range(300) if failing(i))
+    browser.get(f"{url}/?page=70")  # five pages of 70: the page follows next_cursor
+    wait_until(lambda: page_state(browser, "window.nodewatch.timings.allRows"), timeout=30,
+               message="all rows loaded")
+    assert page_state(browser, "window.nodewatch.state.rows.size") == 300
+    # Counts, attention, heatmap groups.
+    wait_until(lambda: text(browser, '.tile[data-count="total"] .count') == "300", timeout=10,
+               message="the total tile")
+    assert text(browser, '.tile[data-count="unhealthy"] .count') == str(len(bad))
+    attention = wait_until(lambda: [li.get_attribute("data-node") for li in
+                                    browser.find_elements("css selector", "#attention li")],
+                           timeout=10, message="the attention list")
+    assert sorted(attention) == bad  # type: ignore[arg-type]
+    zones = {v["zone"] for v in (labels(i) for i in range(300))}
+    groups = browser.find_elements("css selector", "#heatmap .heat-group")
+    assert {g.get_attribute("data-group") for g in groups} == zones
+    assert browser.find_elements("css selector", ".stack svg polygon")
+
+    # The table is a virtual list: 300 rows held, a screenful drawn.
+    drawn = browser.find_elements("css selector", "#nodes tbody tr.row")
+    assert 10 < len(drawn) < 300
+
+    def shown() -> list[str]:
+        return list(page_state(browser, "window.nodewatch.state.visible.map(n => n.node_id)"))
+
+    # "/" focuses the search; words narrow it.
+    body = browser.find_element("css selector", "body")
+    body.send_keys("/")
+    search = browser.switch_to.active_element
+    assert search.get_attribute("id") == "search"
+    search.send_keys("node-0010")
+    wait_until(lambda: shown() == [f"node-{i:05d}" for i in range(100, 110)], timeout=10,
+               message="the search narrows the table")
+    search.send_keys(Keys.ESCAPE)  # clears the search
+    wait_until(lambda: len(shown()) == 300, timeout=10, message="the search cleared")
+    # Health and label filters, and both at once.
+    from selenium.webdriver.support.ui import Select
+
+    Select(browser.find_element("id", "filter-health")).select_by_value("unhealthy")
+    wait_until(lambda: sorted(shown()) == bad, timeout=10, message="only unhealthy nodes")
+    Select(browser.find_element("id", "filter-label")).select_by_value("zone=z5")
+    in_z5 = sorted(n for n in bad if labels(int(n.split("-")[1]))["zone"] == "z5")
+    wait_until(lambda: sorted(shown()) == in_z5, timeout=10, message="unhealthy in zone z5")
+    browser.find_element("id", "clear-filters").click()
+    wait_until(lambda: len(shown()) == 300, timeout=10, message="filters cleared")
+    # Sort by any column: cpu, highest first; again for lowest first.
+    click(browser, 'button[data-sort="cpu"]')
+    cpus = page_state(browser, "window.nodewatch.state.visible.map(n => n._cpu ?? -1)")
+    assert cpus == sorted(cpus, reverse=True)
+    click(browser, 'button[data-sort="cpu"]')
+    cpus = page_state(browser, "window.nodewatch.state.visible.map(n => n._cpu ?? -1)")
+    assert cpus == sorted(cpus)
+    click(browser, 'button[data-sort="node_id"]')
+
+    # Changes arrive incrementally: a drain shows without another full read of the list.
+    full_reads = page_state(browser, "performance.getEntriesByType('resource').filter(e => "
+                                     "e.name.includes('/v1/nodes?limit=')).length")
+    status, _ = http_json(f"{url}/v1/nodes/node-00003/drain", "POST", {"reason": "test"},
+                          token=TOKEN)
+    assert status == 200
+    wait_until(lambda: cell(browser, "node-00003", "admin") == "drained", timeout=10,
+               message="the drain shows in the row")
+    wait_until(lambda: page_state(browser, "performance.getEntriesByType('resource').filter("
+                                           "e => e.name.includes('changed_since')).length"),
+               timeout=10, message="changes read with changed_since")
+    assert page_state(browser, "performance.getEntriesByType('resource').filter(e => "
+                               "e.name.includes('/v1/nodes?limit=')).length") == full_reads
+    wait_until(lambda: text(browser, '.tile[data-count="drained"] .count') == "1", timeout=15,
+               message="the drained count")
+
+    # Keyboard: j selects the first row, Enter opens its page, Escape goes back.
+    body.send_keys("j")
+    body.send_keys(Keys.ENTER)
+    wait_until(lambda: text(browser, "#node-title") == "node-00000", timeout=10,
+               message="node-00000's page from the keyboard")
+    wait_until(lambda: browser.find_elements("css selector", "#node-events li"), timeout=10,
+               message="its events")
+    body.send_keys(Keys.ESCAPE)
+    wait_until(lambda: not browser.find_element("id", "fleet-view").get_attribute("hidden"),
+               timeout=10, message="back to the fleet")
+    # A failing node's page: its facts, its events with evidence.
+    browser.get(f"{url}/#/node/{bad[0]}")
+    wait_until(lambda: "unhealthy" in text(browser, '#node-facts dd[data-fact="health"]'),
+               timeout=10, message="the failing node's facts")
+    wait_until(lambda: browser.find_elements(
+        "css selector", '#node-events li[data-kind="unhealthy"] details.evidence'),
+        timeout=10, message="its unhealthy event with evidence")
+    # Everything came from the coordinator: no external assets.
+    origins = page_state(browser, "performance.getEntriesByType('resource')"
+                                  ".map(e => new URL(e.name).origin)")
+    assert set(origins) <= {url}
+    browser.get(f"{url}/")
+    wait_until(lambda: page_state(browser, "window.nodewatch.timings.allRows"), timeout=30,
+               message="the fleet view for the picture")
+    wait_until(lambda: browser.find_elements("css selector", "#heatmap canvas"), timeout=10,
+               message="the heatmap for the picture")
+    screenshot(browser, tmp_path)

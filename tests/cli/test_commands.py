@@ -169,3 +169,35 @@ def test_remove_forgets_the_node(coordinator: str) -> None:
     assert result.exit_code == 0 and "temp-1 removed" in result.output
     status, _ = http_json(f"{coordinator}/v1/nodes/temp-1")
     assert status == 404
+
+
+# ---------------------------------------------------------------------- version and completion
+
+
+def test_version_is_the_package_version() -> None:
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"nodewatch, version {version('nodewatch')}"
+
+
+@pytest.mark.parametrize(("shell", "marker"), [("bash", "complete -o nosort -F"),
+                                               ("zsh", "#compdef nodewatch")])
+def test_completion_prints_the_shell_script(shell: str, marker: str) -> None:
+    result = CliRunner().invoke(main, ["completion", shell])
+    assert result.exit_code == 0
+    assert marker in result.output and "_NODEWATCH_COMPLETE" in result.output
+
+
+def test_the_completion_script_completes_commands_and_options() -> None:
+    """What the printed bash script asks the real entry point, answered by click."""
+    nodewatch = Path(sys.executable).with_name("nodewatch")
+    env = {**os.environ, "_NODEWATCH_COMPLETE": "bash_complete", "COMP_WORDS": "nodewatch s",
+           "COMP_CWORD": "1"}
+    out = subprocess.run([str(nodewatch)], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    assert {"plain,sd", "plain,simulate", "plain,status"} <= set(out.stdout.split())
+    env.update(COMP_WORDS="nodewatch sd --wa", COMP_CWORD="2")
+    out = subprocess.run([str(nodewatch)], env=env, capture_output=True, text=True, timeout=30)
+    assert out.stdout.split() == ["plain,--watch"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nodewatch.detect.journal import DirtyNodes, EventSequence
+from nodewatch.detect.journal import DirtyNodes, EventSequence, Revisions
 from nodewatch.model import event_id, event_number
 from nodewatch.testing import FakeClock
 
@@ -31,3 +31,40 @@ def test_marking_again_skips_unknown_nodes_and_forget_drops_pending_ones() -> No
     dirty.touched("n1")
     dirty.forget("n1")
     assert dirty.take() == {"n0"}
+
+
+def test_revisions_tell_what_changed_and_what_was_removed_since_a_revision() -> None:
+    revisions = Revisions("e1")
+    for node_id in ("a", "b", "c"):
+        revisions.note(node_id)
+    start = revisions.revision
+    assert revisions.since(0) == (["c", "b", "a"], [])
+    revisions.note("a")
+    revisions.drop("b")
+    revisions.drop("ghost")  # never known: no revision taken
+    assert revisions.since(start) == (["a"], ["b"])
+    assert revisions.of("a") == start + 1 and revisions.of("b") == 0
+    revisions.note("b")  # back again: changed, no longer removed
+    assert revisions.since(start) == (["b", "a"], [])
+    assert revisions.since(revisions.revision) == ([], [])
+    assert revisions.since(revisions.revision + 1) is None  # not a revision of this counter
+
+
+def test_revisions_forget_old_removals_and_send_older_readers_to_a_full_read() -> None:
+    revisions = Revisions("e1", max_removed=2)
+    for node_id in ("a", "b", "c"):
+        revisions.note(node_id)
+    for node_id in ("a", "b", "c"):
+        revisions.drop(node_id)
+    assert revisions.since(3) is None  # a's removal is forgotten
+    assert revisions.since(4) == ([], ["c", "b"])
+
+
+def test_dirty_nodes_give_every_change_a_revision() -> None:
+    dirty = DirtyNodes(["restored"])
+    before = dirty.revisions.revision
+    dirty.changed("n0")
+    dirty.touched("n1")
+    dirty.take()
+    dirty.forget("restored")
+    assert dirty.revisions.since(before) == (["n1", "n0"], ["restored"])

@@ -7,10 +7,12 @@ changes nothing. Tokens are compared in constant time and never logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,10 @@ import msgspec
 from aiohttp import web
 
 from nodewatch.api.admission import RegistrationBucket, retry_after_header
+from nodewatch.api.fleet import FleetSummary, NodeViews, page, parse_revision
 from nodewatch.api.metrics import CoordinatorMetrics
 from nodewatch.api.schemas import ApproveBody, DrainBody, ObservationsBody, convert
+from nodewatch.api.sd import target_groups
 from nodewatch.api.udp import UdpHeartbeats, push_result
 from nodewatch.config import NODE_ID_RE
 from nodewatch.coordinator.service import Coordinator, NotLeader
@@ -27,6 +31,7 @@ from nodewatch.detect.identity import IdentityRejected
 from nodewatch.detect.outcome import Conflict, UnknownNode
 from nodewatch.model import (
     CallerObservation,
+    Event,
     Health,
     NodeState,
     Registration,
@@ -42,14 +47,18 @@ from nodewatch.web import (
     token_ok,
 )
 
-__all__ = ["ADMISSION_KEY", "COORDINATOR_KEY", "HEARTBEAT_UDP_KEY", "MAX_WAIT", "METRICS_KEY",
-           "SSE_KEEPALIVE", "STATIC_DIR", "build_app"]
+__all__ = ["ADMISSION_KEY", "COORDINATOR_KEY", "FLEET_KEY", "HEARTBEAT_UDP_KEY", "MAX_WAIT",
+           "METRICS_KEY", "NODE_VIEWS_KEY", "SSE_KEEPALIVE", "STATIC_DIR", "build_app"]
 
 ADMISSION_KEY: web.AppKey[RegistrationBucket] = web.AppKey("admission", RegistrationBucket)
 
 COORDINATOR_KEY: web.AppKey[Coordinator] = web.AppKey("coordinator", Coordinator)
 METRICS_KEY: web.AppKey[CoordinatorMetrics] = web.AppKey("metrics", CoordinatorMetrics)
 HEARTBEAT_UDP_KEY: web.AppKey[str] = web.AppKey("heartbeat_udp", str)
+NODE_VIEWS_KEY: web.AppKey[NodeViews] = web.AppKey("node_views", NodeViews)
+FLEET_KEY: web.AppKey[FleetSummary] = web.AppKey("fleet", FleetSummary)
+log = logging.getLogger(__name__)
+json_encoder = msgspec.json.Encoder()
 _EVENT_ID_RE = re.compile(r"^\d{1,20}$")
 MAX_WAIT = 60.0
 SSE_KEEPALIVE = 15.0
@@ -252,9 +261,12 @@ async def observations(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------- reads
 
 
-async def list_nodes(request: web.Request) -> web.Response:
+def _select_nodes(request: web.Request,
+                  among: list[NodeState] | None = None) -> list[NodeState]:
+    """The nodes (of ``among``, default all) that ``?schedulable=``, ``?health=`` and
+    ``?label=`` select (all without)."""
     coord = _coordinator(request)
-    nodes: list[NodeState] = list(coord.cluster.nodes.values())
+    nodes = list(coord.cluster.nodes.values()) if among is None else among
     schedulable = _bool_param(request, "schedulable")
     if schedulable is not None:
         nodes = [n for n in nodes if n.schedulable is schedulable]
@@ -271,14 +283,68 @@ async def list_nodes(request: web.Request) -> web.Response:
         if not sep or not key:
             raise HTTPProblem(400, f"label filter must be key=value, got {label!r}")
         nodes = [n for n in nodes if n.labels.get(key) == value]
+    return nodes
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    """Nodes in id order (or by load), paged by ``limit`` and ``cursor``; with
+    ``changed_since`` only those changed since that revision, and the ids removed since."""
+    coord = _coordinator(request)
+    views = request.app[NODE_VIEWS_KEY]
     sort = request.query.get("sort", "node_id")
-    if sort == "load":
-        nodes.sort(key=lambda n: (load_score(n), n.node_id))
-    elif sort == "node_id":
-        nodes.sort(key=lambda n: n.node_id)
-    else:
+    if sort not in ("node_id", "load"):
         raise HTTPProblem(400, f"sort must be load or node_id, got {sort!r}")
-    return json_response({"nodes": [_node_view(node) for node in nodes]})
+    limit = None
+    if request.query.get("limit"):
+        wanted = _float_param(request, "limit", 0, 1, 100_000)
+        if not wanted.is_integer():
+            raise HTTPProblem(400, f"limit must be a whole number, got {wanted:g}")
+        limit = int(wanted)
+    cursor = request.query.get("cursor") or None
+    if cursor is not None and sort != "node_id":
+        raise HTTPProblem(400, "cursor pages in node_id order: it cannot go with sort=load")
+    if cursor is not None and not NODE_ID_RE.match(cursor):
+        raise HTTPProblem(400, f"cursor must be a node id (a next_cursor), got {cursor!r}")
+    revision = coord.cluster.revisions
+    body: dict[str, Any] = {"revision": f"{revision.epoch}-{revision.revision}"}
+    nodes_by_id = coord.cluster.nodes
+    raw_since = request.query.get("changed_since")
+    ids = views.ordered_ids()
+    if raw_since is not None:
+        since = parse_revision(raw_since)
+        if since is None:
+            raise HTTPProblem(400, "changed_since must be a revision as returned in revision, "
+                                   f"got {raw_since!r}")
+        changes = views.changes(since)
+        body["reset"] = changes is None
+        if changes is not None:
+            ids, body["removed"] = changes
+        else:
+            body["removed"] = []
+    selected = _select_nodes(request, [nodes_by_id[i] for i in ids])
+    if sort == "load":
+        selected.sort(key=lambda n: (load_score(n), n.node_id))
+        chosen, body["next_cursor"] = [n.node_id for n in selected][:limit], None
+    else:
+        chosen, body["next_cursor"] = page([n.node_id for n in selected], cursor, limit)
+    parts = views.encoded([nodes_by_id[i] for i in chosen])
+    tail = json_encoder.encode(body)
+    # The node views are encoded once per change of their node (api/fleet.py): join them.
+    data = b'{"nodes":[' + b",".join(parts) + b"]," + tail[1:]
+    return web.Response(body=data, content_type="application/json")
+
+
+async def fleet_summary(request: web.Request) -> web.Response:
+    """Counts now and over the last hour, label groups, the nodes that need attention."""
+    since = request.query.get("history_since")
+    history_since = None if since is None else _float_param(request, "history_since", 0, 0,
+                                                             1e11)
+    return json_response(request.app[FLEET_KEY].answer(history_since))
+
+
+async def prometheus_sd(request: web.Request) -> web.Response:
+    """Prometheus ``http_sd``: one target group per (selected) node (``api/sd.py``)."""
+    return json_response(target_groups(_select_nodes(request)))
 
 
 def _node_view(node: NodeState) -> dict[str, Any]:
@@ -315,8 +381,24 @@ async def list_events(request: web.Request) -> web.Response:
     after = _after_param(request)
     wait = _float_param(request, "wait", 0.0, 0.0, MAX_WAIT)
     limit = int(_float_param(request, "limit", 1000, 1, 10_000))
+    node_id = request.query.get("node_id")
+    if node_id is not None and not NODE_ID_RE.match(node_id):
+        raise HTTPProblem(400, "node_id must be 1-128 characters of [A-Za-z0-9._-]")
+    if _bool_param(request, "newest"):
+        # The newest retained in memory (the coordinator keeps the last RECENT_EVENTS).
+        events: list[Event] = []
+        for event in reversed(coord.recent):
+            if len(events) >= limit or (after is not None and event.id <= after):
+                break
+            if node_id is None or event.node_id == node_id:
+                events.append(event)
+        events.reverse()
+        last_id = coord.last_event_id() or after
+        return json_response({"events": [e.to_json() for e in events], "last_id": last_id})
     events = await coord.wait_for_events(after, wait, limit)
     last_id = events[-1].id if events else (after or coord.last_event_id())
+    if node_id is not None:
+        events = [e for e in events if e.node_id == node_id]  # last_id: how far it read
     return json_response({"events": [e.to_json() for e in events], "last_id": last_id})
 
 
@@ -419,10 +501,49 @@ async def openapi_json(request: web.Request) -> web.Response:
     return json_response(openapi_document())
 
 
-async def dashboard(request: web.Request) -> web.FileResponse:
-    """The single-page dashboard; its assets ship in the package, no network needed."""
-    return web.FileResponse(STATIC_DIR / "index.html",
+_ASSET_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+
+
+def _asset(name: str) -> Handler:
+    """A dashboard asset served from memory: read once, never through the default executor
+    (which the store's threads may keep busy at fleet size)."""
+    path = STATIC_DIR / name
+    body = path.read_bytes()
+    content_type = _ASSET_TYPES[path.suffix]
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type=content_type, charset="utf-8",
                             headers={"Cache-Control": "no-cache"})
+
+    handler.__name__ = f"asset_{path.stem}"
+    return handler
+
+
+async def _fleet_history(app: web.Application) -> AsyncIterator[None]:
+    """The hour of fleet counts behind ``GET /v1/summary``: one sample per interval."""
+    fleet, coord = app[FLEET_KEY], app[COORDINATOR_KEY]
+
+    async def sampler() -> None:
+        # Kept current every second, so that no request (and no burst of changes) makes one
+        # long catch-up on the loop; one sample into the hour every interval.
+        due = 0.0
+        while True:
+            try:
+                now = coord.clock()
+                if now >= due:
+                    fleet.sample(now)
+                    due = now + fleet.interval
+                else:
+                    fleet.refresh()
+            except Exception:
+                log.exception("fleet summary failed; trying again in 1s")
+            await asyncio.sleep(1.0)
+
+    task = asyncio.get_running_loop().create_task(sampler(), name="nodewatch-fleet-history")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def build_app(coord: Coordinator, udp: UdpHeartbeats | None = None) -> web.Application:
@@ -436,6 +557,9 @@ def build_app(coord: Coordinator, udp: UdpHeartbeats | None = None) -> web.Appli
     cc = coord.config.coordinator
     app[ADMISSION_KEY] = RegistrationBucket(cc.max_registrations_per_second,
                                             cc.registration_burst)
+    app[NODE_VIEWS_KEY] = NodeViews(lambda: coord.cluster, _node_view, json_encoder.encode)
+    app[FLEET_KEY] = FleetSummary(lambda: coord.cluster)
+    app.cleanup_ctx.append(_fleet_history)
     r = app.router
     r.add_post("/v1/register", register)
     r.add_post("/v1/heartbeat", heartbeat)
@@ -446,11 +570,15 @@ def build_app(coord: Coordinator, udp: UdpHeartbeats | None = None) -> web.Appli
     for name in ("drain", "undrain", "approve", "revoke"):
         r.add_post(f"/v1/nodes/{{node_id}}/{name}", _command(name))
     r.add_delete("/v1/nodes/{node_id}", _command("remove"))
+    r.add_get("/v1/sd/prometheus", prometheus_sd)
+    r.add_get("/v1/summary", fleet_summary)
     r.add_get("/v1/events", list_events)
     r.add_get("/v1/events/stream", event_stream)
     r.add_get("/healthz", healthz)
     r.add_get("/metrics", metrics)
     r.add_get("/v1/openapi.json", openapi_json)
-    r.add_get("/", dashboard)
+    r.add_get("/", _asset("index.html"))  # the single-page dashboard, no network needed
+    for name in ("dashboard.js", "dashboard.css"):
+        r.add_get(f"/static/{name}", _asset(name))
     r.add_static("/static/", STATIC_DIR, append_version=False)
     return app

@@ -6,25 +6,71 @@ metric bookkeeping and a scrape costs one pass over counters the coordinator kee
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from nodewatch.coordinator.service import Coordinator
+    from nodewatch.model import Event
 
-__all__ = ["CoordinatorMetrics"]
+__all__ = ["CoordinatorMetrics", "DETECTION_BUCKETS", "DetectionLatency"]
+
+
+# Detection latency buckets (seconds): the fast profile confirms in about a second, the
+# default one in 10 s (fall = 3 over unhealthy_interval = 5 s), a held confirmation takes longer.
+DETECTION_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class DetectionLatency:
+    """How long each confirmation took from the first failed check of its streak, folded in at
+    scrape time from the events the coordinator keeps in memory (``Coordinator.recent``): the
+    hot path pays nothing; more events between two scrapes than it keeps are not counted."""
+
+    def __init__(self) -> None:
+        self.after = ""
+        self.buckets = [0] * len(DETECTION_BUCKETS)
+        self.count = 0
+        self.total = 0.0
+
+    def fold(self, events: Iterable[Event]) -> None:
+        newest = self.after
+        for event in events:
+            if event.id <= self.after:
+                continue
+            newest = max(newest, event.id)
+            if event.kind != "unhealthy":
+                continue
+            times = [c["at"] for c in event.evidence.get("checks", ())
+                     if isinstance(c, dict) and isinstance(c.get("at"), int | float)]
+            if not times:
+                continue
+            took = max(0.0, event.ts - min(times))
+            self.count += 1
+            self.total += took
+            for i, bound in enumerate(DETECTION_BUCKETS):
+                if took <= bound:
+                    self.buckets[i] += 1
+        self.after = newest
+
+    def metric(self) -> HistogramMetricFamily:
+        cumulative = [(f"{b:g}", n) for b, n in zip(DETECTION_BUCKETS, self.buckets, strict=True)]
+        return HistogramMetricFamily(
+            "nodewatch_detection_seconds",
+            "From a node's first failed check of a streak to its confirmation as unhealthy",
+            buckets=[*cumulative, ("+Inf", self.count)], sum_value=self.total)
 
 
 class _CoordinatorCollector(Collector):
     def __init__(self, coord: Coordinator, udp_counts: Mapping[str, int] | None) -> None:
         self.coord = coord
         self.udp_counts = udp_counts
+        self.detection = DetectionLatency()
 
     def collect(self) -> Iterator[Metric]:
         coord = self.coord
@@ -80,11 +126,32 @@ class _CoordinatorCollector(Collector):
         yield CounterMetricFamily(
             "nodewatch_checks_lost", "Checks lost with a poller process that died; they count "
             "neither for nor against their node", value=stats["checks_lost"])
+        self.detection.fold(coord.recent)
+        yield self.detection.metric()
+        yield from _action_metrics(coord)
         restarts = getattr(coord.probe, "restarts", None)
         if isinstance(restarts, int):
             yield CounterMetricFamily("nodewatch_poller_process_restarts",
                                       "Poller processes replaced after they died or hung",
                                       value=restarts)
+
+
+def _action_metrics(coord: Coordinator) -> Iterator[Metric]:
+    """The respond stage's counters, when the coordinator's action sink keeps them."""
+    runner = coord.actions
+    counts = {result: getattr(runner, result, None) for result in ("succeeded", "failed",
+                                                                   "refused")}
+    if all(isinstance(n, int) for n in counts.values()):
+        actions = CounterMetricFamily(
+            "nodewatch_actions", "Actions finished by result (failed: after every retry; "
+            "refused: the queue was full)", labels=["result"])
+        for result, count in counts.items():
+            actions.add_metric([result], float(count or 0))
+        yield actions
+    pending = getattr(runner, "pending", None)
+    if isinstance(pending, int):
+        yield GaugeMetricFamily("nodewatch_actions_pending", "Actions queued or running",
+                                value=pending)
 
 
 def _health_metrics(coord: Coordinator) -> Iterator[Metric]:

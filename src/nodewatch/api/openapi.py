@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from nodewatch.api import schemas as s
+from nodewatch.api.sd import TargetGroup
 from nodewatch.config import NODE_ID_PATTERN
 from nodewatch.protocol import VERSION
 
@@ -50,6 +51,13 @@ _BODY_ERRORS: dict[int, type | None] = {400: s.ErrorResponse, 401: s.ErrorRespon
 _AFTER = _query("after", {"type": "string", "pattern": r"^\d{1,20}$"},
                 "an event id as returned in last_id; also read from Last-Event-ID")
 
+_NODE_FILTERS = (
+    _query("schedulable", {"type": "string", "enum": ["true", "false"]},
+           "only nodes that may (not) take new work"),
+    _query("health", {"type": "string"}, "comma-separated health values, e.g. suspect,unhealthy"),
+    _query("label", {"type": "string"}, "key=value; repeatable"),
+)
+
 OPERATIONS: tuple[Operation, ...] = (
     Operation("post", "/v1/register", "An agent announces itself (new, rejoin or review).",
               {200: s.RegisterResponse, **_BODY_ERRORS, 403: s.ErrorResponse,
@@ -63,15 +71,28 @@ OPERATIONS: tuple[Operation, ...] = (
               "Callers' counts of requests, errors and latency per node (gray failures).",
               {200: s.ObservationsResponse, **_BODY_ERRORS, 503: s.ErrorResponse},
               body=s.ObservationsBody, auth="observer"),
-    Operation("get", "/v1/nodes", "Every node, filtered and sorted.",
+    Operation("get", "/v1/nodes", "Every node, filtered and sorted, paged, or only changes.",
               {200: s.NodesResponse, 400: s.ErrorResponse},
-              query=(_query("schedulable", {"type": "string", "enum": ["true", "false"]},
-                            "only nodes that may (not) take new work"),
-                     _query("health", {"type": "string"},
-                            "comma-separated health values, e.g. suspect,unhealthy"),
-                     _query("label", {"type": "string"}, "key=value; repeatable"),
+              query=(*_NODE_FILTERS,
                      _query("sort", {"type": "string", "enum": ["node_id", "load"]},
-                            "load orders by load_score, least loaded first"))),
+                            "load orders by load_score, least loaded first"),
+                     _query("limit", {"type": "integer", "minimum": 1, "maximum": 100000},
+                            "at most this many nodes; next_cursor names the next page"),
+                     _query("cursor", {"type": "string", "pattern": NODE_ID_PATTERN},
+                            "a next_cursor: the nodes after it in node_id order"),
+                     _query("changed_since", {"type": "string",
+                                              "pattern": r"^[0-9a-f]{1,16}-\d{1,20}$"},
+                            "a revision: only nodes changed since, plus removed ids"))),
+    Operation("get", "/v1/summary",
+              "The fleet: counts by health, status and admin now and over the last hour, "
+              "counts per label value, the nodes that need attention.",
+              {200: s.SummaryResponse, 400: s.ErrorResponse},
+              query=(_query("history_since", {"type": "number", "minimum": 0,
+                                              "maximum": 1e11},
+                            "only history samples after this UNIX time"),)),
+    Operation("get", "/v1/sd/prometheus",
+              "Prometheus http_sd: one target group per node, the agent's metrics address.",
+              {200: list[TargetGroup], 400: s.ErrorResponse}, query=_NODE_FILTERS),
     Operation("get", "/v1/nodes/{node_id}", "One node.", {200: s.NodeView, **_NODE_ERRORS}),
     Operation("get", "/v1/nodes/{node_id}/history", "A node's samples (history_ttl, 1 h).",
               {200: s.HistoryResponse, **_NODE_ERRORS},
@@ -97,7 +118,12 @@ OPERATIONS: tuple[Operation, ...] = (
                      _query("wait", {"type": "number", "minimum": 0, "maximum": 60},
                             "seconds to wait for a first event"),
                      _query("limit", {"type": "integer", "minimum": 1, "maximum": 10000},
-                            "at most this many events"))),
+                            "at most this many events"),
+                     _query("node_id", {"type": "string", "pattern": NODE_ID_PATTERN},
+                            "only this node's events (of those read: last_id says how far)"),
+                     _query("newest", {"type": "string", "enum": ["true", "false"]},
+                            "the newest limit events after `after` among the last 10,000 "
+                            "the coordinator keeps in memory, oldest first; no wait"))),
     Operation("get", "/v1/events/stream", "Server-Sent Events, one per event, resumable.",
               {200: None, 400: s.ErrorResponse}, query=(_AFTER,),
               content_type="text/event-stream"),

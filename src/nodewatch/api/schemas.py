@@ -13,11 +13,12 @@ from nodewatch.model import Admin, DrainBy, Health, NodeStatus
 from nodewatch.protocol import HeartbeatBody, RegisterBody, ShortText
 from nodewatch.web import HTTPProblem
 
-__all__ = ["ApproveBody", "CommandResponse", "CoordinatorHealth", "DrainBody", "DrainView",
-           "ErrorResponse", "EventView", "EventsResponse", "HeartbeatBody", "HistoryResponse",
-           "HistorySampleView", "IdentityView", "NodeView", "NodesResponse", "ObservationBody",
-           "ObservationsBody", "ObservationsResponse", "OutlierView", "RegisterBody",
-           "RegisterResponse", "RemoveResponse", "StoreHealthView", "convert"]
+__all__ = ["ApproveBody", "AttentionView", "CommandResponse", "CoordinatorHealth", "DrainBody",
+           "DrainView", "ErrorResponse", "EventView", "EventsResponse", "FleetCounts",
+           "HeartbeatBody", "HistoryResponse", "HistorySampleView", "IdentityView", "NodeView",
+           "NodesResponse", "ObservationBody", "ObservationsBody", "ObservationsResponse",
+           "OutlierView", "RegisterBody", "RegisterResponse", "RemoveResponse",
+           "StoreHealthView", "SummaryResponse", "convert"]
 
 
 
@@ -148,6 +149,55 @@ class ObservationsResponse(_View):
 
 class NodesResponse(_View):
     nodes: list[NodeView]
+    revision: Annotated[str, Meta(description=(
+        "where this answer stands in the coordinator's changes: pass it as changed_since to "
+        "get only what changed after (when paging, keep the first page's)"))] = ""
+    next_cursor: Annotated[str | None, Meta(description=(
+        "the cursor of the next page (node_id order), null on the last one"))] = None
+    removed: Annotated[list[str], Meta(description=(
+        "with changed_since: the ids removed since that revision"))] = msgspec.field(
+        default_factory=list)
+    reset: Annotated[bool, Meta(description=(
+        "with changed_since: the revision is unknown here (another coordinator or a restart, "
+        "or too old): this is the whole list, replace what you hold"))] = False
+
+
+class AttentionView(_View):
+    node_id: str
+    why: Annotated[list[str], Meta(description=(
+        "unhealthy, suspect, outlier, review, drain waiting"))]
+    health: Health
+    node_status: NodeStatus
+    admin: Admin
+    since: float
+    reasons: list[str]
+
+
+class FleetCounts(_View):
+    ts: Annotated[float, Meta(description="UNIX time of the sample")]
+    total: int
+    schedulable: int
+    attention: Annotated[int, Meta(description="nodes that need attention")]
+    health: dict[str, int]
+    node_status: dict[str, int]
+    admin: dict[str, int]
+
+
+class SummaryResponse(_View):
+    revision: str
+    total: int
+    schedulable: int
+    attention: int
+    health: Annotated[dict[str, int], Meta(description="every health value, zeros included")]
+    node_status: dict[str, int]
+    admin: dict[str, int]
+    labels: Annotated[dict[str, dict[str, dict[str, int]]], Meta(description=(
+        "label key -> value -> counts by health and total (the 64 most populous values)"))]
+    attention_nodes: Annotated[list[AttentionView], Meta(description=(
+        "the nodes that need attention, worst first (at most 200; attention is the total)"))]
+    history_interval: Annotated[float, Meta(description="seconds between history samples")]
+    history: Annotated[list[FleetCounts], Meta(description=(
+        "the counts over the last hour, oldest first (after history_since when given)"))]
 
 
 class RegisterResponse(_View):

@@ -40,6 +40,7 @@ _TLS_HINTS = {
 
 __all__ = ["Client", "ClientError", "CommandResult", "CoordinatorStatus", "DEFAULT_COORDINATOR",
            "DrainInfo", "EventInfo", "EventsPage", "IdentityInfo", "NodeInfo", "OutlierInfo",
+           "TargetGroup",
            "resolve_coordinator"]
 
 T = TypeVar("T")
@@ -151,6 +152,13 @@ class CoordinatorStatus(_Result):
     nodes: dict[str, int] = msgspec.field(default_factory=dict)
     checks: int = 0
     poller: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class TargetGroup(_Result):
+    """One Prometheus target group (``GET /v1/sd/prometheus``; ``api/sd.py``)."""
+
+    targets: list[str]
+    labels: dict[str, str]
 
 
 class _NodesAnswer(_Result):
@@ -287,6 +295,13 @@ class Client:
 
     def nodes(self) -> list[NodeInfo]:
         return self._request("GET", "/v1/nodes", _NodesAnswer).nodes
+
+    def prometheus_targets(self, query: list[tuple[str, str]] | None = None
+                           ) -> list[TargetGroup]:
+        """``GET /v1/sd/prometheus`` with the node filters (``schedulable``, ``health``,
+        ``label``) as query pairs."""
+        suffix = "?" + urllib.parse.urlencode(query) if query else ""
+        return self._request("GET", "/v1/sd/prometheus" + suffix, list[TargetGroup])
 
     def node(self, node_id: str) -> NodeInfo:
         return self._request("GET", self._node_path(node_id), NodeInfo)

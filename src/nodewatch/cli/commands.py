@@ -18,8 +18,11 @@ from nodewatch.protocol import VERSION
 if TYPE_CHECKING:
     from nodewatch.cli.client import Client
 
-__all__ = ["COORDINATOR_HELP", "agent_command", "coordinator", "demo", "events", "main", "simulate",
-           "status", "tls_options"]
+__all__ = ["COORDINATOR_HELP", "LOG_FORMAT_HELP", "agent_command", "completion", "coordinator",
+           "demo", "events", "main", "sd", "simulate", "status", "tls_options"]
+
+LOG_FORMAT_HELP = ("text, json (one object a line) or auto (json unless stderr is a terminal) "
+                   "[NODEWATCH_LOG_FORMAT, else the config's log_format, else text]")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,15 +38,16 @@ def main() -> None:
               help="TOML configuration file")
 @click.option("--log-level", default="info",
               type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
+@click.option("--log-format", type=click.Choice(["text", "json", "auto"]), help=LOG_FORMAT_HELP)
 def coordinator(listen: str | None, store: str | None, config_path: str | None,
-                log_level: str) -> None:
+                log_level: str, log_format: str | None) -> None:
     """Watch nodes, keep their state, respond to failures, serve the API."""
     import asyncio
-    import logging
     import os
 
     from nodewatch.config import ConfigError, load_config
     from nodewatch.coordinator.run import serve
+    from nodewatch.logs import configure_logging, resolve_format
 
     overrides = {
         "coordinator.listen": listen,
@@ -53,11 +57,13 @@ def coordinator(listen: str | None, store: str | None, config_path: str | None,
     }
     try:
         cfg = load_config(config_path, overrides)
+        fmt = resolve_format(log_format, cfg.coordinator.log_format)
     except ConfigError as exc:
         click.echo(f"nodewatch: {exc}", err=True)
         raise SystemExit(2) from None
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cc = cfg.coordinator
+    configure_logging(log_level, fmt, secrets=[*cc.admin_tokens, *cc.agent_tokens,
+                                                *(a.secret for a in cfg.actions)])
     try:
         import uvloop
 
@@ -89,14 +95,16 @@ def coordinator(listen: str | None, store: str | None, config_path: str | None,
 @click.option("--tls-ca", help="CA bundle that signed an https coordinator's certificate.")
 @click.option("--tls-cert", help="Client certificate (PEM) for a coordinator that requires one.")
 @click.option("--tls-key", help="Private key (PEM) of --tls-cert.")
+@click.option("--log-format", type=click.Choice(["text", "json", "auto"]), help=LOG_FORMAT_HELP)
 def agent_command(node_id: str | None, listen: str | None, advertise: str | None,
                   coordinator: str | None, state_dir: str | None, config_path: str | None,
                   sample_interval: str | None, heartbeat_interval: str | None,
                   store: str | None, tls_ca: str | None, tls_cert: str | None,
-                  tls_key: str | None) -> None:
+                  tls_key: str | None, log_format: str | None) -> None:
     """Run the node agent (token from NODEWATCH_AGENT_TOKEN or [agent] agent_token)."""
     from nodewatch.collect.run import load_agent_config, run_agent
     from nodewatch.config import ConfigError
+    from nodewatch.logs import resolve_format
 
     try:
         cfg = load_agent_config(config_path, {
@@ -105,10 +113,11 @@ def agent_command(node_id: str | None, listen: str | None, advertise: str | None
             "sample_interval": sample_interval, "heartbeat_interval": heartbeat_interval,
             "store": store, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key,
         })
+        fmt = resolve_format(log_format, cfg.log_format)
     except ConfigError as exc:
         click.echo(f"nodewatch agent: {exc}", err=True)
         raise SystemExit(2) from None
-    raise SystemExit(run_agent(cfg))
+    raise SystemExit(run_agent(cfg, fmt))
 
 
 # ---------------------------------------------------------------------- client commands
@@ -267,6 +276,71 @@ def events(coordinator: str | None, ca: str | None, cert: str | None, key: str |
         _fail(str(exc))
     except KeyboardInterrupt:
         return
+
+
+@main.command()
+@click.option("--file", "path", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the target groups (JSON; Prometheus' file_sd_configs).")
+@click.option("--watch", default=None, metavar="INTERVAL",
+              help="Rewrite the file every INTERVAL (1s-1h, e.g. 30s) until Ctrl-C; a failed "
+                   "fetch keeps the last file.")
+@click.option("--schedulable", type=click.Choice(["true", "false"]),
+              help="Only nodes that may (not) take new work.")
+@click.option("--health", help="Comma-separated health values, e.g. healthy,suspect.")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="Only nodes with this label; repeatable.")
+@click.option("--coordinator", help=COORDINATOR_HELP)
+@tls_options
+def sd(path: str, watch: str | None, schedulable: str | None, health: str | None,
+       labels: tuple[str, ...], coordinator: str | None, ca: str | None, cert: str | None,
+       key: str | None) -> None:
+    """Write the nodes as Prometheus file_sd targets (the same as GET /v1/sd/prometheus).
+
+    The file is replaced atomically (a temporary file, then a rename) and only when it
+    changes, so Prometheus never reads half a file."""
+    from pathlib import Path
+
+    from nodewatch.cli.client import ClientError
+    from nodewatch.cli.sd import keep_written, write_targets
+    from nodewatch.config import parse_duration
+
+    query = [("schedulable", schedulable)] if schedulable else []
+    query += [("health", health)] if health else []
+    query += [("label", label) for label in labels]
+    client = _client(coordinator, ca, cert, key)
+    target = Path(path)
+    if watch is None:
+        try:
+            groups = client.prometheus_targets(query)
+            write_targets(target, groups)
+        except ClientError as exc:
+            _fail(str(exc))
+        except OSError as exc:
+            _fail(f"cannot write {path}: {exc.strerror or exc}")
+        click.echo(f"{path}: {len(groups)} targets")
+        return
+    try:
+        interval = float(parse_duration(watch))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--watch") from None
+    if not 1.0 <= interval <= 3600.0:
+        raise click.BadParameter("expected an interval between 1s and 1h", param_hint="--watch")
+    raise SystemExit(keep_written(target, lambda: client.prometheus_targets(query), interval,
+                                  lambda line: click.echo(line, err=True)))
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script for SHELL.
+
+    bash: eval "$(nodewatch completion bash)" in ~/.bashrc; zsh: the same with zsh in
+    ~/.zshrc. (Click's own: _NODEWATCH_COMPLETE=bash_source nodewatch.)"""
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None  # every choice is one of click's shells
+    click.echo(cls(main, {}, "nodewatch", "_NODEWATCH_COMPLETE").source())
 
 
 @main.command()

@@ -497,7 +497,7 @@ class Poller:
                     self._schedule(node_id, due, soon=True)
                 continue
             except Exception as exc:  # a probe bug must not lose the node or kill the worker
-                log.exception("probe failed on %s", node_id)
+                log.exception("probe failed on %s", node_id, extra={"node_id": node_id})
                 result = CheckResult(node_id, False, clock(), clock() - started,
                                      FailureClass.ERROR, f"probe error: {exc!r}"[:300])
             if late_from_result:
@@ -512,7 +512,7 @@ class Poller:
             try:
                 self._on_result(result)
             except Exception:
-                log.exception("on_result failed for %s", node_id)
+                log.exception("on_result failed for %s", node_id, extra={"node_id": node_id})
             if node.recheck:
                 node.recheck = False
                 self._schedule(node_id, clock(), soon=True)

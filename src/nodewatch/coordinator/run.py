@@ -20,10 +20,11 @@ from nodewatch.respond.haproxy_stats import build_observers
 from nodewatch.respond.runner import ActionRunner
 from nodewatch.store.etcd import EtcdStore
 from nodewatch.store.open import open_store
+from nodewatch.systemd import Notifier
 from nodewatch.tls import server_context
 from nodewatch.web import beyond_loopback
 
-__all__ = ["build_actions", "serve", "tls_context", "tune_gc"]
+__all__ = ["build_actions", "serve", "status_line", "tls_context", "tune_gc"]
 
 log = logging.getLogger("nodewatch.coordinator")
 ACCEPT_BACKLOG = 4096  # connections waiting to be accepted (see serve)
@@ -70,10 +71,33 @@ def _warn_if_open(config: Config) -> None:
                     " and ".join(missing))
 
 
+_HEALTH_ORDER = ("healthy", "suspect", "unhealthy", "dead", "unknown")
+
+
+def status_line(coord: Coordinator) -> str:
+    """The one-line summary systemd shows (``STATUS=``), e.g. "watching 120 nodes: 118
+    healthy, 2 suspect; store ok". Names no store URL (it may carry a password)."""
+    counts = coord.cluster.counts()
+    parts = [f"{counts[h]} {h}" for h in _HEALTH_ORDER if counts.get(h)]
+    store = coord.store_health
+    line = f"watching {counts['total']} nodes" + (f": {', '.join(parts)}" if parts else "")
+    line += "; store " + ("ok" if store is None or store.available else "unavailable")
+    if coord.leadership is not None:
+        line += f"; {coord.role}"
+    health = coord.health()
+    if health.status != "ok":
+        line += f"; {health.status}" + (f" ({health.reasons[0]})" if health.reasons else "")
+    return line
+
+
 async def serve(config: Config, stop: asyncio.Event | None = None,
-                ready: asyncio.Event | None = None) -> None:
-    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives."""
+                ready: asyncio.Event | None = None,
+                notifier: Notifier | None = None) -> None:
+    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives; under systemd (``NOTIFY_SOCKET``)
+    tell it ``READY=1`` once serving, ``WATCHDOG=1`` and ``STATUS=`` while serving and
+    ``STOPPING=1`` on the way out."""
     stop = stop or asyncio.Event()
+    notifier = notifier or Notifier.from_env()
     ssl_context = tls_context(config)  # first: a bad TLS file stops start-up before any I/O
     store = open_store(config.coordinator.store,
                        events_retained=config.coordinator.events_retained,
@@ -111,6 +135,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None,
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
+    supervise: asyncio.Task[None] | None = None
     try:
         await site.start()
         log.info("coordinator listening on %s%s (store %s)", config.coordinator.listen,
@@ -118,12 +143,19 @@ async def serve(config: Config, stop: asyncio.Event | None = None,
                   else " with TLS") if ssl_context else "",
                  config.coordinator.store.split("@")[-1])
         _warn_if_open(config)
+        notifier.ready(status_line(coord))
+        supervise = asyncio.create_task(notifier.supervise(lambda: status_line(coord)),
+                                        name="systemd-notify")
         if ready is not None:
             ready.set()
         await stop.wait()
     finally:
         log.info("coordinator stopping")
+        notifier.stopping("stopping: writing pending state")
+        if supervise is not None:
+            supervise.cancel()
         if udp is not None:
             udp.close()
         await runner.cleanup()
         await coord.stop()
+        notifier.close()

@@ -826,7 +826,7 @@ class Coordinator:
                 continue
             if self.cluster.nodes.get(node_id) == before and stored != before:
                 log.warning("node %s: adopting the stored state after an uncertain write",
-                            node_id)
+                            node_id, extra={"node_id": node_id})
                 self.cluster.restore(node_id, stored)
                 if stored is None:
                     self.poller.remove(node_id)
@@ -873,7 +873,8 @@ class Coordinator:
                 if event.kind in ("guard_on", "guard_off"):
                     self.guard_since = event.ts if event.kind == "guard_on" else None
                 log.info("event %s %s %s->%s: %s", event.node_id or "-", event.kind,
-                         event.from_, event.to, event.reason)
+                         event.from_, event.to, event.reason,
+                         extra={"node_id": event.node_id, "event": event.kind})
             self._new_events.set()
             self._new_events = asyncio.Event()
         by_id = {e.id: e for e in outcome.events}
@@ -901,7 +902,7 @@ class Coordinator:
         try:
             await self._bounded(self.store.delete_node(node_id))
         except StoreUnavailable as exc:
-            log.warning("could not delete node %s: %s", node_id, exc)
+            log.warning("could not delete node %s: %s", node_id, exc, extra={"node_id": node_id})
 
     async def _indirect_probe(self, request: ProbeRequest) -> None:
         """Ask healthy peers, through the probe, to check the suspect node; their votes go to

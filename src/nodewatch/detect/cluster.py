@@ -19,7 +19,7 @@ from nodewatch.detect.drain import Drains
 from nodewatch.detect.gate import Gate
 from nodewatch.detect.guard import Guard
 from nodewatch.detect.identity import Credential, Identity, Verdict
-from nodewatch.detect.journal import DirtyNodes, EventSequence
+from nodewatch.detect.journal import DirtyNodes, EventSequence, Revisions
 from nodewatch.detect.machine import FailureLog, NodeTable
 from nodewatch.detect.outcome import ActionRequest, Conflict, Outcome, ProbeRequest, UnknownNode
 from nodewatch.detect.outliers import OutlierDetector, OutlierVerdict
@@ -79,7 +79,9 @@ class Cluster:
         # Arrival histories only where pushes are judged by them (decided once).
         self.arrivals = PhiAccrual(policy) if policy.suspicion == "phi" else None
         self.event_sequence = EventSequence(next_event)
-        self.dirty = DirtyNodes(self.table.nodes)
+        self.dirty = DirtyNodes(self.table.nodes,
+                                Revisions(f"{int(now * 1000) & 0xFFFFFFFFFFFF:x}",
+                                          members=self.table.nodes))
         for node in self.table.nodes.values():
             self._track(node)
 
@@ -99,6 +101,11 @@ class Cluster:
 
     def node(self, node_id: str) -> NodeState | None:
         return self.table.nodes.get(node_id)
+
+    @property
+    def revisions(self) -> Revisions:
+        """The revision of every node's last change, for readers that follow changes."""
+        return self.dirty.revisions
 
     @property
     def guard_on(self) -> bool:
@@ -151,6 +158,7 @@ class Cluster:
             self._forget(node.node_id)
             self.table.add(node)
             self._track(node)
+            self.revisions.note(node.node_id)
         for node_id in deleted:
             self._forget(node_id)
         self.take_dirty()
@@ -170,6 +178,7 @@ class Cluster:
             if current is not None:
                 self.guard.note_health(node_id, current.health, before.health)
             self.table.add(before)
+            self.revisions.note(node_id)
             self.drains.forget(node_id)
             if current is None:
                 self._track(before)  # an undone remove: its budget hold and drain

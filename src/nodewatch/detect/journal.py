@@ -1,5 +1,6 @@
 """What the coordinator must write: events minted in one id sequence, and the nodes changed
-since the last write (transitions at once, routine observations at the next full write)."""
+since the last write (transitions at once, routine observations at the next full write); and
+for readers, the revision of every node's last change."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 from nodewatch.model import Event, event_id, event_number
 
-__all__ = ["DirtyNodes", "EventSequence"]
+__all__ = ["DirtyNodes", "EventSequence", "Revisions"]
 
 
 class EventSequence:
@@ -43,15 +44,20 @@ class DirtyNodes:
     """Node ids to persist: ``changed`` ones must be written at once, ``touched`` ones (routine
     observations: new seq, load, counters) may wait for the next full write."""
 
-    def __init__(self, changed: Iterable[str] = ()) -> None:
+    def __init__(self, changed: Iterable[str] = (), revisions: Revisions | None = None) -> None:
         self._changed: set[str] = set(changed)
         self._routine: set[str] = set()
+        self.revisions = revisions if revisions is not None else Revisions("")
+        for node_id in sorted(self._changed):
+            self.revisions.note(node_id)
 
     def changed(self, node_id: str) -> None:
         self._changed.add(node_id)
+        self.revisions.note(node_id)
 
     def touched(self, node_id: str) -> None:
         self._routine.add(node_id)
+        self.revisions.note(node_id)
 
     def take(self, routine: bool = True) -> set[str]:
         dirty, self._changed = self._changed, set()
@@ -67,3 +73,64 @@ class DirtyNodes:
     def forget(self, node_id: str) -> None:
         self._changed.discard(node_id)
         self._routine.discard(node_id)
+        self.revisions.drop(node_id)
+
+
+class Revisions:
+    """A change counter for readers (the dashboard's ``?changed_since=``): every change or
+    removal of a node takes the next revision, so "what changed since R" costs what changed,
+    not the fleet. ``epoch`` names this counter (a new cluster starts another one); removals
+    are remembered up to ``max_removed``, past which an older reader must start over."""
+
+    def __init__(self, epoch: str, max_removed: int = 10_000,
+                 members: Container[str] | None = None) -> None:
+        self.epoch = epoch
+        self._members = members  # a note about an id not (or no longer) among them is a drop
+        self.revision = 0
+        self.members = 0  # bumped when the set of node ids changes (for cached id orders)
+        self.max_removed = max_removed
+        self.floor = 0  # readers at or below this revision may have missed a removal
+        self._latest: dict[str, int] = {}  # node id -> its revision, oldest first
+        self._removed: dict[str, int] = {}  # removed ids -> revision, oldest first
+
+    def note(self, node_id: str) -> None:
+        if self._members is not None and node_id not in self._members:
+            self.drop(node_id)
+            return
+        self.revision += 1
+        if self._latest.pop(node_id, None) is None:
+            self.members += 1
+        self._removed.pop(node_id, None)
+        self._latest[node_id] = self.revision
+
+    def drop(self, node_id: str) -> None:
+        if self._latest.pop(node_id, None) is None:
+            return
+        self.revision += 1
+        self.members += 1
+        self._removed[node_id] = self.revision
+        while len(self._removed) > self.max_removed:
+            oldest = next(iter(self._removed))
+            self.floor = self._removed.pop(oldest)
+
+    def of(self, node_id: str) -> int:
+        """The revision of a node's last change (0 when unknown)."""
+        return self._latest.get(node_id, 0)
+
+    def since(self, revision: int) -> tuple[list[str], list[str]] | None:
+        """Ids changed and ids removed after ``revision``; None when the answer is not known
+        (removals forgotten, or a revision this counter never gave): read everything."""
+        if revision < self.floor or revision > self.revision:
+            return None
+        changed = _newer(self._latest, revision)
+        removed = _newer(self._removed, revision)
+        return changed, removed
+
+
+def _newer(revisions: dict[str, int], revision: int) -> list[str]:
+    found: list[str] = []
+    for node_id in reversed(revisions):
+        if revisions[node_id] <= revision:
+            break
+        found.append(node_id)
+    return found

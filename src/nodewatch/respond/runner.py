@@ -34,8 +34,13 @@ class Emit(Protocol):
         ...
 
 
+def _context(req: ActionRequest) -> dict[str, str]:
+    """The node and event a log record about this action is for (JSON logs' fields)."""
+    return {"node_id": req.node_id, "event": req.kind}
+
+
 def _no_emit(kind: str, node_id: str, reason: str, evidence: dict[str, Any]) -> None:
-    log.info("%s %s: %s", kind, node_id, reason)
+    log.info("%s %s: %s", kind, node_id, reason, extra={"node_id": node_id, "event": kind})
 
 
 def _no_settle(request: ActionRequest) -> None:
@@ -204,7 +209,7 @@ class ActionRunner:
                         await action.run(call)
                 self.succeeded += 1
                 log.info("%s for %s on %s done (attempt %d)", action.name, req.kind,
-                         req.node_id, attempt)
+                         req.node_id, attempt, extra=_context(req))
                 return
             except TimeoutError:
                 error = f"timed out after {action.timeout:g}s"
@@ -212,16 +217,17 @@ class ActionRunner:
                 error = str(exc)
             except Exception as exc:  # a bug in an action must not kill the runner
                 error = f"{type(exc).__name__}: {exc}"[:300]
-                log.exception("%s raised unexpectedly", action.name)
+                log.exception("%s raised unexpectedly", action.name, extra=_context(req))
             if attempt < attempts:
                 delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
                 delay *= 0.5 + 0.5 * self.rng.random()  # jitter: retries never synchronize
                 log.warning("%s for %s on %s failed (attempt %d of %d): %s; retry in %.2fs",
-                            action.name, req.kind, req.node_id, attempt, attempts, error, delay)
+                            action.name, req.kind, req.node_id, attempt, attempts, error, delay,
+                            extra=_context(req))
                 await asyncio.sleep(delay)
         self.failed += 1
         log.warning("%s for %s on %s failed after %d attempts: %s", action.name, req.kind,
-                    req.node_id, attempts, error)
+                    req.node_id, attempts, error, extra=_context(req))
         self._emit("action_failed", req.node_id,
                    f"{action.name} for {req.kind} failed after {attempts} attempts: {error}",
                    self._evidence(action, call, attempts, error))
