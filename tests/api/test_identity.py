@@ -250,3 +250,20 @@ async def test_a_lost_register_answer_can_be_asked_for_again(tmp_path: Path) -> 
                                          headers={**AGENT, CREDENTIAL_HEADER: stale})
             assert resp.status == 403
         assert not rig.coord.cluster.nodes["web-1"].previous_hash
+
+
+async def test_approve_takes_a_reason_for_its_event(tmp_path: Path) -> None:
+    async with _rig(tmp_path) as rig:
+        assert (await rig.client.post("/v1/register", json=reg_body("web-1"),
+                                      headers=AGENT)).status == 200
+        resp = await rig.client.post("/v1/register", json=reg_body("web-1", incarnation=2),
+                                     headers={**AGENT, CREDENTIAL_HEADER: "lost"})
+        assert resp.status == 403
+        resp = await rig.client.post("/v1/nodes/web-1/approve", headers=ADMIN,
+                                     json={"reason": "disk replaced"})
+        assert resp.status == 200
+        [event] = _events(rig, "approved")
+        assert str(event["reason"]).endswith(": disk replaced")
+        resp = await rig.client.post("/v1/nodes/web-1/approve", headers=ADMIN,
+                                     json={"why": "x"})
+        assert resp.status == 422 and "why" in (await resp.json())["error"]

@@ -455,7 +455,8 @@ def _command(name: str) -> Handler:
                 if name == "drain":
                     reason = convert(data, DrainBody).reason
                 else:
-                    address = convert(data, ApproveBody).address
+                    approve = convert(data, ApproveBody)
+                    reason, address = approve.reason, approve.address
         _node(coord, node_id)
         try:
             outcome = await coord.command(name, node_id, reason, address=address)

@@ -31,6 +31,7 @@ class DrainBody(_Body):
 
 
 class ApproveBody(_Body):
+    reason: Annotated[ShortText, Meta(description="why; kept in the approved event")] = ""
     address: Annotated[str, Meta(max_length=300, description=(
         "the address of the claim (or, without one, of the node) being approved: a newer "
         "claim from elsewhere makes the approval fail (409) instead of approving it"))] = ""

@@ -841,7 +841,7 @@ class Coordinator:
         elif name == "undrain":
             outcome = self.cluster.undrain(node_id, now)
         elif name == "approve":
-            outcome = self.cluster.approve(node_id, now, address=address)
+            outcome = self.cluster.approve(node_id, now, address=address, note=reason)
         elif name == "remove":
             outcome = self.cluster.remove(node_id, now)
         elif name == "revoke":

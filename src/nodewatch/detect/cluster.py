@@ -753,13 +753,15 @@ class Cluster:
         self._action(out, "undrained", node, event)
         return out
 
-    def approve(self, node_id: str, now: float, *, address: str = "") -> Outcome:
+    def approve(self, node_id: str, now: float, *, address: str = "",
+                note: str = "") -> Outcome:
         """Return a node held for review; with a pending claim (a registration refused for
         want of the credential, e.g. a node that lost its state directory), approve that
         claim too: the old credential is revoked and the next registration from the claimed
         address is issued a new one.
 
-        ``address``, when given, is the claim the operator means: anyone with the agent token
+        ``note``: the operator's reason, kept in the event. ``address``, when given, is the
+        claim the operator means: anyone with the agent token
         can replace a pending claim, so approving "whatever is pending now" could approve an
         impostor's that came in after the operator looked. A mismatch changes nothing."""
         node = self._get(node_id)
@@ -780,6 +782,8 @@ class Cluster:
             node.reenrol_address, node.claim_address, node.revoked = claim, "", False
             evidence = {"reenrol_from": claim, "stored_address": node.address}
             reason = f"operator approved re-enrolment from {claim}; old credential revoked"
+        if note:
+            reason = f"{reason}: {note}"
         before = node.admin
         if before is Admin.REVIEW:
             node.admin = Admin.ACTIVE
