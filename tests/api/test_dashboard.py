@@ -328,6 +328,34 @@ def test_fleet_view_filters_sorts_and_follows_changes_at_300_nodes(
     wait_until(lambda: text(browser, '.tile[data-count="drained"] .count') == "1", timeout=15,
                message="the drained count")
 
+    # A gray failure shows: callers report one healthy node failing (issue 15); its row gets
+    # the outlier badge and it joins the attention list, while its health stays healthy.
+    judged = [fleet_node_id(i) for i in range(300) if not failing(i)][:20]
+    gray = judged[7]
+
+    def report() -> bool:
+        observations = [{"node_id": n, "requests": 200, "errors": 80 if n == gray else 0}
+                        for n in judged]
+        status, body = http_json(f"{url}/v1/observations", "POST",
+                                 {"source": "lb-test", "observations": observations},
+                                 token=TOKEN)
+        assert status == 200, body
+        return bool(browser.find_elements(
+            "css selector", f'tr[data-node="{gray}"] .badge.w-outlier'))
+
+    wait_until(report, timeout=30, interval=0.5, message="the outlier badge in the row")
+    assert cell(browser, gray, "health").startswith("healthy")
+    def in_attention() -> bool:
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        try:  # the list is redrawn as changes arrive
+            return gray in [li.get_attribute("data-node") for li in
+                            browser.find_elements("css selector", "#attention li")]
+        except StaleElementReferenceException:
+            return False
+
+    wait_until(in_attention, timeout=10, message="the outlier in the attention list")
+
     # Keyboard: j selects the first row, Enter opens its page, Escape goes back.
     body.send_keys("j")
     body.send_keys(Keys.ENTER)

@@ -14,6 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from click.testing import CliRunner
+
+from nodewatch.cli.commands import main
 from nodewatch.cli.processes import LocalCluster, http_json
 from nodewatch.testing import ErrorBackends, LoadLoop
 from tests.e2e.test_respond import addresses, profile, wait_all_healthy
@@ -76,6 +79,14 @@ timeout = "2s"
         wait_until(lambda: lb.states().get("web-3") == "DRAIN", timeout=10.0,
                    message="web-3 drained in haproxy")
         assert all((c.node(i) or {}).get("schedulable") for i in IDS if i != "web-3")
+        # The CLI shows the verdict: web-3's row says outlier, its reason the figures.
+        shown = CliRunner().invoke(main, ["status", "--coordinator", c.url],
+                                   env={"COLUMNS": "250"})  # type: ignore[arg-type]
+        assert shown.exit_code == 0, shown.output
+        [row] = [line for line in shown.output.splitlines() if line.startswith("web-3")]
+        assert "outlier" in row and "errors 40 %" in row, shown.output
+        assert not any("outlier" in line for line in shown.output.splitlines()
+                       if line.startswith(("web-1 ", "web-2 ")))
 
         push_load(c, "web-3", {"error_rate": 0.002})  # the application recovered
         wait_until(lambda: (c.node("web-3") or {}).get("schedulable"), timeout=20.0,
