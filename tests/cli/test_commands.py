@@ -104,10 +104,14 @@ def test_a_pending_claim_shows_in_status_and_approve_names_the_address(
     line = one_clear_line(run("approve", "web-1", "--address", "127.0.6.8:1",
                               "--coordinator", coordinator))
     assert f"pending claim is from {claim}" in line and "nothing approved" in line
-    result = run("approve", "web-1", "--address", claim, "--coordinator", coordinator)
+    result = run("approve", "web-1", "--address", claim, "--reason", "disk replaced",
+                 "--coordinator", coordinator)
     assert result.exit_code == 0 and "web-1 approved" in result.output, result.output
     _, node = http_json(f"{coordinator}/v1/nodes/web-1")
     assert node["identity"]["reenrol_from"] == claim and node["identity"]["enrolled"] is False
+    _, page = http_json(f"{coordinator}/v1/events?limit=1000")
+    [approved] = [e for e in page["events"] if e["kind"] == "approved"]
+    assert approved["reason"].endswith(": disk replaced")
 
 
 def test_unknown_node_is_one_line_and_exit_1(coordinator: str) -> None:

@@ -315,8 +315,8 @@ class Client:
         body: dict[str, str] | None = None
         if name == "drain":
             body = {"reason": reason}
-        elif name == "approve" and address:
-            body = {"address": address}
+        elif name == "approve" and (address or reason):
+            body = {k: v for k, v in (("address", address), ("reason", reason)) if v}
         return self._request("POST", f"{self._node_path(node_id)}/{name}", CommandResult, body)
 
     def revoke(self, node_id: str) -> CommandResult:

@@ -215,6 +215,7 @@ def _node_command(name: str, verb: str, help_text: str) -> None:
     if name == "drain":
         click.option("--reason", default="", help="Why; kept in the drained event.")(command)
     if name == "approve":
+        click.option("--reason", default="", help="Why; kept in the approved event.")(command)
         click.option("--address", default="", metavar="HOST:PORT", help=(
             "Approve only if the pending claim (or, without one, the node) has this address: "
             "a newer claim from elsewhere is then refused, not approved."))(command)
