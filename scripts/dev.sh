@@ -136,7 +136,14 @@ case "$cmd" in
     "$VENV/bin/ruff" check src tests bench
     "$VENV/bin/mypy" --no-error-summary
     set +e
-    "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+    # Without arguments: the main suite (every test but tests/e2e and the fault suite), then
+    # the end-to-end suite (tests/e2e: clusters of real processes, dashboards in Chromium,
+    # Prometheus, HAProxy), the package, then the fault suite. Arguments choose what to run.
+    if [[ $# -eq 0 ]]; then
+      "$VENV/bin/python" -m pytest -q -p no:cacheprovider --ignore=tests/e2e
+    else
+      "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+    fi
     rc=$?
     # pytest's 5 means no test ran: that is a failure, not a pass.
     [[ $rc -eq 5 ]] && { echo "no tests ran" >&2; exit 1; }
@@ -145,6 +152,10 @@ case "$cmd" in
     # scripts/fault_table.py prints them as the README's table.
     frc=0
     if [[ $# -eq 0 ]]; then
+      "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/e2e
+      erc=$?
+      [[ $erc -eq 5 ]] && { echo "no end-to-end test ran" >&2; erc=1; }
+      ((erc == 0)) || rc=$erc
       check_package || rc=1
       "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m faults tests/faults
       frc=$?
