@@ -230,6 +230,10 @@ class NodeState:
     # address an operator approved to re-enrol from, and whether the credential was revoked.
     claim_address: str = ""
     reenrol_address: str = ""
+    # Where those came from (the source IP of the refused claim, and of the claim approved):
+    # a re-enrolment must come from the same source, not only name the same address.
+    claim_from: str = ""
+    reenrol_from: str = ""
     revoked: bool = False
     # Gray failures (detect/outliers.py): the current ejection, if any; how many ejections the
     # back-off counts, and when the last one ended (the count decays while the node behaves).

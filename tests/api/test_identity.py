@@ -261,9 +261,52 @@ async def test_approve_takes_a_reason_for_its_event(tmp_path: Path) -> None:
         assert resp.status == 403
         resp = await rig.client.post("/v1/nodes/web-1/approve", headers=ADMIN,
                                      json={"reason": "disk replaced"})
+        assert resp.status == 409  # a claim is re-enrolled only when its address is named
+        assert "approve --address 127.0.0.1:7301" in (await resp.json())["error"]
+        resp = await rig.client.post("/v1/nodes/web-1/approve", headers=ADMIN,
+                                     json={"reason": "disk replaced",
+                                           "address": "127.0.0.1:7301"})
         assert resp.status == 200
         [event] = _events(rig, "approved")
         assert str(event["reason"]).endswith(": disk replaced")
         resp = await rig.client.post("/v1/nodes/web-1/approve", headers=ADMIN,
                                      json={"why": "x"})
         assert resp.status == 422 and "why" in (await resp.json())["error"]
+
+
+async def test_a_plain_approve_of_a_review_leaves_a_planted_claim_alone(tmp_path: Path) -> None:
+    async with _rig(tmp_path) as rig:
+        assert (await rig.client.post("/v1/register", json=reg_body("web-1"),
+                                      headers=AGENT)).status == 200
+        # Back in review (its incarnation went back), proving its credential.
+        resp = await rig.client.post("/v1/register", json=reg_body("web-1", incarnation=0),
+                                     headers=AGENT)
+        assert resp.status == 200 and (await resp.json())["decision"] == "review"
+        # Someone with the agent token plants a claim from elsewhere.
+        planted = await rig.client.post(
+            "/v1/register", json=reg_body("web-1", address="127.0.0.66:7301"),
+            headers={**AGENT, CREDENTIAL_HEADER: "none of its own"})
+        assert planted.status == 403
+        node = rig.coord.cluster.nodes["web-1"]
+        stored = node.credential_hash
+        resp = await rig.client.post("/v1/nodes/web-1/approve", headers=ADMIN)
+        assert resp.status == 200
+        assert node.admin is Admin.ACTIVE and node.credential_hash == stored
+        assert node.claim_address == "127.0.0.66:7301" and not node.reenrol_address
+
+
+async def test_a_re_enrolment_must_come_from_the_claims_source(tmp_path: Path) -> None:
+    async with _rig(tmp_path) as rig:
+        assert (await rig.client.post("/v1/register", json=reg_body("web-1"),
+                                      headers=AGENT)).status == 200
+        rig.coord.reject("web-1", via="register", claimant="127.0.0.5", reason="test",
+                         claimed_address="127.0.0.1:7301")
+        resp = await rig.client.post("/v1/nodes/web-1/approve", headers=ADMIN,
+                                     json={"address": "127.0.0.1:7301"})
+        assert resp.status == 200
+        node = rig.coord.cluster.nodes["web-1"]
+        assert node.reenrol_from == "127.0.0.5"
+        # The test client connects from 127.0.0.1: the claimed address, the wrong source.
+        resp = await rig.client.post("/v1/register", json=reg_body("web-1"),
+                                     headers={**AGENT, CREDENTIAL_HEADER: "x"})
+        assert resp.status == 403 and not node.credential_hash

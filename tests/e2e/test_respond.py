@@ -79,8 +79,10 @@ def wait_all_healthy(c: LocalCluster, count: int, timeout: float = 20.0) -> None
                timeout=timeout, message=f"{count} healthy nodes")
 
 
-def command(c: LocalCluster, name: str, node_id: str, reason: str = "") -> None:
-    status, body = http_json(f"{c.url}/v1/nodes/{node_id}/{name}", "POST", {"reason": reason})
+def command(c: LocalCluster, name: str, node_id: str, reason: str = "",
+            **extra: str) -> None:
+    status, body = http_json(f"{c.url}/v1/nodes/{node_id}/{name}", "POST",
+                             {"reason": reason, **extra})
     assert status == 200, body
 
 
@@ -287,7 +289,7 @@ max_rejoins = 1
             assert refused["evidence"]["stored_address"] == a_addr
             assert node(c, "rec-a")["identity"]["pending_claim"] == a_addr
             assert node(c, "rec-a")["admin"] == "active"
-            command(c, "approve", "rec-a")
+            command(c, "approve", "rec-a", address=a_addr)
             event = decision(c, "rec-a", mark)  # the agent retries within 10 s
             assert event["kind"] == "registered" and event["evidence"]["decision"] == "rejoin"
             assert "re-enrolled" in event["reason"]

@@ -158,6 +158,8 @@ class UdpHeartbeats:
             if node is not None and (node.udp_key or node.revoked or node.reenrol_address):
                 self._reject(node.node_id, addr)
             return "bad_tag"
+        proven = (node is not None and bool(node.previous_hash) and bool(node.udp_key)
+                  and key == bytes.fromhex(node.udp_key))
         try:
             if data[0] == _JSON_START:
                 body = self._json.decode(payload)
@@ -176,6 +178,8 @@ class UdpHeartbeats:
             return "unknown"
         except NotLeader:
             return "not_leader"
+        if proven:  # signed with the current key: the previous credential is not needed
+            coord.cluster.credential_proven(body.node_id)
         return "stale" if outcome.stale else "ok"
 
     def _keys_for(self, node_id: str | None, node: NodeState | None) -> list[bytes]:

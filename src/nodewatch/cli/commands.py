@@ -217,8 +217,8 @@ def _node_command(name: str, verb: str, help_text: str) -> None:
     if name == "approve":
         click.option("--reason", default="", help="Why; kept in the approved event.")(command)
         click.option("--address", default="", metavar="HOST:PORT", help=(
-            "Approve only if the pending claim (or, without one, the node) has this address: "
-            "a newer claim from elsewhere is then refused, not approved."))(command)
+            "Re-enrol NODE from its pending claim at this address (a claim is re-enrolled only "
+            "when named); a newer claim from elsewhere is refused, not approved."))(command)
 
 
 _node_command("drain", "drained", "Take NODE out softly: no new work, running work finishes.")

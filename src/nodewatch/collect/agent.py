@@ -612,13 +612,16 @@ class Agent:
     async def _adopt_credential(self, client: CoordinatorClient, credential: str) -> None:
         """A credential from a register answer (enrolment, re-enrolment or a rotation): kept
         in the state file (atomically, mode 0600) and proven from now on."""
-        self._credential = credential
-        client.set_credential(credential)
+        old, self._credential = self._credential, credential
         if await self._persist():
+            client.set_credential(credential)  # proven only once it is stored
             log.info("node credential received and stored in %s", self._state_file.dir)
         else:
-            log.error("node credential received but the state dir %s cannot be written: a "
-                      "restart will need an operator's approval to re-enrol",
+            # Not stored: keep proving the old one (the coordinator accepts it until the new
+            # one is proven), so that a restart does not find a credential nobody else holds.
+            self._credential = old
+            log.error("node credential received but the state dir %s cannot be written: "
+                      "keeping the previous one; the next registration asks again",
                       self._state_file.dir)
 
     async def _open_udp(self, client: CoordinatorClient, offer: str) -> UdpHeartbeatSender | None:

@@ -551,6 +551,8 @@ class Coordinator:
                 self.reject(lease.node_id, via="lease", claimant="etcd",
                             reason="etcd announcement without the node's proof")
                 return
+            if node.previous_hash and keys and lease_proven(lease, keys[0]) and node.udp_key:
+                self.cluster.credential_proven(lease.node_id)  # the current key proved it
         self._register(Registration(node_id=lease.node_id, address=lease.address,
                                    incarnation=lease.incarnation, last_seq=lease.last_seq,
                                    last_ts=lease.last_ts, version=lease.version,
@@ -759,7 +761,7 @@ class Coordinator:
         now = self.clock()
         node_before = self.cluster.node(reg.node_id)
         verdict = identity.verify(node_before, credential_hash(credential), reg.address,
-                                  registering=True)
+                                  registering=True, source=claimant)
         if verdict == "rejected":
             self.reject(reg.node_id, via="register", claimant=claimant,
                         reason="no credential" if not credential else "wrong credential",

@@ -580,7 +580,7 @@ class Cluster:
                                         "incarnation": reg.incarnation, "decision": "rejoin"}
             decision, reason = "rejoin", "re-enrolled with a new credential (operator approved)"
             node.incarnation = 0  # a new start: counted as a restart below, seq from scratch
-            node.reenrol_address = node.claim_address = ""
+            node.reenrol_address = node.claim_address = node.claim_from = node.reenrol_from = ""
         elif verdict == "revoked":
             evidence = {"stored_address": node.address, "address": reg.address,
                         "incarnation": reg.incarnation}
@@ -670,8 +670,10 @@ class Cluster:
         node = self.table.nodes.get(node_id)
         if node is None:
             return out
-        if claimed_address:
-            node.claim_address = claimed_address
+        if claimed_address and (claimed_address, claimant) != (node.claim_address,
+                                                               node.claim_from):
+            node.claim_address, node.claim_from = claimed_address, claimant
+            self.dirty.changed(node_id)  # stored even when its event is rate-limited
         suppressed = self.identity.note_rejection(node_id, now)
         if suppressed is None:
             return out
@@ -766,21 +768,27 @@ class Cluster:
         impostor's that came in after the operator looked. A mismatch changes nothing."""
         node = self._get(node_id)
         out = Outcome()
-        claim = node.claim_address
-        if address and address != (claim or node.address):
-            raise Conflict(f"node {node_id}'s " + (f"pending claim is from {claim}"
-                                                    if claim else f"address is {node.address}")
+        pending = node.claim_address
+        if address and address != (pending or node.address):
+            raise Conflict(f"node {node_id}'s " + (f"pending claim is from {pending}"
+                                                    if pending else f"address is {node.address}")
                            + f", not {address}: nothing approved")
+        # A claim is re-enrolled only when the operator names its address: a plain approve of
+        # a node in review must not also hand the node to a claim someone planted meanwhile.
+        claim = pending if address else ""
         if node.admin is not Admin.REVIEW and not claim:
-            raise Conflict(f"node {node_id} is not in review (admin is {node.admin.value}) "
-                           "and has no pending claim")
+            raise Conflict(f"node {node_id} is not in review (admin is {node.admin.value})" + (
+                f"; to re-enrol it from its pending claim, approve --address {pending}"
+                if pending else " and has no pending claim"))
         evidence: dict[str, Any] = {}
         reason = "operator approved"
         if claim:
             node.credential_hash = node.udp_key = ""
             node.previous_hash = node.previous_udp_key = ""
-            node.reenrol_address, node.claim_address, node.revoked = claim, "", False
-            evidence = {"reenrol_from": claim, "stored_address": node.address}
+            node.reenrol_address, node.reenrol_from = claim, node.claim_from
+            node.claim_address, node.claim_from, node.revoked = "", "", False
+            evidence = {"reenrol_from": claim, "claimant": node.reenrol_from,
+                        "stored_address": node.address}
             reason = f"operator approved re-enrolment from {claim}; old credential revoked"
         if note:
             reason = f"{reason}: {note}"
@@ -802,7 +810,7 @@ class Cluster:
         out = Outcome()
         node.credential_hash = node.udp_key = ""
         node.previous_hash = node.previous_udp_key = ""
-        node.claim_address = node.reenrol_address = ""
+        node.claim_address = node.reenrol_address = node.claim_from = node.reenrol_from = ""
         node.revoked = True
         self.dirty.changed(node_id)
         self._emit(out, now, node_id, "revoked", "", "",

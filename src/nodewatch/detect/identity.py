@@ -45,9 +45,9 @@ def _same(presented: str, stored: str) -> bool:
 
 
 def verify(node: NodeState | None, presented: str, address: str = "", *,
-           registering: bool = False) -> Verdict:
+           registering: bool = False, source: str = "") -> Verdict:
     """Judge the credential hash ``presented`` for ``node`` (``address``: the one a
-    registration claims)."""
+    registration claims; ``source``: the address it came from)."""
     if node is None:
         return "new"
     if _same(presented, node.credential_hash):
@@ -57,7 +57,9 @@ def verify(node: NodeState | None, presented: str, address: str = "", *,
     if node.credential_hash:
         return "rejected"
     if node.reenrol_address:
-        return "reenrol" if registering and address == node.reenrol_address else "rejected"
+        same_source = not node.reenrol_from or source == node.reenrol_from
+        return ("reenrol" if registering and address == node.reenrol_address and same_source
+                else "rejected")
     if node.revoked:
         return "revoked" if registering else "rejected"
     return "open"
