@@ -21,10 +21,12 @@ CORE_NODEWATCH = ("nodewatch.model", "nodewatch.config", "nodewatch.detect")
 # The identity policy compares credential hashes in constant time (hmac.compare_digest): pure
 # computation, no I/O; hashing and minting credentials stay at the edge (protocol.py).
 # The φ accrual windows are arrays of doubles (8 bytes a sample, not a list's 32): pure memory.
+# Shares hash node ids and coordinator names (hashlib.blake2b): pure computation.
 CORE_EXCEPTIONS = {"nodewatch.detect.simulate": {"time"},
                    "nodewatch.detect.simulate_gray": {"time"},
                    "nodewatch.detect.identity": {"hmac"},
-                   "nodewatch.detect.phi": {"array"}}
+                   "nodewatch.detect.phi": {"array"},
+                   "nodewatch.detect.shares": {"hashlib"}}
 
 
 def _modules() -> dict[str, Path]:
