@@ -713,14 +713,31 @@ function row(n, index) {
   el("td", { class: "actions" }, ...actionButtons(n, "message")));
 }
 
-function renderRows() {
+// The rows of state.visible on screen (and a few around): [first, last).
+function rowWindow() {
   const scroller = document.getElementById("table-scroll");
-  const body = document.querySelector("#nodes tbody");
-  const rows = state.visible;
   const headH = document.querySelector("#nodes thead").offsetHeight || ROW_H;
   const first = Math.max(0, Math.floor((scroller.scrollTop - headH) / ROW_H) - 5);
   const count = Math.ceil(scroller.clientHeight / ROW_H) + 10;
-  const last = Math.min(rows.length, first + count);
+  return [first, Math.min(state.visible.length, first + count)];
+}
+
+// What the table shows now, so that live changes redraw it only when one of its rows changed.
+const drawnRows = { visible: null, window: "", ids: new Set() };
+
+function rowsUnchanged() {
+  const [first, last] = rowWindow();
+  if (drawnRows.visible !== state.visible || drawnRows.window !== `${first}-${last}`) return false;
+  for (const id of state.changedIds) if (drawnRows.ids.has(id)) return false;
+  return true;
+}
+
+function renderRows() {
+  const body = document.querySelector("#nodes tbody");
+  const rows = state.visible;
+  const [first, last] = rowWindow();
+  Object.assign(drawnRows, { visible: rows, window: `${first}-${last}`,
+    ids: new Set(rows.slice(first, last).map((n) => n.node_id)) });
   const drawn = [];
   if (first > 0) drawn.push(el("tr", { class: "spacer", style: `height:${first * ROW_H}px` }));
   for (let i = first; i < last; i += 1) drawn.push(row(rows[i], i));
@@ -756,7 +773,7 @@ function renderNow() {
   } else if (state.stale) {
     setTimeout(scheduleRender, REORDER_EVERY_MS);
   }
-  renderRows();
+  if (!rowsUnchanged()) renderRows();
   // The heatmap is laid out again when nodes came or went, its choices changed, or (a scale
   // relative to the fleet: load1, qps) its top moved by a fifth; otherwise only the cells of
   // changed nodes are drawn.
