@@ -722,14 +722,33 @@ function rowWindow() {
   return [first, Math.min(state.visible.length, first + count)];
 }
 
-// What the table shows now, so that live changes redraw it only when one of its rows changed.
+// What the table shows now, so that live changes replace only the drawn rows that changed
+// (a screenful is redrawn when the list or the scroll window moved).
 const drawnRows = { visible: null, window: "", ids: new Set() };
 
-function rowsUnchanged() {
+function sameRowsDrawn() {
   const [first, last] = rowWindow();
-  if (drawnRows.visible !== state.visible || drawnRows.window !== `${first}-${last}`) return false;
-  for (const id of state.changedIds) if (drawnRows.ids.has(id)) return false;
-  return true;
+  return drawnRows.visible === state.visible && drawnRows.window === `${first}-${last}`;
+}
+
+function patchRows() {
+  const body = document.querySelector("#nodes tbody");
+  for (const id of state.changedIds) {
+    if (!drawnRows.ids.has(id)) continue;
+    const tr = body.querySelector(`tr[data-node="${CSS.escape(id)}"]`);
+    const n = state.rows.get(id);
+    if (!tr || !n) { renderRows(); return; }
+    tr.replaceWith(row(n, Number(tr.dataset.index)));
+  }
+}
+
+// "last seen" ages in the drawn rows, without drawing them again.
+function refreshAges() {
+  for (const tr of document.querySelectorAll("#nodes tbody tr.row")) {
+    const n = state.rows.get(tr.dataset.node);
+    const cell = tr.querySelector("td.last-seen");
+    if (n && cell) cell.textContent = ago(n.last_seen);
+  }
 }
 
 function renderRows() {
@@ -773,7 +792,7 @@ function renderNow() {
   } else if (state.stale) {
     setTimeout(scheduleRender, REORDER_EVERY_MS);
   }
-  if (!rowsUnchanged()) renderRows();
+  if (sameRowsDrawn()) patchRows(); else renderRows();
   // The heatmap is laid out again when nodes came or went, its choices changed, or (a scale
   // relative to the fleet: load1, qps) its top moved by a fifth; otherwise only the cells of
   // changed nodes are drawn.
@@ -1181,7 +1200,7 @@ function start() {
   setInterval(fetchChanges, CHANGES_EVERY_MS);
   setInterval(refreshSummary, SUMMARY_EVERY_MS);
   // "last seen" ages in the visible rows, once a few seconds, without refiltering.
-  setInterval(() => { if (state.route.name === "fleet") renderRows(); }, 5000);
+  setInterval(() => { if (state.route.name === "fleet") refreshAges(); }, 5000);
   setTimeout(startEventsOnce, 3000);
 }
 
