@@ -72,6 +72,15 @@ def test_file_values_and_overrides(tmp_path: Path) -> None:
          "at most outliers.window (5s)"),
         ('[[actions]]\ntype = "haproxy"\nsocket = "/run/h.sock"\nbackend = "be"\n'
          'observe = "yes"\n', "actions[0].observe", "bool"),
+        ('[agent]\nlabels = "zone=a"\n', "agent.labels", "object"),
+        ("[agent]\nlabels = {zone = 3}\n", "agent.labels[...]", "str"),
+        ('[agent]\nlabels = {"zone=a" = "b"}\n', "agent.labels['zone=a']", "without '='"),
+        ('[agent]\nlabels = {"" = "b"}\n', "agent.labels['']", "1-256 characters"),
+        ('[agent]\nlabels = {"my zone" = "b"}\n', "agent.labels['my zone']", "spaces"),
+        (f'[agent]\nlabels = {{zone = "{"x" * 257}"}}\n', "agent.labels['zone']",
+         "at most 256 characters"),
+        ("[agent]\nlabels = {" + ", ".join(f'k{i} = "v"' for i in range(65)) + "}\n",
+         "agent.labels", "at most 64 labels, got 65"),
     ],
 )
 def test_bad_values_name_file_key_and_expectation(
@@ -84,6 +93,20 @@ def test_bad_values_name_file_key_and_expectation(
     assert "\n" not in message
     assert message.startswith(f"{path}: {key}:"), message
     assert expected in message
+
+
+def test_agent_labels_from_the_file_and_in_code(tmp_path: Path) -> None:
+    from nodewatch.config import AgentConfig, check_agent_config
+
+    assert load_config().agent.labels == {}
+    path = write(tmp_path, '[agent]\nnode_id = "web-1"\n'
+                           'labels = {zone = "a", "topology.kubernetes.io/zone" = "eu-1b"}\n')
+    agent = load_config(path).agent
+    assert agent.labels == {"zone": "a", "topology.kubernetes.io/zone": "eu-1b"}
+    check_agent_config(agent)
+    # Built in code (Agent(config=...)), the same rules apply.
+    with pytest.raises(ConfigError, match=r"agent.labels\['a=b'\]: expected a key"):
+        check_agent_config(AgentConfig(node_id="web-1", labels={"a=b": "c"}))
 
 
 def test_phi_suspicion_keys_reach_the_policy(tmp_path: Path) -> None:

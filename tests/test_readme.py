@@ -45,7 +45,7 @@ def test_deploy_examples_load_and_units_run_real_commands() -> None:
     cfg = load_config(ROOT / "deploy" / "coordinator.toml")
     assert cfg.detection.healthy_interval == 30 and cfg.actions
     agent = load_agent_config(str(ROOT / "deploy" / "agent.toml"), {})
-    assert agent.node_id == "web-1" and agent.checks
+    assert agent.node_id == "web-1" and agent.checks and agent.labels["zone"] == "a"
     fast = load_config(ROOT / "deploy" / "coordinator-fast-push.toml")
     fast_agent = load_agent_config(str(ROOT / "deploy" / "agent-fast-push.toml"), {})
     # The example is the profile that bench/detection_quality.py and heartbeat_cost.py measure.

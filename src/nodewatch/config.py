@@ -319,6 +319,9 @@ class AgentConfig(_Table):
     probe_timeout: Duration = Duration(3.0)
     probe_connect_timeout: Duration = Duration(1.0)
     log_format: Literal["text", "json", "auto"] = "text"  # as [coordinator] log_format
+    # Sent with every registration (e.g. {zone = "a", role = "web"}): the dashboard groups and
+    # filters by them, outliers.group_by compares within one, Prometheus discovery passes them.
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
     rules: list[AgentRuleConfig] = msgspec.field(default_factory=_default_rules)
     checks: list[AgentCheckConfig] = msgspec.field(default_factory=list)
 
@@ -361,6 +364,7 @@ def _agent_problems(agent: AgentConfig) -> list[tuple[str, str]]:
         problems.append(("agent.sample_interval", "expected a duration between 1s and 15s"))
     if agent.node_id and not NODE_ID_RE.match(agent.node_id):
         problems.append(("agent.node_id", "expected 1-128 characters of [A-Za-z0-9._-]"))
+    problems += _label_problems(agent.labels)
     for i, rule in enumerate(agent.rules):
         if rule.metric not in _RULE_METRICS and not rule.metric.startswith("load."):
             problems.append(
@@ -376,6 +380,31 @@ def _agent_problems(agent: AgentConfig) -> list[tuple[str, str]]:
             problems.append((f"agent.checks[{i}].target", "expected an argv list for a command"))
         if check.type != "command" and not isinstance(check.target, str):
             problems.append((f"agent.checks[{i}].target", "expected a string URL or HOST:PORT"))
+    return problems
+
+
+# What a registration carries (protocol.RegisterBody): more would be refused at the coordinator.
+_MAX_LABELS = 64
+_MAX_LABEL_LENGTH = 256
+_LABEL_KEY_RE = re.compile(r"^[^\s=]+$")
+
+
+def _label_problems(labels: dict[str, str]) -> list[tuple[str, str]]:
+    """An agent's labels: what a registration can carry, and keys a ``key=value`` filter can
+    name (no "=", no spaces)."""
+    if len(labels) > _MAX_LABELS:
+        return [("agent.labels", f"expected at most {_MAX_LABELS} labels, got {len(labels)}")]
+    problems: list[tuple[str, str]] = []
+    for key, value in labels.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            problems.append(("agent.labels", "expected a table of strings"))
+        elif not _LABEL_KEY_RE.match(key) or len(key) > _MAX_LABEL_LENGTH:
+            problems.append((f"agent.labels[{key!r}]",
+                             f"expected a key of 1-{_MAX_LABEL_LENGTH} characters without '=' "
+                             "or spaces"))
+        elif len(value) > _MAX_LABEL_LENGTH:
+            problems.append((f"agent.labels[{key!r}]",
+                             f"expected a value of at most {_MAX_LABEL_LENGTH} characters"))
     return problems
 
 

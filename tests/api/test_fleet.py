@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from nodewatch.api import schemas
 from nodewatch.api.app import FLEET_KEY, build_app
-from nodewatch.api.fleet import attention_reasons, page, parse_revision
+from nodewatch.api.fleet import ROW_COLUMNS, attention_reasons, page, parse_revision
 from nodewatch.config import load_config
 from nodewatch.coordinator.service import Coordinator
 from nodewatch.model import NodeState
@@ -116,6 +116,75 @@ async def test_cached_views_change_with_their_node(api: Any) -> None:
     await client.post("/v1/nodes/n0/drain", headers=ADMIN)
     [after] = (await get(client, "/v1/nodes"))["nodes"]
     assert after["admin"] == "drained" and after == await get(client, "/v1/nodes/n0")
+
+
+async def test_rows_format_gives_the_tables_compact_rows_paged_and_changed(api: Any) -> None:
+    client, coord, _ = api
+    for i in range(4):
+        await register(client, f"n{i}", zone="a", rack=f"r{i}")
+    coord.on_result(await coord.probe.check("n2", "127.0.0.1:7301"))
+    views = {n["node_id"]: n for n in (await get(client, "/v1/nodes"))["nodes"]}
+    first = await get(client, "/v1/nodes?format=rows&limit=3")
+    rows = msgspec.convert(first, schemas.NodeRowsResponse)
+    assert rows.columns == list(ROW_COLUMNS) and rows.next_cursor == "n2"
+    at = {name: i for i, name in enumerate(first["columns"])}
+    # Each row says what the node's view says of the fields the table shows.
+    for row in first["rows"]:
+        view = views[row[at["node_id"]]]
+        for name in ("address", "health", "node_status", "admin", "schedulable", "last_seen",
+                     "labels", "reasons"):
+            assert row[at[name]] == view[name], name
+        assert row[at["cpu_percent"]] == view["system"].get("cpu_percent")
+        assert row[at["qps"]] == view["load"].get("qps")
+        assert row[at["attention"]] == []
+    rest = await get(client, "/v1/nodes?format=rows&limit=3&cursor=n2")
+    assert [r[0] for r in rest["rows"]] == ["n3"] and rest["next_cursor"] is None
+    # Filters and changes as with views: a drain is one changed row, a removal an id.
+    revision = first["revision"]
+    await client.post("/v1/nodes/n1/drain", json={"reason": "x"}, headers=ADMIN)
+    await client.delete("/v1/nodes/n3", headers=ADMIN)
+    changes = await get(client, f"/v1/nodes?format=rows&changed_since={revision}")
+    [row] = changes["rows"]
+    assert row[at["node_id"]] == "n1" and row[at["admin"]] == "drained"
+    assert row[at["schedulable"]] is False
+    assert changes["removed"] == ["n3"] and changes["reset"] is False
+    # A failing node is one to look at: its row says why, as the attention list does.
+    coord.probe.set("n0", False)
+    for _ in range(2):
+        coord.on_result(await coord.probe.check("n0", "x"))
+    [row] = (await get(client, f"/v1/nodes?format=rows&changed_since={changes['revision']}"))[
+        "rows"]
+    assert row[at["health"]] == "suspect" and row[at["attention"]] == ["suspect"]
+    assert row[at["reasons"]] == (await get(client, "/v1/nodes/n0"))["reasons"]
+    suspects = await get(client, "/v1/nodes?format=rows&health=suspect")
+    assert [r[0] for r in suspects["rows"]] == ["n0"]
+    # The default answer is unchanged: full views under nodes.
+    assert "nodes" in await get(client, "/v1/nodes?format=views&limit=1")
+    for bad, named in (("format=csv", "format"), ("format=", "format"),
+                       ("format=rows&limit=0", "limit"), ("format=rows&health=ill", "health"),
+                       ("format=rows&cursor=n1&sort=load", "cursor")):
+        error = (await get(client, f"/v1/nodes?{bad}", status=400))["error"]
+        assert named in error, (bad, error)
+
+
+async def test_dashboard_assets_are_gzipped_and_revalidated_by_etag(api: Any) -> None:
+    import gzip
+
+    client, _, _ = api
+    plain = await client.get("/", headers={"Accept-Encoding": "identity"})
+    body = await plain.read()
+    assert plain.headers.get("Content-Encoding") is None and b"nodewatchBoot" in body
+    etag = plain.headers["ETag"]
+    for path in ("/", "/static/dashboard.js", "/static/dashboard.css"):
+        packed = await client.get(path, headers={"Accept-Encoding": "gzip, deflate"},
+                                  auto_decompress=False)
+        raw = await packed.read()
+        assert packed.headers["Content-Encoding"] == "gzip", path
+        assert packed.headers["Vary"] == "Accept-Encoding"
+        assert len(raw) < len(gzip.decompress(raw)) / 2, path
+    again = await client.get("/", headers={"If-None-Match": etag})
+    assert again.status == 304 and await again.read() == b""
+    assert (await client.get("/", headers={"If-None-Match": '"other"'})).status == 200
 
 
 async def test_summary_counts_label_groups_attention_and_an_hour_of_counts(api: Any) -> None:

@@ -143,6 +143,14 @@ def test_real_responses_have_exactly_the_documented_fields(live: LiveServer) -> 
     nodes = msgspec.json.decode(raw, type=schemas.NodesResponse)
     assert {n.node_id for n in nodes.nodes} >= set(KNOWN_NODES)
     assert set(json.loads(raw)["nodes"][0]) == _fields(schemas.NodeView)
+    _, raw = call(live, "GET", "/v1/nodes?format=rows")
+    rows = msgspec.json.decode(raw, type=schemas.NodeRowsResponse)
+    assert {r[0] for r in rows.rows} >= set(KNOWN_NODES)
+    assert set(json.loads(raw)) == _fields(schemas.NodeRowsResponse) - {"removed", "reset"}
+    assert len(rows.rows[0]) == len(rows.columns)
+    summary = msgspec.json.decode(call(live, "GET", "/v1/summary")[1],
+                                  type=schemas.SummaryResponse)
+    assert summary.coordinator is not None and summary.coordinator.role == "leader"
     status, raw = call(live, "POST", "/v1/nodes/web-2/drain", b'{"reason": "doc"}', token=ADMIN)
     assert status == 200
     result = msgspec.json.decode(raw, type=schemas.CommandResponse)

@@ -36,7 +36,7 @@ def processes_under(path: Path) -> list[int]:
 
 
 class DemoProcess:
-    def __init__(self, workdir: Path, *args: str) -> None:
+    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.workdir = workdir / "demo"
         self.url = f"http://127.0.0.1:{free_port()}"
         self.out = workdir / "demo.out"
@@ -45,7 +45,8 @@ class DemoProcess:
                 [sys.executable, "-m", "nodewatch", "demo", "--nodes", "3", "--listen",
                  self.url.removeprefix("http://"), "--dir", str(self.workdir), *args],
                 stdin=subprocess.PIPE, stdout=sink, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=interruptible)
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                preexec_fn=interruptible)
 
     def send(self, line: str) -> None:
         assert self.proc.stdin is not None
@@ -131,6 +132,42 @@ def test_duration_without_a_tty_ends_by_itself(tmp_path: Path) -> None:
     assert running.proc.wait(40) == 0
     assert "--duration reached" in running.output()
     assert processes_under(running.workdir) == []
+
+
+def child_logs(workdir: Path) -> dict[str, list[str]]:
+    return {log.name: [line for line in log.read_text().splitlines() if line.strip()]
+            for log in [workdir / "coordinator.log", *sorted(workdir.glob("agent-*.log"))]}
+
+
+@pytest.mark.parametrize(("args", "env"), [(("--log-format", "json"), {}),
+                                           ((), {"NODEWATCH_LOG_FORMAT": "json"})],
+                         ids=["flag", "environment"])
+def test_log_format_reaches_the_coordinator_and_every_agent(
+        tmp_path: Path, args: tuple[str, ...], env: dict[str, str]) -> None:
+    import json
+
+    running = DemoProcess(tmp_path, "--duration", "3s", *args, env=env)
+    assert running.proc.stdin is not None
+    running.proc.stdin.close()
+    assert running.proc.wait(40) == 0, running.output()
+    logs = child_logs(running.workdir)
+    assert len(logs) == 4 and all(logs.values()), logs
+    for name, lines in logs.items():
+        for line in lines:  # one JSON object a line, from every child
+            record = json.loads(line)
+            assert {"ts", "level", "logger", "msg"} <= set(record), (name, line)
+
+
+def test_a_wrong_log_format_in_the_environment_is_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "nodewatch", "demo", "--listen", f"127.0.0.1:{free_port()}",
+         "--dir", str(tmp_path / "d"), "--duration", "1s"],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+        env={**os.environ, "NODEWATCH_LOG_FORMAT": "xml"})
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "NODEWATCH_LOG_FORMAT" in result.stderr and "'xml'" in result.stderr
+    assert not (tmp_path / "d").exists()  # refused before anything started
 
 
 def test_busy_port_is_one_line(tmp_path: Path) -> None:

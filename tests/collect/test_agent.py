@@ -39,6 +39,19 @@ async def test_registers_on_start_with_identity_and_token(
         await coordinator.stop()
 
 
+async def test_labels_from_the_agent_config_are_registered(
+        make_agent: AgentFactory) -> None:
+    coordinator = await RecordingCoordinator().start()
+    try:
+        config = AgentConfig(node_id="node-a", labels={"zone": "b", "role": "web"})
+        agent = await make_agent(config=config, coordinator=coordinator.url,
+                                 labels={"role": "db"})  # given in code: on top of the file's
+        await asyncio.wait_for(agent.registered.wait(), 5)
+        assert coordinator.registrations[0]["labels"] == {"zone": "b", "role": "db"}
+    finally:
+        await coordinator.stop()
+
+
 async def test_address_defaults_to_the_listen_address(make_agent: AgentFactory) -> None:
     coordinator = await RecordingCoordinator().start()
     try:

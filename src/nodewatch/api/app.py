@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
+import hashlib
 import logging
 import math
 import re
@@ -20,7 +22,14 @@ import msgspec
 from aiohttp import web
 
 from nodewatch.api.admission import RegistrationBucket, retry_after_header
-from nodewatch.api.fleet import FleetSummary, NodeViews, page, parse_revision
+from nodewatch.api.fleet import (
+    ROW_COLUMNS,
+    FleetSummary,
+    NodeViews,
+    node_row,
+    page,
+    parse_revision,
+)
 from nodewatch.api.metrics import CoordinatorMetrics
 from nodewatch.api.schemas import ApproveBody, DrainBody, ObservationsBody, convert
 from nodewatch.api.sd import target_groups
@@ -48,7 +57,8 @@ from nodewatch.web import (
 )
 
 __all__ = ["ADMISSION_KEY", "COORDINATOR_KEY", "FLEET_KEY", "HEARTBEAT_UDP_KEY", "MAX_WAIT",
-           "METRICS_KEY", "NODE_VIEWS_KEY", "SSE_KEEPALIVE", "STATIC_DIR", "build_app"]
+           "METRICS_KEY", "NODE_FORMATS", "NODE_VIEWS_KEY", "SSE_KEEPALIVE", "STATIC_DIR",
+           "build_app"]
 
 ADMISSION_KEY: web.AppKey[RegistrationBucket] = web.AppKey("admission", RegistrationBucket)
 
@@ -286,14 +296,21 @@ def _select_nodes(request: web.Request,
     return nodes
 
 
+NODE_FORMATS = ("views", "rows")
+
+
 async def list_nodes(request: web.Request) -> web.Response:
     """Nodes in id order (or by load), paged by ``limit`` and ``cursor``; with
-    ``changed_since`` only those changed since that revision, and the ids removed since."""
+    ``changed_since`` only those changed since that revision, and the ids removed since; with
+    ``format=rows`` each node as the table's compact row (``api/fleet.py`` ``node_row``)."""
     coord = _coordinator(request)
     views = request.app[NODE_VIEWS_KEY]
     sort = request.query.get("sort", "node_id")
     if sort not in ("node_id", "load"):
         raise HTTPProblem(400, f"sort must be load or node_id, got {sort!r}")
+    shape = request.query.get("format", "views")
+    if shape not in NODE_FORMATS:
+        raise HTTPProblem(400, f"format must be views or rows, got {shape!r}")
     limit = None
     if request.query.get("limit"):
         wanted = _float_param(request, "limit", 0, 1, 100_000)
@@ -321,17 +338,28 @@ async def list_nodes(request: web.Request) -> web.Response:
             ids, body["removed"] = changes
         else:
             body["removed"] = []
-    selected = _select_nodes(request, [nodes_by_id[i] for i in ids])
+    filtered = any(name in request.query for name in ("schedulable", "health", "label"))
     if sort == "load":
+        selected = _select_nodes(request, [nodes_by_id[i] for i in ids])
         selected.sort(key=lambda n: (load_score(n), n.node_id))
         chosen, body["next_cursor"] = [n.node_id for n in selected][:limit], None
-    else:
+    elif filtered:
+        selected = _select_nodes(request, [nodes_by_id[i] for i in ids])
         chosen, body["next_cursor"] = page([n.node_id for n in selected], cursor, limit)
-    parts = views.encoded([nodes_by_id[i] for i in chosen])
+    else:  # a page of the id order as it is: no walk over the fleet for one page
+        chosen, body["next_cursor"] = page(ids, cursor, limit)
+    parts = views.encoded([nodes_by_id[i] for i in chosen], shape)
     tail = json_encoder.encode(body)
     # The node views are encoded once per change of their node (api/fleet.py): join them.
-    data = b'{"nodes":[' + b",".join(parts) + b"]," + tail[1:]
+    if shape == "rows":
+        data = (b'{"columns":' + _ROW_COLUMNS_JSON + b',"rows":[' + b",".join(parts) + b"],"
+                + tail[1:])
+    else:
+        data = b'{"nodes":[' + b",".join(parts) + b"]," + tail[1:]
     return web.Response(body=data, content_type="application/json")
+
+
+_ROW_COLUMNS_JSON = json_encoder.encode(list(ROW_COLUMNS))
 
 
 async def fleet_summary(request: web.Request) -> web.Response:
@@ -339,7 +367,21 @@ async def fleet_summary(request: web.Request) -> web.Response:
     since = request.query.get("history_since")
     history_since = None if since is None else _float_param(request, "history_since", 0, 0,
                                                              1e11)
-    return json_response(request.app[FLEET_KEY].answer(history_since))
+    body = request.app[FLEET_KEY].answer(history_since)
+    body["coordinator"] = _coordinator_line(_coordinator(request))
+    return json_response(body)
+
+
+def _coordinator_line(coord: Coordinator) -> dict[str, Any]:
+    """A ``CoordinatorLine``: what ``/healthz`` says, less the poller's statistics (they sort
+    every retained lateness sample: tens of ms of the loop at fleet size)."""
+    health = coord.health()
+    now = coord.clock()
+    return {"status": health.status, "reasons": health.reasons, "role": coord.role,
+            "uptime": round(now - coord.started_at, 3), "loop_lag": round(coord.loop_lag, 4),
+            "guard": coord.cluster.guard_on,
+            "in_grace": now < coord.cluster.started_at + coord.policy.startup_grace,
+            "dry_run": coord.policy.dry_run}
 
 
 async def prometheus_sd(request: web.Request) -> web.Response:
@@ -506,15 +548,25 @@ _ASSET_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/cs
 
 
 def _asset(name: str) -> Handler:
-    """A dashboard asset served from memory: read once, never through the default executor
-    (which the store's threads may keep busy at fleet size)."""
+    """A dashboard asset served from memory: read and gzipped once, never through the default
+    executor (which the store's threads may keep busy at fleet size). A browser holding the
+    same version (its ETag) gets a 304; one that accepts gzip gets the compressed bytes (about
+    a quarter), so the coordinator writes less for the page."""
     path = STATIC_DIR / name
     body = path.read_bytes()
+    compressed = gzip.compress(body, compresslevel=9, mtime=0)
+    etag = f'"{hashlib.sha256(body).hexdigest()[:20]}"'
     content_type = _ASSET_TYPES[path.suffix]
+    headers = {"Cache-Control": "no-cache", "ETag": etag, "Vary": "Accept-Encoding"}
 
     async def handler(request: web.Request) -> web.Response:
+        if etag in request.headers.get("If-None-Match", ""):
+            return web.Response(status=304, headers=headers)
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            return web.Response(body=compressed, content_type=content_type, charset="utf-8",
+                                headers={**headers, "Content-Encoding": "gzip"})
         return web.Response(body=body, content_type=content_type, charset="utf-8",
-                            headers={"Cache-Control": "no-cache"})
+                            headers=headers)
 
     handler.__name__ = f"asset_{path.stem}"
     return handler
@@ -558,7 +610,9 @@ def build_app(coord: Coordinator, udp: UdpHeartbeats | None = None) -> web.Appli
     cc = coord.config.coordinator
     app[ADMISSION_KEY] = RegistrationBucket(cc.max_registrations_per_second,
                                             cc.registration_burst)
-    app[NODE_VIEWS_KEY] = NodeViews(lambda: coord.cluster, _node_view, json_encoder.encode)
+    app[NODE_VIEWS_KEY] = NodeViews(lambda: coord.cluster,
+                                    {"views": _node_view, "rows": node_row},
+                                    json_encoder.encode)
     app[FLEET_KEY] = FleetSummary(lambda: coord.cluster)
     app.cleanup_ctx.append(_fleet_history)
     r = app.router

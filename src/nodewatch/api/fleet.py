@@ -1,6 +1,7 @@
-"""What the dashboard reads of a large fleet, at the cost of what changed: node views encoded
-once per change (``NodeViews``), the fleet's counts, label groups and attention list kept up
-to date from the cluster's revisions (``FleetSummary``), and an hour of counts in a ring.
+"""What the dashboard reads of a large fleet, at the cost of what changed: node views (and the
+table's compact rows, ``node_row``) encoded once per change (``NodeViews``), the fleet's
+counts, label groups and attention list kept up to date from the cluster's revisions
+(``FleetSummary``), and an hour of counts in a ring.
 
 Nothing here walks the whole fleet per request: a reader follows ``Cluster.revisions``
 (``detect/journal.py``), and a full walk happens only when the cluster itself was replaced
@@ -12,7 +13,7 @@ from __future__ import annotations
 import bisect
 import re
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
     from nodewatch.detect.cluster import Cluster
 
 __all__ = ["ATTENTION_LIMIT", "FleetSummary", "HISTORY_INTERVAL", "HISTORY_SPAN",
-           "LABEL_VALUES_LIMIT", "NodeViews", "Revision", "attention_reasons",
-           "current_revision", "page", "parse_revision"]
+           "LABEL_VALUES_LIMIT", "NodeViews", "ROW_COLUMNS", "Revision", "attention_reasons",
+           "current_revision", "node_row", "page", "parse_revision"]
 
 HISTORY_INTERVAL = 15.0  # one sample of the fleet's counts every 15 s ...
 HISTORY_SPAN = 3600.0  # ... for the last hour: 240 samples
@@ -69,24 +70,53 @@ def attention_reasons(node: NodeState) -> list[str]:
     return why
 
 
+# The table's row of a node (``GET /v1/nodes?format=rows``): what a list of thousands shows,
+# as one JSON array per node, in this order (``api/schemas.py`` ``NodeRow``). About a quarter
+# of a node view's bytes and half its encoding; a node's full view is one GET away.
+ROW_COLUMNS = ("node_id", "address", "health", "node_status", "admin", "schedulable",
+               "cpu_percent", "mem_percent", "load1", "qps", "error_rate", "last_seen",
+               "labels", "reasons", "attention")
+
+
+def node_row(node: NodeState) -> tuple[Any, ...]:
+    """A node as a row of ``ROW_COLUMNS`` (the reasons as in its view)."""
+    system, load = node.system, node.load
+    reasons = node.reasons
+    if node.health_reason or node.outlier is not None:
+        reasons = [*reasons, *([node.health_reason] if node.health_reason else []),
+                   *([f"outlier: {node.outlier.reason}"] if node.outlier is not None else [])]
+    return (node.node_id, node.address, node.health.value, node.node_status.value,
+            node.admin.value, node.schedulable, system.get("cpu_percent"),
+            system.get("mem_percent"), system.get("load1"), load.get("qps"),
+            load.get("error_rate"), node.last_seen, node.labels, reasons,
+            attention_reasons(node))
+
+
 class NodeViews:
-    """Encoded node views, each encoded once per change of its node, and the node ids in
-    order, sorted once per change of the set of nodes."""
+    """Encoded node views (one cache per shape: the full view, the table's row), each encoded
+    once per change of its node, and the node ids in order, sorted once per change of the set
+    of nodes."""
 
     def __init__(self, cluster: Callable[[], Cluster],
-                 view: Callable[[NodeState], dict[str, Any]],
+                 shapes: Mapping[str, Callable[[NodeState], Any]],
                  encode: Callable[[Any], bytes]) -> None:
         self._cluster = cluster
-        self._view = view
+        self._shapes = dict(shapes)
         self._encode = encode
-        self._encoded: dict[str, tuple[str, int, bytes]] = {}
+        self._encoded: dict[str, dict[str, tuple[str, int, bytes]]] = {
+            name: {} for name in self._shapes}
         self._order_key: tuple[str, int] | None = None
         self._order: list[str] = []
 
-    def encoded(self, nodes: Iterable[NodeState]) -> list[bytes]:
-        """Each node's encoded view, from the cache while its node did not change."""
+    @property
+    def shapes(self) -> tuple[str, ...]:
+        return tuple(self._shapes)
+
+    def encoded(self, nodes: Iterable[NodeState], shape: str) -> list[bytes]:
+        """Each node's encoded ``shape``, from the cache while its node did not change."""
         revisions = self._cluster().revisions
-        epoch, of, cache = revisions.epoch, revisions.of, self._encoded
+        epoch, of, cache = revisions.epoch, revisions.of, self._encoded[shape]
+        view, encode = self._shapes[shape], self._encode
         out: list[bytes] = []
         for node in nodes:
             number = of(node.node_id)
@@ -94,17 +124,17 @@ class NodeViews:
             if cached is not None and cached[1] == number and cached[0] == epoch and number:
                 out.append(cached[2])
                 continue
-            data = self._encode(self._view(node))
+            data = encode(view(node))
             cache[node.node_id] = (epoch, number, data)
             out.append(data)
         if len(cache) > 2 * len(self._cluster().nodes) + 1024:
-            self._prune()
+            self._prune(cache)
         return out
 
-    def _prune(self) -> None:
+    def _prune(self, cache: dict[str, tuple[str, int, bytes]]) -> None:
         nodes = self._cluster().nodes
-        for node_id in [i for i in self._encoded if i not in nodes]:
-            del self._encoded[node_id]
+        for node_id in [i for i in cache if i not in nodes]:
+            del cache[node_id]
 
     def ordered_ids(self) -> list[str]:
         """Every node id in order (cached until a node comes or goes)."""

@@ -30,7 +30,8 @@ class Operation:
     method: str
     path: str
     summary: str
-    responses: dict[int, type | None]
+    # status -> model; a tuple of models: one of them (as the query asks, e.g. ?format=)
+    responses: dict[int, type | tuple[type, ...] | None]
     body: type | None = None
     body_required: bool = True
     query: tuple[dict[str, Any], ...] = ()
@@ -72,7 +73,7 @@ OPERATIONS: tuple[Operation, ...] = (
               {200: s.ObservationsResponse, **_BODY_ERRORS, 503: s.ErrorResponse},
               body=s.ObservationsBody, auth="observer"),
     Operation("get", "/v1/nodes", "Every node, filtered and sorted, paged, or only changes.",
-              {200: s.NodesResponse, 400: s.ErrorResponse},
+              {200: (s.NodesResponse, s.NodeRowsResponse), 400: s.ErrorResponse},
               query=(*_NODE_FILTERS,
                      _query("sort", {"type": "string", "enum": ["node_id", "load"]},
                             "load orders by load_score, least loaded first"),
@@ -82,7 +83,11 @@ OPERATIONS: tuple[Operation, ...] = (
                             "a next_cursor: the nodes after it in node_id order"),
                      _query("changed_since", {"type": "string",
                                               "pattern": r"^[0-9a-f]{1,16}-\d{1,20}$"},
-                            "a revision: only nodes changed since, plus removed ids"))),
+                            "a revision: only nodes changed since, plus removed ids"),
+                     _query("format", {"type": "string", "enum": ["views", "rows"]},
+                            "views (default): each node's full view in nodes; rows: each "
+                            "node as a compact array in rows, named by columns (the "
+                            "dashboard's table; GET /v1/nodes/{node_id} has the rest)"))),
     Operation("get", "/v1/summary",
               "The fleet: counts by health, status and admin now and over the last hour, "
               "counts per label value, the nodes that need attention.",
@@ -143,9 +148,10 @@ _REASONS = {200: "OK", 204: "No Content", 400: "Bad request", 401: "Missing or w
 def _models() -> list[type]:
     found: list[type] = []
     for op in OPERATIONS:
-        for model in (op.body, *op.responses.values()):
-            if model is not None and model not in found:
-                found.append(model)
+        for answer in (op.body, *op.responses.values()):
+            for model in answer if isinstance(answer, tuple) else (answer,):
+                if model is not None and model not in found:
+                    found.append(model)
     return found
 
 
@@ -173,7 +179,10 @@ def openapi_document() -> dict[str, Any]:
             entry["security"] = [{f"{op.auth}Token": []}, {}]
         for status, model in op.responses.items():
             answer: dict[str, Any] = {"description": _REASONS.get(status, "")}
-            if model is not None:
+            if isinstance(model, tuple):
+                answer["content"] = {"application/json": {"schema": {
+                    "anyOf": [ref_of[m] for m in model]}}}
+            elif model is not None:
                 answer["content"] = {"application/json": {"schema": ref_of[model]}}
             elif status == 200:
                 answer["content"] = {op.content_type: {"schema": {}}}

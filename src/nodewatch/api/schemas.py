@@ -13,12 +13,13 @@ from nodewatch.model import Admin, DrainBy, Health, NodeStatus
 from nodewatch.protocol import HeartbeatBody, RegisterBody, ShortText
 from nodewatch.web import HTTPProblem
 
-__all__ = ["ApproveBody", "AttentionView", "CommandResponse", "CoordinatorHealth", "DrainBody",
-           "DrainView", "ErrorResponse", "EventView", "EventsResponse", "FleetCounts",
-           "HeartbeatBody", "HistoryResponse", "HistorySampleView", "IdentityView", "NodeView",
+__all__ = ["ApproveBody", "AttentionView", "CommandResponse", "CoordinatorHealth",
+           "CoordinatorLine", "DrainBody", "DrainView", "ErrorResponse", "EventView",
+           "EventsResponse", "FleetCounts", "HeartbeatBody", "HistoryResponse",
+           "HistorySampleView", "IdentityView", "NodeRow", "NodeRowsResponse", "NodeView",
            "NodesResponse", "ObservationBody", "ObservationsBody", "ObservationsResponse",
-           "OutlierView", "RegisterBody", "RegisterResponse", "RemoveResponse",
-           "StoreHealthView", "SummaryResponse", "convert"]
+           "OutlierView", "RegisterBody", "RegisterResponse", "RemoveResponse", "StoreHealthView",
+           "SummaryResponse", "convert"]
 
 
 
@@ -163,6 +164,40 @@ class NodesResponse(_View):
         "or too old): this is the whole list, replace what you hold"))] = False
 
 
+# GET /v1/nodes?format=rows: one array per node, in the order of NodeRowsResponse.columns
+# (api/fleet.py ROW_COLUMNS): the table of a fleet without each node's full view.
+NodeRow = tuple[
+    str,  # node_id
+    str,  # address
+    Health,
+    NodeStatus,
+    Admin,
+    bool,  # schedulable
+    float | None,  # cpu_percent
+    float | None,  # mem_percent
+    float | None,  # load1
+    float | None,  # qps
+    float | None,  # error_rate
+    float,  # last_seen
+    dict[str, str],  # labels
+    list[str],  # reasons
+    list[str],  # attention: why to look at it (unhealthy, suspect, outlier, review, ...)
+]
+
+
+class NodeRowsResponse(_View):
+    columns: Annotated[list[str], Meta(description=(
+        "the name of each place in a row: node_id, address, health, node_status, admin, "
+        "schedulable, cpu_percent, mem_percent, load1, qps, error_rate, last_seen, labels, "
+        "reasons, attention"))]
+    rows: list[NodeRow]
+    revision: Annotated[str, Meta(description="as in NodesResponse")] = ""
+    next_cursor: Annotated[str | None, Meta(description="as in NodesResponse")] = None
+    removed: Annotated[list[str], Meta(description="as in NodesResponse")] = msgspec.field(
+        default_factory=list)
+    reset: Annotated[bool, Meta(description="as in NodesResponse")] = False
+
+
 class AttentionView(_View):
     node_id: str
     why: Annotated[list[str], Meta(description=(
@@ -184,6 +219,20 @@ class FleetCounts(_View):
     admin: dict[str, int]
 
 
+class CoordinatorLine(_View):
+    """The coordinator as the dashboard's header shows it: /healthz's judgement and flags,
+    without its poller statistics and store details."""
+
+    status: Literal["ok", "degraded", "failing"]
+    reasons: list[str]
+    role: Literal["leader", "follower"]
+    uptime: float
+    loop_lag: float
+    guard: bool
+    in_grace: bool
+    dry_run: bool
+
+
 class SummaryResponse(_View):
     revision: str
     total: int
@@ -199,6 +248,9 @@ class SummaryResponse(_View):
     history_interval: Annotated[float, Meta(description="seconds between history samples")]
     history: Annotated[list[FleetCounts], Meta(description=(
         "the counts over the last hour, oldest first (after history_since when given)"))]
+    coordinator: Annotated[CoordinatorLine | None, Meta(description=(
+        "the coordinator answering: its /healthz status and flags (so that a dashboard need "
+        "not ask /healthz, whose poller statistics cost more, every few seconds)"))] = None
 
 
 class RegisterResponse(_View):

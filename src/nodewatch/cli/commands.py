@@ -353,7 +353,11 @@ def completion(shell: str) -> None:
               help="Stop by itself after this long (e.g. 30s, 5m); default: until Ctrl-C.")
 @click.option("--dir", "workdir", default="./nodewatch-data/demo", show_default=True,
               type=click.Path(file_okay=False), help="Where demo state and logs go.")
-def demo(nodes: int, listen: str, duration: str | None, workdir: str) -> None:
+@click.option("--log-format", type=click.Choice(["text", "json", "auto"]),
+              help="The coordinator's and agents' log format (their logs in --dir): "
+                   + LOG_FORMAT_HELP.replace(", else the config's log_format", ""))
+def demo(nodes: int, listen: str, duration: str | None, workdir: str,
+         log_format: str | None) -> None:
     """Run a coordinator and N agents locally, with a fast detection profile, to try things.
 
     Type `help` at the prompt (or pipe commands on stdin) to kill, hang, degrade or load a
@@ -371,7 +375,8 @@ def demo(nodes: int, listen: str, duration: str | None, workdir: str) -> None:
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--duration") from None
     try:
-        raise SystemExit(run_demo(nodes, listen, Path(workdir), seconds))
+        raise SystemExit(run_demo(nodes, listen, Path(workdir), seconds,
+                                  log_format=log_format))
     except DemoError as exc:
         _fail(str(exc))
 

@@ -29,6 +29,8 @@ from rich.markup import escape
 
 from nodewatch.cli.client import Client, ClientError
 from nodewatch.cli.processes import LocalCluster, Proc, http_json
+from nodewatch.errors import ConfigError
+from nodewatch.logs import resolve_format
 from nodewatch.protocol import split_host_port
 
 __all__ = ["Demo", "DemoError", "FAST_PROFILE", "HELP", "MARKER", "Traffic", "run_demo"]
@@ -304,11 +306,17 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def run_demo(count: int, listen: str, workdir: Path, duration: float | None,
-             console: Console | None = None) -> int:
-    """Run until ``quit``, Ctrl-C, SIGTERM or ``duration``; returns the exit status."""
+             console: Console | None = None, log_format: str | None = None) -> int:
+    """Run until ``quit``, Ctrl-C, SIGTERM or ``duration``; returns the exit status. The
+    coordinator and agents get ``--log-format log_format`` (without it they inherit
+    ``NODEWATCH_LOG_FORMAT``, else log text)."""
     from nodewatch.cli.render import make_console
 
     console = console or make_console()
+    try:  # a wrong NODEWATCH_LOG_FORMAT is one line here, not a child that died at start
+        resolve_format(log_format)
+    except ConfigError as exc:
+        raise DemoError(str(exc)) from None
     try:
         host, port = split_host_port(listen)
     except ValueError:
@@ -321,7 +329,8 @@ def run_demo(count: int, listen: str, workdir: Path, duration: float | None,
     workdir = workdir.resolve()
     _prepare_workdir(workdir)
     cluster = LocalCluster(workdir=workdir, coordinator_listen=listen,
-                           config_text=FAST_PROFILE.format(store=workdir / "state.db"))
+                           config_text=FAST_PROFILE.format(store=workdir / "state.db"),
+                           log_format=log_format)
     demo = Demo(cluster, console)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

@@ -118,6 +118,8 @@ class LocalCluster:
     agents: dict[str, Proc] = field(default_factory=dict)
     # Set when the coordinator serves https: the harness's own client context (CA, client cert).
     tls: ssl.SSLContext | None = None
+    # --log-format for every child (text, json or auto), when set; else each resolves its own.
+    log_format: str | None = None
 
     @property
     def url(self) -> str:
@@ -141,7 +143,8 @@ class LocalCluster:
     def start_coordinator(self, *extra: str, wait: float = 20.0) -> Proc:
         self.workdir.mkdir(parents=True, exist_ok=True)
         argv = [self.python, "-m", "nodewatch", "coordinator", "--listen",
-                self.coordinator_listen, "--config", str(self.config_path()), *extra]
+                self.coordinator_listen, "--config", str(self.config_path()),
+                *self._log_flags(), *extra]
         proc = self._spawn(Proc("coordinator", argv, self.workdir / "coordinator.log"))
         self.coordinator = proc
         self._wait_up(proc, f"{self.url}/healthz", wait, self.tls)
@@ -154,12 +157,15 @@ class LocalCluster:
                 address, "--state-dir", str(state), "--config", str(self.config_path())]
         if coordinator:
             argv += ["--coordinator", self.url]
-        argv += list(extra)
+        argv += [*self._log_flags(), *extra]
         proc = self._spawn(Proc(node_id, argv, self.workdir / f"agent-{node_id}.log",
                                 address=address))
         self.agents[node_id] = proc
         self._wait_up(proc, f"http://{address}/health", wait)
         return proc
+
+    def _log_flags(self) -> list[str]:
+        return ["--log-format", self.log_format] if self.log_format else []
 
     @staticmethod
     def _wait_up(proc: Proc, url: str, wait: float,

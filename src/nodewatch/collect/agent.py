@@ -113,7 +113,8 @@ class Agent:
         self._coordinator_tls = client_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
         self.config = cfg
         self.node_id = cfg.node_id
-        self.labels = dict(labels or {})
+        # [agent] labels, and those given in code on top of them.
+        self.labels = {**cfg.labels, **(labels or {})}
         self.version = version
         self._clock = clock
         self._sampler: Sampler = sampler or HostSampler(proc_root)

@@ -1,7 +1,9 @@
 // nodewatch dashboard for fleets: plain JS, no dependencies, no network beyond this coordinator.
-// Reads /v1/summary (counts now and over the hour, attention), /v1/nodes in pages and then
-// only ?changed_since= the last revision (on each event of /v1/events/stream, and every few
-// seconds for routine load), /v1/nodes/{id}/history and /v1/events?node_id= for a node's page.
+// Reads /v1/summary (counts now and over the hour, attention), /v1/nodes?format=rows (the
+// table's compact rows) in pages and then only ?changed_since= the last revision (on each
+// event of /v1/events/stream, and every few seconds for routine load); for a node's page its
+// full view /v1/nodes/{id}, /v1/nodes/{id}/history and /v1/events?node_id=. The first
+// summary and rows are asked for by index.html before this script has loaded.
 // The table is a virtual list: filters and sorts run on the cached rows, only the visible rows
 // are drawn. drain/undrain/approve ask for the admin token on a 401 (kept in sessionStorage).
 "use strict";
@@ -45,7 +47,7 @@ const COLUMNS = [
 const HEALTH_RANK = { unhealthy: 0, dead: 1, suspect: 2, unknown: 3, healthy: 4 };
 
 const state = {
-  rows: new Map(), // node_id -> node view (as /v1/nodes gives it)
+  rows: new Map(), // node_id -> the table's row of a node (rowFrom, viewRow)
   changedIds: new Set(), // changed since the heatmap last drew them
   membersChanged: false,
   orderedAt: 0,
@@ -103,16 +105,18 @@ function say(text, where = "message") {
   document.getElementById(where).textContent = text;
 }
 
-async function getJSON(path) {
-  const response = await fetch(path, { cache: "no-store" });
-  if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
-  return response.json();
+// index.html asked for the first answers while this script loaded: take each once.
+function booted(path) {
+  const boot = window.nodewatchBoot || {};
+  for (const [key, asked] of Object.entries(boot)) {
+    if (asked && asked.url === path) { boot[key] = null; return asked.answer; }
+  }
+  return null;
 }
 
-// /healthz answers 503 when failing, with the same body: show it rather than "unreachable".
-async function getHealth() {
-  const response = await fetch("/healthz", { cache: "no-store" });
-  if (!response.ok && response.status !== 503) throw new Error(`/healthz: HTTP ${response.status}`);
+async function getJSON(path) {
+  const response = await (booted(path) || fetch(path, { cache: "no-store" }));
+  if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
   return response.json();
 }
 
@@ -126,31 +130,63 @@ function labelText(labels) {
 
 // A changed node updates its row object in place, so the filtered, sorted list keeps showing
 // fresh values without being rebuilt; a new node is added (and the list is rebuilt soon).
-function merge(view) {
-  const old = state.rows.get(view.node_id);
+function merge(fresh) {
+  const old = state.rows.get(fresh.node_id);
   if (old === undefined) {
-    state.rows.set(view.node_id, prepare(view));
+    state.rows.set(fresh.node_id, fresh);
     state.membersChanged = true;
     return;
   }
-  for (const key of Object.keys(old)) if (!(key in view)) delete old[key];
-  prepare(Object.assign(old, view));
-  state.changedIds.add(view.node_id);
+  Object.assign(old, fresh);
+  state.changedIds.add(fresh.node_id);
 }
 
-// The numbers a row is sorted and drawn by, computed once per change of its node.
+// Where each column is in the rows of one /v1/nodes?format=rows answer.
+function columnsOf(data) {
+  const at = {};
+  data.columns.forEach((name, i) => { at[name] = i; });
+  return at;
+}
+
+// A table row from a compact row; the numbers it is sorted and drawn by computed once per
+// change of its node.
+function rowFrom(r, at) {
+  const err = r[at.error_rate];
+  return prepare({
+    node_id: r[at.node_id], address: r[at.address], health: r[at.health],
+    node_status: r[at.node_status], admin: r[at.admin], schedulable: r[at.schedulable],
+    last_seen: r[at.last_seen], labels: r[at.labels] || {}, reasons: r[at.reasons] || [],
+    attention: r[at.attention] || [],
+    _cpu: r[at.cpu_percent] ?? undefined, _mem: r[at.mem_percent] ?? undefined,
+    _load1: r[at.load1] ?? undefined, _qps: r[at.qps] ?? undefined,
+    _err: typeof err === "number" ? err * 100 : undefined,
+  });
+}
+
+// The same row from a node's full view (a command's answer, a node's page): the attention
+// reasons as the coordinator gives them (api/fleet.py attention_reasons).
+function viewRow(v) {
+  const system = v.system || {};
+  const load = v.load || {};
+  const attention = [];
+  if (v.health === "suspect" || v.health === "unhealthy") attention.push(v.health);
+  if (v.outlier) attention.push("outlier");
+  if (v.admin === "review") attention.push("review");
+  if (v.drain && !v.drain.complete) attention.push("drain waiting");
+  return prepare({
+    node_id: v.node_id, address: v.address, health: v.health, node_status: v.node_status,
+    admin: v.admin, schedulable: v.schedulable, last_seen: v.last_seen, labels: v.labels || {},
+    reasons: v.reasons || [], attention,
+    _cpu: system.cpu_percent, _mem: system.mem_percent, _load1: system.load1, _qps: load.qps,
+    _err: typeof load.error_rate === "number" ? load.error_rate * 100 : undefined,
+  });
+}
+
 function prepare(n) {
-  const system = n.system || {};
-  const load = n.load || {};
-  n._cpu = system.cpu_percent;
-  n._mem = system.mem_percent;
-  n._load1 = system.load1;
-  n._qps = load.qps;
-  n._err = typeof load.error_rate === "number" ? load.error_rate * 100 : undefined;
+  n.outlier = n.attention.includes("outlier");
+  n._attention = n.attention.length > 0;
   n._labels = labelText(n.labels);
-  n._reasons = (n.reasons || []).join("; ");
-  n._attention = n.health === "suspect" || n.health === "unhealthy" || n.admin === "review" ||
-    Boolean(n.outlier) || Boolean(n.drain && !n.drain.complete);
+  n._reasons = n.reasons.join("; ");
   n._text = `${n.node_id} ${n.address} ${n._labels} ${n._reasons} ${n.health} ${n.node_status} ` +
     `${n.admin}`.toLowerCase();
   return n;
@@ -189,10 +225,13 @@ async function command(name, nodeId, where = "message") {
   say("", where);
   const result = await response.json();
   if (result.node) {
-    merge({ ...(state.rows.get(nodeId) || {}), ...result.node });
+    merge(viewRow(result.node));
     state.dirty = true;
     scheduleRender();
-    if (state.route.name === "node" && state.route.id === nodeId) renderNodeFacts();
+    if (state.route.name === "node" && state.route.id === nodeId) {
+      Object.assign(nodeDetail, { id: nodeId, view: result.node });
+      renderNodeFacts();
+    }
   }
 }
 
@@ -218,9 +257,10 @@ async function loadAllNodes() {
   let revision = "";
   let size = FIRST_PAGE;
   for (;;) {
-    const data = await getJSON(`/v1/nodes?limit=${size}${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`);
+    const data = await getJSON(`/v1/nodes?format=rows&limit=${size}${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`);
     if (!revision) revision = data.revision;
-    for (const n of data.nodes) rows.set(n.node_id, prepare(n));
+    const at = columnsOf(data);
+    for (const r of data.rows) { const n = rowFrom(r, at); rows.set(n.node_id, n); }
     if (!state.loaded) {
       // The first page is on screen at once; the rest is appended as it arrives.
       for (const [id, n] of rows) state.rows.set(id, n);
@@ -252,13 +292,21 @@ async function fetchChanges() {
     let next = "";
     let changed = 0;
     for (;;) {
-      const data = await getJSON(`/v1/nodes?changed_since=${encodeURIComponent(since)}` +
+      const data = await getJSON(`/v1/nodes?format=rows&changed_since=${encodeURIComponent(since)}` +
         `&limit=${CHANGES_PAGE}${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`);
       if (data.reset) { await loadAllNodes(); return; }
       if (!next) next = data.revision;
-      for (const n of data.nodes) merge(n);
-      for (const id of data.removed) { if (state.rows.delete(id)) state.membersChanged = true; }
-      changed += data.nodes.length + data.removed.length;
+      const at = columnsOf(data);
+      for (const r of data.rows) {
+        const n = rowFrom(r, at);
+        merge(n);
+        if (state.route.name === "node" && n.node_id === state.route.id) soonNodeDetail();
+      }
+      for (const id of data.removed) {
+        if (state.rows.delete(id)) state.membersChanged = true;
+        if (state.route.name === "node" && id === state.route.id) soonNodeDetail();
+      }
+      changed += data.rows.length + data.removed.length;
       if (!data.next_cursor) break;
       cursor = data.next_cursor;
     }
@@ -268,7 +316,6 @@ async function fetchChanges() {
       // or (a sorted or filtered list) at most every REORDER_EVERY_MS.
       if (state.membersChanged || !unordered()) state.stale = true;
       scheduleRender();
-      if (state.route.name === "node" && state.rows.has(state.route.id)) renderNodeFacts();
     }
     document.getElementById("summary").classList.remove("stale");
   } catch (error) {
@@ -294,14 +341,13 @@ let historyTs = 0;
 const fleetHistory = [];
 async function refreshSummary() {
   try {
-    const [summary, status] = await Promise.all([
-      getJSON(`/v1/summary${historyTs ? `?history_since=${historyTs}` : ""}`), getHealth()]);
+    const summary = await getJSON(`/v1/summary${historyTs ? `?history_since=${historyTs}` : ""}`);
     for (const sample of summary.history) fleetHistory.push(sample);
     if (fleetHistory.length) historyTs = fleetHistory[fleetHistory.length - 1].ts;
     const cut = Date.now() / 1000 - HOUR;
     while (fleetHistory.length && fleetHistory[0].ts < cut) fleetHistory.shift();
     state.summary = summary;
-    renderSummary(summary, status);
+    renderSummary(summary, summary.coordinator);
     renderTiles(summary);
     renderStack();
     renderAttention(summary);
@@ -667,14 +713,50 @@ function row(n, index) {
   el("td", { class: "actions" }, ...actionButtons(n, "message")));
 }
 
-function renderRows() {
+// The rows of state.visible on screen (and a few around): [first, last).
+function rowWindow() {
   const scroller = document.getElementById("table-scroll");
-  const body = document.querySelector("#nodes tbody");
-  const rows = state.visible;
   const headH = document.querySelector("#nodes thead").offsetHeight || ROW_H;
   const first = Math.max(0, Math.floor((scroller.scrollTop - headH) / ROW_H) - 5);
   const count = Math.ceil(scroller.clientHeight / ROW_H) + 10;
-  const last = Math.min(rows.length, first + count);
+  return [first, Math.min(state.visible.length, first + count)];
+}
+
+// What the table shows now, so that live changes replace only the drawn rows that changed
+// (a screenful is redrawn when the list or the scroll window moved).
+const drawnRows = { visible: null, window: "", ids: new Set() };
+
+function sameRowsDrawn() {
+  const [first, last] = rowWindow();
+  return drawnRows.visible === state.visible && drawnRows.window === `${first}-${last}`;
+}
+
+function patchRows() {
+  const body = document.querySelector("#nodes tbody");
+  for (const id of state.changedIds) {
+    if (!drawnRows.ids.has(id)) continue;
+    const tr = body.querySelector(`tr[data-node="${CSS.escape(id)}"]`);
+    const n = state.rows.get(id);
+    if (!tr || !n) { renderRows(); return; }
+    tr.replaceWith(row(n, Number(tr.dataset.index)));
+  }
+}
+
+// "last seen" ages in the drawn rows, without drawing them again.
+function refreshAges() {
+  for (const tr of document.querySelectorAll("#nodes tbody tr.row")) {
+    const n = state.rows.get(tr.dataset.node);
+    const cell = tr.querySelector("td.last-seen");
+    if (n && cell) cell.textContent = ago(n.last_seen);
+  }
+}
+
+function renderRows() {
+  const body = document.querySelector("#nodes tbody");
+  const rows = state.visible;
+  const [first, last] = rowWindow();
+  Object.assign(drawnRows, { visible: rows, window: `${first}-${last}`,
+    ids: new Set(rows.slice(first, last).map((n) => n.node_id)) });
   const drawn = [];
   if (first > 0) drawn.push(el("tr", { class: "spacer", style: `height:${first * ROW_H}px` }));
   for (let i = first; i < last; i += 1) drawn.push(row(rows[i], i));
@@ -710,7 +792,7 @@ function renderNow() {
   } else if (state.stale) {
     setTimeout(scheduleRender, REORDER_EVERY_MS);
   }
-  renderRows();
+  if (sameRowsDrawn()) patchRows(); else renderRows();
   // The heatmap is laid out again when nodes came or went, its choices changed, or (a scale
   // relative to the fleet: load1, qps) its top moved by a fifth; otherwise only the cells of
   // changed nodes are drawn.
@@ -776,13 +858,44 @@ function select(index) {
 
 let nodeTimer = null;
 const nodeHistory = { id: "", samples: [], lastTs: 0 };
+// The open node's full view (GET /v1/nodes/{id}): the table's rows hold only what it shows.
+const nodeDetail = { id: "", view: null, missing: false };
+
+async function loadNodeDetail() {
+  const id = state.route.id;
+  try {
+    const response = await fetch(`/v1/nodes/${encodeURIComponent(id)}`, { cache: "no-store" });
+    if (state.route.name !== "node" || state.route.id !== id) return;
+    if (response.status === 404) {
+      Object.assign(nodeDetail, { id, view: null, missing: true });
+    } else if (!response.ok) {
+      throw new Error(`HTTP ${response.status}`);
+    } else {
+      Object.assign(nodeDetail, { id, view: await response.json(), missing: false });
+    }
+    renderNodeFacts();
+  } catch (error) { say(`${id}: ${error.message}`, "node-message"); }
+}
+
+let detailTimer = null;
+function soonNodeDetail() {
+  if (detailTimer === null) {
+    detailTimer = setTimeout(() => { detailTimer = null; loadNodeDetail(); }, CHANGES_AFTER_EVENT_MS);
+  }
+}
 
 function renderNodeFacts() {
   const id = state.route.id;
-  const n = state.rows.get(id);
   document.getElementById("node-title").textContent = id;
   const facts = document.getElementById("node-facts");
-  if (!n) { facts.replaceChildren(el("p", {}, state.loaded ? "unknown node" : "loading…")); return; }
+  const view = nodeDetail.id === id ? nodeDetail.view : null;
+  if (!view) {
+    facts.replaceChildren(el("p", {}, nodeDetail.id === id && nodeDetail.missing
+      ? "unknown node" : "loading…"));
+    document.getElementById("node-actions").replaceChildren();
+    return;
+  }
+  const n = { ...view, ...viewRow(view), outlier: view.outlier };
   const drain = n.drain
     ? `${n.drain.complete ? "complete" : "waiting"} · ${n.drain.reason || "no reason"}` +
       (n.drain.waiting_for ? ` · waits for ${Object.entries(n.drain.waiting_for)
@@ -975,7 +1088,9 @@ function route() {
     document.getElementById("fleet-view").hidden = true;
     document.getElementById("node-view").hidden = false;
     document.title = `${state.route.id} · nodewatch`;
+    if (nodeDetail.id !== state.route.id) Object.assign(nodeDetail, { id: "", view: null, missing: false });
     renderNodeFacts();
+    loadNodeDetail();
     document.getElementById("node-charts").replaceChildren();
     document.getElementById("node-events").replaceChildren();
     refreshNodeHistory();
@@ -1041,7 +1156,17 @@ function firstView(part) {
     window.nodewatch.timings.firstView = performance.now();
     document.body.dataset.ready = "1";
     firstSeen = new Set(["summary", "rows"]);
+    startEventsOnce();
   }
+}
+
+// The timeline (200 events with their evidence, then the stream) is read once the first view
+// is drawn, so that it does not compete with it; at the latest after a few seconds.
+let eventsStarted = false;
+function startEventsOnce() {
+  if (eventsStarted) return;
+  eventsStarted = true;
+  startEvents().catch((error) => say(`events: ${error.message}`));
 }
 
 function start() {
@@ -1071,14 +1196,12 @@ function start() {
   window.addEventListener("resize", () => { state.heatDirty = true; scheduleRender(); });
   route();
   refreshSummary();
-  loadAllNodes().catch((error) => say(`nodes: ${error.message}`)).then(() => {
-    if (state.route.name === "node") renderNodeFacts();
-  });
+  loadAllNodes().catch((error) => say(`nodes: ${error.message}`));
   setInterval(fetchChanges, CHANGES_EVERY_MS);
   setInterval(refreshSummary, SUMMARY_EVERY_MS);
   // "last seen" ages in the visible rows, once a few seconds, without refiltering.
-  setInterval(() => { if (state.route.name === "fleet") renderRows(); }, 5000);
-  startEvents().catch((error) => say(`events: ${error.message}`));
+  setInterval(() => { if (state.route.name === "fleet") refreshAges(); }, 5000);
+  setTimeout(startEventsOnce, 3000);
 }
 
 start();
