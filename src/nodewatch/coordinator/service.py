@@ -23,9 +23,11 @@ from nodewatch.coordinator.health import CoordinatorHealth, Signals, judge
 from nodewatch.coordinator.poller import HttpProbe, Poller, Probe
 from nodewatch.detect import identity
 from nodewatch.detect.cluster import Cluster
+from nodewatch.detect.journal import EVENT_SLOTS
 from nodewatch.detect.outcome import ActionRequest, Outcome, ProbeRequest
 from nodewatch.detect.policy import Policy
 from nodewatch.detect.scheduler import CheckScheduler
+from nodewatch.detect.shares import SHARES, Assignment, share_of
 from nodewatch.model import (
     CallerObservation,
     CheckResult,
@@ -50,10 +52,11 @@ from nodewatch.store.base import Store, StoreUnavailable, store_label
 
 if TYPE_CHECKING:
     from nodewatch.coordinator.leadership import Leadership
+    from nodewatch.coordinator.shares import ShareKeeper
 
 __all__ = ["ActionSink", "BindableSink", "CallerObserver", "Coordinator", "LAG_BEAT",
-           "MAX_RETRY_BACKOFF", "NoActions", "NotLeader", "PERSIST_INTERVAL", "RECENT_EVENTS",
-           "ROUTINE_PERSIST_INTERVAL", "StoreHealth"]
+           "MAX_RETRY_BACKOFF", "NoActions", "NotLeader", "NotOwner", "PERSIST_INTERVAL",
+           "RECENT_EVENTS", "ROUTINE_PERSIST_INTERVAL", "StoreHealth"]
 
 log = logging.getLogger("nodewatch.coordinator")
 
@@ -104,6 +107,20 @@ class NotLeader(Exception):
         super().__init__(message)
         self.leader = leader
         self.unconfirmed = unconfirmed
+
+
+class NotOwner(NotLeader):
+    """With shared coordinators (``coordination = "shares"``): the node is in another
+    coordinator's share. ``owner`` is that coordinator's API URL ("" while the share is being
+    taken over); the HTTP edge forwards the request there."""
+
+    def __init__(self, node_id: str, share: int, owner: str) -> None:
+        Exception.__init__(self, f"node {node_id!r} is in share {share}, watched by "
+                                 f"{owner or 'nobody yet (the share is being taken over)'}")
+        self.leader = owner
+        self.unconfirmed = ""
+        self.owner = owner
+        self.share = share
 
 
 async def _nothing() -> list[str]:
@@ -168,6 +185,9 @@ class _LeaderRole:
     def require_leader(self) -> None:
         return None
 
+    def require_owner(self, node_id: str) -> None:
+        return None
+
     def restrict(self, outcome: Outcome) -> None:
         return None  # the leader does all an outcome asks
 
@@ -203,6 +223,9 @@ class _FollowerRole:
         self._coord = coord
 
     def require_leader(self) -> None:
+        raise NotLeader(self._coord.leader)
+
+    def require_owner(self, node_id: str) -> None:
         raise NotLeader(self._coord.leader)
 
     def restrict(self, outcome: Outcome) -> None:
@@ -246,6 +269,9 @@ class _UnconfirmedLeaderRole:
     def require_leader(self) -> None:
         raise NotLeader("", unconfirmed=self.cause)
 
+    def require_owner(self, node_id: str) -> None:
+        raise NotLeader("", unconfirmed=self.cause)
+
     def restrict(self, outcome: Outcome) -> None:
         return None  # actions are queued, and run only after their transitions are stored
 
@@ -271,7 +297,57 @@ class _UnconfirmedLeaderRole:
         await self._coord._stop_leading(leader)
 
 
-_Role = _LeaderRole | _FollowerRole | _UnconfirmedLeaderRole
+class _SharedRole:
+    """One of several active coordinators (``coordination = "shares"``): it decides for the
+    nodes of the shares it holds (polls, confirms, acts, writes) and mirrors the others from
+    the store, so that it answers reads for the whole fleet and its guard and budget count
+    the whole fleet. A verb about another coordinator's node raises NotOwner (the HTTP edge
+    forwards it to the owner)."""
+
+    name = "shared"
+
+    def __init__(self, coord: Coordinator) -> None:
+        self._coord = coord
+
+    def require_leader(self) -> None:
+        return None  # node-agnostic verbs (callers' counts) keep what concerns held shares
+
+    def require_owner(self, node_id: str) -> None:
+        self._coord.require_owner(node_id)
+
+    def restrict(self, outcome: Outcome) -> None:
+        owns = self._coord.owns
+        outcome.actions[:] = [a for a in outcome.actions if owns(a.node_id)]
+        outcome.probes[:] = [p for p in outcome.probes if owns(p.node_id)]
+
+    async def persist(self, routine: bool, history: bool) -> None:
+        await self._coord._write(routine, history)
+
+    def leader_address(self) -> str:
+        return self._coord.config.coordinator.listen
+
+    def mirror_nodes(self, nodes: list[NodeState], deleted: list[str], reset: bool) -> None:
+        owns = self._coord.owns
+        self._coord.cluster.mirror([n for n in nodes if not owns(n.node_id)],
+                                   [i for i in deleted if not owns(i)], reset=False,
+                                   now=self._coord.clock())
+
+    def mirror_events(self, events: list[Event]) -> None:
+        self._coord._merge_events(events)
+
+    def agent_published(self, lease: AgentLease) -> None:
+        if self._coord.owns(lease.node_id):
+            self._coord._register_lease(lease)
+
+    def agent_lease_expired(self, node_id: str) -> None:
+        if self._coord.owns(node_id):
+            self._coord._lease_expired(node_id)
+
+    async def hand_over(self, leader: str) -> None:
+        return None
+
+
+_Role = _LeaderRole | _FollowerRole | _UnconfirmedLeaderRole | _SharedRole
 
 
 class Coordinator:
@@ -291,14 +367,24 @@ class Coordinator:
         actions: ActionSink | None = None,
         rng: random.Random | None = None,
         leadership: Leadership | None = None,
+        sharing: ShareKeeper | None = None,
         observers: Sequence[CallerObserver] = (),
     ) -> None:
         self.config = config
+        # With coordination = "shares": the etcd edge that keeps the members and claims this
+        # coordinator's shares (coordinator/shares.py); it calls acquire_shares and friends.
+        self.sharing = sharing
+        self.held_shares: frozenset[int] = frozenset()
+        self.share_count = SHARES
+        self.members: dict[str, str] = {}  # member name -> its API URL
+        self.assignment = Assignment.of(())
         self.observers = list(observers)
         # With several coordinators on etcd, only the elected leader polls, confirms failures,
         # runs actions and writes node state; a follower mirrors the store and serves reads.
         self.leadership = leadership
-        self._role: _Role = _LeaderRole(self) if leadership is None else _FollowerRole(self)
+        self._role: _Role = (_SharedRole(self) if sharing is not None
+                             else _LeaderRole(self) if leadership is None
+                             else _FollowerRole(self))
         self.leader = ""
         # For /healthz: since when nobody is known to lead (with an election), the guard has
         # been on, the loop has lagged over max_loop_lag.
@@ -385,6 +471,14 @@ class Coordinator:
                               self._action_settled)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._lag_monitor(), name="nodewatch-lag")]
+        if self.sharing is not None:
+            self.cluster.scope = self.owns
+            self.cluster.budget.share(0.0)
+            await self._lead()
+            self.sharing.start(self)
+            log.info("coordinator started, sharing: %d nodes loaded, joining the members",
+                     len(nodes))
+            return
         if self.leadership is not None:
             self.leadership.start(self)
             log.info("coordinator started as a follower: %d nodes loaded, campaigning",
@@ -407,17 +501,21 @@ class Coordinator:
         return nodes
 
     async def _lead(self) -> None:
-        """Poll every watched node, tick the core's timers, prune history; write it all."""
-        self._role = _LeaderRole(self)
+        """Poll every watched node, tick the core's timers, prune history; write it all.
+        Sharing, the poller starts empty: nodes join it with their shares."""
+        if self.sharing is None:
+            self._role = _LeaderRole(self)
         # Stored but never settled: the last leader (or this process, before a crash) died
         # between a transition and its action. Taken before anything new is decided.
-        due = self.cluster.due_actions()
+        due = self.cluster.due_actions() if self.sharing is None else []
         now = self.clock()
-        for static in self.config.nodes:
-            self._handle(self.cluster.add_static(static.id, static.address, static.labels, now))
-        for node in self.cluster.nodes.values():
-            if node.health is not Health.DEAD and node.node_id not in self.poller:
-                self.poller.add(node.node_id, node.address)
+        if self.sharing is None:
+            for static in self.config.nodes:
+                self._handle(self.cluster.add_static(static.id, static.address, static.labels,
+                                                     now))
+            for node in self.cluster.nodes.values():
+                if node.health is not Health.DEAD and node.node_id not in self.poller:
+                    self.poller.add(node.node_id, node.address)
         await self.poller.start()
         loop = asyncio.get_running_loop()
         self._lead_tasks = [
@@ -512,6 +610,132 @@ class Coordinator:
             self.poller.remove(node_id)  # the next term polls what the store then holds
         log.warning("now a follower (leader: %s)", leader or "being elected")
 
+    # ------------------------------------------------------------------ shares
+
+    def owns(self, node_id: str) -> bool:
+        """Sharing: whether the node's share is held here (always, without sharing)."""
+        return self.sharing is None or share_of(node_id, self.share_count) in self.held_shares
+
+    def owner_url(self, node_id: str) -> str:
+        """The API URL of the coordinator the assignment gives the node to ("" if none)."""
+        return self.members.get(self.assignment.owner(node_id), "")
+
+    def require_owner(self, node_id: str) -> None:
+        if not self.owns(node_id):
+            owner = self.assignment.owner(node_id)
+            url = "" if owner == self.sharing_name else self.members.get(owner, "")
+            raise NotOwner(node_id, share_of(node_id, self.share_count), url)
+
+    def member_hosts(self) -> set[str]:
+        """The hosts of the member coordinators' URLs (trusted to say whom they forward)."""
+        hosts = set()
+        for url in self.members.values():
+            host = url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+            hosts.add(host)
+        return hosts
+
+    @property
+    def sharing_name(self) -> str:
+        return self.sharing.identity if self.sharing is not None else ""
+
+    def set_members(self, members: Mapping[str, str], assignment: Assignment) -> None:
+        """The live coordinators (name -> API URL) and the assignment they imply."""
+        self.members = dict(members)
+        self.assignment = assignment
+
+    def start_sharing(self, slot: int) -> None:
+        """Joined the members: this coordinator mints its events in its own slot."""
+        self.cluster.event_sequence.use_slot(slot)
+
+    async def acquire_shares(self, shares: frozenset[int]) -> None:
+        """Claimed in etcd, and the mirror holds the previous owner's last word: decide for
+        these nodes from now on. Their deadlines restart here (each is polled once within
+        ``unhealthy_interval``, spread, whatever its stored last_seen); an action stored as
+        due and never settled (its owner died between the transition and the action) runs."""
+        if not shares:
+            return
+        self.held_shares = self.held_shares | shares
+        self.cluster.budget.share(len(self.held_shares) / self.share_count)
+        now = self.clock()
+        spread = float(self.config.detection.unhealthy_interval)
+        taken = [n for n in self.cluster.nodes.values()
+                 if share_of(n.node_id, self.share_count) in shares]
+        for node in taken:
+            if node.health is not Health.DEAD and node.node_id not in self.poller:
+                self.poller.add(node.node_id, node.address,
+                                first_due=now + self.rng.uniform(0.0, spread))
+        for static in self.config.nodes:
+            if share_of(static.id, self.share_count) in shares:
+                self._handle(self.cluster.add_static(static.id, static.address, static.labels,
+                                                     now))
+        due = [r for r in self.cluster.due_actions()
+               if share_of(r.node_id, self.share_count) in shares]
+        for request in due:
+            self._submit(request, None)
+        log.info("took shares %s: %d nodes, %d stored actions due", _share_list(shares),
+                 len(taken), len(due))
+
+    async def release_shares(self, shares: frozenset[int]) -> None:
+        """Another coordinator wins these shares now: write what is pending for them, then
+        stop deciding for their nodes (the keeper deletes the share keys afterwards)."""
+        if not shares:
+            return
+        try:
+            await self.persist(routine=True)
+        except StoreUnavailable as exc:
+            log.warning("releasing shares with writes pending: %s", exc)
+        self.held_shares = self.held_shares - shares
+        self.cluster.budget.share(len(self.held_shares) / self.share_count)
+        for node_id in list(self.cluster.nodes):
+            if share_of(node_id, self.share_count) in shares:
+                self.poller.remove(node_id)
+        log.info("released shares %s", _share_list(shares))
+
+    async def lose_shares(self, cause: str) -> None:
+        """The membership lease is lost: etcd expires (or has expired) every share key, and
+        other coordinators take them. Decide nothing more; decisions not stored yet are the
+        next owners' to make (from the store), so they are dropped, never acted on later."""
+        lost, self.held_shares = self.held_shares, frozenset()
+        self.cluster.budget.share(0.0)
+        self._pending_actions.clear()
+        dropped = {e.id for e in self._pending_events}
+        self._pending_events.clear()
+        self._pending_samples.clear()
+        if dropped:
+            kept = [e for e in self.recent if e.id not in dropped]
+            self.recent.clear()
+            self.recent.extend(kept)
+        for node_id in list(self.cluster.nodes):
+            self.poller.remove(node_id)
+        self.cluster.take_dirty()
+        if lost:
+            log.error("lost every share (%s): %d shares, %d events never stored dropped",
+                      cause, len(lost), len(dropped))
+
+    def _merge_events(self, events: list[Event]) -> None:
+        """Other coordinators' events, merged into ``recent`` in id order (ids sort by time
+        across coordinators); this coordinator's own come back by watch and are skipped."""
+        slot = self.cluster.event_sequence.slot
+        fresh = [e for e in events if slot is None or event_number(e.id) % EVENT_SLOTS != slot]
+        if not fresh:
+            return
+        for event in fresh:
+            self.cluster.event_sequence.witness(event_number(event.id))
+            if self.recent and event.id < self.recent[-1].id:
+                at = len(self.recent)
+                while at > 0 and self.recent[at - 1].id > event.id:
+                    at -= 1
+                if at == 0 and len(self.recent) == self.recent.maxlen:
+                    continue  # older than anything retained: readers get it from the store
+                if len(self.recent) == self.recent.maxlen:
+                    self.recent.popleft()
+                    at -= 1
+                self.recent.insert(at, event)
+            else:
+                self.recent.append(event)
+        self._new_events.set()
+        self._new_events = asyncio.Event()
+
     def mirror_nodes(self, nodes: list[NodeState], deleted: list[str], reset: bool) -> None:
         """A follower's copy of the leader's node state, kept by watch (reads only)."""
         self._role.mirror_nodes(nodes, deleted, reset)
@@ -578,6 +802,14 @@ class Coordinator:
         self._running = False
         if self.leadership is not None:
             await self.leadership.stop()
+        if self.sharing is not None:
+            # Written first, then the lease revoked: the other members take the shares at
+            # once from the last word of this one.
+            try:
+                await self.persist(routine=True)
+            except StoreUnavailable as exc:
+                log.error("leaving the members with writes not stored: %s", exc)
+            await self.sharing.stop()
         await self.poller.stop()
         for task in self._tasks + self._lead_tasks:
             task.cancel()
@@ -650,7 +882,7 @@ class Coordinator:
         An accepted push stands in for the next poll: the poll is pushed back by one interval,
         so a pushing node costs no polls while its pushes arrive and is polled once they stop.
         """
-        self._role.require_leader()
+        self._role.require_owner(result.node_id)
         self._gate_on_stall()
         self.pushes += 1
         outcome = self._observe(result)
@@ -660,7 +892,7 @@ class Coordinator:
         return outcome
 
     def register(self, reg: Registration) -> tuple[RegisterDecision, NodeState]:
-        self._role.require_leader()
+        self._role.require_owner(reg.node_id)
         return self._register(reg)
 
     def _register(self, reg: Registration) -> tuple[RegisterDecision, NodeState]:
@@ -703,7 +935,7 @@ class Coordinator:
         """drain / undrain / approve / revoke / remove, acknowledged (returned) once durably
         stored; raises UnknownNode or Conflict, or StoreUnavailable after undoing it in memory.
         ``address``: for approve, the claim the operator means (see ``Cluster.approve``)."""
-        self._role.require_leader()
+        self._role.require_owner(node_id)
         before = copy.deepcopy(self.cluster.node(node_id))
         outcome = self._apply_command(name, node_id, reason, address)
         await self._store_outcome(node_id, before, outcome)
@@ -715,7 +947,7 @@ class Coordinator:
         raises IdentityRejected (after recording it, rate-limited) unless it proves the node's
         credential, or the node has none on record. Unknown nodes pass (the caller answers
         404)."""
-        self._role.require_leader()
+        self._role.require_owner(node_id)
         node = self.cluster.node(node_id)
         verdict = identity.verify(node, credential_hash(credential))
         if verdict in ("rejected", "revoked", "reenrol"):
@@ -757,7 +989,7 @@ class Coordinator:
         for an enrolled node that does not prove it raises IdentityRejected and changes
         nothing but the node's pending claim. Returns the decision, the node and a newly
         issued credential ('' when none), to send back in the answer only."""
-        self._role.require_leader()
+        self._role.require_owner(reg.node_id)
         now = self.clock()
         node_before = self.cluster.node(reg.node_id)
         verdict = identity.verify(node_before, credential_hash(credential), reg.address,
@@ -1257,7 +1489,25 @@ class Coordinator:
             "nodes": counts,
             "checks": self.checks,
             "poller": self.poller.stats(),
+            **({"shares": self.shares_view()} if self.sharing is not None else {}),
         }
+
+    def shares_view(self) -> dict[str, Any]:
+        """For /healthz: what this coordinator holds and how the members split the fleet."""
+        counts = self.assignment.counts()
+        return {
+            "name": self.sharing_name,
+            "total": self.share_count,
+            "held": len(self.held_shares),
+            "wanted": counts.get(self.sharing_name, 0),
+            "members": [{"name": name, "url": self.members.get(name, ""), "shares": count}
+                        for name, count in counts.items()],
+        }
+
+
+def _share_list(shares: frozenset[int]) -> str:
+    ordered = sorted(shares)
+    return ",".join(map(str, ordered[:16])) + (f",… ({len(ordered)})" if len(ordered) > 16 else "")
 
 
 def _store_view(store: StoreHealth, now: float) -> dict[str, Any]:

@@ -56,6 +56,13 @@ class Budget:
             return f"held: budget ({limit} of {watched} nodes already out)"
         return ""
 
+    def share(self, fraction: float) -> None:
+        """This coordinator decides for ``fraction`` of the fleet (its shares): it may spend
+        that part of the per-minute rate, so that the coordinators together stay within it
+        (at least one a minute each: a share is never starved of cleanups). How many nodes
+        may be out at once needs no split: every coordinator counts the whole fleet."""
+        self.limiter.rate = self.policy.max_rate * max(0.0, min(1.0, fraction))
+
     def spend(self, node_id: str, now: float) -> None:
         """A cleanup goes ahead now: it counts against the rate and is no longer held."""
         self._held.pop(node_id, None)

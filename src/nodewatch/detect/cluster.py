@@ -11,7 +11,7 @@ drive the same code.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from nodewatch.detect.budget import Budget
@@ -79,6 +79,10 @@ class Cluster:
         # Arrival histories only where pushes are judged by them (decided once).
         self.arrivals = PhiAccrual(policy) if policy.suspicion == "phi" else None
         self.event_sequence = EventSequence(next_event)
+        # With several coordinators on one store, the nodes this core decides for (its
+        # shares); the others are mirrors: counted by the fleet-wide policies (guard, budget),
+        # never judged, timed out or acted on here. None: every node is this core's.
+        self.scope: Callable[[str], bool] | None = None
         self.dirty = DirtyNodes(self.table.nodes,
                                 Revisions(f"{int(now * 1000) & 0xFFFFFFFFFFFF:x}",
                                           members=self.table.nodes))
@@ -148,20 +152,33 @@ class Cluster:
         self.dirty.mark(node_ids, self.table.nodes)
 
     def mirror(self, nodes: Iterable[NodeState], deleted: Iterable[str] = (),
-               reset: bool = False) -> None:
-        """A follower's copy of the leader's node state: replace, delete or (``reset``) start
-        over, keeping every index right; a mirror is never written back."""
+               reset: bool = False, now: float | None = None) -> None:
+        """Another coordinator's node state (a follower's leader, or the owner of another
+        share): replace, delete or (``reset``) start over, keeping every index right; a
+        mirror is never written back. With ``now``, a mirrored node that entered suspect
+        counts for this core's guard too, so the guard sees the whole fleet's suspects."""
         if reset:
             for node_id in list(self.table.nodes):
                 self._forget(node_id)
         for node in nodes:
-            self._forget(node.node_id)
+            entry = self.guard.recent.get(node.node_id)
+            before = self._forget(node.node_id)
             self.table.add(node)
             self._track(node)
             self.revisions.note(node.node_id)
+            self.dirty.forget_pending(node.node_id)
+            if entry is not None:
+                self.guard.keep(node.node_id, entry, node.health)
+            if now is not None and node.health is Health.SUSPECT and (
+                    before is None or before.health is not Health.SUSPECT):
+                self.guard.note_suspect(node.node_id, now)
         for node_id in deleted:
             self._forget(node_id)
-        self.take_dirty()
+        if self.scope is None:
+            self.take_dirty()
+
+    def in_scope(self, node_id: str) -> bool:
+        return self.scope is None or self.scope(node_id)
 
     def restore(self, node_id: str, before: NodeState | None,
                 discard: Sequence[Event] = ()) -> None:
@@ -850,7 +867,8 @@ class Cluster:
         if evicting:
             self._declare_dead(out, now)
         for node_id in self.drains.waiting():
-            self._check_drain(out, self.table.nodes[node_id], now)
+            if self.in_scope(node_id):
+                self._check_drain(out, self.table.nodes[node_id], now)
         if evicting and self.budget.held:
             self._release_held(out, now)
         self._update_guard(out, now)
@@ -877,7 +895,8 @@ class Cluster:
         verdicts = self.outliers.judge(now, self.table.nodes,
                                        lambda: self._ejection_block(now))
         for verdict in verdicts:
-            self._apply_outlier(out, verdict, now)
+            if not verdict.node_id or self.in_scope(verdict.node_id):
+                self._apply_outlier(out, verdict, now)
 
     def _apply_outlier(self, out: Outcome, v: OutlierVerdict, now: float) -> None:
         node = self.table.nodes.get(v.node_id)
@@ -910,6 +929,8 @@ class Cluster:
         p = self.policy
         for since, node in self.table.due_dead(now, p.dead_after):
             node_id = node.node_id
+            if not self.in_scope(node_id):
+                continue
             event = self._set_health(out, node, Health.DEAD, now,
                                      f"unhealthy for {now - since:.0f}s "
                                      f"(dead_after {p.dead_after:g}s)",
@@ -926,6 +947,8 @@ class Cluster:
             if held is None or held.health not in _OUT:
                 self.budget.release(node_id)
                 continue
+            if not self.in_scope(node_id):
+                continue  # its owner releases it
             if self._budget_block(now):
                 break
             event = self._emit(out, now, node_id, "cleanup", held.health.value,

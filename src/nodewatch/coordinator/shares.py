@@ -1,0 +1,333 @@
+"""Several active coordinators on one etcd (``[coordinator] coordination = "shares"``): who is
+a member, which shares each holds, and the mirror of everybody else's nodes. The edge of
+``detect/shares.py`` (the pure assignment), never the core.
+
+Keys, all under ``P/nodes!`` so that one watch of [``P/nodes!``, end of ``P/nodes/``) carries
+the members, the share claims and the node states in one stream, in revision order:
+
+- ``P/nodes!members/<name>``: the coordinator's API URL, on its lease (TTL ``leader_ttl``,
+  refreshed about every TTL/3).
+- ``P/nodes!shares/<k>``: the holder's name, on its lease; created only if absent (a claim).
+- ``P/nodes!slots/<n>``: the event slot the coordinator mints event ids in (see
+  ``detect/journal.EventSequence``), on its lease.
+
+Every member computes the same assignment from the members it sees (rendezvous hashing), and
+reconciles: it releases the shares it holds but no longer wins (writes what is pending for
+them first, then deletes the key), and claims the ones it wins that nobody holds. A claim
+takes effect when the watch delivers its own put: every node write the previous holder made
+came before it in the same stream, so the mirror holds its last word (the new holder then
+restarts the nodes' deadlines; see ``Coordinator.acquire_shares``).
+
+A member killed stops refreshing; TTL later etcd deletes its keys and the others claim its
+shares. A member that cannot refresh for a whole TTL gives up every share at once (it counts
+from its own send, so it stops no later than etcd expires the lease): no node is decided by
+two coordinators, and decisions it had not stored are dropped (the next holder decides from
+the store). It then joins again with a new lease. Node writes are compare-and-swap on the
+node's revision as always, so a write racing a takeover fails rather than overwrites.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import zlib
+from collections.abc import AsyncIterator, Mapping
+from typing import Protocol
+
+import msgspec
+from etcd3aio import EtcdError, prefix_range_end
+
+from nodewatch.detect.journal import EVENT_SLOTS
+from nodewatch.detect.shares import SHARES, Assignment
+from nodewatch.model import Event, NodeState
+from nodewatch.protocol import AgentLease
+from nodewatch.store.codec import decode_event, decode_node
+from nodewatch.store.etcd import EtcdStore, WatchEvent
+
+__all__ = ["ShareKeeper", "Shared"]
+
+log = logging.getLogger("nodewatch.shares")
+
+SPACE = "nodes!"
+MEMBERS = SPACE + "members"
+CLAIMS = SPACE + "shares"
+SLOTS = SPACE + "slots"
+RETRY = 0.5
+RECONCILE_EVERY = 1.0  # also without a change: a claim refused by a race is retried
+
+
+class Shared(Protocol):
+    """What the keeper drives: the coordinator."""
+
+    def start_sharing(self, slot: int) -> None: ...
+
+    def set_members(self, members: Mapping[str, str], assignment: Assignment) -> None: ...
+
+    async def acquire_shares(self, shares: frozenset[int]) -> None: ...
+
+    async def release_shares(self, shares: frozenset[int]) -> None: ...
+
+    async def lose_shares(self, cause: str) -> None: ...
+
+    def mirror_nodes(self, nodes: list[NodeState], deleted: list[str], reset: bool) -> None: ...
+
+    def mirror_events(self, events: list[Event]) -> None: ...
+
+    def agent_published(self, lease: AgentLease) -> None: ...
+
+    def agent_lease_expired(self, node_id: str) -> None: ...
+
+
+class ShareKeeper:
+    """Keeps coordinator ``identity`` (its name: the API address) a member advertising
+    ``url``, and its shares claimed, until stopped."""
+
+    def __init__(self, store: EtcdStore, identity: str, url: str, ttl: float = 5.0,
+                 shares: int = SHARES) -> None:
+        self.store = store
+        self.identity = identity
+        self.url = url
+        self.ttl = max(1, math.ceil(ttl))
+        self.shares = shares
+        self.members: dict[str, str] = {}
+        self.holders: dict[int, tuple[str, int]] = {}  # share -> (holder, its lease)
+        self.held: frozenset[int] = frozenset()
+        self.assignment = Assignment.of((), shares)
+        self.takeovers = 0  # shares acquired, for /metrics and tests
+        self._lease: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._released: set[int] = set()  # given up, while etcd still shows our claim
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    def start(self, shared: Shared) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(shared),
+                                                            name="nodewatch-shares")
+
+    async def stop(self) -> None:
+        """Leave: revoking the lease deletes the member and share keys at once, so the others
+        take the shares now rather than a TTL later."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._lease is not None:
+            with contextlib.suppress(Exception):
+                assert self.store.client is not None and self.store.client.lease is not None
+                await self.store.client.lease.revoke(self._lease, timeout=2.0, max_attempts=1)
+            self._lease = None
+
+    # ------------------------------------------------------------------ membership
+
+    async def _run(self, shared: Shared) -> None:
+        while True:
+            keepalive = None
+            tasks: list[asyncio.Task[None]] = []
+            try:
+                lease = await self.store.grant(self.ttl)
+                self._lease = lease
+                keepalive = self.store.keepalive(lease, self.ttl)
+                slot = await self._claim_slot(lease)
+                shared.start_sharing(slot)
+                await self.store.put_raw(self.store.key(MEMBERS, self.identity),
+                                         self.url.encode(), lease)
+                log.info("member %s (lease %x, ttl %ss, event slot %d)", self.identity, lease,
+                         self.ttl, slot)
+                loop = asyncio.get_running_loop()
+                tasks = [loop.create_task(self._follow(shared, lease)),
+                         loop.create_task(self._reconciler(shared, lease)),
+                         loop.create_task(self._mirror_events(shared)),
+                         loop.create_task(self._watch_agents(shared))]
+                await keepalive.lost.wait()
+                log.error("membership lease lost (%s): giving up every share", keepalive.cause)
+            except asyncio.CancelledError:
+                raise
+            except (EtcdError, LookupError, OSError, TimeoutError, Exception) as error:  # noqa: BLE001
+                log.warning("sharing: %s; joining again", error)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                if keepalive is not None:
+                    await keepalive.stop(revoke=False)
+            self._lease = None
+            await self._drop(shared, keepalive.cause if keepalive is not None else "etcd error")
+            await asyncio.sleep(RETRY)
+
+    async def _drop(self, shared: Shared, cause: str) -> None:
+        async with self._lock:
+            self.held = frozenset()
+            self.holders.clear()
+            self._released.clear()
+            await shared.lose_shares(cause)
+
+    async def _claim_slot(self, lease: int) -> int:
+        """A free event slot, starting from one picked by the name (usually the same one)."""
+        first = zlib.crc32(self.identity.encode()) % EVENT_SLOTS
+        for step in range(EVENT_SLOTS):
+            slot = (first + step) % EVENT_SLOTS
+            if await self.store.create_with_lease(self.store.key(SLOTS, str(slot)),
+                                                  self.identity.encode(), lease):
+                return slot
+        raise RuntimeError(f"all {EVENT_SLOTS} event slots are taken")
+
+    # ------------------------------------------------------------------ the one stream
+
+    async def _follow(self, shared: Shared, lease: int) -> None:
+        """Members, claims and node states at one revision, then their changes in order."""
+        start = self.store.key(SPACE)
+        end = prefix_range_end(self.store.key("nodes", ""))
+        node_prefix = self.store.key("nodes", "").decode()
+        while True:
+            keys, revision = await self.store.range_raw(start, end)
+            members: dict[str, str] = {}
+            holders: dict[int, tuple[str, int]] = {}
+            nodes: list[NodeState] = []
+            for kv in keys:
+                key = kv.key.decode()
+                if key.startswith(node_prefix):
+                    with contextlib.suppress(msgspec.DecodeError, IndexError):
+                        nodes.append(decode_node(kv.value, kv.revision))
+                else:
+                    self._note(key, kv.value, kv.lease, True, members, holders)
+            shared.mirror_nodes(nodes, [], reset=False)
+            self.members, self.holders = members, holders
+            await self._settle(shared, lease)
+            try:
+                async for batch in self.store.watch_range(start, end, revision + 1):
+                    await self._apply(shared, lease, batch, node_prefix)
+                return
+            except LookupError:
+                log.warning("watch compacted: reading members, shares and nodes again")
+
+    def _note(self, key: str, value: bytes, lease: int, put: bool,
+              members: dict[str, str], holders: dict[int, tuple[str, int]]) -> None:
+        prefix = self.store.prefix + "/"
+        name = key[len(prefix):]
+        if name.startswith(MEMBERS + "/"):
+            member = name[len(MEMBERS) + 1:]
+            if put:
+                members[member] = value.decode(errors="replace")
+            else:
+                members.pop(member, None)
+        elif name.startswith(CLAIMS + "/"):
+            with contextlib.suppress(ValueError):
+                share = int(name[len(CLAIMS) + 1:])
+                if put:
+                    holders[share] = (value.decode(errors="replace"), lease)
+                else:
+                    holders.pop(share, None)
+
+    async def _apply(self, shared: Shared, lease: int, batch: list[WatchEvent],
+                     node_prefix: str) -> None:
+        puts: list[NodeState] = []
+        deleted: list[str] = []
+        for change in batch:
+            if change.key.startswith(node_prefix):
+                node_id = change.key[len(node_prefix):]
+                if change.kind == "delete":
+                    deleted.append(node_id)
+                else:
+                    with contextlib.suppress(msgspec.DecodeError, IndexError):
+                        puts.append(decode_node(change.value, change.revision))
+            else:
+                self._note(change.key, change.value, change.lease, change.kind == "put",
+                           self.members, self.holders)
+        if puts or deleted:
+            shared.mirror_nodes(puts, deleted, reset=False)
+        await self._settle(shared, lease)
+
+    async def _settle(self, shared: Shared, lease: int) -> None:
+        """Take the shares the stream says are ours; tell the coordinator the members."""
+        assignment = Assignment.of(self.members, self.shares)
+        if assignment != self.assignment:
+            self.assignment = assignment
+            self._wake.set()
+        shared.set_members(self.members, assignment)
+        async with self._lock:
+            ours = frozenset(k for k, (holder, on) in self.holders.items()
+                             if holder == self.identity and on == lease)
+            self._released &= ours  # deleted keys are released for good
+            new = ours - self.held - self._released
+            if new:
+                self.held = self.held | new
+                self.takeovers += len(new)
+                await shared.acquire_shares(new)
+
+    # ------------------------------------------------------------------ reconcile
+
+    async def _reconciler(self, shared: Shared, lease: int) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RECONCILE_EVERY):
+                    await self._wake.wait()
+            self._wake.clear()
+            if self.identity not in self.members:
+                continue  # our member key has not come back by watch yet
+            try:
+                await self._reconcile(shared, lease)
+            except (EtcdError, OSError, TimeoutError, Exception) as error:  # noqa: BLE001
+                log.warning("reconciling shares failed (%s); retrying", error)
+                await asyncio.sleep(RETRY)
+
+    async def _reconcile(self, shared: Shared, lease: int) -> None:
+        wanted = self.assignment.held_by(self.identity)
+        me = self.identity.encode()
+        release = self.held - wanted
+        if release:
+            async with self._lock:
+                self.held = self.held - release
+                self._released |= release
+                await shared.release_shares(release)
+            await asyncio.gather(*(self.store.delete_if(self._claim_key(k), me)
+                                   for k in sorted(release)))
+        # Our name on an older lease (a previous life of this process): not ours now.
+        stale = [k for k, (holder, on) in self.holders.items()
+                 if holder == self.identity and on != lease]
+        await asyncio.gather(*(self.store.delete_if(self._claim_key(k), me) for k in stale))
+        claim = [k for k in sorted(wanted - self.held) if k not in self.holders]
+        if claim:
+            await asyncio.gather(*(self.store.create_with_lease(self._claim_key(k), me, lease)
+                                   for k in claim))
+
+    def _claim_key(self, share: int) -> bytes:
+        return self.store.key(CLAIMS, str(share))
+
+    # ------------------------------------------------------------------ events and agents
+
+    async def _mirror_events(self, shared: Shared) -> None:
+        _, revision = await self.store.list_raw(MEMBERS)
+        async for batch in self._watching("events", revision):
+            shared.mirror_events([decode_event(e.value) for e in batch if e.kind == "put"])
+
+    async def _watch_agents(self, shared: Shared) -> None:
+        decoder = msgspec.json.Decoder(AgentLease)
+        published, revision = await self.store.list_raw("agents")
+        for _, value in published:
+            with contextlib.suppress(msgspec.DecodeError):
+                shared.agent_published(decoder.decode(value))
+        async for batch in self._watching("agents", revision):
+            for change in batch:
+                if change.kind == "delete":
+                    shared.agent_lease_expired(change.key)
+                else:
+                    with contextlib.suppress(msgspec.DecodeError):
+                        shared.agent_published(decoder.decode(change.value))
+
+    async def _watching(self, sub: str, revision: int) -> AsyncIterator[list[WatchEvent]]:
+        start = revision + 1
+        while True:
+            try:
+                async for batch in self.store.watch(sub, start):
+                    yield batch
+                    start = batch[-1].revision + 1
+                return
+            except LookupError:
+                _, latest = await self.store.list_raw(MEMBERS)
+                start = latest + 1
+            except (EtcdError, OSError, TimeoutError, Exception) as error:  # noqa: BLE001
+                log.warning("watch of %s failed (%s); watching again from %d", sub, error, start)
+                await asyncio.sleep(RETRY)
