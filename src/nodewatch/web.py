@@ -42,7 +42,7 @@ def error_response(status: int, message: str) -> web.Response:
     return json_response({"error": message}, status=status)
 
 
-RAW_BODY = "nodewatch.raw_body"
+RAW_BODY: web.RequestKey[bytes] = web.RequestKey("raw_body", bytes)
 
 
 async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, Any]:

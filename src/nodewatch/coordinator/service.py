@@ -658,16 +658,16 @@ class Coordinator:
         self.cluster.budget.share(len(self.held_shares) / self.share_count)
         now = self.clock()
         spread = float(self.config.detection.unhealthy_interval)
+        for static in self.config.nodes:
+            if share_of(static.id, self.share_count) in shares:
+                self._handle(self.cluster.add_static(static.id, static.address, static.labels,
+                                                     now))
         taken = [n for n in self.cluster.nodes.values()
                  if share_of(n.node_id, self.share_count) in shares]
         for node in taken:
             if node.health is not Health.DEAD and node.node_id not in self.poller:
                 self.poller.add(node.node_id, node.address,
                                 first_due=now + self.rng.uniform(0.0, spread))
-        for static in self.config.nodes:
-            if share_of(static.id, self.share_count) in shares:
-                self._handle(self.cluster.add_static(static.id, static.address, static.labels,
-                                                     now))
         due = [r for r in self.cluster.due_actions()
                if share_of(r.node_id, self.share_count) in shares]
         for request in due:
@@ -802,14 +802,7 @@ class Coordinator:
         self._running = False
         if self.leadership is not None:
             await self.leadership.stop()
-        if self.sharing is not None:
-            # Written first, then the lease revoked: the other members take the shares at
-            # once from the last word of this one.
-            try:
-                await self.persist(routine=True)
-            except StoreUnavailable as exc:
-                log.error("leaving the members with writes not stored: %s", exc)
-            await self.sharing.stop()
+
         await self.poller.stop()
         for task in self._tasks + self._lead_tasks:
             task.cancel()
@@ -824,6 +817,11 @@ class Coordinator:
             await self.persist()  # what the actions reported meanwhile (action_failed)
         except StoreUnavailable as exc:
             log.error("stopping with writes not stored: %s", exc)
+        if self.sharing is not None:
+            # Written first, then the lease revoked (and nothing written after it): the other
+            # members take the shares at once, from this one's last word.
+            await self.sharing.stop()
+            self.held_shares = frozenset()
         await self.store.close()
 
     # ------------------------------------------------------------------ inputs
