@@ -72,6 +72,15 @@ def test_file_values_and_overrides(tmp_path: Path) -> None:
          "at most outliers.window (5s)"),
         ('[[actions]]\ntype = "haproxy"\nsocket = "/run/h.sock"\nbackend = "be"\n'
          'observe = "yes"\n', "actions[0].observe", "bool"),
+        ('[coordinator]\ncoordination = "raft"\n', "coordinator.coordination",
+         "election, shares"),
+        ('[coordinator]\ncoordination = "shares"\nlisten = "0.0.0.0:7300"\n',
+         "coordinator.advertise_url", "listen is a wildcard address"),
+        ('[coordinator]\nadvertise_url = "10.0.0.1:7300"\n', "coordinator.advertise_url",
+         "http:// or https:// URL"),
+        ('[agent]\ncoordinator = ["http://a:7300", "b:7300"]\n', "agent.coordinator",
+         "'b:7300'"),
+        ('[agent]\ncoordinator = 7300\n', "agent.coordinator", "str"),
     ],
 )
 def test_bad_values_name_file_key_and_expectation(

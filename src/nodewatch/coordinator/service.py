@@ -378,6 +378,7 @@ class Coordinator:
         self.share_count = SHARES
         self.members: dict[str, str] = {}  # member name -> its API URL
         self.assignment = Assignment.of(())
+        self.shares_short_since: float | None = None if sharing is None else clock()
         self.observers = list(observers)
         # With several coordinators on etcd, only the elected leader polls, confirms failures,
         # runs actions and writes node state; a follower mirrors the store and serves reads.
@@ -642,6 +643,16 @@ class Coordinator:
         """The live coordinators (name -> API URL) and the assignment they imply."""
         self.members = dict(members)
         self.assignment = assignment
+        self._note_shares()
+
+    def _note_shares(self) -> None:
+        """Since when this coordinator holds fewer shares than it wins (for /healthz)."""
+        wanted = self.assignment.counts().get(self.sharing_name, 0)
+        short = wanted == 0 or len(self.held_shares) < wanted
+        if not short:
+            self.shares_short_since = None
+        elif self.shares_short_since is None:
+            self.shares_short_since = self.clock()
 
     def start_sharing(self, slot: int) -> None:
         """Joined the members: this coordinator mints its events in its own slot."""
@@ -672,6 +683,7 @@ class Coordinator:
                if share_of(r.node_id, self.share_count) in shares]
         for request in due:
             self._submit(request, None)
+        self._note_shares()
         log.info("took shares %s: %d nodes, %d stored actions due", _share_list(shares),
                  len(taken), len(due))
 
@@ -689,6 +701,7 @@ class Coordinator:
         for node_id in list(self.cluster.nodes):
             if share_of(node_id, self.share_count) in shares:
                 self.poller.remove(node_id)
+        self._note_shares()
         log.info("released shares %s", _share_list(shares))
 
     async def lose_shares(self, cause: str) -> None:
@@ -708,6 +721,7 @@ class Coordinator:
         for node_id in list(self.cluster.nodes):
             self.poller.remove(node_id)
         self.cluster.take_dirty()
+        self._note_shares()
         if lost:
             log.error("lost every share (%s): %d shares, %d events never stored dropped",
                       cause, len(lost), len(dropped))
@@ -1450,7 +1464,11 @@ class Coordinator:
         cfg = self.config.coordinator
         return judge(Signals(
             now=self.clock(),
-            leads=self.role == "leader",
+            leads=self.role == "leader" or bool(self.held_shares),
+            sharing=self.sharing is not None,
+            shares_held=len(self.held_shares),
+            shares_wanted=self.assignment.counts().get(self.sharing_name, 0),
+            shares_short_since=self.shares_short_since,
             elected=self.leadership is not None,
             leader="" if self.unconfirmed_cause else self.leader,
             leaderless_since=self.leaderless_since,

@@ -50,6 +50,9 @@ class Budget:
         that lost nodes long ago can still clean up a new failure.
         """
         if self.limiter.saturated(now):
+            if self.limiter.rate != self.policy.max_rate:
+                return (f"held: budget (this coordinator's part, {self.limiter.rate:.3g} of "
+                        f"{self.policy.max_rate:g}/min, reached)")
             return f"held: budget (rate {self.policy.max_rate:g}/min reached)"
         limit = self.policy.budget_limit(watched)
         if out >= limit:
@@ -61,7 +64,8 @@ class Budget:
         that part of the per-minute rate, so that the coordinators together stay within it
         (at least one a minute each: a share is never starved of cleanups). How many nodes
         may be out at once needs no split: every coordinator counts the whole fleet."""
-        self.limiter.rate = self.policy.max_rate * max(0.0, min(1.0, fraction))
+        rate = self.policy.max_rate
+        self.limiter.rate = max(min(1.0, rate), rate * max(0.0, min(1.0, fraction)))
 
     def spend(self, node_id: str, now: float) -> None:
         """A cleanup goes ahead now: it counts against the rate and is no longer held."""
