@@ -23,6 +23,7 @@ from nodewatch.coordinator.health import CoordinatorHealth, Signals, judge
 from nodewatch.coordinator.poller import HttpProbe, Poller, Probe
 from nodewatch.detect import identity
 from nodewatch.detect.cluster import Cluster
+from nodewatch.detect.groups import GroupSummary
 from nodewatch.detect.journal import EVENT_SLOTS
 from nodewatch.detect.outcome import ActionRequest, Outcome, ProbeRequest
 from nodewatch.detect.policy import Policy
@@ -657,6 +658,16 @@ class Coordinator:
     def start_sharing(self, slot: int) -> None:
         """Joined the members: this coordinator mints its events in its own slot."""
         self.cluster.event_sequence.use_slot(slot)
+        self.cluster.share_groups({})
+
+    def group_summaries(self) -> dict[str, Any]:
+        """This coordinator's part of every outlier group, for the other members."""
+        return {group: summary.to_json()
+                for group, summary in sorted(self.cluster.outliers.summaries.items())}
+
+    def set_peer_groups(self, peers: Mapping[str, Mapping[str, GroupSummary]]) -> None:
+        """The other members' parts of the outlier groups (see detect/groups.py)."""
+        self.cluster.share_groups(peers)
 
     async def acquire_shares(self, shares: frozenset[int]) -> None:
         """Claimed in etcd, and the mirror holds the previous owner's last word: decide for

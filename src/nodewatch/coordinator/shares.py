@@ -34,11 +34,12 @@ import logging
 import math
 import zlib
 from collections.abc import AsyncIterator, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 from etcd3aio import EtcdError, prefix_range_end
 
+from nodewatch.detect.groups import GroupSummary
 from nodewatch.detect.journal import EVENT_SLOTS
 from nodewatch.detect.shares import SHARES, Assignment
 from nodewatch.model import Event, NodeState
@@ -54,8 +55,10 @@ SPACE = "nodes!"
 MEMBERS = SPACE + "members"
 CLAIMS = SPACE + "shares"
 SLOTS = SPACE + "slots"
+GROUPS = SPACE + "groups"  # each member's part of the outlier groups, on its lease
 RETRY = 0.5
 RECONCILE_EVERY = 1.0  # also without a change: a claim refused by a race is retried
+PUBLISH_EVERY = 1.0  # how often a member's part of the outlier groups is published
 
 
 class Shared(Protocol):
@@ -70,6 +73,10 @@ class Shared(Protocol):
     async def release_shares(self, shares: frozenset[int]) -> None: ...
 
     async def lose_shares(self, cause: str) -> None: ...
+
+    def group_summaries(self) -> dict[str, Any]: ...
+
+    def set_peer_groups(self, peers: Mapping[str, Mapping[str, GroupSummary]]) -> None: ...
 
     def mirror_nodes(self, nodes: list[NodeState], deleted: list[str], reset: bool) -> None: ...
 
@@ -93,6 +100,7 @@ class ShareKeeper:
         self.shares = shares
         self.members: dict[str, str] = {}
         self.holders: dict[int, tuple[str, int]] = {}  # share -> (holder, its lease)
+        self.groups: dict[str, dict[str, GroupSummary]] = {}  # member -> its outlier groups
         self.held: frozenset[int] = frozenset()
         self.assignment = Assignment.of((), shares)
         self.takeovers = 0  # shares acquired, for /metrics and tests
@@ -140,6 +148,7 @@ class ShareKeeper:
                 tasks = [loop.create_task(self._follow(shared, lease)),
                          loop.create_task(self._reconciler(shared, lease)),
                          loop.create_task(self._mirror_events(shared)),
+                         loop.create_task(self._publish_groups(shared, lease)),
                          loop.create_task(self._watch_agents(shared))]
                 await keepalive.lost.wait()
                 log.error("membership lease lost (%s): giving up every share", keepalive.cause)
@@ -213,6 +222,16 @@ class ShareKeeper:
                 members[member] = value.decode(errors="replace")
             else:
                 members.pop(member, None)
+        elif name.startswith(GROUPS + "/"):
+            member = name[len(GROUPS) + 1:]
+            self.groups.pop(member, None)
+            if put:
+                try:
+                    data = msgspec.json.decode(value)
+                    self.groups[member] = {str(group): GroupSummary.from_json(part)
+                                           for group, part in dict(data).items()}
+                except (msgspec.DecodeError, ValueError, KeyError, TypeError, AttributeError):
+                    log.warning("unreadable outlier groups from %s: ignored", member)
         elif name.startswith(CLAIMS + "/"):
             with contextlib.suppress(ValueError):
                 share = int(name[len(CLAIMS) + 1:])
@@ -247,6 +266,8 @@ class ShareKeeper:
             self.assignment = assignment
             self._wake.set()
         shared.set_members(self.members, assignment)
+        shared.set_peer_groups({m: g for m, g in self.groups.items()
+                                if m != self.identity and m in self.members})
         async with self._lock:
             ours = frozenset(k for k, (holder, on) in self.holders.items()
                              if holder == self.identity and on == lease)
@@ -292,6 +313,21 @@ class ShareKeeper:
         if claim:
             await asyncio.gather(*(self.store.create_with_lease(self._claim_key(k), me, lease)
                                    for k in claim))
+
+    async def _publish_groups(self, shared: Shared, lease: int) -> None:
+        """This member's part of every outlier group, when it changed (on its lease, so a
+        member that goes takes its part with it)."""
+        key = self.store.key(GROUPS, self.identity)
+        last = b""
+        while True:
+            await asyncio.sleep(PUBLISH_EVERY)
+            data = msgspec.json.encode(shared.group_summaries())
+            if data != last:
+                try:
+                    await self.store.put_raw(key, data, lease)
+                    last = data
+                except (EtcdError, OSError, TimeoutError, Exception) as error:  # noqa: BLE001
+                    log.debug("publishing outlier groups failed (%s); next round", error)
 
     def _claim_key(self, share: int) -> bytes:
         return self.store.key(CLAIMS, str(share))

@@ -17,6 +17,7 @@ from typing import Any
 from nodewatch.detect.budget import Budget
 from nodewatch.detect.drain import Drains
 from nodewatch.detect.gate import Gate
+from nodewatch.detect.groups import GroupSummary
 from nodewatch.detect.guard import Guard
 from nodewatch.detect.identity import Credential, Identity, Verdict
 from nodewatch.detect.journal import DirtyNodes, EventSequence, Revisions
@@ -176,6 +177,13 @@ class Cluster:
             self._forget(node_id)
         if self.scope is None:
             self.take_dirty()
+
+    def share_groups(self, peers: Mapping[str, Mapping[str, GroupSummary]]) -> None:
+        """Shared coordinators: the others' parts of each outlier group, so that a group's
+        centre and max_ejection_fraction are the whole group's (see detect/groups.py); from
+        now on this core keeps its own part in ``outliers.summaries`` for them."""
+        self.outliers.publishing = True
+        self.outliers.peers = peers
 
     def in_scope(self, node_id: str) -> bool:
         return self.scope is None or self.scope(node_id)
