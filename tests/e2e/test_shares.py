@@ -146,6 +146,15 @@ def test_three_coordinators_share_the_fleet_take_over_and_rebalance(
         status, body = http_json(f"{stranger.url}/v1/nodes/{node_id}/undrain", "POST", {})
         assert status == 200, body
 
+        # Callers' observations sent to one coordinator reach each node's judge.
+        status, body = http_json(f"{stranger.url}/v1/observations", "POST", {
+            "source": "lb-1", "window": 10,
+            "observations": [{"node_id": i, "requests": 100, "errors": 0} for i in sorted(ids)]})
+        assert status == 200, body
+        assert body["accepted"] == len(ids) and body["unknown"] == []
+        assert {f["owner"] for f in body["forwarded"]} == {
+            c.url for c in live if c is not stranger and expected[c.coordinator_listen]}
+
         # kill -9 of the coordinator holding the most nodes: its shares move.
         victim = max(live, key=lambda c: expected[c.coordinator_listen])
         survivors = [c for c in live if c is not victim]

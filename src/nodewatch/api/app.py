@@ -328,13 +328,64 @@ async def observations(request: web.Request) -> web.Response:
         if item.errors > item.requests:
             raise HTTPProblem(422, f"observations[{i}].errors: {item.errors:g} errors is more "
                                    f"than its {item.requests:g} requests")
-    source = body.source or f"observer@{request.remote or 'unknown'}"
+    source = body.source or f"observer@{_source(request) or 'unknown'}"
+    here = body.observations
+    elsewhere: dict[str, list[Any]] = {}
+    if coord.sharing is not None and FORWARDED_HEADER not in request.headers:
+        # Shared coordinators: each node's evidence goes to the coordinator that judges it.
+        here = []
+        for item in body.observations:
+            owner = "" if item.node_id not in coord.cluster.nodes or coord.owns(item.node_id) \
+                else coord.owner_url(item.node_id)
+            if owner:
+                elsewhere.setdefault(owner, []).append(item)
+            else:
+                here.append(item)
     unknown = coord.observe_callers(source, [
         CallerObservation(o.node_id, o.requests, o.errors, o.latency_p99_ms, body.window)
-        for o in body.observations])
+        for o in here])
     missing = set(unknown)
-    accepted = sum(1 for o in body.observations if o.node_id not in missing)
-    return json_response({"accepted": accepted, "unknown": unknown, "source": source})
+    accepted = sum(1 for o in here if o.node_id not in missing)
+    answer: dict[str, Any] = {"accepted": accepted, "unknown": unknown, "source": source}
+    if elsewhere:
+        answer["forwarded"] = await _forward_observations(request, source, body.window,
+                                                          elsewhere)
+        answer["accepted"] += sum(f["accepted"] for f in answer["forwarded"])
+        answer["unknown"] = sorted({*unknown, *(i for f in answer["forwarded"]
+                                               for i in f["unknown"])})
+    return json_response(answer)
+
+
+async def _forward_observations(request: web.Request, source: str, window: float,
+                                batches: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Send each owner its nodes' observations (concurrently, each bounded by
+    ``store_timeout``); what each answered, or why it did not (its items then count as not
+    accepted: the observer's next window brings fresh counts anyway)."""
+    coord = _coordinator(request)
+    timeout = aiohttp.ClientTimeout(total=float(coord.config.coordinator.store_timeout))
+    headers = {k: request.headers[k] for k in ("Authorization",) if k in request.headers}
+    headers[FORWARDED_HEADER] = _source(request)
+    session = request.app[FORWARD_SESSION_KEY]
+
+    async def one(owner: str, items: list[Any]) -> dict[str, Any]:
+        body = {"source": source, "window": window,
+                "observations": msgspec.to_builtins(items)}
+        result: dict[str, Any] = {"owner": owner, "sent": len(items), "accepted": 0,
+                                  "unknown": []}
+        try:
+            async with session.post(f"{owner}/v1/observations", json=body, headers=headers,
+                                    timeout=timeout) as answer:
+                data = await answer.json(content_type=None)
+                if answer.status == 200 and isinstance(data, dict):
+                    result["accepted"] = int(data.get("accepted", 0))
+                    result["unknown"] = [str(i) for i in data.get("unknown", [])]
+                else:
+                    result["error"] = f"HTTP {answer.status}"
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            result["error"] = type(exc).__name__
+        return result
+
+    return list(await asyncio.gather(*(one(o, i) for o, i in sorted(batches.items()))))
 
 
 # ---------------------------------------------------------------------- reads

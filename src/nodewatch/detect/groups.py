@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LATENCY_EDGES", "RATE_EDGES", "GroupSummary", "histogram", "merged_median"]
+__all__ = ["GroupSummary", "LATENCY_EDGES", "RATE_EDGES", "histogram", "merged_median"]
 
 
 def _geometric(low: float, high: float, ratio: float) -> tuple[float, ...]:
