@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from nodewatch.api.metrics import CoordinatorMetrics
 from nodewatch.config import Config, load_config
-from nodewatch.coordinator.service import Coordinator, NotOwner
+from nodewatch.coordinator.service import EVENT_SETTLE, Coordinator, NotOwner
 from nodewatch.coordinator.shares import ShareKeeper
 from nodewatch.detect.outcome import ActionRequest
 from nodewatch.detect.shares import SHARES, Assignment
@@ -132,11 +133,25 @@ async def test_two_coordinators_split_the_nodes_each_watched_by_exactly_one(
         for c in (one, two):  # either answers for the whole fleet
             await eventually(lambda c=c: all(health(c, n) is Health.HEALTHY for n in NODES),
                              within=BOUND, message="every node healthy on both")
+        # Either's event stream carries both coordinators' events, in id order, once settled.
+        deadline = time.monotonic() + BOUND
+        while True:
+            events = await one.events_after(None, 1000)
+            if {e.node_id for e in events if e.kind == "healthy"} == set(NODES):
+                break
+            assert time.monotonic() < deadline, "every node's healthy event in one's stream"
+            await asyncio.sleep(0.1)
+        assert all(e.ts <= one.clock() - EVENT_SETTLE for e in events)
+        ids = [e.id for e in events]
+        assert ids == sorted(set(ids))
         foreign = sorted(set(NODES) - mine)[0]
         with pytest.raises(NotOwner) as refused:
             await one.command("drain", foreign, "not mine")
         assert refused.value.owner == "http://127.0.0.1:7102"
         assert one.status()["shares"]["held"] == len(one.held_shares) > 0
+        text = CoordinatorMetrics(one).render().decode()
+        assert f"nodewatch_shares_held {float(len(one.held_shares))}" in text
+        assert "nodewatch_share_members 2.0" in text
     finally:
         await one.stop()
         await two.stop()

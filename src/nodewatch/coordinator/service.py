@@ -40,6 +40,7 @@ from nodewatch.model import (
     RegisterDecision,
     Registration,
     Report,
+    event_id,
     event_number,
 )
 from nodewatch.protocol import (
@@ -55,15 +56,17 @@ if TYPE_CHECKING:
     from nodewatch.coordinator.leadership import Leadership
     from nodewatch.coordinator.shares import ShareKeeper
 
-__all__ = ["ActionSink", "BindableSink", "CallerObserver", "Coordinator", "LAG_BEAT",
-           "MAX_RETRY_BACKOFF", "NoActions", "NotLeader", "NotOwner", "PERSIST_INTERVAL",
-           "RECENT_EVENTS", "ROUTINE_PERSIST_INTERVAL", "StoreHealth"]
+__all__ = ["ActionSink", "BindableSink", "CallerObserver", "Coordinator", "EVENT_SETTLE",
+           "LAG_BEAT", "MAX_RETRY_BACKOFF", "NoActions", "NotLeader", "NotOwner",
+           "PERSIST_INTERVAL", "RECENT_EVENTS", "ROUTINE_PERSIST_INTERVAL", "StoreHealth"]
 
 log = logging.getLogger("nodewatch.coordinator")
 
 RECENT_EVENTS = 10_000
 PERSIST_INTERVAL = 0.5
 ROUTINE_PERSIST_INTERVAL = 5.0
+# Shared coordinators: how old an event must be before readers get it (see events_after).
+EVENT_SETTLE = 2.0
 # How often the lag monitor wakes. The lag is how late a sleep wakes, so the beat only sets how
 # quickly a stall is seen (well within max_loop_lag, 1 s by default); each wake-up of an
 # otherwise idle coordinator costs about what 10 heartbeats do, so it is not 10 a second.
@@ -1426,12 +1429,27 @@ class Coordinator:
             remaining = deadline - self.clock()
             if events or remaining <= 0:
                 return events
+            if self.sharing is not None and self.recent and (after is None
+                                                             or self.recent[-1].id > after):
+                remaining = min(remaining, EVENT_SETTLE / 4)  # some are settling: look again
             try:
                 await asyncio.wait_for(waiter.wait(), timeout=remaining)
             except TimeoutError:
-                return []
+                if self.clock() >= deadline:
+                    return []
 
     async def events_after(self, after: str | None, limit: int) -> list[Event]:
+        """Events after ``after`` in id order. With shared coordinators, only those minted
+        ``EVENT_SETTLE`` ago or more: another coordinator's event comes in with its write (up
+        to a persist interval, plus the watch), and a reader's cursor must not have passed
+        its id by then (ids sort by time across coordinators)."""
+        events = await self._events_after(after, limit)
+        if self.sharing is None or not events:
+            return events
+        horizon = event_id(max(0, int((self.clock() - EVENT_SETTLE) * 1000)) * EVENT_SLOTS)
+        return [e for e in events if e.id < horizon]
+
+    async def _events_after(self, after: str | None, limit: int) -> list[Event]:
         recent = self.recent
         if recent and after is not None and after >= recent[0].id:
             out: list[Event] = []
