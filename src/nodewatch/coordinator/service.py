@@ -67,6 +67,8 @@ PERSIST_INTERVAL = 0.5
 ROUTINE_PERSIST_INTERVAL = 5.0
 # Shared coordinators: how old an event must be before readers get it (see events_after).
 EVENT_SETTLE = 2.0
+# Shared coordinators: how long a released share's running actions may take to finish.
+RELEASE_ACTIONS_WAIT = 10.0
 # How often the lag monitor wakes. The lag is how late a sleep wakes, so the beat only sets how
 # quickly a stall is seen (well within max_loop_lag, 1 s by default); each wake-up of an
 # otherwise idle coordinator costs about what 10 heartbeats do, so it is not 10 a second.
@@ -383,6 +385,7 @@ class Coordinator:
         self.members: dict[str, str] = {}  # member name -> its API URL
         self.assignment = Assignment.of(())
         self.shares_short_since: float | None = None if sharing is None else clock()
+        self._share_epoch = 0  # bumped when every share is lost: work begun before it stops
         self.observers = list(observers)
         # With several coordinators on etcd, only the elected leader polls, confirms failures,
         # runs actions and writes node state; a follower mirrors the store and serves reads.
@@ -702,19 +705,34 @@ class Coordinator:
                  len(taken), len(due))
 
     async def release_shares(self, shares: frozenset[int]) -> None:
-        """Another coordinator wins these shares now: write what is pending for them, then
-        stop deciding for their nodes (the keeper deletes the share keys afterwards)."""
+        """Another coordinator wins these shares now. Decide nothing more for their nodes
+        (out of scope and off the poller at once), then leave the last word in the store:
+        what is pending, the actions already decided run to their end (bounded by
+        ``RELEASE_ACTIONS_WAIT``) and their settling, so that the next holder neither
+        repeats nor misses one. The keeper deletes the claims afterwards."""
         if not shares:
             return
-        try:
-            await self.persist(routine=True)
-        except StoreUnavailable as exc:
-            log.warning("releasing shares with writes pending: %s", exc)
         self.held_shares = self.held_shares - shares
         self.cluster.budget.share(len(self.held_shares) / self.share_count)
         for node_id in list(self.cluster.nodes):
             if share_of(node_id, self.share_count) in shares:
                 self.poller.remove(node_id)
+        epoch = self._share_epoch
+        try:
+            await self.persist(routine=True)  # hands the stored decisions' actions over
+            join = getattr(self.actions, "join", None)
+            if join is not None:
+                try:
+                    async with asyncio.timeout(RELEASE_ACTIONS_WAIT):
+                        await join()
+                except TimeoutError:
+                    log.warning("releasing shares with actions still running after %gs: the "
+                                "next holder runs them again (at least once)",
+                                RELEASE_ACTIONS_WAIT)
+            if epoch == self._share_epoch:  # the lease was not lost meanwhile
+                await self.persist(routine=True)  # their settling
+        except StoreUnavailable as exc:
+            log.warning("releasing shares with writes pending: %s", exc)
         self._note_shares()
         log.info("released shares %s", _share_list(shares))
 
@@ -723,6 +741,7 @@ class Coordinator:
         other coordinators take them. Decide nothing more; decisions not stored yet are the
         next owners' to make (from the store), so they are dropped, never acted on later."""
         lost, self.held_shares = self.held_shares, frozenset()
+        self._share_epoch += 1
         self.cluster.budget.share(0.0)
         self._pending_actions.clear()
         dropped = {e.id for e in self._pending_events}

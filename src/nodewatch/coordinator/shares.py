@@ -299,10 +299,11 @@ class ShareKeeper:
         me = self.identity.encode()
         release = self.held - wanted
         if release:
-            async with self._lock:
-                self.held = self.held - release
-                self._released |= release
-                await shared.release_shares(release)
+            # Not under the lock: writing the last word may take a while, and the stream
+            # (acquisitions, the mirror) must go on meanwhile.
+            self.held = self.held - release
+            self._released |= release
+            await shared.release_shares(release)
             await asyncio.gather(*(self.store.delete_if(self._claim_key(k), me)
                                    for k in sorted(release)))
         # Our name on an older lease (a previous life of this process): not ours now.
