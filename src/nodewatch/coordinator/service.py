@@ -386,6 +386,7 @@ class Coordinator:
         self.assignment = Assignment.of(())
         self.shares_short_since: float | None = None if sharing is None else clock()
         self._share_epoch = 0  # bumped when every share is lost: work begun before it stops
+        self._share_index: tuple[tuple[int, int], dict[int, list[str]]] = ((0, -1), {})
         self.observers = list(observers)
         # With several coordinators on etcd, only the elected leader polls, confirms failures,
         # runs actions and writes node state; a follower mirrors the store and serves reads.
@@ -690,8 +691,9 @@ class Coordinator:
             if share_of(static.id, self.share_count) in shares:
                 self._handle(self.cluster.add_static(static.id, static.address, static.labels,
                                                      now))
-        taken = [n for n in self.cluster.nodes.values()
-                 if share_of(n.node_id, self.share_count) in shares]
+        index = self._nodes_by_share()
+        taken = [self.cluster.nodes[i] for k in sorted(shares) for i in index.get(k, ())
+                 if i in self.cluster.nodes]
         for node in taken:
             if node.health is not Health.DEAD and node.node_id not in self.poller:
                 self.poller.add(node.node_id, node.address,
@@ -704,6 +706,17 @@ class Coordinator:
         log.info("took shares %s: %d nodes, %d stored actions due", _share_list(shares),
                  len(taken), len(due))
 
+    def _nodes_by_share(self) -> dict[int, list[str]]:
+        """Node ids by share, kept until the set of node ids changes (a takeover of many
+        shares at 100,000 nodes must not scan the fleet once per share)."""
+        version = (id(self.cluster), self.cluster.revisions.members)
+        if self._share_index[0] != version:
+            index: dict[int, list[str]] = {}
+            for node_id in self.cluster.nodes:
+                index.setdefault(share_of(node_id, self.share_count), []).append(node_id)
+            self._share_index = (version, index)
+        return self._share_index[1]
+
     async def release_shares(self, shares: frozenset[int]) -> None:
         """Another coordinator wins these shares now. Decide nothing more for their nodes
         (out of scope and off the poller at once), then leave the last word in the store:
@@ -714,9 +727,9 @@ class Coordinator:
             return
         self.held_shares = self.held_shares - shares
         self.cluster.budget.share(len(self.held_shares) / self.share_count)
-        for node_id in list(self.cluster.nodes):
-            if share_of(node_id, self.share_count) in shares:
-                self.poller.remove(node_id)
+        index = self._nodes_by_share()
+        for node_id in [i for k in shares for i in index.get(k, ())]:
+            self.poller.remove(node_id)
         epoch = self._share_epoch
         try:
             await self.persist(routine=True)  # hands the stored decisions' actions over

@@ -107,6 +107,8 @@ class ShareKeeper:
         self._lease: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._released: set[int] = set()  # given up, while etcd still shows our claim
+        self._assigned_members: dict[str, str] = {}  # the members the assignment is of
+        self._groups_changed = self._holders_changed = True
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -171,6 +173,8 @@ class ShareKeeper:
             self.held = frozenset()
             self.holders.clear()
             self._released.clear()
+            self._assigned_members = {}
+            self._groups_changed = self._holders_changed = True
             await shared.lose_shares(cause)
 
     async def _claim_slot(self, lease: int) -> int:
@@ -204,6 +208,8 @@ class ShareKeeper:
                     self._note(key, kv.value, kv.lease, True, members, holders)
             shared.mirror_nodes(nodes, [], reset=False)
             self.members, self.holders = members, holders
+            self._assigned_members = {}
+            self._groups_changed = self._holders_changed = True
             await self._settle(shared, lease)
             try:
                 async for batch in self.store.watch_range(start, end, revision + 1):
@@ -224,6 +230,7 @@ class ShareKeeper:
                 members.pop(member, None)
         elif name.startswith(GROUPS + "/"):
             member = name[len(GROUPS) + 1:]
+            self._groups_changed = True
             self.groups.pop(member, None)
             if put:
                 try:
@@ -233,6 +240,7 @@ class ShareKeeper:
                 except (msgspec.DecodeError, ValueError, KeyError, TypeError, AttributeError):
                     log.warning("unreadable outlier groups from %s: ignored", member)
         elif name.startswith(CLAIMS + "/"):
+            self._holders_changed = True
             with contextlib.suppress(ValueError):
                 share = int(name[len(CLAIMS) + 1:])
                 if put:
@@ -260,14 +268,24 @@ class ShareKeeper:
         await self._settle(shared, lease)
 
     async def _settle(self, shared: Shared, lease: int) -> None:
-        """Take the shares the stream says are ours; tell the coordinator the members."""
-        assignment = Assignment.of(self.members, self.shares)
-        if assignment != self.assignment:
-            self.assignment = assignment
-            self._wake.set()
-        shared.set_members(self.members, assignment)
-        shared.set_peer_groups({m: g for m, g in self.groups.items()
-                                if m != self.identity and m in self.members})
+        """Take the shares the stream says are ours; tell the coordinator the members and
+        the others' outlier groups. Only what changed is recomputed: most batches carry node
+        states alone, and they must cost what they carry."""
+        if self.members != self._assigned_members:
+            self._assigned_members = dict(self.members)
+            assignment = Assignment.of(self.members, self.shares)
+            if assignment != self.assignment:
+                self.assignment = assignment
+                self._wake.set()
+            shared.set_members(self.members, assignment)
+            self._groups_changed = True
+        if self._groups_changed:
+            self._groups_changed = False
+            shared.set_peer_groups({m: g for m, g in self.groups.items()
+                                    if m != self.identity and m in self.members})
+        if not self._holders_changed:
+            return
+        self._holders_changed = False
         async with self._lock:
             ours = frozenset(k for k, (holder, on) in self.holders.items()
                              if holder == self.identity and on == lease)
