@@ -74,8 +74,11 @@ def test_file_values_and_overrides(tmp_path: Path) -> None:
          'observe = "yes"\n', "actions[0].observe", "bool"),
         ('[coordinator]\ncoordination = "raft"\n', "coordinator.coordination",
          "election, shares"),
-        ('[coordinator]\ncoordination = "shares"\nlisten = "0.0.0.0:7300"\n',
+        ('[coordinator]\ncoordination = "shares"\nlisten = "0.0.0.0:7300"\n'
+         'store = "etcd://10.0.0.1:2379/nw"\n',
          "coordinator.advertise_url", "listen is a wildcard address"),
+        ('[coordinator]\ncoordination = "shares"\n', "coordinator.coordination",
+         "needs an etcd:// store"),
         ('[coordinator]\nadvertise_url = "10.0.0.1:7300"\n', "coordinator.advertise_url",
          "http:// or https:// URL"),
         ('[agent]\ncoordinator = ["http://a:7300", "b:7300"]\n', "agent.coordinator",

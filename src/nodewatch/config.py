@@ -458,6 +458,9 @@ def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
     cc = cfg.coordinator
     if cc.advertise_url and not cc.advertise_url.startswith(("http://", "https://")):
         problems.append(("coordinator.advertise_url", "expected an http:// or https:// URL"))
+    if cc.coordination == "shares" and not cc.store.startswith("etcd://"):
+        problems.append(("coordinator.coordination", "\"shares\" needs an etcd:// store "
+                         "(several coordinators share the fleet through etcd)"))
     if cc.coordination == "shares" and not cc.advertise_url and \
             cc.listen.rsplit(":", 1)[0] in ("", "0.0.0.0", "[::]", "::"):
         problems.append(("coordinator.advertise_url", "expected the URL other coordinators "

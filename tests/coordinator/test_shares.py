@@ -19,7 +19,7 @@ import pytest
 
 from nodewatch.api.metrics import CoordinatorMetrics
 from nodewatch.config import Config, load_config
-from nodewatch.coordinator.service import EVENT_SETTLE, Coordinator, NotOwner
+from nodewatch.coordinator.service import Coordinator, NotOwner
 from nodewatch.coordinator.shares import ShareKeeper
 from nodewatch.detect.outcome import ActionRequest
 from nodewatch.detect.shares import SHARES, Assignment
@@ -61,6 +61,7 @@ def config(tmp_path: Path, listen: str) -> Config:
 listen = "{listen}"
 leader_ttl = "1s"
 coordination = "shares"
+store = "etcd://127.0.0.1:2379/unused"  # the test hands its own EtcdStore in
 
 [detection]
 healthy_interval = "200ms"
@@ -88,7 +89,7 @@ def coordinator(tmp_path: Path, endpoint: str, prefix: str,
     probe, sink = FakeProbe(time.time), RecordingActions()
     cfg = config(tmp_path, listen)
     coord = Coordinator(cfg, store, probe=probe, actions=sink,
-                        sharing=ShareKeeper(store, listen, cfg.coordinator.url, ttl=TTL))
+                        sharing=ShareKeeper(store, cfg.coordinator.url, ttl=TTL))
     return coord, probe, sink
 
 
@@ -126,8 +127,8 @@ async def test_two_coordinators_split_the_nodes_each_watched_by_exactly_one(
     await two.start()
     try:
         await eventually(lambda: settled(one, two), within=BOUND, message="two share")
-        assignment = Assignment.of(["127.0.0.1:7101", "127.0.0.1:7102"])
-        mine = {n for n in NODES if assignment.owner(n) == "127.0.0.1:7101"}
+        assignment = Assignment.of(["http://127.0.0.1:7101", "http://127.0.0.1:7102"])
+        mine = {n for n in NODES if assignment.owner(n) == "http://127.0.0.1:7101"}
         await eventually(lambda: polled(one) == mine and polled(two) == set(NODES) - mine,
                          within=BOUND, message="each polls its shares' nodes, and only them")
         for c in (one, two):  # either answers for the whole fleet
@@ -141,7 +142,6 @@ async def test_two_coordinators_split_the_nodes_each_watched_by_exactly_one(
                 break
             assert time.monotonic() < deadline, "every node's healthy event in one's stream"
             await asyncio.sleep(0.1)
-        assert all(e.ts <= one.clock() - EVENT_SETTLE for e in events)
         ids = [e.id for e in events]
         assert ids == sorted(set(ids))
         foreign = sorted(set(NODES) - mine)[0]
@@ -233,7 +233,7 @@ async def test_a_crashed_coordinators_shares_move_within_about_one_ttl(
         assert took < 3 * TTL + 2, f"took {took:.1f}s for a {TTL:g}s lease"
         assert polled(two) == set(NODES)
         assert two.status()["shares"]["members"] == [
-            {"name": "127.0.0.1:7302", "url": "http://127.0.0.1:7302", "shares": SHARES}]
+            {"name": "http://127.0.0.1:7302", "url": "http://127.0.0.1:7302", "shares": SHARES}]
     finally:
         await one.stop()
         await two.stop()

@@ -30,6 +30,7 @@ CONFIG = """
 [coordinator]
 leader_ttl = "2s"
 coordination = "shares"
+store = "{store}"
 
 [detection]
 healthy_interval = "2s"
@@ -84,7 +85,7 @@ def settled(coords: list[LocalCluster]) -> bool:
     views = [shares_of(c) for c in coords]
     if not all(views):
         return False
-    names = {c.coordinator_listen for c in coords}
+    names = {c.url for c in coords}
     if any({m["name"] for m in v["members"]} != names for v in views):
         return False
     return (all(v["held"] == v["wanted"] for v in views)
@@ -108,7 +109,7 @@ def test_three_coordinators_share_the_fleet_take_over_and_rebalance(
 ) -> None:
     url = etcd.url("/shares-test")
     actions = tmp_path / "actions.log"
-    config = CONFIG.format(actions=actions)
+    config = CONFIG.format(actions=actions, store=url)
     coords = [LocalCluster(workdir=tmp_path / f"c{i}",
                            coordinator_listen=f"127.0.0.1:{free_port()}", config_text=config)
               for i in range(4)]
@@ -116,7 +117,7 @@ def test_three_coordinators_share_the_fleet_take_over_and_rebalance(
     live = coords[:3]
     try:
         for c in live:
-            c.start_coordinator("--store", url)
+            c.start_coordinator()
         wait_until(lambda: settled(live), timeout=20, message="three coordinators share")
         urls = ",".join(c.url for c in live)
         for i in range(1, 13):
@@ -130,16 +131,15 @@ def test_three_coordinators_share_the_fleet_take_over_and_rebalance(
                        timeout=30, message=f"12 healthy nodes as seen by {c.coordinator_listen}")
 
         # Every node watched by exactly one coordinator: the one its share's holder is.
-        assignment = Assignment.of(c.coordinator_listen for c in live)
-        expected = {c.coordinator_listen: sum(assignment.owner(i) == c.coordinator_listen
-                                              for i in ids) for c in live}
-        wait_until(lambda: {c.coordinator_listen: polled(c) for c in live} == expected,
+        assignment = Assignment.of(c.url for c in live)
+        expected = {c.url: sum(assignment.owner(i) == c.url for i in ids) for c in live}
+        wait_until(lambda: {c.url: polled(c) for c in live} == expected,
                    timeout=10, message=f"pollers watch their shares' nodes: {expected}")
 
         # A command sent to a coordinator that does not own the node is forwarded.
         node_id = sorted(ids)[0]
         owner = assignment.owner(node_id)
-        stranger = next(c for c in live if c.coordinator_listen != owner)
+        stranger = next(c for c in live if c.url != owner)
         status, body = http_json(f"{stranger.url}/v1/nodes/{node_id}/drain", "POST",
                                  {"reason": "forwarded"})
         assert status == 200, body
@@ -153,12 +153,12 @@ def test_three_coordinators_share_the_fleet_take_over_and_rebalance(
         assert status == 200, body
         assert body["accepted"] == len(ids) and body["unknown"] == []
         assert {f["owner"] for f in body["forwarded"]} == {
-            c.url for c in live if c is not stranger and expected[c.coordinator_listen]}
+            c.url for c in live if c is not stranger and expected[c.url]}
 
         # kill -9 of the coordinator holding the most nodes: its shares move.
-        victim = max(live, key=lambda c: expected[c.coordinator_listen])
+        victim = max(live, key=lambda c: expected[c.url])
         survivors = [c for c in live if c is not victim]
-        moved_nodes = sorted(i for i in ids if assignment.owner(i) == victim.coordinator_listen)
+        moved_nodes = sorted(i for i in ids if assignment.owner(i) == victim.url)
         assert moved_nodes
         assert victim.coordinator is not None
         victim.coordinator.signal(signal.SIGKILL)
@@ -183,7 +183,7 @@ def test_three_coordinators_share_the_fleet_take_over_and_rebalance(
 
         # A coordinator added: shares rebalance, and nobody is falsely confirmed.
         joined = coords[3]
-        joined.start_coordinator("--store", url)
+        joined.start_coordinator()
         now_live = [*survivors, joined]
         wait_until(lambda: settled(now_live), timeout=20, message="four coordinators share")
         assert shares_of(joined)["held"] > 0

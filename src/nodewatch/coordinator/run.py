@@ -109,7 +109,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None,
     leadership = sharing = None
     cc = config.coordinator
     if isinstance(store, EtcdStore) and cc.coordination == "shares":
-        sharing = ShareKeeper(store, cc.listen, cc.url, cc.leader_ttl)
+        sharing = ShareKeeper(store, cc.url, cc.leader_ttl)
     elif isinstance(store, EtcdStore):  # several coordinators may share it: elect a leader
         leadership = Leadership(store, cc.listen, cc.leader_ttl)
     observers = build_observers(config)

@@ -29,6 +29,7 @@ from nodewatch.detect.outcome import ActionRequest, Outcome, ProbeRequest
 from nodewatch.detect.policy import Policy
 from nodewatch.detect.scheduler import CheckScheduler
 from nodewatch.detect.shares import SHARES, Assignment, share_of
+from nodewatch.errors import ConfigError
 from nodewatch.model import (
     CallerObservation,
     CheckResult,
@@ -334,7 +335,12 @@ class _SharedRole:
 
     def mirror_nodes(self, nodes: list[NodeState], deleted: list[str], reset: bool) -> None:
         owns = self._coord.owns
-        self._coord.cluster.mirror([n for n in nodes if not owns(n.node_id)],
+        held = self._coord.cluster.nodes
+        # An echo of an older write of ours (a share just released) never replaces a newer
+        # copy: revisions only grow.
+        fresh = [n for n in nodes if not owns(n.node_id) and not (
+            n.node_id in held and held[n.node_id].revision > n.revision)]
+        self._coord.cluster.mirror(fresh,
                                    [i for i in deleted if not owns(i)], reset=False,
                                    now=self._coord.clock())
 
@@ -386,6 +392,7 @@ class Coordinator:
         self.assignment = Assignment.of(())
         self.shares_short_since: float | None = None if sharing is None else clock()
         self._share_epoch = 0  # bumped when every share is lost: work begun before it stops
+        self._event_marks: dict[str, int] = {}  # the other members' event watermarks
         self._share_index: tuple[tuple[int, int], dict[int, list[str]]] = ((0, -1), {})
         self.observers = list(observers)
         # With several coordinators on etcd, only the elected leader polls, confirms failures,
@@ -480,6 +487,7 @@ class Coordinator:
                               self._action_settled)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._lag_monitor(), name="nodewatch-lag")]
+        await self._check_coordination()
         if self.sharing is not None:
             self.cluster.scope = self.owns
             self.cluster.budget.share(0.0)
@@ -496,6 +504,26 @@ class Coordinator:
         await self._lead()
         log.info("coordinator started: %d nodes restored, grace %.1fs", len(nodes),
                  self.policy.startup_grace)
+
+    async def _check_coordination(self) -> None:
+        """All coordinators of one etcd must coordinate alike: an elected leader and sharers
+        would both decide the same nodes. Refuse to start beside the other kind."""
+        keeper = self.sharing or self.leadership
+        if keeper is None:
+            return
+        store = keeper.store
+        if self.sharing is not None:
+            other = await self._bounded(store.get_raw(store.key("election", "leader")),
+                                        "read") is not None
+            theirs = "elects a leader (coordination = \"election\")"
+        else:
+            members, _ = await self._bounded(store.list_raw("nodes!members"), "read")
+            other = bool(members)
+            theirs = "shares the fleet (coordination = \"shares\")"
+        if other:
+            await self.store.close()
+            raise ConfigError(f"another coordinator of this store {theirs}: every coordinator "
+                              "of one store must use the same [coordinator] coordination")
 
     async def _restore(self) -> list[NodeState]:
         """A fresh core from the store's nodes and last event, in startup grace."""
@@ -623,7 +651,7 @@ class Coordinator:
 
     def owns(self, node_id: str) -> bool:
         """Sharing: whether the node's share is held here (always, without sharing)."""
-        return self.sharing is None or share_of(node_id, self.share_count) in self.held_shares
+        return self.sharing is None or share_of(node_id) in self.held_shares
 
     def owner_url(self, node_id: str) -> str:
         """The API URL of the coordinator the assignment gives the node to ("" if none)."""
@@ -633,7 +661,7 @@ class Coordinator:
         if not self.owns(node_id):
             owner = self.assignment.owner(node_id)
             url = "" if owner == self.sharing_name else self.members.get(owner, "")
-            raise NotOwner(node_id, share_of(node_id, self.share_count), url)
+            raise NotOwner(node_id, share_of(node_id), url)
 
     def member_hosts(self) -> set[str]:
         """The hosts of the member coordinators' URLs (trusted to say whom they forward)."""
@@ -688,18 +716,18 @@ class Coordinator:
         now = self.clock()
         spread = float(self.config.detection.unhealthy_interval)
         for static in self.config.nodes:
-            if share_of(static.id, self.share_count) in shares:
+            if share_of(static.id) in shares:
                 self._handle(self.cluster.add_static(static.id, static.address, static.labels,
                                                      now))
         index = self._nodes_by_share()
         taken = [self.cluster.nodes[i] for k in sorted(shares) for i in index.get(k, ())
                  if i in self.cluster.nodes]
+        self.cluster.adopt(n.node_id for n in taken)
         for node in taken:
             if node.health is not Health.DEAD and node.node_id not in self.poller:
                 self.poller.add(node.node_id, node.address,
                                 first_due=now + self.rng.uniform(0.0, spread))
-        due = [r for r in self.cluster.due_actions()
-               if share_of(r.node_id, self.share_count) in shares]
+        due = self.cluster.due_actions(n.node_id for n in taken)
         for request in due:
             self._submit(request, None)
         self._note_shares()
@@ -713,64 +741,94 @@ class Coordinator:
         if self._share_index[0] != version:
             index: dict[int, list[str]] = {}
             for node_id in self.cluster.nodes:
-                index.setdefault(share_of(node_id, self.share_count), []).append(node_id)
+                index.setdefault(share_of(node_id), []).append(node_id)
             self._share_index = (version, index)
         return self._share_index[1]
 
     async def release_shares(self, shares: frozenset[int]) -> None:
-        """Another coordinator wins these shares now. Decide nothing more for their nodes
-        (out of scope and off the poller at once), then leave the last word in the store:
-        what is pending, the actions already decided run to their end (bounded by
-        ``RELEASE_ACTIONS_WAIT``) and their settling, so that the next holder neither
-        repeats nor misses one. The keeper deletes the claims afterwards."""
+        """Another coordinator wins these shares now: leave it the last word in the store.
+        While still deciding for them, the actions already handed on for their nodes run to
+        their end (bounded by ``RELEASE_ACTIONS_WAIT``); then this coordinator stops deciding
+        (out of scope, off the poller) and writes what is pending, their settling included,
+        so that the next holder neither repeats nor misses one. Nodes go unwatched only from
+        that write until the next holder's claim comes back (milliseconds). The keeper
+        deletes the claims afterwards."""
         if not shares:
             return
+        index = self._nodes_by_share()
+        nodes = [i for k in shares for i in index.get(k, ())]
+        epoch = self._share_epoch
+        join = getattr(self.actions, "join", None)
+        if join is not None and nodes:
+            try:
+                async with asyncio.timeout(RELEASE_ACTIONS_WAIT):
+                    await join(nodes)
+            except TimeoutError:
+                log.warning("releasing shares with actions still running after %gs: the next "
+                            "holder runs them again (at least once)", RELEASE_ACTIONS_WAIT)
+        if epoch != self._share_epoch:
+            return  # the lease was lost meanwhile: nothing more to hand over
         self.held_shares = self.held_shares - shares
         self.cluster.budget.share(len(self.held_shares) / self.share_count)
-        index = self._nodes_by_share()
-        for node_id in [i for k in shares for i in index.get(k, ())]:
+        for node_id in nodes:
             self.poller.remove(node_id)
-        epoch = self._share_epoch
         try:
-            await self.persist(routine=True)  # hands the stored decisions' actions over
-            join = getattr(self.actions, "join", None)
-            if join is not None:
-                try:
-                    async with asyncio.timeout(RELEASE_ACTIONS_WAIT):
-                        await join()
-                except TimeoutError:
-                    log.warning("releasing shares with actions still running after %gs: the "
-                                "next holder runs them again (at least once)",
-                                RELEASE_ACTIONS_WAIT)
-            if epoch == self._share_epoch:  # the lease was not lost meanwhile
-                await self.persist(routine=True)  # their settling
+            await self.persist(routine=True)
         except StoreUnavailable as exc:
             log.warning("releasing shares with writes pending: %s", exc)
         self._note_shares()
         log.info("released shares %s", _share_list(shares))
 
-    async def lose_shares(self, cause: str) -> None:
-        """The membership lease is lost: etcd expires (or has expired) every share key, and
-        other coordinators take them. Decide nothing more; decisions not stored yet are the
-        next owners' to make (from the store), so they are dropped, never acted on later."""
-        lost, self.held_shares = self.held_shares, frozenset()
-        self._share_epoch += 1
-        self.cluster.budget.share(0.0)
-        self._pending_actions.clear()
-        dropped = {e.id for e in self._pending_events}
-        self._pending_events.clear()
-        self._pending_samples.clear()
+    async def lose_shares(self, cause: str, shares: frozenset[int] | None = None) -> None:
+        """The membership lease is lost (``shares`` None: every share), or some claims are:
+        etcd expires (or has expired) them, and other coordinators take them. Decide nothing
+        more for their nodes; decisions not stored yet are the next owners' to make (from the
+        store), so they are dropped, never acted on later."""
+        everything = shares is None
+        lost = self.held_shares if shares is None else self.held_shares & shares
+        if everything:
+            self._share_epoch += 1
+        self.held_shares = self.held_shares - lost
+        self.cluster.budget.share(len(self.held_shares) / self.share_count)
+        index = self._nodes_by_share()
+        nodes = set(self.cluster.nodes) if everything else {
+            i for k in lost for i in index.get(k, ())}
+        self._pending_actions[:] = [(r, e) for r, e in self._pending_actions
+                                    if r.node_id not in nodes]
+        dropped = {e.id for e in self._pending_events
+                   if e.node_id in nodes or (everything and not e.node_id)}
+        self._pending_events[:] = [e for e in self._pending_events if e.id not in dropped]
+        self._pending_samples[:] = [h for h in self._pending_samples if h.node_id not in nodes]
         if dropped:
             kept = [e for e in self.recent if e.id not in dropped]
             self.recent.clear()
             self.recent.extend(kept)
-        for node_id in list(self.cluster.nodes):
+        for node_id in nodes:
             self.poller.remove(node_id)
-        self.cluster.take_dirty()
+        if everything:
+            self.cluster.take_dirty()
+        else:
+            for node_id in nodes:
+                self.cluster.dirty.forget_pending(node_id)
         self._note_shares()
         if lost:
-            log.error("lost every share (%s): %d shares, %d events never stored dropped",
-                      cause, len(lost), len(dropped))
+            log.error("lost %s (%s): %d shares, %d events never stored dropped",
+                      "every share" if everything else f"shares {_share_list(lost)}", cause,
+                      len(lost), len(dropped))
+
+    def node_ids(self) -> list[str]:
+        return list(self.cluster.nodes)
+
+    def event_watermark(self) -> int:
+        """Every event this coordinator stores from now on has a higher number than this:
+        the first of those waiting for the store, less one, or the clock's floor."""
+        if self._pending_events:
+            return event_number(self._pending_events[0].id) - 1
+        return max(0, int(self.clock() * 1000) * EVENT_SLOTS - 1)
+
+    def set_event_marks(self, marks: Mapping[str, int]) -> None:
+        """The other members' event watermarks (see ``events_after``)."""
+        self._event_marks = dict(marks)
 
     def _merge_events(self, events: list[Event]) -> None:
         """Other coordinators' events, merged into ``recent`` in id order (ids sort by time
@@ -862,7 +920,8 @@ class Coordinator:
         self._running = False
         if self.leadership is not None:
             await self.leadership.stop()
-
+        if self.sharing is not None:
+            await self.sharing.pause()  # no claim or takeover now; the lease (and shares) kept
         await self.poller.stop()
         for task in self._tasks + self._lead_tasks:
             task.cancel()
@@ -1391,7 +1450,9 @@ class Coordinator:
             raise
         self._store_ok(probe_only=probed)
         for request, event in actions:  # their transitions are durable now
-            self._submit(request, event)
+            if self.owns(request.node_id):
+                self._submit(request, event)
+            # else its share was released meanwhile: stored as due, the next holder runs it
 
     async def _reload(self, node_ids: Sequence[str], deadline: float | None = None) -> None:
         """After losing a compare-and-swap, take the stored revision and write ours again."""
@@ -1471,15 +1532,23 @@ class Coordinator:
                     return []
 
     async def events_after(self, after: str | None, limit: int) -> list[Event]:
-        """Events after ``after`` in id order. With shared coordinators, only those minted
-        ``EVENT_SETTLE`` ago or more: another coordinator's event comes in with its write (up
-        to a persist interval, plus the watch), and a reader's cursor must not have passed
-        its id by then (ids sort by time across coordinators)."""
+        """Events after ``after`` in id order. With shared coordinators, only up to the
+        lowest of the other members' watermarks: another coordinator's event comes in with
+        its write, and a reader's cursor must not have passed its id by then (ids sort by
+        time across coordinators); a member whose store writes stall holds the stream back
+        rather than let its events land behind a cursor."""
         events = await self._events_after(after, limit)
         if self.sharing is None or not events:
             return events
-        horizon = event_id(max(0, int((self.clock() - EVENT_SETTLE) * 1000)) * EVENT_SLOTS)
-        return [e for e in events if e.id < horizon]
+        # Every other member says up to which number its events are stored (its watermark,
+        # published every half second); one not heard from yet counts as EVENT_SETTLE ago.
+        settle = max(0, int((self.clock() - EVENT_SETTLE) * 1000)) * EVENT_SLOTS
+        marks = [self._event_marks.get(m, settle) for m in self.members
+                 if m != self.sharing_name]
+        if not marks:
+            return events
+        horizon = event_id(min(marks))
+        return [e for e in events if e.id <= horizon]
 
     async def _events_after(self, after: str | None, limit: int) -> list[Event]:
         recent = self.recent

@@ -33,15 +33,15 @@ import contextlib
 import logging
 import math
 import zlib
-from collections.abc import AsyncIterator, Mapping
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 from etcd3aio import EtcdError, prefix_range_end
 
 from nodewatch.detect.groups import GroupSummary
 from nodewatch.detect.journal import EVENT_SLOTS
-from nodewatch.detect.shares import SHARES, Assignment
+from nodewatch.detect.shares import SHARES, Assignment, share_of
 from nodewatch.model import Event, NodeState
 from nodewatch.protocol import AgentLease
 from nodewatch.store.codec import decode_event, decode_node
@@ -50,15 +50,17 @@ from nodewatch.store.etcd import EtcdStore, WatchEvent
 __all__ = ["ShareKeeper", "Shared"]
 
 log = logging.getLogger("nodewatch.shares")
+T = TypeVar("T")
 
 SPACE = "nodes!"
 MEMBERS = SPACE + "members"
 CLAIMS = SPACE + "shares"
 SLOTS = SPACE + "slots"
 GROUPS = SPACE + "groups"  # each member's part of the outlier groups, on its lease
+MARKS = SPACE + "marks"  # each member's event watermark (see Coordinator.event_watermark)
 RETRY = 0.5
 RECONCILE_EVERY = 1.0  # also without a change: a claim refused by a race is retried
-PUBLISH_EVERY = 1.0  # how often a member's part of the outlier groups is published
+PUBLISH_EVERY = 0.5  # how often a member's outlier groups and event watermark are published
 
 
 class Shared(Protocol):
@@ -72,7 +74,13 @@ class Shared(Protocol):
 
     async def release_shares(self, shares: frozenset[int]) -> None: ...
 
-    async def lose_shares(self, cause: str) -> None: ...
+    async def lose_shares(self, cause: str, shares: frozenset[int] | None = None) -> None: ...
+
+    def node_ids(self) -> list[str]: ...
+
+    def event_watermark(self) -> int: ...
+
+    def set_event_marks(self, marks: Mapping[str, int]) -> None: ...
 
     def group_summaries(self) -> dict[str, Any]: ...
 
@@ -88,13 +96,15 @@ class Shared(Protocol):
 
 
 class ShareKeeper:
-    """Keeps coordinator ``identity`` (its name: the API address) a member advertising
-    ``url``, and its shares claimed, until stopped."""
+    """Keeps the coordinator reached at ``url`` a member, and its shares claimed, until
+    stopped."""
 
-    def __init__(self, store: EtcdStore, identity: str, url: str, ttl: float = 5.0,
+    def __init__(self, store: EtcdStore, url: str, ttl: float = 5.0,
                  shares: int = SHARES) -> None:
         self.store = store
-        self.identity = identity
+        # The member's name is its URL: unique by nature (two coordinators reached at one URL
+        # cannot both be reached), where a listen address such as 0.0.0.0:7300 is not.
+        self.identity = url
         self.url = url
         self.ttl = max(1, math.ceil(ttl))
         self.shares = shares
@@ -107,6 +117,10 @@ class ShareKeeper:
         self._lease: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._released: set[int] = set()  # given up, while etcd still shows our claim
+        self._releasing: dict[int, asyncio.Task[None]] = {}
+        self.marks: dict[str, int] = {}  # member -> its event watermark
+        self.agent_leases: dict[str, AgentLease] = {}  # the last announcement of each node
+        self._paused = False
         self._assigned_members: dict[str, str] = {}  # the members the assignment is of
         self._groups_changed = self._holders_changed = True
         self._wake = asyncio.Event()
@@ -116,19 +130,28 @@ class ShareKeeper:
         self._task = asyncio.get_running_loop().create_task(self._run(shared),
                                                             name="nodewatch-shares")
 
-    async def stop(self) -> None:
-        """Leave: revoking the lease deletes the member and share keys at once, so the others
-        take the shares now rather than a TTL later."""
+    async def pause(self) -> None:
+        """Stop following and claiming, keeping the lease (and so the shares) until ``stop``:
+        a stopping coordinator writes its last word meanwhile, deciding nothing new."""
+        self._paused = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    async def stop(self) -> None:
+        """Leave: revoking the lease deletes the member and share keys at once, so the others
+        take the shares now rather than a TTL later."""
+        await self.pause()
         if self._lease is not None:
-            with contextlib.suppress(Exception):
-                assert self.store.client is not None and self.store.client.lease is not None
-                await self.store.client.lease.revoke(self._lease, timeout=2.0, max_attempts=1)
+            await self._revoke(self._lease)
             self._lease = None
+
+    async def _revoke(self, lease: int) -> None:
+        with contextlib.suppress(Exception):
+            assert self.store.client is not None and self.store.client.lease is not None
+            await self.store.client.lease.revoke(lease, timeout=2.0, max_attempts=1)
 
     # ------------------------------------------------------------------ membership
 
@@ -136,36 +159,63 @@ class ShareKeeper:
         while True:
             keepalive = None
             tasks: list[asyncio.Task[None]] = []
+            cause = "etcd error"
             try:
                 lease = await self.store.grant(self.ttl)
                 self._lease = lease
                 keepalive = self.store.keepalive(lease, self.ttl)
+                if not await self.store.create_with_lease(self.store.key(MEMBERS, self.identity),
+                                                          self.url.encode(), lease):
+                    # Another live coordinator has this name (the same advertise_url), or this
+                    # one's previous lease has not expired yet: wait for it, never share it.
+                    log.error("member name %s is taken (another coordinator with the same URL, "
+                              "or this one's previous life until its lease expires); waiting",
+                              self.identity)
+                    cause = "member name taken"
+                    await self._revoke(lease)
+                    continue
                 slot = await self._claim_slot(lease)
                 shared.start_sharing(slot)
-                await self.store.put_raw(self.store.key(MEMBERS, self.identity),
-                                         self.url.encode(), lease)
                 log.info("member %s (lease %x, ttl %ss, event slot %d)", self.identity, lease,
                          self.ttl, slot)
                 loop = asyncio.get_running_loop()
-                tasks = [loop.create_task(self._follow(shared, lease)),
-                         loop.create_task(self._reconciler(shared, lease)),
-                         loop.create_task(self._mirror_events(shared)),
-                         loop.create_task(self._publish_groups(shared, lease)),
-                         loop.create_task(self._watch_agents(shared))]
-                await keepalive.lost.wait()
-                log.error("membership lease lost (%s): giving up every share", keepalive.cause)
+                tasks = [loop.create_task(self._follow(shared, lease), name="shares-follow"),
+                         loop.create_task(self._reconciler(shared, lease), name="shares-claim"),
+                         loop.create_task(self._mirror_events(shared), name="shares-events"),
+                         loop.create_task(self._publish(shared, lease), name="shares-publish"),
+                         loop.create_task(self._watch_agents(shared), name="shares-agents")]
+                lost = loop.create_task(keepalive.lost.wait())
+                done, _ = await asyncio.wait([*tasks, lost], return_when=asyncio.FIRST_COMPLETED)
+                if lost in done:
+                    cause = keepalive.cause
+                    log.error("membership lease lost (%s): giving up every share", cause)
+                else:
+                    # A task that should run for the lease's life ended: whatever it kept
+                    # (the mirror, the claims) is stale from now on. Give everything up at
+                    # once (revoking, so the others take over now) and join again.
+                    ended = next(t for t in tasks if t.done())
+                    error = ended.exception() if not ended.cancelled() else None
+                    cause = f"{ended.get_name()} ended ({type(error).__name__}: {error})"
+                    log.error("sharing: %s; giving up every share and joining again", cause)
+                    await self._revoke(lease)
+                lost.cancel()
             except asyncio.CancelledError:
                 raise
             except (EtcdError, LookupError, OSError, TimeoutError, Exception) as error:  # noqa: BLE001
-                log.warning("sharing: %s; joining again", error)
+                cause = f"{type(error).__name__}: {error}"
+                log.warning("sharing: %s; joining again", cause)
             finally:
-                for task in tasks:
+                for task in [*tasks, *self._releasing.values()]:
                     task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.gather(*tasks, *self._releasing.values(), return_exceptions=True)
+                self._releasing.clear()
                 if keepalive is not None:
                     await keepalive.stop(revoke=False)
-            self._lease = None
-            await self._drop(shared, keepalive.cause if keepalive is not None else "etcd error")
+                if not self._paused:
+                    self._lease = None
+            if self._paused:
+                return
+            await self._drop(shared, cause)
             await asyncio.sleep(RETRY)
 
     async def _drop(self, shared: Shared, cause: str) -> None:
@@ -190,33 +240,48 @@ class ShareKeeper:
     # ------------------------------------------------------------------ the one stream
 
     async def _follow(self, shared: Shared, lease: int) -> None:
-        """Members, claims and node states at one revision, then their changes in order."""
+        """Members, claims and node states at one revision, then their changes in order; read
+        again from scratch after a compaction or a failure of the stream."""
         start = self.store.key(SPACE)
         end = prefix_range_end(self.store.key("nodes", ""))
         node_prefix = self.store.key("nodes", "").decode()
         while True:
-            keys, revision = await self.store.range_raw(start, end)
-            members: dict[str, str] = {}
-            holders: dict[int, tuple[str, int]] = {}
-            nodes: list[NodeState] = []
-            for kv in keys:
-                key = kv.key.decode()
-                if key.startswith(node_prefix):
-                    with contextlib.suppress(msgspec.DecodeError, IndexError):
-                        nodes.append(decode_node(kv.value, kv.revision))
-                else:
-                    self._note(key, kv.value, kv.lease, True, members, holders)
-            shared.mirror_nodes(nodes, [], reset=False)
-            self.members, self.holders = members, holders
-            self._assigned_members = {}
-            self._groups_changed = self._holders_changed = True
-            await self._settle(shared, lease)
             try:
+                revision = await self._read_all(shared, lease, start, end, node_prefix)
                 async for batch in self.store.watch_range(start, end, revision + 1):
                     await self._apply(shared, lease, batch, node_prefix)
-                return
+                log.warning("watch of members, shares and nodes ended: reading them again")
             except LookupError:
                 log.warning("watch compacted: reading members, shares and nodes again")
+            except (EtcdError, OSError, TimeoutError) as error:
+                log.warning("following members, shares and nodes failed (%s); reading again",
+                            error)
+                await asyncio.sleep(RETRY)
+
+    async def _read_all(self, shared: Shared, lease: int, start: bytes, end: bytes,
+                        node_prefix: str) -> int:
+        keys, revision = await self.store.range_raw(start, end)
+        members: dict[str, str] = {}
+        holders: dict[int, tuple[str, int]] = {}
+        self.groups.clear()
+        self.marks.clear()
+        nodes: list[NodeState] = []
+        for kv in keys:
+            key = kv.key.decode()
+            if key.startswith(node_prefix):
+                with contextlib.suppress(msgspec.DecodeError, IndexError):
+                    nodes.append(decode_node(kv.value, kv.revision))
+            else:
+                self._note(key, kv.value, kv.lease, True, members, holders)
+        stored = {n.node_id for n in nodes}
+        # Nodes deleted while nobody watched (a compaction, a broken stream): gone here too.
+        ghosts = [i for i in shared.node_ids() if i not in stored]
+        shared.mirror_nodes(nodes, ghosts, reset=False)
+        self.members, self.holders = members, holders
+        self._assigned_members = {}
+        self._groups_changed = self._holders_changed = True
+        await self._settle(shared, lease)
+        return revision
 
     def _note(self, key: str, value: bytes, lease: int, put: bool,
               members: dict[str, str], holders: dict[int, tuple[str, int]]) -> None:
@@ -228,6 +293,13 @@ class ShareKeeper:
                 members[member] = value.decode(errors="replace")
             else:
                 members.pop(member, None)
+        elif name.startswith(MARKS + "/"):
+            member = name[len(MARKS) + 1:]
+            self._groups_changed = True
+            self.marks.pop(member, None)
+            if put:
+                with contextlib.suppress(ValueError):
+                    self.marks[member] = int(value)
         elif name.startswith(GROUPS + "/"):
             member = name[len(GROUPS) + 1:]
             self._groups_changed = True
@@ -283,6 +355,8 @@ class ShareKeeper:
             self._groups_changed = False
             shared.set_peer_groups({m: g for m, g in self.groups.items()
                                     if m != self.identity and m in self.members})
+            shared.set_event_marks({m: mark for m, mark in self.marks.items()
+                                    if m != self.identity and m in self.members})
         if not self._holders_changed:
             return
         self._holders_changed = False
@@ -290,11 +364,22 @@ class ShareKeeper:
             ours = frozenset(k for k, (holder, on) in self.holders.items()
                              if holder == self.identity and on == lease)
             self._released &= ours  # deleted keys are released for good
+            gone = self.held - ours
+            if gone:
+                # Our claim vanished (deleted by hand, or an old lease expired): another may
+                # hold it any moment, so stop deciding for it now.
+                self.held = self.held - gone
+                await shared.lose_shares("the claims are gone from etcd", gone)
             new = ours - self.held - self._released
             if new:
                 self.held = self.held | new
                 self.takeovers += len(new)
                 await shared.acquire_shares(new)
+                # Announcements of etcd-lease agents seen while another coordinator owned
+                # them: this one registers them now.
+                for node_id, announced in list(self.agent_leases.items()):
+                    if share_of(node_id, self.shares) in new:
+                        shared.agent_published(announced)
 
     # ------------------------------------------------------------------ reconcile
 
@@ -317,36 +402,60 @@ class ShareKeeper:
         me = self.identity.encode()
         release = self.held - wanted
         if release:
-            # Not under the lock: writing the last word may take a while, and the stream
-            # (acquisitions, the mirror) must go on meanwhile.
+            # In a task of its own: the last word may take a while to write (actions to end),
+            # and claims (a member lost meanwhile) and the stream must go on.
             self.held = self.held - release
             self._released |= release
-            await shared.release_shares(release)
-            await asyncio.gather(*(self.store.delete_if(self._claim_key(k), me)
-                                   for k in sorted(release)))
+            task = asyncio.get_running_loop().create_task(
+                self._release(shared, frozenset(release)), name="shares-release")
+            for k in release:
+                self._releasing[k] = task
+        # Released, and the claim still ours (a delete that failed): delete it again.
+        again = [k for k in sorted(self._released) if k not in self._releasing
+                 and self.holders.get(k) == (self.identity, lease)]
         # Our name on an older lease (a previous life of this process): not ours now.
         stale = [k for k, (holder, on) in self.holders.items()
                  if holder == self.identity and on != lease]
-        await asyncio.gather(*(self.store.delete_if(self._claim_key(k), me) for k in stale))
+        await asyncio.gather(*(self.store.delete_if(self._claim_key(k), me)
+                               for k in again + stale))
         claim = [k for k in sorted(wanted - self.held) if k not in self.holders]
         if claim:
             await asyncio.gather(*(self.store.create_with_lease(self._claim_key(k), me, lease)
                                    for k in claim))
 
-    async def _publish_groups(self, shared: Shared, lease: int) -> None:
-        """This member's part of every outlier group, when it changed (on its lease, so a
-        member that goes takes its part with it)."""
-        key = self.store.key(GROUPS, self.identity)
-        last = b""
+    async def _release(self, shared: Shared, shares: frozenset[int]) -> None:
+        try:
+            await shared.release_shares(shares)
+            me = self.identity.encode()
+            await asyncio.gather(*(self.store.delete_if(self._claim_key(k), me)
+                                   for k in sorted(shares)))
+        except (EtcdError, OSError, TimeoutError) as error:
+            log.warning("releasing shares: %s; the claims are deleted on the next round", error)
+        finally:
+            for k in shares:
+                if self._releasing.get(k) is asyncio.current_task():
+                    del self._releasing[k]
+            self._wake.set()
+
+    async def _publish(self, shared: Shared, lease: int) -> None:
+        """This member's part of every outlier group and its event watermark, when they
+        changed (on its lease, so a member that goes takes them with it)."""
+        groups_key = self.store.key(GROUPS, self.identity)
+        mark_key = self.store.key(MARKS, self.identity)
+        last_groups, last_mark = b"", b""
         while True:
             await asyncio.sleep(PUBLISH_EVERY)
-            data = msgspec.json.encode(shared.group_summaries())
-            if data != last:
-                try:
-                    await self.store.put_raw(key, data, lease)
-                    last = data
-                except (EtcdError, OSError, TimeoutError, Exception) as error:  # noqa: BLE001
-                    log.debug("publishing outlier groups failed (%s); next round", error)
+            try:
+                groups = msgspec.json.encode(shared.group_summaries())
+                mark = str(shared.event_watermark()).encode()
+                if groups != last_groups:
+                    await self.store.put_raw(groups_key, groups, lease)
+                    last_groups = groups
+                if mark != last_mark:
+                    await self.store.put_raw(mark_key, mark, lease)
+                    last_mark = mark
+            except (EtcdError, OSError, TimeoutError) as error:
+                log.debug("publishing outlier groups or the event mark failed (%s)", error)
 
     def _claim_key(self, share: int) -> bytes:
         return self.store.key(CLAIMS, str(share))
@@ -354,23 +463,36 @@ class ShareKeeper:
     # ------------------------------------------------------------------ events and agents
 
     async def _mirror_events(self, shared: Shared) -> None:
-        _, revision = await self.store.list_raw(MEMBERS)
+        _, revision = await self._retrying(lambda: self.store.list_raw(MEMBERS))
         async for batch in self._watching("events", revision):
             shared.mirror_events([decode_event(e.value) for e in batch if e.kind == "put"])
 
     async def _watch_agents(self, shared: Shared) -> None:
         decoder = msgspec.json.Decoder(AgentLease)
-        published, revision = await self.store.list_raw("agents")
+        published, revision = await self._retrying(lambda: self.store.list_raw("agents"))
         for _, value in published:
             with contextlib.suppress(msgspec.DecodeError):
-                shared.agent_published(decoder.decode(value))
+                announced = decoder.decode(value)
+                self.agent_leases[announced.node_id] = announced
+                shared.agent_published(announced)
         async for batch in self._watching("agents", revision):
             for change in batch:
                 if change.kind == "delete":
+                    self.agent_leases.pop(change.key, None)
                     shared.agent_lease_expired(change.key)
                 else:
                     with contextlib.suppress(msgspec.DecodeError):
-                        shared.agent_published(decoder.decode(change.value))
+                        announced = decoder.decode(change.value)
+                        self.agent_leases[announced.node_id] = announced
+                        shared.agent_published(announced)
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        while True:
+            try:
+                return await call()
+            except (EtcdError, OSError, TimeoutError) as error:
+                log.warning("etcd read failed (%s); retrying", error)
+                await asyncio.sleep(RETRY)
 
     async def _watching(self, sub: str, revision: int) -> AsyncIterator[list[WatchEvent]]:
         start = revision + 1

@@ -11,7 +11,7 @@ drive the same code.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from nodewatch.detect.budget import Budget
@@ -91,11 +91,21 @@ class Cluster:
             self._track(node)
 
     def _track(self, node: NodeState) -> None:
-        """The policies' share of a node restored or mirrored with its state."""
+        """The policies' share of a node restored or mirrored with its state (what is decided
+        per node only for the nodes in scope: another coordinator's are its to decide)."""
         if node.health is Health.UNHEALTHY and not node.cleaned_up:
             self.budget.hold(node.node_id, "")
         self.drains.track(node)
-        self.outliers.track(node)
+        if self.in_scope(node.node_id):
+            self.outliers.track(node)
+
+    def adopt(self, node_ids: Iterable[str]) -> None:
+        """Nodes that came into scope (a share taken over): their per-node policy state from
+        what was mirrored (an ejected outlier stays ejected)."""
+        for node_id in node_ids:
+            node = self.table.nodes.get(node_id)
+            if node is not None:
+                self.outliers.track(node)
 
     # ------------------------------------------------------------------ views
 
@@ -516,9 +526,15 @@ class Cluster:
     # ------------------------------------------------------------------ budget
 
     def _budget_block(self, now: float) -> str:
-        # Outliers ejected draw from the same budget as nodes cleaned up.
-        return self.budget.block(now, self.table.watched,
-                                 self.table.out_count + self.outliers.ejected_count)
+        # Outliers ejected draw from the same budget as nodes cleaned up (with shared
+        # coordinators, the others' ejections as their group summaries say).
+        ejected = self.outliers.ejected_count + self.outliers.peer_ejected
+        block = self.budget.block(now, self.table.watched, self.table.out_count + ejected)
+        if block or self.scope is None:
+            return block
+        nodes = self.table.nodes
+        own = sum(1 for i in self.table.unhealthy if self.in_scope(i) and nodes[i].cleaned_up)
+        return self.budget.block_part(own + self.outliers.ejected_count, self.table.watched)
 
     def _request_cleanup(self, out: Outcome, node: NodeState, event: Event, now: float) -> None:
         if node.cleaned_up:
@@ -554,11 +570,14 @@ class Cluster:
             node.actions_due = due
             self.dirty.changed(node_id)
 
-    def due_actions(self) -> list[ActionRequest]:
+    def due_actions(self, node_ids: Iterable[str] | None = None) -> list[ActionRequest]:
         """Actions stored but never settled (a coordinator died before they ran): after a
-        restart or a leader change they run now, at least once."""
+        restart, a leader change or a takeover of a share (``node_ids``: its nodes) they run
+        now, at least once."""
+        nodes = self.table.nodes.values() if node_ids is None else [
+            self.table.nodes[i] for i in node_ids if i in self.table.nodes]
         return [ActionRequest(d.kind, node.node_id, node.address, d.event_id, d.reason)
-                for node in self.table.nodes.values() for d in node.actions_due]
+                for node in nodes for d in node.actions_due]
 
     # ------------------------------------------------------------------ guard
 
@@ -891,7 +910,7 @@ class Cluster:
         """What callers saw of nodes: evidence only, judged on the next tick. Returns the
         node ids not known here (reported back to the caller, not an error)."""
         known = [o for o in observations if o.node_id in self.table.nodes]
-        self.outliers.note_callers(source, known, now)
+        self.outliers.note_callers(source, [o for o in known if self.in_scope(o.node_id)], now)
         return sorted({o.node_id for o in observations if o.node_id not in self.table.nodes})
 
     def _ejection_block(self, now: float) -> str:
@@ -900,8 +919,9 @@ class Cluster:
         return self._budget_block(now)
 
     def _judge_outliers(self, out: Outcome, now: float) -> None:
-        verdicts = self.outliers.judge(now, self.table.nodes,
-                                       lambda: self._ejection_block(now))
+        nodes: Mapping[str, NodeState] = self.table.nodes if self.scope is None else \
+            _Scoped(self.table.nodes, self.scope)
+        verdicts = self.outliers.judge(now, nodes, lambda: self._ejection_block(now))
         for verdict in verdicts:
             if not verdict.node_id or self.in_scope(verdict.node_id):
                 self._apply_outlier(out, verdict, now)
@@ -970,3 +990,22 @@ class Cluster:
             if held.health is Health.DEAD:
                 # Went dead while its cleanup waited: deregister it for good now.
                 self._action(out, "dead", held, event)
+
+
+class _Scoped(Mapping[str, NodeState]):
+    """The nodes in scope, as a read-only mapping (what the outlier rule may judge)."""
+
+    def __init__(self, nodes: Mapping[str, NodeState], scope: Callable[[str], bool]) -> None:
+        self._nodes = nodes
+        self._scope = scope
+
+    def __getitem__(self, node_id: str) -> NodeState:
+        if not self._scope(node_id):
+            raise KeyError(node_id)
+        return self._nodes[node_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return (i for i in self._nodes if self._scope(i))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

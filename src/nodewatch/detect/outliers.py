@@ -132,6 +132,11 @@ class OutlierDetector:
         return self.policy.outliers and bool(self._evidence or self._ejected)
 
     @property
+    def peer_ejected(self) -> int:
+        """Nodes the other coordinators have out as outliers (from their group summaries)."""
+        return sum(g.out for part in self.peers.values() for g in part.values())
+
+    @property
     def ejected_count(self) -> int:
         """Nodes out as outliers for real (dry runs excluded): what the budget counts."""
         return sum(self._ejected.values())

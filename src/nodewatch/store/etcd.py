@@ -148,12 +148,12 @@ class KeepAlive:
             self._run(), name=f"nodewatch-lease-{self.lease_id:x}")
         return self
 
-    async def _refresh(self) -> int:
+    async def _refresh(self, within: float) -> int:
         lease = self.client.lease
         assert lease is not None
         call = lease.keep_alive(self.lease_id)
         try:
-            async with asyncio.timeout(max(1.0, self.ttl / 3)):
+            async with asyncio.timeout(within):
                 async for reply in call:
                     return int(reply.TTL)
         finally:
@@ -168,10 +168,15 @@ class KeepAlive:
             # The lease's TTL restarts when etcd handles the refresh, which is after we sent
             # it: counting from the send, we give the lease up no later than etcd expires it.
             sent = time.monotonic()
+            # Never wait past the moment the lease may have expired: a refresh answered
+            # later must not let this side believe it held the lease meanwhile.
+            left = last_ok + self.ttl - sent
             try:
-                ttl = await self._refresh()
+                if left <= 0:
+                    raise TimeoutError("no refresh answered within the lease's TTL")
+                ttl = await self._refresh(min(max(1.0, self.ttl / 3), left))
             except (EtcdError, TimeoutError, Exception) as error:  # noqa: BLE001 - retried
-                if time.monotonic() - last_ok >= self.ttl:
+                if time.monotonic() - last_ok >= self.ttl - 0.05:
                     log.warning("lease %x not refreshed for %ss: lost (%s)", self.lease_id,
                                 self.ttl, error)
                     self.cause = (f"etcd unreachable: lease not refreshed for {self.ttl}s "
