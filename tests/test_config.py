@@ -81,6 +81,18 @@ def test_file_values_and_overrides(tmp_path: Path) -> None:
          "at most 256 characters"),
         ("[agent]\nlabels = {" + ", ".join(f'k{i} = "v"' for i in range(65)) + "}\n",
          "agent.labels", "at most 64 labels, got 65"),
+        ('[coordinator]\ncoordination = "raft"\n', "coordinator.coordination",
+         "election, shares"),
+        ('[coordinator]\ncoordination = "shares"\nlisten = "0.0.0.0:7300"\n'
+         'store = "etcd://10.0.0.1:2379/nw"\n',
+         "coordinator.advertise_url", "listen is a wildcard address"),
+        ('[coordinator]\ncoordination = "shares"\n', "coordinator.coordination",
+         "needs an etcd:// store"),
+        ('[coordinator]\nadvertise_url = "10.0.0.1:7300"\n', "coordinator.advertise_url",
+         "http:// or https:// URL"),
+        ('[agent]\ncoordinator = ["http://a:7300", "b:7300"]\n', "agent.coordinator",
+         "'b:7300'"),
+        ('[agent]\ncoordinator = 7300\n', "agent.coordinator", "str"),
     ],
 )
 def test_bad_values_name_file_key_and_expectation(

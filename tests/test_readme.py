@@ -48,6 +48,9 @@ def test_deploy_examples_load_and_units_run_real_commands() -> None:
     assert agent.node_id == "web-1" and agent.checks and agent.labels["zone"] == "a"
     fast = load_config(ROOT / "deploy" / "coordinator-fast-push.toml")
     fast_agent = load_agent_config(str(ROOT / "deploy" / "agent-fast-push.toml"), {})
+    shared = load_config(ROOT / "deploy" / "coordinator-shared.toml")
+    assert shared.coordinator.coordination == "shares"
+    assert shared.coordinator.url == "http://10.0.0.11:7300"
     # The example is the profile that bench/detection_quality.py and heartbeat_cost.py measure.
     measured = next(p for p in PROFILES if p.name == FAST_PROFILE)
     assert (fast.detection.healthy_interval, fast.detection.unhealthy_interval,

@@ -21,7 +21,8 @@ from nodewatch.tls import TlsSetupError, client_context, server_context
 __all__ = ["ActionConfig", "AgentCheckConfig", "AgentConfig", "AgentRuleConfig", "BudgetConfig",
            "Config", "ConfigError", "CoordinatorConfig", "DetectionConfig", "Duration",
            "GuardConfig", "NodeConfig", "OutliersConfig", "ReviewConfig", "Tokens",
-           "check_agent_config", "format_duration", "load_config", "parse_duration", "token_list"]
+           "check_agent_config", "coordinator_urls", "format_duration", "load_config",
+           "parse_duration", "token_list"]
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 NODE_ID_RE = re.compile(NODE_ID_PATTERN)
@@ -106,6 +107,13 @@ class CoordinatorConfig(_Table):
     max_body: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     events_retained: Annotated[int, Meta(ge=100)] = 100_000
     leader_ttl: Duration = Duration(5.0)  # etcd election lease: a dead leader's replacement time
+    # Several coordinators on one etcd: "election" (one leader decides, the others mirror) or
+    # "shares" (every coordinator decides for its shares of the nodes, rendezvous-hashed;
+    # coordinator/shares.py). Ignored on SQLite and Redis (one coordinator).
+    coordination: Literal["election", "shares"] = "election"
+    # The URL other coordinators forward requests to and agents are sent to ("": http(s)://
+    # listen, which must then not be a wildcard address when coordination = "shares").
+    advertise_url: str = ""
     # HOST:PORT for UDP heartbeats (HMAC-signed with agent_token); empty = HTTP pushes only.
     heartbeat_udp: str = ""
     # Issue a node a new credential on a register answer once its credential is this old
@@ -136,6 +144,13 @@ class CoordinatorConfig(_Table):
     def agent_tokens(self) -> tuple[str, ...]:
         """Every accepted agent token (``agent_token`` as a tuple)."""
         return token_list(self.agent_token)
+
+    @property
+    def url(self) -> str:
+        """Where other coordinators and agents reach this one (``advertise_url`` or listen)."""
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        return f"{'https' if self.tls_cert else 'http'}://{self.listen}"
 
     @property
     def admin_tokens(self) -> tuple[str, ...]:
@@ -301,7 +316,9 @@ class AgentConfig(_Table):
     node_id: str = ""
     listen: HostPort = "0.0.0.0:7301"
     advertise: str = ""
-    coordinator: str = ""
+    # The coordinator's URL; with shared coordinators, several (a list, or comma-separated):
+    # the agent registers with any of them and is told which one watches it.
+    coordinator: str | list[str] = ""
     state_dir: str = "./nodewatch-agent"
     sample_interval: Duration = Duration(5.0)
     agent_token: str = ""
@@ -349,6 +366,12 @@ def _valid_host_port(text: str) -> bool:
     return match is not None and int(match.group(2)) <= 65535
 
 
+def coordinator_urls(value: str | list[str]) -> list[str]:
+    """``[agent] coordinator`` as URLs: a list, or one string with commas between URLs."""
+    items = value if isinstance(value, list) else value.split(",")
+    return [item.strip().rstrip("/") for item in items if item.strip()]
+
+
 def _agent_problems(agent: AgentConfig) -> list[tuple[str, str]]:
     """The agent's cross-field rules, shared by ``load_config`` and ``Agent(...)`` overrides."""
     problems: list[tuple[str, str]] = []
@@ -365,6 +388,13 @@ def _agent_problems(agent: AgentConfig) -> list[tuple[str, str]]:
     if agent.node_id and not NODE_ID_RE.match(agent.node_id):
         problems.append(("agent.node_id", "expected 1-128 characters of [A-Za-z0-9._-]"))
     problems += _label_problems(agent.labels)
+    urls = coordinator_urls(agent.coordinator)
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            problems.append(("agent.coordinator", f"expected http:// or https:// URLs, got "
+                                                  f"{url!r}"))
+    if len(urls) > 64:
+        problems.append(("agent.coordinator", "expected at most 64 coordinator URLs"))
     for i, rule in enumerate(agent.rules):
         if rule.metric not in _RULE_METRICS and not rule.metric.startswith("load."):
             problems.append(
@@ -454,6 +484,16 @@ def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
                 problems.append((f"coordinator.{key}", "expected each token once"))
             elif len(value) > 16:
                 problems.append((f"coordinator.{key}", "expected at most 16 tokens"))
+    cc = cfg.coordinator
+    if cc.advertise_url and not cc.advertise_url.startswith(("http://", "https://")):
+        problems.append(("coordinator.advertise_url", "expected an http:// or https:// URL"))
+    if cc.coordination == "shares" and not cc.store.startswith("etcd://"):
+        problems.append(("coordinator.coordination", "\"shares\" needs an etcd:// store "
+                         "(several coordinators share the fleet through etcd)"))
+    if cc.coordination == "shares" and not cc.advertise_url and \
+            cc.listen.rsplit(":", 1)[0] in ("", "0.0.0.0", "[::]", "::"):
+        problems.append(("coordinator.advertise_url", "expected the URL other coordinators "
+                         "and agents reach this one at (listen is a wildcard address)"))
     if cfg.coordinator.leader_ttl < 1:
         problems.append(("coordinator.leader_ttl", "expected at least 1s (an etcd lease)"))
     if cfg.coordinator.heartbeat_udp and not _valid_host_port(cfg.coordinator.heartbeat_udp):

@@ -16,13 +16,13 @@ from msgspec import UNSET, Meta, UnsetType
 from nodewatch.config import NODE_ID_PATTERN
 from nodewatch.model import NodeStatus, Report
 
-__all__ = ["AgentLease", "CREDENTIAL_HEADER", "HealthBody", "HealthDoc", "HeartbeatBody",
-           "MAX_DATAGRAM", "ProbeReply", "RegisterAnswer", "RegisterBody", "TAG_SIZE", "UdpReply",
-           "VERSION", "credential_hash", "decode_health_body", "decode_probe_reply",
-           "decode_udp_reply", "derive_status", "encode_health", "encode_heartbeat_datagram",
-           "encode_udp_reply", "heartbeat_body", "heartbeat_key", "lease_proof", "lease_proven",
-           "new_credential", "node_heartbeat_key", "parse_health_body", "peek_node_id",
-           "split_host_port", "tagged", "untagged"]
+__all__ = ["AgentLease", "CREDENTIAL_HEADER", "FORWARDED_HEADER", "HealthBody", "HealthDoc",
+           "HeartbeatBody", "MAX_DATAGRAM", "OWNER_HEADER", "ProbeReply", "RegisterAnswer",
+           "RegisterBody", "TAG_SIZE", "UdpReply", "VERSION", "credential_hash",
+           "decode_health_body", "decode_probe_reply", "decode_udp_reply", "derive_status",
+           "encode_health", "encode_heartbeat_datagram", "encode_udp_reply", "heartbeat_body",
+           "heartbeat_key", "lease_proof", "lease_proven", "new_credential", "node_heartbeat_key",
+           "parse_health_body", "peek_node_id", "split_host_port", "tagged", "untagged"]
 
 
 # The release both ends speak and report (``/health`` "version"); the package's __version__.
@@ -181,6 +181,19 @@ class RegisterAnswer(msgspec.Struct, kw_only=True):
     # The node credential, present when the coordinator issues one (enrolment, an approved
     # re-enrolment, a rotation): the agent stores it and proves it from then on.
     credential: str = ""
+    # With shared coordinators: the API URL of the one that watches this node (heartbeats go
+    # there); "" from a single coordinator.
+    owner: str = ""
+
+
+# ---------------------------------------------------------------------- shared coordinators
+#
+# Any coordinator takes a request about any node; one about a node of another coordinator's
+# share is forwarded there (FORWARDED_HEADER marks it, so it is never forwarded twice), and
+# every answer about a node names its owner (OWNER_HEADER) so that agents go there directly.
+
+OWNER_HEADER = "X-Nodewatch-Owner"
+FORWARDED_HEADER = "X-Nodewatch-Forwarded-For"
 
 
 # ---------------------------------------------------------------------- node credentials

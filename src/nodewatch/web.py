@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-__all__ = ["HTTPProblem", "JSON", "beyond_loopback", "error_response", "json_response",
+__all__ = ["HTTPProblem", "JSON", "RAW_BODY", "beyond_loopback", "error_response", "json_response",
            "problem_middleware", "read_json_object", "token_matches", "token_ok"]
 
 JSON = "application/json"
@@ -42,6 +42,9 @@ def error_response(status: int, message: str) -> web.Response:
     return json_response({"error": message}, status=status)
 
 
+RAW_BODY: web.RequestKey[bytes] = web.RequestKey("raw_body", bytes)
+
+
 async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, Any]:
     """Read and parse a JSON object body, refusing anything over ``max_bytes`` with 413."""
     length = request.content_length
@@ -50,6 +53,7 @@ async def read_json_object(request: web.Request, max_bytes: int) -> dict[str, An
     body = await request.content.read(max_bytes + 1)
     if len(body) > max_bytes:
         raise HTTPProblem(413, f"request body exceeds the limit of {max_bytes} bytes")
+    request[RAW_BODY] = body  # kept: a request forwarded to another coordinator sends it on
     if not body.strip():
         raise HTTPProblem(400, "request body is empty; expected a JSON object")
     try:

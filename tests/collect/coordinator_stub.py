@@ -6,6 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
+from nodewatch.protocol import OWNER_HEADER
 from tests.helpers import free_port
 
 
@@ -20,6 +21,7 @@ class RecordingCoordinator:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_phase = heartbeat_phase
         self.forget_next_heartbeat = False
+        self.owner = ""  # as a shared coordinator: the URL it names as the node's owner
         self._runner: web.AppRunner | None = None
 
     async def _register(self, request: web.Request) -> web.Response:
@@ -28,7 +30,8 @@ class RecordingCoordinator:
         self.registrations.append(body)
         return web.json_response({"decision": "new", "node": {"node_id": body["node_id"]},
                                   "heartbeat_interval": self.heartbeat_interval,
-                                  "heartbeat_phase": self.heartbeat_phase})
+                                  "heartbeat_phase": self.heartbeat_phase,
+                                  "owner": self.owner})
 
     async def _heartbeat(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -37,7 +40,7 @@ class RecordingCoordinator:
             self.forget_next_heartbeat = False
             return web.json_response({"error": "unknown node"}, status=404)
         self.heartbeats.append(body)
-        return web.Response(status=204)
+        return web.Response(status=204, headers={OWNER_HEADER: self.owner} if self.owner else {})
 
     async def start(self) -> RecordingCoordinator:
         app = web.Application()

@@ -317,3 +317,41 @@ async def test_an_unwritable_state_dir_at_start_refuses_to_start(make_agent: Age
     (tmp_path / "not-a-dir").write_text("")
     with pytest.raises(OSError):
         await make_agent(state_dir=tmp_path / "not-a-dir" / "state")
+
+
+async def test_with_several_coordinators_the_agent_fails_over_and_follows_its_owner(
+        make_agent: AgentFactory) -> None:
+    down = f"http://127.0.0.1:{free_port()}"  # nobody listens: the first URL fails
+    front = await RecordingCoordinator(heartbeat_interval=0.05).start()
+    owner = await RecordingCoordinator(heartbeat_interval=0.05).start()
+    front.owner = owner.url  # the front names another coordinator as the node's owner
+    try:
+        agent = await make_agent(coordinator=f"{down},{front.url},{owner.url}")
+        await asyncio.wait_for(agent.registered.wait(), 10)
+        assert [r["node_id"] for r in front.registrations] == ["node-a"]
+        await async_wait_until(lambda: asyncio.sleep(0, len(owner.heartbeats) >= 2),
+                               message="heartbeats go to the owner")
+        assert front.heartbeats == []
+        # The owner says another coordinator (one the agent was not given) owns it now:
+        # ignored, the node's credential goes only where the operator said.
+        owner.owner = "http://203.0.113.9:7300"
+        seen = len(owner.heartbeats)
+        await async_wait_until(lambda: asyncio.sleep(0, len(owner.heartbeats) >= seen + 2),
+                               message="heartbeats stay with the configured owner")
+        # It names the front: the agent registers there and heartbeats follow.
+        owner.owner = front.url
+        front.owner = ""
+        await async_wait_until(lambda: asyncio.sleep(0, len(front.heartbeats) >= 2),
+                               message="heartbeats move to the new owner")
+        assert len(front.registrations) == 2
+    finally:
+        await front.stop()
+        await owner.stop()
+
+
+def test_coordinator_urls_come_as_a_list_or_comma_separated() -> None:
+    from nodewatch.config import coordinator_urls
+
+    assert coordinator_urls("http://a:1, http://b:2/") == ["http://a:1", "http://b:2"]
+    assert coordinator_urls(["http://a:1", "https://b:2"]) == ["http://a:1", "https://b:2"]
+    assert coordinator_urls("") == []

@@ -115,3 +115,17 @@ def test_failing_lists_its_reasons_first_then_the_degraded_ones() -> None:
     assert health.reasons == ["poller watches 0 of 3 nodes while leading",
                               "1 events queued for the store",
                               "in startup grace until 2023-11-14T22:13:30Z (10s left)"]
+
+
+def test_a_sharing_coordinator_short_of_its_shares_is_degraded_then_failing() -> None:
+    sharing = replace(CALM, sharing=True, shares_wanted=128, shares_held=128, leader_ttl=2.0,
+                      polled_nodes=0)
+    assert judge(sharing).status == "ok"  # polling none of the fleet is normal: its share
+    taking = replace(sharing, shares_held=100, shares_short_since=NOW - 1)
+    assert judge(taking).status == "degraded"
+    assert "holds 100 of the 128 shares it wins" in judge(taking).reasons[0]
+    stuck = replace(taking, shares_short_since=NOW - 10)
+    assert judge(stuck).status == "failing"
+    alone = replace(sharing, shares_wanted=0, shares_held=0, shares_short_since=NOW - 10)
+    assert judge(alone).status == "failing"
+    assert "not (yet) a member" in judge(alone).reasons[0]

@@ -41,3 +41,17 @@ def test_held_cleanups_are_kept_until_spent_or_released() -> None:
     budget.spend("n0", clock())
     budget.release("n1")
     assert dict(budget.held) == {}
+
+
+def test_a_coordinator_holding_part_of_the_shares_spends_that_part_of_the_rate() -> None:
+    clock, budget = FakeClock(), Budget(Policy(max_rate=9.0, max_fraction=1.0))
+    budget.share(1 / 3)
+    for i in range(3):
+        assert budget.block(clock(), watched=100, out=i) == ""
+        budget.spend(f"n{i}", clock())
+    assert budget.block(clock(), watched=100, out=3) == (
+        "held: budget (this coordinator's part, 3 of 9/min, reached)")
+    budget.share(0.0)  # no share: still one a minute once the last has aged out
+    assert budget.block(clock.advance(60.0), watched=100, out=3) == ""
+    budget.share(1.0)
+    assert budget.limiter.rate == 9.0

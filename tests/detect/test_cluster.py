@@ -74,3 +74,35 @@ def test_a_mirrored_copy_becomes_leader_state_with_the_same_indexes_as_a_restore
         assert cluster.table.dead_count == 1 and cluster.table.out_count == 0
         assert set(cluster.table.suspect_since) == {"c"}
         assert dict(cluster.budget.held) == {"a": ""}
+
+
+def test_with_a_scope_only_its_nodes_are_timed_out_and_others_writes_survive_a_mirror() -> None:
+    clock = FakeClock()
+    policy = Policy(dead_after=10.0)
+    cluster = Cluster(policy, now=clock(), nodes=[state("mine", Health.UNHEALTHY, since=0.0),
+                                                  state("theirs", Health.UNHEALTHY, since=0.0)])
+    cluster.take_dirty()
+    cluster.scope = lambda node_id: node_id == "mine"
+    out = cluster.tick(clock.advance(60.0))
+    assert ("mine", "dead") in [(e.node_id, e.kind) for e in out.events]
+    assert [e for e in out.events if e.node_id == "theirs"] == []
+    assert cluster.nodes["theirs"].health is Health.UNHEALTHY  # its owner decides
+    # Another coordinator's node mirrored in keeps this core's pending writes of its own.
+    cluster.mirror([state("theirs", Health.HEALTHY)], now=clock())
+    assert cluster.take_dirty() == {"mine"}
+
+
+def test_mirrored_suspects_count_for_the_guard_so_it_sees_the_whole_fleet() -> None:
+    clock = FakeClock()
+    policy = Policy(guard_min_nodes=4, guard_fraction=0.5)
+    ids = [f"n{i}" for i in range(8)]
+    cluster = Cluster(policy, now=clock(), nodes=[state(i) for i in ids])
+    cluster.scope = lambda node_id: node_id in ("n0", "n1")
+    # Four nodes of other coordinators went suspect, as their stored state says.
+    cluster.mirror([state(i, Health.SUSPECT) for i in ids[4:]], now=clock())
+    # The same state mirrored again (a routine rewrite) is no new entry, nor a lost one.
+    cluster.mirror([state(i, Health.SUSPECT) for i in ids[4:]], now=clock.advance(1.0))
+    assert len(cluster.guard.recent) == 4
+    out = cluster.tick(clock())
+    assert [e.kind for e in out.events] == ["guard_on"]
+    assert out.events[0].evidence["suspect"] == 4

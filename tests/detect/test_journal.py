@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from nodewatch.detect.journal import DirtyNodes, EventSequence, Revisions
+import pytest
+
+from nodewatch.detect.journal import EVENT_SLOTS, DirtyNodes, EventSequence, Revisions
 from nodewatch.model import event_id, event_number
 from nodewatch.testing import FakeClock
 
@@ -68,3 +70,28 @@ def test_dirty_nodes_give_every_change_a_revision() -> None:
     dirty.take()
     dirty.forget("restored")
     assert dirty.revisions.since(before) == (["n1", "n0"], ["restored"])
+
+
+def test_coordinators_sharing_a_store_mint_unique_ids_that_sort_by_time() -> None:
+    clock = FakeClock(1_700_000_000.0)
+    one, two = EventSequence(1), EventSequence(1)
+    one.use_slot(3)
+    two.use_slot(700)
+    a = one.mint(clock(), "n1", "suspect")
+    b = two.mint(clock(), "n2", "suspect")  # the same millisecond: different ids
+    c = one.mint(clock(), "n1", "unhealthy")  # the same millisecond again: later than a
+    assert len({a.id, b.id, c.id}) == 3
+    assert event_number(a.id) % EVENT_SLOTS == 3 and event_number(b.id) % EVENT_SLOTS == 700
+    assert a.id < c.id
+    later = two.mint(clock.advance(0.002), "n2", "healthy")
+    assert later.id > c.id  # ids follow time across coordinators
+    # An id seen from another coordinator pushes ours past it (a clock behind stays ordered).
+    behind = EventSequence(1)
+    behind.use_slot(5)
+    behind.witness(event_number(later.id))
+    assert behind.mint(clock() - 10.0, "n3", "suspect").id > later.id
+
+
+def test_a_slot_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match="outside 0..1023"):
+        EventSequence(1).use_slot(EVENT_SLOTS)

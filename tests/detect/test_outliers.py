@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import pytest
+
 from nodewatch.detect.cluster import Cluster
 from nodewatch.detect.outcome import Outcome
 from nodewatch.detect.policy import Policy
@@ -256,3 +258,72 @@ def test_an_ejection_survives_a_restart_through_the_node_state() -> None:
     assert restarted.outliers.ejected_count == 1 and not restarted.nodes["n1"].schedulable
     out: dict[str, Any] = restarted.nodes["n1"].to_json()["outlier"]
     assert out["ejections"] == 1 and out["until"] > fleet.clock()
+
+
+class SharedFleet:
+    """One outlier group split over two coordinators' cores, each with its own nodes, that
+    tell each other their part of the group every step (what coordinator/shares.py carries
+    through etcd)."""
+
+    def __init__(self, parts: tuple[int, int], policy: Policy) -> None:
+        self.one, self.two = Fleet(parts[0], policy), Fleet(parts[1], policy)
+        self.two.ids = [f"m{i}" for i in range(parts[1])]
+        self.two.cluster = Cluster(policy, now=self.two.clock(), nodes=[
+            NodeState(node_id=i, address=f"10.0.1.{k}:7301", health=Health.HEALTHY,
+                      incarnation=1) for k, i in enumerate(self.two.ids)])
+        self.two.cluster.restart_grace(self.two.clock() - 1000.0)
+        self.two.load = {i: {"error_rate": 0.002} for i in self.two.ids}
+        for fleet in (self.one, self.two):
+            fleet.cluster.share_groups({})
+
+    def run(self, seconds: float, step: float = 0.5) -> list[Event]:
+        events: list[Event] = []
+        for _ in range(round(seconds / step)):
+            events += self.one.run(step, step) + self.two.run(step, step)
+            self.one.cluster.share_groups({"two": dict(self.two.cluster.outliers.summaries)})
+            self.two.cluster.share_groups({"one": dict(self.one.cluster.outliers.summaries)})
+        return events
+
+
+def test_a_group_split_over_coordinators_is_judged_against_its_whole_median() -> None:
+    policy = replace(FAST, outlier_min_nodes=6)
+    fleet = SharedFleet((4, 4), policy)  # neither part alone has the six nodes to judge
+    alone = Fleet(4, policy)
+    alone.load["n1"] = {"error_rate": 0.5}
+    assert kinds(alone.run(6.0), "outlier") == []
+    fleet.one.load["n1"] = {"error_rate": 0.5}
+    events = fleet.run(6.0)
+    assert kinds(events, "outlier") == [("outlier", "n1")]
+    [ejected] = [e for e in events if e.kind == "outlier"]
+    assert ejected.evidence["judged_nodes"] == 4  # its own part; the centre is the group's
+    assert ejected.evidence["group_median"] == pytest.approx(0.002, rel=0.05)
+
+
+def test_max_ejection_fraction_holds_over_the_whole_group_not_per_coordinator() -> None:
+    fleet = SharedFleet((5, 5), FAST)  # 10 % of 10 nodes: one may be out, fleet-wide
+    fleet.one.load["n1"] = {"error_rate": 0.4}
+    fleet.two.load["m1"] = {"error_rate": 0.5}  # the worse one, on the other coordinator
+    events = fleet.run(8.0)
+    assert kinds(events, "outlier") == [("outlier", "m1")]
+    reasons = [e.reason for e in events if e.kind == "outlier_held" and e.node_id == "n1"]
+    assert reasons and any("max_ejection_fraction (1 of 10 nodes" in r for r in reasons)
+    assert fleet.one.node("n1").schedulable
+
+
+def test_a_group_summary_survives_its_json_and_refuses_nonsense() -> None:
+    from nodewatch.detect.groups import (
+        LATENCY_EDGES,
+        RATE_EDGES,
+        GroupSummary,
+        histogram,
+        merged_median,
+    )
+
+    part = GroupSummary(3, 2, 3, 1, 1, histogram([0.0, 0.01], RATE_EDGES),
+                        histogram([], LATENCY_EDGES), 0.3)
+    assert GroupSummary.from_json(part.to_json()) == part
+    assert merged_median([part.rates], RATE_EDGES) == pytest.approx(0.005, rel=0.05)
+    with pytest.raises(ValueError, match="out of range"):
+        GroupSummary.from_json({**part.to_json(), "rates": {"9999": 1}})
+    with pytest.raises(ValueError, match="negative"):
+        GroupSummary.from_json({**part.to_json(), "out": -1})

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
 from aiohttp import web
 
@@ -35,7 +36,7 @@ from nodewatch.api.schemas import ApproveBody, DrainBody, ObservationsBody, conv
 from nodewatch.api.sd import target_groups
 from nodewatch.api.udp import UdpHeartbeats, push_result
 from nodewatch.config import NODE_ID_RE
-from nodewatch.coordinator.service import Coordinator, NotLeader
+from nodewatch.coordinator.service import Coordinator, NotLeader, NotOwner
 from nodewatch.detect.identity import IdentityRejected
 from nodewatch.detect.outcome import Conflict, UnknownNode
 from nodewatch.model import (
@@ -45,9 +46,17 @@ from nodewatch.model import (
     NodeState,
     Registration,
 )
-from nodewatch.protocol import CREDENTIAL_HEADER, VERSION, HeartbeatBody, RegisterBody
+from nodewatch.protocol import (
+    CREDENTIAL_HEADER,
+    FORWARDED_HEADER,
+    OWNER_HEADER,
+    VERSION,
+    HeartbeatBody,
+    RegisterBody,
+)
 from nodewatch.store.base import StoreUnavailable
 from nodewatch.web import (
+    RAW_BODY,
     HTTPProblem,
     error_response,
     json_response,
@@ -56,9 +65,9 @@ from nodewatch.web import (
     token_ok,
 )
 
-__all__ = ["ADMISSION_KEY", "COORDINATOR_KEY", "FLEET_KEY", "HEARTBEAT_UDP_KEY", "MAX_WAIT",
-           "METRICS_KEY", "NODE_FORMATS", "NODE_VIEWS_KEY", "SSE_KEEPALIVE", "STATIC_DIR",
-           "build_app"]
+__all__ = ["ADMISSION_KEY", "COORDINATOR_KEY", "FLEET_KEY", "FORWARD_SESSION_KEY",
+           "HEARTBEAT_UDP_KEY", "MAX_WAIT", "METRICS_KEY", "NODE_FORMATS", "NODE_VIEWS_KEY",
+           "SSE_KEEPALIVE", "STATIC_DIR", "build_app"]
 
 ADMISSION_KEY: web.AppKey[RegistrationBucket] = web.AppKey("admission", RegistrationBucket)
 
@@ -67,6 +76,8 @@ METRICS_KEY: web.AppKey[CoordinatorMetrics] = web.AppKey("metrics", CoordinatorM
 HEARTBEAT_UDP_KEY: web.AppKey[str] = web.AppKey("heartbeat_udp", str)
 NODE_VIEWS_KEY: web.AppKey[NodeViews] = web.AppKey("node_views", NodeViews)
 FLEET_KEY: web.AppKey[FleetSummary] = web.AppKey("fleet", FleetSummary)
+FORWARD_SESSION_KEY: web.AppKey[aiohttp.ClientSession] = web.AppKey("forward",
+                                                                    aiohttp.ClientSession)
 log = logging.getLogger(__name__)
 json_encoder = msgspec.json.Encoder()
 _EVENT_ID_RE = re.compile(r"^\d{1,20}$")
@@ -79,11 +90,76 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def _not_leader_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A follower's refusal (the service's NotLeader) is a 503 naming the leader; a store
-    that cannot write within store_timeout (StoreUnavailable) a 503 naming the store."""
+    that cannot write within store_timeout (StoreUnavailable) a 503 naming the store. With
+    shared coordinators, a request about another coordinator's node (NotOwner) is forwarded
+    to its owner, once."""
     try:
-        return await handler(request)
+        response = await handler(request)
+    except NotOwner as exc:
+        if exc.owner and FORWARDED_HEADER not in request.headers:
+            return await _forward(request, exc.owner)
+        return error_response(503, str(exc))
     except (NotLeader, StoreUnavailable) as exc:
         return error_response(503, str(exc))
+    coord = _coordinator(request)
+    if coord.sharing is not None and request.path in ("/v1/register", "/v1/heartbeat"):
+        response.headers[OWNER_HEADER] = coord.config.coordinator.url
+    return response
+
+
+FORWARD_BODY_CAP = 16 * 1024 * 1024
+_FORWARDED_REQUEST = ("Authorization", "Content-Type", CREDENTIAL_HEADER)
+_FORWARDED_ANSWER = ("Content-Type", "Retry-After", OWNER_HEADER)
+
+
+async def _forward(request: web.Request, owner: str) -> web.StreamResponse:
+    """Send the request on to the node's owner and answer with its answer (bounded by
+    ``store_timeout``). With client certificates the node's certificate cannot travel, so
+    the client is redirected (307) instead. The original client's address goes along
+    (FORWARDED_HEADER), trusted only from a member coordinator's host."""
+    coord = _coordinator(request)
+    target = owner.rstrip("/") + request.path_qs
+    if coord.config.coordinator.tls_client_ca:
+        redirect = web.Response(status=307, headers={"Location": target, OWNER_HEADER: owner})
+        return redirect
+    headers = {k: request.headers[k] for k in _FORWARDED_REQUEST if k in request.headers}
+    headers[FORWARDED_HEADER] = _source(request)
+    body = request.get(RAW_BODY)
+    if body is None:
+        body = await request.read()
+    timeout = aiohttp.ClientTimeout(total=float(coord.config.coordinator.store_timeout))
+    try:
+        async with request.app[FORWARD_SESSION_KEY].request(
+                request.method, target, data=body, headers=headers, timeout=timeout,
+                allow_redirects=False) as answer:
+            data = await answer.content.read(FORWARD_BODY_CAP)
+            out = web.Response(status=answer.status, body=data)
+            for key in _FORWARDED_ANSWER:
+                if key in answer.headers:
+                    out.headers[key] = answer.headers[key]
+            out.headers.setdefault(OWNER_HEADER, owner)
+            return out
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        return error_response(503, f"the node's coordinator {owner} did not answer "
+                                   f"({type(exc).__name__}); retry")
+
+
+def _source(request: web.Request) -> str:
+    """The client's address: the remote end, or what a member coordinator forwarding the
+    request says it was."""
+    remote = request.remote or ""
+    forwarded = request.headers.get(FORWARDED_HEADER, "")
+    coord = _coordinator(request)
+    if forwarded and coord.sharing is not None and remote in coord.member_hosts():
+        return forwarded
+    return remote
+
+
+async def _forward_session(app: web.Application) -> AsyncIterator[None]:
+    session = aiohttp.ClientSession()
+    app[FORWARD_SESSION_KEY] = session
+    yield
+    await session.close()
 
 
 def _coordinator(request: web.Request) -> Coordinator:
@@ -174,7 +250,7 @@ def _check_certificate(request: web.Request, coord: Coordinator, node_id: str) -
         return
     names = _certificate_names(request)
     if names is not None and node_id not in names:
-        coord.reject(node_id, via=request.path, claimant=request.remote or "",
+        coord.reject(node_id, via=request.path, claimant=_source(request),
                      reason="client certificate names another node")
         raise HTTPProblem(403, f"the client certificate does not name node {node_id!r}")
 
@@ -200,7 +276,7 @@ async def register(request: web.Request) -> web.Response:
         decision, node, credential = await coord.enrol(Registration(
             node_id=body.node_id, address=body.address, incarnation=body.incarnation,
             last_seq=body.last_seq, last_ts=body.last_ts, version=body.version,
-            labels=dict(body.labels)), _credential(request), request.remote or "")
+            labels=dict(body.labels)), _credential(request), _source(request))
     except IdentityRejected as exc:
         raise HTTPProblem(403, str(exc)) from None
     # The agent's own interval wins; the coordinator's [agent] setting is the fallback.
@@ -216,6 +292,8 @@ async def register(request: web.Request) -> web.Response:
         answer["heartbeat_udp"] = udp  # agents with heartbeat_transport = "udp" push there
     if credential:
         answer["credential"] = credential  # only here, once: stored hashed, never logged
+    if coord.sharing is not None:
+        answer["owner"] = coord.config.coordinator.url  # heartbeats come here directly
     return json_response(answer)
 
 
@@ -229,7 +307,7 @@ async def heartbeat(request: web.Request) -> web.Response:
     _check_certificate(request, coord, body.node_id)
     try:
         coord.check_identity(body.node_id, _credential(request), via="heartbeat",
-                             claimant=request.remote or "")
+                             claimant=_source(request))
     except IdentityRejected as exc:
         raise HTTPProblem(403, str(exc)) from None
     try:
@@ -259,13 +337,64 @@ async def observations(request: web.Request) -> web.Response:
         if item.errors > item.requests:
             raise HTTPProblem(422, f"observations[{i}].errors: {item.errors:g} errors is more "
                                    f"than its {item.requests:g} requests")
-    source = body.source or f"observer@{request.remote or 'unknown'}"
+    source = body.source or f"observer@{_source(request) or 'unknown'}"
+    here = body.observations
+    elsewhere: dict[str, list[Any]] = {}
+    if coord.sharing is not None and FORWARDED_HEADER not in request.headers:
+        # Shared coordinators: each node's evidence goes to the coordinator that judges it.
+        here = []
+        for item in body.observations:
+            owner = "" if item.node_id not in coord.cluster.nodes or coord.owns(item.node_id) \
+                else coord.owner_url(item.node_id)
+            if owner:
+                elsewhere.setdefault(owner, []).append(item)
+            else:
+                here.append(item)
     unknown = coord.observe_callers(source, [
         CallerObservation(o.node_id, o.requests, o.errors, o.latency_p99_ms, body.window)
-        for o in body.observations])
+        for o in here])
     missing = set(unknown)
-    accepted = sum(1 for o in body.observations if o.node_id not in missing)
-    return json_response({"accepted": accepted, "unknown": unknown, "source": source})
+    accepted = sum(1 for o in here if o.node_id not in missing)
+    answer: dict[str, Any] = {"accepted": accepted, "unknown": unknown, "source": source}
+    if elsewhere:
+        answer["forwarded"] = await _forward_observations(request, source, body.window,
+                                                          elsewhere)
+        answer["accepted"] += sum(f["accepted"] for f in answer["forwarded"])
+        answer["unknown"] = sorted({*unknown, *(i for f in answer["forwarded"]
+                                               for i in f["unknown"])})
+    return json_response(answer)
+
+
+async def _forward_observations(request: web.Request, source: str, window: float,
+                                batches: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Send each owner its nodes' observations (concurrently, each bounded by
+    ``store_timeout``); what each answered, or why it did not (its items then count as not
+    accepted: the observer's next window brings fresh counts anyway)."""
+    coord = _coordinator(request)
+    timeout = aiohttp.ClientTimeout(total=float(coord.config.coordinator.store_timeout))
+    headers = {k: request.headers[k] for k in ("Authorization",) if k in request.headers}
+    headers[FORWARDED_HEADER] = _source(request)
+    session = request.app[FORWARD_SESSION_KEY]
+
+    async def one(owner: str, items: list[Any]) -> dict[str, Any]:
+        body = {"source": source, "window": window,
+                "observations": msgspec.to_builtins(items)}
+        result: dict[str, Any] = {"owner": owner, "sent": len(items), "accepted": 0,
+                                  "unknown": []}
+        try:
+            async with session.post(f"{owner}/v1/observations", json=body, headers=headers,
+                                    timeout=timeout) as answer:
+                data = await answer.json(content_type=None)
+                if answer.status == 200 and isinstance(data, dict):
+                    result["accepted"] = int(data.get("accepted", 0))
+                    result["unknown"] = [str(i) for i in data.get("unknown", [])]
+                else:
+                    result["error"] = f"HTTP {answer.status}"
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            result["error"] = type(exc).__name__
+        return result
+
+    return list(await asyncio.gather(*(one(o, i) for o, i in sorted(batches.items()))))
 
 
 # ---------------------------------------------------------------------- reads
@@ -615,6 +744,7 @@ def build_app(coord: Coordinator, udp: UdpHeartbeats | None = None) -> web.Appli
                                     json_encoder.encode)
     app[FLEET_KEY] = FleetSummary(lambda: coord.cluster)
     app.cleanup_ctx.append(_fleet_history)
+    app.cleanup_ctx.append(_forward_session)
     r = app.router
     r.add_post("/v1/register", register)
     r.add_post("/v1/heartbeat", heartbeat)

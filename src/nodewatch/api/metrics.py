@@ -169,6 +169,18 @@ def _health_metrics(coord: Coordinator) -> Iterator[Metric]:
     yield GaugeMetricFamily("nodewatch_in_grace", "1 during startup grace (nothing confirmed)",
                             value=float(coord.role == "leader" and now < coord.cluster.started_at
                                         + coord.policy.startup_grace))
+    if coord.sharing is not None:
+        yield GaugeMetricFamily("nodewatch_shares_held",
+                                "Shares this coordinator holds (it decides for their nodes)",
+                                value=len(coord.held_shares))
+        yield GaugeMetricFamily("nodewatch_shares_wanted",
+                                "Shares the assignment gives this coordinator",
+                                value=coord.assignment.counts().get(coord.sharing_name, 0))
+        yield GaugeMetricFamily("nodewatch_share_members", "Live coordinators sharing the fleet",
+                                value=len(coord.members))
+        yield CounterMetricFamily("nodewatch_share_takeovers",
+                                  "Shares this coordinator took (joins and takeovers)",
+                                  value=coord.sharing.takeovers)
     store = coord.store_health
     yield GaugeMetricFamily("nodewatch_store_available", "1 while the store takes writes",
                             value=float(store.available))

@@ -15,11 +15,11 @@ from nodewatch.web import HTTPProblem
 
 __all__ = ["ApproveBody", "AttentionView", "CommandResponse", "CoordinatorHealth",
            "CoordinatorLine", "DrainBody", "DrainView", "ErrorResponse", "EventView",
-           "EventsResponse", "FleetCounts", "HeartbeatBody", "HistoryResponse",
-           "HistorySampleView", "IdentityView", "NodeRow", "NodeRowsResponse", "NodeView",
-           "NodesResponse", "ObservationBody", "ObservationsBody", "ObservationsResponse",
-           "OutlierView", "RegisterBody", "RegisterResponse", "RemoveResponse", "StoreHealthView",
-           "SummaryResponse", "convert"]
+           "EventsResponse", "FleetCounts", "ForwardedObservations", "HeartbeatBody",
+           "HistoryResponse", "HistorySampleView", "IdentityView", "MemberView", "NodeRow",
+           "NodeRowsResponse", "NodeView", "NodesResponse", "ObservationBody", "ObservationsBody",
+           "ObservationsResponse", "OutlierView", "RegisterBody", "RegisterResponse",
+           "RemoveResponse", "SharesView", "StoreHealthView", "SummaryResponse", "convert"]
 
 
 
@@ -143,10 +143,22 @@ class NodeView(_View):
     load_score: Annotated[float | None, Meta(description="lower takes work first")] = None
 
 
+class ForwardedObservations(_View):
+    owner: Annotated[str, Meta(description="the coordinator that judges these nodes")]
+    sent: int
+    accepted: int
+    unknown: list[str]
+    error: Annotated[str, Meta(description="why the owner did not take them")] = ""
+
+
 class ObservationsResponse(_View):
     accepted: int
     unknown: Annotated[list[str], Meta(description="node ids not known here (ignored)")]
     source: str
+    forwarded: Annotated[list[ForwardedObservations], Meta(description=(
+        "shared coordinators: the observations of other coordinators' nodes, sent on to "
+        "them (their answers are counted in accepted and unknown)"))] = msgspec.field(
+        default_factory=list)
 
 
 class NodesResponse(_View):
@@ -263,6 +275,9 @@ class RegisterResponse(_View):
         description="a node credential, when issued (enrolment, approved re-enrolment, "
                     "rotation): the agent keeps it and sends it in X-Nodewatch-Node-Credential"
     )] = ""
+    owner: Annotated[str, Meta(description=(
+        "shared coordinators: the URL of the one that watches this node (heartbeats go there; "
+        "every answer about the node also names it in X-Nodewatch-Owner)"))] = ""
 
 
 class EventView(_View):
@@ -314,12 +329,27 @@ class StoreHealthView(_View):
     writes_failed: int
 
 
+class MemberView(_View):
+    name: str
+    url: str
+    shares: int
+
+
+class SharesView(_View):
+    name: Annotated[str, Meta(description="this coordinator's member name (its listen address)")]
+    total: int
+    held: Annotated[int, Meta(description="shares it holds: it decides for their nodes")]
+    wanted: Annotated[int, Meta(description="shares the assignment gives it")]
+    members: list[MemberView]
+
+
 class CoordinatorHealth(_View):
     status: Annotated[Literal["ok", "degraded", "failing"],
                       Meta(description="degraded: doing its job, with reasons; failing: it "
                                        "cannot (answered with 503)")]
     reasons: Annotated[list[str], Meta(description="one per condition, with since when")]
-    role: Literal["leader", "follower"]
+    role: Annotated[Literal["leader", "follower", "leader (unconfirmed)", "shared"],
+                    Meta(description="shared: one of several active coordinators (see shares)")]
     leader: str
     version: str
     uptime: float
@@ -330,6 +360,9 @@ class CoordinatorHealth(_View):
     nodes: dict[str, int]
     store: Annotated[StoreHealthView | None,
                      Meta(description="null while the store's health is not tracked")] = None
+    shares: Annotated[SharesView | None, Meta(description=(
+        "coordination = \"shares\": what this coordinator holds and how the members split "
+        "the fleet"))] = None
 
 
 class ErrorResponse(_View):

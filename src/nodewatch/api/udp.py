@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from nodewatch.coordinator.service import Coordinator, NotLeader
+from nodewatch.coordinator.service import Coordinator, NotLeader, NotOwner
 from nodewatch.detect.outcome import UnknownNode
 from nodewatch.model import CheckResult, NodeState, Report
 from nodewatch.protocol import (
@@ -44,7 +44,8 @@ log = logging.getLogger("nodewatch.coordinator")
 RECEIVE_BUFFER = 4 * 1024 * 1024  # absorbs a loop stall at thousands of heartbeats/s
 BATCH_WINDOW = 0.1  # seconds the socket rests after a drain, so that wake-ups come in batches
 MAX_BATCH = 1024  # datagrams per wake-up, so that a flood cannot starve the loop
-RESULTS = ("ok", "stale", "unknown", "bad_tag", "malformed", "oversize", "not_leader", "error")
+RESULTS = ("ok", "stale", "unknown", "bad_tag", "malformed", "oversize", "not_leader",
+           "not_owner", "error")
 _JSON_START = ord("{")
 MAX_REMEMBERED_KEYS = 100_000
 
@@ -176,6 +177,11 @@ class UdpHeartbeats:
         except UnknownNode:
             self._reply_unknown(body, addr, key)
             return "unknown"
+        except NotOwner:
+            # Another coordinator's node (shares moved): the agent asks over HTTP at once,
+            # which is forwarded to the owner and answered with its name.
+            self._reply_unknown(body, addr, key, status=421)
+            return "not_owner"
         except NotLeader:
             return "not_leader"
         if proven:  # signed with the current key: the previous credential is not needed
@@ -208,12 +214,13 @@ class UdpHeartbeats:
         except NotLeader:
             pass
 
-    def _reply_unknown(self, body: HeartbeatBody, addr: Any, key: bytes) -> None:
+    def _reply_unknown(self, body: HeartbeatBody, addr: Any, key: bytes,
+                       status: int = 404) -> None:
         """Tell the sender at once that it must register again (what HTTP says with a 404).
 
         Only a datagram that passed the tag check gets here, and the reply is smaller than the
         heartbeat, so the port cannot be used to amplify traffic towards a spoofed address."""
-        reply = encode_udp_reply(UdpReply(404, body.node_id, body.incarnation, body.seq),
+        reply = encode_udp_reply(UdpReply(status, body.node_id, body.incarnation, body.seq),
                                  key)
         try:
             self._sock.sendto(reply, addr)

@@ -85,7 +85,8 @@ def coordinator(listen: str | None, store: str | None, config_path: str | None,
 @click.option("--node-id", help="Unique node id, [A-Za-z0-9._-]{1,128}.")
 @click.option("--listen", help="HOST:PORT to serve the agent API on (default 0.0.0.0:7301).")
 @click.option("--advertise", help="HOST:PORT the coordinator should use to reach this agent.")
-@click.option("--coordinator", help="Coordinator URL to register with, e.g. http://10.0.0.1:7300.")
+@click.option("--coordinator", help="Coordinator URL to register with, e.g. http://10.0.0.1:7300; "
+              "with shared coordinators, several, comma-separated.")
 @click.option("--state-dir", help="Directory for the persisted incarnation and seq.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML config file; flags override it.")

@@ -26,7 +26,7 @@ from nodewatch.collect.identity import PersistedState, StateFile
 from nodewatch.collect.metrics import MetricsRenderer
 from nodewatch.collect.rules import RuleState, build_rules, evaluate_rules
 from nodewatch.collect.sampler import HostSampler, Sampler, SystemSample
-from nodewatch.config import AgentConfig, check_agent_config
+from nodewatch.config import AgentConfig, check_agent_config, coordinator_urls
 from nodewatch.coordinator.probes import check_health
 from nodewatch.model import NodeStatus
 from nodewatch.protocol import (
@@ -363,12 +363,13 @@ class Agent:
             self._spawn(self._sample_loop(), "sampler")
         for check_cfg in self.config.checks:
             self._spawn(self._check_loop(build_check(check_cfg, self._client)), "check")
-        if self.config.coordinator:
-            if self._coordinator_tls is not None and \
-                    not self.config.coordinator.startswith("https://"):
+        urls = coordinator_urls(self.config.coordinator)
+        if urls:
+            plain = [u for u in urls if not u.startswith("https://")]
+            if self._coordinator_tls is not None and plain:
                 log.warning("[agent] tls_ca/tls_cert/tls_key are set but the coordinator URL "
-                            "%s is not https: they are not used", self.config.coordinator)
-            self._coordinator = CoordinatorClient(self.config.coordinator,
+                            "%s is not https: they are not used", plain[0])
+            self._coordinator = CoordinatorClient(urls,
                                                   self.config.agent_token, self._client,
                                                   ssl_context=self._coordinator_tls,
                                                   client_certificate=bool(self.config.tls_cert),
@@ -599,6 +600,8 @@ class Agent:
             self.registration = answer
             self.registered.set()
             log.info("registered with %s: %s", client.url, answer.decision)
+            if answer.owner and client.follow(answer.owner):
+                log.info("watched by %s: heartbeats go there", client.url)
             interval = float(self.config.heartbeat_interval or answer.heartbeat_interval or 0)
             if interval <= 0:
                 return
@@ -607,6 +610,9 @@ class Agent:
             self.registered.clear()
             if ended == "unknown":
                 log.warning("coordinator does not know this node any more; registering again")
+            elif ended == "moved":
+                log.info("another coordinator watches this node now: registering with %s",
+                         client.url)
             else:
                 log.warning("coordinator refused this node's credential; registering again")
 
@@ -683,5 +689,10 @@ class Agent:
                 return "unknown"
             if outcome.status == 403:
                 return "rejected"
+            if outcome.owner and client.follow(outcome.owner):
+                return "moved"  # register with the owner: its UDP port, its answer
+            if outcome.status == 0 and len(client.urls) > 1:
+                client.failover()
+                return "moved"
             if outcome.status == 0 or outcome.status >= 300:
                 log.debug("heartbeat: %s %s", outcome.status, outcome.detail)

@@ -8,7 +8,7 @@ import logging
 import math
 import random
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -19,6 +19,7 @@ from yarl import URL
 from nodewatch.protocol import (
     CREDENTIAL_HEADER,
     MAX_DATAGRAM,
+    OWNER_HEADER,
     HeartbeatBody,
     RegisterAnswer,
     RegisterBody,
@@ -76,6 +77,7 @@ def retry_after_seconds(header: str | None) -> float:
 class HeartbeatOutcome:
     status: int  # HTTP status, or 0 when the coordinator could not be reached
     detail: str = ""
+    owner: str = ""  # the coordinator that watches this node (OWNER_HEADER), when named
 
 
 _TLS_HINTS = {
@@ -100,10 +102,14 @@ class CoordinatorClient:
     ``client_certificate`` says whether that context presents one (for failure messages).
     """
 
-    def __init__(self, url: str, token: str, session: Callable[[], aiohttp.ClientSession],
+    def __init__(self, url: str | Sequence[str], token: str,
+                 session: Callable[[], aiohttp.ClientSession],
                  *, request_timeout: float = 5.0, ssl_context: ssl.SSLContext | None = None,
                  client_certificate: bool = False, credential: str = "") -> None:
-        self.url = url.rstrip("/")
+        # Several coordinators sharing the fleet: any of them takes a registration (and
+        # forwards it to the node's owner); heartbeats go to the owner it names.
+        self.urls = [u.rstrip("/") for u in ([url] if isinstance(url, str) else url)] or [""]
+        self.url = self.urls[0]
         self._session = session
         self._ssl_context = ssl_context
         self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
@@ -115,6 +121,23 @@ class CoordinatorClient:
         self.set_credential(credential)
         self._timeout = aiohttp.ClientTimeout(total=request_timeout,
                                               connect=min(2.0, request_timeout))
+
+    def failover(self) -> None:
+        """The current coordinator does not answer: try the next configured one."""
+        if self.url in self.urls:
+            self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
+        else:
+            self.url = self.urls[0]
+
+    def follow(self, owner: str) -> bool:
+        """Send to ``owner`` from now on, if it is one of the configured coordinators (a
+        name from anywhere else is ignored: the node's credential goes only where the
+        operator said). True when the target changed."""
+        owner = owner.rstrip("/")
+        if not owner or owner == self.url or owner not in self.urls:
+            return False
+        self.url = owner
+        return True
 
     def set_credential(self, credential: str) -> None:
         """The node credential to prove from now on (sent in ``CREDENTIAL_HEADER``)."""
@@ -167,6 +190,10 @@ class CoordinatorClient:
                 await asyncio.sleep(max_delay)
                 continue
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                if len(self.urls) > 1:
+                    self.failover()
+                    if attempt <= len(self.urls):
+                        continue  # another coordinator at once, then back off
                 failure = await self._tls_failure(exc)
                 if failure is not None:
                     # A configuration problem on one side: say so each time, retry slowly.
@@ -202,7 +229,8 @@ class CoordinatorClient:
                                             ssl=self._ssl) as response:
                 detail = "" if response.status < 300 else (await response.content.read(300)
                                                              ).decode(errors="replace")
-                return HeartbeatOutcome(response.status, detail)
+                return HeartbeatOutcome(response.status, detail,
+                                        response.headers.get(OWNER_HEADER, ""))
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             failure = explain_tls_failure(exc)
             if failure is not None:
@@ -257,7 +285,7 @@ class UdpHeartbeatSender(asyncio.DatagramProtocol):
         reply = decode_udp_reply(data, self._send_key)
         if reply is None and self._send_key != self._key:
             reply = decode_udp_reply(data, self._key)
-        if (reply is None or reply.status != 404 or reply.node_id != self.node_id
+        if (reply is None or reply.status not in (404, 421) or reply.node_id != self.node_id
                 or reply.incarnation != self.incarnation):
             return  # not for us, or forged: ignored (the periodic HTTP heartbeat remains)
         self.unknown_heard = True
@@ -265,8 +293,12 @@ class UdpHeartbeatSender(asyncio.DatagramProtocol):
             self.on_unknown()
 
     def error_received(self, exc: Exception) -> None:
-        # e.g. ICMP port unreachable while the coordinator restarts: the next beats go on.
+        # ICMP port unreachable: the coordinator restarts, or died. Ask over HTTP now, whose
+        # answer (or failure, then the next coordinator) says where to send.
         log.debug("UDP heartbeat: %s", type(exc).__name__)
+        self.unknown_heard = True
+        if self.on_unknown is not None:
+            self.on_unknown()
 
     def send(self, payload: HeartbeatBody) -> bool:
         transport = self._transport

@@ -72,6 +72,10 @@ class Signals:
     store: StoreHealth | None = None  # None: the store's health is not tracked
     store_name: str = ""  # how messages name it: ``sqlite (path)``, ``redis (url)``, ...
     store_timeout: float = 3.0
+    sharing: bool = False  # coordination = "shares": this coordinator decides for its shares
+    shares_held: int = 0
+    shares_wanted: int = 0  # what the assignment gives it among the members it sees
+    shares_short_since: float | None = None  # since when it holds fewer than it wins
     watchable_nodes: int = 0  # nodes held that are not dead
     polled_nodes: int = 0  # nodes the poller watches
 
@@ -124,8 +128,16 @@ def judge(s: Signals) -> CoordinatorHealth:
             failing.append(text + ": nobody holds the election lease")
         else:
             degraded.append(text + ": election in progress")
+    if s.sharing and (s.shares_held < s.shares_wanted or s.shares_wanted == 0):
+        short = 0.0 if s.shares_short_since is None else s.now - s.shares_short_since
+        if s.shares_wanted == 0:
+            text = "holds no share: not (yet) a member (is etcd reachable?)"
+        else:
+            text = (f"holds {s.shares_held} of the {s.shares_wanted} shares it wins"
+                    f"{_since(s.now, s.shares_short_since)}: taking over")
+        (failing if short > 2 * s.leader_ttl else degraded).append(text)
     if s.leads:
-        if s.polled_nodes == 0 and s.watchable_nodes > 0:
+        if s.polled_nodes == 0 and s.watchable_nodes > 0 and not s.sharing:
             failing.append(f"poller watches 0 of {s.watchable_nodes} nodes while leading")
         if s.now < s.grace_until:
             degraded.append(f"in startup grace until {_at(s.grace_until)} "

@@ -15,6 +15,7 @@ from nodewatch.api.udp import start_udp_heartbeats
 from nodewatch.config import Config
 from nodewatch.coordinator.leadership import Leadership
 from nodewatch.coordinator.service import ActionSink, Coordinator
+from nodewatch.coordinator.shares import ShareKeeper
 from nodewatch.protocol import split_host_port
 from nodewatch.respond.haproxy_stats import build_observers
 from nodewatch.respond.runner import ActionRunner
@@ -84,6 +85,8 @@ def status_line(coord: Coordinator) -> str:
     line += "; store " + ("ok" if store is None or store.available else "unavailable")
     if coord.leadership is not None:
         line += f"; {coord.role}"
+    if coord.sharing is not None:
+        line += f"; {len(coord.held_shares)} of {coord.share_count} shares"
     health = coord.health()
     if health.status != "ok":
         line += f"; {health.status}" + (f" ({health.reasons[0]})" if health.reasons else "")
@@ -103,14 +106,17 @@ async def serve(config: Config, stop: asyncio.Event | None = None,
                        events_retained=config.coordinator.events_retained,
                        history_ttl=config.detection.history_ttl,
                        timeout=config.coordinator.store_timeout)
-    leadership = None
-    if isinstance(store, EtcdStore):  # several coordinators may share it: elect a leader
-        leadership = Leadership(store, config.coordinator.listen, config.coordinator.leader_ttl)
+    leadership = sharing = None
+    cc = config.coordinator
+    if isinstance(store, EtcdStore) and cc.coordination == "shares":
+        sharing = ShareKeeper(store, cc.url, cc.leader_ttl)
+    elif isinstance(store, EtcdStore):  # several coordinators may share it: elect a leader
+        leadership = Leadership(store, cc.listen, cc.leader_ttl)
     observers = build_observers(config)
     if observers:
         log.info("observing %s through show stat", ", ".join(o.source for o in observers))
     coord = Coordinator(config, store, actions=build_actions(config), leadership=leadership,
-                        observers=observers)
+                        sharing=sharing, observers=observers)
     await coord.start()
     tune_gc()
     udp = None

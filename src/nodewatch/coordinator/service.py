@@ -23,9 +23,13 @@ from nodewatch.coordinator.health import CoordinatorHealth, Signals, judge
 from nodewatch.coordinator.poller import HttpProbe, Poller, Probe
 from nodewatch.detect import identity
 from nodewatch.detect.cluster import Cluster
+from nodewatch.detect.groups import GroupSummary
+from nodewatch.detect.journal import EVENT_SLOTS
 from nodewatch.detect.outcome import ActionRequest, Outcome, ProbeRequest
 from nodewatch.detect.policy import Policy
 from nodewatch.detect.scheduler import CheckScheduler
+from nodewatch.detect.shares import SHARES, Assignment, share_of
+from nodewatch.errors import ConfigError
 from nodewatch.model import (
     CallerObservation,
     CheckResult,
@@ -37,6 +41,7 @@ from nodewatch.model import (
     RegisterDecision,
     Registration,
     Report,
+    event_id,
     event_number,
 )
 from nodewatch.protocol import (
@@ -50,16 +55,21 @@ from nodewatch.store.base import Store, StoreUnavailable, store_label
 
 if TYPE_CHECKING:
     from nodewatch.coordinator.leadership import Leadership
+    from nodewatch.coordinator.shares import ShareKeeper
 
-__all__ = ["ActionSink", "BindableSink", "CallerObserver", "Coordinator", "LAG_BEAT",
-           "MAX_RETRY_BACKOFF", "NoActions", "NotLeader", "PERSIST_INTERVAL", "RECENT_EVENTS",
-           "ROUTINE_PERSIST_INTERVAL", "StoreHealth"]
+__all__ = ["ActionSink", "BindableSink", "CallerObserver", "Coordinator", "EVENT_SETTLE",
+           "LAG_BEAT", "MAX_RETRY_BACKOFF", "NoActions", "NotLeader", "NotOwner",
+           "PERSIST_INTERVAL", "RECENT_EVENTS", "ROUTINE_PERSIST_INTERVAL", "StoreHealth"]
 
 log = logging.getLogger("nodewatch.coordinator")
 
 RECENT_EVENTS = 10_000
 PERSIST_INTERVAL = 0.5
 ROUTINE_PERSIST_INTERVAL = 5.0
+# Shared coordinators: how old an event must be before readers get it (see events_after).
+EVENT_SETTLE = 2.0
+# Shared coordinators: how long a released share's running actions may take to finish.
+RELEASE_ACTIONS_WAIT = 10.0
 # How often the lag monitor wakes. The lag is how late a sleep wakes, so the beat only sets how
 # quickly a stall is seen (well within max_loop_lag, 1 s by default); each wake-up of an
 # otherwise idle coordinator costs about what 10 heartbeats do, so it is not 10 a second.
@@ -104,6 +114,20 @@ class NotLeader(Exception):
         super().__init__(message)
         self.leader = leader
         self.unconfirmed = unconfirmed
+
+
+class NotOwner(NotLeader):
+    """With shared coordinators (``coordination = "shares"``): the node is in another
+    coordinator's share. ``owner`` is that coordinator's API URL ("" while the share is being
+    taken over); the HTTP edge forwards the request there."""
+
+    def __init__(self, node_id: str, share: int, owner: str) -> None:
+        Exception.__init__(self, f"node {node_id!r} is in share {share}, watched by "
+                                 f"{owner or 'nobody yet (the share is being taken over)'}")
+        self.leader = owner
+        self.unconfirmed = ""
+        self.owner = owner
+        self.share = share
 
 
 async def _nothing() -> list[str]:
@@ -168,6 +192,9 @@ class _LeaderRole:
     def require_leader(self) -> None:
         return None
 
+    def require_owner(self, node_id: str) -> None:
+        return None
+
     def restrict(self, outcome: Outcome) -> None:
         return None  # the leader does all an outcome asks
 
@@ -203,6 +230,9 @@ class _FollowerRole:
         self._coord = coord
 
     def require_leader(self) -> None:
+        raise NotLeader(self._coord.leader)
+
+    def require_owner(self, node_id: str) -> None:
         raise NotLeader(self._coord.leader)
 
     def restrict(self, outcome: Outcome) -> None:
@@ -246,6 +276,9 @@ class _UnconfirmedLeaderRole:
     def require_leader(self) -> None:
         raise NotLeader("", unconfirmed=self.cause)
 
+    def require_owner(self, node_id: str) -> None:
+        raise NotLeader("", unconfirmed=self.cause)
+
     def restrict(self, outcome: Outcome) -> None:
         return None  # actions are queued, and run only after their transitions are stored
 
@@ -271,7 +304,62 @@ class _UnconfirmedLeaderRole:
         await self._coord._stop_leading(leader)
 
 
-_Role = _LeaderRole | _FollowerRole | _UnconfirmedLeaderRole
+class _SharedRole:
+    """One of several active coordinators (``coordination = "shares"``): it decides for the
+    nodes of the shares it holds (polls, confirms, acts, writes) and mirrors the others from
+    the store, so that it answers reads for the whole fleet and its guard and budget count
+    the whole fleet. A verb about another coordinator's node raises NotOwner (the HTTP edge
+    forwards it to the owner)."""
+
+    name = "shared"
+
+    def __init__(self, coord: Coordinator) -> None:
+        self._coord = coord
+
+    def require_leader(self) -> None:
+        return None  # node-agnostic verbs (callers' counts) keep what concerns held shares
+
+    def require_owner(self, node_id: str) -> None:
+        self._coord.require_owner(node_id)
+
+    def restrict(self, outcome: Outcome) -> None:
+        owns = self._coord.owns
+        outcome.actions[:] = [a for a in outcome.actions if owns(a.node_id)]
+        outcome.probes[:] = [p for p in outcome.probes if owns(p.node_id)]
+
+    async def persist(self, routine: bool, history: bool) -> None:
+        await self._coord._write(routine, history)
+
+    def leader_address(self) -> str:
+        return self._coord.config.coordinator.listen
+
+    def mirror_nodes(self, nodes: list[NodeState], deleted: list[str], reset: bool) -> None:
+        owns = self._coord.owns
+        held = self._coord.cluster.nodes
+        # An echo of an older write of ours (a share just released) never replaces a newer
+        # copy: revisions only grow.
+        fresh = [n for n in nodes if not owns(n.node_id) and not (
+            n.node_id in held and held[n.node_id].revision > n.revision)]
+        self._coord.cluster.mirror(fresh,
+                                   [i for i in deleted if not owns(i)], reset=False,
+                                   now=self._coord.clock())
+
+    def mirror_events(self, events: list[Event]) -> None:
+        self._coord._merge_events(events)
+
+    def agent_published(self, lease: AgentLease) -> None:
+        if self._coord.owns(lease.node_id):
+            self._coord._register_lease(lease)
+
+    def agent_lease_expired(self, node_id: str) -> None:
+        if self._coord.owns(node_id):
+            self._coord._lease_expired(node_id)
+
+    async def hand_over(self, leader: str) -> None:
+        return None
+
+
+_Role = _LeaderRole | _FollowerRole | _UnconfirmedLeaderRole | _SharedRole
 
 
 class Coordinator:
@@ -291,14 +379,28 @@ class Coordinator:
         actions: ActionSink | None = None,
         rng: random.Random | None = None,
         leadership: Leadership | None = None,
+        sharing: ShareKeeper | None = None,
         observers: Sequence[CallerObserver] = (),
     ) -> None:
         self.config = config
+        # With coordination = "shares": the etcd edge that keeps the members and claims this
+        # coordinator's shares (coordinator/shares.py); it calls acquire_shares and friends.
+        self.sharing = sharing
+        self.held_shares: frozenset[int] = frozenset()
+        self.share_count = SHARES
+        self.members: dict[str, str] = {}  # member name -> its API URL
+        self.assignment = Assignment.of(())
+        self.shares_short_since: float | None = None if sharing is None else clock()
+        self._share_epoch = 0  # bumped when every share is lost: work begun before it stops
+        self._event_marks: dict[str, int] = {}  # the other members' event watermarks
+        self._share_index: tuple[tuple[int, int], dict[int, list[str]]] = ((0, -1), {})
         self.observers = list(observers)
         # With several coordinators on etcd, only the elected leader polls, confirms failures,
         # runs actions and writes node state; a follower mirrors the store and serves reads.
         self.leadership = leadership
-        self._role: _Role = _LeaderRole(self) if leadership is None else _FollowerRole(self)
+        self._role: _Role = (_SharedRole(self) if sharing is not None
+                             else _LeaderRole(self) if leadership is None
+                             else _FollowerRole(self))
         self.leader = ""
         # For /healthz: since when nobody is known to lead (with an election), the guard has
         # been on, the loop has lagged over max_loop_lag.
@@ -385,6 +487,15 @@ class Coordinator:
                               self._action_settled)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._lag_monitor(), name="nodewatch-lag")]
+        await self._check_coordination()
+        if self.sharing is not None:
+            self.cluster.scope = self.owns
+            self.cluster.budget.share(0.0)
+            await self._lead()
+            self.sharing.start(self)
+            log.info("coordinator started, sharing: %d nodes loaded, joining the members",
+                     len(nodes))
+            return
         if self.leadership is not None:
             self.leadership.start(self)
             log.info("coordinator started as a follower: %d nodes loaded, campaigning",
@@ -393,6 +504,26 @@ class Coordinator:
         await self._lead()
         log.info("coordinator started: %d nodes restored, grace %.1fs", len(nodes),
                  self.policy.startup_grace)
+
+    async def _check_coordination(self) -> None:
+        """All coordinators of one etcd must coordinate alike: an elected leader and sharers
+        would both decide the same nodes. Refuse to start beside the other kind."""
+        keeper = self.sharing or self.leadership
+        if keeper is None:
+            return
+        store = keeper.store
+        if self.sharing is not None:
+            other = await self._bounded(store.get_raw(store.key("election", "leader")),
+                                        "read") is not None
+            theirs = "elects a leader (coordination = \"election\")"
+        else:
+            members, _ = await self._bounded(store.list_raw("nodes!members"), "read")
+            other = bool(members)
+            theirs = "shares the fleet (coordination = \"shares\")"
+        if other:
+            await self.store.close()
+            raise ConfigError(f"another coordinator of this store {theirs}: every coordinator "
+                              "of one store must use the same [coordinator] coordination")
 
     async def _restore(self) -> list[NodeState]:
         """A fresh core from the store's nodes and last event, in startup grace."""
@@ -407,17 +538,21 @@ class Coordinator:
         return nodes
 
     async def _lead(self) -> None:
-        """Poll every watched node, tick the core's timers, prune history; write it all."""
-        self._role = _LeaderRole(self)
+        """Poll every watched node, tick the core's timers, prune history; write it all.
+        Sharing, the poller starts empty: nodes join it with their shares."""
+        if self.sharing is None:
+            self._role = _LeaderRole(self)
         # Stored but never settled: the last leader (or this process, before a crash) died
         # between a transition and its action. Taken before anything new is decided.
-        due = self.cluster.due_actions()
+        due = self.cluster.due_actions() if self.sharing is None else []
         now = self.clock()
-        for static in self.config.nodes:
-            self._handle(self.cluster.add_static(static.id, static.address, static.labels, now))
-        for node in self.cluster.nodes.values():
-            if node.health is not Health.DEAD and node.node_id not in self.poller:
-                self.poller.add(node.node_id, node.address)
+        if self.sharing is None:
+            for static in self.config.nodes:
+                self._handle(self.cluster.add_static(static.id, static.address, static.labels,
+                                                     now))
+            for node in self.cluster.nodes.values():
+                if node.health is not Health.DEAD and node.node_id not in self.poller:
+                    self.poller.add(node.node_id, node.address)
         await self.poller.start()
         loop = asyncio.get_running_loop()
         self._lead_tasks = [
@@ -512,6 +647,213 @@ class Coordinator:
             self.poller.remove(node_id)  # the next term polls what the store then holds
         log.warning("now a follower (leader: %s)", leader or "being elected")
 
+    # ------------------------------------------------------------------ shares
+
+    def owns(self, node_id: str) -> bool:
+        """Sharing: whether the node's share is held here (always, without sharing)."""
+        return self.sharing is None or share_of(node_id) in self.held_shares
+
+    def owner_url(self, node_id: str) -> str:
+        """The API URL of the coordinator the assignment gives the node to ("" if none)."""
+        return self.members.get(self.assignment.owner(node_id), "")
+
+    def require_owner(self, node_id: str) -> None:
+        if not self.owns(node_id):
+            owner = self.assignment.owner(node_id)
+            url = "" if owner == self.sharing_name else self.members.get(owner, "")
+            raise NotOwner(node_id, share_of(node_id), url)
+
+    def member_hosts(self) -> set[str]:
+        """The hosts of the member coordinators' URLs (trusted to say whom they forward)."""
+        hosts = set()
+        for url in self.members.values():
+            host = url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+            hosts.add(host)
+        return hosts
+
+    @property
+    def sharing_name(self) -> str:
+        return self.sharing.identity if self.sharing is not None else ""
+
+    def set_members(self, members: Mapping[str, str], assignment: Assignment) -> None:
+        """The live coordinators (name -> API URL) and the assignment they imply."""
+        self.members = dict(members)
+        self.assignment = assignment
+        self._note_shares()
+
+    def _note_shares(self) -> None:
+        """Since when this coordinator holds fewer shares than it wins (for /healthz)."""
+        wanted = self.assignment.counts().get(self.sharing_name, 0)
+        short = wanted == 0 or len(self.held_shares) < wanted
+        if not short:
+            self.shares_short_since = None
+        elif self.shares_short_since is None:
+            self.shares_short_since = self.clock()
+
+    def start_sharing(self, slot: int) -> None:
+        """Joined the members: this coordinator mints its events in its own slot."""
+        self.cluster.event_sequence.use_slot(slot)
+        self.cluster.share_groups({})
+
+    def group_summaries(self) -> dict[str, Any]:
+        """This coordinator's part of every outlier group, for the other members."""
+        return {group: summary.to_json()
+                for group, summary in sorted(self.cluster.outliers.summaries.items())}
+
+    def set_peer_groups(self, peers: Mapping[str, Mapping[str, GroupSummary]]) -> None:
+        """The other members' parts of the outlier groups (see detect/groups.py)."""
+        self.cluster.share_groups(peers)
+
+    async def acquire_shares(self, shares: frozenset[int]) -> None:
+        """Claimed in etcd, and the mirror holds the previous owner's last word: decide for
+        these nodes from now on. Their deadlines restart here (each is polled once within
+        ``unhealthy_interval``, spread, whatever its stored last_seen); an action stored as
+        due and never settled (its owner died between the transition and the action) runs."""
+        if not shares:
+            return
+        self.held_shares = self.held_shares | shares
+        self.cluster.budget.share(len(self.held_shares) / self.share_count)
+        now = self.clock()
+        spread = float(self.config.detection.unhealthy_interval)
+        for static in self.config.nodes:
+            if share_of(static.id) in shares:
+                self._handle(self.cluster.add_static(static.id, static.address, static.labels,
+                                                     now))
+        index = self._nodes_by_share()
+        taken = [self.cluster.nodes[i] for k in sorted(shares) for i in index.get(k, ())
+                 if i in self.cluster.nodes]
+        self.cluster.adopt(n.node_id for n in taken)
+        for node in taken:
+            if node.health is not Health.DEAD and node.node_id not in self.poller:
+                self.poller.add(node.node_id, node.address,
+                                first_due=now + self.rng.uniform(0.0, spread))
+        due = self.cluster.due_actions(n.node_id for n in taken)
+        for request in due:
+            self._submit(request, None)
+        self._note_shares()
+        log.info("took shares %s: %d nodes, %d stored actions due", _share_list(shares),
+                 len(taken), len(due))
+
+    def _nodes_by_share(self) -> dict[int, list[str]]:
+        """Node ids by share, kept until the set of node ids changes (a takeover of many
+        shares at 100,000 nodes must not scan the fleet once per share)."""
+        version = (id(self.cluster), self.cluster.revisions.members)
+        if self._share_index[0] != version:
+            index: dict[int, list[str]] = {}
+            for node_id in self.cluster.nodes:
+                index.setdefault(share_of(node_id), []).append(node_id)
+            self._share_index = (version, index)
+        return self._share_index[1]
+
+    async def release_shares(self, shares: frozenset[int]) -> None:
+        """Another coordinator wins these shares now: leave it the last word in the store.
+        While still deciding for them, the actions already handed on for their nodes run to
+        their end (bounded by ``RELEASE_ACTIONS_WAIT``); then this coordinator stops deciding
+        (out of scope, off the poller) and writes what is pending, their settling included,
+        so that the next holder neither repeats nor misses one. Nodes go unwatched only from
+        that write until the next holder's claim comes back (milliseconds). The keeper
+        deletes the claims afterwards."""
+        if not shares:
+            return
+        index = self._nodes_by_share()
+        nodes = [i for k in shares for i in index.get(k, ())]
+        epoch = self._share_epoch
+        join = getattr(self.actions, "join", None)
+        if join is not None and nodes:
+            try:
+                async with asyncio.timeout(RELEASE_ACTIONS_WAIT):
+                    await join(nodes)
+            except TimeoutError:
+                log.warning("releasing shares with actions still running after %gs: the next "
+                            "holder runs them again (at least once)", RELEASE_ACTIONS_WAIT)
+        if epoch != self._share_epoch:
+            return  # the lease was lost meanwhile: nothing more to hand over
+        self.held_shares = self.held_shares - shares
+        self.cluster.budget.share(len(self.held_shares) / self.share_count)
+        for node_id in nodes:
+            self.poller.remove(node_id)
+        try:
+            await self.persist(routine=True)
+        except StoreUnavailable as exc:
+            log.warning("releasing shares with writes pending: %s", exc)
+        self._note_shares()
+        log.info("released shares %s", _share_list(shares))
+
+    async def lose_shares(self, cause: str, shares: frozenset[int] | None = None) -> None:
+        """The membership lease is lost (``shares`` None: every share), or some claims are:
+        etcd expires (or has expired) them, and other coordinators take them. Decide nothing
+        more for their nodes; decisions not stored yet are the next owners' to make (from the
+        store), so they are dropped, never acted on later."""
+        everything = shares is None
+        lost = self.held_shares if shares is None else self.held_shares & shares
+        if everything:
+            self._share_epoch += 1
+        self.held_shares = self.held_shares - lost
+        self.cluster.budget.share(len(self.held_shares) / self.share_count)
+        index = self._nodes_by_share()
+        nodes = set(self.cluster.nodes) if everything else {
+            i for k in lost for i in index.get(k, ())}
+        self._pending_actions[:] = [(r, e) for r, e in self._pending_actions
+                                    if r.node_id not in nodes]
+        dropped = {e.id for e in self._pending_events
+                   if e.node_id in nodes or (everything and not e.node_id)}
+        self._pending_events[:] = [e for e in self._pending_events if e.id not in dropped]
+        self._pending_samples[:] = [h for h in self._pending_samples if h.node_id not in nodes]
+        if dropped:
+            kept = [e for e in self.recent if e.id not in dropped]
+            self.recent.clear()
+            self.recent.extend(kept)
+        for node_id in nodes:
+            self.poller.remove(node_id)
+        if everything:
+            self.cluster.take_dirty()
+        else:
+            for node_id in nodes:
+                self.cluster.dirty.forget_pending(node_id)
+        self._note_shares()
+        if lost:
+            log.error("lost %s (%s): %d shares, %d events never stored dropped",
+                      "every share" if everything else f"shares {_share_list(lost)}", cause,
+                      len(lost), len(dropped))
+
+    def node_ids(self) -> list[str]:
+        return list(self.cluster.nodes)
+
+    def event_watermark(self) -> int:
+        """Every event this coordinator stores from now on has a higher number than this:
+        the first of those waiting for the store, less one, or the clock's floor."""
+        if self._pending_events:
+            return event_number(self._pending_events[0].id) - 1
+        return max(0, int(self.clock() * 1000) * EVENT_SLOTS - 1)
+
+    def set_event_marks(self, marks: Mapping[str, int]) -> None:
+        """The other members' event watermarks (see ``events_after``)."""
+        self._event_marks = dict(marks)
+
+    def _merge_events(self, events: list[Event]) -> None:
+        """Other coordinators' events, merged into ``recent`` in id order (ids sort by time
+        across coordinators); this coordinator's own come back by watch and are skipped."""
+        slot = self.cluster.event_sequence.slot
+        fresh = [e for e in events if slot is None or event_number(e.id) % EVENT_SLOTS != slot]
+        if not fresh:
+            return
+        for event in fresh:
+            self.cluster.event_sequence.witness(event_number(event.id))
+            if self.recent and event.id < self.recent[-1].id:
+                at = len(self.recent)
+                while at > 0 and self.recent[at - 1].id > event.id:
+                    at -= 1
+                if at == 0 and len(self.recent) == self.recent.maxlen:
+                    continue  # older than anything retained: readers get it from the store
+                if len(self.recent) == self.recent.maxlen:
+                    self.recent.popleft()
+                    at -= 1
+                self.recent.insert(at, event)
+            else:
+                self.recent.append(event)
+        self._new_events.set()
+        self._new_events = asyncio.Event()
+
     def mirror_nodes(self, nodes: list[NodeState], deleted: list[str], reset: bool) -> None:
         """A follower's copy of the leader's node state, kept by watch (reads only)."""
         self._role.mirror_nodes(nodes, deleted, reset)
@@ -578,6 +920,8 @@ class Coordinator:
         self._running = False
         if self.leadership is not None:
             await self.leadership.stop()
+        if self.sharing is not None:
+            await self.sharing.pause()  # no claim or takeover now; the lease (and shares) kept
         await self.poller.stop()
         for task in self._tasks + self._lead_tasks:
             task.cancel()
@@ -592,6 +936,11 @@ class Coordinator:
             await self.persist()  # what the actions reported meanwhile (action_failed)
         except StoreUnavailable as exc:
             log.error("stopping with writes not stored: %s", exc)
+        if self.sharing is not None:
+            # Written first, then the lease revoked (and nothing written after it): the other
+            # members take the shares at once, from this one's last word.
+            await self.sharing.stop()
+            self.held_shares = frozenset()
         await self.store.close()
 
     # ------------------------------------------------------------------ inputs
@@ -650,7 +999,7 @@ class Coordinator:
         An accepted push stands in for the next poll: the poll is pushed back by one interval,
         so a pushing node costs no polls while its pushes arrive and is polled once they stop.
         """
-        self._role.require_leader()
+        self._role.require_owner(result.node_id)
         self._gate_on_stall()
         self.pushes += 1
         outcome = self._observe(result)
@@ -660,7 +1009,7 @@ class Coordinator:
         return outcome
 
     def register(self, reg: Registration) -> tuple[RegisterDecision, NodeState]:
-        self._role.require_leader()
+        self._role.require_owner(reg.node_id)
         return self._register(reg)
 
     def _register(self, reg: Registration) -> tuple[RegisterDecision, NodeState]:
@@ -703,7 +1052,7 @@ class Coordinator:
         """drain / undrain / approve / revoke / remove, acknowledged (returned) once durably
         stored; raises UnknownNode or Conflict, or StoreUnavailable after undoing it in memory.
         ``address``: for approve, the claim the operator means (see ``Cluster.approve``)."""
-        self._role.require_leader()
+        self._role.require_owner(node_id)
         before = copy.deepcopy(self.cluster.node(node_id))
         outcome = self._apply_command(name, node_id, reason, address)
         await self._store_outcome(node_id, before, outcome)
@@ -715,7 +1064,7 @@ class Coordinator:
         raises IdentityRejected (after recording it, rate-limited) unless it proves the node's
         credential, or the node has none on record. Unknown nodes pass (the caller answers
         404)."""
-        self._role.require_leader()
+        self._role.require_owner(node_id)
         node = self.cluster.node(node_id)
         verdict = identity.verify(node, credential_hash(credential))
         if verdict in ("rejected", "revoked", "reenrol"):
@@ -757,7 +1106,7 @@ class Coordinator:
         for an enrolled node that does not prove it raises IdentityRejected and changes
         nothing but the node's pending claim. Returns the decision, the node and a newly
         issued credential ('' when none), to send back in the answer only."""
-        self._role.require_leader()
+        self._role.require_owner(reg.node_id)
         now = self.clock()
         node_before = self.cluster.node(reg.node_id)
         verdict = identity.verify(node_before, credential_hash(credential), reg.address,
@@ -1101,7 +1450,9 @@ class Coordinator:
             raise
         self._store_ok(probe_only=probed)
         for request, event in actions:  # their transitions are durable now
-            self._submit(request, event)
+            if self.owns(request.node_id):
+                self._submit(request, event)
+            # else its share was released meanwhile: stored as due, the next holder runs it
 
     async def _reload(self, node_ids: Sequence[str], deadline: float | None = None) -> None:
         """After losing a compare-and-swap, take the stored revision and write ours again."""
@@ -1171,12 +1522,35 @@ class Coordinator:
             remaining = deadline - self.clock()
             if events or remaining <= 0:
                 return events
+            if self.sharing is not None and self.recent and (after is None
+                                                             or self.recent[-1].id > after):
+                remaining = min(remaining, EVENT_SETTLE / 4)  # some are settling: look again
             try:
                 await asyncio.wait_for(waiter.wait(), timeout=remaining)
             except TimeoutError:
-                return []
+                if self.clock() >= deadline:
+                    return []
 
     async def events_after(self, after: str | None, limit: int) -> list[Event]:
+        """Events after ``after`` in id order. With shared coordinators, only up to the
+        lowest of the other members' watermarks: another coordinator's event comes in with
+        its write, and a reader's cursor must not have passed its id by then (ids sort by
+        time across coordinators); a member whose store writes stall holds the stream back
+        rather than let its events land behind a cursor."""
+        events = await self._events_after(after, limit)
+        if self.sharing is None or not events:
+            return events
+        # Every other member says up to which number its events are stored (its watermark,
+        # published every half second); one not heard from yet counts as EVENT_SETTLE ago.
+        settle = max(0, int((self.clock() - EVENT_SETTLE) * 1000)) * EVENT_SLOTS
+        marks = [self._event_marks.get(m, settle) for m in self.members
+                 if m != self.sharing_name]
+        if not marks:
+            return events
+        horizon = event_id(min(marks))
+        return [e for e in events if e.id <= horizon]
+
+    async def _events_after(self, after: str | None, limit: int) -> list[Event]:
         recent = self.recent
         if recent and after is not None and after >= recent[0].id:
             out: list[Event] = []
@@ -1220,7 +1594,11 @@ class Coordinator:
         cfg = self.config.coordinator
         return judge(Signals(
             now=self.clock(),
-            leads=self.role == "leader",
+            leads=self.role == "leader" or bool(self.held_shares),
+            sharing=self.sharing is not None,
+            shares_held=len(self.held_shares),
+            shares_wanted=self.assignment.counts().get(self.sharing_name, 0),
+            shares_short_since=self.shares_short_since,
             elected=self.leadership is not None,
             leader="" if self.unconfirmed_cause else self.leader,
             leaderless_since=self.leaderless_since,
@@ -1257,7 +1635,25 @@ class Coordinator:
             "nodes": counts,
             "checks": self.checks,
             "poller": self.poller.stats(),
+            **({"shares": self.shares_view()} if self.sharing is not None else {}),
         }
+
+    def shares_view(self) -> dict[str, Any]:
+        """For /healthz: what this coordinator holds and how the members split the fleet."""
+        counts = self.assignment.counts()
+        return {
+            "name": self.sharing_name,
+            "total": self.share_count,
+            "held": len(self.held_shares),
+            "wanted": counts.get(self.sharing_name, 0),
+            "members": [{"name": name, "url": self.members.get(name, ""), "shares": count}
+                        for name, count in counts.items()],
+        }
+
+
+def _share_list(shares: frozenset[int]) -> str:
+    ordered = sorted(shares)
+    return ",".join(map(str, ordered[:16])) + (f",… ({len(ordered)})" if len(ordered) > 16 else "")
 
 
 def _store_view(store: StoreHealth, now: float) -> dict[str, Any]:

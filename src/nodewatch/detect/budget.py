@@ -3,6 +3,7 @@ may happen; cleanups over budget wait, held, until it allows them."""
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Mapping
 
@@ -36,6 +37,7 @@ class Budget:
         self.policy = policy
         self.limiter = limiter or RateLimiter(policy.max_rate, 60.0)
         self._held: dict[str, str] = {}  # node_id -> event id of the unhealthy event
+        self.fraction = 1.0  # of the fleet this coordinator decides for (shares)
 
     @property
     def held(self) -> Mapping[str, str]:
@@ -50,10 +52,34 @@ class Budget:
         that lost nodes long ago can still clean up a new failure.
         """
         if self.limiter.saturated(now):
+            if self.limiter.rate != self.policy.max_rate:
+                return (f"held: budget (this coordinator's part, {self.limiter.rate:.3g} of "
+                        f"{self.policy.max_rate:g}/min, reached)")
             return f"held: budget (rate {self.policy.max_rate:g}/min reached)"
         limit = self.policy.budget_limit(watched)
         if out >= limit:
             return f"held: budget ({limit} of {watched} nodes already out)"
+        return ""
+
+    def share(self, fraction: float) -> None:
+        """This coordinator decides for ``fraction`` of the fleet (its shares): it may spend
+        that part of the per-minute rate, so that the coordinators together stay within it
+        (at least one a minute each: a share is never starved of cleanups). How many nodes
+        may be out at once needs no split: every coordinator counts the whole fleet."""
+        self.fraction = max(0.0, min(1.0, fraction))
+        rate = self.policy.max_rate
+        self.limiter.rate = max(min(1.0, rate), rate * self.fraction)
+
+    def block_part(self, own_out: int, watched: int) -> str:
+        """With shared coordinators, the nodes out at once are capped per coordinator too, at
+        its part of the fleet's limit (at least one): each sees the others' cleanups only
+        once they are mirrored, so without a part of its own two could fill the limit at
+        the same moment. ``own_out`` counts this coordinator's nodes out."""
+        limit = self.policy.budget_limit(watched)
+        part = max(1, math.floor(limit * self.fraction))
+        if own_out >= part:
+            return (f"held: budget (this coordinator's part: {own_out} of its {part} of "
+                    f"{limit} nodes already out)")
         return ""
 
     def spend(self, node_id: str, now: float) -> None:

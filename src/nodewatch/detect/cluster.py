@@ -11,12 +11,13 @@ drive the same code.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from nodewatch.detect.budget import Budget
 from nodewatch.detect.drain import Drains
 from nodewatch.detect.gate import Gate
+from nodewatch.detect.groups import GroupSummary
 from nodewatch.detect.guard import Guard
 from nodewatch.detect.identity import Credential, Identity, Verdict
 from nodewatch.detect.journal import DirtyNodes, EventSequence, Revisions
@@ -79,6 +80,10 @@ class Cluster:
         # Arrival histories only where pushes are judged by them (decided once).
         self.arrivals = PhiAccrual(policy) if policy.suspicion == "phi" else None
         self.event_sequence = EventSequence(next_event)
+        # With several coordinators on one store, the nodes this core decides for (its
+        # shares); the others are mirrors: counted by the fleet-wide policies (guard, budget),
+        # never judged, timed out or acted on here. None: every node is this core's.
+        self.scope: Callable[[str], bool] | None = None
         self.dirty = DirtyNodes(self.table.nodes,
                                 Revisions(f"{int(now * 1000) & 0xFFFFFFFFFFFF:x}",
                                           members=self.table.nodes))
@@ -86,11 +91,21 @@ class Cluster:
             self._track(node)
 
     def _track(self, node: NodeState) -> None:
-        """The policies' share of a node restored or mirrored with its state."""
+        """The policies' share of a node restored or mirrored with its state (what is decided
+        per node only for the nodes in scope: another coordinator's are its to decide)."""
         if node.health is Health.UNHEALTHY and not node.cleaned_up:
             self.budget.hold(node.node_id, "")
         self.drains.track(node)
-        self.outliers.track(node)
+        if self.in_scope(node.node_id):
+            self.outliers.track(node)
+
+    def adopt(self, node_ids: Iterable[str]) -> None:
+        """Nodes that came into scope (a share taken over): their per-node policy state from
+        what was mirrored (an ejected outlier stays ejected)."""
+        for node_id in node_ids:
+            node = self.table.nodes.get(node_id)
+            if node is not None:
+                self.outliers.track(node)
 
     # ------------------------------------------------------------------ views
 
@@ -148,20 +163,40 @@ class Cluster:
         self.dirty.mark(node_ids, self.table.nodes)
 
     def mirror(self, nodes: Iterable[NodeState], deleted: Iterable[str] = (),
-               reset: bool = False) -> None:
-        """A follower's copy of the leader's node state: replace, delete or (``reset``) start
-        over, keeping every index right; a mirror is never written back."""
+               reset: bool = False, now: float | None = None) -> None:
+        """Another coordinator's node state (a follower's leader, or the owner of another
+        share): replace, delete or (``reset``) start over, keeping every index right; a
+        mirror is never written back. With ``now``, a mirrored node that entered suspect
+        counts for this core's guard too, so the guard sees the whole fleet's suspects."""
         if reset:
             for node_id in list(self.table.nodes):
                 self._forget(node_id)
         for node in nodes:
-            self._forget(node.node_id)
+            entry = self.guard.recent.get(node.node_id)
+            before = self._forget(node.node_id)
             self.table.add(node)
             self._track(node)
             self.revisions.note(node.node_id)
+            self.dirty.forget_pending(node.node_id)
+            if entry is not None:
+                self.guard.keep(node.node_id, entry, node.health)
+            if now is not None and node.health is Health.SUSPECT and (
+                    before is None or before.health is not Health.SUSPECT):
+                self.guard.note_suspect(node.node_id, now)
         for node_id in deleted:
             self._forget(node_id)
-        self.take_dirty()
+        if self.scope is None:
+            self.take_dirty()
+
+    def share_groups(self, peers: Mapping[str, Mapping[str, GroupSummary]]) -> None:
+        """Shared coordinators: the others' parts of each outlier group, so that a group's
+        centre and max_ejection_fraction are the whole group's (see detect/groups.py); from
+        now on this core keeps its own part in ``outliers.summaries`` for them."""
+        self.outliers.publishing = True
+        self.outliers.peers = peers
+
+    def in_scope(self, node_id: str) -> bool:
+        return self.scope is None or self.scope(node_id)
 
     def restore(self, node_id: str, before: NodeState | None,
                 discard: Sequence[Event] = ()) -> None:
@@ -491,9 +526,15 @@ class Cluster:
     # ------------------------------------------------------------------ budget
 
     def _budget_block(self, now: float) -> str:
-        # Outliers ejected draw from the same budget as nodes cleaned up.
-        return self.budget.block(now, self.table.watched,
-                                 self.table.out_count + self.outliers.ejected_count)
+        # Outliers ejected draw from the same budget as nodes cleaned up (with shared
+        # coordinators, the others' ejections as their group summaries say).
+        ejected = self.outliers.ejected_count + self.outliers.peer_ejected
+        block = self.budget.block(now, self.table.watched, self.table.out_count + ejected)
+        if block or self.scope is None:
+            return block
+        nodes = self.table.nodes
+        own = sum(1 for i in self.table.unhealthy if self.in_scope(i) and nodes[i].cleaned_up)
+        return self.budget.block_part(own + self.outliers.ejected_count, self.table.watched)
 
     def _request_cleanup(self, out: Outcome, node: NodeState, event: Event, now: float) -> None:
         if node.cleaned_up:
@@ -529,11 +570,14 @@ class Cluster:
             node.actions_due = due
             self.dirty.changed(node_id)
 
-    def due_actions(self) -> list[ActionRequest]:
+    def due_actions(self, node_ids: Iterable[str] | None = None) -> list[ActionRequest]:
         """Actions stored but never settled (a coordinator died before they ran): after a
-        restart or a leader change they run now, at least once."""
+        restart, a leader change or a takeover of a share (``node_ids``: its nodes) they run
+        now, at least once."""
+        nodes = self.table.nodes.values() if node_ids is None else [
+            self.table.nodes[i] for i in node_ids if i in self.table.nodes]
         return [ActionRequest(d.kind, node.node_id, node.address, d.event_id, d.reason)
-                for node in self.table.nodes.values() for d in node.actions_due]
+                for node in nodes for d in node.actions_due]
 
     # ------------------------------------------------------------------ guard
 
@@ -850,7 +894,8 @@ class Cluster:
         if evicting:
             self._declare_dead(out, now)
         for node_id in self.drains.waiting():
-            self._check_drain(out, self.table.nodes[node_id], now)
+            if self.in_scope(node_id):
+                self._check_drain(out, self.table.nodes[node_id], now)
         if evicting and self.budget.held:
             self._release_held(out, now)
         self._update_guard(out, now)
@@ -865,7 +910,7 @@ class Cluster:
         """What callers saw of nodes: evidence only, judged on the next tick. Returns the
         node ids not known here (reported back to the caller, not an error)."""
         known = [o for o in observations if o.node_id in self.table.nodes]
-        self.outliers.note_callers(source, known, now)
+        self.outliers.note_callers(source, [o for o in known if self.in_scope(o.node_id)], now)
         return sorted({o.node_id for o in observations if o.node_id not in self.table.nodes})
 
     def _ejection_block(self, now: float) -> str:
@@ -874,10 +919,12 @@ class Cluster:
         return self._budget_block(now)
 
     def _judge_outliers(self, out: Outcome, now: float) -> None:
-        verdicts = self.outliers.judge(now, self.table.nodes,
-                                       lambda: self._ejection_block(now))
+        nodes: Mapping[str, NodeState] = self.table.nodes if self.scope is None else \
+            _Scoped(self.table.nodes, self.scope)
+        verdicts = self.outliers.judge(now, nodes, lambda: self._ejection_block(now))
         for verdict in verdicts:
-            self._apply_outlier(out, verdict, now)
+            if not verdict.node_id or self.in_scope(verdict.node_id):
+                self._apply_outlier(out, verdict, now)
 
     def _apply_outlier(self, out: Outcome, v: OutlierVerdict, now: float) -> None:
         node = self.table.nodes.get(v.node_id)
@@ -910,6 +957,8 @@ class Cluster:
         p = self.policy
         for since, node in self.table.due_dead(now, p.dead_after):
             node_id = node.node_id
+            if not self.in_scope(node_id):
+                continue
             event = self._set_health(out, node, Health.DEAD, now,
                                      f"unhealthy for {now - since:.0f}s "
                                      f"(dead_after {p.dead_after:g}s)",
@@ -926,6 +975,8 @@ class Cluster:
             if held is None or held.health not in _OUT:
                 self.budget.release(node_id)
                 continue
+            if not self.in_scope(node_id):
+                continue  # its owner releases it
             if self._budget_block(now):
                 break
             event = self._emit(out, now, node_id, "cleanup", held.health.value,
@@ -939,3 +990,22 @@ class Cluster:
             if held.health is Health.DEAD:
                 # Went dead while its cleanup waited: deregister it for good now.
                 self._action(out, "dead", held, event)
+
+
+class _Scoped(Mapping[str, NodeState]):
+    """The nodes in scope, as a read-only mapping (what the outlier rule may judge)."""
+
+    def __init__(self, nodes: Mapping[str, NodeState], scope: Callable[[str], bool]) -> None:
+        self._nodes = nodes
+        self._scope = scope
+
+    def __getitem__(self, node_id: str) -> NodeState:
+        if not self._scope(node_id):
+            raise KeyError(node_id)
+        return self._nodes[node_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return (i for i in self._nodes if self._scope(i))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

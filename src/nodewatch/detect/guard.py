@@ -65,6 +65,12 @@ class Guard:
             del self._suspect_entry[node_id]
             self._recent_health[health] -= 1
 
+    def keep(self, node_id: str, entry: float, health: Health) -> None:
+        """A node replaced by its mirrored copy keeps its recent entry (``entry`` is what
+        ``recent`` held before it was forgotten; its place in the window stays)."""
+        self._suspect_entry[node_id] = entry
+        self._recent_health[health] += 1
+
     def update(self, now: float, nodes: Mapping[str, NodeState], watched: int,
                suspects: int) -> GuardChange | None:
         """Slide the window to ``now`` and decide; returns the change, if any.

@@ -9,17 +9,46 @@ from typing import Any
 
 from nodewatch.model import Event, event_id, event_number
 
-__all__ = ["DirtyNodes", "EventSequence", "Revisions"]
+__all__ = ["DirtyNodes", "EVENT_SLOTS", "EventSequence", "Revisions"]
+
+
+EVENT_SLOTS = 1024  # coordinators that may mint events into one store at once
 
 
 class EventSequence:
-    """Mints events with consecutive ids, continuing from the store's last one."""
+    """Mints events with consecutive ids, continuing from the store's last one.
+
+    With several coordinators writing one store, each mints in its own ``slot``: numbers are
+    a hybrid logical clock, ``milliseconds * EVENT_SLOTS + slot``, never below one more than
+    the highest number seen (``witness``), so that ids stay unique without talking and sort
+    by time across coordinators.
+    """
 
     def __init__(self, next_number: int = 1) -> None:
         self.next_number = next_number
+        self.slot: int | None = None
+
+    def use_slot(self, slot: int) -> None:
+        if not 0 <= slot < EVENT_SLOTS:
+            raise ValueError(f"event slot {slot} outside 0..{EVENT_SLOTS - 1}")
+        self.slot = slot
+        self.witness(self.next_number - 1)
+
+    def witness(self, number: int) -> None:
+        """An event number minted elsewhere: ours come after it."""
+        if self.slot is None:
+            self.next_number = max(self.next_number, number + 1)
+            return
+        self.next_number = max(self.next_number, self._aligned(number + 1))
+
+    def _aligned(self, number: int) -> int:
+        assert self.slot is not None
+        return number + (self.slot - number) % EVENT_SLOTS
 
     def mint(self, now: float, node_id: str, kind: str, from_: str = "", to: str = "",
              reason: str = "", evidence: dict[str, Any] | None = None) -> Event:
+        if self.slot is not None:
+            self.next_number = max(self.next_number, int(now * 1000) * EVENT_SLOTS + self.slot)
         event = Event(
             id=event_id(self.next_number),
             ts=now,
@@ -30,7 +59,7 @@ class EventSequence:
             reason=reason,
             evidence=evidence or {},
         )
-        self.next_number += 1
+        self.next_number += 1 if self.slot is None else EVENT_SLOTS
         return event
 
     def take_back(self, events: Sequence[Event]) -> None:
@@ -74,6 +103,11 @@ class DirtyNodes:
         self._changed.discard(node_id)
         self._routine.discard(node_id)
         self.revisions.drop(node_id)
+
+    def forget_pending(self, node_id: str) -> None:
+        """Nothing of this node is to be written (it is another coordinator's mirror)."""
+        self._changed.discard(node_id)
+        self._routine.discard(node_id)
 
 
 class Revisions:

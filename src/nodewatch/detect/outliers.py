@@ -24,6 +24,13 @@ from dataclasses import dataclass, field
 from statistics import median
 from typing import Any, Literal
 
+from nodewatch.detect.groups import (
+    LATENCY_EDGES,
+    RATE_EDGES,
+    GroupSummary,
+    histogram,
+    merged_median,
+)
 from nodewatch.detect.policy import Policy
 from nodewatch.model import CallerObservation, Health, NodeState
 
@@ -111,6 +118,11 @@ class OutlierDetector:
         self._holding: dict[str, str] = {}  # groups whose errors rose together -> reason
         self._settled_since: dict[str, float] = {}  # held groups, settled again since
         self._ejected: dict[str, bool] = {}  # ejected node -> counts (not a dry run)
+        # Shared coordinators: the other coordinators' parts of each group (member -> group
+        # -> summary), and this one's part as of the last judgement, for them.
+        self.peers: Mapping[str, Mapping[str, GroupSummary]] = {}
+        self.summaries: dict[str, GroupSummary] = {}
+        self.publishing = False  # set by a shared coordinator: keep ``summaries``
 
     # ------------------------------------------------------------------ evidence
 
@@ -118,6 +130,11 @@ class OutlierDetector:
     def active(self) -> bool:
         """Anything to judge: evidence or an ejection (else a tick costs nothing)."""
         return self.policy.outliers and bool(self._evidence or self._ejected)
+
+    @property
+    def peer_ejected(self) -> int:
+        """Nodes the other coordinators have out as outliers (from their group summaries)."""
+        return sum(g.out for part in self.peers.values() for g in part.values())
 
     @property
     def ejected_count(self) -> int:
@@ -214,6 +231,7 @@ class OutlierDetector:
         happen now ('' when one may: the guard, the disruption budget)."""
         verdicts: list[OutlierVerdict] = []
         groups: dict[str, list[_Judged]] = {}
+        self.summaries = {}
         for node_id in list(self._evidence) + [i for i in self._ejected if i not in
                                                 self._evidence]:
             node = nodes.get(node_id)
@@ -236,10 +254,25 @@ class OutlierDetector:
         p = self.policy
         in_service = [m for m in members if m.judgeable and m.node.outlier is None]
         judged = [m for m in members if m.judgeable]
-        enough = len(in_service) >= p.outlier_min_nodes
-        centre = median(m.figures.rate for m in in_service) if enough else 0.0
+        rates = [m.figures.rate for m in in_service]
         timed = [m.figures.latency_ms for m in in_service if m.figures.latency_ms is not None]
-        latency_centre = median(timed) if len(timed) >= p.outlier_min_nodes else None
+        peers = [part[group] for part in self.peers.values() if group in part]
+        if peers:
+            # The group spans coordinators: its centre is the median of everybody's
+            # in-service nodes, read from the summed histograms (detect/groups.py).
+            rate_counts, latency_counts = histogram(rates, RATE_EDGES), histogram(
+                timed, LATENCY_EDGES)
+            enough = len(in_service) + sum(g.in_service for g in peers) >= p.outlier_min_nodes
+            centre = (merged_median([rate_counts, *(g.rates for g in peers)], RATE_EDGES)
+                      or 0.0) if enough else 0.0
+            timed_total = len(timed) + sum(sum(g.latencies) for g in peers)
+            latency_centre = merged_median([latency_counts, *(g.latencies for g in peers)],
+                                           LATENCY_EDGES) \
+                if timed_total >= p.outlier_min_nodes else None
+        else:
+            enough = len(in_service) >= p.outlier_min_nodes
+            centre = median(rates) if enough else 0.0
+            latency_centre = median(timed) if len(timed) >= p.outlier_min_nodes else None
         outliers: list[tuple[float, _Judged, str]] = []
         if enough:
             for m in judged:
@@ -247,9 +280,11 @@ class OutlierDetector:
                 if why:
                     outliers.append((m.figures.rate, m, why))
         # The whole group rose together (a shared dependency): nobody is taken out.
-        rising = enough and len(outliers) >= 2 and (
-            len(outliers) >= p.group_rise_fraction * len(judged))
-        rising = self._note_hold(now, group, rising, len(outliers), len(judged), centre,
+        candidates = len(outliers) + sum(g.candidates for g in peers)
+        judged_total = len(judged) + sum(g.judged for g in peers)
+        rising = enough and candidates >= 2 and (
+            candidates >= p.group_rise_fraction * judged_total)
+        rising = self._note_hold(now, group, rising, candidates, judged_total, centre,
                                  verdicts)
         base = {"group": group, "group_median": round(centre, 5), "window": p.outlier_window,
                 "judged_nodes": len(judged)}
@@ -261,10 +296,20 @@ class OutlierDetector:
             if m.node.node_id not in outlier_ids:
                 self._candidate_since.pop(m.node.node_id, None)
                 self._held.pop(m.node.node_id, None)
-        size = len({m.node.node_id for m in judged} | {m.node.node_id for m in members
-                                                       if m.node.outlier is not None})
-        out_now = sum(1 for m in members if m.node.outlier is not None
-                      and self._ejected.get(m.node.node_id, False))
+        size_here = len({m.node.node_id for m in judged} | {m.node.node_id for m in members
+                                                            if m.node.outlier is not None})
+        out_here = sum(1 for m in members if m.node.outlier is not None
+                       and self._ejected.get(m.node.node_id, False))
+        waiting = [rate for rate, m, _ in outliers if m.node.outlier is None]
+        if self.publishing:
+            self.summaries[group] = GroupSummary(
+                len(judged), len(in_service), size_here, out_here, len(outliers),
+                histogram(rates, RATE_EDGES), histogram(timed, LATENCY_EDGES),
+                max(waiting, default=0.0))
+        worse_elsewhere = max((g.worst for g in peers), default=0.0)
+        # max_ejection_fraction is of the whole group, across coordinators.
+        size = size_here + sum(g.size for g in peers)
+        out_now = out_here + sum(g.out for g in peers)
         limit = p.ejection_limit(size)
         for _, m, why in sorted(outliers, key=lambda item: -item[0]):
             node_id = m.node.node_id
@@ -285,6 +330,9 @@ class OutlierDetector:
             if out_now >= limit:
                 hold = (f"held: max_ejection_fraction ({out_now} of {size} nodes in {group} "
                         "already out)")
+            elif worse_elsewhere > m.figures.rate:
+                hold = (f"held: a worse node of {group} ({percent(worse_elsewhere)} errors) "
+                        "is another coordinator's to eject first")
             else:
                 hold = block()
             if hold:

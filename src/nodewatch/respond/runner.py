@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from nodewatch.config import Config
@@ -79,6 +80,7 @@ class ActionRunner:
         self._unsettled: dict[int, int] = {}  # id(call) -> jobs of that call still running
         self._slots = asyncio.Semaphore(concurrency)
         self._jobs: set[asyncio.Task[None]] = set()
+        self._node_jobs: dict[str, set[asyncio.Task[None]]] = {}
         self._key_locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
         self._by_kind: dict[str, list[Action]] = {}
         for action in self.actions:
@@ -132,10 +134,22 @@ class ActionRunner:
         for action in self.actions:
             await action.close()
 
-    async def join(self) -> None:
-        """Wait until every submitted job has finished (callers bound it with a timeout)."""
-        while self._jobs:
-            await asyncio.gather(*set(self._jobs), return_exceptions=True)
+    async def join(self, node_ids: Collection[str] | None = None) -> None:
+        """Wait until every submitted job (of these nodes) has finished; callers bound it
+        with a timeout."""
+        while True:
+            jobs = set(self._jobs) if node_ids is None else {
+                t for i in node_ids for t in self._node_jobs.get(i, ())}
+            if not jobs:
+                return
+            await asyncio.gather(*jobs, return_exceptions=True)
+
+    def _node_job_done(self, node_id: str, task: asyncio.Task[None]) -> None:
+        jobs = self._node_jobs.get(node_id)
+        if jobs is not None:
+            jobs.discard(task)
+            if not jobs:
+                del self._node_jobs[node_id]
 
     # ------------------------------------------------------------------ paths
 
@@ -170,6 +184,10 @@ class ActionRunner:
                                     name=f"nodewatch-action-{action.name}")
             self._jobs.add(task)
             task.add_done_callback(self._jobs.discard)
+            node_jobs = self._node_jobs.setdefault(call.request.node_id, set())
+            node_jobs.add(task)
+            task.add_done_callback(functools.partial(self._node_job_done,
+                                                     call.request.node_id))
 
     async def _job(self, action: Action, call: ActionCall, key: tuple[str, str],
                    lock: asyncio.Lock) -> None:

@@ -46,7 +46,7 @@ from nodewatch.store.codec import (
     encode_sample,
 )
 
-__all__ = ["Campaign", "EtcdStore", "KeepAlive", "WatchEvent", "parse_etcd_url"]
+__all__ = ["Campaign", "EtcdStore", "KeepAlive", "RawKey", "WatchEvent", "parse_etcd_url"]
 
 log = logging.getLogger("nodewatch.store.etcd")
 T = TypeVar("T")
@@ -104,6 +104,17 @@ class WatchEvent:
     key: str
     value: bytes
     revision: int
+    lease: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RawKey:
+    """One stored key as read: full key, value, the lease it is on (0: none), mod revision."""
+
+    key: bytes
+    value: bytes
+    lease: int
+    revision: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,12 +148,12 @@ class KeepAlive:
             self._run(), name=f"nodewatch-lease-{self.lease_id:x}")
         return self
 
-    async def _refresh(self) -> int:
+    async def _refresh(self, within: float) -> int:
         lease = self.client.lease
         assert lease is not None
         call = lease.keep_alive(self.lease_id)
         try:
-            async with asyncio.timeout(max(1.0, self.ttl / 3)):
+            async with asyncio.timeout(within):
                 async for reply in call:
                     return int(reply.TTL)
         finally:
@@ -157,10 +168,15 @@ class KeepAlive:
             # The lease's TTL restarts when etcd handles the refresh, which is after we sent
             # it: counting from the send, we give the lease up no later than etcd expires it.
             sent = time.monotonic()
+            # Never wait past the moment the lease may have expired: a refresh answered
+            # later must not let this side believe it held the lease meanwhile.
+            left = last_ok + self.ttl - sent
             try:
-                ttl = await self._refresh()
+                if left <= 0:
+                    raise TimeoutError("no refresh answered within the lease's TTL")
+                ttl = await self._refresh(min(max(1.0, self.ttl / 3), left))
             except (EtcdError, TimeoutError, Exception) as error:  # noqa: BLE001 - retried
-                if time.monotonic() - last_ok >= self.ttl:
+                if time.monotonic() - last_ok >= self.ttl - 0.05:
                     log.warning("lease %x not refreshed for %ss: lost (%s)", self.lease_id,
                                 self.ttl, error)
                     self.cause = (f"etcd unreachable: lease not refreshed for {self.ttl}s "
@@ -296,9 +312,11 @@ class EtcdStore:
             sort_target=SortTarget.KEY, timeout=self.timeout)
         return list(response.kvs)
 
-    async def _range_all(self, prefix: bytes) -> tuple[list[Any], int]:
-        """Every key under a prefix, paged; and the store revision of the first page."""
-        end = prefix_range_end(prefix)
+    async def _range_all(self, prefix: bytes, end: bytes | None = None
+                         ) -> tuple[list[Any], int]:
+        """Every key under a prefix (or in [prefix, end)), paged; and the store revision of
+        the first page."""
+        end = prefix_range_end(prefix) if end is None else end
         out: list[Any] = []
         start = prefix
         revision = 0
@@ -536,6 +554,39 @@ class EtcdStore:
         prefix = self.key(sub, "")
         kvs, revision = await self._range_all(prefix)
         return [(bytes(kv.key)[len(prefix):].decode(), bytes(kv.value)) for kv in kvs], revision
+
+    async def range_raw(self, start: bytes, end: bytes) -> tuple[list[RawKey], int]:
+        """Every key in [start, end) (full keys) at one revision, and that revision."""
+        kvs, revision = await self._range_all(start, end)
+        return [RawKey(bytes(kv.key), bytes(kv.value), int(kv.lease), int(kv.mod_revision))
+                for kv in kvs], revision
+
+    async def watch_range(self, start: bytes, end: bytes,
+                          start_revision: int) -> AsyncIterator[list[WatchEvent]]:
+        """Changes in [start, end) from ``start_revision`` (full keys), as ``watch``: one
+        stream, so changes of different prefixes in it come in revision order."""
+        assert self.client is not None and self.client.watch is not None
+        stream = self.client.watch.watch(start, end, start_revision=start_revision)
+        async for response in stream:
+            if response.compact_revision > 0:
+                raise LookupError(f"watch compacted at {response.compact_revision}")
+            if response.events:
+                yield [WatchEvent("delete" if ev.type == 1 else "put",
+                                  bytes(ev.kv.key).decode(), bytes(ev.kv.value),
+                                  int(ev.kv.mod_revision), int(ev.kv.lease))
+                       for ev in response.events]
+
+    async def put_raw(self, key: bytes, value: bytes, lease_id: int = 0) -> int:
+        """An unconditional put; the store revision it made."""
+        response = await self.kv.txn([], [KVService.txn_op_put(key, value, lease=lease_id)],
+                                     timeout=self.timeout)
+        return int(response.header.revision)
+
+    async def delete_if(self, key: bytes, value: bytes) -> bool:
+        """Delete ``key`` only while it holds ``value`` (a share released by its holder)."""
+        response = await self.kv.txn([KVService.txn_compare_value(key, value)],
+                                     [KVService.txn_op_delete(key)], timeout=self.timeout)
+        return bool(response.succeeded)
 
     async def watch(self, sub: str, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
         """Changes under ``P/<sub>/`` from ``start_revision``, one list per etcd response.
