@@ -20,7 +20,10 @@ FAST_PUSH_EDGE = {"heartbeat_interval": 3.5, "heartbeat_grace": 0.0, "timeout": 
                   "probe_timeout": 1.0}
 
 
-def shared(scenario: str, policy: Policy = Policy(), nodes: int = 600, runs: int = 3,
+DEFAULT = Policy()
+
+
+def shared(scenario: str, policy: Policy = DEFAULT, nodes: int = 600, runs: int = 3,
            **kw: object) -> SimResult:
     return simulate_coordinators(SimSettings(policy=policy, nodes=nodes, duration=180.0,
                                              scenario=scenario, coordinators=3,

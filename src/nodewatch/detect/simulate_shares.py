@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from nodewatch.detect.shares import SHARES, Assignment, moved
 
-__all__ = ["WRITE_RTT", "Handover", "coordinator_join", "coordinator_loss", "steady"]
+__all__ = ["Handover", "WRITE_RTT", "coordinator_join", "coordinator_loss", "steady"]
 
 WRITE_RTT = 0.002  # one etcd write (a transaction on a 3-member cluster on a LAN): one raft round
 
