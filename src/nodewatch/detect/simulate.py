@@ -710,6 +710,7 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
             if not watched[i]:
                 continue
             forget(ids[i])
+            recheck[i] = 0  # asked of a check that reached nobody
             start_check(i, t + takeover_rng.uniform(0.0, policy.unhealthy_interval))
             if hb > 0:
                 last_heartbeat[i] = t
