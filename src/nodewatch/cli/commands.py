@@ -385,49 +385,87 @@ def demo(nodes: int, listen: str, duration: str | None, workdir: str,
 @main.command()
 @click.option("--nodes", default=None, type=click.IntRange(1, 2_000_000),
               help="How many simulated nodes [10000; gray, fleet-errors: 100].")
-@click.option("--duration", default="1h", show_default=True,
-              help="Simulated (virtual) time, e.g. 10m, 1h.")
+@click.option("--duration", default=None,
+              help="Simulated (virtual) time, e.g. 10m, 1h [1h; coordinator-loss, "
+                   "coordinator-join: 3m a run].")
 @click.option("--scenario", default="crash", show_default=True,
               type=click.Choice(["crash", "hang", "flap", "slow", "partition",
-                                 "slow-coordinator", "jitter", "gray", "fleet-errors"]),
+                                 "slow-coordinator", "jitter", "gray", "fleet-errors",
+                                 "coordinator-loss", "coordinator-join"]),
               help="The scripted faults (jitter: pushing nodes with heavy-tailed delays and "
                    "pauses, judged by the fixed deadline and by phi, side by side; gray, "
-                   "fleet-errors: gray failures, see README).")
-@click.option("--runs", default=50, show_default=True, type=click.IntRange(1, 100_000),
-              help="gray / fleet-errors: seeded runs, one fault each.")
+                   "fleet-errors: gray failures, see README; coordinator-loss: one of "
+                   "--coordinators killed at a random moment while nodes crash around it; "
+                   "coordinator-join: one added, no node fails).")
+@click.option("--runs", default=None, type=click.IntRange(1, 100_000),
+              help="gray / fleet-errors: seeded runs, one fault each [50]; coordinator-loss "
+                   "/ coordinator-join: seeded runs, one kill or join each [10].")
+@click.option("--coordinators", default=None, type=click.IntRange(1, 256),
+              help="Coordinators sharing the nodes by shares (before a join or a kill) "
+                   "[1; coordinator-loss, coordinator-join: 3].")
+@click.option("--watch-delay", default="5ms", show_default=True,
+              help="Several coordinators: from an etcd change to a watcher seeing it.")
 @click.option("--fraction", type=click.FloatRange(0.0, 1.0), default=None,
               help="Share of nodes the scenario hits (crash/hang/flap/slow/partition/jitter).")
 @click.option("--seed", default=1, show_default=True, type=int, help="Random seed.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML file with the [detection], [guard], [budget] thresholds to try.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def simulate(nodes: int | None, duration: str, scenario: str, runs: int, fraction: float | None,
-             seed: int, config_path: str | None, as_json: bool) -> None:
+def simulate(nodes: int | None, duration: str | None, scenario: str, runs: int | None,
+             coordinators: int | None, watch_delay: str, fraction: float | None, seed: int,
+             config_path: str | None, as_json: bool) -> None:
     """Run the real detection core against N simulated nodes on a virtual clock.
 
     Prints detection latency (fault to `unhealthy`), false positives (alive nodes confirmed
-    unhealthy) and the events the core emitted; nothing touches the network.
+    unhealthy) and the events the core emitted; nothing touches the network. With several
+    coordinators, also the takeover: from the kill (or join) until every node of the moved
+    shares is watched again, and the longest time a node was watched by nobody or by two.
     """
     import json
 
     from nodewatch.config import ConfigError, load_config, parse_duration
-    from nodewatch.detect.simulate import compare_suspicion, settings_from_config
+    from nodewatch.detect.simulate import (
+        COORDINATOR_SCENARIOS,
+        compare_suspicion,
+        settings_from_config,
+        simulate_coordinators,
+    )
     from nodewatch.detect.simulate import simulate as run_simulation
 
+    shared = scenario in COORDINATOR_SCENARIOS
     try:
-        seconds = float(parse_duration(duration))
+        seconds = float(parse_duration(duration or ("3m" if shared else "1h")))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--duration") from None
+    try:
+        delay = float(parse_duration(watch_delay))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--watch-delay") from None
     if scenario in ("gray", "fleet-errors"):
-        _simulate_gray(scenario, nodes or 100, runs, seed, config_path, as_json)
+        if coordinators not in (None, 1):
+            raise click.BadParameter(f"{scenario} runs one coordinator",
+                                     param_hint="--coordinators")
+        _simulate_gray(scenario, nodes or 100, runs or 50, seed, config_path, as_json)
         return
+    coordinators = coordinators or (3 if shared else 1)
+    if scenario == "coordinator-loss" and coordinators < 2:
+        raise click.BadParameter("coordinator-loss needs at least 2 (one to take over)",
+                                 param_hint="--coordinators")
     nodes = nodes or 10_000
     try:
         cfg = load_config(config_path, check_files=False)  # thresholds only: no TLS files
         settings = settings_from_config(cfg, nodes=nodes, duration=seconds, scenario=scenario,
-                                        fraction=fraction, seed=seed)
+                                        fraction=fraction, seed=seed, coordinators=coordinators,
+                                        watch_delay=delay)
     except (ConfigError, ValueError) as exc:
         _fail(str(exc))
+    if shared:
+        shared_result = simulate_coordinators(settings, runs or 10).to_json()
+        if as_json:
+            click.echo(json.dumps(shared_result, sort_keys=True))
+        else:
+            _print_takeover(scenario, shared_result)
+        return
     compared: dict[str, dict[str, Any]] = {}
     if scenario == "jitter":
         compared = {k: r.to_json() for k, r in compare_suspicion(settings).items()}
@@ -464,6 +502,57 @@ def simulate(nodes: int | None, duration: str, scenario: str, runs: int, fractio
         console.print("held  " + ", ".join(f"{k}: {v}" for k, v in result["held"].items()))
     if result["guard_on_s"]:
         console.print(f"guard on for {result['guard_on_s']:.0f}s")
+    if "coordination" in result:
+        c = result["coordination"]
+        console.print(f"{c['coordinators']} coordinators, shares held  " + ", ".join(
+            f"{name} {held}" for name, held in c["shares_held"].items())
+            + f"; longest watched by nobody {c['unwatched_max']:.3f}s, by two "
+              f"{c['doubly_watched_max']:.3f}s")
+
+
+def _print_takeover(scenario: str, result: dict[str, Any]) -> None:
+    """The figures of ``coordinator-loss`` / ``coordinator-join`` over their runs."""
+    console = make_console()
+    c = result["coordination"]
+
+    def secs(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}s" if value < 1 else f"{value:.1f}s"
+
+    def spread(stats: dict[str, Any]) -> str:
+        return (f"p50 {secs(stats['p50'])}  p99 {secs(stats['p99'])}  max "
+                f"{secs(stats['max'])}")
+
+    kill = c["event"] == "kill"
+    console.print(f"[bold]{scenario}[/]: {result['nodes']} nodes, {c['coordinators']} "
+                  f"coordinators {'(one killed)' if kill else '(+1 joins)'}, {c['runs']} runs "
+                  f"of {result['simulated_s']:g}s simulated in {result['wall_s']:.1f}s "
+                  f"(leader_ttl {c['leader_ttl']:g}s, watch delay {c['watch_delay'] * 1000:g}ms)")
+    moved = c["shares_moved"]
+    console.print(f"shares moved  {moved['mean']:g} of 256 a run (min {moved['min']}, max "
+                  f"{moved['max']}), {c['nodes_moved_mean']} nodes")
+    if kill:
+        console.print(f"lease expired after the kill  {spread(c['lease_expired_after'])}")
+    console.print(f"shares claimed after the {'kill' if kill else 'join'}  "
+                  f"{spread(c['claimed_after'])}")
+    bound = c["leader_ttl"] + c["detection_window"]
+    console.print(f"every node of the moved shares watched again after  "
+                  f"{spread(c['watched_again_after'])}  (bound: leader_ttl + one detection "
+                  f"window = {bound:g}s)")
+    console.print(f"longest watched by nobody  {secs(c['unwatched_max'])};  by two  "
+                  f"{secs(c['doubly_watched_max'])}")
+    if kill:
+        for label, key in (("near the takeover", "detection_near"),
+                           ("far from it", "detection_far")):
+            stats = c[key]
+            console.print(f"crash detection, deaths {label}  {spread(stats)}  "
+                          f"({stats['n']} deaths)")
+        console.print(f"crashes  {result['detected']} of {result['faults']} confirmed, "
+                      f"{result['missed']} missed; confirmations per crashed node at most "
+                      f"{c['confirmations_max']}")
+    style = "green" if result["false_positives"] == 0 else "red"
+    console.print(f"false confirmations  [{style}]{result['false_positives']}[/]")
+    console.print("events  " + (", ".join(f"{k} {v}" for k, v in result["events"].items())
+                                or "none"))
 
 
 def _simulate_gray(scenario: str, nodes: int, runs: int, seed: int, config_path: str | None,

@@ -17,6 +17,15 @@ The ``jitter`` scenario is about pushed heartbeats (HTTP/UDP, no lease): a share
 jittery, its heartbeats delayed by a heavy tail and its process pausing now and then (as in a
 long garbage collection: nothing sent, nothing answered, polls and peer probes included), while
 some nodes crash. :func:`compare_suspicion` runs it under both ``[detection] suspicion`` values.
+
+With several coordinators (``coordinators`` > 1, and the ``coordinator-loss`` and
+``coordinator-join`` scenarios) the nodes fall into the shares of :mod:`nodewatch.detect.shares`
+and each share is watched by its owner; :mod:`nodewatch.detect.simulate_shares` plays the
+etcd leases, claims and watches. One ``Cluster`` still judges every node: every coordinator
+mirrors every node, so that one holds the fleet-wide view the guard and the budget count; what
+the ownership changes is who polls a node, who takes its pushes, and whose answers arrive. A
+check, a push or a peer vote that reaches a coordinator no longer watching the node reaches
+nobody. :func:`simulate_coordinators` repeats a scenario over seeded runs.
 """
 
 from __future__ import annotations
@@ -35,6 +44,8 @@ from nodewatch.config import Config
 from nodewatch.detect.cluster import Cluster
 from nodewatch.detect.outcome import Outcome, ProbeRequest
 from nodewatch.detect.policy import Policy
+from nodewatch.detect.shares import share_of
+from nodewatch.detect.simulate_shares import Handover, coordinator_join, coordinator_loss, steady
 from nodewatch.model import (
     CheckResult,
     FailureClass,
@@ -46,16 +57,19 @@ from nodewatch.model import (
     Report,
 )
 
-__all__ = ["SCENARIOS", "SimResult", "SimSettings", "compare_suspicion", "settings_from_config",
-           "simulate"]
+__all__ = ["COORDINATOR_SCENARIOS", "SCENARIOS", "SimResult", "SimSettings", "compare_suspicion",
+           "settings_from_config", "simulate", "simulate_coordinators"]
 
-SCENARIOS = ("crash", "hang", "flap", "slow", "partition", "slow-coordinator", "jitter")
+COORDINATOR_SCENARIOS = ("coordinator-loss", "coordinator-join")
+SCENARIOS = ("crash", "hang", "flap", "slow", "partition", "slow-coordinator", "jitter",
+             *COORDINATOR_SCENARIOS)
 
 # What the scenario's --fraction means by default: the share of nodes that crash / hang / flap /
 # answer slowly / sit behind the partition. The other scenarios add crashes at CRASH_FRACTION
 # so that every scenario measures detection latency under its own stress.
 DEFAULT_FRACTION = {"crash": 0.01, "hang": 0.01, "flap": 0.02, "slow": 0.10,
-                    "partition": 0.10, "slow-coordinator": 0.01, "jitter": 0.20}
+                    "partition": 0.10, "slow-coordinator": 0.01, "jitter": 0.20,
+                    "coordinator-loss": 0.01, "coordinator-join": 0.0}
 CRASH_FRACTION = 0.01
 
 # The jitter scenario. Its nodes push every JITTER_HEARTBEAT seconds unless [agent]
@@ -72,6 +86,7 @@ _UP, _CRASHED, _HUNG = 0, 1, 2
 _OK, _REFUSED, _TIMEOUT = 0, 1, 2
 # Heap entry kinds.
 _CHECK, _VOTES, _SCRIPT, _HEARTBEAT, _EXPIRY = 0, 1, 2, 3, 4
+_FAILOVER, _MEMBERSHIP = 5, 6  # several coordinators: an agent's failover; a share changes hands
 _NODE_BITS = 21  # heap keys carry the node index in these bits
 _BUCKET = 0.1  # seconds of virtual time per calendar-queue bucket
 
@@ -99,12 +114,21 @@ class SimSettings:
     # with HTTP/UDP pushes: only the poll that the pushes kept deferring finds the silence.
     heartbeat_grace: float = 2.5  # not in ``jitter``: its pushes are HTTP/UDP, judged by the core
     partition_s: float | None = None  # how long the partition lasts (default: a third of the run)
+    coordinators: int = 1  # before the change: coordinator-join adds one, -loss kills one
+    leader_ttl: float = 5.0  # [coordinator] leader_ttl: each coordinator's etcd lease
+    watch_delay: float = 0.005  # from an etcd change to a watcher seeing it
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
             raise ValueError(f"unknown scenario {self.scenario!r}; one of {', '.join(SCENARIOS)}")
         if self.nodes < 1:
             raise ValueError("nodes must be at least 1")
+        if self.coordinators < 1:
+            raise ValueError("coordinators must be at least 1")
+        if self.scenario == "coordinator-loss" and self.coordinators < 2:
+            raise ValueError("coordinator-loss needs at least 2 coordinators (one to take over)")
+        if self.leader_ttl <= 0 or self.watch_delay < 0:
+            raise ValueError("leader_ttl must be positive and watch_delay not negative")
         frac = self.main_fraction
         if not 0.0 <= frac <= 1.0 or not 0.0 <= self.crash_fraction <= 1.0:
             raise ValueError("fractions must be between 0 and 1")
@@ -112,6 +136,24 @@ class SimSettings:
             raise ValueError(f"duration {self.duration:g}s is too short for this policy: faults "
                              f"start after {self.warmup:g}s and stop {self.tail:g}s before the "
                              f"end so that each one can be detected")
+
+    @property
+    def multi(self) -> bool:
+        """Several coordinators, each watching its shares."""
+        return self.coordinators > 1 or self.scenario in COORDINATOR_SCENARIOS
+
+    @property
+    def detection_window(self) -> float:
+        """The longest a crash of a watched node takes to confirm: its next check, then
+        ``fall - 1`` unhealthy intervals, each up to ``jitter`` later."""
+        p = self.policy
+        return (p.healthy_interval + (p.fall - 1) * p.unhealthy_interval) * (1.0 + p.jitter)
+
+    @property
+    def push_timeout(self) -> float:
+        """How long an agent waits on a push before it tries another coordinator (its
+        ``timeout``, at most until its next push)."""
+        return min(self.timeout, self.push_interval)
 
     @property
     def push_interval(self) -> float:
@@ -148,7 +190,8 @@ def settings_from_config(cfg: Config, **overrides: Any) -> SimSettings:
     """Settings for a ``--config`` file: the same thresholds the coordinator would use."""
     return SimSettings(policy=Policy.from_config(cfg), timeout=float(cfg.detection.timeout),
                        probe_timeout=float(cfg.agent.probe_timeout),
-                       heartbeat_interval=float(cfg.agent.heartbeat_interval), **overrides)
+                       heartbeat_interval=float(cfg.agent.heartbeat_interval),
+                       leader_ttl=float(cfg.coordinator.leader_ttl), **overrides)
 
 
 @dataclass(slots=True)
@@ -171,6 +214,10 @@ class SimResult:
     guard_on_s: float
     profile: dict[str, float | str] = field(default_factory=dict)
     false_suspicions: int = 0  # healthy -> suspect for a node that was alive
+    # Several coordinators: the takeover's figures (empty with one coordinator, and not printed)
+    coordination: dict[str, Any] = field(default_factory=dict)
+    detection_near: list[float] = field(default_factory=list)  # deaths near the takeover
+    detection_far: list[float] = field(default_factory=list)
 
     def percentile(self, q: float) -> float | None:
         if not self.detection:
@@ -182,7 +229,7 @@ class SimResult:
         def rounded(value: float | None) -> float | None:
             return None if value is None else round(value, 3)
 
-        return {
+        out: dict[str, Any] = {
             "nodes": self.nodes,
             "scenario": self.scenario,
             "simulated_s": self.simulated_s,
@@ -206,12 +253,15 @@ class SimResult:
             "guard_on_s": round(self.guard_on_s, 3),
             "profile": self.profile,
         }
+        if self.coordination:
+            out["coordination"] = self.coordination
+        return out
 
 
 class _Script:
     """Each node's scripted life: state transitions in time, and answer latencies."""
 
-    def __init__(self, s: SimSettings, rng: random.Random) -> None:
+    def __init__(self, s: SimSettings, rng: random.Random, around: float | None = None) -> None:
         self.n = n = s.nodes
         self.transitions: list[list[tuple[float, int]] | None] = [None] * n
         self.restarts: list[tuple[float, int]] = []  # (time, node) a flapping node comes back
@@ -233,6 +283,17 @@ class _Script:
             state = _CRASHED if s.scenario == "crash" else _HUNG
             for i in chosen:
                 self._down(i, rng.uniform(first, last), state, math.inf)
+        elif s.scenario == "coordinator-loss":
+            # Half of the deaths at any moment, half around the kill (``around``): before it,
+            # during the lease's expiry and the takeover, and after.
+            window = s.detection_window
+            for j, i in enumerate(chosen):
+                if j % 2 and around is not None:
+                    t = rng.uniform(max(first, around - window),
+                                    min(last, around + s.leader_ttl + window))
+                else:
+                    t = rng.uniform(first, last)
+                self._down(i, t, _CRASHED, math.inf)
         elif s.scenario == "flap":
             for i in chosen:
                 t = rng.uniform(first, first + 0.5 * (last - first))
@@ -368,7 +429,8 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
     wall0 = time.perf_counter()
     cpu0 = time.process_time()
     rng = random.Random(s.seed)
-    script = _Script(s, rng)
+    handover = _handover(s) if s.multi else None
+    script = _Script(s, rng, handover.event_at if handover is not None else None)
     latency = _latency_fn(s, script, rng)
     push_delay = _push_delay_fn(s, script, rng)
     # A paused node answers when it runs again: polls and peer probes wait for it.
@@ -442,9 +504,39 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
     details = ("", "connection refused", "timed out")
     checks = heartbeats = 0
 
+    # ----------------------------------------------------------- several coordinators
+    multi = handover is not None
+    share = [share_of(nid) for nid in ids] if multi else []
+    share_watcher = list(handover.initial) if handover is not None else []
+    by = [0] * n if multi else []  # the coordinator that started the node's live check
+    pushes_to = [share_watcher[k] for k in share]  # the coordinator each agent pushes to
+    nodes_of: list[list[int]] = [[] for _ in share_watcher]
+    for i, k in enumerate(share):
+        nodes_of[k].append(i)
+    victim = handover.victim if handover is not None else -1
+    killed_at = handover.event_at if handover is not None and victim >= 0 else math.inf
+    awaiting = bytearray(n)  # a node whose share lost its watcher, until its new owner hears it
+    awaiting_left = 0
+    last_seen_again = math.nan
+    asked_by: dict[int, int] = {}  # votes' heap key -> the coordinator that asked the peers
+    takeover_rng = random.Random(s.seed + 3)
+
+    def seen_again(i: int, t: float) -> None:
+        nonlocal awaiting_left, last_seen_again
+        awaiting[i] = 0
+        awaiting_left -= 1
+        last_seen_again = t
+
     def start_check(i: int, due: float) -> None:
         """Decide the check's outcome from the script at its start; one heap entry."""
         nonlocal counter
+        if multi:
+            w = share_watcher[share[i]]
+            if w < 0:  # nobody watches the node's share: the next owner polls it on its claim
+                current[i] = 0
+                started[i] = math.inf
+                return
+            by[i] = w
         start = defer(due) if defer is not None else due
         st = state_at(i, start) if has_script[i] else _UP
         if st == _UP and not (partitioned[i] and cut_off(i, start)):
@@ -492,6 +584,8 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
     held: Counter[str] = Counter()
     detection: list[float] = []
     detected_faults: set[tuple[int, float]] = set()
+    fault_latency: dict[tuple[int, float], float] = {}
+    confirmations: Counter[tuple[int, float]] = Counter()
     false_positive_nodes: list[str] = []
     false_suspicions = 0
     guard_since: float | None = None
@@ -513,9 +607,11 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
                     false_positive_nodes.append(event.node_id)
                 else:
                     fault = (i, script.fault_start(i, now))
+                    confirmations[fault] += 1
                     if fault not in detected_faults:
                         detected_faults.add(fault)
                         detection.append(now - fault[1])
+                        fault_latency[fault] = now - fault[1]
             elif kind == "suspect" and event.from_ == "suspect":
                 held[event.reason] += 1
             elif kind == "held":
@@ -524,6 +620,8 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
                 i = index[event.node_id]
                 watched[i] = 0
                 current[i] = -1
+                if multi and awaiting[i]:
+                    seen_again(i, now)
             elif kind == "guard_on":
                 guard_since = now
             elif kind == "guard_off" and guard_since is not None:
@@ -567,8 +665,10 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
                 ok = lat < s.probe_timeout
                 answered = max(answered, at + _NET_RTT + (lat if ok else s.probe_timeout))
                 votes.append(PeerVote(peer_id, ok, "" if ok else "timeout"))
-        payload[push_other(defer(answered) if defer is not None else answered, target,
-                           _VOTES)] = votes
+        key = push_other(defer(answered) if defer is not None else answered, target, _VOTES)
+        payload[key] = votes
+        if multi:
+            asked_by[key] = share_watcher[share[target]]
 
     # ----------------------------------------------------------- the run
     spread = rng.uniform
@@ -588,6 +688,71 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
                 expiry_armed[i] = 1
     for at, i in script.restarts:
         push_other(at, i, _SCRIPT)
+    changes = handover.changes if handover is not None else []
+    for j, (at, _, _) in enumerate(changes):
+        push_other(at, j, _MEMBERSHIP)
+
+    def change_hands(k: int, c: int, t: float) -> None:
+        """Share ``k`` is watched by coordinator ``c`` from ``t`` on (-1: by nobody)."""
+        nonlocal awaiting_left
+        share_watcher[k] = c
+        if c < 0:
+            for i in nodes_of[k]:
+                if watched[i] and not awaiting[i]:
+                    awaiting[i] = 1
+                    awaiting_left += 1
+            return
+        # The new owner has every node's stored state (the one Cluster), but not the old
+        # owner's memory: no peer probe is pending for it. It restarts the share's deadlines
+        # from now and polls each node once, spread over one unhealthy interval.
+        forget = cluster.peers.forget
+        for i in nodes_of[k]:
+            if not watched[i]:
+                continue
+            forget(ids[i])
+            recheck[i] = 0  # asked of a check that reached nobody
+            start_check(i, t + takeover_rng.uniform(0.0, policy.unhealthy_interval))
+            if hb > 0:
+                last_heartbeat[i] = t
+                if grace > 0 and not expiry_armed[i]:
+                    expiry_armed[i] = 1
+                    push_other(t + grace, i, _EXPIRY)
+
+    def accept_push(i: int, t: float, sent: float) -> None:
+        """A heartbeat the node's watcher takes."""
+        nonlocal heartbeats
+        heartbeats += 1
+        seq[i] += 1
+        out = observe(CheckResult(ids[i], True, t, _NET_RTT, None, "", Report(
+            incarnation[i], seq[i], sent, ok_status, (), empty, empty), "push"))
+        if out:
+            handle(out, t)
+        if not out.stale and watched[i] and started[i] > t:
+            # As Coordinator.heartbeat: an accepted push sets the node's next poll at
+            # its deadline (a check in flight is left alone).
+            start_check(i, t + poll_deadline(ids[i]))
+        last_heartbeat[i] = t
+        if grace > 0 and not expiry_armed[i]:
+            expiry_armed[i] = 1
+            push_other(t + grace, i, _EXPIRY)
+        if multi and awaiting[i]:
+            seen_again(i, t)
+
+    def routed(i: int, t: float, sent: float) -> bool:
+        """Whether a push reaches the node's watcher: a live coordinator that does not own the
+        node redirects the agent to the owner (the round trip is not modelled); a push to a
+        killed one goes unanswered, and the agent tries another after its push timeout."""
+        w = share_watcher[share[i]]
+        to = pushes_to[i]
+        if to == w:
+            return True
+        if to == victim and t >= killed_at:
+            push_other(sent + s.push_timeout, i, _FAILOVER)
+            return False
+        if w >= 0:
+            pushes_to[i] = w
+            return True
+        return False  # between a release and the next claim: the agent pushes again later
 
     next_tick = _TICK
     pop = heapq.heappop
@@ -624,6 +789,11 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
         if kind == _CHECK:
             if current[i] != key:
                 continue  # replaced by check_now, or the node went dead
+            if multi:
+                if by[i] != share_watcher[share[i]]:
+                    continue  # its coordinator died or let the share go: the answer is lost
+                if awaiting[i]:
+                    seen_again(i, t)
             checks += 1
             nid = ids[i]
             code = found[i]
@@ -645,21 +815,8 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
         elif kind == _HEARTBEAT:
             sent = heartbeat_sent[i]
             if (not has_script[i] or state_at(i, sent) == _UP) and not (
-                    partitioned[i] and cut_off(i, sent)):
-                heartbeats += 1
-                seq[i] += 1
-                out = observe(CheckResult(ids[i], True, t, _NET_RTT, None, "", Report(
-                    incarnation[i], seq[i], sent, ok_status, (), empty, empty), "push"))
-                if out:
-                    handle(out, t)
-                if not out.stale and watched[i] and started[i] > t:
-                    # As Coordinator.heartbeat: an accepted push sets the node's next poll at
-                    # its deadline (a check in flight is left alone).
-                    start_check(i, t + poll_deadline(ids[i]))
-                last_heartbeat[i] = t
-                if grace > 0 and not expiry_armed[i]:
-                    expiry_armed[i] = 1
-                    push_other(t + grace, i, _EXPIRY)
+                    partitioned[i] and cut_off(i, sent)) and (not multi or routed(i, t, sent)):
+                accept_push(i, t, sent)
             sent += hb
             if resume_at is not None:
                 sent = resume_at(i, sent)  # a paused agent sends when it runs again
@@ -672,8 +829,8 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
                 push_other(deadline, i, _EXPIRY)
                 continue
             expiry_armed[i] = 0
-            if not watched[i]:
-                continue
+            if not watched[i] or (multi and share_watcher[share[i]] < 0):
+                continue  # nobody holds the lease's deadline; the next owner restarts it
             # As the coordinator does when an agent's lease expires: a failure, then poll now.
             out = observe(CheckResult(ids[i], False, t, 0.0, FailureClass.LEASE_EXPIRED,
                                       lease_detail, source="lease"))
@@ -681,9 +838,23 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
                 handle(out, t)
             check_now(i, t)
         elif kind == _VOTES:
-            out = cluster.peer_votes(ids[i], payload.pop(key), t)
+            votes = payload.pop(key)
+            if multi and asked_by.pop(key) != share_watcher[share[i]]:
+                continue  # the coordinator that asked is gone or let the share go
+            out = cluster.peer_votes(ids[i], votes, t)
             if out:
                 handle(out, t)
+        elif kind == _FAILOVER:
+            # The agent's push went unanswered: it asks another coordinator, which tells it
+            # the owner once the share has been claimed (until then it names the dead one).
+            w = share_watcher[share[i]]
+            if pushes_to[i] == victim and w >= 0 and (
+                    not has_script[i] or state_at(i, t) == _UP):
+                pushes_to[i] = w
+                accept_push(i, t, t)
+        elif kind == _MEMBERSHIP:
+            _, k, c = changes[i]
+            change_hands(k, c, t)
         else:  # _SCRIPT: a flapping node's agent starts again and registers
             incarnation[i] += 1
             node = cluster.nodes[ids[i]]
@@ -699,6 +870,20 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
 
     faults = [f for f in script.faults if f[1] < end]
     missed = sum(1 for i, start, _ in faults if (i, start) not in detected_faults)
+    near: list[float] = []
+    far: list[float] = []
+    coordination: dict[str, Any] = {}
+    if handover is not None:
+        watched_again = last_seen_again if awaiting_left == 0 else math.inf
+        # Near the takeover: a death of a node of a moved share from one detection window
+        # before the change until its new owner heard from every node of it.
+        near_from = handover.event_at - s.detection_window
+        for (i, start), latency_s in fault_latency.items():
+            is_near = share[i] in handover.moved and near_from <= start <= watched_again
+            (near if is_near else far).append(latency_s)
+        coordination = _coordination(s, handover, watched_again, near, far,
+                                     sum(len(nodes_of[k]) for k in handover.moved),
+                                     max(confirmations.values(), default=0))
     return SimResult(
         nodes=n, scenario=s.scenario, simulated_s=end, wall_s=time.perf_counter() - wall0,
         cpu_s=time.process_time() - cpu0,
@@ -711,6 +896,125 @@ def simulate(s: SimSettings) -> SimResult:  # noqa: C901 - one event loop, kept 
                  "unhealthy_interval": policy.unhealthy_interval, "fall": policy.fall,
                  "rise": policy.rise, "timeout": s.timeout,
                  "heartbeat_interval": hb, "suspicion": policy.suspicion},
+        coordination=coordination, detection_near=near, detection_far=far,
+    )
+
+
+def _handover(s: SimSettings) -> Handover:
+    """The run's membership change, at a random moment (its own seeded random stream, so the
+    nodes' script does not depend on it)."""
+    rng = random.Random(s.seed + 2)
+    first, last = s.warmup, s.duration - s.tail
+    if s.scenario == "coordinator-loss":
+        at = rng.uniform(first, max(first, last - s.leader_ttl - s.detection_window))
+        return coordinator_loss(s.coordinators, at, s.leader_ttl, s.watch_delay, rng,
+                                s.duration)
+    if s.scenario == "coordinator-join":
+        return coordinator_join(s.coordinators, rng.uniform(first, last), s.watch_delay, rng,
+                                s.duration)
+    return steady(s.coordinators)
+
+
+def _stats(values: list[float]) -> dict[str, float | int | None]:
+    """p50 / p99 / max (nearest rank, as :meth:`SimResult.percentile`) and the count."""
+    ordered = sorted(v for v in values if not math.isnan(v))
+
+    def rank(q: float) -> float | None:
+        if not ordered:
+            return None
+        value = ordered[max(1, math.ceil(q / 100.0 * len(ordered))) - 1]
+        return None if math.isinf(value) else round(value, 3)
+
+    return {"p50": rank(50), "p99": rank(99), "max": rank(100), "n": len(ordered)}
+
+
+def _coordination(s: SimSettings, h: Handover, watched_again: float, near: list[float],
+                  far: list[float], nodes_moved: int, confirmations_max: int) -> dict[str, Any]:
+    """One run's takeover figures (times from the kill or the join)."""
+    since = h.event_at
+
+    def after(at: float) -> float | None:
+        return None if math.isnan(at) or math.isinf(at) or not h.event else round(at - since, 3)
+
+    return {
+        "coordinators": s.coordinators,
+        "event": h.event,
+        "event_at": None if not h.event else round(since, 3),
+        "victim": h.names[h.victim] if h.victim >= 0 else None,
+        "shares_held": {name: h.held(j) for j, name in enumerate(h.names)},
+        "shares_moved": len(h.moved),
+        "nodes_moved": nodes_moved,
+        "lease_expired_after": after(h.lease_expired_at),
+        "claimed_after": after(h.claimed_at),
+        "watched_again_after": after(watched_again) if h.moved else None,
+        "unwatched_max": round(h.unwatched_max(s.duration), 3),
+        "doubly_watched_max": round(h.doubly_watched_max(), 3),
+        "detection_near": _stats(near),
+        "detection_far": _stats(far),
+        "confirmations_max": confirmations_max,
+        "leader_ttl": s.leader_ttl,
+        "watch_delay": s.watch_delay,
+        "detection_window": round(s.detection_window, 3),
+    }
+
+
+def simulate_coordinators(s: SimSettings, runs: int) -> SimResult:
+    """The scenario over ``runs`` seeded runs (seeds ``s.seed``, ``s.seed + 1``, ...), each
+    with its own moment of the kill or the join: the counts summed, the detection latencies
+    pooled, and in ``coordination`` the takeover figures over the runs."""
+    if runs < 1:
+        raise ValueError("runs must be at least 1")
+    results = [simulate(replace(s, seed=s.seed + r)) for r in range(runs)]
+    first = results[0]
+    events: Counter[str] = Counter()
+    held: Counter[str] = Counter()
+    for r in results:
+        events.update(r.events)
+        held.update(r.held)
+    per_run = [r.coordination for r in results]
+
+    def over_runs(key: str, never: bool = True) -> dict[str, float | int | None]:
+        """A run where it did not happen counts as never (inf: no p99 then) if ``never``."""
+        return _stats([math.inf if c[key] is None else c[key] for c in per_run
+                       if c[key] is not None or (never and c["shares_moved"])])
+
+    moved_counts = [c["shares_moved"] for c in per_run]
+    near = [v for r in results for v in r.detection_near]
+    far = [v for r in results for v in r.detection_far]
+    coordination = {
+        "coordinators": s.coordinators,
+        "runs": runs,
+        "event": first.coordination["event"],
+        "leader_ttl": s.leader_ttl,
+        "watch_delay": s.watch_delay,
+        "detection_window": first.coordination["detection_window"],
+        "lease_expired_after": over_runs("lease_expired_after", never=False),
+        "claimed_after": over_runs("claimed_after"),
+        "watched_again_after": over_runs("watched_again_after"),
+        "unwatched_max": max(c["unwatched_max"] for c in per_run),
+        "doubly_watched_max": max(c["doubly_watched_max"] for c in per_run),
+        "shares_moved": {"min": min(moved_counts), "max": max(moved_counts),
+                         "mean": round(sum(moved_counts) / runs, 1)},
+        "nodes_moved_mean": round(sum(c["nodes_moved"] for c in per_run) / runs),
+        "detection_near": _stats(near),
+        "detection_far": _stats(far),
+        "confirmations_max": max(c["confirmations_max"] for c in per_run),
+        "per_run": per_run,
+    }
+    return SimResult(
+        nodes=s.nodes, scenario=s.scenario, simulated_s=s.duration,
+        wall_s=sum(r.wall_s for r in results), cpu_s=sum(r.cpu_s for r in results),
+        checks=sum(r.checks for r in results), heartbeats=sum(r.heartbeats for r in results),
+        faults=sum(r.faults for r in results), detected=sum(r.detected for r in results),
+        missed=sum(r.missed for r in results),
+        detection=[v for r in results for v in r.detection],
+        false_positives=sum(r.false_positives for r in results),
+        false_positive_nodes=[f"run {k}: {node}" for k, r in enumerate(results)
+                              for node in r.false_positive_nodes],
+        false_suspicions=sum(r.false_suspicions for r in results),
+        events=dict(events), held=dict(held), guard_on_s=sum(r.guard_on_s for r in results),
+        profile=first.profile, coordination=coordination, detection_near=near,
+        detection_far=far,
     )
 
 
