@@ -102,7 +102,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None,
     store = open_store(config.coordinator.store,
                        events_retained=config.coordinator.events_retained,
                        history_ttl=config.detection.history_ttl,
-                       timeout=config.coordinator.store_timeout)
+                       timeout=config.coordinator.store_timeout,
+                       full_resolution=config.detection.etcd_history_full_resolution)
     leadership = None
     if isinstance(store, EtcdStore):  # several coordinators may share it: elect a leader
         leadership = Leadership(store, config.coordinator.listen, config.coordinator.leader_ttl)
