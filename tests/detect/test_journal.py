@@ -150,3 +150,21 @@ def test_a_full_write_takes_every_waiting_node_and_removed_nodes_are_dropped() -
 def test_the_refresh_interval_must_be_positive() -> None:
     with pytest.raises(ValueError):
         RoutineRefresh(0.0, _digest)
+
+
+def test_a_refreshed_node_keeps_its_place_in_the_cycle() -> None:
+    clock, refresh = FakeClock(), RoutineRefresh(60.0, _digest)
+    nodes = _stored(refresh, 1, clock())
+    (node_id,) = nodes
+    refresh.sort(nodes, nodes)
+    first = refresh.due_after(node_id, clock())
+    written = []
+    at = clock()
+    while len(written) < 3:
+        at += 0.25  # the ticker: a write up to one tick after the node is due
+        if refresh.due(at, nodes):
+            refresh.stored(nodes.values(), at)
+            written.append(at)
+            refresh.sort(nodes, nodes)
+    assert 0 <= written[0] - first < 0.25
+    assert [round(b - a, 2) for a, b in zip(written, written[1:], strict=False)] == [60.0, 60.0]

@@ -93,7 +93,8 @@ class RoutineRefresh:
     its id), so a fleet's refreshes are spread evenly over the interval, never one burst, even
     after a restart that stored every node at once. A node is due at the first time at least
     ``interval`` after its last write where ``(t - phase) % interval == 0``: within
-    ``[interval, 2 * interval)`` of it.
+    ``[interval, 2 * interval)`` of a write that was a change, and one interval after its last
+    refresh (the tick that writes it is at most one tick late).
 
     ``digest(node)`` hashes the node's material fields (everything but ``ROUTINE_FIELDS``); a
     touched node whose digest differs from the one last written changed in a way a reader or a
@@ -109,6 +110,7 @@ class RoutineRefresh:
         self._due: dict[str, float] = {}  # node id waiting for its refresh -> when due
         self._heap: list[tuple[float, str]] = []
         self._phases: dict[str, float] = {}
+        self._slots: dict[str, float] = {}  # taken by ``due``: the place in the cycle it was due
 
     def __len__(self) -> int:
         """Nodes waiting for their refresh."""
@@ -135,10 +137,12 @@ class RoutineRefresh:
         return earliest + (self.phase(node_id) - earliest) % self.interval
 
     def stored(self, nodes: Iterable[NodeState], now: float) -> None:
-        """These nodes' current content is (being) stored: written now, or loaded."""
-        digest = self._digest
+        """These nodes' current content is (being) stored: written now, or loaded. A refresh
+        counts from its place in the cycle, not from the tick that wrote it, so a node keeps
+        its place: one write per interval, not one per interval plus a tick."""
+        digest, slots = self._digest, self._slots
         for node in nodes:
-            self._stored[node.node_id] = (now, digest(node))
+            self._stored[node.node_id] = (slots.pop(node.node_id, now), digest(node))
             self._due.pop(node.node_id, None)
 
     def sort(self, touched: Iterable[str], nodes: Mapping[str, NodeState]) -> set[str]:
@@ -170,6 +174,7 @@ class RoutineRefresh:
             del self._due[node_id]
             if node_id in nodes:
                 found.add(node_id)
+                self._slots[node_id] = due
             else:
                 self.forget(node_id)
         return found
@@ -185,6 +190,7 @@ class RoutineRefresh:
         self._stored.pop(node_id, None)
         self._due.pop(node_id, None)
         self._phases.pop(node_id, None)
+        self._slots.pop(node_id, None)
 
 
 class Revisions:
