@@ -366,6 +366,10 @@ class Coordinator:
         # not restart its outage clock on every flap, or /healthz would never say failing.
         self._outage_began: float | None = None
         self._probe_recovered_at = 0.0
+        # After a probe write succeeded, the next background write is a full one: routine
+        # nodes wait for their refresh, and only a real write tells a store that is back from
+        # one that takes a tiny write but not real ones.
+        self._write_all_next = False
 
     @property
     def role(self) -> str:
@@ -1070,7 +1074,8 @@ class Coordinator:
         removed = list(outcome.removed) if outcome is not None else []
         samples: list[HistorySample] = []
         if routine or history or nodes or events or extra:
-            samples, self._pending_points = self._take_points(final=routine), []
+            samples, self._pending_points = self._take_points(
+                final=routine and not self._running), []
         actions, self._pending_actions = self._pending_actions, []
         wrote = bool(nodes or events or samples or extra or removed)
         probed = False
@@ -1123,6 +1128,7 @@ class Coordinator:
             self._pending_actions[:0] = actions
             raise
         self._store_ok(probe_only=probed)
+        self._write_all_next = probed
         for request, event in actions:  # their transitions are durable now
             self._submit(request, event)
 
@@ -1203,7 +1209,7 @@ class Coordinator:
                 if not self.store_health.available and now < self._retry_at:
                     continue  # detection went on; the store is retried after its backoff
                 history = now - self._last_history_write >= ROUTINE_PERSIST_INTERVAL
-                await self.persist(history=history)
+                await self.persist(routine=self._write_all_next, history=history)
                 if history:
                     self._last_history_write = now
             except StoreUnavailable as exc:
