@@ -334,12 +334,15 @@ async def etcd_ceiling(store: EtcdStore, node_bytes: int, seconds: float,
             return len(nodes) - len(await store.save_nodes(nodes))
         except Exception as error:  # noqa: BLE001 - "etcdserver: too many requests": saturated
             if not refused:
-                print(f"  ceiling writer {worker}: {str(error).splitlines()[0][:70]}",
-                      flush=True)
+                cause = (str(error) or type(error).__name__).splitlines()[0][:70]
+                print(f"  ceiling writer {worker}: {cause}", flush=True)
             refused += 1
             await asyncio.sleep(0.1)
             for n in nodes:  # some transactions of the batch may have landed: read them back
-                got = await store.get_node(n.node_id)
+                try:
+                    got = await store.get_node(n.node_id)
+                except Exception:  # noqa: BLE001 - still saturated: the next round reads again
+                    return 0
                 n.revision = got.revision if got is not None else 0
             return 0
 
