@@ -80,3 +80,12 @@ def test_dashboard_fleet_opens_the_page_and_prints_every_goal() -> None:
                    "coordinator CPU", "the page reads"):
         assert figure in out, out
     assert "the page holds 60 rows" in out
+
+
+def test_store_fleet_counts_the_write_pattern_and_replays_it_on_a_3_member_etcd() -> None:
+    require_binary("etcd")
+    out = run("store_fleet.py", "--nodes", "1000", "--driven", "200", "--duration", "40",
+              "--etcd-seconds", "1", "--ceiling-processes", "1")
+    for row in ("before ", "after (sqlite, redis)", "after (etcd)"):
+        assert row in out, out
+    assert "ceiling, CAS txns of 128 nodes" in out and "room to spare" in out, out

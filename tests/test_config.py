@@ -93,6 +93,16 @@ def test_file_values_and_overrides(tmp_path: Path) -> None:
         ('[agent]\ncoordinator = ["http://a:7300", "b:7300"]\n', "agent.coordinator",
          "'b:7300'"),
         ('[agent]\ncoordinator = 7300\n', "agent.coordinator", "str"),
+        ('[coordinator]\nrefresh_interval = "500ms"\n', "coordinator.refresh_interval",
+         "between 1s and 1h"),
+        ('[coordinator]\nrefresh_interval = "2h"\n', "coordinator.refresh_interval",
+         "between 1s and 1h"),
+        ('[detection]\nhistory_rollup = "5s"\n', "detection.history_rollup",
+         "between 10s and 1d"),
+        ('[detection]\netcd_history_rollup = "2d"\n', "detection.etcd_history_rollup",
+         "between 10s and 1d"),
+        ('[detection]\nhistory_full_resolution = "-1m"\n', "detection.history_full_resolution",
+         "duration"),
     ],
 )
 def test_bad_values_name_file_key_and_expectation(

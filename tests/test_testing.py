@@ -3,11 +3,21 @@ application backends fail at their rate behind a real haproxy, under a bounded l
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
+import pytest
+
 from nodewatch.model import PeerVote
-from nodewatch.testing import ErrorBackends, FakeClock, FakeProbe, InProcessCluster, LoadLoop
-from tests.helpers import wait_until
+from nodewatch.testing import (
+    ErrorBackends,
+    EtcdCluster,
+    FakeClock,
+    FakeProbe,
+    InProcessCluster,
+    LoadLoop,
+)
+from tests.helpers import require_binary, wait_until
 from tests.respond.servers import Haproxy, running
 
 
@@ -53,3 +63,29 @@ def test_error_backends_behind_haproxy_answer_at_their_rates_and_the_load_stops_
         assert load.sent == 40
         assert dict(load.statuses) == {200: 20, 500: 20}  # round robin, b fails every one
         assert dict(apps.served) == {("a", 200): 20, ("b", 500): 20}
+
+
+def test_a_three_member_etcd_cluster_takes_writes_and_leaves_nothing_behind() -> None:
+    cluster = EtcdCluster(size=3, binary=require_binary("etcd"))
+    with cluster:
+        assert cluster.workdir is not None and len(cluster.endpoints) == 3
+        workdir = cluster.workdir
+        assert all(m.alive() for m in cluster.members)
+        done = subprocess.run(
+            [require_binary("etcdctl"), "--endpoints", ",".join(cluster.endpoints),
+             "endpoint", "status", "--write-out", "simple"],
+            capture_output=True, env={"ETCDCTL_API": "3"}, check=True, timeout=10)
+        assert done.stdout.decode().count("\n") == 3  # one line per member, one cluster
+        members = list(cluster.members)
+    assert not any(m.alive() for m in members) and not workdir.exists()
+
+
+def test_an_etcd_cluster_that_fails_to_start_stops_what_it_started(tmp_path: Path) -> None:
+    fake = tmp_path / "etcd"
+    fake.write_text("#!/bin/sh\nexec sleep 30\n")  # runs, never listens
+    fake.chmod(0o755)
+    cluster = EtcdCluster(size=2, binary=str(fake))
+    with pytest.raises(RuntimeError, match="did not start"):
+        cluster.start(wait=0.5)
+    assert cluster.members and not any(m.alive() for m in cluster.members)
+    assert cluster.workdir is not None and not cluster.workdir.exists()

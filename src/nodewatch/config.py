@@ -125,6 +125,11 @@ class CoordinatorConfig(_Table):
     # command's whole write (waiting for an earlier write included) has this one bound, and
     # it is the Redis socket timeout and the etcd call timeout too (store/open.py).
     store_timeout: Duration = Duration(3.0)
+    # A node that only saw routine observations (a new seq, load figures, last_seen) is written
+    # again at most this often, spread over the interval (as Kubernetes' node Leases are); any
+    # change a reader or a takeover needs (health, status, reasons, admin, drain, outlier,
+    # identity, actions due, address, labels) is written at once. 1s to 1h.
+    refresh_interval: Duration = Duration(60.0)
     # Events kept in memory while the store cannot write; past it the oldest are dropped
     # (counted, and an events_lost event is written on recovery; node state is never lost).
     max_queued_events: Annotated[int, Meta(ge=1)] = 10_000
@@ -177,6 +182,16 @@ class DetectionConfig(_Table):
     concurrency: Annotated[int, Meta(ge=1, le=100_000)] = 256
     dead_after: Duration = Duration(3600.0)
     history_ttl: Duration = Duration(3600.0)
+    # History tiers (README "History at fleet size"): every sample for the last
+    # history_full_resolution (0: none), then one rollup per node per history_rollup (mean,
+    # maximum, worst health) for the rest of history_ttl; a full resolution of at least
+    # history_ttl keeps every sample for the hour, with no rollups.
+    history_full_resolution: Duration = Duration(300.0)
+    history_rollup: Duration = Duration(60.0)
+    # The same on an etcd store, coarser by default: at 100,000 nodes every sample would be
+    # about 20,000 puts a second and 14 GB an hour, far past etcd's 2-8 GB database.
+    etcd_history_full_resolution: Duration = Duration(0.0)
+    etcd_history_rollup: Duration = Duration(300.0)
     startup_grace: Duration = Duration(45.0)
     max_response: Annotated[int, Meta(ge=256, le=16 * 1024 * 1024)] = 64 * 1024
     # How a pushing node's silence is judged (detect/phi.py): "fixed" polls it after
@@ -459,6 +474,21 @@ def _phi_problems(det: DetectionConfig) -> list[tuple[str, str]]:
     return problems
 
 
+def _history_problems(det: DetectionConfig) -> list[tuple[str, str]]:
+    """The history tiers' rules, for SQLite and Redis and for etcd alike."""
+    problems: list[tuple[str, str]] = []
+    for prefix in ("", "etcd_"):
+        full = getattr(det, f"{prefix}history_full_resolution")
+        rollup = getattr(det, f"{prefix}history_rollup")
+        if full < 0:
+            problems.append((f"detection.{prefix}history_full_resolution",
+                             "expected a duration of at least 0"))
+        if not 10 <= rollup <= 86400:
+            problems.append((f"detection.{prefix}history_rollup",
+                             "expected a duration between 10s and 1d"))
+    return problems
+
+
 def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
     """Cross-field rules that a type cannot express: (key, what is expected)."""
     problems: list[tuple[str, str]] = []
@@ -501,6 +531,10 @@ def _check_semantics(cfg: Config) -> list[tuple[str, str]]:
                          "expected HOST:PORT (port 0-65535), or empty for no UDP heartbeats"))
     if det.history_ttl < 1:
         problems.append(("detection.history_ttl", "expected at least 1s"))
+    problems.extend(_history_problems(det))
+    if not 1 <= cfg.coordinator.refresh_interval <= 3600:
+        problems.append(("coordinator.refresh_interval",
+                         "expected a duration between 1s and 1h"))
     out = cfg.outliers
     for key in ("window", "base_ejection_time"):
         if getattr(out, key) <= 0:

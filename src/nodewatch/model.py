@@ -306,7 +306,10 @@ class NodeState:
 
 @dataclass(frozen=True, slots=True)
 class HistorySample:
-    """One point of a node's last hour."""
+    """One point of a node's last hour: a sample as the agent took it (``span`` 0), or a
+    rollup of the ``span`` seconds before ``ts`` (store/tiers.py): the mean of each figure in
+    ``system`` and ``load``, their maximum in ``peak`` (``load.NAME`` for load figures), the
+    worst health seen, the last seq."""
 
     node_id: str
     ts: float
@@ -314,12 +317,18 @@ class HistorySample:
     health: str
     system: dict[str, float]
     load: dict[str, float]
+    span: float = 0.0
+    peak: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "ts": self.ts,
             "seq": self.seq,
             "health": self.health,
             "system": self.system,
             "load": self.load,
         }
+        if self.span:
+            out["span"] = self.span
+            out["peak"] = self.peak
+        return out

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections import defaultdict, deque
@@ -244,24 +245,42 @@ class EtcdMember:
 
 @dataclass
 class EtcdCluster:
-    """``size`` etcd members on loopback, member i on 127.0.0.(i+1) when ``spread``."""
+    """``size`` etcd members on loopback (one cluster), member i on 127.0.0.(i+1) when
+    ``spread``. Without a ``workdir`` the members live in a temporary directory that ``stop``
+    removes. A start that fails stops every member it started (and removes that directory)
+    before it raises."""
 
-    workdir: Path
+    workdir: Path | None = None
     size: int = 1
     spread: bool = False
     binary: str = "etcd"
     members: list[EtcdMember] = field(default_factory=list)
+    _own_dir: Path | None = field(default=None, repr=False)
 
     def url(self, prefix: str = "/nodewatch") -> str:
         return "etcd://" + ",".join(m.endpoint for m in self.members) + prefix
 
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
     def start(self, wait: float = 20.0) -> EtcdCluster:
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._start(wait)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, wait: float) -> EtcdCluster:
+        if self.workdir is None:
+            self.workdir = self._own_dir = Path(tempfile.mkdtemp(prefix="nodewatch-etcd-"))
+        workdir = self.workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         for i in range(self.size):
             host = f"127.0.0.{i + 1}" if self.spread else "127.0.0.1"
             self.members.append(EtcdMember(
-                f"m{i}", host, free_port(host), free_port(host), self.workdir / f"m{i}.etcd",
-                self.workdir / f"m{i}.log"))
+                f"m{i}", host, free_port(host), free_port(host), workdir / f"m{i}.etcd",
+                workdir / f"m{i}.log"))
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         for m in self.members:
             argv = [self.binary, "--name", m.name, "--data-dir", str(m.data_dir),
@@ -270,7 +289,7 @@ class EtcdCluster:
                     "--listen-peer-urls", m.peer_url,
                     "--initial-advertise-peer-urls", m.peer_url,
                     "--initial-cluster", initial, "--initial-cluster-state", "new",
-                    "--initial-cluster-token", f"nodewatch-{self.workdir.name}",
+                    "--initial-cluster-token", f"nodewatch-{workdir.name}",
                     # Fast elections on loopback: the loss of a member costs about a second.
                     "--heartbeat-interval", "50", "--election-timeout", "500",
                     "--logger", "zap", "--log-level", "warn"]
@@ -281,7 +300,6 @@ class EtcdCluster:
         for m in self.members:
             while not port_open(m.host, m.client_port):
                 if not m.alive() or time.monotonic() > deadline:
-                    self.stop()
                     raise RuntimeError(f"etcd {m.name} did not start:\n"
                                        f"{m.log_path.read_text(errors='replace')[-2000:]}")
                 time.sleep(0.05)
@@ -308,6 +326,9 @@ class EtcdCluster:
     def stop(self) -> None:
         for m in self.members:
             _stop(m.popen)
+        if self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
+            self._own_dir = None
 
     def __enter__(self) -> EtcdCluster:
         return self.start()

@@ -20,7 +20,7 @@ from nodewatch.model import (
     Report,
 )
 from nodewatch.store.open import open_store
-from nodewatch.testing import FakeProbe
+from nodewatch.testing import FakeClock, FakeProbe
 
 
 async def make(tmp_path: Path) -> Coordinator:
@@ -272,3 +272,90 @@ async def test_caller_observers_run_only_while_this_coordinator_leads(tmp_path: 
     finally:
         await coord.stop()
     assert stub.running == 0
+
+
+async def test_a_routine_only_node_is_rewritten_once_its_refresh_is_due_a_change_at_once(
+        tmp_path: Path) -> None:
+    clock = FakeClock(time.time())
+    cfg = load_config(None, {"coordinator.store": f"sqlite:///{tmp_path}/state.db",
+                             "detection.startup_grace": "0",
+                             "coordinator.refresh_interval": "60s"})
+    coord = Coordinator(cfg, open_store(cfg.coordinator.store), clock=clock,
+                        probe=FakeProbe(clock))  # type: ignore[arg-type]
+    await coord.start()
+
+    def beat(seq: int, reasons: tuple[str, ...] = ()) -> None:
+        report = Report(incarnation=1, seq=seq, ts=clock(), sample_interval=5.0, samples=seq,
+                        reasons=reasons, system={"cpu_percent": float(seq)})
+        coord.heartbeat(CheckResult("n1", True, clock(), report=report, source="push"))
+
+    async def stored_seq() -> int:
+        await coord.persist()
+        stored = await coord.store.get_node("n1")
+        assert stored is not None
+        return stored.seq
+
+    try:
+        coord.register(Registration("n1", "127.0.0.1:1", 1, 0, clock()))
+        beat(1)
+        beat(2)
+        assert await stored_seq() == 2  # the transition to healthy: written at once
+        written_at = clock()
+        for seq in range(3, 15):  # routine heartbeats for 59 s: nothing written
+            clock.advance(59.0 / 12)
+            beat(seq)
+            assert await stored_seq() == 2
+        refreshed_at = None
+        for seq in range(15, 100):
+            clock.advance(1.0)
+            beat(seq)
+            if await stored_seq() == seq:
+                refreshed_at = clock()
+                break
+        assert refreshed_at is not None
+        assert written_at + 60.0 <= refreshed_at < written_at + 121.0
+        clock.advance(1.0)
+        beat(200, reasons=("disk almost full",))  # the agent's reasons: a change, no event
+        assert await stored_seq() == 200
+        clock.advance(1.0)
+        beat(201)
+        assert await stored_seq() == 201  # the reasons cleared: a change again
+        clock.advance(1.0)
+        beat(202)
+        assert await stored_seq() == 201  # routine again
+        await coord.command("drain", "n1", "maintenance")  # a transition: at once
+        stored = await coord.store.get_node("n1")
+        assert stored is not None and stored.admin.value == "drained" and stored.seq == 202
+    finally:
+        await coord.stop()
+
+
+async def test_history_is_stored_as_raw_samples_and_rollups(tmp_path: Path) -> None:
+    clock = FakeClock(time.time())
+    cfg = load_config(None, {"coordinator.store": f"sqlite:///{tmp_path}/state.db",
+                             "detection.startup_grace": "0",
+                             "detection.history_full_resolution": "0s",
+                             "detection.history_rollup": "60s"})
+    coord = Coordinator(cfg, open_store(cfg.coordinator.store), clock=clock,
+                        probe=FakeProbe(clock))  # type: ignore[arg-type]
+    await coord.start()
+    try:
+        coord.register(Registration("n1", "127.0.0.1:1", 1, 0, clock()))
+        for seq in range(1, 40):  # 39 samples 5 s apart: at least two whole minutes
+            report = Report(incarnation=1, seq=seq, ts=clock(), sample_interval=5.0,
+                            samples=seq, system={"cpu_percent": float(seq)})
+            coord.heartbeat(CheckResult("n1", True, clock(), report=report, source="push"))
+            clock.advance(5.0)
+        await coord.persist(history=True)
+        points = await coord.store.history("n1", 0)
+        assert len(points) >= 2 and all(p.span == 60.0 for p in points)  # no raw samples
+        assert all(p.peak["cpu_percent"] >= p.system["cpu_percent"] for p in points)
+    finally:
+        await coord.stop()
+    store = open_store(f"sqlite:///{tmp_path}/state.db")
+    await store.open()
+    try:  # stop wrote the rollup being gathered too: every sample is in one
+        points = await store.history("n1", 0)
+        assert points[-1].seq == 39
+    finally:
+        await store.close()

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from nodewatch.detect.journal import EVENT_SLOTS, DirtyNodes, EventSequence, Revisions
-from nodewatch.model import event_id, event_number
+from nodewatch.detect.journal import (
+    EVENT_SLOTS,
+    DirtyNodes,
+    EventSequence,
+    Revisions,
+    RoutineRefresh,
+)
+from nodewatch.model import NodeState, NodeStatus, event_id, event_number
 from nodewatch.testing import FakeClock
 
 
@@ -95,3 +101,99 @@ def test_coordinators_sharing_a_store_mint_unique_ids_that_sort_by_time() -> Non
 def test_a_slot_out_of_range_is_refused() -> None:
     with pytest.raises(ValueError, match="outside 0..1023"):
         EventSequence(1).use_slot(EVENT_SLOTS)
+# -- the slow refresh of routine-only nodes ---------------------------------------------------
+
+
+def _digest(node: NodeState) -> int:
+    """What the coordinator's digest sees, for the test: the fields a reader needs."""
+    return hash((node.health, node.node_status, tuple(node.reasons), node.admin))
+
+
+def _stored(refresh: RoutineRefresh, count: int, now: float) -> dict[str, NodeState]:
+    nodes = {f"n{i:05d}": NodeState(f"n{i:05d}", "a:1") for i in range(count)}
+    refresh.stored(nodes.values(), now)
+    return nodes
+
+
+def test_a_routine_only_node_is_refreshed_after_the_interval_and_not_before() -> None:
+    clock, refresh = FakeClock(), RoutineRefresh(60.0, _digest)
+    nodes = _stored(refresh, 1, clock())
+    (node_id,) = nodes
+    nodes[node_id].seq, nodes[node_id].load = 7, {"qps": 3.0}  # routine
+    assert refresh.sort([node_id], nodes) == set()
+    due = refresh.due_after(node_id, clock())
+    assert clock() + 60.0 <= due < clock() + 120.0
+    assert refresh.due(due - 0.01, nodes) == set()
+    assert refresh.due(due, nodes) == {node_id}
+    assert refresh.due(due + 500, nodes) == set() and len(refresh) == 0  # taken once
+
+
+def test_a_material_change_is_written_at_once_and_restarts_the_refresh() -> None:
+    clock, refresh = FakeClock(), RoutineRefresh(60.0, _digest)
+    nodes = _stored(refresh, 2, clock())
+    a, b = sorted(nodes)
+    assert refresh.sort([a, b], nodes) == set()
+    nodes[a].reasons = ["cpu_percent > 95 for 30s"]  # the agent's reasons: material
+    nodes[b].node_status = NodeStatus.DEGRADED
+    assert refresh.sort([a, b], nodes) == {a, b}
+    written_at = clock.advance(10.0)
+    refresh.stored([nodes[a], nodes[b]], written_at)  # written: no longer waiting
+    assert refresh.due(written_at + 120.0, nodes) == set()
+    assert refresh.sort([a], nodes) == set()  # the same content again: routine
+    assert refresh.due(refresh.due_after(a, written_at), nodes) == {a}
+
+
+def test_a_node_never_stored_is_written_at_once() -> None:
+    refresh = RoutineRefresh(60.0, _digest)
+    nodes = {"new": NodeState("new", "a:1")}
+    assert refresh.sort(["new", "gone"], nodes) == {"new"}
+
+
+def test_refreshes_of_a_fleet_stored_at_once_are_spread_over_the_interval() -> None:
+    clock, refresh = FakeClock(), RoutineRefresh(60.0, _digest)
+    start = clock()
+    nodes = _stored(refresh, 20_000, start)
+    assert refresh.sort(nodes, nodes) == set()
+    per_second: list[int] = []
+    for second in range(1, 121):
+        per_second.append(len(refresh.due(start + second, nodes)))
+    assert sum(per_second[:60]) == 0  # none before the interval
+    assert sum(per_second) == 20_000  # all within two intervals
+    busy = per_second[60:]
+    mean = 20_000 / 60
+    assert max(busy) < 1.3 * mean and min(busy) > 0.7 * mean  # no burst, no hole
+
+
+def test_a_full_write_takes_every_waiting_node_and_removed_nodes_are_dropped() -> None:
+    clock, refresh = FakeClock(), RoutineRefresh(5.0, _digest)
+    nodes = _stored(refresh, 3, clock())
+    assert refresh.sort(nodes, nodes) == set() and len(refresh) == 3
+    gone = sorted(nodes)[0]
+    assert refresh.take_all() == set(nodes) and len(refresh) == 0
+    refresh.sort(nodes, nodes)
+    del nodes[gone]
+    assert refresh.due(clock() + 10.0, nodes) == set(nodes)
+    assert refresh.sort([gone], nodes) == set()
+
+
+def test_the_refresh_interval_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        RoutineRefresh(0.0, _digest)
+
+
+def test_a_refreshed_node_keeps_its_place_in_the_cycle() -> None:
+    clock, refresh = FakeClock(), RoutineRefresh(60.0, _digest)
+    nodes = _stored(refresh, 1, clock())
+    (node_id,) = nodes
+    refresh.sort(nodes, nodes)
+    first = refresh.due_after(node_id, clock())
+    written = []
+    at = clock()
+    while len(written) < 3:
+        at += 0.25  # the ticker: a write up to one tick after the node is due
+        if refresh.due(at, nodes):
+            refresh.stored(nodes.values(), at)
+            written.append(at)
+            refresh.sort(nodes, nodes)
+    assert 0 <= written[0] - first < 0.25
+    assert [round(b - a, 2) for a, b in zip(written, written[1:], strict=False)] == [60.0, 60.0]

@@ -30,6 +30,7 @@ from nodewatch.store.codec import (
     encode_sample,
     encode_sample_body,
     encode_sample_body_packed,
+    material_digest,
 )
 
 text = st.text(max_size=20)
@@ -136,3 +137,29 @@ def test_an_outlier_ejection_round_trips_through_the_codec() -> None:
     for data in (encode_node(node), encode_node_packed(node)):
         assert decode_node(data) == node
     assert b'"outlier":' not in encode_node(NodeState(node_id="a", address="h:1"))
+
+
+def test_the_material_digest_ignores_routine_fields_and_sees_every_other() -> None:
+    base = NodeState("web-1", "10.0.0.1:7301", reasons=["cpu"], labels={"zone": "a"})
+    routine = NodeState("web-1", "10.0.0.1:7301", reasons=["cpu"], labels={"zone": "a"},
+                        seq=99, last_ts=5.0, last_seen=6.0, consecutive_failures=1,
+                        consecutive_successes=4, system={"cpu_percent": 3.0},
+                        load={"qps": 1.0}, revision=12)
+    assert material_digest(routine) == material_digest(base)
+    base.reasons.append("mem")  # mutated in place: the digest is of the bytes, taken now
+    assert material_digest(base) != material_digest(routine)
+    for change in ({"node_status": NodeStatus.DEGRADED}, {"admin": Admin.DRAINED},
+                   {"health": Health.SUSPECT}, {"address": "10.0.0.2:7301"},
+                   {"incarnation": 2}, {"udp_key": "ab"}):
+        changed = dataclasses.replace(routine, **change)  # type: ignore[arg-type]
+        assert material_digest(changed) != material_digest(routine), change
+
+
+def test_a_rollup_round_trips_and_a_raw_sample_keeps_its_bytes() -> None:
+    raw = HistorySample("web-1", 10.5, 3, "healthy", {"cpu_percent": 1.0}, {"qps": 2.0})
+    assert b"span" not in encode_sample(raw) and b"span" not in encode_sample_body(raw)
+    rolled = HistorySample("web-1", 10.5, 3, "suspect", {"cpu_percent": 1.0}, {}, 60.0,
+                           {"cpu_percent": 4.0})
+    assert decode_sample(encode_sample(rolled)) == rolled
+    for body in (encode_sample_body(rolled), encode_sample_body_packed(rolled)):
+        assert decode_sample_body("web-1", 10.5, 3, body) == rolled

@@ -225,6 +225,47 @@ async def test_prune_deletes_only_samples_older_than_the_ttl(store: Store) -> No
     assert await store.prune(now=3900.0, history_ttl=3600.0) == 0
 
 
+def rollup(node_id: str, ts: float, seq: int = 0, health: str = "healthy") -> HistorySample:
+    return HistorySample(node_id=node_id, ts=ts, seq=seq or int(ts), health=health,
+                         system={"cpu_percent": 20.0}, load={"qps": 40.0}, span=60.0,
+                         peak={"cpu_percent": 35.0, "load.qps": 55.0})
+
+
+async def test_rollups_come_back_whole_before_the_oldest_raw_sample(store: Store) -> None:
+    # The hour: rollups every minute from 60 to 600, raw samples for the last two minutes.
+    await store.add_samples([rollup("a", float(t)) for t in range(60, 601, 60)])
+    await store.add_samples([sample("a", float(t)) for t in range(480, 601, 5)])
+    await store.add_samples([rollup("b", 60.0)])
+    points = await store.history("a", 0.0)
+    assert [p.ts for p in points] == [float(t) for t in range(60, 480, 60)] + [
+        float(t) for t in range(480, 601, 5)]
+    assert points[0] == rollup("a", 60.0) and points[0].peak["load.qps"] == 55.0
+    assert all(p.span == 0.0 and p.peak == {} for p in points[7:])
+    assert [p.ts for p in await store.history("a", 500.0)] == [float(t) for t in range(500, 601, 5)]
+    assert await store.history("b", 0.0) == [rollup("b", 60.0)]
+
+
+async def test_a_rollup_and_a_raw_sample_with_the_same_key_are_both_kept(store: Store) -> None:
+    await store.add_samples([sample("a", 60.0), rollup("a", 60.0)])
+    await store.add_samples([rollup("a", 60.0)])
+    assert await store.history("a", 0.0) == [sample("a", 60.0)]  # raw covers it
+    await store.prune(now=200.0, history_ttl=3600.0, full_resolution=100.0)
+    assert await store.history("a", 0.0) == [rollup("a", 60.0)]  # the raw one aged out
+
+
+async def test_prune_keeps_each_tier_for_its_own_time(store: Store) -> None:
+    nodes = [f"n{i:02d}" for i in range(20)]
+    await store.add_samples([rollup(n, float(t)) for n in nodes for t in range(60, 3601, 60)])
+    await store.add_samples([sample(n, float(t)) for n in nodes for t in range(3000, 3601, 5)])
+    # An hour of rollups kept from ts 600 on, raw samples for the last 5 minutes (from 3300).
+    deleted = await store.prune(now=4200.0, history_ttl=3600.0, full_resolution=900.0)
+    assert deleted == 20 * (9 + 60)
+    points = await store.history("n07", 0.0)
+    assert [p.ts for p in points if p.span] == [float(t) for t in range(600, 3300, 60)]
+    assert [p.ts for p in points if not p.span] == [float(t) for t in range(3300, 3601, 5)]
+    assert await store.prune(now=4200.0, history_ttl=3600.0, full_resolution=900.0) == 0
+
+
 # -- meta ---------------------------------------------------------------------------------
 
 

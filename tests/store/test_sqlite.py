@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,9 +172,10 @@ async def test_pruning_200k_rows_goes_in_bounded_steps_with_the_loop_running_bet
         ticks = 0
         prune_step = store._prune_step
 
-        def counted_step(conn: sqlite3.Connection, *, cutoff: float) -> tuple[int, bool]:
+        def counted_step(conn: sqlite3.Connection, *, tier: Any,
+                         cutoff: float) -> tuple[int, bool]:
             ticks_before_step.append(ticks)
-            deleted, done = prune_step(conn, cutoff=cutoff)
+            deleted, done = prune_step(conn, tier=tier, cutoff=cutoff)
             steps.append(deleted)
             return deleted, done
 

@@ -302,6 +302,8 @@ class HistorySampleView(_View):
     health: str
     system: dict[str, float]
     load: dict[str, float]
+    span: float = 0.0  # a rollup of this many seconds before ts; absent for a raw sample
+    peak: dict[str, float] = {}  # a rollup's maximum of each figure (load.NAME for load)
 
 
 class HistoryResponse(_View):

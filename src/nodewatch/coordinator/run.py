@@ -105,7 +105,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None,
     store = open_store(config.coordinator.store,
                        events_retained=config.coordinator.events_retained,
                        history_ttl=config.detection.history_ttl,
-                       timeout=config.coordinator.store_timeout)
+                       timeout=config.coordinator.store_timeout,
+                       full_resolution=config.detection.etcd_history_full_resolution)
     leadership = sharing = None
     cc = config.coordinator
     if isinstance(store, EtcdStore) and cc.coordination == "shares":

@@ -24,7 +24,7 @@ from nodewatch.coordinator.poller import HttpProbe, Poller, Probe
 from nodewatch.detect import identity
 from nodewatch.detect.cluster import Cluster
 from nodewatch.detect.groups import GroupSummary
-from nodewatch.detect.journal import EVENT_SLOTS
+from nodewatch.detect.journal import EVENT_SLOTS, RoutineRefresh
 from nodewatch.detect.outcome import ActionRequest, Outcome, ProbeRequest
 from nodewatch.detect.policy import Policy
 from nodewatch.detect.scheduler import CheckScheduler
@@ -52,6 +52,8 @@ from nodewatch.protocol import (
     node_heartbeat_key,
 )
 from nodewatch.store.base import Store, StoreUnavailable, store_label
+from nodewatch.store.codec import material_digest
+from nodewatch.store.tiers import HistoryTiers, Rollups
 
 if TYPE_CHECKING:
     from nodewatch.coordinator.leadership import Leadership
@@ -65,6 +67,8 @@ log = logging.getLogger("nodewatch.coordinator")
 
 RECENT_EVENTS = 10_000
 PERSIST_INTERVAL = 0.5
+# How often pending history points are written (one batch, not one commit per tick). Routine
+# node state is written on its own slow refresh, ``[coordinator] refresh_interval``.
 ROUTINE_PERSIST_INTERVAL = 5.0
 # Shared coordinators: how old an event must be before readers get it (see events_after).
 EVENT_SETTLE = 2.0
@@ -429,6 +433,14 @@ class Coordinator:
         self._new_events = asyncio.Event()
         self._pending_events: list[Event] = []
         self._pending_samples: list[HistorySample] = []
+        # History as stored (store/tiers.py): raw samples for the last minutes, rollups after.
+        self.history_tiers = HistoryTiers.from_config(
+            config, etcd=store_label(store).startswith("etcd"))
+        self._pending_points: list[HistorySample] = []  # through the tiers, not yet stored
+        self._rollups = self._new_rollups()
+        self._last_rollup_sweep = clock()
+        self._refresh = RoutineRefresh(float(config.coordinator.refresh_interval),
+                                       material_digest)
         self._persist_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_beat = clock()
@@ -441,7 +453,7 @@ class Coordinator:
         self.identity_rejections = 0  # requests refused for want of a node's credential
         self._pending_actions: list[tuple[ActionRequest, Event | None]] = []
         self._sample_marks: dict[str, tuple[int, int]] = {}
-        self._last_routine_write = clock()
+        self._last_history_write = clock()
         self._running = False
         self._last_stored_event: str | None = None
         self.store_name = store_label(store)
@@ -455,6 +467,10 @@ class Coordinator:
         # not restart its outage clock on every flap, or /healthz would never say failing.
         self._outage_began: float | None = None
         self._probe_recovered_at = 0.0
+        # After a probe write succeeded, the next background write is a full one: routine
+        # nodes wait for their refresh, and only a real write tells a store that is back from
+        # one that takes a tiny write but not real ones.
+        self._write_all_next = False
 
     @property
     def role(self) -> str:
@@ -533,6 +549,10 @@ class Coordinator:
         self.cluster = Cluster(self.policy, now=now, rng=self.rng, nodes=nodes,
                                next_event=(event_number(last) + 1) if last else 1)
         self.cluster.take_dirty()  # freshly loaded: nothing to write back
+        # What the store holds is what was loaded: refreshes start from now, spread out.
+        self._refresh = RoutineRefresh(self._refresh.interval, material_digest)
+        self._refresh.stored(nodes, now)
+        self._rollups = self._new_rollups()
         self._last_stored_event = last
         self.cluster.restart_grace(now)
         return nodes
@@ -633,6 +653,7 @@ class Coordinator:
         dropped = {e.id for e in self._pending_events}
         self._pending_events.clear()
         self._pending_samples.clear()
+        self._pending_points.clear()
         if dropped:
             kept = [e for e in self.recent if e.id not in dropped]
             self.recent.clear()
@@ -1271,13 +1292,16 @@ class Coordinator:
     async def persist(self, routine: bool = False, history: bool = False) -> None:
         """Write changed nodes, new events and history; serialized so CAS revisions chain.
 
-        Transitions and commands are written every time; nodes that only saw routine
-        observations (a new seq, load figures) and new history points are written when
-        ``routine`` is set, every ``ROUTINE_PERSIST_INTERVAL`` and on stop, or along with a
-        transition. A crash loses at most that much of them, and nothing any decision depends
-        on: a new seq is never behind what an agent will claim. (Writing history on every tick
-        made a commit and an fsync four times a second for data that changes every 5 s.)
-        ``history`` writes the pending history points now, for a reader of history.
+        Transitions and commands are written every time, and so is a routine observation that
+        changed something material (the agent's status or reasons, ...: ``RoutineRefresh``);
+        a node that saw only routine ones (a new seq, load figures, last_seen) is written
+        again once per ``[coordinator] refresh_interval``, spread over it, or on stop and
+        whenever ``routine`` is set. A crash loses at most that much of them, and nothing any
+        decision depends on: a stored seq is behind what an agent will claim, never ahead.
+        History points go through the tiers (``HistoryTiers``) and are written every
+        ``ROUTINE_PERSIST_INTERVAL`` or along with anything else; ``history`` writes them now,
+        for a reader of history. (Writing history on every tick made a commit and an fsync
+        four times a second for data that changes every 5 s.)
         Only the leader writes; a follower's state comes from the store.
         """
         await self._role.persist(routine, history)
@@ -1323,6 +1347,8 @@ class Coordinator:
                         "at %d)", excess, limit)
         if len(self._pending_samples) > limit:
             del self._pending_samples[:len(self._pending_samples) - limit]
+        if len(self._pending_points) > limit:
+            del self._pending_points[:len(self._pending_points) - limit]
         self.store_health.queued_events = len(self._pending_events)
 
     def _store_failed(self, exc: StoreUnavailable) -> None:
@@ -1390,14 +1416,14 @@ class Coordinator:
     async def _write_locked(self, routine: bool, history: bool, outcome: Outcome | None,
                             deadline: float | None) -> None:
         """The write itself, with the persist lock held (see ``_write``)."""
-        dirty = self.cluster.take_dirty(routine=routine)
-        nodes = [self.cluster.nodes[i] for i in sorted(dirty) if i in self.cluster.nodes]
+        nodes = self._take_nodes(routine, outcome is None)
         events, self._pending_events = self._pending_events, []
         extra = list(outcome.events) if outcome is not None else []
         removed = list(outcome.removed) if outcome is not None else []
         samples: list[HistorySample] = []
         if routine or history or nodes or events or extra:
-            samples, self._pending_samples = self._pending_samples, []
+            samples, self._pending_points = self._take_points(
+                final=routine and not self._running), []
         actions, self._pending_actions = self._pending_actions, []
         wrote = bool(nodes or events or samples or extra or removed)
         probed = False
@@ -1418,6 +1444,7 @@ class Coordinator:
                 await self._reload(conflicts, deadline)
                 again = [self.cluster.nodes[i] for i in sorted(self.cluster.take_dirty(
                     routine=False)) if i in self.cluster.nodes]
+                self._refresh.stored(again, self.clock())
                 lost = await self._bounded(self.store.save_nodes(again), deadline=deadline) \
                     if again else []
                 if lost:
@@ -1437,7 +1464,7 @@ class Coordinator:
             # Nothing is dropped on a store error: it is all written on a later try.
             self.cluster.mark_dirty(n.node_id for n in nodes)
             self._pending_events[:0] = events
-            self._pending_samples[:0] = samples
+            self._pending_points[:0] = samples
             self._pending_actions[:0] = actions
             self._bound_queue()
             self._store_failed(exc)
@@ -1445,14 +1472,55 @@ class Coordinator:
         except BaseException:
             self.cluster.mark_dirty(n.node_id for n in nodes)
             self._pending_events[:0] = events
-            self._pending_samples[:0] = samples
+            self._pending_points[:0] = samples
             self._pending_actions[:0] = actions
             raise
         self._store_ok(probe_only=probed)
+        self._write_all_next = probed
         for request, event in actions:  # their transitions are durable now
             if self.owns(request.node_id):
                 self._submit(request, event)
             # else its share was released meanwhile: stored as due, the next holder runs it
+
+    def _take_nodes(self, routine: bool, background: bool) -> list[NodeState]:
+        """The nodes to write now. Changed ones always; with ``routine``, every node that
+        saw anything (a full write); in a ``background`` write, routine observations sorted
+        by the refresh: material changes now, the others when their refresh is due. An
+        operator's write takes only changed nodes (the rest wait for the next tick)."""
+        now = self.clock()
+        known = self.cluster.nodes
+        ids = self.cluster.take_dirty(routine=False)
+        if routine:
+            ids |= self.cluster.take_dirty(routine=True) | self._refresh.take_all()
+        elif background:
+            ids |= self._refresh.sort(self.cluster.take_dirty(routine=True), known)
+            ids |= self._refresh.due(now, known)
+        nodes = [known[i] for i in sorted(ids) if i in known]
+        self._refresh.stored(nodes, now)  # the content is taken now (stores encode it now)
+        return nodes
+
+    def _new_rollups(self) -> Rollups | None:
+        tiers = self.history_tiers
+        return Rollups(tiers.rollup) if tiers.rolled else None
+
+    def _take_points(self, final: bool) -> list[HistorySample]:
+        """The pending history points as the tiers store them: the raw samples (if the raw
+        tier is on) and the rollups they closed (``final``: every rollup being gathered,
+        on stop); nodes that stopped sampling have their rollup closed once it ended."""
+        samples, self._pending_samples = self._pending_samples, []
+        points = self._pending_points
+        if self.history_tiers.raw:
+            points = points + samples
+        rollups = self._rollups
+        if rollups is not None:
+            points = points + rollups.add(samples)
+            now = self.clock()
+            if final:
+                points += rollups.close_all()
+            elif now - self._last_rollup_sweep >= rollups.interval:
+                self._last_rollup_sweep = now
+                points += rollups.close_ended(now)
+        return points
 
     async def _reload(self, node_ids: Sequence[str], deadline: float | None = None) -> None:
         """After losing a compare-and-swap, take the stored revision and write ours again."""
@@ -1490,21 +1558,23 @@ class Coordinator:
                 now = self.clock()
                 if not self.store_health.available and now < self._retry_at:
                     continue  # detection went on; the store is retried after its backoff
-                routine = now - self._last_routine_write >= ROUTINE_PERSIST_INTERVAL
-                await self.persist(routine=routine)
-                if routine:
-                    self._last_routine_write = now
+                history = now - self._last_history_write >= ROUTINE_PERSIST_INTERVAL
+                await self.persist(routine=self._write_all_next, history=history)
+                if history:
+                    self._last_history_write = now
             except StoreUnavailable as exc:
                 log.debug("persist failed, retrying with backoff: %s", exc)
             except Exception:
                 log.exception("tick failed; retrying")
 
     async def _retention(self) -> None:
-        ttl = self.config.detection.history_ttl
+        tiers = self.history_tiers
+        ttl = tiers.ttl
         while True:
             await asyncio.sleep(min(60.0, ttl / 10))
             try:
-                removed = await self._bounded(self.store.prune(self.clock(), ttl))
+                removed = await self._bounded(self.store.prune(self.clock(), ttl,
+                                                               tiers.raw_ttl))
                 if removed:
                     log.debug("retention removed %d history samples", removed)
             except Exception:

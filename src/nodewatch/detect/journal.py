@@ -1,18 +1,28 @@
-"""What the coordinator must write: events minted in one id sequence, and the nodes changed
-since the last write (transitions at once, routine observations at the next full write); and
-for readers, the revision of every node's last change."""
+"""What the coordinator must write: events minted in one id sequence, the nodes changed since
+the last write (transitions at once, routine observations on a slow refresh, ``RoutineRefresh``);
+and for readers, the revision of every node's last change."""
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable, Sequence
+import heapq
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from typing import Any
 
-from nodewatch.model import Event, event_id, event_number
+from nodewatch.model import Event, NodeState, event_id, event_number
 
-__all__ = ["DirtyNodes", "EVENT_SLOTS", "EventSequence", "Revisions"]
-
+__all__ = ["DirtyNodes", "EVENT_SLOTS", "EventSequence", "ROUTINE_FIELDS", "Revisions",
+           "RoutineRefresh"]
 
 EVENT_SLOTS = 1024  # coordinators that may mint events into one store at once
+
+# What a routine observation changes and nobody but the owner needs at once: a reader on another
+# coordinator or a coordinator taking the node over restarts its own deadlines from its own
+# clock, so a last_seen or a seq up to a refresh old is fine (a stale seq is behind what the
+# agent claims, never ahead; review judges a coordinator's own gap, detect/review.py). Every
+# other NodeState field (health, status, reasons, admin, drain, outlier, identity, actions_due,
+# address, labels, incarnation, ...) is material: changed, it is written at once.
+ROUTINE_FIELDS = frozenset({"seq", "last_ts", "last_seen", "consecutive_failures",
+                            "consecutive_successes", "system", "load", "revision"})
 
 
 class EventSequence:
@@ -71,7 +81,8 @@ class EventSequence:
 
 class DirtyNodes:
     """Node ids to persist: ``changed`` ones must be written at once, ``touched`` ones (routine
-    observations: new seq, load, counters) may wait for the next full write."""
+    observations: new seq, load, counters) may wait: the coordinator sorts them with a
+    ``RoutineRefresh`` (a material change is written at once, the rest on a slow refresh)."""
 
     def __init__(self, changed: Iterable[str] = (), revisions: Revisions | None = None) -> None:
         self._changed: set[str] = set(changed)
@@ -108,6 +119,112 @@ class DirtyNodes:
         """Nothing of this node is to be written (it is another coordinator's mirror)."""
         self._changed.discard(node_id)
         self._routine.discard(node_id)
+
+
+class RoutineRefresh:
+    """When a node that saw only routine observations is written again, as Kubernetes' node
+    Leases do: at most once per ``interval``, at the node's own place in the cycle (a hash of
+    its id), so a fleet's refreshes are spread evenly over the interval, never one burst, even
+    after a restart that stored every node at once. A node is due at the first time at least
+    ``interval`` after its last write where ``(t - phase) % interval == 0``: within
+    ``[interval, 2 * interval)`` of a write that was a change, and one interval after its last
+    refresh (the tick that writes it is at most one tick late).
+
+    ``digest(node)`` hashes the node's material fields (everything but ``ROUTINE_FIELDS``); a
+    touched node whose digest differs from the one last written changed in a way a reader or a
+    takeover needs and is written at once. The caller reports every write (or load) with
+    ``stored``, taken when the content is taken to be written."""
+
+    def __init__(self, interval: float, digest: Callable[[NodeState], int]) -> None:
+        if interval <= 0:
+            raise ValueError("interval must be greater than 0")
+        self.interval = interval
+        self._digest = digest
+        self._stored: dict[str, tuple[float, int]] = {}  # node id -> (written at, digest)
+        self._due: dict[str, float] = {}  # node id waiting for its refresh -> when due
+        self._heap: list[tuple[float, str]] = []
+        self._phases: dict[str, float] = {}
+        self._slots: dict[str, float] = {}  # taken by ``due``: the place in the cycle it was due
+
+    def __len__(self) -> int:
+        """Nodes waiting for their refresh."""
+        return len(self._due)
+
+    def phase(self, node_id: str) -> float:
+        """The node's place in the cycle, in ``[0, interval)``: FNV-1a of its id with
+        MurmurHash3's finalizer (FNV alone leaves ids that differ in their last character
+        bunched), the same in every process (a pure core has no zlib)."""
+        phase = self._phases.get(node_id)
+        if phase is None:
+            mask = 0xFFFFFFFFFFFFFFFF
+            value = 0xCBF29CE484222325
+            for byte in node_id.encode():
+                value = ((value ^ byte) * 0x100000001B3) & mask
+            value = ((value ^ (value >> 33)) * 0xFF51AFD7ED558CCD) & mask
+            value = ((value ^ (value >> 33)) * 0xC4CEB9FE1A85EC53) & mask
+            value ^= value >> 33
+            phase = self._phases[node_id] = value / 2**64 * self.interval
+        return phase
+
+    def due_after(self, node_id: str, written_at: float) -> float:
+        earliest = written_at + self.interval
+        return earliest + (self.phase(node_id) - earliest) % self.interval
+
+    def stored(self, nodes: Iterable[NodeState], now: float) -> None:
+        """These nodes' current content is (being) stored: written now, or loaded. A refresh
+        counts from its place in the cycle, not from the tick that wrote it, so a node keeps
+        its place: one write per interval, not one per interval plus a tick."""
+        digest, slots = self._digest, self._slots
+        for node in nodes:
+            self._stored[node.node_id] = (slots.pop(node.node_id, now), digest(node))
+            self._due.pop(node.node_id, None)
+
+    def sort(self, touched: Iterable[str], nodes: Mapping[str, NodeState]) -> set[str]:
+        """Of nodes that saw routine observations, those to write at once (a material change,
+        or never stored by this process); the others wait for their refresh (``due``)."""
+        now_ids: set[str] = set()
+        digest = self._digest
+        for node_id in touched:
+            node = nodes.get(node_id)
+            if node is None:
+                continue
+            prior = self._stored.get(node_id)
+            if prior is None or prior[1] != digest(node):
+                now_ids.add(node_id)
+            elif node_id not in self._due:
+                due = self.due_after(node_id, prior[0])
+                self._due[node_id] = due
+                heapq.heappush(self._heap, (due, node_id))
+        return now_ids
+
+    def due(self, now: float, nodes: Container[str]) -> set[str]:
+        """Nodes waiting whose refresh is due by ``now`` (taken: no longer waiting)."""
+        found: set[str] = set()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            due, node_id = heapq.heappop(heap)
+            if self._due.get(node_id) != due:
+                continue  # written meanwhile, or scheduled again
+            del self._due[node_id]
+            if node_id in nodes:
+                found.add(node_id)
+                self._slots[node_id] = due
+            else:
+                self.forget(node_id)
+        return found
+
+    def take_all(self) -> set[str]:
+        """Every node waiting (a full write: on stop, or a leadership confirmed)."""
+        waiting = set(self._due)
+        self._due.clear()
+        self._heap.clear()
+        return waiting
+
+    def forget(self, node_id: str) -> None:
+        self._stored.pop(node_id, None)
+        self._due.pop(node_id, None)
+        self._phases.pop(node_id, None)
+        self._slots.pop(node_id, None)
 
 
 class Revisions:

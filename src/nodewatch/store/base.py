@@ -87,14 +87,20 @@ class Store(Protocol):
     async def last_event_id(self) -> str | None: ...
 
     async def add_samples(self, samples: Sequence[HistorySample]) -> None:
-        """Append history; a sample already stored (same node_id, ts, seq) is ignored."""
+        """Append history; a sample already stored (same node_id, ts, seq and tier) is ignored.
+
+        Two tiers (store/tiers.py): raw samples (``span`` 0) and rollups (``span`` > 0), kept
+        apart so that each ages out on its own."""
 
     async def history(self, node_id: str, since: float) -> list[HistorySample]:
-        """One node's samples with ``ts >= since``, ordered by ts."""
+        """One node's points with ``ts >= since``, ordered by ts: rollups older than the
+        oldest raw sample returned, then the raw samples."""
         ...
 
-    async def prune(self, now: float, history_ttl: float) -> int:
-        """Delete samples older than ``now - history_ttl`` in short steps; rows deleted."""
+    async def prune(self, now: float, history_ttl: float,
+                    full_resolution: float | None = None) -> int:
+        """Delete rollups older than ``now - history_ttl`` and raw samples older than
+        ``now - full_resolution`` (``None``: ``history_ttl`` too) in short steps; rows deleted."""
         ...
 
     async def get_meta(self, key: str) -> str | None: ...

@@ -1,8 +1,9 @@
 """The etcd v3 store (etcd3aio over gRPC) and the etcd primitives HA is built on.
 
 Keys under the URL's prefix ``P``: ``P/nodes/<id>`` (compare-and-swap on mod_revision, which is
-the node's ``revision``), ``P/events/<id>``, ``P/history/<id>/<ts>/<seq>`` (attached to a lease
-per time bucket, so history expires by itself even with no coordinator running), ``P/meta/<k>``,
+the node's ``revision``), ``P/events/<id>``, ``P/history/<id>/<ts>/<seq>`` (raw samples) and
+``P/rollups/<id>/<ts>/<seq>`` (store/tiers.py), each attached to a lease per time bucket living
+as long as its tier, so history expires by itself even with no coordinator running; ``P/meta/<k>``,
 ``P/agents/<id>`` (an agent's liveness key on its own lease) and ``P/leader`` (the election).
 Writes are batched into transactions of up to 128 operations (etcd's default ``max-txn-ops``)
 with a bounded number in flight. Several endpoints are load-balanced by gRPC; a lost member's
@@ -212,6 +213,7 @@ class EtcdStore:
         *,
         events_retained: int = 100_000,
         history_ttl: float = 3600.0,
+        full_resolution: float | None = None,
         timeout: float = 5.0,
         in_flight: int = 64,
     ) -> None:
@@ -221,13 +223,15 @@ class EtcdStore:
         self.prefix = prefix.rstrip("/")
         self.events_retained = events_retained
         self.history_ttl = history_ttl
+        # How long a raw sample lives (its lease); None: history_ttl, as rollups.
+        self.full_resolution = history_ttl if full_resolution is None else full_resolution
         self.timeout = timeout
         self.in_flight = in_flight
         self.client: Etcd3Client | None = None
         self._kv: KVService | None = None
         self._sem = asyncio.Semaphore(in_flight)
         self._event_estimate = 0
-        self._history_lease: tuple[int, int] | None = None  # (bucket, lease id)
+        self._history_leases: dict[float, tuple[int, int]] = {}  # ttl -> (bucket, lease id)
         self._history_nodes: set[str] = set()  # listed under P/hnodes/ by this process
         self._lease_lock = asyncio.Lock()
         self._in_flight = WritesInFlight()
@@ -432,34 +436,40 @@ class EtcdStore:
 
     # -- history ----------------------------------------------------------------------------
 
-    async def _lease_for_history(self) -> int:
-        """One lease per HISTORY_BUCKET seconds of wall time, living ttl + one bucket."""
+    async def _lease_for_history(self, ttl: float) -> int:
+        """One lease per HISTORY_BUCKET seconds of wall time and tier, living ttl + one bucket."""
         bucket = int(time.time() // HISTORY_BUCKET)
-        current = self._history_lease
+        current = self._history_leases.get(ttl)
         if current is not None and current[0] == bucket:
             return current[1]
         async with self._lease_lock:
-            current = self._history_lease
+            current = self._history_leases.get(ttl)
             if current is not None and current[0] == bucket:
                 return current[1]
             lease = self.client.lease if self.client is not None else None
             assert lease is not None
-            ttl = math.ceil(self.history_ttl + HISTORY_BUCKET)
-            granted = await lease.grant(ttl, timeout=self.timeout)
-            self._history_lease = (bucket, int(granted.ID))
+            granted = await lease.grant(math.ceil(ttl + HISTORY_BUCKET), timeout=self.timeout)
+            self._history_leases[ttl] = (bucket, int(granted.ID))
             return int(granted.ID)
 
     def _history_key(self, sample: HistorySample) -> bytes:
-        return self.key("history", sample.node_id, _ts_key(sample.ts), f"{sample.seq:020d}")
+        return self.key("rollups" if sample.span else "history", sample.node_id,
+                        _ts_key(sample.ts), f"{sample.seq:020d}")
 
     async def add_samples(self, samples: Sequence[HistorySample]) -> None:
         if not samples:
             return
 
         async def add() -> None:
-            lease = await self._lease_for_history()
-            ops = [KVService.txn_op_put(self._history_key(s), encode_sample(s), lease=lease)
-                   for s in samples]
+            ops = []
+            if any(not s.span for s in samples):
+                lease = await self._lease_for_history(self.full_resolution)
+                ops += [KVService.txn_op_put(self._history_key(s), encode_sample(s), lease=lease)
+                        for s in samples if not s.span]
+            if any(s.span for s in samples):
+                lease = await self._lease_for_history(self.history_ttl)
+                ops += [KVService.txn_op_put(self._history_key(s), encode_sample(s), lease=lease)
+                        for s in samples if s.span]
             new = {s.node_id for s in samples} - self._history_nodes
             # P/hnodes/<id> lists the nodes with history, so that prune never scans history.
             ops += [KVService.txn_op_put(self.key("hnodes", node_id), b"") for node_id in new]
@@ -469,29 +479,41 @@ class EtcdStore:
         await self._writing(add())
 
     async def history(self, node_id: str, since: float) -> list[HistorySample]:
-        prefix = self.key("history", node_id, "")
-        # Serializable: the member answers from its own copy, without the quorum round trip of
-        # a linearizable read (~0.5 ms of ~3); history shown a moment stale is fine.
-        kvs = await self._range(prefix + _ts_key(since).encode(), prefix_range_end(prefix),
-                                serializable=True)
-        return [decode_sample(bytes(kv.value)) for kv in kvs]
+        start = _ts_key(since).encode()
 
-    async def prune(self, now: float, history_ttl: float) -> int:
-        """Per node with history, one range delete of what is older than the cutoff (one raft
-        entry each, 16 in flight; the loop runs between them); leases remove the rest by
-        themselves. Never a scan of the history keys: etcd 3.4 counts every key of a range
-        even with a limit, so walking the history prefix costs O(all samples) per step."""
-        cutoff = _ts_key(now - history_ttl).encode()
+        async def tier(sub: str) -> list[HistorySample]:
+            prefix = self.key(sub, node_id, "")
+            # Serializable: the member answers from its own copy, without the quorum round
+            # trip of a linearizable read (~0.5 ms of ~3); history a moment stale is fine.
+            kvs = await self._range(prefix + start, prefix_range_end(prefix), serializable=True)
+            return [decode_sample(bytes(kv.value)) for kv in kvs]
+
+        raw, rolled = await asyncio.gather(tier("history"), tier("rollups"))
+        first = raw[0].ts if raw else math.inf
+        return [*(r for r in rolled if r.ts < first), *raw]
+
+    async def prune(self, now: float, history_ttl: float,
+                    full_resolution: float | None = None) -> int:
+        """Per node with history and tier, one range delete of what is older than the cutoff
+        (one raft entry each, 16 in flight; the loop runs between them); leases remove the
+        rest by themselves. Never a scan of the history keys: etcd 3.4 counts every key of a
+        range even with a limit, so walking the history prefix costs O(all samples) per step.
+        The raw tier is skipped when ``full_resolution`` is 0 (nothing raw is written)."""
+        raw_ttl = history_ttl if full_resolution is None else full_resolution
+        tiers = [("rollups", _ts_key(now - history_ttl).encode())]
+        if raw_ttl > 0:
+            tiers.append(("history", _ts_key(now - raw_ttl).encode()))
         listed, _ = await self.list_raw("hnodes")
         sem = asyncio.Semaphore(16)
 
-        async def prune_node(node_id: str) -> int:
-            prefix = self.key("history", node_id, "")
+        async def prune_node(node_id: str, sub: str, cutoff: bytes) -> int:
+            prefix = self.key(sub, node_id, "")
             async with sem:
                 response = await self.kv.delete(prefix, prefix + cutoff, timeout=self.timeout)
             return int(response.deleted)
 
-        counts = await self._writing(asyncio.gather(*(prune_node(n) for n, _ in listed)))
+        counts = await self._writing(asyncio.gather(
+            *(prune_node(n, sub, cutoff) for n, _ in listed for sub, cutoff in tiers)))
         return sum(counts)
 
     # -- meta -------------------------------------------------------------------------------

@@ -30,12 +30,14 @@ def sqlite_path(url: str) -> Path:
 
 
 def open_store(url: str, *, events_retained: int = 100_000,
-               history_ttl: float = 3600.0, timeout: float | None = None) -> Store:
+               history_ttl: float = 3600.0, timeout: float | None = None,
+               full_resolution: float | None = None) -> Store:
     """Build the (not yet opened) store a ``--store`` URL names; ``await store.open()`` next.
 
     ``timeout`` (the coordinator passes ``[coordinator] store_timeout``) bounds each request
     of a network client (Redis socket timeout, etcd call timeout), so the client gives up when
     the coordinator does, and every wait has one bound; ``None`` keeps the client defaults.
+    ``full_resolution`` is how long raw samples live on etcd (their lease; the others prune).
     """
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme == "sqlite":
@@ -47,7 +49,7 @@ def open_store(url: str, *, events_retained: int = 100_000,
 
         options = {} if timeout is None else {"timeout": timeout}
         return EtcdStore.from_url(url, events_retained=events_retained, history_ttl=history_ttl,
-                                  **options)
+                                  full_resolution=full_resolution, **options)
     if scheme in ("redis", "rediss"):
         from nodewatch.store.redis import RedisStore
 

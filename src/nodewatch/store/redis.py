@@ -1,16 +1,18 @@
 """The Redis store (redis-py's asyncio client): node state with compare-and-set in a Lua script,
-history in one sorted set per node (score = ts, trimmed by time), events in a stream.
+history in sorted sets per node and tier (score = ts, trimmed by time), events in a stream.
 
 Keys under a prefix (``redis://host:6379/0?prefix=nodewatch``): ``P:nodes`` and ``P:rev``
 (hashes node_id -> body / revision), ``P:revision`` (the counter revisions come from, so they
 stay monotonic across deletes), ``P:events`` (a stream whose entry ids are the event numbers,
-trimmed to ``events_retained``), ``P:h:<node_id>`` plus the set ``P:hnodes`` of nodes with
-history, and ``P:meta``. A whole batch is one script call or one pipeline: one round trip.
+trimmed to ``events_retained``), ``P:h:<node_id>`` (raw samples) and ``P:r:<node_id>``
+(rollups, store/tiers.py) plus the set ``P:hnodes`` of nodes with history, and ``P:meta``.
+A whole batch is one script call or one pipeline: one round trip.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Sequence
 from typing import Any, Final, TypeVar, cast
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -106,8 +108,8 @@ class RedisStore:
         self.k_events, self.k_hnodes, self.k_meta = f"{prefix}:events", f"{prefix}:hnodes", \
             f"{prefix}:meta"
 
-    def _history_key(self, node_id: str) -> str:
-        return f"{self.prefix}:h:{node_id}"
+    def _history_key(self, node_id: str, rollup: bool = False) -> str:
+        return f"{self.prefix}:{'r' if rollup else 'h'}:{node_id}"
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -224,26 +226,34 @@ class RedisStore:
     async def add_samples(self, samples: Sequence[HistorySample]) -> None:
         if not samples:
             return
-        rows = [(s.node_id, s.ts, encode_sample(s)) for s in samples]
+        rows = [(self._history_key(s.node_id, bool(s.span)), s.node_id, s.ts, encode_sample(s))
+                for s in samples]
 
         async def add() -> None:
             for at in range(0, len(rows), CHUNK):
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    for node_id, ts, body in rows[at:at + CHUNK]:
-                        pipe.zadd(self._history_key(node_id), {body: ts})
-                    pipe.sadd(self.k_hnodes, *{node_id for node_id, _, _ in rows[at:at + CHUNK]})
+                    for key, _, ts, body in rows[at:at + CHUNK]:
+                        pipe.zadd(key, {body: ts})
+                    pipe.sadd(self.k_hnodes, *{row[1] for row in rows[at:at + CHUNK]})
                     await pipe.execute()
 
         await self._writing(add())
 
     async def history(self, node_id: str, since: float) -> list[HistorySample]:
-        bodies = cast(list[bytes], await self.redis.zrangebyscore(
-            self._history_key(node_id), since, "+inf"))
-        return [decode_sample(body) for body in bodies]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrangebyscore(self._history_key(node_id), since, "+inf")
+            pipe.zrangebyscore(self._history_key(node_id, rollup=True), since, "+inf")
+            raw_bodies, rolled_bodies = await pipe.execute()
+        raw = [decode_sample(body) for body in cast(list[bytes], raw_bodies)]
+        first = raw[0].ts if raw else math.inf
+        rolled = (decode_sample(body) for body in cast(list[bytes], rolled_bodies))
+        return [*(r for r in rolled if r.ts < first), *raw]
 
-    async def prune(self, now: float, history_ttl: float) -> int:
-        """ZREMRANGEBYSCORE per node, PRUNE_NODES nodes per pipeline: each round trip is
-        short and the loop runs between them."""
+    async def prune(self, now: float, history_ttl: float,
+                    full_resolution: float | None = None) -> int:
+        """ZREMRANGEBYSCORE per node and tier, PRUNE_NODES nodes per pipeline: each round trip
+        is short and the loop runs between them."""
+        raw_cutoff = f"({now - (history_ttl if full_resolution is None else full_resolution)!r}"
         cutoff = f"({now - history_ttl!r}"
         total = 0
         cursor = 0
@@ -253,7 +263,9 @@ class RedisStore:
             for at in range(0, len(node_ids), PRUNE_NODES):
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for node_id in node_ids[at:at + PRUNE_NODES]:
-                        pipe.zremrangebyscore(self._history_key(node_id), "-inf", cutoff)
+                        pipe.zremrangebyscore(self._history_key(node_id), "-inf", raw_cutoff)
+                        pipe.zremrangebyscore(self._history_key(node_id, rollup=True), "-inf",
+                                              cutoff)
                     total += sum(int(n) for n in await self._writing(pipe.execute()))
             if int(cursor) == 0:
                 return total

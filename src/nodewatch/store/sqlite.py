@@ -26,6 +26,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import partial
 from operator import itemgetter
 from pathlib import Path
@@ -57,6 +58,10 @@ CREATE TABLE IF NOT EXISTS samples (
     bucket INTEGER NOT NULL, node_id TEXT NOT NULL, ts REAL NOT NULL, seq INTEGER NOT NULL,
     body BLOB NOT NULL, PRIMARY KEY (bucket, node_id, ts, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sample_buckets (bucket INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS rollups (
+    bucket INTEGER NOT NULL, node_id TEXT NOT NULL, ts REAL NOT NULL, seq INTEGER NOT NULL,
+    body BLOB NOT NULL, PRIMARY KEY (bucket, node_id, ts, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rollup_buckets (bucket INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS store_info (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
@@ -66,10 +71,12 @@ CREATE TABLE IF NOT EXISTS store_info (key TEXT PRIMARY KEY, value INTEGER NOT N
 # ~25k rows/s, and a heap log moved into it every 20k rows at ~40-80k), and pruning deletes
 # from the left edge. One node's hour is one primary-key seek per bucket (720 for an hour),
 # driven by sample_buckets, the list of buckets that hold samples. Bodies leave out node_id,
-# ts and seq, which the key holds.
+# ts and seq, which the key holds. Rollups (store/tiers.py) live in a table of the same shape
+# with one-minute buckets (60 seeks for an hour), so each tier ages out on its own.
 
 _MAX_BATCH: Final = 512  # queued operations per transaction; bounds one commit's duration
 BUCKET_SECONDS: Final = 5.0  # stored in every row's key: changing it needs a migration
+ROLLUP_BUCKET_SECONDS: Final = 60.0  # the same, for the rollups table
 _STOP: Final = object()
 CHECKPOINT_EVERY: Final = 0.25  # seconds; at most this often a background WAL checkpoint
 _BACKSTOP_PAGES: Final = 10_000  # the writer's own automatic checkpoint (SQLite's default 1,000)
@@ -79,6 +86,25 @@ HISTORY_QUERY: Final = (
     "ON s.bucket = b.bucket AND s.node_id = ?1 AND s.ts >= ?2 "
     "WHERE b.bucket >= ?3 ORDER BY b.bucket, s.ts, s.seq"
 )
+
+
+@dataclass(slots=True)
+class _Tier:
+    """One history tier's table, its bucket list and width; ``known``: the newest buckets known
+    to be listed (owned by the writer thread)."""
+
+    table: str
+    buckets: str
+    seconds: float
+    known: set[int] = field(default_factory=set)
+
+    def bucket(self, ts: float) -> int:
+        return math.floor(ts / self.seconds)
+
+    @property
+    def query(self) -> str:
+        return HISTORY_QUERY.replace("sample_buckets", self.buckets).replace(
+            "samples", self.table)
 
 
 class _Write:
@@ -207,7 +233,8 @@ class SqliteStore:
         # Owned by the writer thread only:
         self._revision = 0  # last store revision handed out; monotonic across deletes
         self._event_count = 0
-        self._buckets: set[int] = set()  # the newest few buckets known to be listed
+        self._raw = _Tier("samples", "sample_buckets", BUCKET_SECONDS)
+        self._rolled = _Tier("rollups", "rollup_buckets", ROLLUP_BUCKET_SECONDS)
         self._closed = False
 
     # -- life cycle -------------------------------------------------------------------------
@@ -310,7 +337,8 @@ class SqliteStore:
     def _commit(self, conn: sqlite3.Connection, batch: list[_Write]) -> list[Outcome]:
         """Run a group of writes in one transaction; one failing write fails alone."""
         outcomes: list[Outcome] = []
-        events_before, buckets_before = self._event_count, set(self._buckets)
+        events_before = self._event_count
+        known_before = set(self._raw.known), set(self._rolled.known)
         revision_before = self._revision
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -342,7 +370,8 @@ class SqliteStore:
                 except sqlite3.Error as rollback_error:  # the writer thread must live on
                     log.warning("rollback of %s failed: %s", self.path, rollback_error)
             # Revisions already handed out stay burnt (only monotonicity matters).
-            self._event_count, self._buckets = events_before, buckets_before
+            self._event_count = events_before
+            self._raw.known, self._rolled.known = known_before
             return [(write.future, None, error) for write in batch]
         return outcomes
 
@@ -506,67 +535,89 @@ class SqliteStore:
     async def add_samples(self, samples: Sequence[HistorySample]) -> None:
         if not samples:
             return
-        rows = [
-            (_bucket(s.ts), s.node_id, s.ts, s.seq, encode_sample_body_packed(s)) for s in samples
-        ]
-        await self._write(partial(self._add_samples, rows=rows))
+        raw: list[tuple[int, str, float, int, bytes]] = []
+        rolled: list[tuple[int, str, float, int, bytes]] = []
+        for s in samples:
+            tier, rows = (self._rolled, rolled) if s.span else (self._raw, raw)
+            rows.append((tier.bucket(s.ts), s.node_id, s.ts, s.seq, encode_sample_body_packed(s)))
 
-    def _add_samples(
-        self, conn: sqlite3.Connection, *, rows: list[tuple[int, str, float, int, bytes]]
-    ) -> None:
+        def add(conn: sqlite3.Connection) -> None:
+            if raw:
+                self._add_rows(conn, self._raw, raw)
+            if rolled:
+                self._add_rows(conn, self._rolled, rolled)
+
+        await self._write(add)
+
+    @staticmethod
+    def _add_rows(conn: sqlite3.Connection, tier: _Tier,
+                  rows: list[tuple[int, str, float, int, bytes]]) -> None:
         """Writer thread: rows sorted by key, so the tree sees an in-order run of inserts."""
         rows.sort(key=itemgetter(0, 1, 2, 3))
         conn.executemany(
-            "INSERT OR IGNORE INTO samples(bucket, node_id, ts, seq, body) VALUES (?, ?, ?, ?, ?)",
-            rows,
+            f"INSERT OR IGNORE INTO {tier.table}(bucket, node_id, ts, seq, body) "
+            "VALUES (?, ?, ?, ?, ?)", rows,
         )
-        new = {row[0] for row in rows} - self._buckets
+        new = {row[0] for row in rows} - tier.known
         if new:
             conn.executemany(
-                "INSERT OR IGNORE INTO sample_buckets(bucket) VALUES (?)", [(b,) for b in new]
+                f"INSERT OR IGNORE INTO {tier.buckets}(bucket) VALUES (?)", [(b,) for b in new]
             )
-            self._buckets |= new
-            if len(self._buckets) > 64:  # only the newest matter: samples come in time order
-                self._buckets = set(sorted(self._buckets)[-16:])
+            tier.known |= new
+            if len(tier.known) > 64:  # only the newest matter: samples come in time order
+                tier.known = set(sorted(tier.known)[-16:])
 
     async def history(self, node_id: str, since: float) -> list[HistorySample]:
-        rows = await self._read(
-            lambda conn: conn.execute(HISTORY_QUERY, (node_id, since, _bucket(since))).fetchall()
-        )
-        return [decode_sample_body(node_id, ts, seq, body) for ts, seq, body in rows]
+        raw_query, rolled_query = self._raw.query, self._rolled.query
 
-    async def prune(self, now: float, history_ttl: float) -> int:
+        def read(conn: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
+            raw = conn.execute(raw_query, (node_id, since, self._raw.bucket(since))).fetchall()
+            rolled = conn.execute(
+                rolled_query, (node_id, since, self._rolled.bucket(since))).fetchall()
+            return raw, rolled
+
+        raw, rolled = await self._read(read)
+        first = raw[0][0] if raw else math.inf
+        return [decode_sample_body(node_id, ts, seq, body)
+                for ts, seq, body in [*(r for r in rolled if r[0] < first), *raw]]
+
+    async def prune(self, now: float, history_ttl: float,
+                    full_resolution: float | None = None) -> int:
         """Each step is its own short transaction of at most ``prune_chunk`` rows, so queued
         writes get in between steps and no commit grows with the backlog."""
-        cutoff = now - history_ttl
+        raw_cutoff = now - (history_ttl if full_resolution is None else full_resolution)
         total = 0
-        done = False
-        while not done:
-            deleted, done = await self._write(partial(self._prune_step, cutoff=cutoff))
-            total += deleted
+        for tier, cutoff in ((self._raw, raw_cutoff), (self._rolled, now - history_ttl)):
+            done = False
+            while not done:
+                deleted, done = await self._write(
+                    partial(self._prune_step, tier=tier, cutoff=cutoff))
+                total += deleted
         return total
 
-    def _prune_step(self, conn: sqlite3.Connection, *, cutoff: float) -> tuple[int, bool]:
+    def _prune_step(self, conn: sqlite3.Connection, *, tier: _Tier,
+                    cutoff: float) -> tuple[int, bool]:
         """Writer thread: delete up to ``prune_chunk`` expired rows from the oldest buckets
         (the left edge of the tree); return the count and whether nothing expired is left."""
         budget = self.prune_chunk
         deleted = 0
-        last = _bucket(cutoff)  # the bucket holding the cutoff keeps its newer rows
+        last = tier.bucket(cutoff)  # the bucket holding the cutoff keeps its newer rows
         buckets = conn.execute(
-            "SELECT bucket FROM sample_buckets WHERE bucket <= ? ORDER BY bucket", (last,)
+            f"SELECT bucket FROM {tier.buckets} WHERE bucket <= ? ORDER BY bucket", (last,)
         ).fetchall()
         for (bucket,) in buckets:
             count = conn.execute(
-                "DELETE FROM samples WHERE bucket = ?1 AND (node_id, ts, seq) IN ("
-                "SELECT node_id, ts, seq FROM samples WHERE bucket = ?1 AND ts < ?2 LIMIT ?3)",
+                f"DELETE FROM {tier.table} WHERE bucket = ?1 AND (node_id, ts, seq) IN ("
+                f"SELECT node_id, ts, seq FROM {tier.table} WHERE bucket = ?1 AND ts < ?2 "
+                "LIMIT ?3)",
                 (bucket, cutoff, budget - deleted),
             ).rowcount
             deleted += count
             if deleted >= budget:
                 return deleted, False  # this bucket may hold more: the next step looks again
             if bucket < last:
-                conn.execute("DELETE FROM sample_buckets WHERE bucket = ?", (bucket,))
-                self._buckets.discard(bucket)
+                conn.execute(f"DELETE FROM {tier.buckets} WHERE bucket = ?", (bucket,))
+                tier.known.discard(bucket)
         return deleted, True
 
     # -- meta -------------------------------------------------------------------------------

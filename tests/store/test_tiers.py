@@ -1,0 +1,98 @@
+"""History tiers: raw samples for the last minutes, one rollup per node per interval after."""
+
+from __future__ import annotations
+
+import pytest
+
+from nodewatch.config import load_config
+from nodewatch.model import HistorySample
+from nodewatch.store.tiers import HistoryTiers, Rollups
+
+
+def sample(ts: float, cpu: float, qps: float = 1.0, health: str = "healthy",
+           node_id: str = "web-1") -> HistorySample:
+    return HistorySample(node_id, ts, int(ts), health, {"cpu_percent": cpu}, {"qps": qps})
+
+
+def minute_of(rollups: Rollups, node_id: str, start: float) -> list[float]:
+    """Timestamps every 5 s that fall in one whole rollup interval of ``node_id``."""
+    whole = rollups._bucket(node_id, start + 60.0)
+    return [t for t in (start + 5.0 * i for i in range(40))
+            if rollups._bucket(node_id, t) == whole]
+
+
+def test_a_rollup_keeps_the_mean_the_peak_the_worst_health_and_the_last_seq() -> None:
+    rollups = Rollups(60.0)
+    times = minute_of(rollups, "web-1", 1000.0)
+    cpus = [10.0 + i for i in range(len(times))]
+    closed = rollups.add(sample(t, c, health="suspect" if i == 2 else "healthy")
+                         for i, (t, c) in enumerate(zip(times, cpus, strict=True)))
+    assert closed == [] and len(rollups) == 1
+    (point,) = rollups.add([sample(times[-1] + 60.0, 99.0)])  # the next interval closes it
+    assert point.ts == times[-1] and point.seq == int(times[-1]) and point.span == 60.0
+    assert point.system == {"cpu_percent": round(sum(cpus) / len(cpus), 4)}
+    assert point.load == {"qps": 1.0}
+    assert point.peak == {"cpu_percent": max(cpus), "load.qps": 1.0}
+    assert point.health == "suspect"  # a flap within the interval stays visible
+
+
+def test_means_are_rounded_to_four_significant_digits() -> None:
+    rollups = Rollups(60.0)
+    times = minute_of(rollups, "web-1", 0.0)[:3]
+    rollups.add([sample(times[0], 1.0), sample(times[1], 2.0), sample(times[2], 2.0)])
+    (point,) = rollups.close_all()
+    assert point.system["cpu_percent"] == 1.667
+
+
+def test_rollup_boundaries_are_spread_by_node() -> None:
+    rollups = Rollups(60.0)
+    turns = {next(t for t in range(1, 62)
+                  if rollups._bucket(f"n{i}", t) != rollups._bucket(f"n{i}", 0.0))
+             for i in range(200)}
+    assert len(turns) > 40  # each node's minute turns at its own second, not all at :00
+
+
+def test_a_node_that_stops_sampling_has_its_rollup_closed_once_the_interval_ended() -> None:
+    rollups = Rollups(60.0)
+    rollups.add([sample(1000.0, 5.0)])
+    assert rollups.close_ended(1000.0) == []
+    (point,) = rollups.close_ended(1000.0 + 60.0)
+    assert point.system == {"cpu_percent": 5.0} and len(rollups) == 0
+
+
+def test_a_new_figure_closes_the_rollup_being_gathered() -> None:
+    rollups = Rollups(60.0)
+    times = minute_of(rollups, "web-1", 0.0)
+    rollups.add([sample(times[0], 5.0)])
+    extra = HistorySample("web-1", times[1], 99, "healthy", {"cpu_percent": 7.0},
+                          {"qps": 1.0, "pending_tasks": 3.0})
+    (point,) = rollups.add([extra])
+    assert point.system == {"cpu_percent": 5.0}
+    (second,) = rollups.close_all()
+    assert second.load == {"qps": 1.0, "pending_tasks": 3.0}
+
+
+def test_rollups_and_replays_are_not_gathered_again() -> None:
+    rollups = Rollups(60.0)
+    rollups.add([sample(1000.0, 5.0)])
+    rolled = HistorySample("web-1", 2000.0, 1, "healthy", {}, {}, 60.0, {})
+    assert rollups.add([rolled, sample(900.0, 1.0)]) == []
+    (point,) = rollups.close_all()
+    assert point.system == {"cpu_percent": 5.0}
+
+
+def test_tiers_from_the_config_and_what_one_node_holds() -> None:
+    cfg = load_config(None)
+    tiers = HistoryTiers.from_config(cfg)
+    assert (tiers.ttl, tiers.full_resolution, tiers.rollup) == (3600.0, 300.0, 60.0)
+    assert tiers.raw and tiers.rolled
+    assert tiers.points_per_node(5.0) == pytest.approx(60 + 55)
+    etcd = HistoryTiers.from_config(cfg, etcd=True)
+    assert not etcd.raw and etcd.rolled and etcd.points_per_node(5.0) == pytest.approx(12)
+    full = HistoryTiers(3600.0, 3600.0, 60.0)
+    assert full.raw and not full.rolled and full.points_per_node(5.0) == pytest.approx(720)
+
+
+def test_the_interval_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        Rollups(0.0)
