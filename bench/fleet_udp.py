@@ -5,9 +5,9 @@ One run, every process on this machine:
 1. ``floor``: a separate sender process signs and sends one heartbeat datagram per node per
    ``heartbeat_interval`` (3.5 s; ``HeartbeatBody`` as an agent sends it, msgpack, HMAC-SHA256
    tag, every node's heartbeats spread evenly over the interval) to a bare receiver process
-   that reads them in batches as ``api/udp.py`` does, peeks the node id, checks the tag and
-   decodes the body into ``HeartbeatBody``: its CPU per datagram is the floor any Python
-   coordinator pays.
+   that reads them in batches as ``api/udp.py`` does, decodes the body into
+   ``HeartbeatBody`` and checks the tag with the key of the node it names: its CPU per
+   datagram is the floor any Python coordinator pays.
 2. ``coordinator``: ``--coordinators`` K real ``nodewatch coordinator`` processes (uvloop,
    SQLite store in a temp dir, the fast push profile of deploy/coordinator-fast-push.toml,
    static nodes; with K > 1 each watches the share of the nodes ``detect/shares.py`` gives it)
@@ -16,7 +16,7 @@ One run, every process on this machine:
    go to one nginx answering on every 127.x address. Over ``--window`` seconds: coordinator
    CPU (/proc/PID/stat, all threads) per heartbeat received, cores, RSS, the ratio to the floor.
 3. ``kills``: the sender stops ``--kills`` random nodes at random moments over
-   ``--kill-span`` seconds; each victim's poll address (a port of the sender's own that
+   ``--kill-span`` seconds; each victim's poll address (an address of the sender's own that
    answers ``/health`` while it lives) then refuses connections, as a crashed host's would.
    Each death's confirmation time is read from the coordinators' events (``unhealthy``);
    any live node confirmed unhealthy is a false confirmation.
@@ -52,9 +52,11 @@ from coordinator_scale import raise_nofile, rss_mb
 TOKEN = "bench-agent-token"
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "coordinator-fast-push.toml"
 SYSTEM = {"cpu_percent": 12.5, "mem_percent": 41.0, "load1": 0.42, "connections": 17.0}
-LOAD = {"qps": 42.0, "pending_tasks": 3.0, "error_rate": 0.002}
+# A default agent's built-in load gauges (collect/agent.py BUILTIN_LOAD): zero until the
+# application sets them, so no outlier evidence; --app-load sends an application's figures.
+LOAD = {"qps": 0.0, "pending_tasks": 0.0, "error_rate": 0.0}
+APP_LOAD = {"qps": 42.0, "pending_tasks": 3.0, "error_rate": 0.002}
 SAMPLE_INTERVAL = 5.0  # the agent's default: history gets a point per node per 5 s
-REST = 0.1  # the floor rests between drains as api/udp.py's BATCH_WINDOW
 HEALTH_BODY = (b'{"status":"ok","uptime":1.0,"version":"0.1.0","incarnation":1,"seq":0,'
                b'"ts":1.0,"reasons":[],"system":{},"load":{}}')
 
@@ -87,13 +89,14 @@ def self_cpu() -> float:
 class Victim:
     """A node that will die: its poll address answers ``/health`` until it is killed."""
 
-    def __init__(self, index: int, port: int) -> None:
-        self.index, self.port = index, port
+    def __init__(self, index: int, address: str) -> None:
+        self.index, self.address = index, address
         self.server: asyncio.Server | None = None
         self.transports: set[asyncio.Transport] = set()
 
     async def serve(self) -> None:
-        self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+        host_, port = self.address.rsplit(":", 1)
+        self.server = await asyncio.start_server(self._client, host_, int(port))
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         transport = writer.transport
@@ -126,6 +129,7 @@ async def sender(args: argparse.Namespace) -> None:
 
     n, every = args.nodes, args.every
     key = heartbeat_key(TOKEN)
+    load = APP_LOAD if args.app_load else LOAD
     targets = [t.rsplit(":", 1) for t in args.udp.split(",")]
     socks = []
     for h, p in targets:
@@ -134,13 +138,9 @@ async def sender(args: argparse.Namespace) -> None:
         sock.connect((h, int(p)))
         sock.setblocking(False)
         socks.append(sock)
-    owner = [0] * n
-    if len(socks) > 1:
-        owner = json.loads(Path(args.owners).read_text())
+    owner: list[int] = args.owner_list if len(socks) > 1 else [0] * n
     http = args.http.split(",") if args.http else []
-    victims = {int(k): Victim(int(k), int(p))
-               for k, p in (json.loads(Path(args.victims).read_text()).items()
-                            if args.victims else ())}
+    victims = {int(k): Victim(int(k), a) for k, a in args.victim_ports.items()}
     for victim in victims.values():
         await victim.serve()
     dead: set[int] = set()
@@ -166,7 +166,7 @@ async def sender(args: argparse.Namespace) -> None:
 
     def body(i: int, now: float) -> HeartbeatBody:
         return HeartbeatBody(node_id=f"n{i}", incarnation=1, seq=int(now * 1000), ts=now,
-                             system=SYSTEM, load=LOAD, sample_interval=SAMPLE_INTERVAL,
+                             system=SYSTEM, load=load, sample_interval=SAMPLE_INTERVAL,
                              samples=int(now / SAMPLE_INTERVAL))
 
     async def pushes() -> None:
@@ -237,13 +237,15 @@ async def sender(args: argparse.Namespace) -> None:
 
 
 def floor(args: argparse.Namespace) -> None:
-    """Read, peek, check the tag, decode: nothing else, batched like api/udp.py."""
+    """Read, decode, check the tag: nothing else, batched like api/udp.py (the same
+    receive buffer, at most MAX_BATCH a wake-up, resting BATCH_WINDOW after a short one)."""
     import msgspec
 
-    from nodewatch.protocol import HeartbeatBody, heartbeat_key, peek_node_id, untagged
+    from nodewatch.api.udp import BATCH_WINDOW, MAX_BATCH, _grow_receive_buffer
+    from nodewatch.protocol import TAG_SIZE, HeartbeatBody, heartbeat_key, untagged
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    _grow_receive_buffer(sock)  # the coordinator's receive buffer, the same size
     sock.bind(("127.0.0.1", int(args.udp.rsplit(":", 1)[1])))
     sock.setblocking(False)
     keys = {f"n{i}": heartbeat_key(TOKEN) for i in range(args.nodes)}
@@ -253,19 +255,22 @@ def floor(args: argparse.Namespace) -> None:
     start = time.monotonic()
     for at in (args.warmup, args.warmup + args.window):
         while time.monotonic() - start < at:
-            while True:
+            handled = 0
+            while handled < MAX_BATCH:
                 try:
                     data = sock.recv(8193)
                 except BlockingIOError:
                     break
-                node_id = peek_node_id(data)
-                payload = untagged(data, keys.get(node_id or "", b""))
-                if payload is None:
+                handled += 1
+                # One decode, then the tag under the named node's key: what api/udp.py
+                # does for a tagged msgpack datagram, without anything after it.
+                body = decoder.decode(memoryview(data)[:-TAG_SIZE])
+                if untagged(data, keys.get(body.node_id, b"")) is None:
                     bad += 1
                     continue
-                decoder.decode(payload)
                 count += 1
-            time.sleep(REST)
+            if handled < MAX_BATCH:  # a full batch: more is waiting, as api/udp.py's _rest
+                time.sleep(BATCH_WINDOW)
         marks.append((time.monotonic(), self_cpu(), count))
     (t0, c0, n0), (t1, c1, n1) = marks
     print(json.dumps({"datagrams": n1 - n0, "cpu": c1 - c0, "wall": t1 - t0, "bad": bad,
@@ -315,7 +320,7 @@ def role(name: str, args: argparse.Namespace, **extra: Any) -> subprocess.Popen[
     argv = [sys.executable, __file__, "--role", name, "--nodes", str(args.nodes),
             "--every", str(args.every), "--warmup", str(args.warmup),
             "--window", str(args.window), "--kill-span", str(args.kill_span),
-            "--http-scale", str(args.http_scale)]
+            "--http-scale", str(args.http_scale)] + (["--app-load"] if args.app_load else [])
     for k, v in extra.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
@@ -356,11 +361,24 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+def summary(url: str) -> dict[str, Any]:
+    """The fleet summary (kept current by the coordinator every second: cheap to read)."""
+    with urllib.request.urlopen(f"{url}/v1/summary", timeout=60) as response:
+        return dict(json.loads(response.read()))
+
+
+def last_event(url: str) -> int | None:
+    """The newest event's id, from the coordinator's memory (not a walk through the store)."""
+    with urllib.request.urlopen(f"{url}/v1/events?newest=true&limit=1", timeout=60) as response:
+        last = json.loads(response.read())["last_id"]
+    return None if last is None else int(last)
+
+
 def events(url: str, after: int | None) -> tuple[list[dict[str, Any]], int | None]:
     got: list[dict[str, Any]] = []
     while True:
         query = f"?limit=10000{'' if after is None else f'&after={after}'}"
-        with urllib.request.urlopen(f"{url}/v1/events{query}", timeout=20) as response:
+        with urllib.request.urlopen(f"{url}/v1/events{query}", timeout=60) as response:
             page = json.loads(response.read())
         got += page["events"]
         if not page["events"] or page["last_id"] == after:
@@ -394,7 +412,11 @@ def run_fleet(args: argparse.Namespace, free_port: Any) -> dict[str, Any]:
     k = args.coordinators
     rng = random.Random(args.seed)
     victims = rng.sample(range(args.nodes), min(args.kills, args.nodes))
-    ports = {i: free_port() for i in victims}
+    # Each victim on an address of its own (one port for all): a port picked free on
+    # 127.0.0.1 could meanwhile be taken by one of the coordinator's own connections.
+    victim_port = free_port()
+    ports = {i: f"127.254.{1 + k // 250}.{2 + k % 250}:{victim_port}"
+             for k, i in enumerate(victims)}
     members = [f"c{j}" for j in range(k)]
     assignment = Assignment.of(members)
     owner = [members.index(assignment.owner(f"n{i}")) if k > 1 else 0
@@ -408,7 +430,7 @@ def run_fleet(args: argparse.Namespace, free_port: Any) -> dict[str, Any]:
     try:
         for j in range(k):
             http, udp = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-            nodes = [(i, f"127.0.0.1:{ports[i]}" if i in ports else f"{host(i)}:{args.nginx_port}")
+            nodes = [(i, ports[i] if i in ports else f"{host(i)}:{args.nginx_port}")
                      for i in range(args.nodes) if owner[i] == j]
             config = coordinator_config(args, tmp / f"c{j}", nodes, http, udp)
             procs.append(subprocess.Popen(
@@ -437,7 +459,7 @@ def run_fleet(args: argparse.Namespace, free_port: Any) -> dict[str, Any]:
         healthy = 0.0
         while time.monotonic() - started < args.settle_max:
             try:
-                healthy = sum(scrape(url)["healthy"] for url in urls)
+                healthy = sum(summary(url)["health"]["healthy"] for url in urls)
             except OSError:  # busy starting up: 100,000 first events are written
                 continue
             if healthy >= args.nodes:
@@ -445,17 +467,21 @@ def run_fleet(args: argparse.Namespace, free_port: Any) -> dict[str, Any]:
             time.sleep(2.0)
         settle = time.monotonic() - started
         time.sleep(args.warmup)  # startup polls and first events written
-        before_events = [events(url, None)[1] for url in urls]
-        before = [scrape(url) for url in urls]
+        before_events = [last_event(url) for url in urls]
+        # /metrics counts every node (Cluster.counts): at 100,000 nodes a scrape is CPU of
+        # its own, so the counters are read just outside the CPU window and scaled to it.
+        before, s0 = [scrape(url) for url in urls], time.monotonic()
         cpu0 = [cpu_seconds(p.pid) for p in procs]
         busy0, t0 = machine_busy(), time.monotonic()
         time.sleep(args.window)
         busy1, t1 = machine_busy(), time.monotonic()
         cpu1 = [cpu_seconds(p.pid) for p in procs]
+        s1 = time.monotonic()
         after = [scrape(url) for url in urls]
         rss = [rss_mb(p.pid) for p in procs]
         wall = t1 - t0
-        sums = {key: sum(a[key] - b[key] for a, b in zip(after, before, strict=True))
+        scale = wall / max(s1 - s0, 1e-9)
+        sums = {key: scale * sum(a[key] - b[key] for a, b in zip(after, before, strict=True))
                 for key in ("checks", "pushes", "udp_ok", "udp_stale")}
         cpu = sum(c1 - c0 for c0, c1 in zip(cpu0, cpu1, strict=True))
         send.send_signal(signal.SIGUSR1)  # the kills begin
@@ -483,7 +509,7 @@ def run_fleet(args: argparse.Namespace, free_port: Any) -> dict[str, Any]:
                 "rss": rss, "machine": (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1)
                 * os.cpu_count(), "times": times, "kills": len(kills), "false": false,
                 "false_suspects": suspects, "sender": sender_out,
-                "final_healthy": sum(scrape(url)["healthy"] for url in urls)}
+                "final_healthy": sum(summary(url)["health"]["healthy"] for url in urls)}
     finally:
         if send is not None:
             send.kill()
@@ -523,6 +549,9 @@ def main() -> None:
                         help="heartbeat interval (default: the fast push profile's)")
     parser.add_argument("--http-scale", type=float, default=1.0, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=17)
+    parser.add_argument("--app-load", action="store_true",
+                        help="agents report an application's qps and error rate (outlier "
+                             "evidence for every node) instead of a default agent's zeros")
     parser.add_argument("--store-timeout", type=float, default=60.0)
     parser.add_argument("--skip-floor", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, stores)")
@@ -540,6 +569,8 @@ def main() -> None:
         import uvloop
 
         raise_nofile()
+        args.owner_list = json.loads(Path(args.owners).read_text()) if args.owners else []
+        args.victim_ports = json.loads(Path(args.victims).read_text()) if args.victims else {}
         uvloop.run(sender(args))
         return
     if args.role == "floor":

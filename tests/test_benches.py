@@ -80,3 +80,13 @@ def test_dashboard_fleet_opens_the_page_and_prints_every_goal() -> None:
                    "coordinator CPU", "the page reads"):
         assert figure in out, out
     assert "the page holds 60 rows" in out
+
+
+def test_fleet_udp_prints_the_floor_the_coordinator_and_the_kills() -> None:
+    require_binary("nginx")
+    out = run("fleet_udp.py", "--nodes", "200", "--window", "2", "--warmup", "1", "--kills",
+              "3", "--kill-span", "1", "--confirm-wait", "7", "--settle-max", "30",
+              timeout=150.0)
+    assert "floor:" in out and "us/datagram" in out, out
+    assert "coordinator:" in out and "x floor" in out, out
+    assert "kills: 3 nodes" in out and "false confirmations" in out, out
