@@ -89,3 +89,13 @@ def test_store_fleet_counts_the_write_pattern_and_replays_it_on_a_3_member_etcd(
     for row in ("before ", "after (sqlite, redis)", "after (etcd)"):
         assert row in out, out
     assert "ceiling, CAS txns of 128 nodes" in out and "room to spare" in out, out
+
+
+def test_fleet_udp_prints_the_floor_the_coordinator_and_the_kills() -> None:
+    require_binary("nginx")
+    out = run("fleet_udp.py", "--nodes", "200", "--window", "2", "--warmup", "1", "--kills",
+              "3", "--kill-span", "1", "--confirm-wait", "7", "--settle-max", "30",
+              timeout=150.0)
+    assert "floor:" in out and "us/datagram" in out, out
+    assert "coordinator:" in out and "x floor" in out, out
+    assert "kills: 3 nodes" in out and "false confirmations" in out, out

@@ -9,7 +9,15 @@ import pytest
 
 from nodewatch.detect.cluster import Cluster
 from nodewatch.detect.policy import Policy
-from nodewatch.model import DrainState, Health, NodeState
+from nodewatch.model import (
+    CheckResult,
+    DrainState,
+    FailureClass,
+    Health,
+    NodeState,
+    NodeStatus,
+    Report,
+)
 from nodewatch.testing import FakeClock
 
 
@@ -106,3 +114,80 @@ def test_mirrored_suspects_count_for_the_guard_so_it_sees_the_whole_fleet() -> N
     out = cluster.tick(clock())
     assert [e.kind for e in out.events] == ["guard_on"]
     assert out.events[0].evidence["suspect"] == 4
+
+
+# ---------------------------------------------------------------------- the routine push
+
+
+def push(node_id: str, at: float, seq: int, *, incarnation: int = 1,
+         status: NodeStatus = NodeStatus.OK, reasons: tuple[str, ...] = (),
+         load: dict[str, float] | None = None, samples: int = -1) -> CheckResult:
+    return CheckResult(node_id=node_id, ok=True, at=at, source="push", report=Report(
+        incarnation=incarnation, seq=seq, ts=at, status=status, reasons=reasons,
+        system={"cpu_percent": float(seq)}, load=load or {}, sample_interval=5.0,
+        samples=samples))
+
+
+def pair(suspicion: str = "fixed") -> tuple[Cluster, Cluster]:
+    """Two clusters fed alike: the second never takes the routine path."""
+    policy = Policy(suspicion=suspicion, rise=1)
+    fast = Cluster(policy, now=0.0, nodes=[state("a", Health.UNKNOWN)])
+    full = Cluster(policy, now=0.0, nodes=[state("a", Health.UNKNOWN)])
+    full._routine_push = lambda node, report, now: False  # type: ignore[method-assign]
+    return fast, full
+
+
+def feed(clusters: tuple[Cluster, Cluster], result: CheckResult) -> list[list[str]]:
+    return [[e.kind for e in c.observe(result).events] for c in clusters]
+
+
+@pytest.mark.parametrize("suspicion", ["fixed", "phi"])
+def test_a_routine_push_changes_exactly_what_the_full_path_changes(suspicion: str) -> None:
+    clusters = pair(suspicion)
+    script = [
+        push("a", 1.0, 1, samples=1),  # unknown -> healthy: the full path
+        push("a", 4.5, 2, samples=1),  # routine
+        push("a", 8.0, 3, samples=2, load={"qps": 50.0, "error_rate": 0.01}),  # routine
+        push("a", 8.1, 3, samples=2),  # stale
+        push("a", 11.5, 4, status=NodeStatus.DEGRADED, reasons=("disk",)),  # an event
+        push("a", 15.0, 5, status=NodeStatus.DEGRADED, reasons=("disk",)),  # routine again
+        push("a", 18.5, 6, status=NodeStatus.DEGRADED, reasons=("disk", "cpu")),  # reasons
+        push("a", 22.0, 1, incarnation=2),  # a restart: the full path
+        push("a", 25.5, 2, incarnation=2),
+    ]
+    taken: list[bool] = []
+    routine = clusters[0]._routine_push
+
+    def counted(node: NodeState, report: Report, now: float) -> bool:
+        taken.append(routine(node, report, now))
+        return taken[-1]
+
+    clusters[0]._routine_push = counted  # type: ignore[method-assign]
+    for result in script:
+        kinds = feed(clusters, result)
+        assert kinds[0] == kinds[1], result
+        fast, full = (c.nodes["a"] for c in clusters)
+        assert fast == full, result
+        assert clusters[0].take_dirty() == clusters[1].take_dirty()
+        assert clusters[0].poll_deadline("a") == clusters[1].poll_deadline("a")
+    assert clusters[0].outliers.figures("a", 26.0) == clusters[1].outliers.figures("a", 26.0)
+    assert taken.count(True) == 4  # the routine pushes of the script, and only those
+
+
+def test_a_routine_push_is_stale_when_its_seq_is_not_newer() -> None:
+    cluster = Cluster(Policy(rise=1), now=0.0, nodes=[state("a", Health.UNKNOWN)])
+    cluster.observe(push("a", 1.0, 5))
+    assert cluster.observe(push("a", 2.0, 5)).stale
+    assert cluster.observe(push("a", 3.0, 4)).stale
+    assert cluster.nodes["a"].seq == 5
+    assert not cluster.observe(push("a", 4.0, 6)).stale and cluster.nodes["a"].seq == 6
+
+
+def test_a_push_from_a_suspect_node_takes_the_full_path_and_recovers_it() -> None:
+    cluster = Cluster(Policy(rise=1), now=0.0, nodes=[state("a", Health.UNKNOWN)])
+    cluster.observe(push("a", 1.0, 1))
+    failed = CheckResult(node_id="a", ok=False, at=2.0, failure=FailureClass.REFUSED,
+                         detail="refused")
+    assert [e.kind for e in cluster.observe(failed).events] == ["suspect"]
+    assert [e.kind for e in cluster.observe(push("a", 3.0, 2)).events] == ["healthy"]
+    assert cluster.nodes["a"].consecutive_failures == 0

@@ -27,6 +27,7 @@ from nodewatch.detect.outcome import UnknownNode
 from nodewatch.model import CheckResult, NodeState, Report
 from nodewatch.protocol import (
     MAX_DATAGRAM,
+    TAG_SIZE,
     HeartbeatBody,
     UdpReply,
     encode_udp_reply,
@@ -148,6 +149,28 @@ class UdpHeartbeats:
             return "oversize"
         if not data:
             return "malformed"
+        if len(data) > TAG_SIZE and data[0] != _JSON_START:
+            # The common datagram (msgpack, tagged): decoded once, straight into the struct,
+            # then its tag checked with the key of the node it names; nothing is applied
+            # before the tag is good. Anything else (no tag, JSON, a body that does not
+            # decode) takes the general path below, which peeks the node id first.
+            try:
+                body = self._msgpack.decode(memoryview(data)[:-TAG_SIZE])
+            except msgspec.DecodeError:
+                return self._receive_peeked(data, addr)
+            node = self.coord.cluster.node(body.node_id)
+            keys = self._keys_for(body.node_id, node)
+            if b"" in keys:
+                return self._receive_peeked(data, addr)
+            for key in keys:
+                if untagged(data, key) is not None:
+                    return self._apply(body, node, key, addr)
+            if node is not None and (node.udp_key or node.revoked or node.reenrol_address):
+                self._reject(node.node_id, addr)
+            return "bad_tag"
+        return self._receive_peeked(data, addr)
+
+    def _receive_peeked(self, data: bytes, addr: Any) -> str:
         node_id = peek_node_id(data)
         node = self.coord.cluster.node(node_id) if node_id else None
         payload: bytes | memoryview | None = None
@@ -159,8 +182,6 @@ class UdpHeartbeats:
             if node is not None and (node.udp_key or node.revoked or node.reenrol_address):
                 self._reject(node.node_id, addr)
             return "bad_tag"
-        proven = (node is not None and bool(node.previous_hash) and bool(node.udp_key)
-                  and key == bytes.fromhex(node.udp_key))
         try:
             if data[0] == _JSON_START:
                 body = self._json.decode(payload)
@@ -168,6 +189,14 @@ class UdpHeartbeats:
                 body = self._msgpack.decode(payload)
         except msgspec.DecodeError:  # also every constraint HeartbeatBody sets
             return "malformed"
+        return self._apply(body, node, key, addr)
+
+    def _apply(self, body: HeartbeatBody, node: NodeState | None, key: bytes,
+               addr: Any) -> str:
+        """A heartbeat whose tag was good under ``key`` (the key of ``node``, the node it
+        names, when the coordinator knows it)."""
+        proven = (node is not None and bool(node.previous_hash) and bool(node.udp_key)
+                  and key == bytes.fromhex(node.udp_key))
         coord = self.coord
         if body.node_id not in coord.cluster.nodes:
             self._reply_unknown(body, addr, key)

@@ -334,6 +334,9 @@ class Cluster:
         out = Outcome()
         now = result.at
         report = result.report
+        if (report is not None and result.ok and result.source == "push"
+                and self._routine_push(node, report, now)):
+            return out
         if result.ok and report is not None:
             if self.is_stale(node, report):
                 if result.source == "push":
@@ -357,6 +360,39 @@ class Cluster:
         if out.events:
             self._update_guard(out, now)
         return out
+
+    def _routine_push(self, node: NodeState, report: Report, now: float) -> bool:
+        """The steady state of a pushing fleet: a healthy node's next heartbeat in the same
+        incarnation, with the status and reasons it had, nothing open (drain, outlier).
+        Updates exactly what the full path would (the report's fields, the arrival, the
+        evidence, the success streak; the node touched, not changed) without the branches
+        that cannot fire, and says whether it did; anything else takes the full path. Its
+        equivalence with the full path is pinned in tests/detect/test_cluster.py."""
+        if (node.health is not Health.HEALTHY or report.incarnation != node.incarnation
+                or report.seq <= node.seq or report.status is not node.node_status
+                or node.drain is not None or node.outlier is not None
+                or node.admin is not Admin.ACTIVE or node.cleaned_up):
+            return False
+        reasons = report.reasons
+        if len(reasons) != len(node.reasons) or (reasons and list(reasons) != node.reasons):
+            return False
+        node_id = node.node_id
+        if self.arrivals is not None:
+            self.arrivals.note(node_id, now)
+        if report.samples >= 0:
+            self.review.unobserved_run(node, report)  # records the count; None while healthy
+        node.seq = report.seq
+        node.last_ts = report.ts
+        node.system = report.system
+        node.load = report.load
+        self.outliers.note_report(node_id, report.load, now)
+        node.last_seen = now
+        node.consecutive_failures = 0
+        node.consecutive_successes += 1
+        self.failures.clear(node_id)
+        self.peers.forget(node_id)
+        self.dirty.touched(node_id)
+        return True
 
     def _apply_report(self, out: Outcome, node: NodeState, report: Report, now: float) -> None:
         if report.samples >= 0:
