@@ -34,7 +34,7 @@ class LatenessStats:
     most recent ``capacity`` samples, which is what a p99 over "recently" needs.
     """
 
-    __slots__ = ("_samples", "_capacity", "_next", "count", "total", "max")
+    __slots__ = ("_samples", "_capacity", "_next", "count", "total", "max", "_sorted")
 
     def __init__(self, capacity: int = 65536) -> None:
         if capacity < 1:
@@ -45,6 +45,7 @@ class LatenessStats:
         self.count = 0
         self.total = 0.0
         self.max = 0.0
+        self._sorted: tuple[int, list[float]] = (-1, [])  # (count when sorted, the samples)
 
     def record(self, lateness: float) -> None:
         """Record one sample; early starts (negative lateness) count as zero."""
@@ -70,13 +71,18 @@ class LatenessStats:
             raise ValueError("q must be between 0 and 100")
         if not self._samples:
             return 0.0
-        ordered = sorted(self._samples)
+        # Sorted once per new sample count: /healthz asks for p50 and p99 together, and a
+        # sort of the full ring (65,536) held the loop for tens of ms each time.
+        if self._sorted[0] != self.count:
+            self._sorted = (self.count, sorted(self._samples))
+        ordered = self._sorted[1]
         rank = max(1, math.ceil(q / 100.0 * len(ordered)))
         return ordered[rank - 1]
 
     def reset(self) -> None:
         """Forget every sample (a benchmark resets after its warm-up)."""
         self._samples.clear()
+        self._sorted = (-1, [])
         self._next = 0
         self.count = 0
         self.total = 0.0
