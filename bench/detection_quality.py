@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from nodewatch.collect.agent import UDP_CONFIRM_INTERVAL
 from nodewatch.config import parse_duration
 from nodewatch.detect.policy import Policy
-from nodewatch.detect.simulate import SCENARIOS, SimSettings, simulate
+from nodewatch.detect.simulate import COORDINATOR_SCENARIOS, SCENARIOS, SimSettings, simulate
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,8 @@ def main() -> None:
     args = parser.parse_args()
     duration = float(parse_duration(args.duration))
     wanted = set(args.profiles.split(","))
-    runs = [(s, None) for s in SCENARIOS] + [("partition", 0.6)]
+    # One coordinator's detection; the coordinators' scenarios have `nodewatch simulate`.
+    runs = [(s, None) for s in SCENARIOS if s not in COORDINATOR_SCENARIOS] + [("partition", 0.6)]
     print(f"{args.nodes} nodes x {duration:g}s simulated per run; CPU model: "
           f"{args.cpu_per_poll_us:g} us/poll, {args.cpu_per_heartbeat_us:g} us/HTTP heartbeat, "
           f"{args.cpu_per_udp_heartbeat_us:g} us/UDP heartbeat")
