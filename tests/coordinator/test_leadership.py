@@ -14,10 +14,8 @@ expected, never fixed sleeps.
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,11 +23,10 @@ import pytest
 from nodewatch.config import Config, load_config
 from nodewatch.coordinator.leadership import Leadership
 from nodewatch.coordinator.service import Coordinator, NotLeader
-from nodewatch.detect.outcome import ActionRequest
 from nodewatch.model import Event, FailureClass, Health
 from nodewatch.store.etcd import EtcdStore
 from nodewatch.testing import EtcdCluster, FakeProbe, free_port
-from tests.helpers import require_binary
+from tests.coordinator.support import RecordingActions, eventually
 from tests.relay import Relay
 
 TTL = 1.0
@@ -38,26 +35,6 @@ NODES = ("n1", "n2", "n3")
 UNCONFIRMED = "leader (unconfirmed)"
 
 pytestmark = pytest.mark.slow
-
-
-class RecordingActions:
-    """Every action the coordinator hands on (an action 'runs' when it is submitted)."""
-
-    def __init__(self) -> None:
-        self.submitted: list[str] = []
-
-    def submit(self, request: ActionRequest, event: Event | None) -> None:
-        self.submitted.append(f"{request.kind}:{request.node_id}")
-
-    async def aclose(self) -> None:
-        return None
-
-
-@pytest.fixture()
-def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
-    binary = require_binary("etcd")
-    with EtcdCluster(tmp_path / "etcd", binary=binary) as cluster:
-        yield cluster
 
 
 def config(tmp_path: Path, listen: str) -> Config:
@@ -94,15 +71,6 @@ def coordinator(tmp_path: Path, endpoint: str, prefix: str,
     coord = Coordinator(config(tmp_path, listen), store, probe=probe, actions=sink,
                         leadership=Leadership(store, listen, ttl=TTL))
     return coord, probe, sink
-
-
-async def eventually(condition: Callable[[], object], within: float,
-                     message: str) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {message}")
-        await asyncio.sleep(0.02)
 
 
 def health(coord: Coordinator, node_id: str) -> Health | None:

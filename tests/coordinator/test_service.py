@@ -21,6 +21,7 @@ from nodewatch.model import (
 )
 from nodewatch.store.open import open_store
 from nodewatch.testing import FakeClock, FakeProbe
+from tests.coordinator.support import RecordingActions
 
 
 async def make(tmp_path: Path) -> Coordinator:
@@ -107,19 +108,6 @@ async def test_stop_writes_routine_observations(tmp_path: Path) -> None:
         assert stored is not None and stored.seq == 7
     finally:
         await store.close()
-
-
-class RecordingActions:
-    """An ActionSink that records what it was handed, and what the store held at that time."""
-
-    def __init__(self) -> None:
-        self.submitted: list[str] = []
-
-    def submit(self, request: ActionRequest, event: Event | None) -> None:
-        self.submitted.append(f"{request.kind}:{request.node_id}")
-
-    async def aclose(self) -> None:
-        return None
 
 
 async def test_actions_run_only_after_their_transition_is_stored(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,11 @@ from nodewatch.api.metrics import CoordinatorMetrics
 from nodewatch.config import Config, load_config
 from nodewatch.coordinator.service import Coordinator, NotOwner
 from nodewatch.coordinator.shares import ShareKeeper
-from nodewatch.detect.outcome import ActionRequest
 from nodewatch.detect.shares import SHARES, Assignment
-from nodewatch.model import Event, FailureClass, Health
+from nodewatch.model import FailureClass, Health
 from nodewatch.store.etcd import EtcdStore
 from nodewatch.testing import EtcdCluster, FakeProbe, free_port
-from tests.helpers import require_binary
+from tests.coordinator.support import RecordingActions, eventually
 from tests.relay import Relay
 
 TTL = 1.0
@@ -34,24 +32,6 @@ BOUND = 10 * TTL + 10
 NODES = tuple(f"n{i}" for i in range(1, 9))
 
 pytestmark = pytest.mark.slow
-
-
-class RecordingActions:
-    def __init__(self) -> None:
-        self.submitted: list[str] = []
-
-    def submit(self, request: ActionRequest, event: Event | None) -> None:
-        self.submitted.append(f"{request.kind}:{request.node_id}")
-
-    async def aclose(self) -> None:
-        return None
-
-
-@pytest.fixture()
-def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
-    binary = require_binary("etcd")
-    with EtcdCluster(tmp_path / "etcd", binary=binary) as cluster:
-        yield cluster
 
 
 def config(tmp_path: Path, listen: str) -> Config:
@@ -91,14 +71,6 @@ def coordinator(tmp_path: Path, endpoint: str, prefix: str,
     coord = Coordinator(cfg, store, probe=probe, actions=sink,
                         sharing=ShareKeeper(store, cfg.coordinator.url, ttl=TTL))
     return coord, probe, sink
-
-
-async def eventually(condition: Callable[[], object], within: float, message: str) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {message}")
-        await asyncio.sleep(0.02)
 
 
 def settled(*coords: Coordinator) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,8 @@ import pytest
 from nodewatch.cli.processes import LocalCluster, http_json
 from nodewatch.store.open import open_store
 from nodewatch.testing import EtcdCluster
-from tests.helpers import free_port, require_binary, wait_until
+from tests.e2e.support import action_lines, healthz
+from tests.helpers import free_port, wait_until
 
 LEADER_TTL = 2.0
 CONFIG = """
@@ -56,18 +56,6 @@ command = ["sh", "-c", "echo {{node_id}} {{event}} >> {actions}"]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    binary = require_binary("etcd")
-    with EtcdCluster(tmp_path_factory.mktemp("etcd-ha"), binary=binary) as cluster:
-        yield cluster
-
-
-def healthz(c: LocalCluster) -> dict[str, Any]:
-    status, body = http_json(f"{c.url}/healthz")
-    return body if status == 200 and isinstance(body, dict) else {}
-
-
 def health_of(c: LocalCluster, node_id: str) -> str:
     node = c.node(node_id)
     return str(node["health"]) if node else "?"
@@ -86,10 +74,6 @@ def stored_actions_due(url: str, node_id: str) -> list[Any]:
             await store.close()
 
     return asyncio.run(read())
-
-
-def action_lines(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
 
 
 def test_follower_takes_over_within_one_lease_and_repeats_no_action(

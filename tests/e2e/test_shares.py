@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,8 @@ import pytest
 from nodewatch.cli.processes import LocalCluster, http_json
 from nodewatch.detect.shares import SHARES, Assignment
 from nodewatch.testing import EtcdCluster
-from tests.helpers import free_port, require_binary, wait_until
+from tests.e2e.support import action_lines, healthz
+from tests.helpers import free_port, wait_until
 
 LEADER_TTL = 2.0
 HEALTHY_INTERVAL = 2.0
@@ -61,21 +61,6 @@ command = ["sh", "-c", "echo {{node_id}} {{event}} >> {actions}"]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    binary = require_binary("etcd")
-    with EtcdCluster(tmp_path_factory.mktemp("etcd-shares"), binary=binary) as cluster:
-        yield cluster
-
-
-def healthz(c: LocalCluster) -> dict[str, Any]:
-    try:
-        status, body = http_json(f"{c.url}/healthz")
-    except OSError:
-        return {}
-    return body if status == 200 and isinstance(body, dict) else {}
-
-
 def shares_of(c: LocalCluster) -> dict[str, Any]:
     return dict(healthz(c).get("shares") or {})
 
@@ -94,10 +79,6 @@ def settled(coords: list[LocalCluster]) -> bool:
 
 def polled(c: LocalCluster) -> int:
     return int((healthz(c).get("poller") or {}).get("nodes", -1))
-
-
-def action_lines(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
 
 
 def unhealthy_events(c: LocalCluster) -> list[str]:
