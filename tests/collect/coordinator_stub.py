@@ -22,9 +22,13 @@ class RecordingCoordinator:
         self.heartbeat_phase = heartbeat_phase
         self.forget_next_heartbeat = False
         self.owner = ""  # as a shared coordinator: the URL it names as the node's owner
+        self.redirect = False  # answer a registration with 307 to the owner (client certs)
         self._runner: web.AppRunner | None = None
 
     async def _register(self, request: web.Request) -> web.Response:
+        if self.redirect:
+            return web.Response(status=307, headers={"Location": f"{self.owner}/v1/register",
+                                                     OWNER_HEADER: self.owner})
         body = await request.json()
         self.auth.append(request.headers.get("Authorization", ""))
         self.registrations.append(body)

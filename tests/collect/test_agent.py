@@ -355,3 +355,19 @@ def test_coordinator_urls_come_as_a_list_or_comma_separated() -> None:
     assert coordinator_urls("http://a:1, http://b:2/") == ["http://a:1", "http://b:2"]
     assert coordinator_urls(["http://a:1", "https://b:2"]) == ["http://a:1", "https://b:2"]
     assert coordinator_urls("") == []
+
+
+async def test_a_redirect_to_the_owner_is_followed_only_to_a_configured_coordinator(
+        make_agent: AgentFactory) -> None:
+    front = await RecordingCoordinator(heartbeat_interval=0.05).start()
+    owner = await RecordingCoordinator(heartbeat_interval=0.05).start()
+    front.owner, front.redirect = owner.url, True  # what a shared coordinator does with mTLS
+    try:
+        agent = await make_agent(coordinator=f"{front.url},{owner.url}")
+        await asyncio.wait_for(agent.registered.wait(), 10)
+        assert front.registrations == [] and len(owner.registrations) == 1
+        await async_wait_until(lambda: asyncio.sleep(0, len(owner.heartbeats) >= 2),
+                               message="heartbeats go to the owner")
+    finally:
+        await front.stop()
+        await owner.stop()

@@ -122,6 +122,10 @@ async def _forward(request: web.Request, owner: str) -> web.StreamResponse:
     if coord.config.coordinator.tls_client_ca:
         redirect = web.Response(status=307, headers={"Location": target, OWNER_HEADER: owner})
         return redirect
+    if request.secure and not target.startswith("https://"):
+        # The agent's credential and token came over TLS: never on to a plain http owner.
+        return error_response(503, f"the node's coordinator is {owner}, not https: not "
+                                   "forwarded (set its advertise_url to an https:// URL)")
     headers = {k: request.headers[k] for k in _FORWARDED_REQUEST if k in request.headers}
     headers[FORWARDED_HEADER] = _source(request)
     body = request.get(RAW_BODY)
@@ -132,8 +136,15 @@ async def _forward(request: web.Request, owner: str) -> web.StreamResponse:
         async with request.app[FORWARD_SESSION_KEY].request(
                 request.method, target, data=body, headers=headers, timeout=timeout,
                 allow_redirects=False) as answer:
-            data = await answer.content.read(FORWARD_BODY_CAP)
-            out = web.Response(status=answer.status, body=data)
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in answer.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > FORWARD_BODY_CAP:
+                    return error_response(502, f"the answer of the node's coordinator {owner} "
+                                               f"is over {FORWARD_BODY_CAP} bytes")
+                chunks.append(chunk)
+            out = web.Response(status=answer.status, body=b"".join(chunks))
             for key in _FORWARDED_ANSWER:
                 if key in answer.headers:
                     out.headers[key] = answer.headers[key]

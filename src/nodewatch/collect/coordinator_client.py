@@ -31,7 +31,7 @@ from nodewatch.protocol import (
 )
 from nodewatch.tls import TlsFailure, explain_tls_failure, probe_handshake
 
-__all__ = ["CoordinatorClient", "HeartbeatOutcome", "RegistrationRejected",
+__all__ = ["CoordinatorClient", "HeartbeatOutcome", "Redirected", "RegistrationRejected",
            "RegistrationThrottled", "UdpHeartbeatSender", "retry_after_seconds"]
 
 log = logging.getLogger("nodewatch.agent")
@@ -46,6 +46,10 @@ _answer_decoder = msgspec.json.Decoder(RegisterAnswer)
 class RegistrationRejected(Exception):
     """The coordinator answered with a 4xx other than a passing problem: retrying won't help
     until something changes, so retry slowly."""
+
+
+class Redirected(Exception):
+    """A shared coordinator named the node's owner: register there at once."""
 
 
 class RegistrationThrottled(Exception):
@@ -150,7 +154,15 @@ class CoordinatorClient:
         """One attempt; raises on any failure (the caller retries)."""
         async with self._session().post(f"{self.url}/v1/register", data=_encoder.encode(payload),
                                         headers=self._headers, timeout=self._timeout,
-                                        ssl=self._ssl) as response:
+                                        ssl=self._ssl, allow_redirects=False) as response:
+            if response.status in (307, 308):
+                # A shared coordinator sends a node with a client certificate to its owner;
+                # followed only to a configured coordinator (the credential goes nowhere else).
+                owner = response.headers.get(OWNER_HEADER, "")
+                if self.follow(owner):
+                    raise Redirected(owner)
+                raise RegistrationRejected(f"coordinator sent this node to {owner or '?'}, "
+                                           "which is not one of [agent] coordinator")
             body = await response.content.read(1 << 20)
             if response.status == 429:
                 raise RegistrationThrottled(
@@ -175,10 +187,16 @@ class CoordinatorClient:
         delay = first_delay
         attempt = 0
         throttled = 0
+        redirects = 0
         while True:
             attempt += 1
             try:
                 return await self.register(payload())
+            except Redirected as exc:
+                log.info("registering with the node's coordinator %s", exc)
+                redirects += 1
+                if redirects <= len(self.urls):
+                    continue  # at once; sent round in circles, back off like a failure
             except RegistrationThrottled as exc:
                 throttled += 1
                 if throttled == 1 or throttled % 10 == 0:
@@ -226,7 +244,7 @@ class CoordinatorClient:
             async with self._session().post(f"{self.url}/v1/heartbeat",
                                             data=_encoder.encode(payload), headers=self._headers,
                                             timeout=client_timeout or self._timeout,
-                                            ssl=self._ssl) as response:
+                                            ssl=self._ssl, allow_redirects=False) as response:
                 detail = "" if response.status < 300 else (await response.content.read(300)
                                                              ).decode(errors="replace")
                 return HeartbeatOutcome(response.status, detail,
