@@ -452,24 +452,34 @@ def run_fleet(args: argparse.Namespace, free_port: Any) -> dict[str, Any]:
             https.append(http)
             udps.append(udp)
         urls = [f"http://{h}" for h in https]
+        # The fleet pushes from the start, as running agents do when a coordinator starts:
+        # a coordinator that had to poll 100,000 unknown nodes every unhealthy_interval
+        # before any push arrived would measure its own start, not the steady state.
+        send = role("sender", args, udp=",".join(udps), http=",".join(https),
+                    victims=tmp / "victims.json", owners=tmp / "owners.json")
         deadline = time.monotonic() + 120
-        for proc, url, j in zip(procs, urls, range(k), strict=True):
-            while True:
+        up: set[int] = set()
+        while len(up) < k:
+            for j, (proc, url) in enumerate(zip(procs, urls, strict=True)):
                 if proc.poll() is not None:
-                    raise SystemExit(f"coordinator {j} exited:\n"
+                    raise SystemExit(f"coordinator {j} exited ({proc.returncode}):\n"
                                      + (tmp / f"c{j}.log").read_text()[-3000:])
+                if j in up:
+                    continue
                 try:
                     scrape(url)
-                    break
+                    up.add(j)
                 except OSError:
                     if time.monotonic() > deadline:
                         raise SystemExit("coordinator not up within 120 s") from None
-                    time.sleep(0.5)
-        send = role("sender", args, udp=",".join(udps), http=",".join(https),
-                    victims=tmp / "victims.json", owners=tmp / "owners.json")
+            time.sleep(0.5)
         started = time.monotonic()
         healthy = 0.0
         while time.monotonic() - started < args.settle_max:
+            for j, proc in enumerate(procs):
+                if proc.poll() is not None:
+                    raise SystemExit(f"coordinator {j} exited ({proc.returncode}):\n"
+                                     + (tmp / f"c{j}.log").read_text()[-3000:])
             try:
                 healthy = sum(summary(url)["health"]["healthy"] for url in urls)
             except OSError:  # busy starting up: 100,000 first events are written

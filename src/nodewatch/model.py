@@ -5,13 +5,15 @@ Plain slotted dataclasses and enums: the core never sees raw dicts or HTTP objec
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 __all__ = ["ActionDue", "Admin", "CallerObservation", "CheckResult", "DrainBy", "DrainState",
            "Event", "FailureClass", "Health", "HistorySample", "NodeState", "NodeStatus",
-           "OutlierState", "PeerVote", "Registration", "Report", "event_id", "event_number"]
+           "OutlierState", "PeerVote", "Registration", "Report", "ReportFields", "event_id",
+           "event_number"]
 
 
 class Health(StrEnum):
@@ -68,6 +70,30 @@ class Report:
     load: dict[str, float] = field(default_factory=dict)
     sample_interval: float = 0.0  # 0: the node does not say
     samples: int = -1  # samples taken this incarnation; -1: the node does not say
+
+
+class ReportFields(Protocol):
+    """What the core reads of a self-report: a ``Report``, or a pushed heartbeat's decoded
+    body as it came (the UDP edge's routine path does not build a ``Report`` per datagram)."""
+
+    @property
+    def incarnation(self) -> int: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def ts(self) -> float: ...
+    @property
+    def status(self) -> NodeStatus: ...
+    @property
+    def reasons(self) -> Sequence[str]: ...
+    @property
+    def system(self) -> dict[str, float]: ...
+    @property
+    def load(self) -> dict[str, float]: ...
+    @property
+    def sample_interval(self) -> float: ...
+    @property
+    def samples(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)

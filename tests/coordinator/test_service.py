@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from nodewatch.model import (
     Event,
     FailureClass,
     Health,
+    NodeStatus,
     Registration,
     Report,
 )
@@ -51,6 +53,46 @@ async def test_history_gets_one_point_per_agent_sample_not_per_heartbeat(tmp_pat
         assert [s.seq for s in history] == [1, 4, 6]
     finally:
         await coord.stop()
+
+
+async def test_a_routine_heartbeat_from_its_body_changes_what_the_full_path_changes(
+        tmp_path: Path) -> None:
+    """The UDP edge's path (``routine_heartbeat`` straight from the decoded body) against
+    ``heartbeat(push_result(body))``: the same node, history points, dirty set and next poll;
+    and it declines (changing nothing) whatever is not routine."""
+    from nodewatch.api.udp import push_result
+    from nodewatch.protocol import HeartbeatBody
+
+    fast, full = await make(tmp_path / "fast"), await make(tmp_path / "full")
+    full.cluster.nodes["n1"].registered_at = fast.cluster.nodes["n1"].registered_at
+    try:
+        script = [(1, 1, "ok", []), (2, 1, "ok", []), (3, 2, "ok", []), (3, 2, "ok", []),
+                  (4, 2, "degraded", ["disk"]), (5, 3, "degraded", ["disk"]), (6, 3, "ok", [])]
+        taken = []
+        for seq, samples, status, reasons in script:
+            at = time.time()
+            body = HeartbeatBody(node_id="n1", incarnation=1, seq=seq, ts=at,
+                                 status=NodeStatus(status), reasons=reasons,
+                                 system={"cpu_percent": float(seq)}, load={"qps": 1.0},
+                                 sample_interval=5.0, samples=samples)
+            before = copy.deepcopy(fast.cluster.nodes["n1"])
+            routine = fast.routine_heartbeat(body, at)
+            taken.append(routine)
+            if not routine:
+                assert fast.cluster.nodes["n1"] == before  # declined: nothing changed
+                fast.heartbeat(push_result(body, at))
+            full.heartbeat(push_result(body, at))
+            assert fast.cluster.nodes["n1"] == full.cluster.nodes["n1"]
+            assert fast.poller._nodes["n1"].deferred == full.poller._nodes["n1"].deferred
+            assert fast.cluster.take_dirty() == full.cluster.take_dirty()
+        # The first push makes the node healthy, a replay is stale, a new status is an event.
+        assert taken == [False, True, True, False, False, True, False]
+        assert fast.pushes == full.pushes
+        assert [(h.seq, h.system, h.health) for h in fast._pending_samples] == \
+            [(h.seq, h.system, h.health) for h in full._pending_samples]
+    finally:
+        await fast.stop()
+        await full.stop()
 
 
 async def test_routine_observations_wait_for_the_full_write_transitions_do_not(

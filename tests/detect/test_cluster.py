@@ -133,7 +133,7 @@ def pair(suspicion: str = "fixed") -> tuple[Cluster, Cluster]:
     policy = Policy(suspicion=suspicion, rise=1)
     fast = Cluster(policy, now=0.0, nodes=[state("a", Health.UNKNOWN)])
     full = Cluster(policy, now=0.0, nodes=[state("a", Health.UNKNOWN)])
-    full._routine_push = lambda node, report, now: False  # type: ignore[method-assign]
+    full.routine_push = lambda node, report, now: False  # type: ignore[method-assign]
     return fast, full
 
 
@@ -156,13 +156,13 @@ def test_a_routine_push_changes_exactly_what_the_full_path_changes(suspicion: st
         push("a", 25.5, 2, incarnation=2),
     ]
     taken: list[bool] = []
-    routine = clusters[0]._routine_push
+    routine = clusters[0].routine_push
 
     def counted(node: NodeState, report: Report, now: float) -> bool:
         taken.append(routine(node, report, now))
         return taken[-1]
 
-    clusters[0]._routine_push = counted  # type: ignore[method-assign]
+    clusters[0].routine_push = counted  # type: ignore[method-assign]
     for result in script:
         kinds = feed(clusters, result)
         assert kinds[0] == kinds[1], result
@@ -174,7 +174,7 @@ def test_a_routine_push_changes_exactly_what_the_full_path_changes(suspicion: st
     assert taken.count(True) == 4  # the routine pushes of the script, and only those
 
 
-def test_a_routine_push_is_stale_when_its_seq_is_not_newer() -> None:
+def test_aroutine_push_is_stale_when_its_seq_is_not_newer() -> None:
     cluster = Cluster(Policy(rise=1), now=0.0, nodes=[state("a", Health.UNKNOWN)])
     cluster.observe(push("a", 1.0, 5))
     assert cluster.observe(push("a", 2.0, 5)).stale

@@ -86,7 +86,11 @@ class UdpHeartbeats:
         # tagged with the key its heartbeat was.
         tokens = (token,) if isinstance(token, str) else tuple(token)
         self._keys = tuple(heartbeat_key(t) for t in tokens if t) or (b"",)
+        self._token_keys = list(self._keys)  # handed out, never changed
         self._last_keys: dict[str, bytes] = {}  # node id -> its key, for forgotten nodes
+        # node id -> (udp_key, previous_udp_key, their bytes): the keys decoded once per
+        # credential, not once per datagram.
+        self._node_keys: dict[str, tuple[str, str, list[bytes]]] = {}
         self._msgpack = msgspec.msgpack.Decoder(HeartbeatBody)
         self._json = msgspec.json.Decoder(HeartbeatBody)
         self._loop.add_reader(self._fd, self._readable)
@@ -198,10 +202,14 @@ class UdpHeartbeats:
         proven = (node is not None and bool(node.previous_hash) and bool(node.udp_key)
                   and key == bytes.fromhex(node.udp_key))
         coord = self.coord
-        if body.node_id not in coord.cluster.nodes:
+        if node is None:  # looked up just now, on this loop turn
             self._reply_unknown(body, addr, key)
             return "unknown"
         try:
+            if coord.routine_heartbeat(body, coord.clock()):
+                if proven:
+                    coord.cluster.credential_proven(body.node_id)
+                return "ok"
             outcome = coord.heartbeat(push_result(body, coord.clock()))
         except UnknownNode:
             self._reply_unknown(body, addr, key)
@@ -225,13 +233,19 @@ class UdpHeartbeats:
         still hears the tagged "unknown node" reply."""
         if node is None:
             last = self._last_keys.get(node_id or "")
-            return list(self._keys) if last is None else [*self._keys, last]
+            return self._token_keys if last is None else [*self._keys, last]
         if not (node.udp_key or node.revoked or node.reenrol_address):
-            return list(self._keys)
+            return self._token_keys
+        cached = self._node_keys.get(node.node_id)
+        if cached is not None and cached[0] is node.udp_key and cached[1] is node.previous_udp_key:
+            return cached[2]  # the same credential as last time: no hex decoding per datagram
         keys = [bytes.fromhex(k) for k in (node.udp_key, node.previous_udp_key) if k]
+        if len(self._node_keys) >= MAX_REMEMBERED_KEYS:
+            self._node_keys.clear()  # a bound, not a cache policy: rarely reached
+        self._node_keys[node.node_id] = (node.udp_key, node.previous_udp_key, keys)
         if keys:
             if len(self._last_keys) >= MAX_REMEMBERED_KEYS:
-                self._last_keys.clear()  # a bound, not a cache policy: rarely reached
+                self._last_keys.clear()
             self._last_keys[node.node_id] = keys[0]
         return keys
 

@@ -42,6 +42,7 @@ from nodewatch.model import (
     RegisterDecision,
     Registration,
     Report,
+    ReportFields,
 )
 
 __all__ = ["Cluster"]
@@ -281,6 +282,14 @@ class Cluster:
         before = self.table.set_health(node, health)
         self.guard.note_health(node.node_id, before, health)
 
+    def push_deadline(self, node: NodeState) -> float:
+        """``poll_deadline`` of a healthy node already in hand (the routine push path)."""
+        if self.arrivals is not None:
+            allowed = self.arrivals.allowed_silence(node.node_id)
+            if allowed is not None:
+                return min(allowed, self.policy.healthy_interval)
+        return self.policy.healthy_interval
+
     def poll_deadline(self, node_id: str) -> float:
         """How long an accepted push puts off the node's next poll: its current interval,
         unjittered (the pushes are already spread by their assigned phases). With
@@ -335,7 +344,7 @@ class Cluster:
         now = result.at
         report = result.report
         if (report is not None and result.ok and result.source == "push"
-                and self._routine_push(node, report, now)):
+                and self.routine_push(node, report, now)):
             return out
         if result.ok and report is not None:
             if self.is_stale(node, report):
@@ -361,13 +370,14 @@ class Cluster:
             self._update_guard(out, now)
         return out
 
-    def _routine_push(self, node: NodeState, report: Report, now: float) -> bool:
+    def routine_push(self, node: NodeState, report: ReportFields, now: float) -> bool:
         """The steady state of a pushing fleet: a healthy node's next heartbeat in the same
         incarnation, with the status and reasons it had, nothing open (drain, outlier).
         Updates exactly what the full path would (the report's fields, the arrival, the
         evidence, the success streak; the node touched, not changed) without the branches
         that cannot fire, and says whether it did; anything else takes the full path. Its
-        equivalence with the full path is pinned in tests/detect/test_cluster.py."""
+        equivalence with the full path is pinned in tests/detect/test_cluster.py. ``report``
+        may be the heartbeat's decoded body itself (the UDP edge builds no Report for it)."""
         if (node.health is not Health.HEALTHY or report.incarnation != node.incarnation
                 or report.seq <= node.seq or report.status is not node.node_status
                 or node.drain is not None or node.outlier is not None
@@ -380,7 +390,7 @@ class Cluster:
         if self.arrivals is not None:
             self.arrivals.note(node_id, now)
         if report.samples >= 0:
-            self.review.unobserved_run(node, report)  # records the count; None while healthy
+            self.review.note_samples(node_id, report.incarnation, report.samples)
         node.seq = report.seq
         node.last_ts = report.ts
         node.system = report.system

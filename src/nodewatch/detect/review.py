@@ -6,7 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 from nodewatch.detect.policy import Policy
-from nodewatch.model import Admin, Health, NodeState, RegisterDecision, Registration, Report
+from nodewatch.model import (
+    Admin,
+    Health,
+    NodeState,
+    RegisterDecision,
+    Registration,
+    Report,
+    ReportFields,
+)
 
 __all__ = ["REJOIN_MEMORY", "Review"]
 
@@ -43,8 +51,13 @@ class Review:
         if prior is not None and reg.incarnation == node.incarnation > prior[0]:
             node.incarnation, node.seq, node.last_ts = prior
 
+    def note_samples(self, node_id: str, incarnation: int, samples: int) -> None:
+        """A healthy node's sample count (what ``unobserved_run`` records and judges nothing
+        by while the node is up): the routine push path's share of it."""
+        self._samples_seen[node_id] = (incarnation, samples)
+
     def unobserved_run(self, node: NodeState,
-                       report: Report) -> tuple[str, dict[str, Any]] | None:
+                       report: ReportFields) -> tuple[str, dict[str, Any]] | None:
         """A node confirmed down that answers again in the same incarnation: if it took more
         samples meanwhile than fit in one detection window, it kept running while unreachable
         (a partition, not a crash or a freeze) and needs a human before it takes work.
