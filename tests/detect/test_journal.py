@@ -58,6 +58,25 @@ def test_revisions_tell_what_changed_and_what_was_removed_since_a_revision() -> 
     assert revisions.since(revisions.revision + 1) is None  # not a revision of this counter
 
 
+def test_material_readers_pass_over_routine_pushes_but_never_a_change_before_one() -> None:
+    revisions = Revisions("e1")
+    for node_id in ("a", "b", "c"):
+        revisions.note(node_id)
+    start = revisions.revision
+    revisions.note("a", routine=True)  # only pushes since start: nothing material
+    revisions.note("b")
+    revisions.note("b", routine=True)  # a change, then a push: the change still counts
+    revisions.drop("c")
+    assert revisions.since(start) == (["b", "a"], ["c"])
+    assert revisions.material_since(start) == (["b"], ["c"])
+    assert revisions.material_since(revisions.revision) == ([], [])
+    assert revisions.material_since(revisions.revision + 1) is None
+    dirty = DirtyNodes()
+    dirty.pushed("n1")
+    assert dirty.take() == {"n1"}  # written with the routine refresh like any touch
+    assert dirty.revisions.material_since(0) == ([], [])
+
+
 def test_revisions_forget_old_removals_and_send_older_readers_to_a_full_read() -> None:
     revisions = Revisions("e1", max_removed=2)
     for node_id in ("a", "b", "c"):

@@ -208,7 +208,7 @@ class FleetSummary:
             return now
         found = None
         if self._at is not None and self._at.epoch == now.epoch:
-            found = cluster.revisions.since(self._at.number)
+            found = cluster.revisions.material_since(self._at.number)
         if found is None:
             self._reset()
             changed: Iterable[str] = list(cluster.nodes)

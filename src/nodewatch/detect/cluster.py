@@ -401,7 +401,7 @@ class Cluster:
         node.consecutive_successes += 1
         self.failures.clear(node_id)
         self.peers.forget(node_id)
-        self.dirty.touched(node_id)
+        self.dirty.pushed(node_id)
         return True
 
     def _apply_report(self, out: Outcome, node: NodeState, report: Report, now: float) -> None:

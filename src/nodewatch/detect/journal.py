@@ -99,6 +99,13 @@ class DirtyNodes:
         self._routine.add(node_id)
         self.revisions.note(node_id)
 
+    def pushed(self, node_id: str) -> None:
+        """``touched`` by a routine push (``Cluster.routine_push``), which by its conditions
+        changes no health, status, admin, drain, outlier or label: readers of those alone
+        (the fleet summary) may pass over it."""
+        self._routine.add(node_id)
+        self.revisions.note(node_id, routine=True)
+
     def take(self, routine: bool = True) -> set[str]:
         dirty, self._changed = self._changed, set()
         if routine:
@@ -243,8 +250,11 @@ class Revisions:
         self.floor = 0  # readers at or below this revision may have missed a removal
         self._latest: dict[str, int] = {}  # node id -> its revision, oldest first
         self._removed: dict[str, int] = {}  # removed ids -> revision, oldest first
+        # node id -> the revision of its last change that was not a routine push
+        self._material: dict[str, int] = {}
 
-    def note(self, node_id: str) -> None:
+    def note(self, node_id: str, routine: bool = False) -> None:
+        """A change of the node; ``routine``: a routine push's (see ``DirtyNodes.pushed``)."""
         if self._members is not None and node_id not in self._members:
             self.drop(node_id)
             return
@@ -253,8 +263,11 @@ class Revisions:
             self.members += 1
         self._removed.pop(node_id, None)
         self._latest[node_id] = self.revision
+        if not routine:
+            self._material[node_id] = self.revision
 
     def drop(self, node_id: str) -> None:
+        self._material.pop(node_id, None)
         if self._latest.pop(node_id, None) is None:
             return
         self.revision += 1
@@ -276,6 +289,17 @@ class Revisions:
         changed = _newer(self._latest, revision)
         removed = _newer(self._removed, revision)
         return changed, removed
+
+    def material_since(self, revision: int) -> tuple[list[str], list[str]] | None:
+        """``since`` without the nodes whose every change after ``revision`` was a routine
+        push: at 100,000 pushing nodes, the fleet summary's counts would otherwise rebuild
+        every node's mark every second to find it unchanged."""
+        found = self.since(revision)
+        if found is None:
+            return None
+        material = self._material
+        changed, removed = found
+        return [i for i in changed if material.get(i, 0) > revision], removed
 
 
 def _newer(revisions: dict[str, int], revision: int) -> list[str]:
