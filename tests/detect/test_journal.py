@@ -162,6 +162,34 @@ def test_a_material_change_is_written_at_once_and_restarts_the_refresh() -> None
     assert refresh.due(refresh.due_after(a, written_at), nodes) == {a}
 
 
+def test_nodes_only_pushed_wait_for_their_refresh_without_a_digest() -> None:
+    clock = FakeClock()
+    digests: list[str] = []
+
+    def counting(node: NodeState) -> int:
+        digests.append(node.node_id)
+        return _digest(node)
+
+    refresh = RoutineRefresh(60.0, counting)
+    nodes = _stored(refresh, 3, clock())
+    a, b, c = sorted(nodes)
+    digests.clear()
+    dirty = DirtyNodes()
+    dirty.pushed(a)
+    dirty.pushed(b)
+    dirty.touched(b)  # touched otherwise too: it may have changed something material
+    dirty.pushed("never-stored")
+    touched, pushed = dirty.take_routine()
+    assert (touched, pushed) == ({b}, {a, "never-stored"})
+    assert dirty.take() == set()
+    nodes["never-stored"] = NodeState("never-stored", "a:1")
+    assert refresh.sort(touched, nodes) == set() and digests == [b]
+    assert refresh.sort(pushed, nodes, pushed=True) == {"never-stored"}  # never stored: now
+    assert digests == [b]  # no digest for a pushed-only node
+    assert refresh.due(refresh.due_after(a, clock()), nodes) >= {a}
+    assert c not in refresh.due(clock() + 500, nodes)
+
+
 def test_a_node_never_stored_is_written_at_once() -> None:
     refresh = RoutineRefresh(60.0, _digest)
     nodes = {"new": NodeState("new", "a:1")}

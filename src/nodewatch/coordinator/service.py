@@ -1522,7 +1522,9 @@ class Coordinator:
         if routine:
             ids |= self.cluster.take_dirty(routine=True) | self._refresh.take_all()
         elif background:
-            ids |= self._refresh.sort(self.cluster.take_dirty(routine=True), known)
+            touched, pushed = self.cluster.take_routine()
+            ids |= self._refresh.sort(touched, known)
+            ids |= self._refresh.sort(pushed, known, pushed=True)
             ids |= self._refresh.due(now, known)
         nodes = [known[i] for i in sorted(ids) if i in known]
         self._refresh.stored(nodes, now)  # the content is taken now (stores encode it now)

@@ -159,6 +159,10 @@ class Cluster:
         """
         return self.dirty.take(routine)
 
+    def take_routine(self) -> tuple[set[str], set[str]]:
+        """The routine part of ``take_dirty``, split as ``DirtyNodes.take_routine``."""
+        return self.dirty.take_routine()
+
     def mark_dirty(self, node_ids: Iterable[str]) -> None:
         """Ask for these nodes to be written again (after a failed or lost write)."""
         self.dirty.mark(node_ids, self.table.nodes)

@@ -87,6 +87,7 @@ class DirtyNodes:
     def __init__(self, changed: Iterable[str] = (), revisions: Revisions | None = None) -> None:
         self._changed: set[str] = set(changed)
         self._routine: set[str] = set()
+        self._pushed: set[str] = set()  # only routine pushes (``pushed``) since the last take
         self.revisions = revisions if revisions is not None else Revisions("")
         for node_id in sorted(self._changed):
             self.revisions.note(node_id)
@@ -102,16 +103,24 @@ class DirtyNodes:
     def pushed(self, node_id: str) -> None:
         """``touched`` by a routine push (``Cluster.routine_push``), which by its conditions
         changes no health, status, admin, drain, outlier or label: readers of those alone
-        (the fleet summary) may pass over it."""
-        self._routine.add(node_id)
+        (the fleet summary) may pass over it, and so may the material digest
+        (``RoutineRefresh.sort``): ``ROUTINE_FIELDS`` are all it changes."""
+        self._pushed.add(node_id)
         self.revisions.note(node_id, routine=True)
 
     def take(self, routine: bool = True) -> set[str]:
         dirty, self._changed = self._changed, set()
         if routine:
-            dirty |= self._routine
-            self._routine = set()
+            dirty |= self._routine | self._pushed
+            self._routine, self._pushed = set(), set()
         return dirty
+
+    def take_routine(self) -> tuple[set[str], set[str]]:
+        """The routine part alone, in two: nodes touched otherwise (which may have changed
+        something material), and nodes only pushed since the last take."""
+        touched, pushed = self._routine, self._pushed - self._routine
+        self._routine, self._pushed = set(), set()
+        return touched, pushed
 
     def mark(self, node_ids: Iterable[str], known: Container[str]) -> None:
         """Write these again (after a failed or lost write), if still ``known``."""
@@ -120,12 +129,14 @@ class DirtyNodes:
     def forget(self, node_id: str) -> None:
         self._changed.discard(node_id)
         self._routine.discard(node_id)
+        self._pushed.discard(node_id)
         self.revisions.drop(node_id)
 
     def forget_pending(self, node_id: str) -> None:
         """Nothing of this node is to be written (it is another coordinator's mirror)."""
         self._changed.discard(node_id)
         self._routine.discard(node_id)
+        self._pushed.discard(node_id)
 
 
 class RoutineRefresh:
@@ -186,9 +197,12 @@ class RoutineRefresh:
             self._stored[node.node_id] = (slots.pop(node.node_id, now), digest(node))
             self._due.pop(node.node_id, None)
 
-    def sort(self, touched: Iterable[str], nodes: Mapping[str, NodeState]) -> set[str]:
+    def sort(self, touched: Iterable[str], nodes: Mapping[str, NodeState],
+             pushed: bool = False) -> set[str]:
         """Of nodes that saw routine observations, those to write at once (a material change,
-        or never stored by this process); the others wait for their refresh (``due``)."""
+        or never stored by this process); the others wait for their refresh (``due``).
+        ``pushed``: nodes only routine pushes changed since they were stored (every change a
+        ``ROUTINE_FIELDS`` one), so no digest is taken."""
         now_ids: set[str] = set()
         digest = self._digest
         for node_id in touched:
@@ -196,7 +210,7 @@ class RoutineRefresh:
             if node is None:
                 continue
             prior = self._stored.get(node_id)
-            if prior is None or prior[1] != digest(node):
+            if prior is None or (not pushed and prior[1] != digest(node)):
                 now_ids.add(node_id)
             elif node_id not in self._due:
                 due = self.due_after(node_id, prior[0])
