@@ -76,7 +76,7 @@ async def test_a_routine_heartbeat_from_its_body_changes_what_the_full_path_chan
                                  system={"cpu_percent": float(seq)}, load={"qps": 1.0},
                                  sample_interval=5.0, samples=samples)
             before = copy.deepcopy(fast.cluster.nodes["n1"])
-            routine = fast.routine_heartbeat(body, at)
+            routine = fast.routine_heartbeat(fast.cluster.nodes["n1"], body, at)
             taken.append(routine)
             if not routine:
                 assert fast.cluster.nodes["n1"] == before  # declined: nothing changed

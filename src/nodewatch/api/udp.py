@@ -206,7 +206,7 @@ class UdpHeartbeats:
             self._reply_unknown(body, addr, key)
             return "unknown"
         try:
-            if coord.routine_heartbeat(body, coord.clock()):
+            if coord.routine_heartbeat(node, body, coord.clock()):
                 if proven:
                     coord.cluster.credential_proven(body.node_id)
                 return "ok"
