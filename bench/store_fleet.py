@@ -43,7 +43,15 @@ from dataclasses import dataclass, field
 
 from nodewatch.config import Config, load_config
 from nodewatch.coordinator.service import ROUTINE_PERSIST_INTERVAL, Coordinator
-from nodewatch.model import CheckResult, Event, HistorySample, NodeState, Registration, Report
+from nodewatch.model import (
+    CheckResult,
+    Event,
+    HistorySample,
+    NodeState,
+    Registration,
+    Report,
+    SampleChunk,
+)
 from nodewatch.store.codec import (
     encode_event,
     encode_node,
@@ -140,6 +148,10 @@ class CountingStore:
 
     async def last_event_id(self) -> str | None:
         return None
+
+    async def add_chunks(self, chunks: Sequence[SampleChunk]) -> None:
+        """Counted and sized as the samples they hold (each backend's per-sample layout)."""
+        await self.add_samples([s for chunk in chunks for s in chunk.samples()])
 
     async def add_samples(self, samples: Sequence[HistorySample]) -> None:
         if not self.measuring:

@@ -5,6 +5,7 @@ Plain slotted dataclasses and enums: the core never sees raw dicts or HTTP objec
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -12,8 +13,8 @@ from typing import Any, Literal, Protocol
 
 __all__ = ["ActionDue", "Admin", "CallerObservation", "CheckResult", "DrainBy", "DrainState",
            "Event", "FailureClass", "Health", "HistorySample", "NodeState", "NodeStatus",
-           "OutlierState", "PeerVote", "Registration", "Report", "ReportFields", "event_id",
-           "event_number"]
+           "OutlierState", "PeerVote", "Registration", "Report", "ReportFields", "SampleChunk",
+           "event_id", "event_number"]
 
 
 class Health(StrEnum):
@@ -357,4 +358,48 @@ class HistorySample:
         if self.span:
             out["span"] = self.span
             out["peak"] = self.peak
+        return out
+
+
+# A sample's health as one byte in a chunk: the order is the rollup's "worse ranks higher".
+HEALTH_CODES = ("healthy", "unknown", "suspect", "unhealthy", "dead")
+
+
+@dataclass(frozen=True, slots=True)
+class SampleChunk:
+    """Up to a minute of one node's raw samples, column-wise (store/tiers.py ``SampleChunks``):
+    what a pushing fleet's history is written as, one store row per chunk instead of one per
+    sample. ``values`` holds each sample's figures row after row, ``system`` names first, then
+    ``load``; ``health`` one ``HEALTH_CODES`` index per sample. Equal figure names throughout:
+    a new figure starts a new chunk."""
+
+    node_id: str
+    system: tuple[str, ...]
+    load: tuple[str, ...]
+    ts: array[float]
+    seq: array[int]
+    health: bytes
+    values: array[float]
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    @property
+    def last_ts(self) -> float:
+        return max(self.ts)
+
+    @property
+    def last_seq(self) -> int:
+        return self.seq[self.ts.index(self.last_ts)]
+
+    def samples(self) -> list[HistorySample]:
+        """The chunk as the samples it was gathered from, in the order they came."""
+        width, n_system = len(self.system) + len(self.load), len(self.system)
+        out: list[HistorySample] = []
+        for i, (ts, seq) in enumerate(zip(self.ts, self.seq, strict=True)):
+            row = self.values[i * width:(i + 1) * width]
+            out.append(HistorySample(
+                self.node_id, ts, seq, HEALTH_CODES[self.health[i]],
+                dict(zip(self.system, row[:n_system], strict=True)),
+                dict(zip(self.load, row[n_system:], strict=True))))
         return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,7 @@ async def test_history_gets_one_point_per_agent_sample_not_per_heartbeat(tmp_pat
     try:
         for seq, samples in ((1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 3)):
             push(coord, seq, samples)
-        await coord.persist(history=True)
-        history = await coord.store.history("n1", 0)
+        history = await coord.history("n1", 0)
         assert [s.seq for s in history] == [1, 4, 6]
     finally:
         await coord.stop()
@@ -88,8 +88,8 @@ async def test_a_routine_heartbeat_from_its_body_changes_what_the_full_path_chan
         # The first push makes the node healthy, a replay is stale, a new status is an event.
         assert taken == [False, True, True, False, False, True, False]
         assert fast.pushes == full.pushes
-        assert [(h.seq, h.system, h.health) for h in fast._pending_samples] == \
-            [(h.seq, h.system, h.health) for h in full._pending_samples]
+        assert [(h.seq, h.system, h.health) for h in fast._history.samples("n1", 0)] == \
+            [(h.seq, h.system, h.health) for h in full._history.samples("n1", 0)]
     finally:
         await fast.stop()
         await full.stop()
@@ -120,23 +120,53 @@ async def test_routine_observations_wait_for_the_full_write_transitions_do_not(
         await coord.stop()
 
 
-async def test_history_points_wait_for_the_routine_write_or_a_reader(tmp_path: Path) -> None:
-    coord = await make(tmp_path)
+async def test_raw_samples_are_written_a_chunk_at_a_time_and_read_at_once(
+        tmp_path: Path) -> None:
+    """A node's samples gather for up to a minute (store/tiers.py SampleChunks), then go to
+    the store as one row; a reader sees them meanwhile, and stop writes what is gathered."""
+    clock = FakeClock(time.time())
+    cfg = load_config(None, {"coordinator.store": f"sqlite:///{tmp_path}/state.db",
+                             "detection.startup_grace": "0"})
+    coord = Coordinator(cfg, open_store(cfg.coordinator.store), clock=clock,
+                        probe=FakeProbe(clock))  # type: ignore[arg-type]
+    await coord.start()
+
+    def sample(seq: int) -> None:
+        report = Report(incarnation=1, seq=seq, ts=clock(), sample_interval=5.0,
+                        samples=seq, system={"cpu_percent": float(seq)})
+        coord.heartbeat(CheckResult("n1", True, clock(), report=report, source="push"))
+        clock.advance(5.0)
+
+    def chunk_rows() -> int:
+        conn = sqlite3.connect(tmp_path / "state.db")
+        try:
+            return int(conn.execute("SELECT count(*) FROM chunks").fetchone()[0])
+        finally:
+            conn.close()
+
     try:
-        push(coord, 1, 1)
-        push(coord, 2, 2)
-        await coord.persist()  # the transition to healthy takes the points along with it
-        assert [s.seq for s in await coord.store.history("n1", 0)] == [1, 2]
-        push(coord, 3, 3)  # routine: no commit of its own on the next tick
-        await coord.persist()
-        assert [s.seq for s in await coord.store.history("n1", 0)] == [1, 2]
+        coord.register(Registration("n1", "127.0.0.1:1", 1, 0, clock()))
+        sample(1)
         await coord.persist(routine=True)
-        assert [s.seq for s in await coord.store.history("n1", 0)] == [1, 2, 3]
-        push(coord, 4, 4)
-        await coord.persist(history=True)  # what GET /v1/nodes/{id}/history asks for
-        assert [s.seq for s in await coord.store.history("n1", 0)] == [1, 2, 3, 4]
+        assert await coord.store.history("n1", 0) == []  # still gathered
+        assert [s.seq for s in await coord.history("n1", 0)] == [1]  # but read
+        for seq in range(2, 30):  # 28 samples 5 s apart: at least one whole minute
+            sample(seq)
+        await coord.persist(routine=True)
+        stored = [s.seq for s in await coord.store.history("n1", 0)]
+        assert stored and stored == list(range(1, len(stored) + 1))
+        assert len(stored) < 29 and 1 <= chunk_rows() < len(stored)  # rows hold many samples
+        read = await coord.history("n1", 0)
+        assert [s.seq for s in read] == list(range(1, 30))
+        assert read[-1].system == {"cpu_percent": 29.0} and read[-1].health == "healthy"
     finally:
         await coord.stop()
+    store = open_store(f"sqlite:///{tmp_path}/state.db")
+    await store.open()
+    try:  # stop wrote the chunk being gathered
+        assert [s.seq for s in await store.history("n1", 0)] == list(range(1, 30))
+    finally:
+        await store.close()
 
 
 async def test_stop_writes_routine_observations(tmp_path: Path) -> None:

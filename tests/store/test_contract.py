@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from array import array
 from typing import Any
 
 from nodewatch.model import (
@@ -12,6 +13,7 @@ from nodewatch.model import (
     Health,
     HistorySample,
     NodeState,
+    SampleChunk,
     event_id,
 )
 from nodewatch.store.base import Store
@@ -222,6 +224,39 @@ async def test_prune_deletes_only_samples_older_than_the_ttl(store: Store) -> No
     assert deleted == 30 * 300
     for n in (nodes[0], nodes[17], nodes[-1]):
         assert [s.ts for s in await store.history(n, 0.0)] == [float(t) for t in range(300, 400)]
+    assert await store.prune(now=3900.0, history_ttl=3600.0) == 0
+
+
+def chunk(node_id: str, times: list[float]) -> SampleChunk:
+    """``sample`` at each of ``times``, gathered as one chunk."""
+    return SampleChunk(node_id, ("cpu_percent",), ("qps",), array("d", times),
+                       array("q", [int(t) for t in times]), bytes(len(times)),
+                       array("d", [v for _ in times for v in (12.5, 42.0)]))
+
+
+async def test_a_chunk_reads_back_as_the_samples_it_holds(store: Store) -> None:
+    await store.add_chunks([chunk("a", [10.0, 15.0, 20.0]), chunk("b", [12.0])])
+    await store.add_samples([sample("a", 25.0)])
+    assert await store.history("a", 0.0) == [sample("a", t) for t in (10.0, 15.0, 20.0, 25.0)]
+    # A chunk that began before ``since`` gives the samples from it on.
+    assert await store.history("a", 15.0) == [sample("a", t) for t in (15.0, 20.0, 25.0)]
+    assert await store.history("b", 0.0) == [sample("b", 12.0)]
+    await store.add_chunks([])
+
+
+async def test_adding_a_chunk_twice_keeps_each_sample_once(store: Store) -> None:
+    await store.add_chunks([chunk("a", [10.0, 15.0])])
+    await store.add_chunks([chunk("a", [10.0, 15.0]), chunk("a", [15.0, 20.0])])
+    assert [s.ts for s in await store.history("a", 0.0)] == [10.0, 15.0, 20.0]
+
+
+async def test_prune_deletes_chunks_whose_samples_all_aged_out(store: Store) -> None:
+    nodes = [f"n{i:02d}" for i in range(30)]
+    await store.add_chunks([chunk(n, [float(t) for t in range(start, start + 60, 5)])
+                            for n in nodes for start in range(0, 600, 60)])
+    assert await store.prune(now=3900.0, history_ttl=3600.0) > 0  # keeps ts >= 300
+    for n in (nodes[0], nodes[-1]):
+        assert [s.ts for s in await store.history(n, 0.0)] == [float(t) for t in range(300, 600, 5)]
     assert await store.prune(now=3900.0, history_ttl=3600.0) == 0
 
 

@@ -12,12 +12,13 @@ import subprocess
 import sys
 import textwrap
 import time
+from array import array
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from nodewatch.model import HistorySample, NodeState, event_id
+from nodewatch.model import HistorySample, NodeState, SampleChunk, event_id
 from nodewatch.store.codec import encode_sample
 from nodewatch.store.open import DEFAULT_SQLITE_PATH, open_store
 from nodewatch.store.sqlite import HISTORY_QUERY, SqliteStore
@@ -106,7 +107,8 @@ async def test_samples_of_the_layout_before_buckets_are_kept(tmp_path: Path) -> 
 CHILD = textwrap.dedent(
     """
     import asyncio, sys
-    from nodewatch.model import Event, HistorySample, NodeState, event_id
+    from array import array
+    from nodewatch.model import Event, HistorySample, NodeState, SampleChunk, event_id
     from nodewatch.store.sqlite import SqliteStore
 
     async def main():
@@ -120,6 +122,9 @@ CHILD = textwrap.dedent(
             [Event(event_id(i), float(i), "web-1", "healthy") for i in range(1, 101)])
         await store.add_samples([HistorySample(f"web-{i}", float(t), t, "healthy", {}, {})
                                  for i in range(200) for t in range(10)])
+        await store.add_chunks([SampleChunk(f"web-{i}", ("cpu",), (), array("d", [20.0, 25.0]),
+                                            array("q", [20, 25]), bytes(2), array("d", [1.0, 2.0]))
+                                for i in range(200)])
         await store.put_meta("leader", "c-1")
         await store.flush()
         print("acked", flush=True)
@@ -150,7 +155,7 @@ def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
             assert next(n for n in nodes if n.node_id == "web-0").seq == 1000
             assert len(await store.events_after(None, limit=1000)) == 100
             assert await store.last_event_id() == event_id(100)
-            assert len(await store.history("web-199", 0.0)) == 10
+            assert len(await store.history("web-199", 0.0)) == 12
             assert await store.get_meta("leader") == "c-1"
 
     asyncio.run(check())
@@ -206,3 +211,27 @@ async def test_pruning_200k_rows_goes_in_bounded_steps_with_the_loop_running_bet
         assert await store.prune(now=4600.0, history_ttl=3600.0) == 0
         # Only a hang bound (about 1 s is expected); the speed is bench/store_throughput.py's.
         assert took < 30.0, f"prune of 200k rows took {took:.2f} s"
+
+
+async def test_a_chunk_is_one_row_kept_until_its_last_sample_ages_out(tmp_path: Path) -> None:
+    """SQLite writes a chunk as one row keyed by its last sample; samples stored one a row
+    before the upgrade to chunks are read beside them, each once."""
+    async with SqliteStore(tmp_path / "state.db") as store:
+        times = [float(t) for t in range(290, 350, 5)]  # straddles the cutoff at 300
+        await store.add_chunks([SampleChunk("a", ("cpu",), ("qps",), array("d", times),
+                                            array("q", [int(t) for t in times]),
+                                            bytes([0] * 11 + [2]),
+                                            array("d", [v for t in times for v in (t, 1.0)]))])
+        await store.add_samples([HistorySample("a", 290.0, 290, "healthy", {"cpu": 290.0},
+                                               {"qps": 1.0}),
+                                 HistorySample("a", 280.0, 280, "healthy", {"cpu": 280.0},
+                                               {"qps": 1.0})])
+        rows = await store._read(lambda c: c.execute("SELECT count(*) FROM chunks").fetchone())
+        assert rows == (1,)
+        points = await store.history("a", 0.0)
+        assert [p.ts for p in points] == [280.0, *times]
+        assert points[-1].health == "suspect" and points[-1].system == {"cpu": 345.0}
+        await store.prune(now=3900.0, history_ttl=3600.0)  # cutoff 300
+        assert [p.ts for p in await store.history("a", 0.0)] == times  # the chunk stays whole
+        await store.prune(now=3950.0, history_ttl=3600.0)  # past its last sample
+        assert await store.history("a", 0.0) == []

@@ -6,7 +6,7 @@ import pytest
 
 from nodewatch.config import load_config
 from nodewatch.model import HistorySample
-from nodewatch.store.tiers import HistoryTiers, Rollups
+from nodewatch.store.tiers import CHUNK_SECONDS, HistoryTiers, Rollups, SampleChunks
 
 
 def sample(ts: float, cpu: float, qps: float = 1.0, health: str = "healthy",
@@ -96,3 +96,76 @@ def test_tiers_from_the_config_and_what_one_node_holds() -> None:
 def test_the_interval_must_be_positive() -> None:
     with pytest.raises(ValueError):
         Rollups(0.0)
+
+
+def gather(chunks: SampleChunks, samples: list[HistorySample]) -> None:
+    for s in samples:
+        chunks.add(s.node_id, s.ts, s.seq, s.health, s.system, s.load)
+
+
+def test_chunks_fold_into_the_rollups_that_samples_one_at_a_time_make() -> None:
+    samples = [sample(1000.0 + 5 * i, 10.0 + (i * 7) % 13, qps=float(i % 4),
+                      health="suspect" if i == 17 else "healthy") for i in range(60)]
+    one_by_one = Rollups(60.0)
+    expected = one_by_one.add(samples) + one_by_one.close_all()
+    chunks = SampleChunks(HistoryTiers(3600.0, 300.0, 60.0))
+    gather(chunks, samples)
+    raw, points = chunks.take(2000.0, final=True)
+    assert points == expected
+    assert [s for c in raw for s in c.samples()] == samples  # the raw tier gets every sample
+    assert all(len(c) <= 12 for c in raw)  # 5 s apart, within a minute
+
+
+def test_a_chunk_lies_within_one_rollup_interval_and_at_most_a_minute() -> None:
+    chunks = SampleChunks(HistoryTiers(3600.0, 300.0, 300.0))
+    rollups = chunks.rollups
+    assert rollups is not None and chunks.interval == CHUNK_SECONDS
+    gather(chunks, [sample(1000.0 + 5 * i, 1.0) for i in range(200)])
+    raw, _ = chunks.take(0.0, final=True)
+    for c in raw:
+        assert max(c.ts) - min(c.ts) < CHUNK_SECONDS
+        assert len({rollups._bucket("web-1", t) for t in c.ts}) == 1
+    assert sum(len(c) for c in raw) == 200
+
+
+def test_a_new_figure_starts_a_chunk_and_a_replay_is_not_gathered() -> None:
+    chunks = SampleChunks(HistoryTiers(3600.0, 3600.0, 60.0))  # raw only: no rollups
+    assert chunks.rollups is None
+    gather(chunks, [sample(1000.0, 1.0), sample(1001.0, 2.0)])
+    extra = HistorySample("web-1", 1002.0, 1002, "healthy", {"cpu_percent": 3.0},
+                          {"qps": 1.0, "pending_tasks": 3.0})
+    gather(chunks, [extra, sample(999.0, 9.0)])  # the replay is older than what is gathered
+    raw, points = chunks.take(0.0, final=True)
+    assert points == [] and [len(c) for c in raw] == [2, 1]
+    assert raw[1].samples() == [extra]
+
+
+def test_a_node_that_stops_sampling_has_its_chunk_closed_once_its_window_ended() -> None:
+    chunks = SampleChunks(HistoryTiers(3600.0, 300.0, 60.0))
+    gather(chunks, [sample(1000.0, 5.0)])
+    assert chunks.take(1000.0) == ([], []) and len(chunks) == 1
+    raw, points = chunks.take(1000.0 + 2 * CHUNK_SECONDS)
+    assert [c.samples() for c in raw] == [[sample(1000.0, 5.0)]]
+    assert [p.system for p in points] == [{"cpu_percent": 5.0}] and len(chunks) == 0
+
+
+def test_readers_see_the_samples_not_taken_yet_and_a_lost_share_is_forgotten() -> None:
+    chunks = SampleChunks(HistoryTiers(3600.0, 300.0, 60.0))
+    gather(chunks, [sample(1000.0 + 5 * i, float(i)) for i in range(30)])
+    gather(chunks, [sample(1000.0, 1.0, node_id="web-2")])
+    assert [s.ts for s in chunks.samples("web-1", 1100.0)] == [1000.0 + 5 * i
+                                                               for i in range(20, 30)]
+    assert len(chunks.samples("web-1", 0.0)) == 30
+    chunks.forget(["web-1"])
+    assert chunks.samples("web-1", 0.0) == [] and len(chunks.samples("web-2", 0.0)) == 1
+    raw, points = chunks.take(0.0, final=True)
+    assert {c.node_id for c in raw} == {p.node_id for p in points} == {"web-2"}
+
+
+def test_without_a_raw_tier_only_rollups_are_kept() -> None:
+    chunks = SampleChunks(HistoryTiers(3600.0, 0.0, 300.0))
+    gather(chunks, [sample(1000.0 + 5 * i, 2.0) for i in range(100)])
+    assert chunks.samples("web-1", 0.0) == []
+    raw, points = chunks.take(0.0, final=True)
+    assert raw == [] and sum(1 for _ in points) >= 1
+    assert all(p.span == 300.0 and p.system == {"cpu_percent": 2.0} for p in points)

@@ -16,6 +16,7 @@ import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from nodewatch.config import Config
@@ -41,6 +42,7 @@ from nodewatch.model import (
     RegisterDecision,
     Registration,
     Report,
+    SampleChunk,
     event_id,
     event_number,
 )
@@ -54,7 +56,7 @@ from nodewatch.protocol import (
 )
 from nodewatch.store.base import Store, StoreUnavailable, store_label
 from nodewatch.store.codec import material_digest
-from nodewatch.store.tiers import HistoryTiers, Rollups
+from nodewatch.store.tiers import HistoryTiers, SampleChunks
 
 if TYPE_CHECKING:
     from nodewatch.coordinator.leadership import Leadership
@@ -434,13 +436,13 @@ class Coordinator:
         self.recent: deque[Event] = deque(maxlen=RECENT_EVENTS)
         self._new_events = asyncio.Event()
         self._pending_events: list[Event] = []
-        self._pending_samples: list[HistorySample] = []
-        # History as stored (store/tiers.py): raw samples for the last minutes, rollups after.
+        # History as stored (store/tiers.py): raw samples for the last minutes, rollups after;
+        # samples gathered per node into chunks, then chunks and rollups wait for a write.
         self.history_tiers = HistoryTiers.from_config(
             config, etcd=store_label(store).startswith("etcd"))
-        self._pending_points: list[HistorySample] = []  # through the tiers, not yet stored
-        self._rollups = self._new_rollups()
-        self._last_rollup_sweep = clock()
+        self._history = SampleChunks(self.history_tiers)
+        self._pending_chunks: list[SampleChunk] = []  # closed raw chunks, not yet stored
+        self._pending_points: list[HistorySample] = []  # closed rollups, not yet stored
         self._refresh = RoutineRefresh(float(config.coordinator.refresh_interval),
                                        material_digest)
         self._persist_lock = asyncio.Lock()
@@ -554,7 +556,7 @@ class Coordinator:
         # What the store holds is what was loaded: refreshes start from now, spread out.
         self._refresh = RoutineRefresh(self._refresh.interval, material_digest)
         self._refresh.stored(nodes, now)
-        self._rollups = self._new_rollups()
+        self._history = SampleChunks(self.history_tiers)
         self._last_stored_event = last
         self.cluster.restart_grace(now)
         return nodes
@@ -654,7 +656,8 @@ class Coordinator:
         self._pending_actions.clear()
         dropped = {e.id for e in self._pending_events}
         self._pending_events.clear()
-        self._pending_samples.clear()
+        self._history = SampleChunks(self.history_tiers)
+        self._pending_chunks.clear()
         self._pending_points.clear()
         if dropped:
             kept = [e for e in self.recent if e.id not in dropped]
@@ -821,7 +824,8 @@ class Coordinator:
         dropped = {e.id for e in self._pending_events
                    if e.node_id in nodes or (everything and not e.node_id)}
         self._pending_events[:] = [e for e in self._pending_events if e.id not in dropped]
-        self._pending_samples[:] = [h for h in self._pending_samples if h.node_id not in nodes]
+        self._history.forget(nodes)
+        self._pending_chunks[:] = [c for c in self._pending_chunks if c.node_id not in nodes]
         if dropped:
             kept = [e for e in self.recent if e.id not in dropped]
             self.recent.clear()
@@ -997,9 +1001,8 @@ class Coordinator:
             self.stale_reports += 1
             return outcome
         if result.report is not None and self._new_sample(node, result.report, seq_before):
-            self._pending_samples.append(HistorySample(
-                node_id=node.node_id, ts=result.at, seq=node.seq, health=node.health.value,
-                system=dict(node.system), load=dict(node.load)))
+            self._history.add(node.node_id, result.at, node.seq, node.health.value, node.system,
+                              node.load)
         self._handle(outcome)
         return outcome
 
@@ -1035,11 +1038,7 @@ class Coordinator:
         if samples < 0 or self._sample_marks.get(node_id) != key:
             if samples >= 0:
                 self._sample_marks[node_id] = key
-            # The body's dicts are the node's now and are replaced, never changed, by the
-            # next report: the sample may share them.
-            self._pending_samples.append(HistorySample(
-                node_id=node_id, ts=at, seq=body.seq, health=_HEALTHY, system=body.system,
-                load=body.load))
+            self._history.add(node_id, at, body.seq, _HEALTHY, body.system, body.load)
         self.poller.defer(node_id, at + cluster.push_deadline(node))
         return True
 
@@ -1374,8 +1373,8 @@ class Coordinator:
             self.store_health.dropped_events += excess
             log.warning("store unavailable: dropped the %d oldest queued events (queue full "
                         "at %d)", excess, limit)
-        if len(self._pending_samples) > limit:
-            del self._pending_samples[:len(self._pending_samples) - limit]
+        if len(self._pending_chunks) > limit:
+            del self._pending_chunks[:len(self._pending_chunks) - limit]
         if len(self._pending_points) > limit:
             del self._pending_points[:len(self._pending_points) - limit]
         self.store_health.queued_events = len(self._pending_events)
@@ -1450,19 +1449,20 @@ class Coordinator:
         extra = list(outcome.events) if outcome is not None else []
         removed = list(outcome.removed) if outcome is not None else []
         samples: list[HistorySample] = []
+        chunks: list[SampleChunk] = []
         if routine or history or nodes or events or extra:
-            samples, self._pending_points = self._take_points(
-                final=routine and not self._running), []
+            chunks, samples = self._take_points(final=routine and not self._running)
         actions, self._pending_actions = self._pending_actions, []
-        wrote = bool(nodes or events or samples or extra or removed)
+        wrote = bool(nodes or events or samples or chunks or extra or removed)
         probed = False
         try:
             # Issued together, so a store that groups writes commits them as one.
-            conflicts, _, _ = await self._bounded(asyncio.gather(
+            conflicts, _, _, _ = await self._bounded(asyncio.gather(
                 self.store.save_nodes(nodes) if nodes else _nothing(),
                 self.store.append_events(events + extra) if events or extra
                 else _nothing(),
                 self.store.add_samples(samples) if samples else _nothing(),
+                self.store.add_chunks(chunks) if chunks else _nothing(),
             ), deadline=deadline)
             for node_id in removed:
                 await self._bounded(self.store.delete_node(node_id), deadline=deadline)
@@ -1494,6 +1494,7 @@ class Coordinator:
             self.cluster.mark_dirty(n.node_id for n in nodes)
             self._pending_events[:0] = events
             self._pending_points[:0] = samples
+            self._pending_chunks[:0] = chunks
             self._pending_actions[:0] = actions
             self._bound_queue()
             self._store_failed(exc)
@@ -1502,6 +1503,7 @@ class Coordinator:
             self.cluster.mark_dirty(n.node_id for n in nodes)
             self._pending_events[:0] = events
             self._pending_points[:0] = samples
+            self._pending_chunks[:0] = chunks
             self._pending_actions[:0] = actions
             raise
         self._store_ok(probe_only=probed)
@@ -1530,28 +1532,14 @@ class Coordinator:
         self._refresh.stored(nodes, now)  # the content is taken now (stores encode it now)
         return nodes
 
-    def _new_rollups(self) -> Rollups | None:
-        tiers = self.history_tiers
-        return Rollups(tiers.rollup) if tiers.rolled else None
-
-    def _take_points(self, final: bool) -> list[HistorySample]:
-        """The pending history points as the tiers store them: the raw samples (if the raw
-        tier is on) and the rollups they closed (``final``: every rollup being gathered,
-        on stop); nodes that stopped sampling have their rollup closed once it ended."""
-        samples, self._pending_samples = self._pending_samples, []
-        points = self._pending_points
-        if self.history_tiers.raw:
-            points = points + samples
-        rollups = self._rollups
-        if rollups is not None:
-            points = points + rollups.add(samples)
-            now = self.clock()
-            if final:
-                points += rollups.close_all()
-            elif now - self._last_rollup_sweep >= rollups.interval:
-                self._last_rollup_sweep = now
-                points += rollups.close_ended(now)
-        return points
+    def _take_points(self, final: bool) -> tuple[list[SampleChunk], list[HistorySample]]:
+        """The pending history as the tiers store it: raw chunks (if the raw tier is on) and
+        rollups, those that closed and those waiting since a failed write (``final``: every
+        chunk and rollup being gathered, on stop)."""
+        chunks, points = self._history.take(self.clock(), final)
+        chunks, self._pending_chunks = self._pending_chunks + chunks, []
+        points, self._pending_points = self._pending_points + points, []
+        return chunks, points
 
     async def _reload(self, node_ids: Sequence[str], deadline: float | None = None) -> None:
         """After losing a compare-and-swap, take the stored revision and write ours again."""
@@ -1679,12 +1667,19 @@ class Coordinator:
         return (stored + queued)[:limit]
 
     async def history(self, node_id: str, since: float) -> list[HistorySample]:
-        """One node's stored history (pending points written first, if the store can)."""
+        """One node's history: what is stored (pending points written first, if the store
+        can), then the raw samples still being gathered into a chunk (store/tiers.py)."""
         try:
             await self.persist(history=True)
         except StoreUnavailable:
             pass
-        return await self._bounded(self.store.history(node_id, since), "read")
+        stored = await self._bounded(self.store.history(node_id, since), "read")
+        gathered = self._history.samples(node_id, since)
+        if not gathered:
+            return stored
+        seen = {(s.ts, s.seq) for s in stored if not s.span}
+        return sorted([*stored, *(s for s in gathered if (s.ts, s.seq) not in seen)],
+                      key=attrgetter("ts"))
 
     def last_event_id(self) -> str | None:
         return self.recent[-1].id if self.recent else self._last_stored_event

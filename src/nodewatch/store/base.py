@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Awaitable, Sequence
 from typing import Protocol, TypeVar
 
-from nodewatch.model import Event, HistorySample, NodeState
+from nodewatch.model import Event, HistorySample, NodeState, SampleChunk
 
 __all__ = ["Store", "StoreUnavailable", "WritesInFlight", "store_label"]
 
@@ -91,6 +91,11 @@ class Store(Protocol):
 
         Two tiers (store/tiers.py): raw samples (``span`` 0) and rollups (``span`` > 0), kept
         apart so that each ages out on its own."""
+
+    async def add_chunks(self, chunks: Sequence[SampleChunk]) -> None:
+        """Append raw samples gathered per node (store/tiers.py ``SampleChunks``), read back by
+        ``history`` as the samples they hold: one row per chunk where the store can, else
+        ``add_samples`` of ``chunk.samples()``."""
 
     async def history(self, node_id: str, since: float) -> list[HistorySample]:
         """One node's points with ``ts >= since``, ordered by ts: rollups older than the

@@ -14,7 +14,9 @@ it belongs to the store (a column, an etcd mod_revision), not to the node's stor
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
+from array import array
 from operator import attrgetter
 from typing import Any
 
@@ -25,13 +27,16 @@ from nodewatch.model import (
     Event,
     HistorySample,
     NodeState,
+    SampleChunk,
 )
 
 __all__ = [
+    "decode_chunk_body",
     "decode_event",
     "decode_node",
     "decode_sample",
     "decode_sample_body",
+    "encode_chunk_body",
     "encode_event",
     "encode_node",
     "encode_node_packed",
@@ -106,6 +111,18 @@ class SampleBody(msgspec.Struct, omit_defaults=True):
     peak: dict[str, float] = {}
 
 
+class ChunkBody(msgspec.Struct, array_like=True):
+    """A SampleChunk without its node_id (the store's key holds it): the columns as raw
+    little-endian bytes, so a minute of one node's samples is one short blob."""
+
+    system: list[str]
+    load: list[str]
+    ts: bytes
+    seq: bytes
+    health: bytes
+    values: bytes
+
+
 # attrgetter built from the record's own fields keeps the positional order right by construction.
 _node_fields = attrgetter(*NodeRecord.__struct_fields__)
 _event_fields = attrgetter(*EventRecord.__struct_fields__)
@@ -121,6 +138,8 @@ _sample_decoder = msgspec.json.Decoder(SampleRecord)
 _body_decoder = msgspec.json.Decoder(SampleBody)
 _body_unpacker = msgspec.msgpack.Decoder(SampleBody)
 _JSON_OBJECT = ord("{")
+_chunk_unpacker = msgspec.msgpack.Decoder(ChunkBody)
+_BIG_ENDIAN = sys.byteorder == "big"
 
 
 def encode_node(node: NodeState) -> bytes:
@@ -173,6 +192,38 @@ def decode_sample_body(node_id: str, ts: float, seq: int, data: bytes) -> Histor
     body = (_body_decoder if data[0] == _JSON_OBJECT else _body_unpacker).decode(data)
     return HistorySample(node_id, ts, seq, body.health, body.system, body.load,
                          body.span or 0.0, body.peak)
+
+
+def _little(column: array[Any]) -> bytes:
+    if _BIG_ENDIAN:
+        column = array(column.typecode, column)
+        column.byteswap()
+    return column.tobytes()
+
+
+def _column(typecode: str, data: bytes) -> array[Any]:
+    column = array(typecode)
+    column.frombytes(data)
+    if _BIG_ENDIAN:
+        column.byteswap()
+    return column
+
+
+def encode_chunk_body(chunk: SampleChunk) -> bytes:
+    return _packer.encode(ChunkBody(list(chunk.system), list(chunk.load), _little(chunk.ts),
+                                    _little(chunk.seq), chunk.health, _little(chunk.values)))
+
+
+def decode_chunk_body(node_id: str, data: bytes) -> SampleChunk:
+    """A stored chunk; a body whose columns disagree in length is refused (ValueError)."""
+    body = _chunk_unpacker.decode(data)
+    chunk = SampleChunk(node_id, tuple(body.system), tuple(body.load), _column("d", body.ts),
+                        _column("q", body.seq), body.health, _column("d", body.values))
+    n = len(chunk.ts)
+    if not (len(chunk.seq) == len(chunk.health) == n
+            and len(chunk.values) == n * (len(chunk.system) + len(chunk.load))):
+        raise ValueError("a stored history chunk's columns disagree in length")
+    return chunk
 
 
 def material_digest(node: NodeState) -> int:

@@ -36,7 +36,7 @@ from etcd3aio import (
 from etcd3aio._protobuf import Compare  # the MOD target has no helper in etcd3aio 0.3
 from etcd3aio.kv import KVService
 
-from nodewatch.model import Event, HistorySample, NodeState
+from nodewatch.model import Event, HistorySample, NodeState, SampleChunk
 from nodewatch.store.base import WritesInFlight
 from nodewatch.store.codec import (
     decode_event,
@@ -456,9 +456,15 @@ class EtcdStore:
         return self.key("rollups" if sample.span else "history", sample.node_id,
                         _ts_key(sample.ts), f"{sample.seq:020d}")
 
+    async def add_chunks(self, chunks: Sequence[SampleChunk]) -> None:
+        """One entry per sample, as ``add_samples`` writes them."""
+        await self.add_samples([s for chunk in chunks for s in chunk.samples()])
+
     async def add_samples(self, samples: Sequence[HistorySample]) -> None:
         if not samples:
             return
+        # One put per key: etcd refuses a transaction that names a key twice.
+        samples = list({self._history_key(s): s for s in samples}.values())
 
         async def add() -> None:
             ops = []

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 
-from nodewatch.model import Event, HistorySample, NodeState, event_id, event_number
+from nodewatch.model import Event, HistorySample, NodeState, SampleChunk, event_id, event_number
 from nodewatch.store.base import WritesInFlight
 from nodewatch.store.codec import (
     decode_event,
@@ -222,6 +222,10 @@ class RedisStore:
         return event_id(int(entries[0][0].split(b"-")[0]))
 
     # -- history ----------------------------------------------------------------------------
+
+    async def add_chunks(self, chunks: Sequence[SampleChunk]) -> None:
+        """One entry per sample, as ``add_samples`` writes them."""
+        await self.add_samples([s for chunk in chunks for s in chunk.samples()])
 
     async def add_samples(self, samples: Sequence[HistorySample]) -> None:
         if not samples:

@@ -28,15 +28,17 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from nodewatch.model import Event, HistorySample, NodeState
+from nodewatch.model import Event, HistorySample, NodeState, SampleChunk
 from nodewatch.store.codec import (
+    decode_chunk_body,
     decode_event,
     decode_node,
     decode_sample_body,
+    encode_chunk_body,
     encode_event,
     encode_node_packed,
     encode_sample_body_packed,
@@ -62,6 +64,10 @@ CREATE TABLE IF NOT EXISTS rollups (
     bucket INTEGER NOT NULL, node_id TEXT NOT NULL, ts REAL NOT NULL, seq INTEGER NOT NULL,
     body BLOB NOT NULL, PRIMARY KEY (bucket, node_id, ts, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rollup_buckets (bucket INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS chunks (
+    bucket INTEGER NOT NULL, node_id TEXT NOT NULL, ts REAL NOT NULL, seq INTEGER NOT NULL,
+    body BLOB NOT NULL, PRIMARY KEY (bucket, node_id, ts, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunk_buckets (bucket INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS store_info (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
@@ -72,7 +78,11 @@ CREATE TABLE IF NOT EXISTS store_info (key TEXT PRIMARY KEY, value INTEGER NOT N
 # from the left edge. One node's hour is one primary-key seek per bucket (720 for an hour),
 # driven by sample_buckets, the list of buckets that hold samples. Bodies leave out node_id,
 # ts and seq, which the key holds. Rollups (store/tiers.py) live in a table of the same shape
-# with one-minute buckets (60 seeks for an hour), so each tier ages out on its own.
+# with one-minute buckets (60 seeks for an hour), so each tier ages out on its own. Raw samples
+# written as chunks (store/tiers.py SampleChunks: up to a minute of one node's samples, one row
+# instead of twelve) live in a third table of that shape, keyed by their last sample's ts and
+# seq: a chunk is read while any of its samples is at or after ``since`` and pruned once all
+# are before the cutoff.
 
 _MAX_BATCH: Final = 512  # queued operations per transaction; bounds one commit's duration
 BUCKET_SECONDS: Final = 5.0  # stored in every row's key: changing it needs a migration
@@ -235,7 +245,12 @@ class SqliteStore:
         self._event_count = 0
         self._raw = _Tier("samples", "sample_buckets", BUCKET_SECONDS)
         self._rolled = _Tier("rollups", "rollup_buckets", ROLLUP_BUCKET_SECONDS)
+        self._chunked = _Tier("chunks", "chunk_buckets", BUCKET_SECONDS)
         self._closed = False
+
+    @property
+    def _tiers(self) -> tuple[_Tier, _Tier, _Tier]:
+        return self._raw, self._rolled, self._chunked
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -338,7 +353,7 @@ class SqliteStore:
         """Run a group of writes in one transaction; one failing write fails alone."""
         outcomes: list[Outcome] = []
         events_before = self._event_count
-        known_before = set(self._raw.known), set(self._rolled.known)
+        known_before = [set(t.known) for t in self._tiers]
         revision_before = self._revision
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -371,7 +386,8 @@ class SqliteStore:
                     log.warning("rollback of %s failed: %s", self.path, rollback_error)
             # Revisions already handed out stay burnt (only monotonicity matters).
             self._event_count = events_before
-            self._raw.known, self._rolled.known = known_before
+            for tier, known in zip(self._tiers, known_before, strict=True):
+                tier.known = known
             return [(write.future, None, error) for write in batch]
         return outcomes
 
@@ -549,6 +565,12 @@ class SqliteStore:
 
         await self._write(add)
 
+    async def add_chunks(self, chunks: Sequence[SampleChunk]) -> None:
+        rows = [(self._chunked.bucket(c.last_ts), c.node_id, c.last_ts, c.last_seq,
+                 encode_chunk_body(c)) for c in chunks if len(c)]
+        if rows:
+            await self._write(lambda conn: self._add_rows(conn, self._chunked, rows))
+
     @staticmethod
     def _add_rows(conn: sqlite3.Connection, tier: _Tier,
                   rows: list[tuple[int, str, float, int, bytes]]) -> None:
@@ -570,16 +592,29 @@ class SqliteStore:
     async def history(self, node_id: str, since: float) -> list[HistorySample]:
         raw_query, rolled_query = self._raw.query, self._rolled.query
 
-        def read(conn: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
+        chunk_query = self._chunked.query
+
+        def read(conn: sqlite3.Connection) -> tuple[list[Any], list[Any], list[Any]]:
             raw = conn.execute(raw_query, (node_id, since, self._raw.bucket(since))).fetchall()
             rolled = conn.execute(
                 rolled_query, (node_id, since, self._rolled.bucket(since))).fetchall()
-            return raw, rolled
+            chunked = conn.execute(
+                chunk_query, (node_id, since, self._chunked.bucket(since))).fetchall()
+            return raw, rolled, chunked
 
-        raw, rolled = await self._read(read)
-        first = raw[0][0] if raw else math.inf
-        return [decode_sample_body(node_id, ts, seq, body)
-                for ts, seq, body in [*(r for r in rolled if r[0] < first), *raw]]
+        raw, rolled, chunked = await self._read(read)
+        samples = [decode_sample_body(node_id, ts, seq, body) for ts, seq, body in raw]
+        if chunked:  # both tables only across the upgrade to chunks; each dedupes on its own
+            seen = {(s.ts, s.seq) for s in samples}
+            for _, _, body in chunked:
+                for sample in decode_chunk_body(node_id, body).samples():
+                    if sample.ts >= since and (sample.ts, sample.seq) not in seen:
+                        seen.add((sample.ts, sample.seq))
+                        samples.append(sample)
+            samples.sort(key=attrgetter("ts", "seq"))
+        first = samples[0].ts if samples else math.inf
+        return [*(decode_sample_body(node_id, ts, seq, body)
+                  for ts, seq, body in rolled if ts < first), *samples]
 
     async def prune(self, now: float, history_ttl: float,
                     full_resolution: float | None = None) -> int:
@@ -587,7 +622,8 @@ class SqliteStore:
         writes get in between steps and no commit grows with the backlog."""
         raw_cutoff = now - (history_ttl if full_resolution is None else full_resolution)
         total = 0
-        for tier, cutoff in ((self._raw, raw_cutoff), (self._rolled, now - history_ttl)):
+        for tier, cutoff in ((self._raw, raw_cutoff), (self._chunked, raw_cutoff),
+                             (self._rolled, now - history_ttl)):
             done = False
             while not done:
                 deleted, done = await self._write(

@@ -8,6 +8,13 @@ the last seq, ``span`` the rollup interval. Means are rounded to 4 significant d
 figures are percentages and counts, and a rollup costs about a raw sample's bytes, not twice.
 Each node's rollup boundaries are shifted by a hash of its id, so a fleet's rollups are written
 spread over the interval, not all at the turn of each minute.
+
+Raw samples are gathered the same way (``SampleChunks``): column-wise per node for up to
+``CHUNK_SECONDS``, then written as one ``SampleChunk`` (one store row) and folded into the
+rollup once per chunk. One SQLite row and one Python object per sample were about a fifth of
+what a pushing node cost the coordinator (bench/fleet_udp.py); a sample is now a few array
+appends. The price: the chunk being gathered is in memory only, so a ``kill -9`` loses up to a
+minute of raw samples, as it loses the rollup being gathered (readers see it: ``samples``).
 """
 
 from __future__ import annotations
@@ -19,12 +26,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from nodewatch.config import Config
-from nodewatch.model import HistorySample
+from nodewatch.model import HEALTH_CODES, HistorySample, SampleChunk
 
-__all__ = ["HistoryTiers", "Rollups"]
+__all__ = ["CHUNK_SECONDS", "HistoryTiers", "Rollups", "SampleChunks"]
 
 # Worse health ranks higher: a rollup keeps the worst of its samples.
-_HEALTH_RANK = {"healthy": 0, "unknown": 1, "suspect": 2, "unhealthy": 3, "dead": 4}
+_HEALTH_RANK = {health: rank for rank, health in enumerate(HEALTH_CODES)}
+_UNKNOWN = _HEALTH_RANK["unknown"]
+# The longest one node's raw samples are gathered before they are written as one chunk: about
+# 12 samples at the agent's 5 s, about 1 KB held per node.
+CHUNK_SECONDS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,20 +83,19 @@ class _Open:
 
     __slots__ = ("bucket", "count", "health", "names", "node_id", "seq", "ts", "values")
 
-    def __init__(self, sample: HistorySample, bucket: int, names: tuple[str, ...]) -> None:
-        self.node_id = sample.node_id
+    def __init__(self, node_id: str, bucket: int, names: tuple[str, ...], health: int) -> None:
+        self.node_id = node_id
         self.bucket = bucket
         self.names = names
         self.count = 0
-        self.health = sample.health
-        self.seq = sample.seq
-        self.ts = sample.ts
+        self.health = health
+        self.seq = 0
+        self.ts = -math.inf
         self.values = array("d", [0.0] * len(names) + [-math.inf] * len(names))
 
 
-def _figures(sample: HistorySample) -> tuple[tuple[str, ...], list[float]]:
-    names = tuple(sample.system) + tuple(f"load.{k}" for k in sample.load)
-    return names, [*sample.system.values(), *sample.load.values()]
+def _figures(system: Iterable[str], load: Iterable[str]) -> tuple[str, ...]:
+    return (*system, *(f"load.{k}" for k in load))
 
 
 def _round(value: float) -> float:
@@ -93,8 +103,8 @@ def _round(value: float) -> float:
 
 
 class Rollups:
-    """Gathers raw samples into one point per node per ``interval``; ``add`` returns the
-    rollups its samples closed."""
+    """Gathers raw samples into one point per node per ``interval``; ``add`` (samples) and
+    ``fold`` (a chunk) return the rollups they closed."""
 
     def __init__(self, interval: float) -> None:
         if interval <= 0:
@@ -107,38 +117,62 @@ class Rollups:
     def __len__(self) -> int:
         return len(self._open)
 
-    def _bucket(self, node_id: str, ts: float) -> int:
+    def offset(self, node_id: str) -> float:
+        """Where ``node_id``'s intervals start, past each multiple of the interval."""
         offset = self._offsets.get(node_id)
         if offset is None:
             offset = self._offsets[node_id] = zlib.crc32(node_id.encode()) / 2**32 * self.interval
-        return math.floor((ts - offset) / self.interval)
+        return offset
+
+    def _bucket(self, node_id: str, ts: float) -> int:
+        return math.floor((ts - self.offset(node_id)) / self.interval)
 
     def add(self, samples: Iterable[HistorySample]) -> list[HistorySample]:
         closed: list[HistorySample] = []
         for sample in samples:
             if sample.span:
                 continue  # already a rollup
-            names, values = _figures(sample)
-            names = self._names.setdefault(names, names)
-            bucket = self._bucket(sample.node_id, sample.ts)
-            current = self._open.get(sample.node_id)
-            if current is not None and (current.bucket != bucket or current.names is not names):
-                if sample.ts < current.ts:
-                    continue  # older than what is gathered: a replay
-                closed.append(self._close(current))
-                current = None
-            if current is None:
-                current = self._open[sample.node_id] = _Open(sample, bucket, names)
-            acc, width = current.values, len(names)
-            for i, value in enumerate(values):
-                acc[i] += value
-                if value > acc[width + i]:
-                    acc[width + i] = value
-            current.count += 1
-            current.ts, current.seq = sample.ts, sample.seq
-            if _HEALTH_RANK.get(sample.health, 1) > _HEALTH_RANK.get(current.health, 1):
-                current.health = sample.health
+            values = [*sample.system.values(), *sample.load.values()]
+            self._gather(closed, sample.node_id, self._bucket(sample.node_id, sample.ts),
+                         _figures(sample.system, sample.load), 1, values, values,
+                         _HEALTH_RANK.get(sample.health, _UNKNOWN), sample.ts, sample.seq)
         return closed
+
+    def fold(self, chunk: SampleChunk) -> list[HistorySample]:
+        """A chunk's samples at once: one pass per figure over its column, not one per sample.
+        The chunk lies within one interval (``SampleChunks`` closes it at the turn)."""
+        names = _figures(chunk.system, chunk.load)
+        width, values, count = len(names), chunk.values, len(chunk)
+        columns = [values[i::width] for i in range(width)]
+        last = chunk.last_ts
+        closed: list[HistorySample] = []
+        self._gather(closed, chunk.node_id, self._bucket(chunk.node_id, last), names, count,
+                     [math.fsum(c) for c in columns], [max(c) for c in columns],
+                     max(chunk.health), last, chunk.last_seq)
+        return closed
+
+    def _gather(self, closed: list[HistorySample], node_id: str, bucket: int,
+                names: tuple[str, ...], count: int, sums: Sequence[float],
+                maxima: Sequence[float], health: int, ts: float, seq: int) -> None:
+        names = self._names.setdefault(names, names)
+        current = self._open.get(node_id)
+        if current is not None and (current.bucket != bucket or current.names is not names):
+            if ts < current.ts:
+                return  # older than what is gathered: a replay
+            closed.append(self._close(current))
+            current = None
+        if current is None:
+            current = self._open[node_id] = _Open(node_id, bucket, names, health)
+        acc, width = current.values, len(names)
+        for i in range(width):
+            acc[i] += sums[i]
+            if maxima[i] > acc[width + i]:
+                acc[width + i] = maxima[i]
+        current.count += count
+        if ts >= current.ts:
+            current.ts, current.seq = ts, seq
+        if health > current.health:
+            current.health = health
 
     def close_ended(self, now: float) -> list[HistorySample]:
         """Rollups whose interval ended by ``now`` (nodes that stopped sampling)."""
@@ -150,7 +184,7 @@ class Rollups:
         """Every rollup being gathered, as it is (on stop)."""
         return [self._close(o) for o in list(self._open.values())]
 
-    def forget(self, node_ids: Sequence[str]) -> None:
+    def forget(self, node_ids: Iterable[str]) -> None:
         for node_id in node_ids:
             self._open.pop(node_id, None)
             self._offsets.pop(node_id, None)
@@ -168,5 +202,149 @@ class Rollups:
             else:
                 system[name] = mean
             peak[name] = acc[width + i]
-        return HistorySample(current.node_id, current.ts, current.seq, current.health, system,
-                             load, self.interval, peak)
+        return HistorySample(current.node_id, current.ts, current.seq,
+                             HEALTH_CODES[current.health], system, load, self.interval, peak)
+
+
+class _Gathering:
+    """One node's chunk being gathered: its columns, and the window ``[start, until)`` it
+    covers (within one rollup interval)."""
+
+    __slots__ = ("health", "last", "load", "node_id", "seq", "start", "system", "ts", "until",
+                 "values")
+
+    def __init__(self, node_id: str, system: tuple[str, ...], load: tuple[str, ...],
+                 start: float, until: float) -> None:
+        self.node_id = node_id
+        self.system = system
+        self.load = load
+        self.start = start
+        self.until = until
+        self.last = -math.inf
+        self.ts: array[float] = array("d")
+        self.seq: array[int] = array("q")
+        self.health = bytearray()
+        self.values: array[float] = array("d")
+
+    def chunk(self) -> SampleChunk:
+        return SampleChunk(self.node_id, self.system, self.load, self.ts, self.seq,
+                           bytes(self.health), self.values)
+
+
+class SampleChunks:
+    """A coordinator's history on its way to the store: each node's raw samples gathered into
+    chunks of up to ``chunk`` seconds, each closed chunk kept for the raw tier (when the tiers
+    keep raw samples) and folded into the node's rollup (when they keep rollups). ``take``
+    hands over what closed; ``samples`` is what a reader has not been written yet."""
+
+    def __init__(self, tiers: HistoryTiers, chunk: float = CHUNK_SECONDS) -> None:
+        self.raw = tiers.raw
+        self.rollups = Rollups(tiers.rollup) if tiers.rolled else None
+        self.interval = min(chunk, tiers.rollup) if self.rollups is not None else chunk
+        self._open: dict[str, _Gathering] = {}
+        self._offsets: dict[str, float] = {}
+        self._names: dict[tuple[str, ...], tuple[str, ...]] = {}  # one tuple per key set
+        self._chunks: list[SampleChunk] = []  # closed, for the raw tier, not taken yet
+        self._points: list[HistorySample] = []  # rollups closed, not taken yet
+        self._last_sweep = -math.inf
+
+    def __len__(self) -> int:
+        """Samples gathered or closed and not taken."""
+        return sum(len(g.ts) for g in self._open.values()) + sum(len(c) for c in self._chunks)
+
+    def add(self, node_id: str, ts: float, seq: int, health: str, system: dict[str, float],
+            load: dict[str, float]) -> None:
+        """One sample; its figures are copied (the dicts may change afterwards)."""
+        current = self._open.get(node_id)
+        if current is not None and not (
+                current.start <= ts < current.until and current.system == tuple(system)
+                and current.load == tuple(load)):
+            if ts < current.last:
+                return  # older than what is gathered: a replay
+            self._close(current)
+            current = None
+        if current is None:
+            current = self._open[node_id] = self._gathering(node_id, ts, system, load)
+        try:
+            current.seq.append(seq)
+        except OverflowError:  # past 2**63: not a seq an agent sends; never stored
+            return
+        current.ts.append(ts)
+        current.health.append(_HEALTH_RANK.get(health, _UNKNOWN))
+        values = current.values
+        values.extend(system.values())
+        values.extend(load.values())
+        if ts > current.last:
+            current.last = ts
+
+    def _gathering(self, node_id: str, ts: float, system: dict[str, float],
+                   load: dict[str, float]) -> _Gathering:
+        names = self._names
+        sys_names, load_names = tuple(system), tuple(load)
+        sys_names = names.setdefault(sys_names, sys_names)
+        load_names = names.setdefault(load_names, load_names)
+        interval = self.interval
+        if self.rollups is not None:  # chunks nest in the node's rollup intervals
+            offset = self.rollups.offset(node_id)
+            span = self.rollups.interval
+            first = offset + math.floor((ts - offset) / span) * span
+            start = first + math.floor((ts - first) / interval) * interval
+            until = min(start + interval, first + span)
+        else:
+            known = self._offsets.get(node_id)
+            if known is None:
+                known = self._offsets[node_id] = zlib.crc32(node_id.encode()) / 2**32 * interval
+            offset = known
+            start = offset + math.floor((ts - offset) / interval) * interval
+            until = start + interval
+        return _Gathering(node_id, sys_names, load_names, start, until)
+
+    def _close(self, current: _Gathering) -> None:
+        del self._open[current.node_id]
+        if not current.ts:
+            return
+        chunk = current.chunk()
+        if self.raw:
+            self._chunks.append(chunk)
+        if self.rollups is not None:
+            self._points.extend(self.rollups.fold(chunk))
+
+    def take(self, now: float, final: bool = False) -> tuple[list[SampleChunk],
+                                                             list[HistorySample]]:
+        """The chunks and rollups closed since the last take; once an interval, those of
+        nodes that stopped sampling; ``final`` (on stop): everything being gathered."""
+        if final:
+            for current in list(self._open.values()):
+                self._close(current)
+            if self.rollups is not None:
+                self._points.extend(self.rollups.close_all())
+        elif now - self._last_sweep >= self.interval:
+            self._last_sweep = now
+            for current in [g for g in self._open.values() if g.until <= now]:
+                self._close(current)
+            if self.rollups is not None:
+                self._points.extend(self.rollups.close_ended(now))
+        chunks, self._chunks = self._chunks, []
+        points, self._points = self._points, []
+        return chunks, points
+
+    def samples(self, node_id: str, since: float) -> list[HistorySample]:
+        """The node's raw samples not taken yet (none when the tiers keep no raw samples)."""
+        if not self.raw:
+            return []
+        out = [s for c in self._chunks if c.node_id == node_id for s in c.samples()]
+        current = self._open.get(node_id)
+        if current is not None and current.ts:
+            out.extend(current.chunk().samples())
+        return [s for s in out if s.ts >= since]
+
+    def forget(self, node_ids: Iterable[str]) -> None:
+        """Drop what is gathered for these nodes (their share went to another coordinator)."""
+        gone = set(node_ids)
+        for node_id in gone:
+            self._open.pop(node_id, None)
+            self._offsets.pop(node_id, None)
+        self._chunks = [c for c in self._chunks if c.node_id not in gone]
+        self._points = [p for p in self._points if p.node_id not in gone]
+        if self.rollups is not None:
+            self.rollups.forget(gone)
