@@ -471,10 +471,32 @@ async def test_deferred_node_is_not_checked_until_its_deferral_but_check_now_win
         await eventually(lambda: sum(r.node_id == "n2" for r in results) >= 4,
                          message="n2 checked several times meanwhile")
         assert not [r for r in results if r.node_id == "n1"]
-        assert poller._scheduler.due_of("n1") is not None  # moved, not lost
+        assert "n1" in poller._wheel and poller.stats()["parked"] == 1  # parked, not lost
         poller.check_now("n1")  # e.g. a lease expired: no deferral stands in for this
         await eventually(lambda: any(r.node_id == "n1" for r in results),
                          message="n1 checked at once")
+
+
+async def test_a_pushing_node_stays_parked_while_pushes_go_on_and_is_checked_once_they_stop(
+) -> None:
+    """Pushes move a parked node on inside the deferral wheel (no heap entry while they go
+    on); once they stop, its check starts at the last deferral, not before."""
+    probe = FakeProbe(FakeClock())
+    results: list[CheckResult] = []
+    poller = make_poller(probe, interval=0.05, results=results)
+    async with poller:
+        poller.add("n1", "127.0.0.1:1", first_due=time.monotonic() + 0.05)
+        last = 0.0
+        for _ in range(20):  # a push every 50 ms, each putting the check off by 300 ms
+            last = time.monotonic() + 0.3
+            poller.defer("n1", last)
+            await asyncio.sleep(0.05)
+            assert poller._scheduler.due_of("n1") is None or not poller._wheel
+        assert not results and "n1" in poller._wheel
+        await asyncio.sleep(max(0.0, last - 0.03 - time.monotonic()))
+        assert not results  # handed out of its slot early, but checked at its deferral
+        await eventually(lambda: bool(results), message="n1 checked once its pushes stopped")
+        assert "n1" not in poller._wheel
 
 
 async def test_a_deferral_earlier_than_the_scheduled_check_brings_it_forward() -> None:

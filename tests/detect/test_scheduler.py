@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nodewatch.detect.scheduler import CheckScheduler, LatenessStats, jittered
+from nodewatch.detect.scheduler import CheckScheduler, DeferralWheel, LatenessStats, jittered
 from nodewatch.testing import FakeClock
 
 
@@ -185,3 +185,28 @@ def test_pop_due_properties(ops: list[tuple[str, object, float]]) -> None:
                 assert dues[-1] <= due_left[0], "popped a later node before an earlier one"
         assert len(sched) == len(model)
         assert sched.next_due() == (min(model.values()) if model else None)
+
+
+def test_the_deferral_wheel_hands_out_each_node_once_when_its_slot_begins() -> None:
+    wheel = DeferralWheel(0.1)
+    wheel.park("a", 10.05)
+    wheel.park("b", 10.25)
+    wheel.park("c", 10.0)
+    wheel.park("a", 10.35)  # moved on: its old slot skips it
+    wheel.park("a", 10.36)  # the same slot: nothing changes
+    assert len(wheel) == 3 and "a" in wheel and wheel.next_due() == pytest.approx(10.0)
+    assert wheel.parked_from("a") == pytest.approx(10.3) and wheel.parked_from("x") is None
+    assert wheel.take(9.99) == []
+    assert wheel.take(10.09) == ["c"]
+    assert wheel.take(10.29) == ["b"]
+    assert wheel.unpark("a") and not wheel.unpark("a")
+    assert wheel.take(11.0) == [] and len(wheel) == 0 and wheel.next_due() is None
+
+
+def test_a_node_parked_back_and_forth_comes_out_once() -> None:
+    wheel = DeferralWheel(1.0)
+    for due in (5.0, 7.0, 5.5, 9.0, 5.2):
+        wheel.park("n", due)
+    assert wheel.take(8.0) == ["n"] and wheel.take(100.0) == []
+    with pytest.raises(ValueError):
+        DeferralWheel(0.0)

@@ -21,7 +21,7 @@ import aiohttp
 
 from nodewatch.config import DetectionConfig
 from nodewatch.coordinator.probes import HttpPeerProbe, check_health
-from nodewatch.detect.scheduler import CheckScheduler
+from nodewatch.detect.scheduler import CheckScheduler, DeferralWheel
 from nodewatch.model import CheckResult, FailureClass, PeerVote
 
 __all__ = ["CheckLost", "ClosableProbe", "HttpProbe", "OpenableProbe", "Poller", "Probe"]
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 _TIMER_SLACK = 0.001
 _DEFER_AHEAD = 1.0  # deferred entries are moved on up to this early, in batches
+_PARK_SLOT = 0.1  # seconds: the deferral wheel's slot (a parked check is handed out this early)
 
 
 class CheckLost(Exception):
@@ -185,6 +186,7 @@ class _Node:
         self.busy = False  # a check is in flight
         self.recheck = False  # check again right after the one in flight (check_now, new address)
         self.deferred = 0.0  # pushes arrived: when its due time comes, move it to this instead
+        # (a node whose due time came while deferred waits in the poller's DeferralWheel)
 
 
 class Poller:
@@ -221,6 +223,11 @@ class Poller:
         self._workers: list[asyncio.Task[None]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = 0.0
+        # Nodes whose due time came while pushes deferred them: parked until their deferral,
+        # moved on there while pushes go on, back on the heap once they stop.
+        self._wheel = DeferralWheel(_PARK_SLOT)
+        self._wheel_timer: asyncio.TimerHandle | None = None
+        self._wheel_due = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         # A probe whose checks start in another process says so: lateness is then measured
         # from the start its result reports, which includes the hand-over.
@@ -261,6 +268,7 @@ class Poller:
         """Stop watching a node; a check in flight finishes but its result is dropped."""
         node = self._nodes.pop(node_id, None)
         self._scheduler.remove(node_id)
+        self._wheel.unpark(node_id)
         return node is not None
 
     def update_address(self, node_id: str, address: str) -> None:
@@ -286,10 +294,16 @@ class Poller:
         if node is None:
             return
         node.deferred = due
-        if not node.busy:
-            scheduled = self._scheduler.due_of(node_id)
-            if scheduled is not None and due < scheduled:
-                self._schedule(node_id, due)
+        if node.busy:
+            return
+        parked = self._wheel.parked_from(node_id)
+        if parked is not None:  # moved on when its slot comes, unless due before that
+            if due < parked:
+                self._park(node_id, due)
+            return
+        scheduled = self._scheduler.due_of(node_id)
+        if scheduled is not None and due < scheduled:
+            self._schedule(node_id, due)
 
     def check_now(self, node_id: str) -> None:
         """Check the node as soon as a worker is free (e.g. after a lease expired), without
@@ -298,6 +312,7 @@ class Poller:
         if node is None:
             raise KeyError(node_id)
         node.deferred = 0.0  # asked for now: no push stands in for this check
+        self._wheel.unpark(node_id)
         if node.busy:
             node.recheck = True
         else:
@@ -310,6 +325,7 @@ class Poller:
         lateness = self._scheduler.lateness
         return {
             "nodes": len(self._nodes),
+            "parked": len(self._wheel),
             "checks_done": self.checks_done,
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
@@ -338,6 +354,7 @@ class Poller:
             self._loop.create_task(self._worker(), name=f"nodewatch-poller-{i}")
             for i in range(self._concurrency)
         ]
+        self._arm_wheel()
 
     async def stop(self) -> None:
         """Cancel the workers (checks in flight are abandoned, their results dropped), cancel
@@ -346,6 +363,9 @@ class Poller:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._wheel_timer is not None:
+            self._wheel_timer.cancel()
+            self._wheel_timer = None
         for worker in workers:
             worker.cancel()
         if workers:
@@ -359,7 +379,7 @@ class Poller:
         for node_id, node in self._nodes.items():
             node.busy = False
             node.recheck = False
-            if node_id not in self._scheduler:
+            if node_id not in self._scheduler and node_id not in self._wheel:
                 self._scheduler.schedule(node_id, now)
         if isinstance(self._probe, ClosableProbe):
             await self._probe.aclose()
@@ -404,6 +424,50 @@ class Poller:
         self._timer_due = due
         self._timer = loop.call_later(max(0.0, due - self._clock()), self._on_timer)
 
+    def _park(self, node_id: str, due: float) -> None:
+        """Put the node in the wheel until ``due`` (pushes stood in for its check)."""
+        self._wheel.park(node_id, due)
+        if self._wheel_timer is None or due < self._wheel_due:
+            self._arm_wheel()
+
+    def _arm_wheel(self) -> None:
+        loop = self._loop
+        if loop is None or not self._workers:
+            return
+        due = self._wheel.next_due()
+        if due is None:
+            return
+        if self._wheel_timer is not None:
+            if self._wheel_due <= due:
+                return
+            self._wheel_timer.cancel()
+        self._wheel_due = due
+        self._wheel_timer = loop.call_later(max(0.0, due - self._clock()), self._on_wheel)
+
+    def _on_wheel(self) -> None:
+        """Slots whose time came: a node that pushes moved on again is parked at its new
+        deferral; one whose pushes stopped goes back on the heap, due at its deferral (within
+        the slot, so its check starts on time)."""
+        self._wheel_timer = None
+        now = self._clock()
+        nodes, wheel, schedule = self._nodes, self._wheel, self._scheduler.schedule
+        horizon = now + _TIMER_SLACK
+        moved = False
+        for node_id in wheel.take(horizon):
+            node = nodes.get(node_id)
+            if node is None or node.busy:
+                continue  # removed, or a check started meanwhile (check_now)
+            due = node.deferred
+            if due >= horizon + wheel.slot:
+                wheel.park(node_id, due)
+                continue
+            node.deferred = 0.0
+            schedule(node_id, due)
+            moved = True
+        if moved and self._idle:
+            self._arm_timer()
+        self._arm_wheel()
+
     def _on_timer(self) -> None:
         """Hand every node due now to an idle worker; re-arm if idle workers are left.
 
@@ -434,8 +498,7 @@ class Poller:
             if node is None:
                 continue  # removed since it was scheduled
             if node.deferred > due:
-                scheduler.schedule(node_id, node.deferred)  # pushes stood in for this check
-                node.deferred = 0.0
+                self._park(node_id, node.deferred)  # pushes stood in for this check
                 continue
             if due > start_by:
                 scheduler.schedule(node_id, due)  # a real check, not due yet: keep its time
@@ -468,8 +531,7 @@ class Poller:
             if node is None:
                 continue  # removed between the pop and now
             if node.deferred > due:
-                scheduler.schedule(node_id, node.deferred)  # pushes stood in for this check
-                node.deferred = 0.0
+                self._park(node_id, node.deferred)  # pushes stood in for this check
                 continue
             node.busy = True
             self.in_flight += 1
