@@ -357,6 +357,7 @@ def scrape(url: str) -> dict[str, float]:
     wanted = {"nodewatch_checks_total": "checks", "nodewatch_heartbeats_total": "pushes",
               'nodewatch_udp_heartbeats_total{result="ok"}': "udp_ok",
               'nodewatch_udp_heartbeats_total{result="stale"}': "udp_stale",
+              "nodewatch_udp_receive_drops_total": "udp_drops",
               'nodewatch_nodes{health="healthy"}': "healthy"}
     out = dict.fromkeys(wanted.values(), 0.0)
     for line in text.splitlines():
@@ -513,10 +514,11 @@ def run_fleet(args: argparse.Namespace, free_port: Any) -> dict[str, Any]:
         scale = wall / max(s1 - s0, 1e-9)
         if api_ok:
             sums = {key: scale * sum(a[key] - b[key] for a, b in zip(after, before, strict=True))
-                    for key in ("checks", "pushes", "udp_ok", "udp_stale")}
+                    for key in ("checks", "pushes", "udp_ok", "udp_stale", "udp_drops")}
         else:  # what the sender paced, not what the coordinator counted
             sums = {"checks": 0.0, "pushes": args.nodes / args.every * wall,
-                    "udp_ok": args.nodes / args.every * wall, "udp_stale": 0.0}
+                    "udp_ok": args.nodes / args.every * wall, "udp_stale": 0.0,
+                    "udp_drops": 0.0}
         cpu = sum(c1 - c0 for c0, c1 in zip(cpu0, cpu1, strict=True))
         send.send_signal(signal.SIGUSR1)  # the kills begin
         time.sleep(args.kill_span + args.confirm_wait)
@@ -637,6 +639,7 @@ def main() -> None:
         ratio = f"{us / fl['us']:.2f}x floor" if fl else "no floor"
         print(f"coordinator: {us:.1f} us/heartbeat ({ratio}); "
               f"{r['udp_ok'] / r['wall']:.0f} udp ok/s, {r['udp_stale'] / r['wall']:.1f} stale/s,"
+              f" {r['udp_drops'] / r['wall']:.1f} dropped in the kernel/s,"
               f" {(heartbeats - r['udp_ok'] - r['udp_stale']) / r['wall']:.1f} http/s, "
               f"{r['checks'] / r['wall']:.1f} polls/s; {r['cpu'] / r['wall']:.3f} cores in "
               f"total; RSS {'+'.join(f'{m:.0f}' for m in r['rss'])} MB; machine busy "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,11 +18,13 @@ import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from nodewatch.api import udp as udp_module
 from nodewatch.api.app import build_app
 from nodewatch.api.udp import MAX_BATCH, UdpHeartbeats, start_udp_heartbeats
 from nodewatch.collect import agent as agent_module
 from nodewatch.collect.agent import Agent
 from nodewatch.collect.coordinator_client import UdpHeartbeatSender
+from nodewatch.coordinator.health import ReceiveDrops, Signals, judge
 from nodewatch.coordinator.service import Coordinator
 from nodewatch.protocol import (
     MAX_DATAGRAM,
@@ -350,3 +353,54 @@ async def test_closing_the_endpoint_releases_its_port(tmp_path: Path) -> None:
         rig.udp.close()  # twice is fine
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.bind((host, port))  # free again
+
+
+async def test_datagrams_the_kernel_drops_make_the_coordinator_degraded(
+        tmp_path: Path) -> None:
+    """A coordinator that cannot keep up loses heartbeats in the kernel, before _drain sees
+    them: the kernel's own count tells, in /healthz and /metrics."""
+    cfg = make_config(tmp_path, **{"coordinator.heartbeat_udp": "127.0.0.1:0"})
+    coord = Coordinator(cfg, open_store(cfg.coordinator.store),
+                        probe=FakeProbe(time.time))  # type: ignore[arg-type]
+    await coord.start()
+    listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listen.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # room for a few only
+    listen.bind(("127.0.0.1", 0))
+    listen.setblocking(False)
+    udp = UdpHeartbeats(coord, TOKEN, listen)
+    client = TestClient(TestServer(build_app(coord, udp), host="127.0.0.1"))
+    await client.start_server()
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        assert udp_module.kernel_drops(os.fstat(listen.fileno()).st_ino) == 0
+        assert coord.health().status == "ok"
+        datagram = _signed(beat(seq=1))
+        for _ in range(500):  # the loop cannot read meanwhile: the buffer overflows
+            sender.sendto(datagram, udp.address)
+        await async_wait_until(lambda: asyncio.sleep(0, udp.drops > 0), within=10,
+                               message="the kernel's drops read")
+        health = coord.health()
+        assert health.status == "degraded"
+        assert any("UDP heartbeats dropped" in r for r in health.reasons)
+        metrics = await (await client.get("/metrics")).text()
+        assert f"nodewatch_udp_receive_drops_total {float(udp.drops)}" in metrics
+        assert udp.drops + sum(udp.counts.values()) <= 500
+    finally:
+        sender.close()
+        await client.close()
+        udp.close()
+        await coord.stop()
+
+
+def test_drops_count_for_a_window_then_age_out() -> None:
+    drops = ReceiveDrops(window=60.0)
+    drops.note(0, 100.0)
+    drops.note(5, 110.0)
+    drops.note(5, 120.0)
+    drops.note(8, 150.0)
+    assert drops.total == 8 and drops.recent(150.0) == 8
+    assert drops.recent(171.0) == 3 and drops.recent(211.0) == 0 and drops.total == 8
+    signals = Signals(now=0.0, udp_drops=3)
+    health = judge(signals)
+    assert health.status == "degraded" and "3 UDP heartbeats dropped in the last 60s" in \
+        health.reasons[0]

@@ -112,6 +112,10 @@ class _CoordinatorCollector(Collector):
             for result, count in self.udp_counts.items():
                 udp.add_metric([result], count)
             yield udp
+            yield CounterMetricFamily(
+                "nodewatch_udp_receive_drops",
+                "UDP heartbeat datagrams the kernel dropped before the coordinator read them "
+                "(receive buffer full)", value=coord.receive_drops.total)
         yield GaugeMetricFamily("nodewatch_loop_lag_seconds", "Coordinator event-loop lag",
                                 value=coord.loop_lag)
         yield GaugeMetricFamily("nodewatch_guard_on", "1 while the mass-failure guard holds",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -37,7 +38,7 @@ from nodewatch.protocol import (
     untagged,
 )
 
-__all__ = ["RESULTS", "UdpHeartbeats", "push_result", 
+__all__ = ["DROP_SAMPLE_EVERY", "RESULTS", "UdpHeartbeats", "kernel_drops", "push_result",
            "start_udp_heartbeats"]
 
 log = logging.getLogger("nodewatch.coordinator")
@@ -45,6 +46,7 @@ log = logging.getLogger("nodewatch.coordinator")
 RECEIVE_BUFFER = 4 * 1024 * 1024  # absorbs a loop stall at thousands of heartbeats/s
 BATCH_WINDOW = 0.1  # seconds the socket rests after a drain, so that wake-ups come in batches
 MAX_BATCH = 1024  # datagrams per wake-up, so that a flood cannot starve the loop
+DROP_SAMPLE_EVERY = 1.0  # seconds between readings of the kernel's drop count for the socket
 RESULTS = ("ok", "stale", "unknown", "bad_tag", "malformed", "oversize", "not_leader",
            "not_owner", "error")
 _JSON_START = ord("{")
@@ -94,6 +96,12 @@ class UdpHeartbeats:
         self._msgpack = msgspec.msgpack.Decoder(HeartbeatBody)
         self._json = msgspec.json.Decoder(HeartbeatBody)
         self._loop.add_reader(self._fd, self._readable)
+        # Datagrams the kernel dropped (receive buffer full) never reach _drain: its own
+        # count, read every DROP_SAMPLE_EVERY, is how a coordinator that cannot keep up knows.
+        self._inode = os.fstat(self._fd).st_ino
+        self._drops_at_open = kernel_drops(self._inode) or 0
+        self._sampler: asyncio.TimerHandle | None = self._loop.call_later(
+            DROP_SAMPLE_EVERY, self._sample_drops)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -102,6 +110,24 @@ class UdpHeartbeats:
             raise RuntimeError("the UDP endpoint is closed")
         host, port = self._sock.getsockname()[:2]
         return str(host), int(port)
+
+    @property
+    def drops(self) -> int:
+        """Datagrams the kernel dropped on this socket since it opened, as last read."""
+        return self.coord.receive_drops.total
+
+    def _sample_drops(self) -> None:
+        self._sampler = None
+        if self._closed:
+            return
+        total = kernel_drops(self._inode)
+        if total is not None:
+            dropped = max(0, total - self._drops_at_open)
+            if dropped > self.coord.receive_drops.total:
+                log.warning("UDP heartbeat receive buffer full: %d datagrams dropped so far",
+                            dropped)
+            self.coord.receive_drops.note(dropped, self.coord.clock())
+        self._sampler = self._loop.call_later(DROP_SAMPLE_EVERY, self._sample_drops)
 
     def _readable(self) -> None:
         handled = self._drain()
@@ -278,6 +304,9 @@ class UdpHeartbeats:
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
+        if self._sampler is not None:
+            self._sampler.cancel()
+            self._sampler = None
         self._loop.remove_reader(self._fd)
         self._sock.close()
 
@@ -306,6 +335,24 @@ async def start_udp_heartbeats(coord: Coordinator, listen: str | None = None,
         log.warning("UDP heartbeats on %s without an agent token: datagrams are not "
                     "authenticated", listen or cc.heartbeat_udp)
     return endpoint
+
+
+def kernel_drops(inode: int) -> int | None:
+    """The kernel's drop count for the UDP socket with this inode (the last column of
+    /proc/net/udp and udp6: datagrams it threw away, mostly for a full receive buffer), or
+    None where that is not readable (not Linux, no /proc)."""
+    wanted = str(inode)
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table, encoding="ascii") as lines:
+                next(lines, None)  # the header
+                for line in lines:
+                    fields = line.split()
+                    if len(fields) >= 13 and fields[9] == wanted:
+                        return int(fields[-1])
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def _grow_receive_buffer(sock: socket.socket) -> None:

@@ -8,7 +8,10 @@ signals, the API answers 503 when failing.
   confirming yet), the guard on (holding confirmations on purpose), events queued for the
   store, the store unavailable for less than ``store_timeout`` (changes are still answered in
   time), no leader for less than the election lease (an election in progress), the loop
-  lagging over ``max_loop_lag`` (confirmations held by the gate, for a while).
+  lagging over ``max_loop_lag`` (confirmations held by the gate, for a while), heartbeat
+  datagrams dropped by the kernel for want of room in the receive buffer within the last
+  ``DROP_WINDOW`` (more pushes than this coordinator keeps up with: its silence judgements are
+  then partly its own doing, and polls have to sort them out).
 - **failing** — cannot do its job: the store unavailable for ``store_timeout`` or longer
   (every change gets 503 now), no leader anywhere for longer than the lease (nobody detects,
   nobody acts), the leader's poller watching none of the nodes it holds (nobody is being
@@ -19,16 +22,45 @@ signals, the API answers 503 when failing.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-__all__ = ["CoordinatorHealth", "LAG_FAILING_AFTER", "LAG_FAILING_FACTOR", "Signals",
-           "StoreHealth", "judge"]
+__all__ = ["CoordinatorHealth", "DROP_WINDOW", "LAG_FAILING_AFTER", "LAG_FAILING_FACTOR",
+           "ReceiveDrops", "Signals", "StoreHealth", "judge"]
 
 Status = Literal["ok", "degraded", "failing"]
 
 LAG_FAILING_FACTOR = 5.0  # loop lag this many times max_loop_lag: failing at once
 LAG_FAILING_AFTER = 30.0  # seconds lagging over max_loop_lag on end: failing
+DROP_WINDOW = 60.0  # seconds: heartbeats the kernel dropped this recently make it degraded
+
+
+class ReceiveDrops:
+    """The kernel's count of heartbeat datagrams dropped on the UDP socket (receive buffer
+    full), as the endpoint reads it: the total since the endpoint opened, and how many of
+    them fell within the last ``window`` seconds."""
+
+    def __init__(self, window: float = DROP_WINDOW) -> None:
+        self.window = window
+        self.total = 0
+        self._steps: deque[tuple[float, int]] = deque()  # (when, how many) of each increase
+
+    def note(self, total: int, now: float) -> None:
+        """The endpoint's latest reading of the total (never lower than before)."""
+        if total > self.total:
+            self._steps.append((now, total - self.total))
+            self.total = total
+        self._expire(now)
+
+    def recent(self, now: float) -> int:
+        self._expire(now)
+        return sum(count for _, count in self._steps)
+
+    def _expire(self, now: float) -> None:
+        steps = self._steps
+        while steps and steps[0][0] < now - self.window:
+            steps.popleft()
 
 
 class StoreHealth(Protocol):
@@ -78,6 +110,8 @@ class Signals:
     shares_short_since: float | None = None  # since when it holds fewer than it wins
     watchable_nodes: int = 0  # nodes held that are not dead
     polled_nodes: int = 0  # nodes the poller watches
+    udp_drops: int = 0  # heartbeat datagrams the kernel dropped within the last drop_window
+    drop_window: float = DROP_WINDOW
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +187,10 @@ def judge(s: Signals) -> CoordinatorHealth:
             failing.append(text)
         else:
             degraded.append(text)
+    if s.udp_drops:
+        degraded.append(f"{s.udp_drops} UDP heartbeats dropped in the last "
+                        f"{s.drop_window:.0f}s (receive buffer full): more pushes than this "
+                        "coordinator keeps up with; share the nodes among more coordinators")
     if failing:
         return CoordinatorHealth("failing", failing + degraded)
     if degraded:

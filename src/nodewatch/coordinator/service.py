@@ -20,7 +20,7 @@ from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from nodewatch.config import Config
-from nodewatch.coordinator.health import CoordinatorHealth, Signals, judge
+from nodewatch.coordinator.health import CoordinatorHealth, ReceiveDrops, Signals, judge
 from nodewatch.coordinator.poller import HttpProbe, Poller, Probe
 from nodewatch.detect import identity
 from nodewatch.detect.cluster import Cluster
@@ -455,6 +455,7 @@ class Coordinator:
         self.stale_reports = 0
         self.pushes = 0
         self.identity_rejections = 0  # requests refused for want of a node's credential
+        self.receive_drops = ReceiveDrops()  # fed by the UDP endpoint (api/udp.py)
         self._pending_actions: list[tuple[ActionRequest, Event | None]] = []
         self._sample_marks: dict[str, tuple[int, int]] = {}
         self._last_history_write = clock()
@@ -1711,6 +1712,8 @@ class Coordinator:
             store_timeout=float(cfg.store_timeout),
             watchable_nodes=counts["total"] - counts.get(Health.DEAD.value, 0),
             polled_nodes=len(self.poller),
+            udp_drops=self.receive_drops.recent(self.clock()),
+            drop_window=self.receive_drops.window,
         ))
 
     def status(self) -> dict[str, Any]:
