@@ -53,6 +53,7 @@ from nodewatch.model import (
     SampleChunk,
 )
 from nodewatch.store.codec import (
+    encode_chunk_body,
     encode_event,
     encode_node,
     encode_node_packed,
@@ -79,18 +80,18 @@ class Counts:
     node_bytes: dict[str, int] = field(default_factory=lambda: {"etcd": 0, "sqlite": 0})
     raw: int = 0
     rollups: int = 0
-    history_bytes: dict[str, int] = field(default_factory=lambda: {
+    history_bytes: dict[str, float] = field(default_factory=lambda: {
         "sqlite": 0, "etcd": 0, "redis": 0})
-    raw_sizes: dict[str, list[int]] = field(default_factory=lambda: {
+    raw_sizes: dict[str, list[float]] = field(default_factory=lambda: {
         "sqlite": [], "etcd": [], "redis": []})
-    rollup_sizes: dict[str, list[int]] = field(default_factory=lambda: {
+    rollup_sizes: dict[str, list[float]] = field(default_factory=lambda: {
         "sqlite": [], "etcd": [], "redis": []})
     events: int = 0
     batches: int = 0
     batch_sizes: list[int] = field(default_factory=list)
 
 
-def stored_sizes(sample: HistorySample) -> dict[str, int]:
+def stored_sizes(sample: HistorySample) -> dict[str, float]:
     """Bytes of one history point as each backend stores it (key columns included)."""
     key = len(sample.node_id) + 8 + 4  # node_id, ts (REAL), seq
     sqlite = len(encode_sample_body_packed(sample)) + key + 4  # + bucket
@@ -150,25 +151,33 @@ class CountingStore:
         return None
 
     async def add_chunks(self, chunks: Sequence[SampleChunk]) -> None:
-        """Counted and sized as the samples they hold (each backend's per-sample layout)."""
-        await self.add_samples([s for chunk in chunks for s in chunk.samples()])
+        """Counted as the samples they hold: on SQLite each a share of its chunk's one row
+        (store/sqlite.py), on etcd and Redis one entry each (they write them so)."""
+        if not self.measuring:
+            return
+        for chunk in chunks:
+            row = len(encode_chunk_body(chunk)) + len(chunk.node_id) + 8 + 4 + 4
+            for sample in chunk.samples():
+                self._count(sample, {**stored_sizes(sample), "sqlite": row / len(chunk)})
 
     async def add_samples(self, samples: Sequence[HistorySample]) -> None:
         if not self.measuring:
             return
-        c = self.counts
         for sample in samples:
-            sizes = stored_sizes(sample)
-            if sample.span:
-                c.rollups += 1
-            else:
-                c.raw += 1
-            for backend, size in sizes.items():
-                c.history_bytes[backend] += size
-                if len(c.raw_sizes[backend]) < 5000 and not sample.span:
-                    c.raw_sizes[backend].append(size)
-                if len(c.rollup_sizes[backend]) < 5000 and sample.span:
-                    c.rollup_sizes[backend].append(size)
+            self._count(sample, stored_sizes(sample))
+
+    def _count(self, sample: HistorySample, sizes: dict[str, float]) -> None:
+        c = self.counts
+        if sample.span:
+            c.rollups += 1
+        else:
+            c.raw += 1
+        for backend, size in sizes.items():
+            c.history_bytes[backend] += size
+            if len(c.raw_sizes[backend]) < 5000 and not sample.span:
+                c.raw_sizes[backend].append(size)
+            if len(c.rollup_sizes[backend]) < 5000 and sample.span:
+                c.rollup_sizes[backend].append(size)
 
     async def history(self, node_id: str, since: float) -> list[HistorySample]:
         return []
@@ -283,7 +292,7 @@ async def drive(name: str, driven: int, nodes: int, duration: float, before: boo
     return Run(name, store.counts, window, nodes / driven, coord.history_tiers)
 
 
-def mean(values: list[int]) -> float:
+def mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else 0.0
 
 

@@ -394,10 +394,10 @@ async def test_datagrams_the_kernel_drops_make_the_coordinator_degraded(
 
 def test_drops_count_for_a_window_then_age_out() -> None:
     drops = ReceiveDrops(window=60.0)
-    drops.note(0, 100.0)
+    drops.note(0, 100.0)  # each reading: how many more since the last one
     drops.note(5, 110.0)
-    drops.note(5, 120.0)
-    drops.note(8, 150.0)
+    drops.note(0, 120.0)
+    drops.note(3, 150.0)
     assert drops.total == 8 and drops.recent(150.0) == 8
     assert drops.recent(171.0) == 3 and drops.recent(211.0) == 0 and drops.total == 8
     signals = Signals(now=0.0, udp_drops=3)

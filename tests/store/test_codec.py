@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from array import array
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,15 +17,18 @@ from nodewatch.model import (
     HistorySample,
     NodeState,
     NodeStatus,
+    SampleChunk,
 )
 from nodewatch.store.codec import (
     EventRecord,
     NodeRecord,
     SampleRecord,
+    decode_chunk_body,
     decode_event,
     decode_node,
     decode_sample,
     decode_sample_body,
+    encode_chunk_body,
     encode_event,
     encode_node,
     encode_node_packed,
@@ -163,3 +168,22 @@ def test_a_rollup_round_trips_and_a_raw_sample_keeps_its_bytes() -> None:
     assert decode_sample(encode_sample(rolled)) == rolled
     for body in (encode_sample_body(rolled), encode_sample_body_packed(rolled)):
         assert decode_sample_body("web-1", 10.5, 3, body) == rolled
+
+
+@given(st.lists(st.tuples(numbers, st.integers(0, 2**63 - 1), st.integers(0, 4),
+                          numbers, numbers), max_size=12))
+def test_a_chunk_round_trips_column_by_column(rows: list[tuple[float, int, int, float,
+                                                               float]]) -> None:
+    chunk = SampleChunk("web-1", ("cpu_percent",), ("qps",), array("d", [r[0] for r in rows]),
+                        array("q", [r[1] for r in rows]), bytes(r[2] for r in rows),
+                        array("d", [v for r in rows for v in r[3:]]))
+    assert decode_chunk_body("web-1", encode_chunk_body(chunk)) == chunk
+
+
+def test_a_stored_chunk_that_does_not_add_up_is_refused() -> None:
+    good = SampleChunk("n", ("cpu",), (), array("d", [1.0]), array("q", [1]), b"\x00",
+                       array("d", [5.0]))
+    for bad in (dataclasses.replace(good, health=b"\x09"),
+                dataclasses.replace(good, values=array("d", [5.0, 6.0]))):
+        with pytest.raises(ValueError):
+            decode_chunk_body("n", encode_chunk_body(bad))

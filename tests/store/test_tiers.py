@@ -128,16 +128,29 @@ def test_a_chunk_lies_within_one_rollup_interval_and_at_most_a_minute() -> None:
     assert sum(len(c) for c in raw) == 200
 
 
-def test_a_new_figure_starts_a_chunk_and_a_replay_is_not_gathered() -> None:
+def test_a_new_figure_or_a_late_sample_starts_a_chunk() -> None:
     chunks = SampleChunks(HistoryTiers(3600.0, 3600.0, 60.0))  # raw only: no rollups
     assert chunks.rollups is None
     gather(chunks, [sample(1000.0, 1.0), sample(1001.0, 2.0)])
     extra = HistorySample("web-1", 1002.0, 1002, "healthy", {"cpu_percent": 3.0},
                           {"qps": 1.0, "pending_tasks": 3.0})
-    gather(chunks, [extra, sample(999.0, 9.0)])  # the replay is older than what is gathered
+    late = sample(999.0, 9.0)  # older than what is gathered (a clock step back)
+    gather(chunks, [extra, late])
     raw, points = chunks.take(0.0, final=True)
-    assert points == [] and [len(c) for c in raw] == [2, 1]
-    assert raw[1].samples() == [extra]
+    assert points == [] and [len(c) for c in raw] == [2, 1, 1]
+    assert raw[1].samples() == [extra] and raw[2].samples() == [late]
+
+
+def test_handing_nodes_over_closes_what_is_gathered_for_them_alone() -> None:
+    chunks = SampleChunks(HistoryTiers(3600.0, 300.0, 60.0))
+    gather(chunks, [sample(1000.0 + 5 * i, 1.0) for i in range(3)])
+    gather(chunks, [sample(1000.0, 2.0, node_id="web-2")])
+    raw, points = chunks.close(["web-1"])
+    assert sum(len(c) for c in raw) == 3 and {c.node_id for c in raw} == {"web-1"}
+    assert points and {p.node_id for p in points} == {"web-1"}
+    assert chunks.samples("web-1", 0.0) == [] and len(chunks.samples("web-2", 0.0)) == 1
+    raw, points = chunks.take(0.0, final=True)
+    assert [c.node_id for c in raw] == [p.node_id for p in points] == ["web-2"]
 
 
 def test_a_node_that_stops_sampling_has_its_chunk_closed_once_its_window_ended() -> None:

@@ -78,6 +78,7 @@ class UdpHeartbeats:
         self.coord = coord
         self.counts: dict[str, int] = dict.fromkeys(RESULTS, 0)
         self.replies = 0
+        self.drops = 0  # datagrams the kernel dropped on this socket (as last read)
         self.batch_window = batch_window
         self._sock = sock
         self._fd = sock.fileno()
@@ -99,7 +100,7 @@ class UdpHeartbeats:
         # Datagrams the kernel dropped (receive buffer full) never reach _drain: its own
         # count, read every DROP_SAMPLE_EVERY, is how a coordinator that cannot keep up knows.
         self._inode = os.fstat(self._fd).st_ino
-        self._drops_at_open = kernel_drops(self._inode) or 0
+        self._drops_seen = kernel_drops(self._inode) or 0
         self._sampler: asyncio.TimerHandle | None = self._loop.call_later(
             DROP_SAMPLE_EVERY, self._sample_drops)
 
@@ -111,22 +112,22 @@ class UdpHeartbeats:
         host, port = self._sock.getsockname()[:2]
         return str(host), int(port)
 
-    @property
-    def drops(self) -> int:
-        """Datagrams the kernel dropped on this socket since it opened, as last read."""
-        return self.coord.receive_drops.total
-
     def _sample_drops(self) -> None:
         self._sampler = None
         if self._closed:
             return
         total = kernel_drops(self._inode)
         if total is not None:
-            dropped = max(0, total - self._drops_at_open)
-            if dropped > self.coord.receive_drops.total:
-                log.warning("UDP heartbeat receive buffer full: %d datagrams dropped so far",
-                            dropped)
-            self.coord.receive_drops.note(dropped, self.coord.clock())
+            dropped = (total - self._drops_seen) % 2**32  # the kernel's counter is 32 bits
+            self._drops_seen = total
+            drops = self.coord.receive_drops
+            now = self.coord.clock()
+            if dropped and not drops.recent(now):  # once per spell, not every second
+                log.warning("UDP heartbeat receive buffer full: %d datagrams dropped in the "
+                            "last %gs (more pushes than this coordinator keeps up with)",
+                            dropped, DROP_SAMPLE_EVERY)
+            self.drops += dropped
+            drops.note(dropped, now)
         self._sampler = self._loop.call_later(DROP_SAMPLE_EVERY, self._sample_drops)
 
     def _readable(self) -> None:

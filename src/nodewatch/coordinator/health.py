@@ -46,11 +46,11 @@ class ReceiveDrops:
         self.total = 0
         self._steps: deque[tuple[float, int]] = deque()  # (when, how many) of each increase
 
-    def note(self, total: int, now: float) -> None:
-        """The endpoint's latest reading of the total (never lower than before)."""
-        if total > self.total:
-            self._steps.append((now, total - self.total))
-            self.total = total
+    def note(self, dropped: int, now: float) -> None:
+        """``dropped`` more since the endpoint's last reading (each endpoint counts its own)."""
+        if dropped > 0:
+            self._steps.append((now, dropped))
+            self.total += dropped
         self._expire(now)
 
     def recent(self, now: float) -> int:

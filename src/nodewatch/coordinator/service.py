@@ -799,6 +799,10 @@ class Coordinator:
         self.cluster.budget.share(len(self.held_shares) / self.share_count)
         for node_id in nodes:
             self.poller.remove(node_id)
+        # Their history so far goes with this last write: the next holder gathers on.
+        chunks, points = self._history.close(nodes)
+        self._pending_chunks += chunks
+        self._pending_points += points
         try:
             await self.persist(routine=True)
         except StoreUnavailable as exc:
@@ -1293,6 +1297,8 @@ class Coordinator:
                 self.poller.check_now(node_id)
         for node_id in outcome.removed:
             self.poller.remove(node_id)
+            self._history.forget([node_id])
+            self._sample_marks.pop(node_id, None)
             if not stored:
                 asyncio.get_running_loop().create_task(self._delete(node_id))
         for event in outcome.events:
@@ -1374,8 +1380,10 @@ class Coordinator:
             self.store_health.dropped_events += excess
             log.warning("store unavailable: dropped the %d oldest queued events (queue full "
                         "at %d)", excess, limit)
-        if len(self._pending_chunks) > limit:
-            del self._pending_chunks[:len(self._pending_chunks) - limit]
+        chunks = self._pending_chunks
+        held = sum(len(c) for c in chunks)
+        while chunks and held > limit:  # counted in samples, as events are
+            held -= len(chunks.pop(0))
         if len(self._pending_points) > limit:
             del self._pending_points[:len(self._pending_points) - limit]
         self.store_health.queued_events = len(self._pending_events)
@@ -1674,8 +1682,13 @@ class Coordinator:
             await self.persist(history=True)
         except StoreUnavailable:
             pass
+        # Taken before the read: a chunk that closes and is written meanwhile is then in one
+        # of the two (or both: the same samples count once), never in neither. Chunks a failed
+        # write left pending are read here too.
+        gathered = [s for c in self._pending_chunks if c.node_id == node_id
+                    for s in c.samples() if s.ts >= since]
+        gathered += self._history.samples(node_id, since)
         stored = await self._bounded(self.store.history(node_id, since), "read")
-        gathered = self._history.samples(node_id, since)
         if not gathered:
             return stored
         seen = {(s.ts, s.seq) for s in stored if not s.span}

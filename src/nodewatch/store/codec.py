@@ -24,6 +24,7 @@ import msgspec
 
 from nodewatch.detect.journal import ROUTINE_FIELDS
 from nodewatch.model import (
+    HEALTH_CODES,
     Event,
     HistorySample,
     NodeState,
@@ -223,6 +224,8 @@ def decode_chunk_body(node_id: str, data: bytes) -> SampleChunk:
     if not (len(chunk.seq) == len(chunk.health) == n
             and len(chunk.values) == n * (len(chunk.system) + len(chunk.load))):
         raise ValueError("a stored history chunk's columns disagree in length")
+    if max(chunk.health, default=0) >= len(HEALTH_CODES):
+        raise ValueError("a stored history chunk holds an unknown health code")
     return chunk
 
 

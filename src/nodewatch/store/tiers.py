@@ -184,6 +184,10 @@ class Rollups:
         """Every rollup being gathered, as it is (on stop)."""
         return [self._close(o) for o in list(self._open.values())]
 
+    def close_nodes(self, node_ids: Iterable[str]) -> list[HistorySample]:
+        """These nodes' rollups being gathered, as they are (their shares are handed over)."""
+        return [self._close(self._open[i]) for i in node_ids if i in self._open]
+
     def forget(self, node_ids: Iterable[str]) -> None:
         for node_id in node_ids:
             self._open.pop(node_id, None)
@@ -259,8 +263,8 @@ class SampleChunks:
         if current is not None and not (
                 current.start <= ts < current.until and current.system == tuple(system)
                 and current.load == tuple(load)):
-            if ts < current.last:
-                return  # older than what is gathered: a replay
+            # Also a sample older than the chunk (a clock step back, a poll's result after a
+            # push): a chunk of its own; a replay of a stored one is deduplicated by readers.
             self._close(current)
             current = None
         if current is None:
@@ -338,8 +342,27 @@ class SampleChunks:
             out.extend(current.chunk().samples())
         return [s for s in out if s.ts >= since]
 
+    def close(self, node_ids: Iterable[str]) -> tuple[list[SampleChunk], list[HistorySample]]:
+        """Everything gathered for these nodes, closed and taken now (their shares are being
+        handed over: written with the last write, not a minute later or never)."""
+        gone = set(node_ids)
+        for node_id in gone:
+            current = self._open.get(node_id)
+            if current is not None:
+                self._close(current)
+        if self.rollups is not None:
+            self._points.extend(self.rollups.close_nodes(gone))
+        chunks = [c for c in self._chunks if c.node_id in gone]
+        points = [p for p in self._points if p.node_id in gone]
+        self._chunks = [c for c in self._chunks if c.node_id not in gone]
+        self._points = [p for p in self._points if p.node_id not in gone]
+        for node_id in gone:
+            self._offsets.pop(node_id, None)
+        return chunks, points
+
     def forget(self, node_ids: Iterable[str]) -> None:
-        """Drop what is gathered for these nodes (their share went to another coordinator)."""
+        """Drop what is gathered for these nodes (their share went to another coordinator
+        without a hand-over, or they were removed)."""
         gone = set(node_ids)
         for node_id in gone:
             self._open.pop(node_id, None)
