@@ -176,6 +176,39 @@ class HttpProbe:
             await session.close()
 
 
+class _Alarm:
+    """One loop timer, kept at the earliest time it was asked for; ``fire`` clears it first,
+    so the callback may arm it again."""
+
+    __slots__ = ("callback", "due", "handle")
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+        self.handle: asyncio.TimerHandle | None = None
+        self.due = 0.0
+
+    @property
+    def armed(self) -> bool:
+        return self.handle is not None
+
+    def arm(self, loop: asyncio.AbstractEventLoop, due: float, now: float) -> None:
+        if self.handle is not None:
+            if self.due <= due:
+                return
+            self.handle.cancel()
+        self.due = due
+        self.handle = loop.call_later(max(0.0, due - now), self.fire)
+
+    def fire(self) -> None:
+        self.handle = None
+        self.callback()
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
 class _Node:
     """The poller's view of one watched node: where to reach it and what to do after its check."""
 
@@ -221,13 +254,11 @@ class Poller:
         self._nodes: dict[str, _Node] = {}
         self._idle: deque[asyncio.Future[tuple[str, float]]] = deque()
         self._workers: list[asyncio.Task[None]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_due = 0.0
+        self._timer = _Alarm(self._on_timer)
         # Nodes whose due time came while pushes deferred them: parked until their deferral,
         # moved on there while pushes go on, back on the heap once they stop.
         self._wheel = DeferralWheel(_PARK_SLOT)
-        self._wheel_timer: asyncio.TimerHandle | None = None
-        self._wheel_due = 0.0
+        self._wheel_timer = _Alarm(self._on_wheel)
         self._loop: asyncio.AbstractEventLoop | None = None
         # A probe whose checks start in another process says so: lateness is then measured
         # from the start its result reports, which includes the hand-over.
@@ -360,12 +391,8 @@ class Poller:
         """Cancel the workers (checks in flight are abandoned, their results dropped), cancel
         the timer and close the probe's session. The node set and schedule are kept."""
         workers, self._workers = self._workers, []
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._wheel_timer is not None:
-            self._wheel_timer.cancel()
-            self._wheel_timer = None
+        self._timer.cancel()
+        self._wheel_timer.cancel()
         for worker in workers:
             worker.cancel()
         if workers:
@@ -406,7 +433,7 @@ class Poller:
         else:
             self._scheduler.schedule(node_id, due)
         # Only idle workers wait on the timer; busy ones pull from the heap when they finish.
-        if self._idle and (self._timer is None or due < self._timer_due):
+        if self._idle and (not self._timer.armed or due < self._timer.due):
             self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -415,19 +442,13 @@ class Poller:
         if loop is None or not self._workers:
             return
         due = self._scheduler.next_due()
-        if due is None:
-            return
-        if self._timer is not None:
-            if self._timer_due <= due:
-                return
-            self._timer.cancel()
-        self._timer_due = due
-        self._timer = loop.call_later(max(0.0, due - self._clock()), self._on_timer)
+        if due is not None:
+            self._timer.arm(loop, due, self._clock())
 
     def _park(self, node_id: str, due: float) -> None:
         """Put the node in the wheel until ``due`` (pushes stood in for its check)."""
         self._wheel.park(node_id, due)
-        if self._wheel_timer is None or due < self._wheel_due:
+        if not self._wheel_timer.armed or due < self._wheel_timer.due:
             self._arm_wheel()
 
     def _arm_wheel(self) -> None:
@@ -435,20 +456,13 @@ class Poller:
         if loop is None or not self._workers:
             return
         due = self._wheel.next_due()
-        if due is None:
-            return
-        if self._wheel_timer is not None:
-            if self._wheel_due <= due:
-                return
-            self._wheel_timer.cancel()
-        self._wheel_due = due
-        self._wheel_timer = loop.call_later(max(0.0, due - self._clock()), self._on_wheel)
+        if due is not None:
+            self._wheel_timer.arm(loop, due, self._clock())
 
     def _on_wheel(self) -> None:
         """Slots whose time came: a node that pushes moved on again is parked at its new
         deferral; one whose pushes stopped goes back on the heap, due at its deferral (within
         the slot, so its check starts on time)."""
-        self._wheel_timer = None
         now = self._clock()
         nodes, wheel, schedule = self._nodes, self._wheel, self._scheduler.schedule
         horizon = now + _TIMER_SLACK
@@ -476,7 +490,6 @@ class Poller:
         entries come due as often as nodes are watched, and one timer wake-up (plus a worker's)
         per entry was most of what a pushed heartbeat cost. Real checks keep their due time.
         """
-        self._timer = None
         idle = self._idle
         scheduler = self._scheduler
         pop_one = scheduler.pop_one
