@@ -110,7 +110,7 @@ def test_chunks_fold_into_the_rollups_that_samples_one_at_a_time_make() -> None:
     expected = one_by_one.add(samples) + one_by_one.close_all()
     chunks = SampleChunks(HistoryTiers(3600.0, 300.0, 60.0))
     gather(chunks, samples)
-    raw, points = chunks.take(2000.0, final=True)
+    raw, points = chunks.take(1300.0, final=True)
     assert points == expected
     assert [s for c in raw for s in c.samples()] == samples  # the raw tier gets every sample
     assert all(len(c) <= 12 for c in raw)  # 5 s apart, within a minute
@@ -182,3 +182,12 @@ def test_without_a_raw_tier_only_rollups_are_kept() -> None:
     raw, points = chunks.take(0.0, final=True)
     assert raw == [] and sum(1 for _ in points) >= 1
     assert all(p.span == 300.0 and p.system == {"cpu_percent": 2.0} for p in points)
+
+
+def test_a_short_retention_gathers_no_longer_than_it_keeps_and_drops_what_expired() -> None:
+    chunks = SampleChunks(HistoryTiers(2.0, 300.0, 60.0))  # raw for 2 s: the whole ttl
+    assert chunks.interval == 2.0
+    gather(chunks, [sample(1000.0 + 0.5 * i, 1.0) for i in range(3)])
+    assert chunks.take(1001.0)[0] == []  # still within its window
+    raw, _ = chunks.take(1010.0)  # closed by the sweep, but every sample is past 2 s
+    assert raw == [] and len(chunks) == 0

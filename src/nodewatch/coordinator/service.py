@@ -1685,9 +1685,10 @@ class Coordinator:
         # Taken before the read: a chunk that closes and is written meanwhile is then in one
         # of the two (or both: the same samples count once), never in neither. Chunks a failed
         # write left pending are read here too.
+        fresh = max(since, self.clock() - self.history_tiers.raw_ttl)  # what retention keeps
         gathered = [s for c in self._pending_chunks if c.node_id == node_id
-                    for s in c.samples() if s.ts >= since]
-        gathered += self._history.samples(node_id, since)
+                    for s in c.samples() if s.ts >= fresh]
+        gathered += self._history.samples(node_id, fresh)
         stored = await self._bounded(self.store.history(node_id, since), "read")
         if not gathered:
             return stored

@@ -243,8 +243,12 @@ class SampleChunks:
 
     def __init__(self, tiers: HistoryTiers, chunk: float = CHUNK_SECONDS) -> None:
         self.raw = tiers.raw
+        self.raw_ttl = tiers.raw_ttl
         self.rollups = Rollups(tiers.rollup) if tiers.rolled else None
+        # Never gathered for longer than a rollup interval, nor than raw samples are kept.
         self.interval = min(chunk, tiers.rollup) if self.rollups is not None else chunk
+        if self.raw:
+            self.interval = min(self.interval, self.raw_ttl)
         self._open: dict[str, _Gathering] = {}
         self._offsets: dict[str, float] = {}
         self._names: dict[tuple[str, ...], tuple[str, ...]] = {}  # one tuple per key set
@@ -316,7 +320,8 @@ class SampleChunks:
     def take(self, now: float, final: bool = False) -> tuple[list[SampleChunk],
                                                              list[HistorySample]]:
         """The chunks and rollups closed since the last take; once an interval, those of
-        nodes that stopped sampling; ``final`` (on stop): everything being gathered."""
+        nodes that stopped sampling; ``final`` (on stop): everything being gathered. A chunk
+        whose every sample is past the raw tier's retention already is not handed over."""
         if final:
             for current in list(self._open.values()):
                 self._close(current)
@@ -330,10 +335,12 @@ class SampleChunks:
                 self._points.extend(self.rollups.close_ended(now))
         chunks, self._chunks = self._chunks, []
         points, self._points = self._points, []
-        return chunks, points
+        expired = now - self.raw_ttl
+        return [c for c in chunks if c.last_ts >= expired], points
 
     def samples(self, node_id: str, since: float) -> list[HistorySample]:
-        """The node's raw samples not taken yet (none when the tiers keep no raw samples)."""
+        """The node's raw samples at or after ``since`` not taken yet (none when the tiers
+        keep no raw samples)."""
         if not self.raw:
             return []
         out = [s for c in self._chunks if c.node_id == node_id for s in c.samples()]
