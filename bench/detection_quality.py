@@ -6,8 +6,9 @@ to ``unhealthy``, false positives (alive nodes confirmed unhealthy), and the coo
 profile's traffic would cost per 1,000 nodes, from the simulated polls and heartbeats per node
 times the CPU per poll and per heartbeat that ``bench/heartbeat_cost.py`` measured (pass
 yours with ``--cpu-per-poll-us`` / ``--cpu-per-heartbeat-us`` / ``--cpu-per-udp-heartbeat-us``).
-A UDP profile sends one heartbeat per ``UDP_CONFIRM_INTERVAL`` over HTTP (the agent's fallback
-for a lost "unknown node" reply), and the cost counts it so. ``FAST_PROFILE`` is the one the
+A UDP profile sends every heartbeat over UDP: the one per ``UDP_CONFIRM_INTERVAL`` that asks
+for an answer costs about what any datagram does, and HTTP follows only when the answer is
+lost. ``FAST_PROFILE`` is the one the
 issue's goal is about (crash <= 5 s p99 at <= 2 % of a core per 1,000 nodes); heartbeat_cost.py
 measures it as deployed, and deploy/*-fast-push.toml configures it. Prints a table next to
 the default detection times of Kubernetes, Nomad
@@ -19,7 +20,6 @@ and HAProxy; nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass
 
 from nodewatch.collect.agent import UDP_CONFIRM_INTERVAL
@@ -40,10 +40,9 @@ class Profile:
 
     @property
     def udp_share(self) -> float:
-        """The share of heartbeats sent over UDP (the rest: the agent's periodic HTTP one)."""
-        if self.transport != "udp" or self.heartbeat_interval <= 0:
-            return 0.0
-        return 1.0 - 1.0 / max(1, math.ceil(UDP_CONFIRM_INTERVAL / self.heartbeat_interval))
+        """The share of heartbeats sent over UDP: all of them with a coordinator that answers
+        the datagram that asks (HTTP only after an answer was lost, not modelled)."""
+        return 1.0 if self.transport == "udp" and self.heartbeat_interval > 0 else 0.0
 
 
 # The fast push profile: heartbeats every 1 s defer the poll by healthy_interval = 1.5 s, so a
@@ -65,17 +64,17 @@ PROFILES = [
             note="HTTP heartbeat 1s defers polls 1.5s; then poll 500ms, fall 3, timeout 1s"),
     Profile("push-udp-1s", FAST_PUSH, 1.0, heartbeat_interval=1.0, heartbeat_grace=0.0,
             transport="udp",
-            note=f"UDP heartbeat 1s (+1 HTTP per {UDP_CONFIRM_INTERVAL:g}s) defers polls 1.5s; "
+            note=f"UDP heartbeat 1s (1 per {UDP_CONFIRM_INTERVAL:g}s answered) defers polls 1.5s; "
                  "then poll 500ms, fall 3, timeout 1s"),
     Profile("push-udp-3.5s-f2", Policy(healthy_interval=4.0, unhealthy_interval=0.5, fall=2,
                                        down_interval=4.0), 1.0,
             heartbeat_interval=3.5, heartbeat_grace=0.0, transport="udp",
-            note=f"UDP heartbeat 3.5s (+1 HTTP per {UDP_CONFIRM_INTERVAL:g}s) defers polls 4s; "
+            note=f"UDP heartbeat 3.5s (1 per {UDP_CONFIRM_INTERVAL:g}s answered) defers polls 4s; "
                  "then poll 500ms, fall 2 (the missed heartbeat was the first sign), timeout 1s; "
                  "a node confirmed down is polled every 4s"),
     Profile("push-udp-3s", Policy(healthy_interval=3.5, unhealthy_interval=0.5), 1.0,
             heartbeat_interval=3.0, heartbeat_grace=0.0, transport="udp",
-            note=f"UDP heartbeat 3s (+1 HTTP per {UDP_CONFIRM_INTERVAL:g}s) defers polls 3.5s; "
+            note=f"UDP heartbeat 3s (1 per {UDP_CONFIRM_INTERVAL:g}s answered) defers polls 3.5s; "
                  "then poll 500ms, fall 3, timeout 1s"),
 ]
 

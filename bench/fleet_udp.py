@@ -11,8 +11,9 @@ One run, every process on this machine:
 2. ``coordinator``: ``--coordinators`` K real ``nodewatch coordinator`` processes (uvloop,
    SQLite store in a temp dir, the fast push profile of deploy/coordinator-fast-push.toml,
    static nodes; with K > 1 each watches the share of the nodes ``detect/shares.py`` gives it)
-   and a new sender that pushes each node's datagrams to its coordinator, plus the HTTP
-   heartbeat a real agent sends every ``UDP_CONFIRM_INTERVAL`` (counted in the cost). Polls
+   and a new sender that pushes each node's datagrams to its coordinator as agents do: one
+   per ``UDP_CONFIRM_INTERVAL`` asks for an answer, and a node whose ask went unanswered sends
+   its next heartbeat over HTTP (answers and HTTP heartbeats counted in the cost). Polls
    go to one nginx answering on every 127.x address. Over ``--window`` seconds: coordinator
    CPU (/proc/PID/stat, all threads) per heartbeat received, cores, RSS, the ratio to the floor.
 3. ``kills``: the sender stops ``--kills`` random nodes at random moments over
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import resource
@@ -120,12 +122,21 @@ class Victim:
             transport.abort()
 
 
+MAX_ANSWERS = 10_000  # answers read per socket per push-loop turn (a bound, rarely reached)
+
+
 async def sender(args: argparse.Namespace) -> None:
     import aiohttp
     import msgspec
 
     from nodewatch.collect.agent import UDP_CONFIRM_INTERVAL
-    from nodewatch.protocol import HeartbeatBody, encode_heartbeat_datagram, heartbeat_key
+    from nodewatch.collect.coordinator_client import ANSWER_WITHIN
+    from nodewatch.protocol import (
+        HeartbeatBody,
+        decode_udp_reply,
+        encode_heartbeat_datagram,
+        heartbeat_key,
+    )
 
     n, every = args.nodes, args.every
     key = heartbeat_key(TOKEN)
@@ -169,68 +180,92 @@ async def sender(args: argparse.Namespace) -> None:
                              system=SYSTEM, load=load, sample_interval=SAMPLE_INTERVAL,
                              samples=int(now / SAMPLE_INTERVAL))
 
+    confirm_every = max(1, math.ceil(UDP_CONFIRM_INTERVAL * args.http_scale / every))
+    asked: dict[int, tuple[int, float]] = {}  # node -> (seq, when) of its unanswered ask
+    answers = 0
+    pending: set[asyncio.Task[None]] = set()
+    session: aiohttp.ClientSession | None = None
+
+    def read_answers(sock: socket.socket) -> None:
+        """The coordinator's answers to the datagrams that asked, as an agent reads them
+        (polled from the push loop: under uvloop a reader callback stops for good at the
+        first ICMP error, which a coordinator not bound yet causes)."""
+        nonlocal answers
+        for _ in range(MAX_ANSWERS):
+            try:
+                reply = decode_udp_reply(sock.recv(2048), key)
+            except BlockingIOError:
+                return
+            except OSError:  # an ICMP error queued on the socket: read on
+                continue
+            if reply is not None and reply.status == 200:
+                index = int(reply.node_id[1:])
+                if asked.get(index, (None,))[0] == reply.seq:
+                    del asked[index]
+                    answers += 1
+
+    async def post(i: int, now: float) -> None:
+        """The agent's HTTP heartbeat after an unanswered ask."""
+        if session is None:
+            return
+        url = f"http://{http[owner[i]]}/v1/heartbeat"
+        try:
+            async with session.post(url, data=encoder.encode(body(i, now)),
+                                    headers=headers) as response:
+                await response.read()
+                http_status[response.status] = http_status.get(response.status, 0) + 1
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            http_status[0] = http_status.get(0, 0) + 1
+
     async def pushes() -> None:
+        """Every node's datagram once per ``every``, spread evenly; one in ``confirm_every``
+        asks for an answer, and when none came the node's next heartbeat goes over HTTP, as
+        an agent does (collect/agent.py); the first round starts the asks spread too."""
         nonlocal sent, errors
         start = time.monotonic()
         done = 0
         while not stop.is_set():
             due = int((time.monotonic() - start) / every * n)
             now = time.time()
+            clock = time.monotonic()
             for k in range(done, due):
                 i = k % n
                 if i in dead:
                     continue
+                question = asked.get(i)
+                if question is not None and clock - question[1] >= ANSWER_WITHIN:
+                    del asked[i]
+                    if http and len(pending) < 256:
+                        task = loop.create_task(post(i, now))
+                        pending.add(task)
+                        task.add_done_callback(pending.discard)
+                        continue
+                beat = body(i, now)
+                if http and question is None and (k // n + i) % confirm_every == 0:
+                    beat.confirm = True
+                    asked[i] = (beat.seq, clock)
                 try:
-                    socks[owner[i]].send(encode_heartbeat_datagram(body(i, now), key))
+                    socks[owner[i]].send(encode_heartbeat_datagram(beat, key))
                     sent += 1
                 except OSError:
                     errors += 1
             done = max(done, due)
+            if http:
+                for sock in socks:
+                    read_answers(sock)
             await asyncio.sleep(0.002)
 
-    async def http_heartbeats(session: aiohttp.ClientSession) -> None:
-        """An agent's HTTP heartbeat every UDP_CONFIRM_INTERVAL, spread evenly; the first
-        round starts at a random node so that a short run sees the steady rate."""
-        every_http = UDP_CONFIRM_INTERVAL * args.http_scale
-        start = time.monotonic()
-        offset = random.randrange(n)
-        done = 0
-        pending: set[asyncio.Task[None]] = set()
-
-        async def post(i: int) -> None:
-            url = f"http://{http[owner[i]]}/v1/heartbeat"
-            try:
-                async with session.post(url, data=encoder.encode(body(i, time.time())),
-                                        headers=headers) as response:
-                    await response.read()
-                    http_status[response.status] = http_status.get(response.status, 0) + 1
-            except (aiohttp.ClientError, OSError, TimeoutError):
-                http_status[0] = http_status.get(0, 0) + 1
-
-        while not stop.is_set():
-            due = int((time.monotonic() - start) / every_http * n)
-            for k in range(done, due):
-                i = (k + offset) % n
-                if i not in dead and len(pending) < 256:
-                    task = loop.create_task(post(i))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-            done = max(done, due)
-            await asyncio.sleep(0.01)
-        await asyncio.gather(*pending, return_exceptions=True)
-
-    tasks = [loop.create_task(pushes())]
-    session = None
     if http:
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64),
                                         timeout=aiohttp.ClientTimeout(total=5))
-        tasks.append(loop.create_task(http_heartbeats(session)))
+    tasks = [loop.create_task(pushes())]
     await stop.wait()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(*pending, return_exceptions=True)
     if session is not None:
         await session.close()
     print(json.dumps({"sent": sent, "errors": errors, "http": http_status, "kills": kills,
-                      "cpu": self_cpu()}), flush=True)
+                      "answers": answers, "cpu": self_cpu()}), flush=True)
 
 
 # ----- the floor ---------------------------------------------------------------------------
@@ -619,9 +654,12 @@ def main() -> None:
 
     raise_nofile(200_000)
     rate = args.nodes / args.every
-    print(f"{args.nodes} nodes, one UDP heartbeat each per {args.every:g}s ({rate:.0f}/s) "
-          f"+ HTTP per agent's confirm interval; {args.coordinators} coordinator(s); "
-          f"{os.cpu_count()} cores; window {args.window:g}s", flush=True)
+    from nodewatch.collect.agent import UDP_CONFIRM_INTERVAL
+
+    print(f"{args.nodes} nodes, one UDP heartbeat each per {args.every:g}s ({rate:.0f}/s), "
+          f"one a node per {UDP_CONFIRM_INTERVAL:g}s answered (HTTP when not); "
+          f"{args.coordinators} coordinator(s); {os.cpu_count()} cores; window {args.window:g}s",
+          flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="nw-fleet-nginx-"))
     args.nginx_port = free_port()  # other benches on this machine use fixed ports
     nginx = start_nginx(tmp, args.nginx_port)

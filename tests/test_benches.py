@@ -28,9 +28,9 @@ def test_heartbeat_cost_measures_each_phase_and_the_fast_profile() -> None:
     for phase in ("poll", "udp", "http"):
         assert any(line.split()[:2] == ["30", phase] for line in lines), out
     assert "profile push-udp-3.5s-f2" in out
-    [row] = [line for line in lines if line.split()[:1] == ["30"] and "HTTP heartbeat every"
-             in line]
+    [row] = [line for line in lines if line.split()[:1] == ["30"] and "asks," in line]
     assert "30 healthy" in row  # every node stayed healthy on pushes alone
+    assert " 0 answered" not in row  # the datagrams that asked were answered
 
 
 def test_fast_profile_e2e_times_a_real_kill() -> None:
@@ -99,3 +99,4 @@ def test_fleet_udp_prints_the_floor_the_coordinator_and_the_kills() -> None:
     assert "floor:" in out and "us/datagram" in out, out
     assert "coordinator:" in out and "x floor" in out, out
     assert "kills: 3 nodes" in out and "false confirmations" in out, out
+    assert '"answers": 0,' not in out, out  # the coordinator answered the datagrams that asked

@@ -166,6 +166,10 @@ class HeartbeatBody(_Body):
     # Present only on the last heartbeat of a clean stop, so routine heartbeats stay the size
     # they were; absent means false (the schema's default), and UNSET is falsy.
     final: Annotated[bool, Meta(extra_json_schema={"default": False})] | UnsetType = UNSET
+    # Over UDP: present on the one datagram in ``UDP_CONFIRM_INTERVAL`` that asks the
+    # coordinator to answer once it is applied (``UdpReply`` status 200), so the agent learns
+    # that its datagrams arrive without an HTTP heartbeat. Ignored over HTTP, which answers.
+    confirm: Annotated[bool, Meta(extra_json_schema={"default": False})] | UnsetType = UNSET
 
 
 class RegisterAnswer(msgspec.Struct, kw_only=True):
@@ -178,6 +182,9 @@ class RegisterAnswer(msgspec.Struct, kw_only=True):
     heartbeat_interval: float = 0.0
     heartbeat_phase: float = 0.0
     heartbeat_udp: str = ""  # HOST:PORT when the coordinator takes UDP heartbeats
+    # True when it answers a datagram that asks (``HeartbeatBody.confirm``); an older one
+    # does not, and its agents confirm over HTTP instead (``UDP_HTTP_INTERVAL``).
+    udp_confirm: bool = False
     # The node credential, present when the coordinator issues one (enrolment, an approved
     # re-enrolment, a rotation): the agent stores it and proves it from then on.
     credential: str = ""
@@ -362,8 +369,9 @@ def encode_heartbeat_datagram(payload: Any, key: bytes) -> bytes:
 
 
 class UdpReply(msgspec.Struct, array_like=True):
-    """The coordinator's only answer over UDP: "I do not know this node" (status 404), so that
-    an agent pushing over UDP hears it at once instead of at its next periodic HTTP heartbeat.
+    """The coordinator's answer over UDP. Status 404, "I do not know this node" (421: another
+    coordinator watches it), so that an agent pushing over UDP hears it at once instead of at
+    its next HTTP heartbeat; 200, "applied", only to a datagram that asked (``confirm``).
     Tagged like a heartbeat; ``seq`` echoes the heartbeat it answers, so an old reply replayed
     to the agent later is recognised and ignored."""
 

@@ -156,8 +156,8 @@ async def test_wiped_state_is_re_enrolled_by_approve_and_the_old_credential_refu
 
 async def test_revoke_forces_a_re_enrolment_into_review(tmp_path: Path) -> None:
     async with _rig(tmp_path) as rig:
-        # Over HTTP: an agent pushing over UDP hears of the revocation only at its periodic
-        # HTTP heartbeat (UDP_CONFIRM_INTERVAL).
+        # Over HTTP: an agent pushing over UDP hears of the revocation only once its datagram
+        # that asks goes unanswered (UDP_CONFIRM_INTERVAL) and its next heartbeat is HTTP.
         agent = await _agent(rig, tmp_path / "a", transport="http")
         try:
             await _healthy(rig)

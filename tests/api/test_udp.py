@@ -22,12 +22,14 @@ from nodewatch.api import udp as udp_module
 from nodewatch.api.app import build_app
 from nodewatch.api.udp import MAX_BATCH, UdpHeartbeats, start_udp_heartbeats
 from nodewatch.collect import agent as agent_module
+from nodewatch.collect import coordinator_client as client_module
 from nodewatch.collect.agent import Agent
 from nodewatch.collect.coordinator_client import UdpHeartbeatSender
 from nodewatch.coordinator.health import ReceiveDrops, Signals, judge
 from nodewatch.coordinator.service import Coordinator
 from nodewatch.protocol import (
     MAX_DATAGRAM,
+    HeartbeatBody,
     UdpReply,
     decode_udp_reply,
     encode_heartbeat_datagram,
@@ -225,6 +227,81 @@ async def test_agent_with_udp_transport_pushes_over_udp(tmp_path: Path, rig: Rig
     assert rig.coord.cluster.nodes["node-a"].seq == agent.seq
 
 
+async def test_register_answer_says_the_udp_port_answers_confirms(rig: Rig) -> None:
+    answer = await _register(rig)
+    assert answer["udp_confirm"] is True
+
+
+async def test_a_datagram_that_asks_is_answered_once_applied_and_a_replay_never(
+        rig: Rig) -> None:
+    await _register(rig)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(5)
+        asking = _signed(beat(seq=5, confirm=True))
+        sock.sendto(_signed(beat(seq=4)), rig.udp.address)  # does not ask: no answer
+        sock.sendto(asking, rig.udp.address)
+        data = await asyncio.to_thread(sock.recv, 2048)
+        assert decode_udp_reply(data, NODE_KEYS["web-1"]) == UdpReply(200, "web-1", 1, 5)
+        assert rig.coord.cluster.nodes["web-1"].seq == 5
+        sock.sendto(asking, rig.udp.address)  # replayed: stale, and not answered
+        await rig.wait_counted("stale")
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            await asyncio.to_thread(sock.recv, 2048)
+    assert rig.udp.confirms == 1 and rig.udp.counts["ok"] == 2
+
+
+async def test_an_answered_udp_agent_sends_no_http_heartbeat(
+        tmp_path: Path, rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent_module, "UDP_CONFIRM_INTERVAL", 0.1)  # every 2nd beat asks
+    agent = await _agent(tmp_path, rig, heartbeat_transport="udp")
+    try:
+        await async_wait_until(lambda: asyncio.sleep(0, rig.udp.confirms >= 5),
+                               within=10, message="five datagrams answered")
+        assert agent.heartbeats_sent["http"] == 0
+    finally:
+        await agent.stop()
+
+
+async def test_an_unanswered_confirm_sends_the_next_heartbeat_over_http(
+        tmp_path: Path, rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent_module, "UDP_CONFIRM_INTERVAL", 0.1)  # every 2nd beat asks
+    # Every answer is lost on the way back (a one-way UDP path): HTTP confirms instead.
+    monkeypatch.setattr(UdpHeartbeats, "_confirm", lambda self, body, addr, key: None)
+    agent = await _agent(tmp_path, rig, heartbeat_transport="udp")
+    try:
+        await async_wait_until(lambda: asyncio.sleep(0, agent.heartbeats_sent["http"] >= 3),
+                               within=10, message="three HTTP heartbeats")
+        # Each unanswered ask is followed by one HTTP heartbeat, and UDP goes on between them.
+        assert agent.heartbeats_sent["udp"] >= agent.heartbeats_sent["http"]
+        assert rig.udp.counts["ok"] >= 3
+    finally:
+        await agent.stop()
+
+
+async def test_a_coordinator_that_does_not_answer_gets_periodic_http_heartbeats(
+        tmp_path: Path, rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent_module, "UDP_HTTP_INTERVAL", 0.15)  # every 3rd beat over HTTP
+    monkeypatch.setattr(UdpHeartbeats, "_confirm", lambda self, body, addr, key: None)
+    loop = Agent._heartbeat_loop
+
+    def older(self: Agent, client: Any, interval: float, phase: float, offer: str = "",
+              udp_confirm: bool = False) -> Any:
+        return loop(self, client, interval, phase, offer, False)  # as before udp_confirm
+
+    monkeypatch.setattr(Agent, "_heartbeat_loop", older)
+    agent = await _agent(tmp_path, rig, heartbeat_transport="udp")
+    try:
+        await async_wait_until(lambda: asyncio.sleep(0, agent.heartbeats_sent["http"] >= 3),
+                               within=10, message="three HTTP heartbeats")
+        # No datagram asked (an older coordinator would refuse the field): two UDP per HTTP.
+        assert rig.udp.counts["malformed"] == 0
+        assert agent.heartbeats_sent["udp"] >= 2 * agent.heartbeats_sent["http"] - 2
+    finally:
+        await agent.stop()
+
+
 async def test_agent_falls_back_to_http_when_udp_is_not_offered(tmp_path: Path) -> None:
     cfg = make_config(tmp_path)
     coord = Coordinator(cfg, open_store(cfg.coordinator.store),
@@ -250,11 +327,12 @@ async def test_agent_falls_back_to_http_when_udp_is_not_offered(tmp_path: Path) 
         await coord.stop()
 
 
-async def test_udp_agent_hears_a_forgotten_node_through_its_periodic_http_heartbeat(
+async def test_udp_agent_hears_a_forgotten_node_through_its_unanswered_confirm(
         tmp_path: Path, rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(agent_module, "UDP_CONFIRM_INTERVAL", 0.25)  # every 5th beat
-    # Every "unknown" reply is lost on the way back (as UDP may): the HTTP beat must find out.
-    monkeypatch.setattr(UdpHeartbeats, "_reply_unknown", lambda self, body, addr: None)
+    monkeypatch.setattr(agent_module, "UDP_CONFIRM_INTERVAL", 0.25)  # every 5th beat asks
+    # Every "unknown" reply is lost on the way back (as UDP may): the datagram that asked is
+    # not answered either, so the next heartbeat goes over HTTP and finds out.
+    monkeypatch.setattr(UdpHeartbeats, "_reply_unknown", lambda self, *args, **kw: None)
     agent = await _agent(tmp_path, rig, heartbeat_transport="udp")
     try:
         await rig.wait_counted("ok", 3)
@@ -317,6 +395,35 @@ def test_the_agent_acts_only_on_a_reply_for_itself() -> None:
     sender.datagram_received(encode_udp_reply(UdpReply(404, "node-a", 3, 5), KEY),
                              ("127.0.0.1", 1))
     assert heard == [True] and sender.unknown_heard
+
+
+async def test_only_the_answer_to_the_datagram_that_asked_settles_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    received: list[bytes] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as coordinator:
+        coordinator.bind(("127.0.0.1", 0))
+        host, port = coordinator.getsockname()
+        sender = await UdpHeartbeatSender.open(f"{host}:{port}", "http://127.0.0.1:1", TOKEN,
+                                               "node-a", 3)
+        try:
+            body = msgspec.convert(beat("node-a", seq=9, incarnation=3), HeartbeatBody)
+            assert sender.send(body, confirm=True) and sender.asking
+            coordinator.settimeout(5)
+            received.append(await asyncio.to_thread(coordinator.recv, 4096))
+            for other in (UdpReply(200, "node-a", 3, 8),  # an answer to an older one
+                          UdpReply(200, "node-b", 3, 9), UdpReply(200, "node-a", 2, 9)):
+                sender.datagram_received(encode_udp_reply(other, KEY), (host, port))
+            assert sender.asking and sender.confirmed == 0
+            monkeypatch.setattr(client_module, "ANSWER_WITHIN", 0.0)
+            assert sender.unanswered()
+            sender.datagram_received(encode_udp_reply(UdpReply(200, "node-a", 3, 9), KEY),
+                                     (host, port))
+            assert not sender.asking and not sender.unanswered() and sender.confirmed == 1
+            assert not sender.unknown_heard
+        finally:
+            sender.close()
+    sent = msgspec.msgpack.decode(received[0][:-32], type=HeartbeatBody)
+    assert sent.confirm is True and sent.seq == 9
 
 
 async def test_a_burst_is_taken_in_batches_and_every_datagram_counted(rig: Rig) -> None:

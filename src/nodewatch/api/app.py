@@ -301,6 +301,7 @@ async def register(request: web.Request) -> web.Response:
     udp = request.app[HEARTBEAT_UDP_KEY]
     if udp:
         answer["heartbeat_udp"] = udp  # agents with heartbeat_transport = "udp" push there
+        answer["udp_confirm"] = True  # and ask it, not HTTP, whether their datagrams arrive
     if credential:
         answer["credential"] = credential  # only here, once: stored hashed, never logged
     if coord.sharing is not None:

@@ -271,6 +271,9 @@ class RegisterResponse(_View):
     heartbeat_interval: float = 0.0
     heartbeat_phase: float = 0.0
     heartbeat_udp: Annotated[str, Meta(description="HOST:PORT for UDP heartbeats")] = ""
+    udp_confirm: Annotated[bool, Meta(description=(
+        "the UDP port answers a heartbeat with confirm set (status 200 once applied), so "
+        "agents confirm their UDP path without an HTTP heartbeat"))] = False
     credential: Annotated[str, Meta(
         description="a node credential, when issued (enrolment, approved re-enrolment, "
                     "rotation): the agent keeps it and sends it in X-Nodewatch-Node-Credential"

@@ -6,10 +6,12 @@ A datagram is a msgspec-encoded ``HeartbeatBody`` (msgpack, or JSON when it star
 is enrolled, with the agent token's before (none without a token). Only the ``node_id`` is
 read before the tag is checked (to choose the key); the body is decoded straight into the
 struct with the HTTP API's constraints and fed to ``Coordinator.heartbeat`` exactly like
-``POST /v1/heartbeat``. The only answer is a tagged "unknown node" reply (``UdpReply``), so an
-agent the coordinator forgot registers again at once. A dropped datagram is only counted (by
-result, in ``/metrics``), never logged with its content. Replays are stale by
-``(incarnation, seq)``.
+``POST /v1/heartbeat``. The answers are a tagged "unknown node" reply (``UdpReply``), so an
+agent the coordinator forgot registers again at once, and "applied" to the rare datagram that
+asks (``confirm``: one a minute per agent), so that an agent knows its datagrams arrive
+without an HTTP heartbeat, which costs the coordinator several times more. A dropped
+datagram is only counted (by result, in ``/metrics``), never logged with its content. Replays
+are stale by ``(incarnation, seq)`` and never answered "applied".
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class UdpHeartbeats:
         self.coord = coord
         self.counts: dict[str, int] = dict.fromkeys(RESULTS, 0)
         self.replies = 0
+        self.confirms = 0  # "applied" answers to datagrams that asked (also in replies)
         self.drops = 0  # datagrams the kernel dropped on this socket (as last read)
         self.batch_window = batch_window
         self._sock = sock
@@ -236,6 +239,8 @@ class UdpHeartbeats:
             if coord.routine_heartbeat(node, body, coord.clock()):
                 if proven:
                     coord.cluster.credential_proven(body.node_id)
+                if body.confirm:
+                    self._confirm(body, addr, key)
                 return "ok"
             outcome = coord.heartbeat(push_result(body, coord.clock()))
         except UnknownNode:
@@ -250,7 +255,11 @@ class UdpHeartbeats:
             return "not_leader"
         if proven:  # signed with the current key: the previous credential is not needed
             coord.cluster.credential_proven(body.node_id)
-        return "stale" if outcome.stale else "ok"
+        if outcome.stale:
+            return "stale"  # never answered: a replay must not confirm anything
+        if body.confirm:
+            self._confirm(body, addr, key)
+        return "ok"
 
     def _keys_for(self, node_id: str | None, node: NodeState | None) -> list[bytes]:
         """The keys a datagram for ``node`` may be tagged with: the node's own (and, during a
@@ -286,17 +295,23 @@ class UdpHeartbeats:
 
     def _reply_unknown(self, body: HeartbeatBody, addr: Any, key: bytes,
                        status: int = 404) -> None:
-        """Tell the sender at once that it must register again (what HTTP says with a 404).
+        """Tell the sender at once that it must register again (what HTTP says with a 404)."""
+        self._reply(UdpReply(status, body.node_id, body.incarnation, body.seq), addr, key)
 
-        Only a datagram that passed the tag check gets here, and the reply is smaller than the
-        heartbeat, so the port cannot be used to amplify traffic towards a spoofed address."""
-        reply = encode_udp_reply(UdpReply(status, body.node_id, body.incarnation, body.seq),
-                                 key)
+    def _confirm(self, body: HeartbeatBody, addr: Any, key: bytes) -> None:
+        """Answer a datagram that asked, once it is applied (not when stale)."""
+        if self._reply(UdpReply(200, body.node_id, body.incarnation, body.seq), addr, key):
+            self.confirms += 1
+
+    def _reply(self, reply: UdpReply, addr: Any, key: bytes) -> bool:
+        """Only a datagram that passed the tag check is answered, and the answer is smaller
+        than the heartbeat, so the port cannot amplify traffic towards a spoofed address."""
         try:
-            self._sock.sendto(reply, addr)
-            self.replies += 1
-        except OSError:  # a full send buffer or a vanished route: the HTTP heartbeat remains
-            pass
+            self._sock.sendto(encode_udp_reply(reply, key), addr)
+        except OSError:  # a full send buffer, a vanished route: the agent asks over HTTP
+            return False
+        self.replies += 1
+        return True
 
     def close(self) -> None:
         if self._closed:

@@ -33,6 +33,7 @@ from nodewatch.protocol import (
     VERSION,
     AgentLease,
     HealthDoc,
+    HeartbeatBody,
     ProbeReply,
     RegisterAnswer,
     RegisterBody,
@@ -56,10 +57,15 @@ BUILTIN_LOAD = ("qps", "pending_tasks", "error_rate")
 MAX_LOAD_KEYS = 256
 PROBE_MAX_BYTES = 64 * 1024
 FINAL_HEARTBEAT_TIMEOUT = aiohttp.ClientTimeout(total=2.0, connect=1.0)
-# Over UDP the coordinator answers only "unknown node" (and a datagram can be lost): one
-# heartbeat in this many seconds goes over HTTP anyway, so a lost reply or a one-way UDP path
-# is found out. Rare on purpose: every HTTP heartbeat costs the coordinator 3-4 UDP ones.
-UDP_CONFIRM_INTERVAL = 300.0
+# Over UDP an agent learns that its datagrams arrive from the coordinator's answer to the one
+# datagram in UDP_CONFIRM_INTERVAL seconds that asks for it (``confirm``); when none came by the
+# next heartbeat, that one goes over HTTP, so a lost answer, a one-way UDP path or a coordinator
+# that went away is found out within a minute. An answer costs the coordinator about what a
+# datagram does; an HTTP heartbeat costs it about ten (bench/fleet_udp.py).
+UDP_CONFIRM_INTERVAL = 60.0
+# A coordinator that does not answer (older, ``udp_confirm`` false in its register answer): one
+# heartbeat in this many seconds goes over HTTP instead.
+UDP_HTTP_INTERVAL = 300.0
 
 
 
@@ -606,7 +612,8 @@ class Agent:
             if interval <= 0:
                 return
             phase = answer.heartbeat_phase if 0 <= answer.heartbeat_phase < interval else 0.0
-            ended = await self._heartbeat_loop(client, interval, phase, answer.heartbeat_udp)
+            ended = await self._heartbeat_loop(client, interval, phase, answer.heartbeat_udp,
+                                               answer.udp_confirm)
             self.registered.clear()
             if ended == "unknown":
                 log.warning("coordinator does not know this node any more; registering again")
@@ -645,22 +652,45 @@ class Agent:
                         type(exc).__name__)
             return None
 
+    def _send_udp(self, udp: UdpHeartbeatSender, payload: HeartbeatBody, udp_confirm: bool,
+                  until_confirm: int) -> bool:
+        """Send this heartbeat over UDP, asking for an answer when it is the one to ask; False:
+        send it over HTTP (the coordinator forgot this node, the last datagram that asked went
+        unanswered, it is the periodic HTTP one of a coordinator that does not answer, or it
+        does not fit in a datagram)."""
+        if udp.unknown_heard:  # the coordinator forgot us: ask it over HTTP now
+            udp.unknown_heard = False
+            return False
+        if udp.unanswered():  # lost, a one-way path, or nobody listening
+            udp.forget_confirm()
+            return False
+        due = until_confirm <= 1 and not udp.asking
+        if due and not udp_confirm:
+            return False
+        if not udp.send(payload, confirm=due):
+            return False
+        self.heartbeats_sent["udp"] += 1
+        return True
+
     async def _heartbeat_loop(self, client: CoordinatorClient, interval: float,
-                              phase: float, udp_offer: str = "") -> str:
+                              phase: float, udp_offer: str = "", udp_confirm: bool = False) -> str:
         udp = await self._open_udp(client, udp_offer)
         try:
-            return await self._beat(client, interval, phase, udp)
+            return await self._beat(client, interval, phase, udp, udp_confirm)
         finally:
             if udp is not None:
                 udp.close()
 
     async def _beat(self, client: CoordinatorClient, interval: float, phase: float,
-                    udp: UdpHeartbeatSender | None) -> str:
+                    udp: UdpHeartbeatSender | None, udp_confirm: bool = False) -> str:
         loop = asyncio.get_running_loop()
         due = loop.time() + phase
         self._beat_now.clear()
-        http_every = max(1, math.ceil(UDP_CONFIRM_INTERVAL / interval))
-        until_http = http_every
+        # Every confirm_every-th datagram asks for an answer (a coordinator that answers), or
+        # every confirm_every-th heartbeat goes over HTTP (one that does not).
+        confirm_every = max(1, math.ceil(
+            (UDP_CONFIRM_INTERVAL if udp_confirm else UDP_HTTP_INTERVAL) / interval))
+        until_confirm = confirm_every
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, due - loop.time())):
@@ -674,15 +704,10 @@ class Agent:
                 await self._publish()  # every heartbeat carries a newer seq than the last
             payload = heartbeat_body(self._current_doc())
             self._last_beat_seq = self._seq
-            if udp is not None:
-                until_http -= 1
-                if udp.unknown_heard:  # the coordinator forgot us: ask it over HTTP now
-                    udp.unknown_heard = False
-                    until_http = 0
-                if until_http > 0 and udp.send(payload):
-                    self.heartbeats_sent["udp"] += 1
-                    continue
-                until_http = http_every
+            if udp is not None and self._send_udp(udp, payload, udp_confirm, until_confirm):
+                until_confirm = confirm_every if until_confirm <= 1 else until_confirm - 1
+                continue
+            until_confirm = confirm_every
             outcome = await client.heartbeat(payload)
             self.heartbeats_sent["http"] += 1
             if outcome.status == 404:

@@ -8,6 +8,7 @@ import logging
 import math
 import random
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -64,6 +65,7 @@ class RegistrationThrottled(Exception):
 # Bounds on an honoured Retry-After: a missing or unreadable one means one second, and no
 # coordinator can send an agent away for more than this.
 MAX_RETRY_AFTER = 120.0
+ANSWER_WITHIN = 1.0  # seconds a coordinator has to answer a UDP heartbeat that asked
 
 
 def retry_after_seconds(header: str | None) -> float:
@@ -262,11 +264,13 @@ class UdpHeartbeatSender(asyncio.DatagramProtocol):
     (derived from its credential) once enrolled, else with the agent token's.
 
     ``send`` never waits: it returns False (send this one over HTTP) only when the datagram
-    would be over the size cap or the socket is gone. The coordinator answers only when it does
-    not know the node; a reply with a good tag for this node and incarnation sets
-    ``unknown_heard`` and calls ``on_unknown``, and the agent then sends its next heartbeat over
-    HTTP at once, whose 404 is the authoritative answer (so a replayed reply can cost one HTTP
-    heartbeat, never a wrong decision).
+    would be over the size cap or the socket is gone. The coordinator answers when it does not
+    know the node; a reply with a good tag for this node and incarnation sets ``unknown_heard``
+    and calls ``on_unknown``, and the agent then sends its next heartbeat over HTTP at once,
+    whose 404 is the authoritative answer (so a replayed reply can cost one HTTP heartbeat,
+    never a wrong decision). A datagram sent with ``confirm`` asks for an "applied" answer;
+    ``unanswered`` says when it did not come in time (the agent's next heartbeat then goes
+    over HTTP).
     """
 
     def __init__(self, token: str, node_id: str = "", incarnation: int = 0,
@@ -282,6 +286,9 @@ class UdpHeartbeatSender(asyncio.DatagramProtocol):
         self.on_unknown = on_unknown
         self.unknown_heard = False
         self.sent = 0
+        self.confirmed = 0
+        self._awaiting: int | None = None  # the seq of the datagram that asked, unanswered
+        self._asked_at = 0.0
 
     @classmethod
     async def open(cls, offer: str, coordinator_url: str, token: str, node_id: str = "",
@@ -303,9 +310,16 @@ class UdpHeartbeatSender(asyncio.DatagramProtocol):
         reply = decode_udp_reply(data, self._send_key)
         if reply is None and self._send_key != self._key:
             reply = decode_udp_reply(data, self._key)
-        if (reply is None or reply.status not in (404, 421) or reply.node_id != self.node_id
+        if (reply is None or reply.node_id != self.node_id
                 or reply.incarnation != self.incarnation):
-            return  # not for us, or forged: ignored (the periodic HTTP heartbeat remains)
+            return  # not for us, or forged: ignored (an unanswered confirm asks over HTTP)
+        if reply.status == 200:
+            if reply.seq == self._awaiting:  # an answer to an older one confirms nothing new
+                self._awaiting = None
+                self.confirmed += 1
+            return
+        if reply.status not in (404, 421):
+            return
         self.unknown_heard = True
         if self.on_unknown is not None:
             self.on_unknown()
@@ -318,16 +332,37 @@ class UdpHeartbeatSender(asyncio.DatagramProtocol):
         if self.on_unknown is not None:
             self.on_unknown()
 
-    def send(self, payload: HeartbeatBody) -> bool:
+    @property
+    def asking(self) -> bool:
+        """A datagram asked for an answer and it has not come yet."""
+        return self._awaiting is not None
+
+    def unanswered(self) -> bool:
+        """A datagram asked for an answer and none came within ``ANSWER_WITHIN`` (a
+        coordinator answers within its batch window, a tenth of a second, under load too)."""
+        return (self._awaiting is not None
+                and time.monotonic() - self._asked_at >= ANSWER_WITHIN)
+
+    def send(self, payload: HeartbeatBody, confirm: bool = False) -> bool:
+        """Send one heartbeat; ``confirm``: ask the coordinator to answer once it is applied."""
         transport = self._transport
         if transport is None or transport.is_closing():
             return False
+        if confirm:
+            payload = msgspec.structs.replace(payload, confirm=True)
         datagram = encode_heartbeat_datagram(payload, self._send_key)
         if len(datagram) > MAX_DATAGRAM:
             return False
         transport.sendto(datagram)
         self.sent += 1
+        if confirm:
+            self._awaiting = payload.seq
+            self._asked_at = time.monotonic()
         return True
+
+    def forget_confirm(self) -> None:
+        """The unanswered confirm is settled otherwise (an HTTP heartbeat asked instead)."""
+        self._awaiting = None
 
     def close(self) -> None:
         if self._transport is not None:
