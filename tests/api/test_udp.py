@@ -25,8 +25,9 @@ from nodewatch.collect import agent as agent_module
 from nodewatch.collect import coordinator_client as client_module
 from nodewatch.collect.agent import Agent
 from nodewatch.collect.coordinator_client import UdpHeartbeatSender
-from nodewatch.coordinator.health import ReceiveDrops, Signals, judge
+from nodewatch.coordinator.health import STRETCH_WINDOW, ReceiveDrops, Signals, judge
 from nodewatch.coordinator.service import Coordinator
+from nodewatch.detect.cluster import OVERLOAD_STRETCH
 from nodewatch.protocol import (
     MAX_DATAGRAM,
     HeartbeatBody,
@@ -492,6 +493,10 @@ async def test_datagrams_the_kernel_drops_make_the_coordinator_degraded(
         metrics = await (await client.get("/metrics")).text()
         assert f"nodewatch_udp_receive_drops_total {float(udp.drops)}" in metrics
         assert udp.drops + sum(udp.counts.values()) <= 500
+        # Meanwhile a missed push says little about the node: deadlines are stretched.
+        assert coord.cluster.push_stretch == OVERLOAD_STRETCH
+        assert "nodewatch_push_deadline_stretch 2.0" in metrics
+        assert any("push deadlines stretched 2x" in r for r in health.reasons)
     finally:
         sender.close()
         await client.close()
@@ -511,3 +516,27 @@ def test_drops_count_for_a_window_then_age_out() -> None:
     health = judge(signals)
     assert health.status == "degraded" and "3 UDP heartbeats dropped in the last 60s" in \
         health.reasons[0]
+    # Deadlines are stretched only while drops are STRETCH_WINDOW recent, not the whole window.
+    fresh = ReceiveDrops(window=60.0)
+    assert not fresh.dropping(0.0)
+    fresh.note(2, 150.0)
+    assert fresh.dropping(150.0) and fresh.dropping(150.0 + STRETCH_WINDOW)
+    assert not fresh.dropping(150.1 + STRETCH_WINDOW) and fresh.recent(150.1 + STRETCH_WINDOW)
+
+
+async def test_push_deadlines_stretch_while_heartbeats_are_dropped_and_recover(
+        rig: Rig) -> None:
+    await _register(rig)
+    rig.send(_signed(beat(seq=1)))
+    await rig.wait_counted("ok")
+    node = rig.coord.cluster.nodes["web-1"]
+    plain = rig.coord.cluster.push_deadline(node)
+    now = rig.coord.clock()
+    rig.coord.note_receive_drops(7, now)
+    assert rig.coord.cluster.push_deadline(node) == plain * OVERLOAD_STRETCH
+    assert rig.coord.cluster.poll_deadline("web-1") == plain * OVERLOAD_STRETCH
+    rig.coord.note_receive_drops(0, now + STRETCH_WINDOW / 2)  # still recent
+    assert rig.coord.cluster.push_stretch == OVERLOAD_STRETCH
+    rig.coord.note_receive_drops(0, now + STRETCH_WINDOW + 1)  # no drops for a while
+    assert rig.coord.cluster.push_deadline(node) == plain
+    assert rig.coord.receive_drops.recent(now + STRETCH_WINDOW + 1) == 7  # still degraded

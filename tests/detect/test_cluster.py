@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-from nodewatch.detect.cluster import Cluster
+from nodewatch.detect.cluster import OVERLOAD_STRETCH, Cluster
 from nodewatch.detect.policy import Policy
 from nodewatch.model import (
     CheckResult,
@@ -191,3 +191,22 @@ def test_a_push_from_a_suspect_node_takes_the_full_path_and_recovers_it() -> Non
     assert [e.kind for e in cluster.observe(failed).events] == ["suspect"]
     assert [e.kind for e in cluster.observe(push("a", 3.0, 2)).events] == ["healthy"]
     assert cluster.nodes["a"].consecutive_failures == 0
+
+
+@pytest.mark.parametrize("suspicion", ["fixed", "phi"])
+def test_push_deadlines_stretch_while_the_coordinator_drops_heartbeats(suspicion: str) -> None:
+    policy = Policy(suspicion=suspicion, rise=1, unhealthy_interval=0.5)
+    cluster = Cluster(policy, now=0.0, nodes=[state("a", Health.UNKNOWN),
+                                              state("b", Health.UNKNOWN)])
+    for at, seq in ((1.0, 1), (4.5, 2), (8.0, 3)):
+        cluster.observe(push("a", at, seq))
+    cluster.observe(CheckResult(node_id="b", ok=False, at=8.0, failure=FailureClass.REFUSED))
+    assert cluster.nodes["a"].health is Health.HEALTHY
+    plain = cluster.poll_deadline("a")
+    cluster.note_receive_drops(True)
+    assert cluster.poll_deadline("a") == plain * OVERLOAD_STRETCH
+    assert cluster.push_deadline(cluster.nodes["a"]) == plain * OVERLOAD_STRETCH
+    # A node already in doubt is checked as fast as ever: only the wait for pushes grows.
+    assert cluster.poll_deadline("b") == policy.unhealthy_interval
+    cluster.note_receive_drops(False)
+    assert cluster.poll_deadline("a") == plain

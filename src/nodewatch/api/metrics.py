@@ -116,6 +116,11 @@ class _CoordinatorCollector(Collector):
                 "nodewatch_udp_receive_drops",
                 "UDP heartbeat datagrams the kernel dropped before the coordinator read them "
                 "(receive buffer full)", value=coord.receive_drops.total)
+            yield GaugeMetricFamily(
+                "nodewatch_push_deadline_stretch",
+                "How many times longer a healthy node's pushes may be missing before it is "
+                "polled (above 1 while this coordinator drops heartbeats itself)",
+                value=coord.cluster.push_stretch)
         yield GaugeMetricFamily("nodewatch_loop_lag_seconds", "Coordinator event-loop lag",
                                 value=coord.loop_lag)
         yield GaugeMetricFamily("nodewatch_guard_on", "1 while the mass-failure guard holds",

@@ -130,7 +130,7 @@ class UdpHeartbeats:
                             "last %gs (more pushes than this coordinator keeps up with)",
                             dropped, DROP_SAMPLE_EVERY)
             self.drops += dropped
-            drops.note(dropped, now)
+            self.coord.note_receive_drops(dropped, now)
         self._sampler = self._loop.call_later(DROP_SAMPLE_EVERY, self._sample_drops)
 
     def _readable(self) -> None:

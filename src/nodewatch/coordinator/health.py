@@ -11,7 +11,8 @@ signals, the API answers 503 when failing.
   lagging over ``max_loop_lag`` (confirmations held by the gate, for a while), heartbeat
   datagrams dropped by the kernel for want of room in the receive buffer within the last
   ``DROP_WINDOW`` (more pushes than this coordinator keeps up with: its silence judgements are
-  then partly its own doing, and polls have to sort them out).
+  then partly its own doing, and polls have to sort them out; push deadlines are stretched
+  while drops are under ``STRETCH_WINDOW`` old, so that those polls do not feed the overload).
 - **failing** — cannot do its job: the store unavailable for ``store_timeout`` or longer
   (every change gets 503 now), no leader anywhere for longer than the lease (nobody detects,
   nobody acts), the leader's poller watching none of the nodes it holds (nobody is being
@@ -27,13 +28,14 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 __all__ = ["CoordinatorHealth", "DROP_WINDOW", "LAG_FAILING_AFTER", "LAG_FAILING_FACTOR",
-           "ReceiveDrops", "Signals", "StoreHealth", "judge"]
+           "ReceiveDrops", "STRETCH_WINDOW", "Signals", "StoreHealth", "judge"]
 
 Status = Literal["ok", "degraded", "failing"]
 
 LAG_FAILING_FACTOR = 5.0  # loop lag this many times max_loop_lag: failing at once
 LAG_FAILING_AFTER = 30.0  # seconds lagging over max_loop_lag on end: failing
 DROP_WINDOW = 60.0  # seconds: heartbeats the kernel dropped this recently make it degraded
+STRETCH_WINDOW = 10.0  # seconds: drops this recent stretch push deadlines (Cluster)
 
 
 class ReceiveDrops:
@@ -52,6 +54,10 @@ class ReceiveDrops:
             self._steps.append((now, dropped))
             self.total += dropped
         self._expire(now)
+
+    def dropping(self, now: float, within: float = STRETCH_WINDOW) -> bool:
+        """Whether any were dropped in the last ``within`` seconds."""
+        return bool(self._steps) and self._steps[-1][0] >= now - within
 
     def recent(self, now: float) -> int:
         self._expire(now)
@@ -112,6 +118,7 @@ class Signals:
     polled_nodes: int = 0  # nodes the poller watches
     udp_drops: int = 0  # heartbeat datagrams the kernel dropped within the last drop_window
     drop_window: float = DROP_WINDOW
+    push_stretch: float = 1.0  # Cluster.push_stretch: > 1 while heartbeats are dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,9 +195,12 @@ def judge(s: Signals) -> CoordinatorHealth:
         else:
             degraded.append(text)
     if s.udp_drops:
+        stretched = (f"; push deadlines stretched {s.push_stretch:g}x meanwhile"
+                     if s.push_stretch > 1 else "")
         degraded.append(f"{s.udp_drops} UDP heartbeats dropped in the last "
                         f"{s.drop_window:.0f}s (receive buffer full): more pushes than this "
-                        "coordinator keeps up with; share the nodes among more coordinators")
+                        "coordinator keeps up with; share the nodes among more coordinators"
+                        + stretched)
     if failing:
         return CoordinatorHealth("failing", failing + degraded)
     if degraded:

@@ -1024,6 +1024,13 @@ class Coordinator:
         self._sample_marks[node.node_id] = key
         return True
 
+    def note_receive_drops(self, dropped: int, now: float) -> None:
+        """A UDP endpoint's reading of the kernel's drops on its socket (every second): kept
+        for ``/healthz`` and ``/metrics``, and push deadlines stretched while they are recent
+        (``Cluster.note_receive_drops``)."""
+        self.receive_drops.note(dropped, now)
+        self.cluster.note_receive_drops(self.receive_drops.dropping(now))
+
     def routine_heartbeat(self, node: NodeState, body: HeartbeatBody, at: float) -> bool:
         """A pushed heartbeat whose tag was good, applied straight from its decoded body when
         it is routine (``Cluster.routine_push``): no Report, no CheckResult, no outcome, no
@@ -1728,6 +1735,7 @@ class Coordinator:
             polled_nodes=len(self.poller),
             udp_drops=self.receive_drops.recent(self.clock()),
             drop_window=self.receive_drops.window,
+            push_stretch=self.cluster.push_stretch,
         ))
 
     def status(self) -> dict[str, Any]:

@@ -48,6 +48,9 @@ from nodewatch.model import (
 __all__ = ["Cluster"]
 
 _OUT = frozenset({Health.UNHEALTHY, Health.DEAD})
+# How much longer a healthy node's pushes may be missing before it is polled while the
+# coordinator drops heartbeats itself: two missed pushes in a row, not one, cost a poll.
+OVERLOAD_STRETCH = 2.0
 _GUARD_HOLD = "held: guard (many nodes failing at once)"
 _REACHABLE = "reachable from peers"
 _PEERS_UNREACHABLE = "held: peers unreachable too (fault near the coordinator?)"
@@ -80,6 +83,8 @@ class Cluster:
         self.outliers = OutlierDetector(policy)
         # Arrival histories only where pushes are judged by them (decided once).
         self.arrivals = PhiAccrual(policy) if policy.suspicion == "phi" else None
+        # OVERLOAD_STRETCH while the coordinator drops heartbeats itself (note_receive_drops).
+        self.push_stretch = 1.0
         self.event_sequence = EventSequence(next_event)
         # With several coordinators on one store, the nodes this core decides for (its
         # shares); the others are mirrors: counted by the fleet-wide policies (guard, budget),
@@ -286,13 +291,23 @@ class Cluster:
         before = self.table.set_health(node, health)
         self.guard.note_health(node.node_id, before, health)
 
+    def note_receive_drops(self, dropping: bool) -> None:
+        """Whether the coordinator's own receive buffer overflowed lately (the kernel dropped
+        heartbeats before it read them). A missed push then says more about the coordinator
+        than about the node, and polling every such node would spend the CPU it is short of
+        on polls, drop more heartbeats and poll more: so a healthy node's push deadline is
+        stretched by ``OVERLOAD_STRETCH`` meanwhile. A silent node is still polled and judged
+        as before, only later; nothing is confirmed sooner or on less evidence."""
+        self.push_stretch = OVERLOAD_STRETCH if dropping else 1.0
+
     def push_deadline(self, node: NodeState) -> float:
         """``poll_deadline`` of a healthy node already in hand (the routine push path)."""
+        deadline = self.policy.healthy_interval
         if self.arrivals is not None:
             allowed = self.arrivals.allowed_silence(node.node_id)
             if allowed is not None:
-                return min(allowed, self.policy.healthy_interval)
-        return self.policy.healthy_interval
+                deadline = min(allowed, deadline)
+        return deadline * self.push_stretch
 
     def poll_deadline(self, node_id: str) -> float:
         """How long an accepted push puts off the node's next poll: its current interval,
@@ -303,11 +318,7 @@ class Cluster:
         p = self.policy
         if node is None or node.health is not Health.HEALTHY:
             return p.unhealthy_interval
-        if self.arrivals is not None:
-            allowed = self.arrivals.allowed_silence(node_id)
-            if allowed is not None:
-                return min(allowed, p.healthy_interval)
-        return p.healthy_interval
+        return self.push_deadline(node)
 
     def interval_for(self, node_id: str) -> float:
         """Seconds until the node's next check, jittered: fast while unknown or suspect;
