@@ -25,7 +25,13 @@ from nodewatch.collect import agent as agent_module
 from nodewatch.collect import coordinator_client as client_module
 from nodewatch.collect.agent import Agent
 from nodewatch.collect.coordinator_client import UdpHeartbeatSender
-from nodewatch.coordinator.health import STRETCH_WINDOW, ReceiveDrops, Signals, judge
+from nodewatch.coordinator.health import (
+    OVERLOAD_DROP_SHARE,
+    STRETCH_WINDOW,
+    ReceiveDrops,
+    Signals,
+    judge,
+)
 from nodewatch.coordinator.service import Coordinator
 from nodewatch.detect.cluster import OVERLOAD_STRETCH
 from nodewatch.protocol import (
@@ -516,12 +522,18 @@ def test_drops_count_for_a_window_then_age_out() -> None:
     health = judge(signals)
     assert health.status == "degraded" and "3 UDP heartbeats dropped in the last 60s" in \
         health.reasons[0]
-    # Deadlines are stretched only while drops are STRETCH_WINDOW recent, not the whole window.
+    # Overload, which stretches deadlines: OVERLOAD_DROP_SHARE of what came, STRETCH_WINDOW.
     fresh = ReceiveDrops(window=60.0)
-    assert not fresh.dropping(0.0)
-    fresh.note(2, 150.0)
-    assert fresh.dropping(150.0) and fresh.dropping(150.0 + STRETCH_WINDOW)
-    assert not fresh.dropping(150.1 + STRETCH_WINDOW) and fresh.recent(150.1 + STRETCH_WINDOW)
+    assert not fresh.overloaded(0.0)
+    fresh.note(3, 100.0, received=1000)  # a loop stall dropped a burst: not overload
+    assert not fresh.overloaded(100.0) and fresh.recent(100.0) == 3
+    fresh.note(60, 101.0, received=900)  # 63 of 1,963 came in 10 s: 3.2 %
+    assert not fresh.overloaded(101.0)
+    fresh.note(100, 102.0, received=900)  # 163 of 2,963: 5.5 %
+    assert fresh.overloaded(102.0) and fresh.overloaded(100.0 + STRETCH_WINDOW)
+    fresh.note(0, 112.5, received=1000)  # the drops are older than the window now
+    assert not fresh.overloaded(112.5) and fresh.recent(112.5) == 163
+    assert OVERLOAD_DROP_SHARE == 0.05
 
 
 async def test_push_deadlines_stretch_while_heartbeats_are_dropped_and_recover(
@@ -532,11 +544,13 @@ async def test_push_deadlines_stretch_while_heartbeats_are_dropped_and_recover(
     node = rig.coord.cluster.nodes["web-1"]
     plain = rig.coord.cluster.push_deadline(node)
     now = rig.coord.clock()
-    rig.coord.note_receive_drops(7, now)
+    rig.coord.note_receive_drops(2, now, received=1000)  # a stall's burst: as before
+    assert rig.coord.cluster.push_deadline(node) == plain
+    rig.coord.note_receive_drops(300, now + 1, received=1000)  # overload
     assert rig.coord.cluster.push_deadline(node) == plain * OVERLOAD_STRETCH
     assert rig.coord.cluster.poll_deadline("web-1") == plain * OVERLOAD_STRETCH
-    rig.coord.note_receive_drops(0, now + STRETCH_WINDOW / 2)  # still recent
+    rig.coord.note_receive_drops(0, now + 1 + STRETCH_WINDOW / 2, received=1000)  # recent
     assert rig.coord.cluster.push_stretch == OVERLOAD_STRETCH
-    rig.coord.note_receive_drops(0, now + STRETCH_WINDOW + 1)  # no drops for a while
+    rig.coord.note_receive_drops(0, now + 2 + STRETCH_WINDOW, received=1000)  # gone by
     assert rig.coord.cluster.push_deadline(node) == plain
-    assert rig.coord.receive_drops.recent(now + STRETCH_WINDOW + 1) == 7  # still degraded
+    assert rig.coord.receive_drops.recent(now + 2 + STRETCH_WINDOW) == 302  # still degraded

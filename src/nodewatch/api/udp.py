@@ -104,6 +104,7 @@ class UdpHeartbeats:
         # count, read every DROP_SAMPLE_EVERY, is how a coordinator that cannot keep up knows.
         self._inode = os.fstat(self._fd).st_ino
         self._drops_seen = kernel_drops(self._inode) or 0
+        self._received_seen = 0  # datagrams read by the last reading of the drops
         self._sampler: asyncio.TimerHandle | None = self._loop.call_later(
             DROP_SAMPLE_EVERY, self._sample_drops)
 
@@ -130,7 +131,9 @@ class UdpHeartbeats:
                             "last %gs (more pushes than this coordinator keeps up with)",
                             dropped, DROP_SAMPLE_EVERY)
             self.drops += dropped
-            self.coord.note_receive_drops(dropped, now)
+            received = sum(self.counts.values())
+            self.coord.note_receive_drops(dropped, now, received - self._received_seen)
+            self._received_seen = received
         self._sampler = self._loop.call_later(DROP_SAMPLE_EVERY, self._sample_drops)
 
     def _readable(self) -> None:

@@ -12,7 +12,8 @@ signals, the API answers 503 when failing.
   datagrams dropped by the kernel for want of room in the receive buffer within the last
   ``DROP_WINDOW`` (more pushes than this coordinator keeps up with: its silence judgements are
   then partly its own doing, and polls have to sort them out; push deadlines are stretched
-  while drops are under ``STRETCH_WINDOW`` old, so that those polls do not feed the overload).
+  while the drops are ``OVERLOAD_DROP_SHARE`` of what came within ``STRETCH_WINDOW``, so
+  that those polls do not feed the overload).
 - **failing** — cannot do its job: the store unavailable for ``store_timeout`` or longer
   (every change gets 503 now), no leader anywhere for longer than the lease (nobody detects,
   nobody acts), the leader's poller watching none of the nodes it holds (nobody is being
@@ -28,14 +29,20 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 __all__ = ["CoordinatorHealth", "DROP_WINDOW", "LAG_FAILING_AFTER", "LAG_FAILING_FACTOR",
-           "ReceiveDrops", "STRETCH_WINDOW", "Signals", "StoreHealth", "judge"]
+           "OVERLOAD_DROP_SHARE", "ReceiveDrops", "STRETCH_WINDOW", "Signals", "StoreHealth",
+           "judge"]
 
 Status = Literal["ok", "degraded", "failing"]
 
 LAG_FAILING_FACTOR = 5.0  # loop lag this many times max_loop_lag: failing at once
 LAG_FAILING_AFTER = 30.0  # seconds lagging over max_loop_lag on end: failing
 DROP_WINDOW = 60.0  # seconds: heartbeats the kernel dropped this recently make it degraded
-STRETCH_WINDOW = 10.0  # seconds: drops this recent stretch push deadlines (Cluster)
+STRETCH_WINDOW = 10.0  # seconds over which the share of heartbeats dropped is judged
+# Push deadlines are stretched (Cluster.note_receive_drops) while the kernel dropped at least
+# this share of the heartbeats that came within STRETCH_WINDOW: overload, where each dropped
+# push costs a poll and the polls cost more drops. Below it (a loop stall now and then drops
+# a burst) a missed push is polled as ever, and detection keeps its time.
+OVERLOAD_DROP_SHARE = 0.05
 
 
 class ReceiveDrops:
@@ -47,17 +54,25 @@ class ReceiveDrops:
         self.window = window
         self.total = 0
         self._steps: deque[tuple[float, int]] = deque()  # (when, how many) of each increase
+        # (when, dropped, read) of each reading within STRETCH_WINDOW, for the share dropped
+        self._readings: deque[tuple[float, int, int]] = deque()
 
-    def note(self, dropped: int, now: float) -> None:
-        """``dropped`` more since the endpoint's last reading (each endpoint counts its own)."""
+    def note(self, dropped: int, now: float, received: int = 0) -> None:
+        """``dropped`` more since the endpoint's last reading (each endpoint counts its own),
+        and ``received``: how many it read meanwhile."""
         if dropped > 0:
             self._steps.append((now, dropped))
             self.total += dropped
+        self._readings.append((now, dropped, received))
         self._expire(now)
 
-    def dropping(self, now: float, within: float = STRETCH_WINDOW) -> bool:
-        """Whether any were dropped in the last ``within`` seconds."""
-        return bool(self._steps) and self._steps[-1][0] >= now - within
+    def overloaded(self, now: float) -> bool:
+        """Whether the kernel dropped at least ``OVERLOAD_DROP_SHARE`` of the heartbeats that
+        came in the last ``STRETCH_WINDOW`` seconds."""
+        self._expire(now)
+        dropped = sum(d for _, d, _ in self._readings)
+        came = dropped + sum(r for _, _, r in self._readings)
+        return dropped > 0 and dropped >= OVERLOAD_DROP_SHARE * came
 
     def recent(self, now: float) -> int:
         self._expire(now)
@@ -67,6 +82,9 @@ class ReceiveDrops:
         steps = self._steps
         while steps and steps[0][0] < now - self.window:
             steps.popleft()
+        readings = self._readings
+        while readings and readings[0][0] < now - STRETCH_WINDOW:
+            readings.popleft()
 
 
 class StoreHealth(Protocol):

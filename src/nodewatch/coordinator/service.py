@@ -1024,12 +1024,13 @@ class Coordinator:
         self._sample_marks[node.node_id] = key
         return True
 
-    def note_receive_drops(self, dropped: int, now: float) -> None:
-        """A UDP endpoint's reading of the kernel's drops on its socket (every second): kept
-        for ``/healthz`` and ``/metrics``, and push deadlines stretched while they are recent
-        (``Cluster.note_receive_drops``)."""
-        self.receive_drops.note(dropped, now)
-        self.cluster.note_receive_drops(self.receive_drops.dropping(now))
+    def note_receive_drops(self, dropped: int, now: float, received: int = 0) -> None:
+        """A UDP endpoint's reading of the kernel's drops on its socket (every second), with
+        the datagrams it read meanwhile: kept for ``/healthz`` and ``/metrics``, and push
+        deadlines stretched while the share dropped says overload
+        (``ReceiveDrops.overloaded``, ``Cluster.note_receive_drops``)."""
+        self.receive_drops.note(dropped, now, received)
+        self.cluster.note_receive_drops(self.receive_drops.overloaded(now))
 
     def routine_heartbeat(self, node: NodeState, body: HeartbeatBody, at: float) -> bool:
         """A pushed heartbeat whose tag was good, applied straight from its decoded body when
