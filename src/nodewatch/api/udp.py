@@ -20,7 +20,6 @@ import asyncio
 import logging
 import os
 import socket
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,19 +40,14 @@ from nodewatch.protocol import (
     untagged,
 )
 
-__all__ = ["DROP_SAMPLE_EVERY", "MAX_BATCH", "MAX_DRAIN", "RESULTS", "UdpHeartbeats",
-           "kernel_drops", "push_result", "start_udp_heartbeats"]
+__all__ = ["DROP_SAMPLE_EVERY", "RESULTS", "UdpHeartbeats", "kernel_drops", "push_result",
+           "start_udp_heartbeats"]
 
 log = logging.getLogger("nodewatch.coordinator")
 
 RECEIVE_BUFFER = 4 * 1024 * 1024  # absorbs a loop stall at thousands of heartbeats/s
 BATCH_WINDOW = 0.1  # seconds the socket rests after a drain, so that wake-ups come in batches
-MAX_BATCH = 64  # datagrams read between two looks at the clock (MAX_DRAIN)
-# Seconds one wake-up may read for, so that a flood cannot starve the loop. A time, not a
-# count: when the loop is busy (polls of nodes whose pushes were lost), a count per loop turn
-# reads fewer heartbeats the busier it is, each one lost makes a poll, and the coordinator
-# never catches up; a time keeps reading pushes, which put those polls off, ahead of them.
-MAX_DRAIN = 0.05
+MAX_BATCH = 1024  # datagrams per wake-up, so that a flood cannot starve the loop
 DROP_SAMPLE_EVERY = 1.0  # seconds between readings of the kernel's drop count for the socket
 RESULTS = ("ok", "stale", "unknown", "bad_tag", "malformed", "oversize", "not_leader",
            "not_owner", "error")
@@ -73,7 +67,7 @@ class UdpHeartbeats:
     """The datagram endpoint; ``counts`` holds how many datagrams ended in each result.
 
     A plain non-blocking socket read by the loop's reader callback rather than an asyncio
-    datagram transport: each wake-up drains every datagram waiting (for up to ``MAX_DRAIN``), then
+    datagram transport: each wake-up drains every datagram waiting (up to ``MAX_BATCH``), then
     stops watching the socket for ``batch_window`` seconds so that the next wake-up finds a
     batch. At a few thousand heartbeats a second, the per-wake-up cost (epoll, the callback,
     the transport's bookkeeping) was most of what a heartbeat cost; batching pays it once per
@@ -94,7 +88,6 @@ class UdpHeartbeats:
         self._loop = asyncio.get_running_loop()
         self._resume: asyncio.TimerHandle | None = None
         self._closed = False
-        self._more = False  # the last wake-up stopped on MAX_DRAIN with datagrams waiting
         # One key per accepted agent token (old and new during a rotation); a reply is
         # tagged with the key its heartbeat was.
         tokens = (token,) if isinstance(token, str) else tuple(token)
@@ -150,9 +143,9 @@ class UdpHeartbeats:
             self._resume = self._loop.call_later(self._rest(handled), self._resume_reading)
 
     def _rest(self, handled: int) -> float:
-        """A wake-up that stopped on ``MAX_DRAIN`` left more waiting: take it on the next loop
-        turn, not a window later, so the window never caps how many heartbeats get in."""
-        return 0.0 if self._more else self.batch_window
+        """A full batch means more is waiting: take it on the next loop turn, not a window
+        later, so the window never caps how many heartbeats a second get in."""
+        return 0.0 if handled >= MAX_BATCH else self.batch_window
 
     def _resume_reading(self) -> None:
         """After a window: take what arrived meanwhile; keep resting while heartbeats keep
@@ -167,17 +160,11 @@ class UdpHeartbeats:
             self._loop.add_reader(self._fd, self._readable)
 
     def _drain(self) -> int:
-        """Handle the datagrams waiting now (for at most ``MAX_DRAIN`` seconds: ``_more``
-        says it stopped with more waiting); returns how many."""
+        """Handle the datagrams waiting now (at most ``MAX_BATCH``); returns how many."""
         recvfrom = self._sock.recvfrom
         counts = self.counts
         handled = 0
-        self._more = False
-        until = time.monotonic() + MAX_DRAIN
-        while True:
-            if handled % MAX_BATCH == 0 and handled and time.monotonic() >= until:
-                self._more = True
-                break
+        while handled < MAX_BATCH:
             try:
                 data, addr = recvfrom(MAX_DATAGRAM + 1)
             except (BlockingIOError, InterruptedError):
