@@ -259,6 +259,17 @@ async def test_a_datagram_that_asks_is_answered_once_applied_and_a_replay_never(
     assert rig.udp.confirms == 1 and rig.udp.counts["ok"] == 2
 
 
+async def test_a_confirm_that_is_not_a_bool_is_refused_and_changes_nothing(rig: Rig) -> None:
+    await _register(rig)
+    before = rig.coord.cluster.nodes["web-1"].seq
+    resp = await rig.client.post("/v1/heartbeat", json=beat(seq=5, confirm="yes"),
+                                 headers=AGENT)
+    assert resp.status == 422 and "confirm" in (await resp.json())["error"]
+    rig.send(_signed(beat(seq=6, confirm="yes")))
+    await rig.wait_counted("malformed")
+    assert rig.coord.cluster.nodes["web-1"].seq == before and rig.udp.replies == 0
+
+
 async def test_an_answered_udp_agent_sends_no_http_heartbeat(
         tmp_path: Path, rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(agent_module, "UDP_CONFIRM_INTERVAL", 0.1)  # every 2nd beat asks
