@@ -162,6 +162,39 @@ def test_a_node_that_stops_sampling_has_its_chunk_closed_once_its_window_ended()
     assert [p.system for p in points] == [{"cpu_percent": 5.0}] and len(chunks) == 0
 
 
+def test_a_rollup_closes_at_its_own_turn_not_with_the_fleets_at_the_sweep() -> None:
+    """A fleet sampling every 5 s: each take hands over only the rollups whose interval just
+    ended, never every node's at once (once a minute, that was a third of a second of one
+    loop turn at 20,000 nodes)."""
+    chunks = SampleChunks(HistoryTiers(3600.0, 300.0, 60.0))
+    nodes = [f"n{i}" for i in range(600)]
+    closed: list[int] = []
+    for step in range(60):  # 5 minutes, a take every 5 s as ticks do (more often, really)
+        now = 1000.0 + 5.0 * step
+        for k, node_id in enumerate(nodes):
+            ts = now + 5.0 * k / len(nodes)
+            chunks.add(node_id, ts, step, "healthy", {"cpu_percent": 1.0}, {"qps": 1.0})
+        raw, points = chunks.take(now + 5.0)
+        if step >= 13:  # past the first whole minute: every node has closed a rollup
+            closed.append(len(points))
+            assert {c.node_id for c in raw} == {p.node_id for p in points}
+    assert sum(closed) >= 3 * len(nodes)
+    assert max(closed) < len(nodes) / 4  # spread over the minute: no burst
+    assert all(p.span == 60.0 and p.system == {"cpu_percent": 1.0} for p in points)
+
+
+def test_a_chunk_that_ended_is_closed_by_the_next_take_without_waiting_for_a_sweep() -> None:
+    chunks = SampleChunks(HistoryTiers(3600.0, 300.0, 60.0))
+    gather(chunks, [sample(1000.0, 5.0)])
+    gather(chunks, [sample(1000.0, 6.0, node_id="web-2")])
+    chunks.take(1001.0)  # the interval's sweep is done here: the next is a minute away
+    until = chunks._open["web-1"].until
+    assert chunks.take(until - 0.5) == ([], [])
+    raw, points = chunks.take(until + 1.5)  # within a second of its end, not at the sweep
+    assert [c.node_id for c in raw if c.node_id == "web-1"] == ["web-1"]
+    assert "web-1" in {p.node_id for p in points} and "web-1" not in chunks._open
+
+
 def test_readers_see_the_samples_not_taken_yet_and_a_lost_share_is_forgotten() -> None:
     chunks = SampleChunks(HistoryTiers(3600.0, 300.0, 60.0))
     gather(chunks, [sample(1000.0 + 5 * i, float(i)) for i in range(30)])

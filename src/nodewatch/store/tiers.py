@@ -19,6 +19,7 @@ minute of raw samples, as it loses the rollup being gathered (readers see it: ``
 
 from __future__ import annotations
 
+import heapq
 import math
 import zlib
 from array import array
@@ -214,16 +215,17 @@ class _Gathering:
     """One node's chunk being gathered: its columns, and the window ``[start, until)`` it
     covers (within one rollup interval)."""
 
-    __slots__ = ("health", "last", "load", "node_id", "seq", "start", "system", "ts", "until",
-                 "values")
+    __slots__ = ("ends_rollup", "health", "last", "load", "node_id", "seq", "start", "system",
+                 "ts", "until", "values")
 
     def __init__(self, node_id: str, system: tuple[str, ...], load: tuple[str, ...],
-                 start: float, until: float) -> None:
+                 start: float, until: float, ends_rollup: bool = False) -> None:
         self.node_id = node_id
         self.system = system
         self.load = load
         self.start = start
         self.until = until
+        self.ends_rollup = ends_rollup  # ``until`` is the end of the node's rollup interval
         self.last = -math.inf
         self.ts: array[float] = array("d")
         self.seq: array[int] = array("q")
@@ -255,6 +257,11 @@ class SampleChunks:
         self._chunks: list[SampleChunk] = []  # closed, for the raw tier, not taken yet
         self._points: list[HistorySample] = []  # rollups closed, not taken yet
         self._last_sweep = -math.inf
+        # When gathered chunks end, by whole second: second -> the node ids whose chunk ends
+        # in it (a node may be listed again after its chunk moved on), with a heap of those
+        # seconds. ``take`` closes what ended without looking at every node's chunk.
+        self._ends: dict[int, list[str]] = {}
+        self._end_keys: list[int] = []
 
     def __len__(self) -> int:
         """Samples gathered or closed and not taken."""
@@ -269,10 +276,17 @@ class SampleChunks:
                 and current.load == tuple(load)):
             # Also a sample older than the chunk (a clock step back, a poll's result after a
             # push): a chunk of its own; a replay of a stored one is deduplicated by readers.
-            self._close(current)
+            self._close(current, ended=ts >= current.until)
             current = None
         if current is None:
             current = self._open[node_id] = self._gathering(node_id, ts, system, load)
+            end = math.floor(current.until)
+            ends = self._ends.get(end)
+            if ends is None:
+                self._ends[end] = [node_id]
+                heapq.heappush(self._end_keys, end)
+            else:
+                ends.append(node_id)
         try:
             current.seq.append(seq)
         except OverflowError:  # past 2**63: not a seq an agent sends; never stored
@@ -298,6 +312,8 @@ class SampleChunks:
             first = offset + math.floor((ts - offset) / span) * span
             start = first + math.floor((ts - first) / interval) * interval
             until = min(start + interval, first + span)
+            return _Gathering(node_id, sys_names, load_names, start, until,
+                              ends_rollup=until >= first + span)
         else:
             known = self._offsets.get(node_id)
             if known is None:
@@ -307,36 +323,58 @@ class SampleChunks:
             until = start + interval
         return _Gathering(node_id, sys_names, load_names, start, until)
 
-    def _close(self, current: _Gathering) -> None:
+    def _close(self, current: _Gathering, ended: bool = False) -> None:
+        """``ended``: the chunk's window is over (a later sample came, or the sweep). When
+        that window was the last of its rollup interval, the rollup is complete and closes
+        now, at the node's own turn, rather than at the next sweep with every other node's:
+        once a minute, that sweep closed the whole fleet's rollups in one loop turn (a third
+        of a second at 20,000 nodes, seconds at 100,000, while heartbeats piled up in the
+        kernel)."""
         del self._open[current.node_id]
         if not current.ts:
             return
         chunk = current.chunk()
         if self.raw:
             self._chunks.append(chunk)
-        if self.rollups is not None:
-            self._points.extend(self.rollups.fold(chunk))
+        rollups = self.rollups
+        if rollups is not None:
+            self._points.extend(rollups.fold(chunk))
+            if ended and current.ends_rollup:
+                self._points.extend(rollups.close_nodes((current.node_id,)))
 
     def take(self, now: float, final: bool = False) -> tuple[list[SampleChunk],
                                                              list[HistorySample]]:
-        """The chunks and rollups closed since the last take; once an interval, those of
-        nodes that stopped sampling; ``final`` (on stop): everything being gathered. A chunk
-        whose every sample is past the raw tier's retention already is not handed over."""
+        """The chunks and rollups closed since the last take, with the chunks whose window
+        ended by ``now`` without a later sample (nodes that stopped sampling, or have not
+        sampled since); once an interval, the rollups of nodes that stopped; ``final`` (on
+        stop): everything being gathered. A chunk whose every sample is past the raw tier's
+        retention already is not handed over."""
         if final:
             for current in list(self._open.values()):
                 self._close(current)
+            self._ends.clear()
+            self._end_keys.clear()
             if self.rollups is not None:
                 self._points.extend(self.rollups.close_all())
-        elif now - self._last_sweep >= self.interval:
-            self._last_sweep = now
-            for current in [g for g in self._open.values() if g.until <= now]:
-                self._close(current)
-            if self.rollups is not None:
+        else:
+            self._close_ended(now)
+            if self.rollups is not None and now - self._last_sweep >= self.interval:
+                self._last_sweep = now
                 self._points.extend(self.rollups.close_ended(now))
         chunks, self._chunks = self._chunks, []
         points, self._points = self._points, []
         expired = now - self.raw_ttl
         return [c for c in chunks if c.last_ts >= expired], points
+
+    def _close_ended(self, now: float) -> None:
+        """Close the chunks whose window is over: only those listed in the seconds past."""
+        keys, ends, gathered = self._end_keys, self._ends, self._open
+        limit = math.floor(now)
+        while keys and keys[0] < limit:
+            for node_id in ends.pop(heapq.heappop(keys)):
+                current = gathered.get(node_id)
+                if current is not None and current.until <= now:
+                    self._close(current, ended=True)
 
     def samples(self, node_id: str, since: float) -> list[HistorySample]:
         """The node's raw samples at or after ``since`` not taken yet (none when the tiers
