@@ -114,6 +114,11 @@ class Rollups:
         self._open: dict[str, _Open] = {}
         self._offsets: dict[str, float] = {}
         self._names: dict[tuple[str, ...], tuple[str, ...]] = {}  # one tuple per key set
+        # A chunk's (system, load) key tuples -> its figure names, and figure names -> where
+        # each lands in a rollup: worked out once per key set, not once per chunk.
+        self._layouts: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[str, ...]] = {}
+        self._splits: dict[tuple[str, ...], tuple[tuple[tuple[int, str], ...],
+                                                  tuple[tuple[int, str], ...]]] = {}
 
     def __len__(self) -> int:
         return len(self._open)
@@ -142,7 +147,11 @@ class Rollups:
     def fold(self, chunk: SampleChunk) -> list[HistorySample]:
         """A chunk's samples at once: one pass per figure over its column, not one per sample.
         The chunk lies within one interval (``SampleChunks`` closes it at the turn)."""
-        names = _figures(chunk.system, chunk.load)
+        layout = (chunk.system, chunk.load)
+        names = self._layouts.get(layout)
+        if names is None:
+            names = self._layouts[layout] = self._names.setdefault(
+                _figures(chunk.system, chunk.load), _figures(chunk.system, chunk.load))
         width, values, count = len(names), chunk.values, len(chunk)
         columns = [values[i::width] for i in range(width)]
         last = chunk.last_ts
@@ -196,17 +205,16 @@ class Rollups:
 
     def _close(self, current: _Open) -> HistorySample:
         del self._open[current.node_id]
-        width, acc, count = len(current.names), current.values, current.count
-        system: dict[str, float] = {}
-        load: dict[str, float] = {}
-        peak: dict[str, float] = {}
-        for i, name in enumerate(current.names):
-            mean = _round(acc[i] / count)
-            if name.startswith("load."):
-                load[name[5:]] = mean
-            else:
-                system[name] = mean
-            peak[name] = acc[width + i]
+        names, acc, count = current.names, current.values, current.count
+        split = self._splits.get(names)
+        if split is None:
+            split = self._splits[names] = (
+                tuple((i, n) for i, n in enumerate(names) if not n.startswith("load.")),
+                tuple((i, n[5:]) for i, n in enumerate(names) if n.startswith("load.")))
+        width = len(names)
+        system = {name: _round(acc[i] / count) for i, name in split[0]}
+        load = {name: _round(acc[i] / count) for i, name in split[1]}
+        peak = {name: acc[width + i] for i, name in enumerate(names)}
         return HistorySample(current.node_id, current.ts, current.seq,
                              HEALTH_CODES[current.health], system, load, self.interval, peak)
 
