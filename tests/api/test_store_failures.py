@@ -269,7 +269,13 @@ async def test_a_full_queue_drops_the_oldest_and_tells_on_recovery(tmp_path: Pat
         await _unfill(store)
         await wait_for(lambda: coord.store_health.available and coord._pending_events == [],
                        message="the queue written")
-        stored = await store.events_after(None, 10_000)
+
+        async def told() -> list[Event]:
+            # The recovery's events_lost may be written one write after the queue drained.
+            events = await store.events_after(None, 10_000)
+            return events if any(e.kind == "events_lost" for e in events) else []
+
+        stored = await async_wait_until(told, within=30, message="events_lost stored")
     notes = [e.reason for e in stored if e.kind == "note"]
     # The newest are stored, in order; every one of the others was dropped and counted (an
     # event of the spare node's checks or drain may have taken a place in the queue too).
@@ -277,7 +283,9 @@ async def test_a_full_queue_drops_the_oldest_and_tells_on_recovery(tmp_path: Pat
     assert len(notes) >= limit - 1, [(e.kind, e.node_id) for e in stored]
     assert health.dropped_events >= dropped + (limit - len(notes))
     lost = [e for e in stored if e.kind == "events_lost"]
-    assert len(lost) == 1 and lost[0].evidence["dropped"] == health.dropped_events
+    # Every drop is told once: in one events_lost, or in one per spell when the full disk
+    # refused a write again after the first recovery (seen on a loaded machine).
+    assert lost and sum(e.evidence["dropped"] for e in lost) == health.dropped_events
     assert lost[0].id > max(e.id for e in stored if e.kind == "note")
 
 
