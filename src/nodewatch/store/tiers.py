@@ -150,8 +150,8 @@ class Rollups:
         layout = (chunk.system, chunk.load)
         names = self._layouts.get(layout)
         if names is None:
-            names = self._layouts[layout] = self._names.setdefault(
-                _figures(chunk.system, chunk.load), _figures(chunk.system, chunk.load))
+            figures = _figures(chunk.system, chunk.load)
+            names = self._layouts[layout] = self._names.setdefault(figures, figures)
         width, values, count = len(names), chunk.values, len(chunk)
         columns = [values[i::width] for i in range(width)]
         last = chunk.last_ts
