@@ -191,6 +191,8 @@ class CountingStore:
 
     async def put_meta(self, key: str, value: str) -> None: ...
 
+    async def probe_write(self, now: float) -> None: ...
+
 
 class EtcdCountingStore(CountingStore):
     """The same, named so that the coordinator picks etcd's history tiers (store_label)."""

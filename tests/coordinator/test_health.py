@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from nodewatch.coordinator.health import (
+    FLAP_MEMORY,
     LAG_FAILING_AFTER,
     LAG_FAILING_FACTOR,
+    OutageClock,
     Signals,
     judge,
 )
@@ -129,3 +131,48 @@ def test_a_sharing_coordinator_short_of_its_shares_is_degraded_then_failing() ->
     alone = replace(sharing, shares_wanted=0, shares_held=0, shares_short_since=NOW - 10)
     assert judge(alone).status == "failing"
     assert "not (yet) a member" in judge(alone).reasons[0]
+
+
+# ---------------------------------------------------------------------- the outage clock
+
+
+def test_an_outage_begins_at_its_first_failure_and_its_retries_back_off_to_the_cap() -> None:
+    clock = OutageClock(first_backoff=0.5, max_backoff=4.0)
+    assert clock.since is None and not clock.waiting(NOW)
+    assert clock.failed(NOW) is True
+    assert clock.since == NOW and clock.retry_at == NOW + 0.5
+    assert clock.waiting(NOW + 0.4) and not clock.waiting(NOW + 0.5)
+    pauses = []
+    for step in range(1, 6):
+        at = NOW + step
+        assert clock.failed(at) is False  # the same outage goes on
+        pauses.append(clock.retry_at - at)
+    assert pauses == [1.0, 2.0, 4.0, 4.0, 4.0] and clock.since == NOW
+    assert clock.recovered(NOW + 9) == NOW
+    assert clock.since is None and not clock.waiting(NOW + 9)
+    assert clock.recovered(NOW + 10) is None  # already available: nothing ended
+
+
+def test_a_store_failing_again_soon_after_it_recovered_continues_the_same_outage() -> None:
+    """A full disk takes a node's state rewritten in place and refuses new history: each
+    brief success must not restart the outage, or it would never be judged failing."""
+    clock = OutageClock(first_backoff=0.5, max_backoff=10.0)
+    clock.failed(NOW)
+    clock.failed(NOW + 0.5)  # backoff now 2 s
+    assert clock.recovered(NOW + 1.0) == NOW
+    assert clock.failed(NOW + 1.0 + FLAP_MEMORY - 1) is True  # resumed: logged again
+    assert clock.since == NOW
+    assert clock.retry_at == NOW + FLAP_MEMORY + 2.0  # the backoff went on growing
+    health = judge(replace(CALM, now=NOW + FLAP_MEMORY, store_timeout=3.0,
+                           store=StoreHealth(available=False, since=clock.since)))
+    assert health.status == "failing"
+
+
+def test_a_store_up_for_the_flap_memory_starts_a_new_outage_with_a_fresh_backoff() -> None:
+    clock = OutageClock(first_backoff=0.5, max_backoff=10.0)
+    for step in range(4):
+        clock.failed(NOW + step)
+    clock.recovered(NOW + 4)
+    later = NOW + 4 + FLAP_MEMORY
+    assert clock.failed(later) is True
+    assert clock.since == later and clock.retry_at == later + 0.5

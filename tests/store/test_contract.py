@@ -311,3 +311,15 @@ async def test_meta_keeps_the_last_value_per_key(store: Store) -> None:
     await store.put_meta("last_event", "42")
     assert await store.get_meta("guard") == "on"
     assert await store.get_meta("last_event") == "42"
+
+
+async def test_a_probe_write_is_stored_and_leaves_only_its_mark(
+        store: Store, store_factory: StoreFactory) -> None:
+    await store.put_meta("guard", "on")
+    await store.probe_write(1234.5)
+    store = await reopen(store, store_factory)
+    try:
+        assert await store.get_meta("store_probe") == "1234.5"
+        assert await store.get_meta("guard") == "on"
+    finally:
+        await store.close()

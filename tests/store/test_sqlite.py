@@ -235,3 +235,26 @@ async def test_a_chunk_is_one_row_kept_until_its_last_sample_ages_out(tmp_path: 
         assert [p.ts for p in await store.history("a", 0.0)] == times  # the chunk stays whole
         await store.prune(now=3950.0, history_ttl=3600.0)  # past its last sample
         assert await store.history("a", 0.0) == []
+
+
+async def test_a_probe_write_needs_new_room_not_the_room_left_inside_pages(
+        tmp_path: Path) -> None:
+    """A full database still takes a row rewritten in place; the probe that says the store is
+    back must not pass on that room, and leaves nothing behind when it passes."""
+    async with SqliteStore(tmp_path / "state.db") as store:
+        await store.put_meta("spare", "x" * 100)
+        await store.flush()
+
+        def page_counts(conn: sqlite3.Connection) -> tuple[int, int]:
+            return (conn.execute("PRAGMA page_count").fetchone()[0],
+                    conn.execute("PRAGMA freelist_count").fetchone()[0])
+        pages, _ = await store._write(page_counts)
+        await store._write(lambda c: c.execute(f"PRAGMA max_page_count={pages}").fetchone())
+        await store.put_meta("spare", "y" * 100)  # in place: still taken
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            await store.probe_write(1.0)
+        await store._write(lambda c: c.execute("PRAGMA max_page_count=1073741823").fetchone())
+        await store.probe_write(2.0)
+        assert await store.get_meta("store_probe") == "2.0"
+        assert await store.get_meta("store_probe_room") is None
+        assert await store.get_meta("spare") == "y" * 100

@@ -28,9 +28,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-__all__ = ["CoordinatorHealth", "DROP_WINDOW", "LAG_FAILING_AFTER", "LAG_FAILING_FACTOR",
-           "OVERLOAD_DROP_SHARE", "ReceiveDrops", "STRETCH_WINDOW", "Signals", "StoreHealth",
-           "judge"]
+__all__ = ["CoordinatorHealth", "DROP_WINDOW", "FLAP_MEMORY", "LAG_FAILING_AFTER",
+           "LAG_FAILING_FACTOR", "OVERLOAD_DROP_SHARE", "OutageClock", "ReceiveDrops",
+           "STRETCH_WINDOW", "Signals", "StoreHealth", "judge"]
 
 Status = Literal["ok", "degraded", "failing"]
 
@@ -43,6 +43,54 @@ STRETCH_WINDOW = 10.0  # seconds over which the share of heartbeats dropped is j
 # push costs a poll and the polls cost more drops. Below it (a loop stall now and then drops
 # a burst) a missed push is polled as ever, and detection keeps its time.
 OVERLOAD_DROP_SHARE = 0.05
+# A store that fails again this soon after it recovered is still in the same outage.
+FLAP_MEMORY = 30.0
+
+
+@dataclass(slots=True)
+class OutageClock:
+    """When the store's outage began and when to try it next, kept across brief recoveries.
+
+    A store can take some writes and refuse others: a full disk reuses the room in the pages
+    it has, so a node's state rewritten in place passes while new history and events fail.
+    If each such success ended the outage, its clock would restart at every flap (``/healthz``
+    would say ``ok`` or ``degraded`` for a disk that loses every history point) and the retry
+    backoff would never grow. So a failure within ``memory`` seconds of the last recovery
+    continues the outage that recovery ended: its start and its backoff. A store that stays
+    up for ``memory`` seconds starts afresh.
+    """
+
+    first_backoff: float
+    max_backoff: float
+    memory: float = FLAP_MEMORY
+    since: float | None = None  # the current outage's start; None while available
+    retry_at: float = 0.0  # background writes wait until then while unavailable
+    _began: float | None = None  # the last outage's start, while it may still go on
+    _recovered_at: float = 0.0
+    _backoff: float = 0.0
+
+    def failed(self, now: float) -> bool:
+        """A write failed at ``now``; True when this begins (or resumes) an outage."""
+        began = self.since is None
+        if began:
+            flapping = self._began is not None and now - self._recovered_at < self.memory
+            if not flapping:
+                self._began, self._backoff = now, self.first_backoff
+            self.since = self._began
+        self.retry_at = now + self._backoff
+        self._backoff = min(self._backoff * 2, self.max_backoff)
+        return began
+
+    def recovered(self, now: float) -> float | None:
+        """A write succeeded at ``now``; the outage's start when this ends one."""
+        since, self.since, self.retry_at = self.since, None, 0.0
+        if since is not None:
+            self._recovered_at = now
+        return since
+
+    def waiting(self, now: float) -> bool:
+        """Unavailable, and not yet time to try again."""
+        return self.since is not None and now < self.retry_at
 
 
 class ReceiveDrops:

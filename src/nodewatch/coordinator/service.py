@@ -20,7 +20,13 @@ from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from nodewatch.config import Config
-from nodewatch.coordinator.health import CoordinatorHealth, ReceiveDrops, Signals, judge
+from nodewatch.coordinator.health import (
+    CoordinatorHealth,
+    OutageClock,
+    ReceiveDrops,
+    Signals,
+    judge,
+)
 from nodewatch.coordinator.poller import HttpProbe, Poller, Probe
 from nodewatch.detect import identity
 from nodewatch.detect.cluster import Cluster
@@ -83,8 +89,6 @@ RELEASE_ACTIONS_WAIT = 10.0
 LAG_BEAT = 0.25
 # While the store fails, background writes are retried with a doubling pause up to this.
 MAX_RETRY_BACKOFF = 10.0
-# A store that fails again this soon after only a probe write succeeded is the same outage.
-FLAP_MEMORY = 30.0
 
 T = TypeVar("T")
 _HEALTHY = Health.HEALTHY.value
@@ -465,16 +469,11 @@ class Coordinator:
         self.store_timeout = float(config.coordinator.store_timeout)
         self.store_health = StoreHealth()
         self._lost_unnoted = 0  # dropped events not yet told in an events_lost event
-        self._retry_at = 0.0
-        self._backoff = PERSIST_INTERVAL
-        # When the last outage began, while only a probe write has succeeded since: a store
-        # that takes a tiny write but not real ones (a full disk reuses the pages it has) must
-        # not restart its outage clock on every flap, or /healthz would never say failing.
-        self._outage_began: float | None = None
-        self._probe_recovered_at = 0.0
-        # After a probe write succeeded, the next background write is a full one: routine
-        # nodes wait for their refresh, and only a real write tells a store that is back from
-        # one that takes a tiny write but not real ones.
+        # When the outage began (kept across a flapping store's brief recoveries) and when
+        # to retry: health.OutageClock.
+        self._outage = OutageClock(PERSIST_INTERVAL, MAX_RETRY_BACKOFF)
+        # After a probe write alone brought the store back, the next background write is a
+        # full one: the routine node state held back during the outage goes out at once.
         self._write_all_next = False
 
     @property
@@ -1398,30 +1397,20 @@ class Coordinator:
 
     def _store_failed(self, exc: StoreUnavailable) -> None:
         health = self.store_health
-        now = self.clock()
-        if health.available:
+        if self._outage.failed(self.clock()):
             log.error("store unavailable: %s; detection goes on from memory, writes are "
                       "queued and retried", exc)
-            flapping = (self._outage_began is not None
-                        and now - self._probe_recovered_at < FLAP_MEMORY)
-            health.since = self._outage_began if flapping else now
-            self._backoff = PERSIST_INTERVAL
-        health.available = False
+        health.available, health.since = False, self._outage.since
         health.cause = exc.cause
         health.writes_failed += 1
-        self._retry_at = now + self._backoff
-        self._backoff = min(self._backoff * 2, MAX_RETRY_BACKOFF)
 
-    def _store_ok(self, probe_only: bool = False) -> None:
+    def _store_ok(self) -> None:
         health = self.store_health
-        if not health.available:
-            log.warning("store available again after %.1fs", self.clock() - (health.since or 0))
-            if probe_only:
-                self._outage_began, self._probe_recovered_at = health.since, self.clock()
-        if not probe_only:
-            self._outage_began = None  # real data was written: the outage is over
+        now = self.clock()
+        since = self._outage.recovered(now)
+        if since is not None:
+            log.warning("store available again, %.1fs after its outage began", now - since)
         health.available, health.since, health.cause = True, None, ""
-        self._retry_at = 0.0
         if self._lost_unnoted:
             lost, self._lost_unnoted = self._lost_unnoted, 0
             self._handle(self.cluster.record(
@@ -1473,6 +1462,12 @@ class Coordinator:
         wrote = bool(nodes or events or samples or chunks or extra or removed)
         probed = False
         try:
+            if outcome is None and not self.store_health.available:
+                # After a failure only a write that needs new room tells a store that is back
+                # from a full disk that still takes a small write in place. First and alone:
+                # if it fails, nothing else was written (the rest is requeued, not doubled).
+                await self._bounded(self.store.probe_write(self.clock()), deadline=deadline)
+                probed = not wrote
             # Issued together, so a store that groups writes commits them as one.
             conflicts, _, _, _ = await self._bounded(asyncio.gather(
                 self.store.save_nodes(nodes) if nodes else _nothing(),
@@ -1499,13 +1494,6 @@ class Coordinator:
                                            f"for {', '.join(lost[:10])}")
             if wrote:
                 await self._bounded(self.store.flush(), deadline=deadline)
-            elif not self.store_health.available:
-                # Nothing to write, but the store failed: only a write can tell that it is
-                # back (no store call at all must not count as a recovery).
-                await self._bounded(self.store.put_meta("store_probe", repr(self.clock())),
-                                    deadline=deadline)
-                await self._bounded(self.store.flush(), deadline=deadline)
-                probed = True
         except StoreUnavailable as exc:
             # Nothing is dropped on a store error: it is all written on a later try.
             self.cluster.mark_dirty(n.node_id for n in nodes)
@@ -1523,7 +1511,7 @@ class Coordinator:
             self._pending_chunks[:0] = chunks
             self._pending_actions[:0] = actions
             raise
-        self._store_ok(probe_only=probed)
+        self._store_ok()
         self._write_all_next = probed
         for request, event in actions:  # their transitions are durable now
             if self.owns(request.node_id):
@@ -1592,7 +1580,7 @@ class Coordinator:
             try:
                 self._handle(self.cluster.tick(self.clock()))
                 now = self.clock()
-                if not self.store_health.available and now < self._retry_at:
+                if self._outage.waiting(now):
                     continue  # detection went on; the store is retried after its backoff
                 history = now - self._last_history_write >= ROUTINE_PERSIST_INTERVAL
                 await self.persist(routine=self._write_all_next, history=history)

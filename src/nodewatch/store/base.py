@@ -112,6 +112,14 @@ class Store(Protocol):
 
     async def put_meta(self, key: str, value: str) -> None: ...
 
+    async def probe_write(self, now: float) -> None:
+        """A durable write that proves the store takes new data again after a failure.
+
+        A tiny write is not proof: a full SQLite disk still takes a row rewritten in place in
+        the room its pages have, while new history and events fail. So SQLite's probe needs
+        fresh room (and gives it back in the same transaction); Redis and etcd refuse every
+        write when out of memory or space, so a small one tells."""
+
 
 T = TypeVar("T")
 

@@ -532,6 +532,10 @@ class EtcdStore:
         await self._writing(self.kv.put(self.key("meta", key), value.encode(),
                                         timeout=self.timeout))
 
+    async def probe_write(self, now: float) -> None:
+        await self.put_meta("store_probe", repr(now))
+        await self.flush()
+
     # -- leases and watches (agent lease mode, leader election, followers) ------------------
 
     async def grant(self, ttl: int) -> int:

@@ -282,3 +282,7 @@ class RedisStore:
 
     async def put_meta(self, key: str, value: str) -> None:
         await self._writing(self.redis.hset(self.k_meta, key, value))
+
+    async def probe_write(self, now: float) -> None:
+        await self.put_meta("store_probe", repr(now))
+        await self.flush()

@@ -51,6 +51,9 @@ log = logging.getLogger("nodewatch.store.sqlite")
 T = TypeVar("T")
 WriteFn = Callable[[sqlite3.Connection], Any]
 Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
+# Bytes of new pages a probe write needs (probe_write): more than the room a full database
+# has left inside its pages, about what a round of history writes takes.
+PROBE_ROOM: Final = 64 * 1024
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -669,3 +672,16 @@ class SqliteStore:
             conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
         await self._write(put)
+
+    async def probe_write(self, now: float) -> None:
+        def probe(conn: sqlite3.Connection) -> None:
+            # PROBE_ROOM of new pages, freed again before the commit: refused while the disk
+            # (or max_page_count) leaves no room, whatever room is left inside pages.
+            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('store_probe', ?)",
+                         (repr(now),))
+            conn.execute("INSERT OR REPLACE INTO meta(key, value) "
+                         "VALUES ('store_probe_room', zeroblob(?))", (PROBE_ROOM,))
+            conn.execute("DELETE FROM meta WHERE key = 'store_probe_room'")
+
+        await self._write(probe)
+        await self.flush()
