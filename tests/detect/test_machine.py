@@ -432,6 +432,30 @@ def test_loop_lag_holds_confirmation_until_it_drops(clock: FakeClock) -> None:
     assert kinds(fail(cluster, clock)) == ["unhealthy"]
 
 
+def test_dropping_heartbeats_holds_a_timeout_but_not_a_refusal(clock: FakeClock) -> None:
+    # A coordinator that drops its own heartbeats reads its polls' answers late too: a
+    # timeout is no evidence then, a refused connection still is.
+    cluster = make(clock, nodes=10, fall=2)
+    healthy(cluster, clock, *(f"n{i}" for i in range(10)))
+    cluster.note_receive_drops(True)
+    fail(cluster, clock, "n0")
+    out = fail_later(cluster, clock, "n0")
+    assert kinds(out) == ["suspect"]
+    assert out.events[0].reason == "held: coordinator overloaded (dropping heartbeats)"
+    assert out.events[0].evidence["receive_overload"] is True and not out.actions
+    assert not fail_later(cluster, clock, "n0").events  # same reason: no new event
+    fail(cluster, clock, "n1", FailureClass.REFUSED)
+    assert kinds(fail_later(cluster, clock, "n1", FailureClass.REFUSED)) == ["unhealthy"]
+    # One timeout in a streak of refusals is enough to doubt it.
+    fail(cluster, clock, "n2", FailureClass.REFUSED)
+    out = fail_later(cluster, clock, "n2", FailureClass.TIMEOUT)
+    assert health(cluster, "n2") is Health.SUSPECT and not out.actions
+    cluster.note_receive_drops(False)
+    assert health(cluster) is Health.SUSPECT
+    out = fail_later(cluster, clock, "n0")  # the next failed check after the overload
+    assert kinds(out) == ["unhealthy"] and [a.kind for a in out.actions] == ["unhealthy"]
+
+
 def test_gate_reason_change_emits_one_event_per_reason(clock: FakeClock) -> None:
     cluster = make(clock, fall=1, startup_grace=10.0)
     healthy(cluster, clock)

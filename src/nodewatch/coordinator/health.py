@@ -261,8 +261,8 @@ def judge(s: Signals) -> CoordinatorHealth:
         else:
             degraded.append(text)
     if s.udp_drops:
-        stretched = (f"; push deadlines stretched {s.push_stretch:g}x meanwhile"
-                     if s.push_stretch > 1 else "")
+        stretched = (f"; push deadlines stretched {s.push_stretch:g}x and timeouts "
+                     "confirm no failure meanwhile" if s.push_stretch > 1 else "")
         degraded.append(f"{s.udp_drops} UDP heartbeats dropped in the last "
                         f"{s.drop_window:.0f}s (receive buffer full): more pushes than this "
                         "coordinator keeps up with; share the nodes among more coordinators"

@@ -17,6 +17,9 @@ class Gate:
         self.policy = policy
         self.started_at = now
         self.loop_lag = 0.0
+        # The UDP endpoint's receive buffer overflowing (Cluster.note_receive_drops): not a
+        # hold of every confirmation, only of those a late reading can explain.
+        self.overloaded = False
 
     def restart(self, now: float) -> None:
         """A (re)start or a leader change: observe, but confirm nothing for ``startup_grace``."""
@@ -24,6 +27,9 @@ class Gate:
 
     def set_loop_lag(self, lag: float) -> None:
         self.loop_lag = lag
+
+    def set_overloaded(self, overloaded: bool) -> None:
+        self.overloaded = overloaded
 
     def in_grace(self, now: float) -> bool:
         return now < self.started_at + self.policy.startup_grace

@@ -82,6 +82,10 @@ class FailureLog:
         failures = self._failures.get(node_id)
         return failures[-1] if failures else None
 
+    def classes(self, node_id: str) -> set[str]:
+        """The failure classes in the node's current streak."""
+        return {f.failure for f in self._failures.get(node_id, ())}
+
     def checks(self, node_id: str) -> list[dict[str, Any]]:
         """The recent failed checks with their class."""
         return [f.to_json() for f in self._failures.get(node_id, ())]
