@@ -567,6 +567,7 @@ def run_fleet(args: argparse.Namespace, free_port: Any) -> dict[str, Any]:
         kills: dict[str, float] = sender_out["kills"]
         confirmed: dict[str, float] = {}
         false: list[str] = []
+        why: dict[str, Any] = {}
         suspects = 0
         for event in (e for page in seen for e in page):
             node = event.get("node_id") or ""
@@ -578,8 +579,17 @@ def run_fleet(args: argparse.Namespace, free_port: Any) -> dict[str, Any]:
                 confirmed.setdefault(node, event["ts"] - kills[node])
             elif node not in kills:
                 false.append(node)
+                if len(false) == 1:  # what the first false confirmation stood on
+                    checks = event.get("evidence", {}).get("checks", [])
+                    why = {"reason": event.get("reason", ""),
+                           "classes": [c.get("class") for c in checks],
+                           "details": sorted({c.get("detail", "") for c in checks})[:3]}
         times = sorted(confirmed.values())
+        # Polls and kernel drops from the start to the window: what the start itself cost.
+        start_polls = sum(b["checks"] for b in before) if api_ok else float("nan")
+        start_drops = sum(b["udp_drops"] for b in before) if api_ok else float("nan")
         return {"settle": settle, "healthy": healthy, "wall": wall, "cpu": cpu, **sums,
+                "false_why": why, "start_polls": start_polls, "start_drops": start_drops,
                 "rss": rss, "machine": (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1)
                 * os.cpu_count(), "times": times, "kills": len(kills), "false": false,
                 "false_suspects": suspects, "sender": sender_out,
@@ -682,7 +692,8 @@ def main() -> None:
               f"{r['checks'] / r['wall']:.1f} polls/s; {r['cpu'] / r['wall']:.3f} cores in "
               f"total; RSS {'+'.join(f'{m:.0f}' for m in r['rss'])} MB; machine busy "
               f"{r['machine']:.2f} of {os.cpu_count()} cores; settled in {r['settle']:.0f}s "
-              f"({r['healthy']:.0f} healthy)", flush=True)
+              f"({r['healthy']:.0f} healthy; {r['start_polls']:.0f} polls and "
+              f"{r['start_drops']:.0f} kernel drops before the window)", flush=True)
         if not r["api_ok"]:
             print("the coordinator's HTTP API did not answer within 60 s: heartbeats are the "
                   "sender's paced rate, detection times unread", flush=True)
@@ -690,7 +701,9 @@ def main() -> None:
         print(f"kills: {r['kills']} nodes, {len(times)} confirmed; detection p50 "
               f"{pct(times, 50):.2f}s p99 {pct(times, 99):.2f}s max "
               f"{max(times) if times else float('nan'):.2f}s; false confirmations "
-              f"{len(r['false'])} {r['false'][:5]}; false suspects {r['false_suspects']}; "
+              f"{len(r['false'])} {r['false'][:5]} "
+              f"{json.dumps(r['false_why']) if r['false'] else ''}; "
+              f"false suspects {r['false_suspects']}; "
               f"healthy at the end {r['final_healthy']:.0f} of {args.nodes - r['kills']}; "
               f"sender {json.dumps({k: v for k, v in r['sender'].items() if k != 'kills'})}",
               flush=True)

@@ -52,6 +52,9 @@ class FailureClass(StrEnum):
     BAD_BODY = "bad_body"
     LEASE_EXPIRED = "lease_expired"
     ERROR = "error"
+    # The checker's own failure, no evidence about the node: it ran out of descriptors or
+    # ports, or its loop read the check too late (a timeout that fired well past its budget).
+    LOCAL = "local"
 
 
 CheckSource = Literal["poll", "push", "lease"]

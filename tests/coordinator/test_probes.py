@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import resource
 import time
 from collections.abc import AsyncIterator
 
@@ -190,3 +193,42 @@ async def test_a_peer_probe_asks_the_peers_probe_and_parses_its_vote() -> None:
 def test_a_probe_reply_that_is_not_json_casts_no_vote() -> None:
     assert parse_probe_reply("p", b"<html>") is None
     assert parse_probe_reply("p", b'{"reachable": true}') == PeerVote("p", True, "")
+
+
+async def test_a_timeout_read_late_by_a_busy_loop_is_the_checkers_not_the_nodes(
+        target: tuple[Target, str], session: aiohttp.ClientSession) -> None:
+    state, address = target
+    state.hanging = True
+    # The loop is busy for 0.6 s while a 0.2 s check waits: its timeout fires 0.4 s late.
+    asyncio.get_running_loop().call_later(0.05, time.sleep, 0.6)
+    result = await check(session, address, total=0.2)
+    assert not result.ok and result.failure is FailureClass.LOCAL
+    assert "read late" in result.detail and result.latency >= 0.6
+    on_time = await check(session, address, total=0.2)  # the loop is free again
+    assert on_time.failure is FailureClass.TIMEOUT
+
+
+async def test_a_check_out_of_descriptors_is_the_checkers_not_the_nodes(
+        session: aiohttp.ClientSession) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
+    fillers: list[int] = []
+    try:
+        with contextlib.suppress(OSError):  # every free number below the limit taken
+            while len(fillers) < top + 1:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+        result = await check(session, address)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert not result.ok and result.failure is FailureClass.LOCAL, result
+    assert "Too many open files" in result.detail
+
+
+def test_a_peer_that_could_not_check_casts_no_vote() -> None:
+    assert parse_probe_reply("p", b'{"reachable": false, "failure": "local"}') is None
+    assert parse_probe_reply("p", b'{"reachable": false, "failure": "timeout"}') == PeerVote(
+        "p", False, "timeout")

@@ -423,3 +423,31 @@ async def test_history_is_stored_as_raw_samples_and_rollups(tmp_path: Path) -> N
         assert points[-1].seq == 39
     finally:
         await store.close()
+
+
+async def test_with_udp_heartbeats_a_started_fleet_is_first_polled_within_healthy_interval(
+        tmp_path: Path) -> None:
+    # A pushing fleet's first heartbeats come within a push interval: its first polls wait
+    # that long (spread), or a start beside 100,000 nodes would poll them all at once.
+    nodes = "".join(f'[[nodes]]\nid = "n{i}"\naddress = "127.0.0.1:{7000 + i}"\n'
+                    for i in range(200))
+    dues: dict[str, list[float]] = {}
+    for udp in ("", "127.0.0.1:0"):
+        path = tmp_path / f"c{bool(udp)}.toml"
+        path.write_text(f'[coordinator]\nstore = "sqlite:///{tmp_path}/{bool(udp)}.db"\n'
+                        f'heartbeat_udp = "{udp}"\n[detection]\nhealthy_interval = "4s"\n'
+                        f'unhealthy_interval = "500ms"\n{nodes}')
+        cfg = load_config(path)
+        clock = FakeClock(1000.0)
+        coord = Coordinator(cfg, open_store(cfg.coordinator.store), clock=clock,
+                            probe=FakeProbe(clock))  # type: ignore[arg-type]
+        await coord.start()
+        try:
+            scheduler = coord.poller._scheduler
+            dues[udp] = sorted(d - 1000.0 for i in range(200)
+                               if (d := scheduler.due_of(f"n{i}")) is not None)
+        finally:
+            await coord.stop()
+    assert len(dues[""]) == len(dues["127.0.0.1:0"]) == 200
+    assert max(dues[""]) <= 0.5 * 1.1  # polled nodes: within unhealthy_interval, as before
+    assert max(dues["127.0.0.1:0"]) <= 4.0 and dues["127.0.0.1:0"][100] > 1.0  # spread

@@ -193,6 +193,22 @@ def test_a_push_from_a_suspect_node_takes_the_full_path_and_recovers_it() -> Non
     assert cluster.nodes["a"].consecutive_failures == 0
 
 
+def test_a_node_not_yet_healthy_waits_for_its_next_push_unless_in_doubt() -> None:
+    policy = Policy(rise=2, healthy_interval=4.0, unhealthy_interval=0.5)
+    cluster = Cluster(policy, now=0.0, nodes=[state("a", Health.UNKNOWN),
+                                              state("b", Health.UNKNOWN)])
+    cluster.observe(push("a", 1.0, 1))
+    assert cluster.nodes["a"].health is Health.UNKNOWN  # one success of two
+    assert cluster.poll_deadline("a") == policy.healthy_interval
+    cluster.observe(push("a", 4.5, 2))  # the next push, not a poll, makes it healthy
+    assert cluster.nodes["a"].health is Health.HEALTHY
+    cluster.observe(CheckResult(node_id="b", ok=False, at=1.0, failure=FailureClass.REFUSED))
+    cluster.observe(push("b", 1.2, 1))
+    assert cluster.nodes["b"].health is Health.SUSPECT  # in doubt: checked fast
+    assert cluster.poll_deadline("b") == policy.unhealthy_interval
+    assert cluster.poll_deadline("nobody") == policy.unhealthy_interval
+
+
 @pytest.mark.parametrize("suspicion", ["fixed", "phi"])
 def test_push_deadlines_stretch_while_the_coordinator_drops_heartbeats(suspicion: str) -> None:
     policy = Policy(suspicion=suspicion, rise=1, unhealthy_interval=0.5)

@@ -456,6 +456,22 @@ def test_dropping_heartbeats_holds_a_timeout_but_not_a_refusal(clock: FakeClock)
     assert kinds(out) == ["unhealthy"] and [a.kind for a in out.actions] == ["unhealthy"]
 
 
+def test_a_check_that_failed_on_the_checkers_side_is_no_evidence(clock: FakeClock) -> None:
+    cluster = make(clock, fall=2)
+    healthy(cluster, clock)
+    fail(cluster, clock)
+    assert health(cluster) is Health.SUSPECT and cluster.nodes["n0"].consecutive_failures == 1
+    for _ in range(5):  # out of descriptors, or read late: nothing moves, nothing confirms
+        out = fail_later(cluster, clock, failure=FailureClass.LOCAL)
+        assert not out.events and not out.actions
+    assert health(cluster) is Health.SUSPECT and cluster.nodes["n0"].consecutive_failures == 1
+    fresh = make(clock, nodes=2, fall=1)
+    healthy(fresh, clock, "n1")
+    assert not fail(fresh, clock, "n1", FailureClass.LOCAL).events
+    assert health(fresh, "n1") is Health.HEALTHY
+    assert kinds(fail_later(cluster, clock)) == ["unhealthy"]  # real evidence still confirms
+
+
 def test_gate_reason_change_emits_one_event_per_reason(clock: FakeClock) -> None:
     cluster = make(clock, fall=1, startup_grace=10.0)
     healthy(cluster, clock)

@@ -33,6 +33,18 @@ def _health_url(address: str) -> URL:
     return URL(f"http://{address}/health", encoded=True)
 
 
+# Errors of the checking host's own resources: out of descriptors, memory, buffers or local
+# ports. They say nothing about the node (one coordinator out of descriptors at 100,000 nodes
+# confirmed dozens of live nodes on them in bench/fleet_udp.py).
+_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                           errno.EADDRNOTAVAIL})
+# A timeout that fired this much past its budget was read late by a busy loop: the answer may
+# have come in time and waited unread (a loaded coordinator's polls timed out at 0.63-0.8 s on
+# a 0.5 s connect budget). A timeout on time is the node's.
+LATE_FACTOR = 1.1
+LATE_SLACK = 0.05  # seconds
+
+
 def _classify(exc: BaseException) -> tuple[FailureClass, str]:
     """Map a client exception to the failure class carried in evidence."""
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
@@ -43,10 +55,21 @@ def _classify(exc: BaseException) -> tuple[FailureClass, str]:
             return FailureClass.REFUSED, "connection refused"
         if isinstance(os_error, TimeoutError):
             return FailureClass.TIMEOUT, "connect timed out"
+        if os_error.errno in _LOCAL_ERRNOS:
+            return FailureClass.LOCAL, f"cannot connect: {os_error.strerror or os_error}"
         return FailureClass.ERROR, f"cannot connect: {os_error.strerror or os_error}"
     if isinstance(exc, ConnectionRefusedError):
         return FailureClass.REFUSED, "connection refused"
+    if isinstance(exc, OSError) and exc.errno in _LOCAL_ERRNOS:
+        return FailureClass.LOCAL, f"{exc.strerror or exc}"[:300]
     return FailureClass.ERROR, f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _late(exc: BaseException, latency: float, total: float, connect: float) -> bool:
+    """Whether a timeout fired so far past its budget that the loop, not the node, was slow."""
+    connecting = isinstance(exc, aiohttp.ConnectionTimeoutError | aiohttp.ClientConnectorError)
+    budget = connect if connecting else total
+    return latency > budget * LATE_FACTOR + LATE_SLACK
 
 
 async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes | None:
@@ -103,6 +126,9 @@ async def check_health(
     except Exception as exc:  # every failure is classified; none escapes
         failure, detail = _classify(exc)
         now = clock()
+        connect = min(connect_timeout, timeout)
+        if failure is FailureClass.TIMEOUT and _late(exc, now - started, timeout, connect):
+            failure, detail = FailureClass.LOCAL, f"{detail} after {now - started:.2f}s: read late"
         return CheckResult(node_id, False, now, now - started, failure, detail)
     now = clock()
     latency = now - started
@@ -122,8 +148,8 @@ async def check_health(
 def parse_probe_reply(peer_id: str, body: bytes) -> PeerVote | None:
     """A peer's ``GET /probe`` reply as its vote; None when it carries no usable verdict."""
     reply = decode_probe_reply(body)
-    if reply is None:
-        return None
+    if reply is None or reply.failure == FailureClass.LOCAL.value:
+        return None  # the peer could not check (its own descriptors, its own loop): no vote
     return PeerVote(peer_id=peer_id, reachable=reply.reachable,
                     detail=reply.failure or reply.detail)
 
