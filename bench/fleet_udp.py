@@ -20,7 +20,9 @@ One run, every process on this machine:
    ``--kill-span`` seconds; each victim's poll address (an address of the sender's own that
    answers ``/health`` while it lives) then refuses connections, as a crashed host's would.
    Each death's confirmation time is read from the coordinators' events (``unhealthy``);
-   any live node confirmed unhealthy is a false confirmation.
+   any live node confirmed unhealthy is a false confirmation, and the first one's reason and
+   failure classes are printed (what it stood on). What the start cost (polls and datagrams
+   the kernel dropped before the window) is printed beside the settle time.
 
 The sender eats CPU on the same 2 cores, so the machine's load is printed beside the figures.
 Prints figures and ratios; asserts nothing. Every wait is bounded.
