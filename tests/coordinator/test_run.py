@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from nodewatch.config import load_config
-from nodewatch.coordinator.run import serve
+from nodewatch.coordinator.run import DESCRIPTORS_CAP, raise_descriptor_limit, serve
 from nodewatch.web import beyond_loopback
 from tests.helpers import free_port
 
@@ -64,3 +65,20 @@ def test_what_counts_as_beyond_loopback() -> None:
         assert beyond_loopback(host), host
     for host in ("127.0.0.1", "127.5.5.5", "::1", "[::1]", "localhost"):
         assert not beyond_loopback(host), host
+
+
+def test_the_descriptor_limit_is_raised_to_the_hard_one_and_a_short_one_is_named(
+        caplog: pytest.LogCaptureFixture) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+        with caplog.at_level(logging.WARNING, logger="nodewatch.coordinator"):
+            raised = raise_descriptor_limit(10)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == raised
+        assert raised == (hard if hard != resource.RLIM_INFINITY else DESCRIPTORS_CAP)
+        assert not caplog.records  # ten nodes fit
+        with caplog.at_level(logging.WARNING, logger="nodewatch.coordinator"):
+            raise_descriptor_limit(int(raised) * 2)
+        assert "descriptor limit" in caplog.text and "short of" in caplog.text
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

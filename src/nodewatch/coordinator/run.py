@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import resource
 import signal
 import ssl
 
@@ -25,10 +26,35 @@ from nodewatch.systemd import Notifier
 from nodewatch.tls import server_context
 from nodewatch.web import beyond_loopback
 
-__all__ = ["build_actions", "serve", "status_line", "tls_context", "tune_gc"]
+__all__ = ["build_actions", "raise_descriptor_limit", "serve", "status_line", "tls_context",
+           "tune_gc"]
 
 log = logging.getLogger("nodewatch.coordinator")
 ACCEPT_BACKLOG = 4096  # connections waiting to be accepted (see serve)
+DESCRIPTORS_CAP = 1_048_576  # the soft limit asked for when the hard one is unlimited
+DESCRIPTORS_PER_NODE = 1.2  # a kept-alive poll connection each, and room for the API's own
+
+
+def raise_descriptor_limit(nodes: int = 0) -> int:
+    """The soft descriptor limit up to the hard one, as servers do: a shell's usual 1,024 is
+    out at about a thousand polled nodes (each keeps its connection), and a check that cannot
+    open a socket is no evidence (``FailureClass.LOCAL``), so the nodes past it go unwatched.
+    Warns when even the hard limit is short of ``nodes``. Returns the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = DESCRIPTORS_CAP if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as exc:  # a kernel cap (fs.nr_open) below the hard limit
+            log.info("descriptor limit stays at %d: %s", soft, exc)
+    needed = int(nodes * DESCRIPTORS_PER_NODE) + 256
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("descriptor limit %d is short of the %d that %d nodes may need (one kept-"
+                    "alive poll connection each): checks past it fail on this side and watch "
+                    "nothing; raise LimitNOFILE / ulimit -n, or share the nodes among more "
+                    "coordinators", soft, needed, nodes)
+    return int(soft)
 
 
 def tune_gc() -> None:
@@ -102,6 +128,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None,
     stop = stop or asyncio.Event()
     notifier = notifier or Notifier.from_env()
     ssl_context = tls_context(config)  # first: a bad TLS file stops start-up before any I/O
+    raise_descriptor_limit()  # before the first poll; judged against the fleet once loaded
     store = open_store(config.coordinator.store,
                        events_retained=config.coordinator.events_retained,
                        history_ttl=config.detection.history_ttl,
@@ -119,6 +146,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None,
     coord = Coordinator(config, store, actions=build_actions(config), leadership=leadership,
                         sharing=sharing, observers=observers)
     await coord.start()
+    raise_descriptor_limit(len(coord.cluster.nodes))
     tune_gc()
     udp = None
     if config.coordinator.heartbeat_udp:

@@ -580,8 +580,8 @@ class Coordinator:
             # With UDP heartbeats on, a node not yet known healthy is expected to push before
             # its first poll: checked first within one healthy_interval, spread, rather than
             # within unhealthy_interval (nothing is confirmed in the startup grace anyway).
-            # At 100,000 pushing nodes the fast first polls were 100,000 HTTP checks in the
-            # first half second of a start; a push that comes first puts its poll off.
+            # A push that comes first puts its poll off (Cluster.poll_deadline has the
+            # figures).
             pushers = bool(self.config.coordinator.heartbeat_udp)
             spread = float(self.config.detection.healthy_interval)
             for node in self.cluster.nodes.values():
