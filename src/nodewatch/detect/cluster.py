@@ -306,8 +306,9 @@ class Cluster:
         as before, only later; nothing is confirmed sooner or on less evidence. And a streak
         with a timeout in it confirms nothing meanwhile (``_OVERLOAD_HOLD``): a coordinator that
         cannot keep up also reads its polls' answers late, so a live node's poll times out
-        (at 100,000 nodes on one saturated process, bench/fleet_udp.py saw 50 live nodes
-        confirmed that way). A refused connection or a bad answer still confirms."""
+        (one saturated process at 100,000 nodes, bench/fleet_udp.py, confirmed live nodes on
+        such timeouts; the ones read grossly late are no evidence at all, FailureClass.LOCAL).
+        A refused connection or a bad answer still confirms."""
         self.push_stretch = OVERLOAD_STRETCH if dropping else 1.0
         self.gate.set_overloaded(dropping)
 
