@@ -12,6 +12,7 @@ from typing import Any
 
 from nodewatch.config import load_config
 from nodewatch.coordinator.service import Coordinator
+from nodewatch.detect.cluster import MANY_UNKNOWN
 from nodewatch.detect.outcome import ActionRequest
 from nodewatch.model import (
     CallerObservation,
@@ -425,29 +426,36 @@ async def test_history_is_stored_as_raw_samples_and_rollups(tmp_path: Path) -> N
         await store.close()
 
 
+async def first_dues(tmp_path: Path, name: str, count: int, udp: str) -> list[float]:
+    """When each of ``count`` static nodes is first checked after a start (seconds)."""
+    nodes = "".join(f'[[nodes]]\nid = "n{i}"\naddress = "127.0.0.1:{7000 + i}"\n'
+                    for i in range(count))
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f'[coordinator]\nstore = "sqlite:///{tmp_path}/{name}.db"\n'
+                    f'heartbeat_udp = "{udp}"\n[detection]\nhealthy_interval = "4s"\n'
+                    f'unhealthy_interval = "500ms"\n{nodes}')
+    cfg = load_config(path)
+    clock = FakeClock(1000.0)
+    coord = Coordinator(cfg, open_store(cfg.coordinator.store), clock=clock,
+                        probe=FakeProbe(clock))  # type: ignore[arg-type]
+    await coord.start()
+    try:
+        scheduler = coord.poller._scheduler
+        return sorted(d - 1000.0 for i in range(count)
+                      if (d := scheduler.due_of(f"n{i}")) is not None)
+    finally:
+        await coord.stop()
+
+
 async def test_with_udp_heartbeats_a_started_fleet_is_first_polled_within_healthy_interval(
         tmp_path: Path) -> None:
-    # A pushing fleet's first heartbeats come within a push interval: its first polls wait
-    # that long (spread), or a start beside 100,000 nodes would poll them all at once.
-    nodes = "".join(f'[[nodes]]\nid = "n{i}"\naddress = "127.0.0.1:{7000 + i}"\n'
-                    for i in range(200))
-    dues: dict[str, list[float]] = {}
-    for udp in ("", "127.0.0.1:0"):
-        path = tmp_path / f"c{bool(udp)}.toml"
-        path.write_text(f'[coordinator]\nstore = "sqlite:///{tmp_path}/{bool(udp)}.db"\n'
-                        f'heartbeat_udp = "{udp}"\n[detection]\nhealthy_interval = "4s"\n'
-                        f'unhealthy_interval = "500ms"\n{nodes}')
-        cfg = load_config(path)
-        clock = FakeClock(1000.0)
-        coord = Coordinator(cfg, open_store(cfg.coordinator.store), clock=clock,
-                            probe=FakeProbe(clock))  # type: ignore[arg-type]
-        await coord.start()
-        try:
-            scheduler = coord.poller._scheduler
-            dues[udp] = sorted(d - 1000.0 for i in range(200)
-                               if (d := scheduler.due_of(f"n{i}")) is not None)
-        finally:
-            await coord.stop()
-    assert len(dues[""]) == len(dues["127.0.0.1:0"]) == 200
-    assert max(dues[""]) <= 0.5 * 1.1  # polled nodes: within unhealthy_interval, as before
-    assert max(dues["127.0.0.1:0"]) <= 4.0 and dues["127.0.0.1:0"][100] > 1.0  # spread
+    # A big pushing fleet's first heartbeats come within a push interval: its first polls wait
+    # that long (spread), or a start beside 100,000 nodes would poll them all at once. Without
+    # UDP heartbeats, or with a few nodes, they are polled within unhealthy_interval as before.
+    count = MANY_UNKNOWN + 200
+    polled = await first_dues(tmp_path, "polled", count, "")
+    pushing = await first_dues(tmp_path, "pushing", count, "127.0.0.1:0")
+    few = await first_dues(tmp_path, "few", 50, "127.0.0.1:0")
+    assert len(polled) == len(pushing) == count and len(few) == 50
+    assert max(polled) <= 0.5 * 1.1 and max(few) <= 0.5 * 1.1
+    assert max(pushing) <= 4.0 and pushing[count // 2] > 1.0  # spread over healthy_interval

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-from nodewatch.detect.cluster import OVERLOAD_STRETCH, Cluster
+from nodewatch.detect.cluster import MANY_UNKNOWN, OVERLOAD_STRETCH, Cluster
 from nodewatch.detect.policy import Policy
 from nodewatch.model import (
     CheckResult,
@@ -195,8 +195,13 @@ def test_a_push_from_a_suspect_node_takes_the_full_path_and_recovers_it() -> Non
 
 def test_a_node_not_yet_healthy_waits_for_its_next_push_unless_in_doubt() -> None:
     policy = Policy(rise=2, healthy_interval=4.0, unhealthy_interval=0.5)
+    few = Cluster(policy, now=0.0, nodes=[state("a", Health.UNKNOWN)])
+    few.observe(push("a", 1.0, 1))
+    assert few.poll_deadline("a") == policy.unhealthy_interval  # a new node: healthy soon
+    fleet = [state(f"x{i}", Health.UNKNOWN) for i in range(MANY_UNKNOWN)]
     cluster = Cluster(policy, now=0.0, nodes=[state("a", Health.UNKNOWN),
-                                              state("b", Health.UNKNOWN)])
+                                              state("b", Health.UNKNOWN), *fleet])
+    assert cluster.table.unknown_count == MANY_UNKNOWN + 2
     cluster.observe(push("a", 1.0, 1))
     assert cluster.nodes["a"].health is Health.UNKNOWN  # one success of two
     assert cluster.poll_deadline("a") == policy.healthy_interval

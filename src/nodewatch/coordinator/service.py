@@ -30,7 +30,7 @@ from nodewatch.coordinator.health import (
 )
 from nodewatch.coordinator.poller import HttpProbe, Poller, Probe
 from nodewatch.detect import identity
-from nodewatch.detect.cluster import Cluster
+from nodewatch.detect.cluster import MANY_UNKNOWN, Cluster
 from nodewatch.detect.groups import GroupSummary
 from nodewatch.detect.journal import EVENT_SLOTS, RoutineRefresh
 from nodewatch.detect.outcome import ActionRequest, Outcome, ProbeRequest
@@ -577,17 +577,18 @@ class Coordinator:
             for static in self.config.nodes:
                 self._handle(self.cluster.add_static(static.id, static.address, static.labels,
                                                      now))
-            # With UDP heartbeats on, a node not yet known healthy is expected to push before
-            # its first poll: checked first within one healthy_interval, spread, rather than
-            # within unhealthy_interval (nothing is confirmed in the startup grace anyway).
-            # A push that comes first puts its poll off (Cluster.poll_deadline has the
-            # figures).
-            pushers = bool(self.config.coordinator.heartbeat_udp)
+            # With UDP heartbeats on and many nodes unknown (a start beside a pushing fleet),
+            # an unknown node is expected to push before its first poll: checked first within
+            # one healthy_interval, spread, rather than within unhealthy_interval (nothing is
+            # confirmed in the startup grace anyway). A push that comes first puts its poll
+            # off (Cluster.poll_deadline has the figures).
+            spread_out = (bool(self.config.coordinator.heartbeat_udp)
+                          and self.cluster.table.unknown_count > MANY_UNKNOWN)
             spread = float(self.config.detection.healthy_interval)
             for node in self.cluster.nodes.values():
                 if node.health is not Health.DEAD and node.node_id not in self.poller:
                     first = (now + self.rng.uniform(0.0, spread)
-                             if pushers and node.health is Health.UNKNOWN else None)
+                             if spread_out and node.health is Health.UNKNOWN else None)
                     self.poller.add(node.node_id, node.address, first_due=first)
         await self.poller.start()
         loop = asyncio.get_running_loop()

@@ -52,6 +52,9 @@ _OUT = frozenset({Health.UNHEALTHY, Health.DEAD})
 # How much longer a healthy node's pushes may be missing before it is polled while the
 # coordinator drops heartbeats itself: two missed pushes in a row, not one, cost a poll.
 OVERLOAD_STRETCH = 2.0
+# Unknown nodes beyond which their first checks are spread out and pushes stand in for them
+# (poll_deadline): a start beside a big pushing fleet, not a few new nodes.
+MANY_UNKNOWN = 1_000
 _GUARD_HOLD = "held: guard (many nodes failing at once)"
 _REACHABLE = "reachable from peers"
 _PEERS_UNREACHABLE = "held: peers unreachable too (fault near the coordinator?)"
@@ -327,18 +330,20 @@ class Cluster:
         ``suspicion = "phi"`` a healthy node is polled once its silence reaches
         ``phi_threshold`` by its own history, never later than the fixed deadline.
 
-        A node not yet known healthy (unknown: just started or registered, never failed since)
-        waits for its next push too: the push says it is up, and its next one counts towards
-        ``rise`` as a poll would, and a start beside a pushing fleet costs one push interval
-        of waiting instead of a poll per node (with the start's spread below: 19,300 polls
-        instead of 28,352 before the first minute at 100,000 nodes, bench/fleet_udp.py, one
-        run each). A node in doubt (suspect, unhealthy) is checked every
-        ``unhealthy_interval`` as before."""
+        While more than ``MANY_UNKNOWN`` nodes are unknown (a start beside a pushing fleet),
+        an unknown node that pushed waits for its next push too: the push says it is up, its
+        next one counts towards ``rise`` as a poll would, and a poll per node half a second
+        after its first push would be a storm (with the start's spread in
+        ``Coordinator._lead``: 19,300 polls instead of 28,352 before the first minute at
+        100,000 nodes, bench/fleet_udp.py, one run each). A few unknown nodes are polled at
+        ``unhealthy_interval`` after a push, healthy soon; a node in doubt (suspect,
+        unhealthy) always is."""
         node = self.table.nodes.get(node_id)
         if node is None:
             return self.policy.unhealthy_interval
-        if node.health is Health.HEALTHY or (node.health is Health.UNKNOWN
-                                             and not node.consecutive_failures):
+        if node.health is Health.HEALTHY or (
+                node.health is Health.UNKNOWN and not node.consecutive_failures
+                and self.table.unknown_count > MANY_UNKNOWN):
             return self.push_deadline(node)
         return self.policy.unhealthy_interval
 

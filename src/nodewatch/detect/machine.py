@@ -132,6 +132,7 @@ class NodeTable:
         self.unhealthy: set[str] = set()
         self.suspect_since: dict[str, float] = {}
         self.dead_count = 0
+        self.unknown_count = 0  # never seen healthy since added (a start, a registration)
         self.out_count = 0  # cleaned up and not dead: what the budget counts
         # (since, node_id) of unhealthy nodes, for dead_after without scanning; lazy deletion.
         self._dead_due: list[tuple[float, str]] = []
@@ -168,6 +169,7 @@ class NodeTable:
             due((node.since, node.node_id))
         elif node.health is Health.DEAD:
             self.dead_count += 1
+        self.unknown_count += node.health is Health.UNKNOWN
         self.out_count += node.cleaned_up and node.health is not Health.DEAD
 
     def _unindex(self, node: NodeState) -> None:
@@ -175,6 +177,7 @@ class NodeTable:
         self.unhealthy.discard(node.node_id)
         if node.health is Health.DEAD:
             self.dead_count -= 1
+        self.unknown_count -= node.health is Health.UNKNOWN
         self.out_count -= node.cleaned_up and node.health is not Health.DEAD
 
     def add(self, node: NodeState) -> None:
@@ -197,6 +200,7 @@ class NodeTable:
         """Change the node's health (its ``since`` already set); returns the health before."""
         before = node.health
         node.health = health
+        self.unknown_count += (health is Health.UNKNOWN) - (before is Health.UNKNOWN)
         if health is Health.SUSPECT:
             self.suspect_since[node.node_id] = node.since
         else:
