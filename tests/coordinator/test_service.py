@@ -459,3 +459,71 @@ async def test_with_udp_heartbeats_a_started_fleet_is_first_polled_within_health
     assert len(polled) == len(pushing) == count and len(few) == 50
     assert max(polled) <= 0.5 * 1.1 and max(few) <= 0.5 * 1.1
     assert max(pushing) <= 4.0 and pushing[count // 2] > 1.0  # spread over healthy_interval
+
+
+class GatedStore:
+    """The real store, with node writes held at a gate while ``hold`` is set: a write that
+    etcd answers late, as through a partitioned member."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.hold = False
+        self.waiting = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def save_nodes(self, nodes: Any) -> Any:
+        if self.hold:
+            self.waiting.set()
+            await self.gate.wait()
+        return await self._store.save_nodes(nodes)
+
+
+async def _held_write(tmp_path: Path) -> tuple[Coordinator, GatedStore, RecordingActions,
+                                                asyncio.Task[Any]]:
+    """A drain whose write began while leading and is stored after the lease was lost."""
+    cfg = load_config(None, {"coordinator.store": f"sqlite:///{tmp_path}/state.db",
+                             "detection.startup_grace": "0"})
+    store = GatedStore(open_store(cfg.coordinator.store))
+    sink = RecordingActions()
+    coord = Coordinator(cfg, store, actions=sink,  # type: ignore[arg-type]
+                        probe=FakeProbe(time.time))  # type: ignore[arg-type]
+    await coord.start()
+    coord.register(Registration("n1", "127.0.0.1:1", 1, 0, time.time()))
+    await coord.persist()
+    store.hold = True
+    command = asyncio.get_running_loop().create_task(coord.command("drain", "n1", "maintenance"))
+    await asyncio.wait_for(store.waiting.wait(), timeout=10)
+    await coord.become_unconfirmed("etcd did not answer (test)")
+    store.hold = False
+    store.gate.set()
+    await asyncio.wait_for(command, timeout=10)  # stored: the command is acknowledged
+    return coord, store, sink, command
+
+
+async def test_a_write_stored_after_the_lease_was_lost_holds_its_actions_until_confirmed(
+        tmp_path: Path) -> None:
+    coord, _, sink, _ = await _held_write(tmp_path)
+    try:
+        assert sink.submitted == []  # unconfirmed: another may be leading and acting
+        await coord.confirm_leader()  # nobody led meanwhile: run what was held, once
+        assert sink.submitted == ["drained:n1"]
+        await coord.persist()
+        assert sink.submitted == ["drained:n1"]
+    finally:
+        await coord.stop()
+
+
+async def test_a_write_stored_after_the_lease_was_lost_leaves_its_actions_to_the_next_leader(
+        tmp_path: Path) -> None:
+    coord, store, sink, _ = await _held_write(tmp_path)
+    try:
+        await coord.become_follower("someone-else")  # another led meanwhile
+        assert sink.submitted == []
+        stored = await store.get_node("n1")
+        # Stored as due: the next leader runs it from the store (become_leader), once.
+        assert stored is not None and [d.kind for d in stored.actions_due] == ["drained"]
+    finally:
+        await coord.stop()

@@ -19,8 +19,9 @@ came before it in the same stream, so the mirror holds its last word (the new ho
 restarts the nodes' deadlines; see ``Coordinator.acquire_shares``).
 
 A member killed stops refreshing; TTL later etcd deletes its keys and the others claim its
-shares. A member that cannot refresh for a whole TTL gives up every share at once (it counts
-from its own send, so it stops no later than etcd expires the lease): no node is decided by
+shares. A member that cannot refresh for a whole TTL less a margin (a fifth, at most 1 s;
+``store/etcd.py`` KeepAlive) gives up every share at once, before it awaits anything (it
+counts from its own send, so it stops before etcd can expire the lease): no node is decided by
 two coordinators, and decisions it had not stored are dropped (the next holder decides from
 the store). It then joins again with a new lease. Node writes are compare-and-swap on the
 node's revision as always, so a write racing a takeover fails rather than overwrites.
@@ -74,7 +75,9 @@ class Shared(Protocol):
 
     async def release_shares(self, shares: frozenset[int]) -> None: ...
 
-    async def lose_shares(self, cause: str, shares: frozenset[int] | None = None) -> None: ...
+    def lose_shares(self, cause: str, shares: frozenset[int] | None = None) -> None:
+        """Synchronous: giving shares up must never wait on anything (etcd may expire the
+        claims any moment)."""
 
     def node_ids(self) -> list[str]: ...
 
@@ -160,6 +163,7 @@ class ShareKeeper:
             keepalive = None
             tasks: list[asyncio.Task[None]] = []
             cause = "etcd error"
+            dropped = False
             try:
                 lease = await self.store.grant(self.ttl)
                 self._lease = lease
@@ -189,6 +193,13 @@ class ShareKeeper:
                 if lost in done:
                     cause = keepalive.cause
                     log.error("membership lease lost (%s): giving up every share", cause)
+                    # etcd may expire the lease (and so the claims) any moment now: stop
+                    # deciding before anything is awaited. Cancelling the tasks and closing
+                    # the keepalive below can take a while on a loaded machine, and another
+                    # coordinator may take the shares meanwhile (a fresh-clone CI run saw
+                    # both hold them for 22 ms when this waited for that).
+                    self._drop(shared, cause)
+                    dropped = True
                 else:
                     # A task that should run for the lease's life ended: whatever it kept
                     # (the mirror, the claims) is stale from now on. Give everything up at
@@ -215,17 +226,19 @@ class ShareKeeper:
                     self._lease = None
             if self._paused:
                 return
-            await self._drop(shared, cause)
+            if not dropped:
+                self._drop(shared, cause)
             await asyncio.sleep(RETRY)
 
-    async def _drop(self, shared: Shared, cause: str) -> None:
-        async with self._lock:
-            self.held = frozenset()
-            self.holders.clear()
-            self._released.clear()
-            self._assigned_members = {}
-            self._groups_changed = self._holders_changed = True
-            await shared.lose_shares(cause)
+    def _drop(self, shared: Shared, cause: str) -> None:
+        """Give every share up, at once. Not under ``_lock``: a task holding it is waiting on
+        etcd, and is cancelled before it runs again (nothing is awaited between the two)."""
+        self.held = frozenset()
+        self.holders.clear()
+        self._released.clear()
+        self._assigned_members = {}
+        self._groups_changed = self._holders_changed = True
+        shared.lose_shares(cause)
 
     async def _claim_slot(self, lease: int) -> int:
         """A free event slot, starting from one picked by the name (usually the same one)."""
@@ -369,7 +382,7 @@ class ShareKeeper:
                 # Our claim vanished (deleted by hand, or an old lease expired): another may
                 # hold it any moment, so stop deciding for it now.
                 self.held = self.held - gone
-                await shared.lose_shares("the claims are gone from etcd", gone)
+                shared.lose_shares("the claims are gone from etcd", gone)
             new = ours - self.held - self._released
             if new:
                 self.held = self.held | new
