@@ -118,8 +118,9 @@ class RawKey:
     revision: int
 
 
-GIVE_UP_MARGIN = 0.2  # of a lease's TTL: see KeepAlive
-MAX_GIVE_UP_MARGIN = 1.0  # seconds
+GIVE_UP_MARGIN = 0.1  # of a lease's TTL: see KeepAlive; more costs availability (an etcd
+# leader election of a second or two then makes a 2 s lease holder step back more often)
+MAX_GIVE_UP_MARGIN = 0.5  # seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +139,7 @@ class KeepAlive:
     (a refresh answered TTL <= 0: ``expired`` is then True, etcd itself said the lease is
     gone) or could not be refreshed for a whole TTL less ``margin`` (``expired`` False: etcd
     did not answer, so whether the lease still lives is unknown here). ``cause`` says which,
-    for logs. The margin (a fifth of the TTL, at most a second) is the holder's time to stop
+    for logs. The margin (a tenth of the TTL, at most half a second) is the holder's time to stop
     acting on the lease before etcd can expire it: without it the holder noticed at the very
     moment another could take over, and anything it did after that overlapped."""
 
