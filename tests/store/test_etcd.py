@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nodewatch.model import Health, HistorySample, NodeState
-from nodewatch.store.etcd import EtcdStore, KeepAlive, WatchEvent
+from nodewatch.store.etcd import EtcdStore, WatchEvent
 from nodewatch.testing import EtcdCluster
 from tests.helpers import async_wait_until, require_binary
 
@@ -101,12 +101,6 @@ async def test_keepalive_keeps_a_short_lease_alive(tmp_path: Path) -> None:
             await store.close()
 
 
-def test_a_keepalive_gives_up_a_tenth_of_the_ttl_early_at_most_half_a_second() -> None:
-    margins = {ttl: KeepAlive(None, 1, ttl).margin  # type: ignore[arg-type]
-               for ttl in (1, 2, 5, 10, 30)}
-    assert margins == {1: 0.1, 2: 0.2, 5: 0.5, 10: 0.5, 30: 0.5}
-
-
 async def test_keepalive_tells_an_expired_lease_from_an_unreachable_etcd(tmp_path: Path) -> None:
     """``expired``: etcd answered that the lease is gone; not set: etcd did not answer for a
     whole TTL (the leader then cannot know whether someone else took over)."""
@@ -130,8 +124,5 @@ async def test_keepalive_tells_an_expired_lease_from_an_unreachable_etcd(tmp_pat
             finally:
                 member.popen.send_signal(signal.SIGCONT)
             assert not cut_off.expired and "unreachable" in cut_off.cause
-            # It gave up a margin before the TTL ran out (0.9 s of 1 s), so that its holder
-            # stops acting on the lease before etcd can expire it and another take over.
-            assert "not refreshed for 0.9s of its 1s TTL" in cut_off.cause
         finally:
             await store.close()

@@ -14,8 +14,7 @@ Losing the lease, two cases, kept apart:
 - **etcd answered that the lease expired** (a refresh returned TTL <= 0), or a campaign finds
   another coordinator's key: step down, a follower (decisions not stored yet are dropped; the
   next leader decides from the store).
-- **etcd did not answer for a whole TTL** less a margin (a tenth, at most 0.5 s: it stops
-  before etcd can expire the lease; refreshes time out or fail): the coordinator is
+- **etcd did not answer for a whole TTL** (refreshes time out or fail): the coordinator is
   *leader, unconfirmed*. It keeps polling and observing from memory, computes transitions and
   queues them (and their actions) without writing or acting, and refuses commands (503 naming
   the cause). It campaigns again as soon as etcd answers: it is confirmed only if it wins the

@@ -1317,13 +1317,13 @@ class Coordinator:
             self._new_events.set()
             self._new_events = asyncio.Event()
         by_id = {e.id: e for e in outcome.events}
-        actions = [(request, by_id.get(request.event_id)) for request in outcome.actions]
-        # Run only once the transition behind it is stored: a leader that dies before the
-        # write leaves the decision to its successor, which then acts once, not twice.
-        if stored:
-            self._act_on_stored(actions)
-        else:
-            self._pending_actions.extend(actions)
+        for request in outcome.actions:
+            # Run only once the transition behind it is stored: a leader that dies before the
+            # write leaves the decision to its successor, which then acts once, not twice.
+            if stored:
+                self._submit(request, by_id.get(request.event_id))
+            else:
+                self._pending_actions.append((request, by_id.get(request.event_id)))
         for probe in outcome.probes:
             asyncio.get_running_loop().create_task(self._indirect_probe(probe))
         for node_id in outcome.check_now:
@@ -1540,23 +1540,10 @@ class Coordinator:
             raise
         self._store_ok()
         self._write_all_next = probed
-        self._act_on_stored(actions)
-
-    def _act_on_stored(self, actions: Sequence[tuple[ActionRequest, Event | None]]) -> None:
-        """Run actions whose transitions are durable now, if this coordinator still decides
-        for their nodes. A write that began while leading may end after the lease was lost (a
-        fault suite run: stored 2 s late through a partitioned etcd member, run while
-        unconfirmed, never settled, and so run again by the next term)."""
-        role, held = self._role, []
-        for request, event in actions:
-            if isinstance(role, _UnconfirmedLeaderRole):
-                held.append((request, event))  # run once confirmed; dropped if another led
-            elif isinstance(role, _FollowerRole):
-                continue  # stored as due: the leader runs it from the store
-            elif self.owns(request.node_id):
+        for request, event in actions:  # their transitions are durable now
+            if self.owns(request.node_id):
                 self._submit(request, event)
             # else its share was released meanwhile: stored as due, the next holder runs it
-        self._pending_actions[:0] = held
 
     def _take_nodes(self, routine: bool, background: bool) -> list[NodeState]:
         """The nodes to write now. Changed ones always; with ``routine``, every node that

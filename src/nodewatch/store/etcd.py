@@ -118,11 +118,6 @@ class RawKey:
     revision: int
 
 
-GIVE_UP_MARGIN = 0.1  # of a lease's TTL: see KeepAlive; more costs availability (an etcd
-# leader election of a second or two then makes a 2 s lease holder step back more often)
-MAX_GIVE_UP_MARGIN = 0.5  # seconds
-
-
 @dataclass(frozen=True, slots=True)
 class Campaign:
     """What :meth:`EtcdStore.campaign` found: ``won``; ``term`` (the new term if won, the
@@ -137,17 +132,13 @@ class Campaign:
 class KeepAlive:
     """Keeps one lease alive, refreshing about every TTL/3; ``lost`` is set when it expired
     (a refresh answered TTL <= 0: ``expired`` is then True, etcd itself said the lease is
-    gone) or could not be refreshed for a whole TTL less ``margin`` (``expired`` False: etcd
-    did not answer, so whether the lease still lives is unknown here). ``cause`` says which,
-    for logs. The margin (a tenth of the TTL, at most half a second) is the holder's time to stop
-    acting on the lease before etcd can expire it: without it the holder noticed at the very
-    moment another could take over, and anything it did after that overlapped."""
+    gone) or could not be refreshed for a whole TTL (``expired`` False: etcd did not answer,
+    so whether the lease still lives is unknown here). ``cause`` says which, for logs."""
 
     def __init__(self, client: Etcd3Client, lease_id: int, ttl: int) -> None:
         self.client = client
         self.lease_id = lease_id
         self.ttl = ttl
-        self.margin = min(GIVE_UP_MARGIN * ttl, MAX_GIVE_UP_MARGIN)
         self.lost = asyncio.Event()
         self.expired = False
         self.cause = ""
@@ -180,17 +171,16 @@ class KeepAlive:
             sent = time.monotonic()
             # Never wait past the moment the lease may have expired: a refresh answered
             # later must not let this side believe it held the lease meanwhile.
-            left = last_ok + self.ttl - self.margin - sent
+            left = last_ok + self.ttl - sent
             try:
                 if left <= 0:
-                    raise TimeoutError("no refresh answered while the lease was sure to live")
+                    raise TimeoutError("no refresh answered within the lease's TTL")
                 ttl = await self._refresh(min(max(1.0, self.ttl / 3), left))
             except (EtcdError, TimeoutError, Exception) as error:  # noqa: BLE001 - retried
-                if time.monotonic() - last_ok >= self.ttl - self.margin - 0.05:
-                    log.warning("lease %x not refreshed for %ss of its %ss: lost (%s)",
-                                self.lease_id, f"{self.ttl - self.margin:g}", self.ttl, error)
-                    self.cause = (f"etcd unreachable: lease not refreshed for "
-                                  f"{self.ttl - self.margin:g}s of its {self.ttl}s TTL "
+                if time.monotonic() - last_ok >= self.ttl - 0.05:
+                    log.warning("lease %x not refreshed for %ss: lost (%s)", self.lease_id,
+                                self.ttl, error)
+                    self.cause = (f"etcd unreachable: lease not refreshed for {self.ttl}s "
                                   f"({type(error).__name__}: {error})")
                     self.lost.set()
                     return
