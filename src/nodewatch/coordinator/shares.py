@@ -21,10 +21,10 @@ restarts the nodes' deadlines; see ``Coordinator.acquire_shares``).
 A member killed stops refreshing; TTL later etcd deletes its keys and the others claim its
 shares. A member that cannot refresh for a whole TTL gives up every share at once, before it
 awaits anything (it counts from its own send, so it stops no later than etcd expires the
-lease): no node is decided by
-two coordinators, and decisions it had not stored are dropped (the next holder decides from
-the store). It then joins again with a new lease. Node writes are compare-and-swap on the
-node's revision as always, so a write racing a takeover fails rather than overwrites.
+lease): no node is decided by two coordinators, and decisions it had not stored are dropped
+(the next holder decides from the store). It then joins again with a new lease. Node writes
+are compare-and-swap on the node's revision as always, so a write racing a takeover fails
+rather than overwrites.
 """
 
 from __future__ import annotations
