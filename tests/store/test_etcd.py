@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from nodewatch.model import Health, HistorySample, NodeState
+from nodewatch.model import Event, Health, HistorySample, NodeState
+from nodewatch.store.base import Fenced
 from nodewatch.store.etcd import EtcdStore, WatchEvent
 from nodewatch.testing import EtcdCluster
 from tests.helpers import async_wait_until, require_binary
@@ -126,3 +127,48 @@ async def test_keepalive_tells_an_expired_lease_from_an_unreachable_etcd(tmp_pat
             assert not cut_off.expired and "unreachable" in cut_off.cause
         finally:
             await store.close()
+
+
+async def test_writes_under_a_fence_are_refused_once_its_key_left_the_lease(
+        etcd_server: EtcdCluster) -> None:
+    """A deposed decider's late write never lands: node and event writes carry the fence (the
+    leader key, or a share's claim, on the writer's lease) as a compare."""
+    store = EtcdStore.from_url(etcd_server.url("/fence"), timeout=3.0)
+    await store.open()
+    try:
+        lease = await store.grant(30)
+        key = store.key("election", "leader")
+        assert await store.create_with_lease(key, b"me", lease)
+        store.fence = lambda _node_id: (key, lease)
+        nodes = [node(i) for i in range(200)]  # two transactions: 127 nodes and a fence each
+        assert await store.save_nodes(nodes) == []
+        await store.append_events([Event(f"e{i}", 1.0, n.node_id, "registered", "", "unknown",
+                                         "x") for i, n in enumerate(nodes[:3])])
+        assert all(n.revision > 0 for n in nodes)
+
+        # Another coordinator won meanwhile: the key is on its lease now.
+        await store.client.lease.revoke(lease)  # type: ignore[union-attr]
+        other = await store.grant(30)
+        assert await store.create_with_lease(key, b"other", other)
+        before = {n.node_id: n.revision for n in await store.load_nodes()}
+        for n in nodes:
+            n.seq = 7
+        with pytest.raises(Fenced, match="no longer holds .*election/leader"):
+            await store.save_nodes(nodes)
+        with pytest.raises(Fenced):
+            await store.save_nodes(nodes[:1])  # node by node too (the compare fails alone)
+        with pytest.raises(Fenced):
+            await store.append_events([Event("late", 2.0, "web-01", "unhealthy", "healthy",
+                                             "unhealthy", "x")])
+        stored = await store.load_nodes()
+        assert {n.node_id: n.revision for n in stored} == before
+        assert all(n.seq == 0 for n in stored)
+        assert [e.id for e in await store.events_after(None)] == ["e0", "e1", "e2"]
+
+        store.fence = lambda _node_id: (key, other)  # the new holder writes as usual
+        for n in nodes:
+            n.revision = before[n.node_id]
+        assert await store.save_nodes(nodes) == []
+        assert {n.seq for n in await store.load_nodes()} == {7}
+    finally:
+        await store.close()

@@ -128,7 +128,7 @@ class Leadership:
         confirmed again, lead on under the new lease; otherwise step down."""
         agents: asyncio.Task[None] | None = None
         keepalive = self.store.keepalive(lease, self.ttl)
-        self._hold(lease)
+        self._hold(key, lease)
         log.info("leader: %s (lease %x, ttl %ss)", self.identity, lease, self.ttl)
         try:
             await led.become_leader()
@@ -148,7 +148,7 @@ class Leadership:
                     break
                 lease, term = regained
                 keepalive = self.store.keepalive(lease, self.ttl)
-                self._hold(lease)
+                self._hold(key, lease)
                 log.info("leader again: %s (lease %x), nobody led meanwhile", self.identity,
                          lease)
                 await led.confirm_leader()
@@ -161,8 +161,12 @@ class Leadership:
             self.leader = ""
         await led.become_follower(self.leader)
 
-    def _hold(self, lease: int) -> None:
+    def _hold(self, key: bytes, lease: int) -> None:
         self._lease = lease
+        # Every node and event write is conditional on the leader key being on this lease:
+        # one sent while leading and delivered after the lease was lost is refused.
+        fence = (key, lease)
+        self.store.fence = lambda _node_id: fence
         self.leading, self.leader = True, self.identity
 
     async def _reconfirm(self, key: bytes, term_key: bytes, old_lease: int,

@@ -61,7 +61,7 @@ from nodewatch.protocol import (
     new_credential,
     node_heartbeat_key,
 )
-from nodewatch.store.base import Store, StoreUnavailable, store_label
+from nodewatch.store.base import Fenced, Store, StoreUnavailable, store_label
 from nodewatch.store.codec import material_digest
 from nodewatch.store.tiers import HistoryTiers, SampleChunks
 
@@ -1529,7 +1529,13 @@ class Coordinator:
             self._pending_chunks[:0] = chunks
             self._pending_actions[:0] = actions
             self._bound_queue()
-            self._store_failed(exc)
+            if isinstance(exc, Fenced):
+                # Not an outage: the lease that made this coordinator the decider is gone.
+                # Held until the election or the share keeper says who decides now (a
+                # follower drops it all; a leader confirmed on a new lease writes it).
+                log.warning("write refused: %s", exc)
+            else:
+                self._store_failed(exc)
             raise
         except BaseException:
             self.cluster.mark_dirty(n.node_id for n in nodes)

@@ -46,7 +46,7 @@ from nodewatch.detect.shares import SHARES, Assignment, share_of
 from nodewatch.model import Event, NodeState
 from nodewatch.protocol import AgentLease
 from nodewatch.store.codec import decode_event, decode_node
-from nodewatch.store.etcd import EtcdStore, WatchEvent
+from nodewatch.store.etcd import EtcdStore, Fence, WatchEvent
 
 __all__ = ["ShareKeeper", "Shared"]
 
@@ -167,6 +167,7 @@ class ShareKeeper:
             try:
                 lease = await self.store.grant(self.ttl)
                 self._lease = lease
+                self.store.fence = self._fence(lease)
                 keepalive = self.store.keepalive(lease, self.ttl)
                 if not await self.store.create_with_lease(self.store.key(MEMBERS, self.identity),
                                                           self.url.encode(), lease):
@@ -229,6 +230,17 @@ class ShareKeeper:
             if not dropped:
                 self._drop(shared, cause)
             await asyncio.sleep(RETRY)
+
+    def _fence(self, lease: int) -> Fence:
+        """A node's writes are conditional on its share's claim being on this lease: a write
+        that etcd applies after the claim was lost (expired, deleted, taken) is refused. An
+        event of no node (fleet-wide) is this member's own: no condition."""
+        shares, claim_key = self.shares, self._claim_key
+
+        def fence(node_id: str) -> tuple[bytes, int] | None:
+            return (claim_key(share_of(node_id, shares)), lease) if node_id else None
+
+        return fence
 
     def _drop(self, shared: Shared, cause: str) -> None:
         """Give every share up, at once. Not under ``_lock``: a task holding it is waiting on

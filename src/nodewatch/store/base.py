@@ -12,7 +12,7 @@ from typing import Protocol, TypeVar
 
 from nodewatch.model import Event, HistorySample, NodeState, SampleChunk
 
-__all__ = ["Store", "StoreUnavailable", "WritesInFlight", "store_label"]
+__all__ = ["Fenced", "Store", "StoreUnavailable", "WritesInFlight", "store_label"]
 
 
 class StoreUnavailable(Exception):
@@ -31,6 +31,18 @@ class StoreUnavailable(Exception):
         self.store = store
         self.cause = cause
         self.uncertain = uncertain
+
+
+class Fenced(StoreUnavailable):
+    """A store refused a node or event write because the key that made this coordinator the
+    node's decider is no longer on its lease: another coordinator may decide for the node
+    now, so nothing of this one's lands (a write sent before the lease was lost and delivered
+    after it, through a slow or cut-off member, is refused rather than stored)."""
+
+    def __init__(self, store: str, keys: Sequence[bytes]) -> None:
+        names = ", ".join(sorted({k.decode(errors="replace") for k in keys})[:3])
+        super().__init__(store, f"this coordinator no longer holds {names} (fenced: "
+                         "another coordinator may decide for these nodes)")
 
 
 def store_label(store: object) -> str:

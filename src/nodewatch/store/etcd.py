@@ -37,7 +37,7 @@ from etcd3aio._protobuf import Compare  # the MOD target has no helper in etcd3a
 from etcd3aio.kv import KVService
 
 from nodewatch.model import Event, HistorySample, NodeState, SampleChunk
-from nodewatch.store.base import WritesInFlight
+from nodewatch.store.base import Fenced, WritesInFlight
 from nodewatch.store.codec import (
     decode_event,
     decode_node,
@@ -47,7 +47,8 @@ from nodewatch.store.codec import (
     encode_sample,
 )
 
-__all__ = ["Campaign", "EtcdStore", "KeepAlive", "RawKey", "WatchEvent", "parse_etcd_url"]
+__all__ = ["Campaign", "EtcdStore", "Fence", "KeepAlive", "RawKey", "WatchEvent",
+           "parse_etcd_url"]
 
 log = logging.getLogger("nodewatch.store.etcd")
 T = TypeVar("T")
@@ -89,6 +90,15 @@ def _resolve(endpoint: str) -> str:
 
 def _ts_key(ts: float) -> str:
     return f"{max(ts, 0.0):020.6f}"
+
+
+Fence = Callable[[str], "tuple[bytes, int] | None"]
+"""A node id -> the key whose holder alone may write that node and the lease it must be on
+(the leader key, or the claim of the node's share); None: no condition."""
+
+
+def _lease_is(key: bytes, lease: int) -> Any:
+    return Compare(result=Compare.EQUAL, target=Compare.LEASE, key=key, lease=lease)
 
 
 def _mod_revision_is(key: bytes, revision: int) -> Any:
@@ -236,6 +246,10 @@ class EtcdStore:
         self._lease_lock = asyncio.Lock()
         self._in_flight = WritesInFlight()
         self._closed = False
+        # Set by the election or the share keeper: node and event writes carry it as a
+        # condition, so that a write delivered after this coordinator lost its lease is
+        # refused (Fenced), never stored.
+        self.fence: Fence | None = None
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> EtcdStore:
@@ -354,33 +368,69 @@ class EtcdStore:
         if not nodes:
             return []
         items = [(self.key("nodes", n.node_id), n.revision, encode_node(n)) for n in nodes]
-        groups = [items[at:at + TXN_OPS] for at in range(0, len(items), TXN_OPS)]
+        groups = self._fenced_groups([n.node_id for n in nodes], items)
         results = await self._writing(asyncio.gather(
-            *(self._bounded(partial(self._cas_group, group)) for group in groups)))
+            *(self._bounded(partial(self._cas_group, fence, group)) for fence, group in groups)))
+        revisions: dict[bytes, int | None] = {}
+        for (_, group), result in zip(groups, results, strict=True):
+            revisions.update((key, r) for (key, _, _), r in zip(group, result, strict=True))
         conflicts = []
-        for node, revision in zip(nodes, (r for rs in results for r in rs), strict=True):
+        for node, (key, _, _) in zip(nodes, items, strict=True):
+            revision = revisions[key]
             if revision is None:
                 conflicts.append(node.node_id)
             else:
                 node.revision = revision
         return conflicts
 
-    async def _cas_group(self, items: list[tuple[bytes, int, bytes]]) -> list[int | None]:
+    def _fenced_groups(self, node_ids: Sequence[str], items: Sequence[T]
+                       ) -> list[tuple[tuple[bytes, int] | None, list[T]]]:
+        """The items in transactions of at most ``TXN_OPS`` operations, each under the one
+        fence its nodes share (the leader key: one; share claims: one group per share)."""
+        fence = self.fence
+        by_fence: dict[tuple[bytes, int] | None, list[T]] = {}
+        for node_id, item in zip(node_ids, items, strict=True):
+            by_fence.setdefault(fence(node_id) if fence else None, []).append(item)
+        size = TXN_OPS - 1  # the fence is one more compare (etcd counts compares too)
+        return [(f, group[at:at + size]) for f, group in by_fence.items()
+                for at in range(0, len(group), size)]
+
+    def _refused(self, fence: tuple[bytes, int] | None, response: Any, at: int) -> None:
+        """Raise Fenced when the fence's key, read back as the ``at``-th answer of a failed
+        transaction, is not on the fence's lease."""
+        if fence is None:
+            return
+        kvs = response.responses[at].response_range.kvs
+        if not kvs or int(kvs[0].lease) != fence[1]:
+            raise Fenced(", ".join(self.endpoints), [fence[0]])
+
+    async def _cas_group(self, fence: tuple[bytes, int] | None,
+                         items: list[tuple[bytes, int, bytes]]) -> list[int | None]:
         """One transaction for the group; if any compare fails, node by node."""
+        compares = [_mod_revision_is(key, old) for key, old, _ in items]
+        if fence is not None:
+            compares.append(_lease_is(*fence))
         response = await self.kv.txn(
-            [_mod_revision_is(key, old) for key, old, _ in items],
-            [KVService.txn_op_put(key, body) for key, _, body in items],
+            compares, [KVService.txn_op_put(key, body) for key, _, body in items],
+            [KVService.txn_op_get(fence[0])] if fence is not None else (),
             timeout=self.timeout)
         if response.succeeded:
             return [int(response.header.revision)] * len(items)
-        return list(await asyncio.gather(*(self._cas_one(*item) for item in items)))
+        self._refused(fence, response, 0)
+        return list(await asyncio.gather(*(self._cas_one(fence, *item) for item in items)))
 
-    async def _cas_one(self, key: bytes, old: int, body: bytes) -> int | None:
-        response = await self.kv.txn(
-            [_mod_revision_is(key, old)], [KVService.txn_op_put(key, body)],
-            [KVService.txn_op_get(key)], timeout=self.timeout)
+    async def _cas_one(self, fence: tuple[bytes, int] | None, key: bytes, old: int,
+                       body: bytes) -> int | None:
+        compares = [_mod_revision_is(key, old)]
+        reads = [KVService.txn_op_get(key)]
+        if fence is not None:
+            compares.append(_lease_is(*fence))
+            reads.append(KVService.txn_op_get(fence[0]))
+        response = await self.kv.txn(compares, [KVService.txn_op_put(key, body)], reads,
+                                     timeout=self.timeout)
         if response.succeeded:
             return int(response.header.revision)
+        self._refused(fence, response, 1)
         kvs = response.responses[0].response_range.kvs
         if kvs and bytes(kvs[0].value) == body:
             return int(kvs[0].mod_revision)  # the same content again: replay-safe
@@ -397,14 +447,28 @@ class EtcdStore:
         if not events:
             return
         ops = [KVService.txn_op_put(self.key("events", e.id), encode_event(e)) for e in events]
+        # An event of a node is fenced as the node's writes are; a fleet-wide one (no node)
+        # by the fence of "" (the leader key; nothing when sharing: every member records
+        # its own).
+        groups = self._fenced_groups([e.node_id for e in events], ops)
 
         async def append() -> None:
-            await self._put_ops(ops)
+            await asyncio.gather(*(self._bounded(partial(self._put_fenced, fence, group))
+                                   for fence, group in groups))
             self._event_estimate += len(events)  # an upper bound: replays count twice
             if self._event_estimate > self.events_retained:
                 await self._trim_events()
 
         await self._writing(append())
+
+    async def _put_fenced(self, fence: tuple[bytes, int] | None, ops: list[Any]) -> None:
+        if fence is None:
+            await self.kv.txn([], ops, timeout=self.timeout)
+            return
+        response = await self.kv.txn([_lease_is(*fence)], ops, [KVService.txn_op_get(fence[0])],
+                                     timeout=self.timeout)
+        if not response.succeeded:
+            self._refused(fence, response, 0)
 
     async def _put_ops(self, ops: list[Any]) -> None:
         groups = [ops[at:at + TXN_OPS] for at in range(0, len(ops), TXN_OPS)]
