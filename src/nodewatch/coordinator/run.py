@@ -15,6 +15,7 @@ from nodewatch.api.app import build_app
 from nodewatch.api.udp import start_udp_heartbeats
 from nodewatch.config import Config
 from nodewatch.coordinator.leadership import Leadership
+from nodewatch.coordinator.runs import EtcdRuns
 from nodewatch.coordinator.service import ActionSink, Coordinator
 from nodewatch.coordinator.shares import ShareKeeper
 from nodewatch.protocol import split_host_port
@@ -145,6 +146,9 @@ async def serve(config: Config, stop: asyncio.Event | None = None,
         log.info("observing %s through show stat", ", ".join(o.source for o in observers))
     coord = Coordinator(config, store, actions=build_actions(config), leadership=leadership,
                         sharing=sharing, observers=observers)
+    if isinstance(store, EtcdStore):  # an action runs once across a change of decider
+        coord.claims = EtcdRuns(store, cc.url if sharing is not None else cc.listen,
+                                coord.may_decide, cc.store_timeout)
     await coord.start()
     raise_descriptor_limit(len(coord.cluster.nodes))
     tune_gc()

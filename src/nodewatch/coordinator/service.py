@@ -68,6 +68,7 @@ from nodewatch.store.tiers import HistoryTiers, SampleChunks
 if TYPE_CHECKING:
     from nodewatch.coordinator.leadership import Leadership
     from nodewatch.coordinator.shares import ShareKeeper
+    from nodewatch.respond.runner import Claims
 
 __all__ = ["ActionSink", "BindableSink", "CallerObserver", "Coordinator", "EVENT_SETTLE",
            "LAG_BEAT", "MAX_RETRY_BACKOFF", "NoActions", "NotLeader", "NotOwner",
@@ -162,7 +163,8 @@ class BindableSink(Protocol):
 
     def bind(self, emit: Callable[[str, str, str, dict[str, Any]], None],
              nodes: Callable[[], Mapping[str, NodeState]],
-             settled: Callable[[ActionRequest], None]) -> None: ...
+             settled: Callable[[ActionRequest], None], claims: Claims | None = None
+             ) -> None: ...
 
 
 class CallerObserver(Protocol):
@@ -464,6 +466,8 @@ class Coordinator:
         self.receive_drops = ReceiveDrops()  # fed by the UDP endpoint (api/udp.py)
         self._local_warned = -math.inf  # when _warn_local last spoke
         self._pending_actions: list[tuple[ActionRequest, Event | None]] = []
+        # Several coordinators on one etcd: runs are claimed there (coordinator/runs.py).
+        self.claims: Claims | None = None
         self._sample_marks: dict[str, tuple[int, int]] = {}
         self._last_history_write = clock()
         self._running = False
@@ -506,8 +510,9 @@ class Coordinator:
         self._running = True
         self._last_beat = self.clock()
         if isinstance(self.actions, BindableSink):
+            claims = {"claims": self.claims} if self.claims is not None else {}
             self.actions.bind(self.record_event, lambda: self.cluster.nodes,
-                              self._action_settled)
+                              self._action_settled, **claims)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._lag_monitor(), name="nodewatch-lag")]
         await self._check_coordination()
@@ -687,6 +692,12 @@ class Coordinator:
         log.warning("now a follower (leader: %s)", leader or "being elected")
 
     # ------------------------------------------------------------------ shares
+
+    def may_decide(self, node_id: str) -> bool:
+        """Whether an action for the node may still run here: this coordinator decides for
+        it, or may again (a leader whose lease is unconfirmed)."""
+        return isinstance(self._role, (_LeaderRole, _UnconfirmedLeaderRole, _SharedRole)) \
+            and self.owns(node_id)
 
     def owns(self, node_id: str) -> bool:
         """Sharing: whether the node's share is held here (always, without sharing)."""

@@ -23,7 +23,7 @@ from nodewatch.detect.outcome import ActionRequest
 from nodewatch.model import Event, NodeState
 from nodewatch.respond.actions import Action, ActionCall, ActionError, build_action
 
-__all__ = ["ActionRunner", "Emit"]
+__all__ = ["ActionRunner", "Claims", "Emit"]
 
 log = logging.getLogger("nodewatch.respond")
 
@@ -33,6 +33,29 @@ class Emit(Protocol):
 
     def __call__(self, kind: str, node_id: str, reason: str, evidence: dict[str, Any]) -> None:
         ...
+
+
+class Claims(Protocol):
+    """Whether this coordinator may run an action now (``coordinator/runs.py``): ``run``,
+    ``done`` (another coordinator ran it: settle without running) or ``fenced`` (not this
+    coordinator's to run: left due, not settled); and the record that a run ended."""
+
+    async def claim(self, request: ActionRequest, action: str, duration: float) -> str: ...
+
+    async def ended(self, request: ActionRequest, action: str, ok: bool) -> None: ...
+
+
+class _Unclaimed:
+    """One coordinator on its store: every action is this one's to run."""
+
+    async def claim(self, request: ActionRequest, action: str, duration: float) -> str:
+        return "run"
+
+    async def ended(self, request: ActionRequest, action: str, ok: bool) -> None:
+        return None
+
+
+RUN_SLACK = 30.0  # seconds a claimed run may wait for a free slot before its first attempt
 
 
 def _context(req: ActionRequest) -> dict[str, str]:
@@ -77,7 +100,10 @@ class ActionRunner:
         self._emit: Emit = _no_emit
         self._nodes: Callable[[], Mapping[str, NodeState]] = _no_nodes
         self._settled: Callable[[ActionRequest], None] = _no_settle
-        self._unsettled: dict[int, int] = {}  # id(call) -> jobs of that call still running
+        self._claims: Claims = _Unclaimed()
+        # id(call) -> (jobs of that call still running, whether one was fenced: then the
+        # request is left due for its decider, never settled here)
+        self._unsettled: dict[int, tuple[int, bool]] = {}
         self._slots = asyncio.Semaphore(concurrency)
         self._jobs: set[asyncio.Task[None]] = set()
         self._node_jobs: dict[str, set[asyncio.Task[None]]] = {}
@@ -98,12 +124,15 @@ class ActionRunner:
         return cls(actions, dry_run=config.coordinator.dry_run)
 
     def bind(self, emit: Emit, nodes: Callable[[], Mapping[str, NodeState]],
-             settled: Callable[[ActionRequest], None] = _no_settle) -> None:
-        """Connect to the coordinator: where events go, a read-only view of the nodes, and
-        whom to tell when a request is settled (every action for it ran or gave up)."""
+             settled: Callable[[ActionRequest], None] = _no_settle,
+             claims: Claims | None = None) -> None:
+        """Connect to the coordinator: where events go, a read-only view of the nodes, whom
+        to tell when a request is settled (every action for it ran or gave up), and whom to
+        ask before a run (several coordinators on one store)."""
         self._emit = emit
         self._nodes = nodes
         self._settled = settled
+        self._claims = claims or _Unclaimed()
 
     @property
     def pending(self) -> int:
@@ -167,7 +196,7 @@ class ActionRunner:
     def _schedule(self, call: ActionCall, matching: list[Action]) -> None:
         loop = asyncio.get_running_loop()
         # Settled when the last of its jobs ends (a refused one ends at once).
-        self._unsettled[id(call)] = len(matching)
+        self._unsettled[id(call)] = (len(matching), False)
         for action in matching:
             if len(self._jobs) >= self.max_pending:
                 self.refused += 1
@@ -191,11 +220,16 @@ class ActionRunner:
 
     async def _job(self, action: Action, call: ActionCall, key: tuple[str, str],
                    lock: asyncio.Lock) -> None:
-        cancelled = False
+        cancelled = fenced = False
         try:
             # Tasks start in creation order and the lock is FIFO: per node, submission order.
             async with lock:
-                await self._attempts(action, call)
+                verdict = await self._claims.claim(call.request, action.name,
+                                                   self._duration(action))
+                if verdict == "run":
+                    ok = await self._attempts(action, call)
+                    await self._claims.ended(call.request, action.name, ok)
+                fenced = verdict == "fenced"
         except asyncio.CancelledError:
             cancelled = True  # stopped, not run: it stays due and runs after the restart
             raise
@@ -206,17 +240,29 @@ class ActionRunner:
             else:
                 self._key_locks[key] = (held, users - 1)
             if not cancelled:
-                self._job_done(call)
+                self._job_done(call, fenced)
 
-    def _job_done(self, call: ActionCall) -> None:
-        left = self._unsettled.get(id(call), 0) - 1
-        if left > 0:
-            self._unsettled[id(call)] = left
+    def _duration(self, action: Action) -> float:
+        """How long a claimed run may take, at most: every attempt's timeout, every backoff,
+        and a wait for a slot; past it another coordinator may run it again."""
+        return ((action.retries + 1) * action.timeout + action.retries * self.max_backoff
+                + RUN_SLACK)
+
+    def _job_done(self, call: ActionCall, fenced: bool = False) -> None:
+        left, was_fenced = self._unsettled.get(id(call), (1, False))
+        fenced = fenced or was_fenced
+        if left > 1:
+            self._unsettled[id(call)] = (left - 1, fenced)
             return
         self._unsettled.pop(id(call), None)
+        if fenced:
+            log.info("%s on %s: not this coordinator's to run any more; left due for its "
+                     "decider", call.request.kind, call.request.node_id,
+                     extra=_context(call.request))
+            return
         self._settled(call.request)
 
-    async def _attempts(self, action: Action, call: ActionCall) -> None:
+    async def _attempts(self, action: Action, call: ActionCall) -> bool:
         req = call.request
         attempts = action.retries + 1
         error = ""
@@ -228,7 +274,7 @@ class ActionRunner:
                 self.succeeded += 1
                 log.info("%s for %s on %s done (attempt %d)", action.name, req.kind,
                          req.node_id, attempt, extra=_context(req))
-                return
+                return True
             except TimeoutError:
                 error = f"timed out after {action.timeout:g}s"
             except ActionError as exc:
@@ -249,6 +295,7 @@ class ActionRunner:
         self._emit("action_failed", req.node_id,
                    f"{action.name} for {req.kind} failed after {attempts} attempts: {error}",
                    self._evidence(action, call, attempts, error))
+        return False
 
     @staticmethod
     def _evidence(action: Action, call: ActionCall, attempts: int, error: str

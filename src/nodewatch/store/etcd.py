@@ -56,6 +56,7 @@ T = TypeVar("T")
 TXN_OPS: Final = 128  # etcd's default --max-txn-ops
 PAGE: Final = 2_000  # keys per range read: stays far below gRPC's 4 MiB message limit
 HISTORY_BUCKET: Final = 60.0  # seconds of samples sharing one history lease
+RUN_TTL: Final = 7200.0  # how long the record of an action's run is kept (P/runs/)
 
 
 def parse_etcd_url(url: str) -> tuple[list[str], str]:
@@ -497,6 +498,59 @@ class EtcdStore:
         kvs = await self._range(prefix, prefix_range_end(prefix), limit=1, keys_only=True,
                                 descend=True)
         return bytes(kvs[0].key)[len(prefix):].decode() if kvs else None
+
+    # -- action runs ------------------------------------------------------------------------
+
+    def _run_key(self, run: str) -> bytes:
+        return self.key("runs", run)
+
+    async def claim_run(self, run: str, node_id: str, record: bytes
+                        ) -> tuple[str, bytes, int]:
+        """Claim the run ``run`` (an action for an event) for the decider of ``node_id``:
+        ``record`` is stored under ``P/runs/<run>`` only if nobody claimed it and the fence
+        holds. Returns ``("claimed", record, revision)``, ``("fenced", b"", 0)`` (this
+        coordinator is not the decider any more), or ``("taken", their record, revision)``."""
+        return await self._claim(run, node_id, record, None)
+
+    async def take_over_run(self, run: str, node_id: str, record: bytes, revision: int
+                            ) -> tuple[str, bytes, int]:
+        """As ``claim_run``, replacing the claim read at ``revision`` (its holder never said it
+        ended, and its time is up)."""
+        return await self._claim(run, node_id, record, revision)
+
+    async def _claim(self, run: str, node_id: str, record: bytes, revision: int | None
+                     ) -> tuple[str, bytes, int]:
+        key = self._run_key(run)
+        fence = self.fence(node_id) if self.fence else None
+        compares = [_mod_revision_is(key, revision or 0)]
+        reads = [KVService.txn_op_get(key)]
+        if fence is not None:
+            compares.append(_lease_is(*fence))
+            reads.append(KVService.txn_op_get(fence[0]))
+        lease = await self._lease_for_history(RUN_TTL)
+        response = await self._writing(self.kv.txn(
+            compares, [KVService.txn_op_put(key, record, lease=lease)], reads,
+            timeout=self.timeout))
+        if response.succeeded:
+            return "claimed", record, int(response.header.revision)
+        try:
+            self._refused(fence, response, 1)
+        except Fenced:
+            return "fenced", b"", 0
+        kvs = response.responses[0].response_range.kvs
+        if not kvs:  # the claim read was replaced and then expired: try again afresh
+            return await self._claim(run, node_id, record, None)
+        return "taken", bytes(kvs[0].value), int(kvs[0].mod_revision)
+
+    async def get_run(self, run: str) -> tuple[bytes, int] | None:
+        return await self.get_raw(self._run_key(run))
+
+    async def end_run(self, run: str, record: bytes) -> None:
+        """The run ended (ran, or gave up): not fenced, so that a decider deposed while the
+        action ran still tells the next one not to run it again."""
+        lease = await self._lease_for_history(RUN_TTL)
+        await self._writing(self.kv.put(self._run_key(run), record, lease=lease,
+                                        timeout=self.timeout))
 
     # -- history ----------------------------------------------------------------------------
 
