@@ -21,7 +21,8 @@ from nodewatch.config import Config, load_config
 from nodewatch.coordinator.service import Coordinator, NotOwner
 from nodewatch.coordinator.shares import ShareKeeper
 from nodewatch.detect.shares import SHARES, Assignment
-from nodewatch.model import FailureClass, Health
+from nodewatch.model import FailureClass, Health, NodeState
+from nodewatch.store.base import Fenced
 from nodewatch.store.etcd import EtcdStore
 from nodewatch.testing import EtcdCluster, FakeProbe, free_port
 from tests.coordinator.support import RecordingActions, eventually
@@ -210,3 +211,29 @@ async def test_a_crashed_coordinators_shares_move_within_about_one_ttl(
     finally:
         await one.stop()
         await two.stop()
+
+
+async def test_a_node_write_is_fenced_by_its_share_claim(etcd: EtcdCluster) -> None:
+    """A member's writes for a node are conditional on the node's share claim being on the
+    member's lease: once the claim is gone (expired, or taken by another), they are refused."""
+    store = EtcdStore.from_url(etcd.url("/fenced-share"), timeout=3.0)
+    await store.open()
+    try:
+        keeper = ShareKeeper(store, "http://127.0.0.1:7401", ttl=TTL)
+        lease = await store.grant(30)
+        fence = keeper._fence(lease)
+        store.fence = fence
+        node = NodeState("web-1", "10.0.0.1:7301", health=Health.HEALTHY)
+        claim = fence(node.node_id)
+        assert claim is not None and fence("") is None  # a fleet-wide event: no condition
+        with pytest.raises(Fenced):  # nobody claimed its share yet
+            await store.save_nodes([node])
+        assert await store.create_with_lease(claim[0], b"http://127.0.0.1:7401", lease)
+        assert await store.save_nodes([node]) == []
+        await store.kv.delete(claim[0])  # the claim is gone: another member may take it
+        node.seq = 5
+        with pytest.raises(Fenced, match="no longer holds"):
+            await store.save_nodes([node])
+        assert (await store.get_node("web-1")).seq == 0  # type: ignore[union-attr]
+    finally:
+        await store.close()
