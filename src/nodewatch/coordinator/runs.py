@@ -32,7 +32,6 @@ from collections.abc import Awaitable, Callable
 import msgspec
 
 from nodewatch.detect.outcome import ActionRequest
-from nodewatch.store.base import StoreUnavailable
 from nodewatch.store.etcd import EtcdStore
 
 __all__ = ["EtcdRuns", "RunRecord"]
@@ -100,7 +99,7 @@ class EtcdRuns:
                     else:
                         verdict, theirs, at = await self.store.take_over_run(
                             run, request.node_id, record, revision)
-            except (TimeoutError, StoreUnavailable, OSError, Exception) as error:  # noqa: BLE001
+            except Exception as error:  # noqa: BLE001 - timeouts and every etcd error alike
                 log.warning("claiming %s for %s on %s failed (%s); trying again", action,
                             request.kind, request.node_id, type(error).__name__)
                 await self.sleep(delay)
@@ -143,7 +142,7 @@ class EtcdRuns:
                 async with asyncio.timeout(self.timeout):
                     await self.store.end_run(run_name(request, action), record)
                 return
-            except (TimeoutError, StoreUnavailable, OSError, Exception) as error:  # noqa: BLE001
+            except Exception as error:  # noqa: BLE001 - timeouts and every etcd error alike
                 if attempt == END_ATTEMPTS:
                     log.warning("could not record that %s for %s on %s ended (%s): the next "
                                 "decider may run it again after its deadline", action,
