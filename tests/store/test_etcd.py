@@ -160,6 +160,8 @@ async def test_writes_under_a_fence_are_refused_once_its_key_left_the_lease(
         with pytest.raises(Fenced):
             await store.append_events([Event("late", 2.0, "web-01", "unhealthy", "healthy",
                                              "unhealthy", "x")])
+        with pytest.raises(Fenced):
+            await store.delete_node("web-01")
         stored = await store.load_nodes()
         assert {n.node_id: n.revision for n in stored} == before
         assert all(n.seq == 0 for n in stored)
@@ -170,5 +172,7 @@ async def test_writes_under_a_fence_are_refused_once_its_key_left_the_lease(
             n.revision = before[n.node_id]
         assert await store.save_nodes(nodes) == []
         assert {n.seq for n in await store.load_nodes()} == {7}
+        assert await store.delete_node("web-01")
+        assert await store.get_node("web-01") is None
     finally:
         await store.close()

@@ -438,9 +438,17 @@ class EtcdStore:
         return None
 
     async def delete_node(self, node_id: str) -> bool:
-        response = await self._writing(
-            self.kv.delete(self.key("nodes", node_id), timeout=self.timeout))
-        return int(response.deleted) > 0
+        key = self.key("nodes", node_id)
+        fence = self.fence(node_id) if self.fence else None
+        if fence is None:
+            response = await self._writing(self.kv.delete(key, timeout=self.timeout))
+            return int(response.deleted) > 0
+        answer = await self._writing(self.kv.txn(
+            [_lease_is(*fence)], [KVService.txn_op_delete(key)],
+            [KVService.txn_op_get(fence[0])], timeout=self.timeout))
+        if not answer.succeeded:
+            self._refused(fence, answer, 0)
+        return int(answer.responses[0].response_delete_range.deleted) > 0
 
     # -- events -----------------------------------------------------------------------------
 
