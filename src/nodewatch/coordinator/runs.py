@@ -12,21 +12,21 @@ one. Both are closed here:
   the decider any more gets "fenced" and does not run it.
 - When it ends (ran, or gave up after its retries), the record says so, unfenced: a decider
   deposed while the action ran still tells the next one. The next one, finding an ended
-  record, settles the action without running it; finding a claim still running, waits for it
-  until the claim's own deadline (the action's timeouts and retries), then runs it again with
-  a warning: its holder crashed mid-run, or could not reach etcd for that long.
+  record, settles the action without running it; finding a claim still running, waits until
+  the claim's own lease expires (as long as the action's timeouts, retries and backoff take;
+  etcd times it, so no host's clock matters), then runs it again with a warning: its holder
+  crashed mid-run, or could not reach etcd for that long.
 
 So an action runs once, except after a crash in the middle of it (run again: at least once)
-or a holder cut off from etcd from its run's start to past its deadline (two runs, the second
-logged). Records live ``RUN_TTL`` (2 h) on etcd leases. SQLite and Redis have one coordinator:
-nothing is claimed there.
+or a holder cut off from etcd from its run's start until its claim expired (two runs, the
+second logged). Ended records live ``RUN_TTL`` (2 h) on etcd leases. SQLite and Redis have one
+coordinator: nothing is claimed there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -45,17 +45,23 @@ END_ATTEMPTS = 3
 
 
 class RunRecord(msgspec.Struct, frozen=True):
-    """Who runs (ran) an action, and until when its claim holds (wall clock: compared by
-    other processes)."""
+    """Who runs (ran) an action. A running claim is on a lease of the run's longest duration,
+    so it ends by itself when its holder dies (timed by etcd, not by any host's clock)."""
 
     by: str
     state: str  # "running" or "ended"
-    until: float = 0.0
     result: str = ""  # "ok" or "failed", once ended
 
 
 _encode = msgspec.json.encode
 _decode = msgspec.json.Decoder(RunRecord).decode
+
+
+def _read(value: bytes) -> RunRecord | None:
+    try:
+        return _decode(value)
+    except msgspec.DecodeError:
+        return None
 
 
 def run_name(request: ActionRequest, action: str) -> str:
@@ -70,13 +76,12 @@ class EtcdRuns:
     decider."""
 
     def __init__(self, store: EtcdStore, identity: str, may_decide: Callable[[str], bool],
-                 timeout: float, clock: Callable[[], float] = time.time,
+                 timeout: float,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.store = store
         self.identity = identity
         self.may_decide = may_decide
         self.timeout = timeout
-        self.clock = clock
         self.sleep = sleep
         self.reruns = 0  # claims taken over from a holder that never said its run ended
         self.skipped = 0  # actions found already run by another coordinator
@@ -85,20 +90,30 @@ class EtcdRuns:
         """``run``: claimed, run it now. ``done``: another coordinator ran it: settle it
         without running. ``fenced``: not this coordinator's to run (left due)."""
         run = run_name(request, action)
+        record = _encode(RunRecord(self.identity, "running"))
         delay = RETRY
-        revision: int | None = None  # of a claim whose time is up
+        waited = False  # on another's claim that then expired without saying it ended
+        revision = 0  # of a claim that cannot expire by itself (no lease, unreadable)
         while True:
             if not self.may_decide(request.node_id):
                 return "fenced"
-            record = _encode(RunRecord(self.identity, "running", self.clock() + duration))
             try:
                 async with asyncio.timeout(self.timeout):
-                    if revision is None:
-                        verdict, theirs, at = await self.store.claim_run(
-                            run, request.node_id, record)
-                    else:
-                        verdict, theirs, at = await self.store.take_over_run(
-                            run, request.node_id, record, revision)
+                    verdict, theirs, at, lease = await self.store.claim_run(
+                        run, request.node_id, record, duration, revision)
+                if verdict == "taken":
+                    held = _read(theirs)
+                    if held is not None and held.state == "ended":
+                        self.skipped += 1
+                        log.info("%s for %s on %s already ran (%s): not run again", action,
+                                 request.kind, request.node_id, held.by or "unknown")
+                        return "done"
+                    if held is None or not lease:
+                        revision = at  # replaced, not waited out: it never expires
+                        continue
+                    waited = True
+                    await self._wait_out(run, at)
+                    continue
             except Exception as error:  # noqa: BLE001 - timeouts and every etcd error alike
                 log.warning("claiming %s for %s on %s failed (%s); trying again", action,
                             request.kind, request.node_id, type(error).__name__)
@@ -106,37 +121,30 @@ class EtcdRuns:
                 delay = min(MAX_RETRY, delay * 2)
                 continue
             if verdict == "claimed":
-                if revision is not None:
+                if waited or revision:
                     self.reruns += 1
-                    log.warning("%s for %s on %s: its previous run never said it ended by its "
-                                "deadline; running it again", action, request.kind,
+                    log.warning("%s for %s on %s: its previous run's claim expired without "
+                                "saying it ended; running it again", action, request.kind,
                                 request.node_id)
                 return "run"
-            if verdict == "fenced":
-                revision = None
-                await self.sleep(delay)
-                delay = min(MAX_RETRY, delay * 2)
-                continue
-            try:
-                held = _decode(theirs)
-            except msgspec.DecodeError:
-                held = RunRecord("", "running", 0.0)  # unreadable: as a claim whose time is up
-            if held.state == "ended":
-                self.skipped += 1
-                log.info("%s for %s on %s already ran (%s): not run again", action,
-                         request.kind, request.node_id, held.by or "unknown")
-                return "done"
-            left = held.until - self.clock()
-            if left > 0:
-                revision = None
-                await self.sleep(min(left, POLL))
-                continue
-            revision = at
+            revision = 0  # fenced: the fence moves to a new lease once the leadership is back
+            await self.sleep(delay)
+            delay = min(MAX_RETRY, delay * 2)
+
+    async def _wait_out(self, run: str, revision: int) -> None:
+        """Until the claim read at ``revision`` is gone (its lease expired: etcd times it) or
+        replaced (ended, or taken by another)."""
+        while True:
+            await self.sleep(POLL)
+            async with asyncio.timeout(self.timeout):
+                current = await self.store.get_run(run)
+            if current is None or current[1] != revision:
+                return
 
     async def ended(self, request: ActionRequest, action: str, ok: bool) -> None:
         """Record that the run ended (bounded tries; a failure is logged, and the worst it
         costs is a second run by the next decider after the claim's deadline)."""
-        record = _encode(RunRecord(self.identity, "ended", 0.0, "ok" if ok else "failed"))
+        record = _encode(RunRecord(self.identity, "ended", "ok" if ok else "failed"))
         for attempt in range(1, END_ATTEMPTS + 1):
             try:
                 async with asyncio.timeout(self.timeout):

@@ -512,43 +512,39 @@ class EtcdStore:
     def _run_key(self, run: str) -> bytes:
         return self.key("runs", run)
 
-    async def claim_run(self, run: str, node_id: str, record: bytes
-                        ) -> tuple[str, bytes, int]:
+    async def claim_run(self, run: str, node_id: str, record: bytes, ttl: float,
+                        revision: int = 0) -> tuple[str, bytes, int, int]:
         """Claim the run ``run`` (an action for an event) for the decider of ``node_id``:
-        ``record`` is stored under ``P/runs/<run>`` only if nobody claimed it and the fence
-        holds. Returns ``("claimed", record, revision)``, ``("fenced", b"", 0)`` (this
-        coordinator is not the decider any more), or ``("taken", their record, revision)``."""
-        return await self._claim(run, node_id, record, None)
-
-    async def take_over_run(self, run: str, node_id: str, record: bytes, revision: int
-                            ) -> tuple[str, bytes, int]:
-        """As ``claim_run``, replacing the claim read at ``revision`` (its holder never said it
-        ended, and its time is up)."""
-        return await self._claim(run, node_id, record, revision)
-
-    async def _claim(self, run: str, node_id: str, record: bytes, revision: int | None
-                     ) -> tuple[str, bytes, int]:
+        ``record`` is stored under ``P/runs/<run>`` on a lease of its own of ``ttl`` seconds
+        (etcd's clock times it: no host's clock is trusted), only if the fence holds and the
+        key is absent (or, with ``revision``, still the claim read at that revision: one that
+        cannot expire by itself). Returns ``(verdict, record, revision, lease)``: ``claimed``
+        (ours), ``fenced`` (this coordinator is not the decider any more) or ``taken`` (the
+        record found, its revision and lease)."""
         key = self._run_key(run)
         fence = self.fence(node_id) if self.fence else None
-        compares = [_mod_revision_is(key, revision or 0)]
+        compares = [_mod_revision_is(key, revision)]
         reads = [KVService.txn_op_get(key)]
         if fence is not None:
             compares.append(_lease_is(*fence))
             reads.append(KVService.txn_op_get(fence[0]))
-        lease = await self._lease_for_history(RUN_TTL)
+        lease = await self.grant(max(1, math.ceil(ttl)))
         response = await self._writing(self.kv.txn(
             compares, [KVService.txn_op_put(key, record, lease=lease)], reads,
             timeout=self.timeout))
         if response.succeeded:
-            return "claimed", record, int(response.header.revision)
+            return "claimed", record, int(response.header.revision), lease
+        assert self.client is not None and self.client.lease is not None
+        with contextlib.suppress(Exception):  # unused; it would expire by itself anyway
+            await self.client.lease.revoke(lease, timeout=self.timeout)
         try:
             self._refused(fence, response, 1)
         except Fenced:
-            return "fenced", b"", 0
+            return "fenced", b"", 0, 0
         kvs = response.responses[0].response_range.kvs
-        if not kvs:  # the claim read was replaced and then expired: try again afresh
-            return await self._claim(run, node_id, record, None)
-        return "taken", bytes(kvs[0].value), int(kvs[0].mod_revision)
+        if not kvs:  # the claim read at ``revision`` expired meanwhile: claim afresh
+            return await self.claim_run(run, node_id, record, ttl)
+        return "taken", bytes(kvs[0].value), int(kvs[0].mod_revision), int(kvs[0].lease)
 
     async def get_run(self, run: str) -> tuple[bytes, int] | None:
         return await self.get_raw(self._run_key(run))
