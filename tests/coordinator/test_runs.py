@@ -143,3 +143,42 @@ async def test_a_run_record_round_trips_and_an_unreadable_one_counts_as_expired(
     assert await asyncio.wait_for(runs.claim(REQUEST, "exec[0]", duration=1.0), HANG) == "run"
     assert runs.reruns == 1
     assert RunRecord("a", "ended", "ok").state == "ended"
+
+
+async def test_a_claim_is_kept_before_a_retry_and_claimed_again_once_it_expired(
+        store: EtcdStore) -> None:
+    await lead(store, b"a")
+    deciding = True
+    runs = EtcdRuns(store, "a", lambda _n: deciding, 3.0)
+    run = run_name(REQUEST, "exec[0]")
+    assert await runs.claim(REQUEST, "exec[0]", duration=1.0) == "run"
+    first, _ = await store.get_run(run) or (b"", 0)
+    assert await runs.keep(REQUEST, "exec[0]", duration=1.0) == "run"  # refreshed
+    # The wait for the retry outlasted the claim: etcd expired it; nobody else took it.
+    for _ in range(int(HANG / 0.2)):
+        if await store.get_run(run) is None:
+            break
+        await asyncio.sleep(0.2)
+    assert await store.get_run(run) is None
+    assert await runs.keep(REQUEST, "exec[0]", duration=30.0) == "run"
+    again, _ = await store.get_run(run) or (b"", 0)
+    assert again == first  # the same claim (record and nonce) again
+    deciding = False
+    assert await runs.keep(REQUEST, "exec[0]", duration=30.0) == "fenced"
+
+
+async def test_a_claim_that_landed_unanswered_is_recognised_as_ours(store: EtcdStore) -> None:
+    await lead(store, b"a")
+    runs = EtcdRuns(store, "a", lambda _n: True, 3.0, sleep=_no_sleep)
+    run = run_name(REQUEST, "exec[0]")
+    record = runs._record()
+    # The first try landed, its answer was lost (a timeout): the retry finds the record.
+    verdict, _, _, _ = await store.claim_run(run, REQUEST.node_id, record, 60.0)
+    assert verdict == "claimed"
+    assert await asyncio.wait_for(runs._claim(run, REQUEST, "exec[0]", 60.0, record),
+                                  HANG) == "run"
+    assert runs.reruns == 0
+
+
+async def _no_sleep(seconds: float) -> None:
+    raise AssertionError(f"waited {seconds}s on its own claim")

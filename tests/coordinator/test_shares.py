@@ -121,6 +121,15 @@ async def test_two_coordinators_split_the_nodes_each_watched_by_exactly_one(
         with pytest.raises(NotOwner) as refused:
             await one.command("drain", foreign, "not mine")
         assert refused.value.owner == "http://127.0.0.1:7102"
+        # What is left of a node that moved (an action that ended after its share did) is
+        # not written with this coordinator's own writes: the fence would refuse them all.
+        one.record_event("action_failed", foreign, "ended after its share moved", {})
+        mine_first = sorted(mine)[0]
+        await asyncio.wait_for(one.command("drain", mine_first, "maintenance"), BOUND)
+        stored = await one.store.get_node(mine_first)
+        assert stored is not None and stored.drain is not None
+        assert not [e for e in await one.store.events_after(None, 1000)
+                    if e.kind == "action_failed"]
         assert one.status()["shares"]["held"] == len(one.held_shares) > 0
         text = CoordinatorMetrics(one).render().decode()
         assert f"nodewatch_shares_held {float(len(one.held_shares))}" in text

@@ -26,7 +26,9 @@ coordinator: nothing is claimed there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -51,6 +53,7 @@ class RunRecord(msgspec.Struct, frozen=True):
     by: str
     state: str  # "running" or "ended"
     result: str = ""  # "ok" or "failed", once ended
+    nonce: str = ""  # tells this claim from the holder's other claims of the same run
 
 
 _encode = msgspec.json.encode
@@ -85,12 +88,42 @@ class EtcdRuns:
         self.sleep = sleep
         self.reruns = 0  # claims taken over from a holder that never said its run ended
         self.skipped = 0  # actions found already run by another coordinator
+        self._mine: dict[str, tuple[bytes, int]] = {}  # run -> our claim's record, lease
 
     async def claim(self, request: ActionRequest, action: str, duration: float) -> str:
         """``run``: claimed, run it now. ``done``: another coordinator ran it: settle it
         without running. ``fenced``: not this coordinator's to run (left due)."""
         run = run_name(request, action)
-        record = _encode(RunRecord(self.identity, "running"))
+        verdict = await self._claim(run, request, action, duration, self._record())
+        if verdict != "run":
+            self._mine.pop(run, None)
+        return verdict
+
+    async def keep(self, request: ActionRequest, action: str, duration: float) -> str:
+        """Before a retry: the claim kept alive for another ``duration``, as ``claim``
+        answers. An expired claim (the wait for a retry outlasted it) is claimed again, and
+        so may turn out to be another coordinator's by now."""
+        run = run_name(request, action)
+        mine = self._mine.get(run)
+        if not self.may_decide(request.node_id):
+            self._mine.pop(run, None)
+            return "fenced"
+        if mine is not None:
+            with contextlib.suppress(Exception):  # unknown: claim again, which tells
+                async with asyncio.timeout(self.timeout):
+                    if await self.store.refresh_run(mine[1]):
+                        return "run"
+        verdict = await self._claim(run, request, action, duration,
+                                    mine[0] if mine is not None else self._record())
+        if verdict != "run":
+            self._mine.pop(run, None)
+        return verdict
+
+    def _record(self) -> bytes:
+        return _encode(RunRecord(self.identity, "running", nonce=secrets.token_hex(8)))
+
+    async def _claim(self, run: str, request: ActionRequest, action: str, duration: float,
+                     record: bytes) -> str:
         delay = RETRY
         waited = False  # on another's claim that then expired without saying it ended
         revision = 0  # of a claim that cannot expire by itself (no lease, unreadable)
@@ -101,7 +134,9 @@ class EtcdRuns:
                 async with asyncio.timeout(self.timeout):
                     verdict, theirs, at, lease = await self.store.claim_run(
                         run, request.node_id, record, duration, revision)
-                if verdict == "taken":
+                if verdict == "taken" and theirs == record:
+                    verdict = "claimed"  # an earlier try of ours landed, unanswered
+                elif verdict == "taken":
                     held = _read(theirs)
                     if held is not None and held.state == "ended":
                         self.skipped += 1
@@ -112,7 +147,7 @@ class EtcdRuns:
                         revision = at  # replaced, not waited out: it never expires
                         continue
                     waited = True
-                    await self._wait_out(run, at)
+                    await self._wait_out(run, at, request.node_id)
                     continue
             except Exception as error:  # noqa: BLE001 - timeouts and every etcd error alike
                 log.warning("claiming %s for %s on %s failed (%s); trying again", action,
@@ -121,6 +156,7 @@ class EtcdRuns:
                 delay = min(MAX_RETRY, delay * 2)
                 continue
             if verdict == "claimed":
+                self._mine[run] = (record, lease)
                 if waited or revision:
                     self.reruns += 1
                     log.warning("%s for %s on %s: its previous run's claim expired without "
@@ -131,10 +167,10 @@ class EtcdRuns:
             await self.sleep(delay)
             delay = min(MAX_RETRY, delay * 2)
 
-    async def _wait_out(self, run: str, revision: int) -> None:
+    async def _wait_out(self, run: str, revision: int, node_id: str) -> None:
         """Until the claim read at ``revision`` is gone (its lease expired: etcd times it) or
-        replaced (ended, or taken by another)."""
-        while True:
+        replaced (ended, or taken by another), or this coordinator no longer decides."""
+        while self.may_decide(node_id):
             await self.sleep(POLL)
             async with asyncio.timeout(self.timeout):
                 current = await self.store.get_run(run)
@@ -144,6 +180,7 @@ class EtcdRuns:
     async def ended(self, request: ActionRequest, action: str, ok: bool) -> None:
         """Record that the run ended (bounded tries; a failure is logged, and the worst it
         costs is a second run by the next decider after the claim's deadline)."""
+        self._mine.pop(run_name(request, action), None)
         record = _encode(RunRecord(self.identity, "ended", "ok" if ok else "failed"))
         for attempt in range(1, END_ATTEMPTS + 1):
             try:

@@ -1485,6 +1485,23 @@ class Coordinator:
         finally:
             self._persist_lock.release()
 
+    def _ours(self, nodes: list[NodeState], events: list[Event],
+              actions: list[tuple[ActionRequest, Event | None]]
+              ) -> tuple[list[NodeState], list[Event], list[tuple[ActionRequest, Event | None]]]:
+        """Sharing: what a write may carry of the nodes this coordinator decides for. What is
+        left of a share given up (a settle or an ``action_failed`` of an action that ended
+        after the release) is the new holder's to write, and the fence would refuse it with
+        the rest of the write, again on every retry."""
+        owns = self.owns
+        mine = [n for n in nodes if owns(n.node_id)]
+        kept = [e for e in events if not e.node_id or owns(e.node_id)]
+        acts = [a for a in actions if owns(a[0].node_id)]
+        dropped = len(events) - len(kept)
+        if dropped:
+            log.info("dropped %d events of nodes another coordinator decides for now "
+                     "(they ended after their share moved)", dropped)
+        return mine, kept, acts
+
     async def _write_locked(self, routine: bool, history: bool, outcome: Outcome | None,
                             deadline: float | None) -> None:
         """The write itself, with the persist lock held (see ``_write``)."""
@@ -1497,6 +1514,8 @@ class Coordinator:
         if routine or history or nodes or events or extra:
             chunks, samples = self._take_points(final=routine and not self._running)
         actions, self._pending_actions = self._pending_actions, []
+        if self.sharing is not None:
+            nodes, events, actions = self._ours(nodes, events, actions)
         wrote = bool(nodes or events or samples or chunks or extra or removed)
         probed = False
         try:

@@ -42,6 +42,8 @@ class Claims(Protocol):
 
     async def claim(self, request: ActionRequest, action: str, duration: float) -> str: ...
 
+    async def keep(self, request: ActionRequest, action: str, duration: float) -> str: ...
+
     async def ended(self, request: ActionRequest, action: str, ok: bool) -> None: ...
 
 
@@ -51,11 +53,14 @@ class _Unclaimed:
     async def claim(self, request: ActionRequest, action: str, duration: float) -> str:
         return "run"
 
+    async def keep(self, request: ActionRequest, action: str, duration: float) -> str:
+        return "run"
+
     async def ended(self, request: ActionRequest, action: str, ok: bool) -> None:
         return None
 
 
-RUN_SLACK = 30.0  # seconds a claimed run may wait for a free slot before its first attempt
+RUN_SLACK = 30.0  # seconds a claimed run may wait for a free slot before a retry
 
 
 def _context(req: ActionRequest) -> dict[str, str]:
@@ -224,11 +229,9 @@ class ActionRunner:
         try:
             # Tasks start in creation order and the lock is FIFO: per node, submission order.
             async with lock:
-                verdict = await self._claims.claim(call.request, action.name,
-                                                   self._duration(action))
-                if verdict == "run":
-                    ok = await self._attempts(action, call)
-                    await self._claims.ended(call.request, action.name, ok)
+                verdict = await self._attempts(action, call)
+                if verdict in ("ran", "failed"):
+                    await self._claims.ended(call.request, action.name, verdict == "ran")
                 fenced = verdict == "fenced"
         except asyncio.CancelledError:
             cancelled = True  # stopped, not run: it stays due and runs after the restart
@@ -243,10 +246,9 @@ class ActionRunner:
                 self._job_done(call, fenced)
 
     def _duration(self, action: Action) -> float:
-        """How long a claimed run may take, at most: every attempt's timeout, every backoff,
-        and a wait for a slot; past it another coordinator may run it again."""
-        return ((action.retries + 1) * action.timeout + action.retries * self.max_backoff
-                + RUN_SLACK)
+        """How long a claim lives unless kept: one attempt, a backoff and a wait for a slot
+        (it is kept before every retry); past it another coordinator may run it again."""
+        return action.timeout + self.max_backoff + RUN_SLACK
 
     def _job_done(self, call: ActionCall, fenced: bool = False) -> None:
         left, was_fenced = self._unsettled.get(id(call), (1, False))
@@ -262,19 +264,27 @@ class ActionRunner:
             return
         self._settled(call.request)
 
-    async def _attempts(self, action: Action, call: ActionCall) -> bool:
+    async def _attempts(self, action: Action, call: ActionCall) -> str:
+        """``ran`` or ``failed`` (after every retry); ``done`` or ``fenced`` as the claim
+        answered before an attempt (another coordinator ran it; not this one's to run)."""
         req = call.request
         attempts = action.retries + 1
         error = ""
         for attempt in range(1, attempts + 1):
             try:
                 async with self._slots:
+                    # Claimed (or kept) holding the slot, so that the claim's time is the
+                    # attempt's, not a wait behind a backlog.
+                    ask = self._claims.claim if attempt == 1 else self._claims.keep
+                    verdict = await ask(req, action.name, self._duration(action))
+                    if verdict != "run":
+                        return verdict
                     async with asyncio.timeout(action.timeout):
                         await action.run(call)
                 self.succeeded += 1
                 log.info("%s for %s on %s done (attempt %d)", action.name, req.kind,
                          req.node_id, attempt, extra=_context(req))
-                return True
+                return "ran"
             except TimeoutError:
                 error = f"timed out after {action.timeout:g}s"
             except ActionError as exc:
@@ -295,7 +305,7 @@ class ActionRunner:
         self._emit("action_failed", req.node_id,
                    f"{action.name} for {req.kind} failed after {attempts} attempts: {error}",
                    self._evidence(action, call, attempts, error))
-        return False
+        return "failed"
 
     @staticmethod
     def _evidence(action: Action, call: ActionCall, attempts: int, error: str

@@ -41,8 +41,10 @@ class Fenced(StoreUnavailable):
 
     def __init__(self, store: str, keys: Sequence[bytes]) -> None:
         names = ", ".join(sorted({k.decode(errors="replace") for k in keys})[:3])
+        # Uncertain: a write in several transactions may have landed in part before the
+        # lease was lost; the caller re-reads what is stored.
         super().__init__(store, f"this coordinator no longer holds {names} (fenced: "
-                         "another coordinator may decide for these nodes)")
+                         "another coordinator may decide for these nodes)", uncertain=True)
 
 
 def store_label(store: object) -> str:

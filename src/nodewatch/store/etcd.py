@@ -140,6 +140,20 @@ class Campaign:
     holder_lease: int
 
 
+async def refresh_lease(client: Etcd3Client, lease_id: int, within: float) -> int:
+    """One keep-alive of the lease: its TTL as etcd answered (0 or less: expired)."""
+    lease = client.lease
+    assert lease is not None
+    call = lease.keep_alive(lease_id)
+    try:
+        async with asyncio.timeout(within):
+            async for reply in call:
+                return int(reply.TTL)
+    finally:
+        call.cancel()
+    return 0
+
+
 class KeepAlive:
     """Keeps one lease alive, refreshing about every TTL/3; ``lost`` is set when it expired
     (a refresh answered TTL <= 0: ``expired`` is then True, etcd itself said the lease is
@@ -161,16 +175,7 @@ class KeepAlive:
         return self
 
     async def _refresh(self, within: float) -> int:
-        lease = self.client.lease
-        assert lease is not None
-        call = lease.keep_alive(self.lease_id)
-        try:
-            async with asyncio.timeout(within):
-                async for reply in call:
-                    return int(reply.TTL)
-        finally:
-            call.cancel()
-        return 0
+        return await refresh_lease(self.client, self.lease_id, within)
 
     async def _run(self) -> None:
         last_ok = time.monotonic()
@@ -545,6 +550,11 @@ class EtcdStore:
         if not kvs:  # the claim read at ``revision`` expired meanwhile: claim afresh
             return await self.claim_run(run, node_id, record, ttl)
         return "taken", bytes(kvs[0].value), int(kvs[0].mod_revision), int(kvs[0].lease)
+
+    async def refresh_run(self, lease: int) -> bool:
+        """Keep a claim of ours alive (before a retry of its action): False once expired."""
+        assert self.client is not None
+        return await refresh_lease(self.client, lease, self.timeout) > 0
 
     async def get_run(self, run: str) -> tuple[bytes, int] | None:
         return await self.get_raw(self._run_key(run))
