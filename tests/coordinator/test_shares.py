@@ -244,5 +244,24 @@ async def test_a_node_write_is_fenced_by_its_share_claim(etcd: EtcdCluster) -> N
         with pytest.raises(Fenced, match="no longer holds"):
             await store.save_nodes([node])
         assert (await store.get_node("web-1")).seq == 0  # type: ignore[union-attr]
+
+        # Nodes of many shares go in one transaction under every claim they need; one claim
+        # gone refuses the lot, and says which.
+        many = [NodeState(f"db-{i}", f"10.0.1.{i}:7301", health=Health.HEALTHY)
+                for i in range(40)]
+        claims = {c for c in (fence(n.node_id) for n in many) if c is not None}
+        assert len(claims) > 10
+        for key, _ in claims:
+            await store.create_with_lease(key, b"http://127.0.0.1:7401", lease)
+        assert await store.save_nodes(many) == []
+        gone = fence(many[7].node_id)
+        assert gone is not None
+        await store.kv.delete(gone[0])
+        for n in many:
+            n.seq = 9
+        with pytest.raises(Fenced) as refused:
+            await store.save_nodes(many)
+        assert gone[0].decode() in str(refused.value)
+        assert {n.seq for n in await store.load_nodes() if n.node_id.startswith("db-")} == {0}
     finally:
         await store.close()

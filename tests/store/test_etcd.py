@@ -176,3 +176,21 @@ async def test_writes_under_a_fence_are_refused_once_its_key_left_the_lease(
         assert await store.get_node("web-01") is None
     finally:
         await store.close()
+
+
+def test_fenced_groups_keep_every_transaction_within_etcds_compare_limit() -> None:
+    store = EtcdStore(["127.0.0.1:1"], "/groups")  # never opened: grouping only
+    ids = [f"n{i}" for i in range(1000)]
+    store.fence = lambda node_id: (f"share/{int(node_id[1:]) % 37}".encode(), 7)
+    groups = store._fenced_groups(ids, ids)
+    assert sorted(i for g in groups for i in g.items) == sorted(ids)
+    for g in groups:
+        assert len(g.items) + len(g.fences) <= 128
+        assert len(set(g.fences)) == len(g.fences)
+        assert {f for f in g.own} <= set(g.fences)
+        assert all(store.fence(i) == f for i, f in zip(g.items, g.own, strict=True))
+    assert len(groups) <= 10  # 1000 nodes and 37 fences: not one transaction per share
+    store.fence = lambda _node_id: (b"leader", 7)
+    assert [len(g.items) for g in store._fenced_groups(ids, ids)] == [127] * 7 + [111]
+    store.fence = None
+    assert [len(g.items) for g in store._fenced_groups(ids, ids)] == [128] * 7 + [104]

@@ -19,9 +19,9 @@ import math
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Generic, TypeVar
 from urllib.parse import urlsplit
 
 from etcd3aio import (
@@ -106,6 +106,15 @@ def _mod_revision_is(key: bytes, revision: int) -> Any:
     if revision == 0:
         return KVService.txn_compare_create_revision(key, 0)
     return Compare(result=Compare.EQUAL, target=Compare.MOD, key=key, mod_revision=revision)
+
+
+@dataclass(slots=True)
+class _Fenced(Generic[T]):
+    """One transaction's items, the fences they need (distinct), and each item's own."""
+
+    items: list[T] = field(default_factory=list)
+    fences: list[tuple[bytes, int]] = field(default_factory=list)
+    own: list[tuple[bytes, int] | None] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,10 +385,11 @@ class EtcdStore:
         items = [(self.key("nodes", n.node_id), n.revision, encode_node(n)) for n in nodes]
         groups = self._fenced_groups([n.node_id for n in nodes], items)
         results = await self._writing(asyncio.gather(
-            *(self._bounded(partial(self._cas_group, fence, group)) for fence, group in groups)))
+            *(self._bounded(partial(self._cas_group, group)) for group in groups)))
         revisions: dict[bytes, int | None] = {}
-        for (_, group), result in zip(groups, results, strict=True):
-            revisions.update((key, r) for (key, _, _), r in zip(group, result, strict=True))
+        for group, result in zip(groups, results, strict=True):
+            revisions.update((key, r) for (key, _, _), r in zip(group.items, result,
+                                                                 strict=True))
         conflicts = []
         for node, (key, _, _) in zip(nodes, items, strict=True):
             revision = revisions[key]
@@ -389,41 +399,53 @@ class EtcdStore:
                 node.revision = revision
         return conflicts
 
-    def _fenced_groups(self, node_ids: Sequence[str], items: Sequence[T]
-                       ) -> list[tuple[tuple[bytes, int] | None, list[T]]]:
-        """The items in transactions of at most ``TXN_OPS`` operations, each under the one
-        fence its nodes share (the leader key: one; share claims: one group per share)."""
+    def _fenced_groups(self, node_ids: Sequence[str], items: Sequence[T]) -> list[_Fenced[T]]:
+        """The items in transactions of at most ``TXN_OPS`` compares (etcd counts them as it
+        counts operations): each item's own, plus one per distinct fence in the transaction
+        (the leader key: one; share claims: one per share the items fall in)."""
         fence = self.fence
-        by_fence: dict[tuple[bytes, int] | None, list[T]] = {}
-        for node_id, item in zip(node_ids, items, strict=True):
-            by_fence.setdefault(fence(node_id) if fence else None, []).append(item)
-        size = TXN_OPS - 1  # the fence is one more compare (etcd counts compares too)
-        return [(f, group[at:at + size]) for f, group in by_fence.items()
-                for at in range(0, len(group), size)]
+        pairs = sorted(((fence(i) if fence else None, n) for n, i in enumerate(node_ids)),
+                       key=lambda p: p[0] or (b"", 0))
+        groups: list[_Fenced[T]] = []
+        current: _Fenced[T] | None = None
+        for item_fence, at in pairs:  # sorted: an item's fence is the group's last, or new
+            new = item_fence is not None and (
+                current is None or not current.fences or current.fences[-1] != item_fence)
+            if current is None or len(current.items) + len(current.fences) + 1 + new > TXN_OPS:
+                current = _Fenced()
+                groups.append(current)
+                new = item_fence is not None
+            if new and item_fence is not None:
+                current.fences.append(item_fence)
+            current.items.append(items[at])
+            current.own.append(item_fence)
+        return groups
 
-    def _refused(self, fence: tuple[bytes, int] | None, response: Any, at: int) -> None:
-        """Raise Fenced when the fence's key, read back as the ``at``-th answer of a failed
-        transaction, is not on the fence's lease."""
-        if fence is None:
-            return
-        kvs = response.responses[at].response_range.kvs
-        if not kvs or int(kvs[0].lease) != fence[1]:
-            raise Fenced(", ".join(self.endpoints), [fence[0]])
+    def _refused(self, fences: Sequence[tuple[bytes, int]], response: Any, at: int) -> None:
+        """Raise Fenced when a fence's key, read back from the ``at``-th answer on of a failed
+        transaction (one answer per fence, in order), is not on the fence's lease."""
+        lost = []
+        for n, (key, lease) in enumerate(fences):
+            kvs = response.responses[at + n].response_range.kvs
+            if not kvs or int(kvs[0].lease) != lease:
+                lost.append(key)
+        if lost:
+            raise Fenced(", ".join(self.endpoints), lost)
 
-    async def _cas_group(self, fence: tuple[bytes, int] | None,
-                         items: list[tuple[bytes, int, bytes]]) -> list[int | None]:
+    async def _cas_group(self, group: _Fenced[tuple[bytes, int, bytes]]) -> list[int | None]:
         """One transaction for the group; if any compare fails, node by node."""
+        items = group.items
         compares = [_mod_revision_is(key, old) for key, old, _ in items]
-        if fence is not None:
-            compares.append(_lease_is(*fence))
+        compares += [_lease_is(*f) for f in group.fences]
         response = await self.kv.txn(
             compares, [KVService.txn_op_put(key, body) for key, _, body in items],
-            [KVService.txn_op_get(fence[0])] if fence is not None else (),
-            timeout=self.timeout)
+            [KVService.txn_op_get(f[0]) for f in group.fences], timeout=self.timeout)
         if response.succeeded:
             return [int(response.header.revision)] * len(items)
-        self._refused(fence, response, 0)
-        return list(await asyncio.gather(*(self._cas_one(fence, *item) for item in items)))
+        self._refused(group.fences, response, 0)
+        return list(await asyncio.gather(*(self._cas_one(fence, *item)
+                                           for fence, item in zip(group.own, items,
+                                                                  strict=True))))
 
     async def _cas_one(self, fence: tuple[bytes, int] | None, key: bytes, old: int,
                        body: bytes) -> int | None:
@@ -436,7 +458,7 @@ class EtcdStore:
                                      timeout=self.timeout)
         if response.succeeded:
             return int(response.header.revision)
-        self._refused(fence, response, 1)
+        self._refused([fence] if fence is not None else [], response, 1)
         kvs = response.responses[0].response_range.kvs
         if kvs and bytes(kvs[0].value) == body:
             return int(kvs[0].mod_revision)  # the same content again: replay-safe
@@ -452,7 +474,7 @@ class EtcdStore:
             [_lease_is(*fence)], [KVService.txn_op_delete(key)],
             [KVService.txn_op_get(fence[0])], timeout=self.timeout))
         if not answer.succeeded:
-            self._refused(fence, answer, 0)
+            self._refused([fence], answer, 0)
         return int(answer.responses[0].response_delete_range.deleted) > 0
 
     # -- events -----------------------------------------------------------------------------
@@ -467,22 +489,23 @@ class EtcdStore:
         groups = self._fenced_groups([e.node_id for e in events], ops)
 
         async def append() -> None:
-            await asyncio.gather(*(self._bounded(partial(self._put_fenced, fence, group))
-                                   for fence, group in groups))
+            await asyncio.gather(*(self._bounded(partial(self._put_fenced, group))
+                                   for group in groups))
             self._event_estimate += len(events)  # an upper bound: replays count twice
             if self._event_estimate > self.events_retained:
                 await self._trim_events()
 
         await self._writing(append())
 
-    async def _put_fenced(self, fence: tuple[bytes, int] | None, ops: list[Any]) -> None:
-        if fence is None:
-            await self.kv.txn([], ops, timeout=self.timeout)
+    async def _put_fenced(self, group: _Fenced[Any]) -> None:
+        if not group.fences:
+            await self.kv.txn([], group.items, timeout=self.timeout)
             return
-        response = await self.kv.txn([_lease_is(*fence)], ops, [KVService.txn_op_get(fence[0])],
+        response = await self.kv.txn([_lease_is(*f) for f in group.fences], group.items,
+                                     [KVService.txn_op_get(f[0]) for f in group.fences],
                                      timeout=self.timeout)
         if not response.succeeded:
-            self._refused(fence, response, 0)
+            self._refused(group.fences, response, 0)
 
     async def _put_ops(self, ops: list[Any]) -> None:
         groups = [ops[at:at + TXN_OPS] for at in range(0, len(ops), TXN_OPS)]
@@ -543,7 +566,7 @@ class EtcdStore:
         with contextlib.suppress(Exception):  # unused; it would expire by itself anyway
             await self.client.lease.revoke(lease, timeout=self.timeout)
         try:
-            self._refused(fence, response, 1)
+            self._refused([fence] if fence is not None else [], response, 1)
         except Fenced:
             return "fenced", b"", 0, 0
         kvs = response.responses[0].response_range.kvs
